@@ -1,0 +1,38 @@
+"""jaxprune: magnitude pruning for JAX and Flax.
+
+Pure functions over parameter pytrees (`select`, `magnitude_masks`,
+`threshold_masks`, `apply_masks`, `sparsity_report`), sparsity schedules, an optax
+wrapper that holds pruned weights at zero (`pruned`), and a jitted prune-retrain
+loop (`prune_retrain`).
+"""
+
+from jaxprune.leaf_selection import leaf_paths, path_string, select
+from jaxprune.masks import apply_masks, check_masks, magnitude_masks, threshold_masks
+from jaxprune.reporting import LeafSparsity, SparsityReport, sparsity_report
+from jaxprune.schedules import (
+    constant_schedule,
+    cubic_schedule,
+    exponential_schedule,
+    geometric_keep_schedule,
+    polynomial_schedule,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LeafSparsity",
+    "SparsityReport",
+    "apply_masks",
+    "check_masks",
+    "constant_schedule",
+    "cubic_schedule",
+    "exponential_schedule",
+    "geometric_keep_schedule",
+    "leaf_paths",
+    "magnitude_masks",
+    "path_string",
+    "polynomial_schedule",
+    "select",
+    "sparsity_report",
+    "threshold_masks",
+]

@@ -1,0 +1,159 @@
+"""Exact selection of the k smallest magnitudes, without sorting.
+
+`jnp.sort`, `lax.top_k` and `argsort` cost O(n log n) and several times the memory
+of the tensor. Pruning only needs the k-th smallest magnitude, which a radix select
+finds in two counting passes over the data:
+
+* The bit pattern of a non-negative float32, read as a uint32, orders the same way
+  as the float. Pass 1 histograms the high 16 bits of every key into 65536 buckets
+  and finds the bucket that holds the k-th smallest key; pass 2 histograms the low
+  16 bits of the keys in that bucket only. Together they give the exact k-th key `t`.
+* Keys below `t` are pruned. Keys equal to `t` (ties: all-equal weights, zeros) are
+  pruned in flat index order (leaf order, then row-major) until exactly `k` are,
+  so the count is always exact and the choice deterministic. The tie pass (a cumsum)
+  only runs when there is a tie at `t` to break.
+
+Several arrays are ranked together by summing their histograms, never by
+concatenating them (global scope stays O(1) extra memory per leaf and works on
+sharded leaves).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_DIGIT_BITS = 16
+_BUCKETS = 1 << _DIGIT_BITS
+
+
+def magnitude_keys(w: jax.Array, kept: jax.Array | None = None) -> jax.Array:
+  """uint32 keys whose order is the order of `|w|`, shape of `w`.
+
+  `kept=False` entries (already pruned) get key 0, below every kept weight (kept
+  keys are `bits(|w|) + 1`), so they are chosen first. Any float dtype is ranked
+  through float32 (exact for bfloat16/float16; float64 is ranked at float32
+  precision, ties then broken by index). NaN ranks above +inf.
+  """
+  bits = lax.bitcast_convert_type(jnp.abs(w).astype(jnp.float32), jnp.uint32)
+  # |w| has a zero sign bit, so bits + 1 cannot overflow.
+  keys = bits + jnp.uint32(1)
+  if kept is not None:
+    keys = jnp.where(kept, keys, jnp.uint32(0))
+  return keys
+
+
+def _histogram(keys: Sequence[jax.Array], digit, valid) -> jax.Array:
+  hist = jnp.zeros(_BUCKETS, jnp.int32)
+  for key in keys:
+    # Invalid entries scatter out of range and are dropped.
+    idx = jnp.where(valid(key), digit(key).astype(jnp.int32), _BUCKETS)
+    hist = hist.at[idx].add(1, mode="drop")
+  return hist
+
+
+def _pick_bucket(hist: jax.Array, rank: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Bucket holding the `rank`-th smallest (1-indexed), count below it, its size."""
+  cum = jnp.cumsum(hist)
+  bucket = jnp.argmax(cum >= rank)
+  size = hist[bucket]
+  return bucket.astype(jnp.uint32), cum[bucket] - size, size
+
+
+def _flat_rank(x: jax.Array) -> jax.Array:
+  """1-based running count of True in row-major order, shape of `x`."""
+  return jnp.cumsum(x.reshape(-1).astype(jnp.int32)).reshape(x.shape)
+
+
+def smallest_k(keys: Sequence[jax.Array], k: jax.Array | int) -> list[jax.Array]:
+  """Marks exactly `k` smallest keys across all of `keys` (ties by position).
+
+  Args:
+    keys: uint32 arrays of any shapes (from `magnitude_keys`), ranked together.
+    k: number of entries to mark, `0 <= k <= total size`; may be traced.
+
+  Returns:
+    One bool array per key array, its shape, `True` for the `k` smallest.
+
+  Example::
+
+    >>> smallest_k([jnp.array([3, 1, 2, 1], jnp.uint32)], 2)
+    [Array([False,  True, False,  True], dtype=bool)]
+  """
+  keys = list(keys)
+  k = jnp.asarray(k, jnp.int32)
+  shift = jnp.uint32(_DIGIT_BITS)
+  low = jnp.uint32(_BUCKETS - 1)
+
+  hist_hi = _histogram(keys, lambda x: x >> shift, lambda x: True)
+  b_hi, below_hi, _ = _pick_bucket(hist_hi, k)
+  rank = k - below_hi
+  hist_lo = _histogram(keys, lambda x: x & low, lambda x: (x >> shift) == b_hi)
+  b_lo, below_lo, ties = _pick_bucket(hist_lo, rank)
+  threshold = (b_hi << shift) | b_lo
+  # How many of the keys equal to `threshold` must go, in position order.
+  take = rank - below_lo
+  # k == 0 picks bucket 0 with take == 0: nothing is marked, as wanted.
+
+  def without_tiebreak() -> list[jax.Array]:
+    return [(x < threshold) | ((x == threshold) & (take > 0)) for x in keys]
+
+  def with_tiebreak() -> list[jax.Array]:
+    out, before = [], jnp.int32(0)
+    for x in keys:
+      equal = x == threshold
+      quota = jnp.clip(take - before, 0, None)
+      out.append((x < threshold) | (equal & (_flat_rank(equal) <= quota)))
+      before = before + jnp.sum(equal, dtype=jnp.int32)
+    return out
+
+  return lax.cond(ties == take, without_tiebreak, with_tiebreak)
+
+
+def round_fraction_of(fraction: jax.Array, n: int) -> jax.Array:
+  """`round(fraction * n)` as int32, exactly, for a traced float32 `fraction` in [0, 1).
+
+  float32 cannot hold `fraction * n` for large `n` (50M parameters leave an error
+  of several units), so the product is formed exactly in 32-bit integer limbs
+  from the float's mantissa and exponent. Exact halves round up (Python's `round`
+  rounds them to even), the only case where the two may differ, by one.
+  """
+  if not 0 <= n < 2**31:
+    raise ValueError(f"cannot count {n} weights in int32 (at most 2**31 - 1 per ranking)")
+  fraction = jnp.clip(jnp.asarray(fraction, jnp.float32), 0.0, 1.0)
+  bits = lax.bitcast_convert_type(fraction, jnp.uint32)
+  exponent = (bits >> 23) & jnp.uint32(0xFF)
+  mantissa = bits & jnp.uint32(0x7FFFFF)
+  mantissa = jnp.where(exponent > 0, mantissa | jnp.uint32(0x800000), mantissa)
+  # fraction = mantissa * 2**-shift
+  shift = jnp.where(exponent > 0, 150 - exponent.astype(jnp.int32), 149)
+
+  m_hi, m_lo = mantissa >> 16, mantissa & jnp.uint32(0xFFFF)
+  n_hi, n_lo = jnp.uint32(n >> 16), jnp.uint32(n & 0xFFFF)
+  # mantissa * n = hi * 2**32 + lo, every partial product below 2**32.
+  mid = m_hi * n_lo + m_lo * n_hi
+  lo_part = m_lo * n_lo
+  mid_low = (mid & jnp.uint32(0xFFFF)) << 16
+  lo = lo_part + mid_low
+  carry = (lo < lo_part).astype(jnp.uint32)
+  hi = m_hi * n_hi + (mid >> 16) + carry
+
+  # Add half a unit of the result, 2**(shift-1), to round half up, then shift.
+  # shift >= 24 because fraction < 1; halves at or above 2**64 exceed the product.
+  half_bit = shift - 1
+  in_lo = half_bit < 32
+  in_hi = (half_bit >= 32) & (half_bit < 64)
+  half_lo = jnp.where(in_lo, jnp.uint32(1) << jnp.clip(half_bit, 0, 31).astype(jnp.uint32), 0)
+  half_hi = jnp.where(in_hi, jnp.uint32(1) << jnp.clip(half_bit - 32, 0, 31).astype(jnp.uint32), 0)
+  lo2 = lo + half_lo.astype(jnp.uint32)
+  hi2 = hi + (lo2 < lo).astype(jnp.uint32) + half_hi.astype(jnp.uint32)
+
+  s = shift.astype(jnp.uint32)
+  low_result = (lo2 >> jnp.clip(s, 0, 31)) | (hi2 << jnp.clip(32 - s, 0, 31))
+  high_result = hi2 >> jnp.clip(s - 32, 0, 31)
+  result = jnp.where(shift < 32, low_result, jnp.where(shift - 32 < 32, high_result, 0))
+  result = jnp.where(fraction >= 1.0, jnp.uint32(n), result)
+  return result.astype(jnp.int32)
