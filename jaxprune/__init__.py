@@ -8,6 +8,7 @@ loop (`prune_retrain`).
 
 from jaxprune.leaf_selection import leaf_paths, path_string, select
 from jaxprune.masks import apply_masks, check_masks, magnitude_masks, threshold_masks
+from jaxprune.optax_wrapper import PrunedState, get_masks, pruned, set_masks
 from jaxprune.reporting import LeafSparsity, SparsityReport, sparsity_report
 from jaxprune.schedules import (
     constant_schedule,
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LeafSparsity",
+    "PrunedState",
     "SparsityReport",
     "apply_masks",
     "check_masks",
@@ -28,11 +30,14 @@ __all__ = [
     "cubic_schedule",
     "exponential_schedule",
     "geometric_keep_schedule",
+    "get_masks",
     "leaf_paths",
     "magnitude_masks",
     "path_string",
     "polynomial_schedule",
+    "pruned",
     "select",
+    "set_masks",
     "sparsity_report",
     "threshold_masks",
 ]

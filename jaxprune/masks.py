@@ -35,33 +35,44 @@ def map_masked(fn: Callable[..., Any], masks: PyTree, params: PyTree, *rest: PyT
   return jax.tree.map(fn, masks, params, *rest, is_leaf=_is_none)
 
 
-def check_masks(masks: PyTree, params: PyTree, name: str = "masks") -> None:
-  """Raises `ValueError` naming the path when `masks` does not fit `params`.
+def check_masks(masks: PyTree, params: PyTree, name: str = "masks") -> PyTree:
+  """Validates a mask tree against `params` and returns it in `params`' structure.
 
-  The structure must match (with `None` for unselected leaves), and every mask
-  must be a bool array of its parameter's shape.
+  Leaves are matched by path string, so masks whose container types differ but whose
+  paths agree (an `nnx.Optimizer`'s `OptVariable`-wrapped masks against
+  `Param`-wrapped params) are accepted and re-laid in `params`' structure. Every mask
+  must be a bool array of its parameter's shape, or `None`. If `params` is itself a
+  mask tree, its `None` leaves must stay `None` and its arrays must get arrays.
+
+  Raises:
+    ValueError: naming the first offending path.
   """
-  mask_def = jax.tree.structure(masks, is_leaf=_is_none)
-  params_def = jax.tree.structure(params)
-  if mask_def != params_def:
+  mask_leaves = jax.tree_util.tree_flatten_with_path(masks, is_leaf=_is_none)[0]
+  ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_none)
+  if len(mask_leaves) != len(ref_leaves):
     raise ValueError(
-        f"`{name}` does not have the structure of params: {name} {mask_def} vs params {params_def}"
+        f"`{name}` has {len(mask_leaves)} leaves but params have {len(ref_leaves)}; "
+        "compute masks from the same params tree"
     )
-  for (path, mask), param in zip(
-      jax.tree_util.tree_flatten_with_path(masks, is_leaf=_is_none)[0],
-      jax.tree.leaves(params),
-  ):
+  for (m_path, mask), (r_path, ref) in zip(mask_leaves, ref_leaves):
+    where = path_string(r_path)
+    if path_string(m_path) != where:
+      raise ValueError(f"`{name}` has a leaf at {path_string(m_path)} where params have {where}")
     if mask is None:
+      if ref is not None and getattr(ref, "dtype", None) == jnp.bool_:
+        raise ValueError(f"`{name}` at {where}: None where a mask is held")
       continue
-    where = path_string(path)
+    if ref is None:
+      raise ValueError(f"`{name}` at {where}: a mask for a leaf that is not targeted")
     if getattr(mask, "dtype", None) != jnp.bool_:
       got = getattr(mask, "dtype", type(mask))
       raise ValueError(f"`{name}` at {where}: expected a bool array, got {got}")
-    if tuple(mask.shape) != tuple(param.shape):
+    if tuple(mask.shape) != tuple(ref.shape):
       raise ValueError(
           f"`{name}` at {where}: mask shape {tuple(mask.shape)} "
-          f"!= parameter shape {tuple(param.shape)}"
+          f"!= parameter shape {tuple(ref.shape)}"
       )
+  return jax.tree.unflatten(ref_def, [m for _, m in mask_leaves])
 
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
@@ -79,7 +90,7 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     >>> masks = jaxprune.magnitude_masks(params, 0.5, jaxprune.select(params))
     >>> pruned = jaxprune.apply_masks(params, masks)
   """
-  check_masks(masks, params)
+  masks = check_masks(masks, params)
   return map_masked(
       lambda m, w: w if m is None else jnp.where(m, w, jnp.zeros((), w.dtype)), masks, params
   )
@@ -111,7 +122,7 @@ def _selected(params: PyTree, where: PyTree, previous: PyTree | None):
   chosen = jax.tree.leaves(where)
   prev = [None] * len(chosen)
   if previous is not None:
-    check_masks(previous, params, name="previous")
+    previous = check_masks(previous, params, name="previous")
     prev = jax.tree.leaves(previous, is_leaf=_is_none)
   out = []
   for i, ((path, w), sel) in enumerate(zip(leaves_with_path, chosen)):

@@ -1,0 +1,202 @@
+"""`pruned`: an optax wrapper that holds pruned weights at exactly zero.
+
+Masking only the gradients is not enough: momentum, Adam moments and decoupled
+weight decay all move a weight whose gradient is zero. `pruned` rewrites the
+*final* update of every pruned weight to `-w`, so `optax.apply_updates` lands it
+on exactly `0.0`, whatever `inner` computed; kept weights get `inner`'s update
+unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from jaxprune.leaf_selection import Where, resolve_where
+from jaxprune.masks import Scope, check_masks, magnitude_masks, map_masked
+
+PyTree = Any
+
+
+class PrunedState(NamedTuple):
+  """State of `pruned`.
+
+  Attributes:
+    inner_state: state of the wrapped transformation.
+    masks: mask tree of the params (`True` = kept, `None` for unselected leaves).
+    count: number of updates done (int32), drives a gradual schedule.
+  """
+
+  inner_state: Any
+  masks: Any
+  count: jax.Array
+
+
+def _all_kept(params: PyTree, where: PyTree) -> PyTree:
+  return jax.tree.map(lambda w, sel: jnp.ones(w.shape, jnp.bool_) if sel else None, params, where)
+
+
+def _as_bool_arrays(masks: PyTree) -> PyTree:
+  return jax.tree.map(lambda m: None if m is None else jnp.asarray(m), masks,
+                      is_leaf=lambda m: m is None)
+
+
+def _zero_pruned(masks: PyTree, tree: PyTree) -> PyTree:
+  return map_masked(lambda m, x: x if m is None else jnp.where(m, x, jnp.zeros((), x.dtype)),
+                    masks, tree)
+
+
+def pruned(
+    inner: optax.GradientTransformation,
+    masks: PyTree | None = None,
+    *,
+    where: Where | None = None,
+    schedule: Callable[[jax.Array], jax.Array] | None = None,
+    update_every: int | None = None,
+    scope: Scope = "layer",
+) -> optax.GradientTransformationExtraArgs:
+  """Wraps `inner` so pruned weights stay at exactly zero.
+
+  For every selected leaf, with `u = inner.update(g * m, ...)`:
+
+      out = where(m, u, -w)        # so w + out == 0 where m is False
+
+  Gradients of pruned weights are zeroed before `inner` sees them (moments and
+  global norms count only kept weights). Unselected leaves (mask `None`) pass
+  through untouched. Mask shapes equal parameter shapes; masks cost 1 byte per
+  targeted weight in the state.
+
+  **Fixed masks** (`masks` given): held for the whole run; replace them with
+  `set_masks(state, new_masks)` and the next update drives newly pruned weights
+  to zero.
+
+  **Gradual pruning** (`where`, `schedule`, `update_every=K`): every K updates
+  (when `count % K == 0`) the masks are recomputed from the current params with
+  `magnitude_masks(params, schedule(count), where, scope=scope, previous=masks)`
+  inside the jitted update: no host round-trip, no recompilation, and a pruned
+  weight is never revived. `masks`, if given too, is the starting point.
+
+  **Placement**: `pruned` must produce the final updates, so put it last in a
+  chain or wrap the whole chain: `optax.chain(clip, pruned(adamw(...)))` or
+  `pruned(optax.chain(clip, adamw(...)), masks)`. `optax.MultiSteps` may wrap it.
+  A transformation *after* it (e.g. `chain(pruned(adam), scale(0.5))`) rescales
+  `-w` and pruned weights drift away from zero.
+
+  Args:
+    inner: the optimizer to wrap.
+    masks: a mask tree of the params (`True` = kept, `None` = not targeted).
+    where: the targeted leaves (bool pytree from `select`, or a callable taking
+      params), required for gradual pruning.
+    schedule: `count -> sparsity` (e.g. `polynomial_schedule`), jittable.
+    update_every: recompute masks every this many updates (gradual mode).
+    scope: `"layer"` or `"global"` ranking for gradual mode.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is `PrunedState`;
+    `update` requires `params` and passes extra keyword arguments to `inner`.
+
+  Example::
+
+    >>> masks = jaxprune.magnitude_masks(params, 0.8, jaxprune.select(params))
+    >>> tx = optax.chain(optax.clip_by_global_norm(1.0),
+    ...                  jaxprune.pruned(optax.adamw(1e-3), masks))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)   # pruned weights == 0.0
+  """
+  gradual = schedule is not None
+  if gradual:
+    if where is None or update_every is None:
+      raise ValueError("gradual pruning needs `where`, `schedule` and `update_every`")
+    if int(update_every) != update_every or update_every < 1:
+      raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
+  elif masks is None:
+    raise ValueError("pass `masks`, or `where` + `schedule` + `update_every` for gradual pruning")
+  if scope not in ("layer", "global"):
+    raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params: PyTree) -> PrunedState:
+    if masks is not None:
+      start = check_masks(_as_bool_arrays(masks), params)
+    else:
+      start = _all_kept(params, resolve_where(where, params))
+    return PrunedState(inner.init(params), start, jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state: PrunedState, params=None, **extra_args):
+    if params is None:
+      raise ValueError(
+          "jaxprune.pruned needs the current params to hold pruned weights at zero: "
+          "call tx.update(grads, state, params)"
+      )
+    current = state.masks
+    if gradual:
+      chosen = resolve_where(where, params)
+      current = lax.cond(
+          state.count % update_every == 0,
+          lambda: magnitude_masks(params, schedule(state.count), chosen,
+                                  scope=scope, previous=current),
+          lambda: current,
+      )
+    inner_updates, inner_state = inner.update(
+        _zero_pruned(current, updates), state.inner_state, params, **extra_args
+    )
+    out = map_masked(
+        lambda m, u, w: u if m is None else jnp.where(m, u, -w.astype(u.dtype)),
+        current, inner_updates, params,
+    )
+    return out, PrunedState(inner_state, current, optax.safe_increment(state.count))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _pruned_states(opt_state: PyTree) -> list[PrunedState]:
+  return [
+      s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, PrunedState))
+      if isinstance(s, PrunedState)
+  ]
+
+
+def _exactly_one(opt_state: PyTree) -> PrunedState:
+  found = _pruned_states(opt_state)
+  if len(found) != 1:
+    raise ValueError(
+        f"expected exactly one jaxprune.pruned state inside the optimizer state, found "
+        f"{len(found)}; masks are read from and written to that one"
+    )
+  return found[0]
+
+
+def get_masks(opt_state: PyTree) -> PyTree:
+  """The masks held by the `pruned` state found anywhere inside `opt_state`.
+
+  Works through `optax.chain`, `named_chain`, `inject_hyperparams`, `MultiSteps`
+  and `nnx.Optimizer`'s `opt_state`.
+
+  Raises:
+    ValueError: `opt_state` holds no `PrunedState`, or several.
+  """
+  return _exactly_one(opt_state).masks
+
+
+def set_masks(opt_state: PyTree, masks: PyTree) -> PyTree:
+  """A copy of `opt_state` whose `pruned` state holds `masks` (functional).
+
+  The next update zeroes the weights `masks` prunes. Masks must have the
+  structure and shapes of the masks already held.
+
+  Raises:
+    ValueError: no or several `PrunedState`s, or `masks` not fitting.
+  """
+  old = _exactly_one(opt_state)
+  masks = check_masks(_as_bool_arrays(masks), old.masks)
+
+  def replace(s):
+    return s._replace(masks=masks) if isinstance(s, PrunedState) else s
+
+  return jax.tree.map(replace, opt_state, is_leaf=lambda s: isinstance(s, PrunedState))
