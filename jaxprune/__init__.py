@@ -7,6 +7,13 @@ loop (`prune_retrain`).
 """
 
 from jaxprune.leaf_selection import leaf_paths, path_string, select
+from jaxprune.loop import (
+    PruneRetrainResult,
+    make_eval_step,
+    make_train_step,
+    prune_retrain,
+    prune_step,
+)
 from jaxprune.masks import apply_masks, check_masks, magnitude_masks, threshold_masks
 from jaxprune.optax_wrapper import PrunedState, get_masks, pruned, set_masks
 from jaxprune.reporting import LeafSparsity, SparsityReport, sparsity_report
@@ -22,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LeafSparsity",
+    "PruneRetrainResult",
     "PrunedState",
     "SparsityReport",
     "apply_masks",
@@ -33,8 +41,12 @@ __all__ = [
     "get_masks",
     "leaf_paths",
     "magnitude_masks",
+    "make_eval_step",
+    "make_train_step",
     "path_string",
     "polynomial_schedule",
+    "prune_retrain",
+    "prune_step",
     "pruned",
     "select",
     "set_masks",

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxprune.leaf_selection import Where, path_string, resolve_where
 from jaxprune.magnitude_rank import magnitude_keys, round_fraction_of, smallest_k
@@ -167,10 +168,30 @@ def threshold_masks(params: PyTree, threshold: float | jax.Array, where: Where) 
     raise ValueError(f"threshold must be a number, got {threshold!r}")
   where = resolve_where(where, params)
   return jax.tree.map(
-      lambda w, sel: (jnp.abs(w) >= jnp.asarray(threshold, w.dtype)) if sel else None,
+      lambda w, sel: _at_least(w, threshold) if sel else None,
       params,
       where,
   )
+
+
+def _at_least(w: jax.Array, threshold: Any) -> jax.Array:
+  """`|w| >= threshold` exactly, without rounding the threshold to the leaf's dtype.
+
+  Compared in float32 (exact for bfloat16/float16/float32 leaves; float64 stays
+  float64). A concrete threshold is rounded *up* to that dtype, so a weight just
+  below it is never kept.
+  """
+  dtype = jnp.promote_types(w.dtype, jnp.float32)
+  if _is_traced(threshold):
+    t = jnp.asarray(threshold)
+    dtype = jnp.promote_types(dtype, t.dtype)
+    return jnp.abs(w).astype(dtype) >= t.astype(dtype)
+  t = float(threshold)
+  with np.errstate(over="ignore"):
+    t_rounded = np.asarray(t, dtype)
+  if float(t_rounded) < t:
+    t_rounded = np.nextafter(t_rounded, np.asarray(np.inf, dtype))
+  return jnp.abs(w).astype(dtype) >= t_rounded
 
 
 def magnitude_masks(

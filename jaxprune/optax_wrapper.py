@@ -194,8 +194,11 @@ def set_masks(opt_state: PyTree, masks: PyTree) -> PyTree:
     ValueError: no or several `PrunedState`s, or `masks` not fitting.
   """
   old = _exactly_one(opt_state)
-  masks = check_masks(_as_bool_arrays(masks), old.masks)
+  return replace_masks(opt_state, check_masks(_as_bool_arrays(masks), old.masks))
 
+
+def replace_masks(opt_state: PyTree, masks: PyTree) -> PyTree:
+  """`opt_state` with every `PrunedState`'s masks replaced, unchecked (see `set_masks`)."""
   def replace(s):
     return s._replace(masks=masks) if isinstance(s, PrunedState) else s
 

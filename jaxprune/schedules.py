@@ -47,6 +47,9 @@ class IterationSchedule(Sequence):
       raise IndexError(f"iteration {i} outside 0..{self.num_iterations - 1}")
     if self.num_iterations == 1:
       return self.final
+    if isinstance(i, int) and i in (0, self.num_iterations - 1):
+      # The endpoints exactly: the formulas can miss them by an ulp (0.7000000000000001).
+      return self.initial if i == 0 else self.final
     return self._value(i)
 
   def __getitem__(self, i):  # type: ignore[override]

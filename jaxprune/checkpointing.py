@@ -1,0 +1,148 @@
+"""Orbax checkpoints of a prune-retrain run: packed masks, exact resume, config checks.
+
+A checkpoint holds two items:
+
+* `state`: params, the optimizer state *without* its masks, the masks packed to
+  1 bit per weight (`jnp.packbits`, uint8), and the RNG key data;
+* `meta` (JSON): where the run is (iteration, phase, step), the history so far, and
+  a fingerprint of the configuration (param paths/shapes/dtypes, schedule, budgets)
+  that a resume must match.
+
+Orbax writes each checkpoint to a temporary directory and renames it when complete,
+so a process killed mid-save leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxprune.leaf_selection import leaf_paths
+from jaxprune.optax_wrapper import replace_masks
+
+PyTree = Any
+
+
+class LoopState(NamedTuple):
+  """Everything a prune-retrain run needs to continue bitwise-exactly."""
+
+  params: Any
+  opt_state: Any
+  masks: Any
+  rng: jax.Array  # raw key data (uint32), see `jax.random.key_data`
+
+
+def pack_masks(masks: PyTree) -> dict[str, jax.Array]:
+  """Masks as `{leaf index: uint8 bits}`, 1 bit per weight (row-major, big-endian bits)."""
+  leaves = jax.tree.leaves(masks, is_leaf=lambda m: m is None)
+  return {str(i): jnp.packbits(m.reshape(-1)) for i, m in enumerate(leaves) if m is not None}
+
+
+def unpack_masks(packed: dict[str, jax.Array], like: PyTree) -> PyTree:
+  """Inverse of `pack_masks`, laid out like the mask tree `like`."""
+  leaves, treedef = jax.tree.flatten(like, is_leaf=lambda m: m is None)
+  out = [
+      None if m is None
+      else jnp.unpackbits(packed[str(i)], count=m.size).reshape(m.shape).astype(jnp.bool_)
+      for i, m in enumerate(leaves)
+  ]
+  return jax.tree.unflatten(treedef, out)
+
+
+def fingerprint(params: PyTree, **config: Any) -> dict[str, Any]:
+  """JSON-able description of a run that a checkpoint must match to be resumed."""
+  layout = [
+      f"{p}:{tuple(x.shape)}:{x.dtype}"
+      for p, x in zip(leaf_paths(params), jax.tree.leaves(params))
+  ]
+  digest = hashlib.sha256("\n".join(layout).encode()).hexdigest()[:16]
+  return {"params_layout": digest, "num_leaves": len(layout), **json.loads(json.dumps(config))}
+
+
+def _saved_tree(state: LoopState) -> dict[str, Any]:
+  return {
+      "params": state.params,
+      "opt_state": replace_masks(state.opt_state, None),
+      "masks": pack_masks(state.masks),
+      "rng": state.rng,
+  }
+
+
+def _abstract(tree: PyTree) -> PyTree:
+  def spec(x):
+    sharding = getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+  return jax.tree.map(spec, tree)
+
+
+def open_manager(directory: str | os.PathLike, keep: int = 3) -> ocp.CheckpointManager:
+  """A synchronous `CheckpointManager` keeping the last `keep` checkpoints."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=False
+  )
+  return ocp.CheckpointManager(
+      os.path.abspath(directory), options=options, item_names=("state", "meta")
+  )
+
+
+def save(manager: ocp.CheckpointManager, index: int, state: LoopState, meta: dict) -> None:
+  """Writes checkpoint number `index` (complete on return)."""
+  manager.save(
+      index,
+      args=ocp.args.Composite(
+          state=ocp.args.StandardSave(_saved_tree(state)), meta=ocp.args.JsonSave(meta)
+      ),
+  )
+  manager.wait_until_finished()
+
+
+def check_fingerprint(saved: dict[str, Any], expected: dict[str, Any], directory: str) -> None:
+  """Raises `ValueError` naming the first setting a checkpoint disagrees on."""
+  for key in sorted(set(saved) | set(expected)):
+    if saved.get(key) != expected.get(key):
+      raise ValueError(
+          f"checkpoint in {directory} was written by another configuration: {key} is "
+          f"{saved.get(key)!r} there and {expected.get(key)!r} now. Use another "
+          "checkpoint_dir or resume=False (nothing was overwritten)."
+      )
+
+
+def restore_latest(
+    manager: ocp.CheckpointManager, like: LoopState
+) -> tuple[int, LoopState, dict] | None:
+  """The latest complete checkpoint as `(index, state, meta)`, or None if there is none.
+
+  `like` gives structure, shapes, dtypes and shardings to restore into (so a
+  checkpoint restores onto another device mesh).
+  """
+  index = manager.latest_step()
+  if index is None:
+    return None
+  return index, restore_state(manager, index, like), read_meta(manager, index)
+
+
+def read_meta(manager: ocp.CheckpointManager, index: int) -> dict:
+  """The JSON `meta` item of checkpoint `index`."""
+  return manager.restore(index, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def restore_state(manager: ocp.CheckpointManager, index: int, like: LoopState) -> LoopState:
+  """Checkpoint `index` restored into the layout of `like`."""
+  target = _abstract(_saved_tree(like))
+  tree = manager.restore(
+      index, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+  )["state"]
+  masks = unpack_masks(tree["masks"], like.masks)
+  return LoopState(
+      params=tree["params"],
+      opt_state=replace_masks(tree["opt_state"], masks),
+      masks=masks,
+      rng=tree["rng"],
+  )

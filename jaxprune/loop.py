@@ -1,0 +1,502 @@
+"""The prune-retrain loop: prune to each target of a schedule, retrain with masks held.
+
+For each iteration `i` of the schedule:
+
+1. evaluate (iteration 0: the dense baseline; later ones reuse the previous
+   after-retrain figure, the params being the same);
+2. prune to `schedule[i]` with `magnitude_masks(previous=masks)` and evaluate;
+3. retrain `retrain_steps[i]` steps with `pruned(optimizer)` holding the masks;
+4. evaluate, append a history row, checkpoint.
+
+The train step and the eval step are each compiled once for the whole run; the
+Python loop only dispatches them, and reads the device only where progress is
+shown, at checkpoints and at the end of each phase.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxprune import checkpointing
+from jaxprune.leaf_selection import Where, leaf_paths, resolve_where
+from jaxprune.masks import Scope, apply_masks, magnitude_masks
+from jaxprune.optax_wrapper import pruned, replace_masks
+from jaxprune.reporting import SparsityReport, sparsity_report
+
+PyTree = Any
+LossFn = Callable[..., Any]
+logger = logging.getLogger("jaxprune")
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def _takes_rng(loss_fn: LossFn) -> bool:
+  try:
+    return "rng" in inspect.signature(loss_fn).parameters
+  except (TypeError, ValueError):
+    return False
+
+
+def _loss_and_aux(loss_fn: LossFn, params, batch, rng):
+  out = loss_fn(params, batch, rng=rng) if rng is not None else loss_fn(params, batch)
+  if isinstance(out, tuple):
+    return out[0], out[1]
+  return out, None
+
+
+def make_train_step(
+    loss_fn: LossFn, optimizer: optax.GradientTransformation, *, donate: bool = False
+) -> Callable[..., tuple[PyTree, PyTree, jax.Array]]:
+  """A jitted `step(params, opt_state, batch, rng_data, step) -> (params, opt_state, loss)`.
+
+  `loss_fn(params, batch)` returns a scalar mean loss, or `(loss, aux)`. If it has
+  a parameter named `rng`, it is called with `rng=fold_in(wrap_key_data(rng_data),
+  step)`, so dropout noise is a pure function of the step (exact resume).
+
+  Args:
+    loss_fn: the loss.
+    optimizer: any optax transformation (typically `pruned(...)`); it gets `params`.
+    donate: donate params and optimizer state buffers (saves memory on
+      accelerators; do not reuse the inputs afterwards).
+
+  Example::
+
+    >>> step = jaxprune.make_train_step(loss_fn, jaxprune.pruned(optax.adam(1e-3), masks))
+    >>> params, opt_state, loss = step(params, opt_state, batch, rng_data, 0)
+  """
+  wants_rng = _takes_rng(loss_fn)
+
+  def step(params, opt_state, batch, rng_data, step_index):
+    rng = None
+    if wants_rng:
+      rng = jax.random.fold_in(jax.random.wrap_key_data(rng_data), step_index)
+    grad_fn = jax.value_and_grad(
+        lambda p: _loss_and_aux(loss_fn, p, batch, rng), has_aux=True
+    )
+    (loss, _), grads = grad_fn(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def make_eval_step(loss_fn: LossFn) -> Callable[[PyTree, Any], jax.Array]:
+  """A jitted `eval_step(params, batch) -> loss` (no rng: evaluation is deterministic)."""
+  return jax.jit(lambda params, batch: _loss_and_aux(loss_fn, params, batch, None)[0])
+
+
+def prune_step(
+    params: PyTree,
+    masks: PyTree,
+    opt_state: PyTree,
+    sparsity: float | jax.Array,
+    where: Where,
+    scope: Scope = "layer",
+) -> tuple[PyTree, PyTree, PyTree]:
+  """One prune: new masks (previous respected), params zeroed, masks put in `opt_state`.
+
+  `masks` may be None for the first prune. Jittable with a traced `sparsity`.
+
+  Returns:
+    `(params, masks, opt_state)`.
+
+  Example::
+
+    >>> params, masks, opt_state = jaxprune.prune_step(params, masks, opt_state, 0.5, where)
+  """
+  masks = magnitude_masks(params, sparsity, where, scope=scope, previous=masks)
+  return apply_masks(params, masks), masks, replace_masks(opt_state, masks)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _check_schedule(schedule: Sequence[float]) -> list[float]:
+  try:
+    targets = [float(s) for s in schedule]
+  except TypeError as e:
+    raise TypeError(f"schedule must be a finite sequence of sparsities, got {schedule!r}") from e
+  if not targets:
+    raise ValueError("schedule is empty: give at least one target sparsity")
+  for i, s in enumerate(targets):
+    if not 0.0 <= s < 1.0:
+      raise ValueError(f"schedule[{i}] = {s!r} is outside [0, 1)")
+  return targets
+
+
+def _check_budgets(retrain_steps: int | Sequence[int], n: int) -> list[int]:
+  budgets = [retrain_steps] * n if isinstance(retrain_steps, int) else list(retrain_steps)
+  if len(budgets) != n:
+    raise ValueError(f"retrain_steps has {len(budgets)} entries for {n} schedule iterations")
+  for i, b in enumerate(budgets):
+    if int(b) != b or b < 0:
+      raise ValueError(f"retrain_steps[{i}] = {b!r}: must be an integer >= 0")
+  return [int(b) for b in budgets]
+
+
+def _eval_source(eval_batches) -> Callable[[], Iterable]:
+  source = eval_batches if callable(eval_batches) else (lambda: eval_batches)
+  first = source()
+  if iter(first) is first:
+    raise TypeError(
+        "eval_batches must be re-iterable (a list) or a callable returning an iterable; "
+        "a one-shot iterator would be empty at the second evaluation"
+    )
+  if next(iter(first), None) is None:
+    raise ValueError("eval_batches is empty: evaluation needs at least one batch")
+  return source
+
+
+def _train_source(train_batches) -> tuple[Callable[[int], Any], bool]:
+  if callable(train_batches):
+    return train_batches, True
+  iterator = iter(train_batches)
+
+  def next_batch(step: int):
+    try:
+      return next(iterator)
+    except StopIteration:
+      raise ValueError(f"train_batches ran out at global step {step}") from None
+
+  return next_batch, False
+
+
+# ----------------------------------------------------------------------------- result
+
+
+def _perplexity(loss: float) -> float:
+  return math.exp(loss) if loss < 700 else math.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneRetrainResult:
+  """What `prune_retrain` returns: the pruned model and honest figures.
+
+  Losses are mean nats per token of `eval_batches`; perplexity is `exp(loss)`;
+  `perplexity_degradation = final_perplexity / dense_perplexity - 1`.
+  `achieved_sparsity` is over the targeted leaves, `overall_sparsity` over the
+  whole model; `report` has per-leaf figures and compression ratios.
+  """
+
+  params: PyTree
+  masks: PyTree
+  opt_state: PyTree
+  history: list[dict[str, Any]]
+  dense_loss: float
+  final_loss: float
+  report: SparsityReport
+
+  @property
+  def dense_perplexity(self) -> float:
+    return _perplexity(self.dense_loss)
+
+  @property
+  def final_perplexity(self) -> float:
+    return _perplexity(self.final_loss)
+
+  @property
+  def perplexity_degradation(self) -> float:
+    return self.final_perplexity / self.dense_perplexity - 1.0
+
+  @property
+  def achieved_sparsity(self) -> float:
+    return self.report.targeted_sparsity
+
+  @property
+  def overall_sparsity(self) -> float:
+    return self.report.overall_sparsity
+
+  def summary(self) -> str:
+    """A readable table of the whole run."""
+    head = (
+        f"{'iter':>4}  {'target':>7}  {'achieved':>8}  {'ppl before':>10}  "
+        f"{'after prune':>11}  {'after retrain':>13}  {'steps':>6}  {'seconds':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in self.history:
+      lines.append(
+          f"{r['iteration']:>4}  {r['target_sparsity']:>7.2%}  {r['achieved_sparsity']:>8.2%}  "
+          f"{r['perplexity_before_prune']:>10.3f}  {r['perplexity_after_prune']:>11.3f}  "
+          f"{r['perplexity_after_retrain']:>13.3f}  {r['retrain_steps']:>6}  "
+          f"{r['wall_seconds']:>8.1f}"
+      )
+    rep = self.report
+    lines += [
+        "",
+        f"dense perplexity {self.dense_perplexity:.3f} -> final {self.final_perplexity:.3f} "
+        f"({self.perplexity_degradation:+.2%})",
+        f"sparsity: targeted leaves {self.achieved_sparsity:.2%}, whole model "
+        f"{self.overall_sparsity:.2%}",
+        f"compression (bitmask + nonzeros): targeted {rep.targeted_compression:.2f}x, "
+        f"whole model {rep.overall_compression:.2f}x bytes; parameters "
+        f"{rep.targeted_param_ratio:.2f}x / {rep.overall_param_ratio:.2f}x",
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@jax.jit
+def _pruned_fraction(masks: PyTree) -> jax.Array:
+  leaves = [m for m in jax.tree.leaves(masks) if m is not None]
+  pruned_count = sum(jnp.sum(~m, dtype=jnp.float32) for m in leaves)
+  return pruned_count / sum(m.size for m in leaves)
+
+
+def _evaluate(eval_step, params, source) -> float:
+  total, count = jnp.zeros((), jnp.float32), 0
+  for batch in source():
+    total = total + eval_step(params, batch)
+    count += 1
+  return float(total) / count
+
+
+def _first_bad(losses: list[jax.Array]) -> int | None:
+  if not losses:
+    return None
+  values = jax.device_get(jnp.stack(losses))
+  bad = [i for i, v in enumerate(values) if not math.isfinite(float(v))]
+  return bad[0] if bad else None
+
+
+def _is_main_process() -> bool:
+  return jax.process_index() == 0
+
+
+def _progress_bar(enabled: bool, total: int, initial: int, desc: str):
+  if not (enabled and _is_main_process()):
+    return None
+  try:
+    from tqdm.auto import tqdm
+  except ImportError:  # tqdm is an optional extra: fall back to logging.
+    return None
+  return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def prune_retrain(
+    params: PyTree,
+    loss_fn: LossFn,
+    train_batches: Callable[[int], Any] | Iterable,
+    eval_batches: Iterable | Callable[[], Iterable],
+    *,
+    optimizer: optax.GradientTransformation,
+    schedule: Sequence[float],
+    where: Where,
+    retrain_steps: int | Sequence[int],
+    scope: Scope = "layer",
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    seed: int = 0,
+    restart_optimizer: bool = True,
+    keep_checkpoints: int = 3,
+    log_every: int = 50,
+) -> PruneRetrainResult:
+  """Runs a whole prune-retrain schedule and returns the pruned model with its figures.
+
+  Args:
+    params: trained dense params (any pytree).
+    loss_fn: `loss_fn(params, batch) -> scalar` mean loss in nats per token (or
+      `(loss, aux)`); an `rng` keyword, if it has one, gets a per-step key.
+    train_batches: `step -> batch`, a pure function of the global retraining step
+      (0, 1, ... across the whole run), which makes resume exact. An iterable is
+      accepted too; resume then continues from wherever a fresh iterator starts
+      (approximate).
+    eval_batches: a finite re-iterable of batches, or a callable returning one.
+    optimizer: the optax optimizer to retrain with; it is wrapped in `pruned`.
+    schedule: target sparsities, one per iteration (`exponential_schedule(...)`,
+      a list, ...), each in [0, 1).
+    where: the targeted leaves (bool pytree from `select`, or a callable).
+    retrain_steps: steps per iteration: an int, or one budget per iteration.
+    scope: `"layer"` or `"global"` magnitude ranking.
+    checkpoint_dir: orbax checkpoints go here (None: no checkpoints).
+    checkpoint_every: also checkpoint every this many retraining steps.
+    resume: continue from the latest complete checkpoint in `checkpoint_dir`.
+    progress: a tqdm bar per retrain phase (process 0 only).
+    seed: seeds the RNG handed to `loss_fn(..., rng=...)`.
+    restart_optimizer: re-initialise the optimizer state after every prune, so
+      moments and the learning-rate schedule restart each iteration (learning-rate
+      rewinding). False keeps one state, and one schedule, across the whole run.
+    keep_checkpoints: how many checkpoints orbax keeps.
+    log_every: steps between progress/log updates (each one reads the loss
+      from the device).
+
+  Returns:
+    A `PruneRetrainResult`.
+
+  Raises:
+    ValueError: before any compute for an empty or out-of-range schedule, negative
+      budgets, empty `eval_batches`, a `where` selecting nothing, a checkpoint of
+      another configuration; FloatingPointError when a retraining loss is NaN/inf
+      (naming iteration and step; the last good checkpoint is kept).
+
+  Example::
+
+    >>> result = jaxprune.prune_retrain(
+    ...     params, loss_fn, batch_at_step, eval_batches,
+    ...     optimizer=optax.adamw(1e-3), schedule=jaxprune.exponential_schedule(0.2, 0.8, 5),
+    ...     where=jaxprune.select(params), retrain_steps=200, checkpoint_dir="ckpt")
+    >>> print(result.summary())
+  """
+  targets = _check_schedule(schedule)
+  budgets = _check_budgets(retrain_steps, len(targets))
+  if checkpoint_every is not None and (int(checkpoint_every) != checkpoint_every
+                                       or checkpoint_every < 1):
+    raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
+  if scope not in ("layer", "global"):
+    raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+  where = resolve_where(where, params)
+  if not any(jax.tree.leaves(where)):
+    raise ValueError("`where` selects no leaf of params: nothing would be pruned")
+  eval_source = _eval_source(eval_batches)
+  batch_at, exact_batches = _train_source(train_batches)
+
+  all_kept = jax.tree.map(lambda w, s: jnp.ones(w.shape, bool) if s else None, params, where)
+  tx = pruned(optimizer, all_kept)
+  train_step = make_train_step(loss_fn, tx)
+  eval_step = make_eval_step(loss_fn)
+  prune = jax.jit(functools.partial(prune_step, where=where, scope=scope))
+  evaluate = functools.partial(_evaluate, eval_step, source=eval_source)
+
+  state = checkpointing.LoopState(
+      params, tx.init(params), all_kept, jax.random.key_data(jax.random.key(seed))
+  )
+  selected = [p for p, s in zip(leaf_paths(params), jax.tree.leaves(where)) if s]
+  config = checkpointing.fingerprint(
+      params, schedule=targets, retrain_steps=budgets, scope=scope, selected=selected,
+      restart_optimizer=restart_optimizer, seed=seed,
+  )
+  # Where the run stands; what a checkpoint's `meta` records.
+  meta: dict[str, Any] = {
+      "config": config, "iteration": 0, "phase": "prune", "step": 0, "history": [], "row": {}
+  }
+  manager, save_index = None, 0
+  if checkpoint_dir is not None:
+    manager = checkpointing.open_manager(checkpoint_dir, keep_checkpoints)
+    latest = manager.latest_step()
+    if latest is not None:
+      if not resume:
+        raise ValueError(
+            f"{checkpoint_dir} already holds checkpoints; pass resume=True to continue "
+            "that run, or use an empty directory (nothing was overwritten)"
+        )
+      saved = checkpointing.read_meta(manager, latest)
+      checkpointing.check_fingerprint(saved["config"], config, checkpoint_dir)
+      state = checkpointing.restore_state(manager, latest, state)
+      meta, save_index = saved, latest + 1
+      logger.info("resumed from checkpoint %d: iteration %d, phase %s, step %d",
+                  latest, meta["iteration"], meta["phase"], meta["step"])
+      if not exact_batches:
+        logger.warning("train_batches is an iterable: resume restarts it (approximate)")
+
+  def checkpoint(phase: str, iteration: int, step: int, row: dict) -> None:
+    nonlocal save_index
+    if manager is None:
+      return
+    meta.update(phase=phase, iteration=iteration, step=step, row=row)
+    checkpointing.save(manager, save_index, state, meta)
+    save_index += 1
+
+  history: list[dict[str, Any]] = meta["history"]
+  dense_loss = history[0]["loss_before_prune"] if history else None
+  for i in range(meta["iteration"], len(targets)):
+    resuming = meta["phase"] == "retrain" and meta["iteration"] == i
+    row = dict(meta["row"]) if resuming else {}
+    started = time.perf_counter() - row.get("wall_seconds", 0.0)
+    params, opt_state, masks, rng = state
+    if not resuming:
+      before = history[-1]["loss_after_retrain"] if history else evaluate(params)
+      dense_loss = before if dense_loss is None else dense_loss
+      params, masks, opt_state = prune(params, masks, opt_state, jnp.float32(targets[i]))
+      if restart_optimizer:
+        opt_state = replace_masks(tx.init(params), masks)
+      after_prune = evaluate(params)
+      row = {
+          "iteration": i,
+          "target_sparsity": targets[i],
+          "achieved_sparsity": float(_pruned_fraction(masks)),
+          "loss_before_prune": before,
+          "perplexity_before_prune": _perplexity(before),
+          "loss_after_prune": after_prune,
+          "perplexity_after_prune": _perplexity(after_prune),
+      }
+    first_step = sum(budgets[:i])
+    j0 = meta["step"] if resuming else 0
+    bar = _progress_bar(progress, budgets[i], j0, f"retrain {i + 1}/{len(targets)} "
+                        f"@ {targets[i]:.1%}")
+    pending: list[jax.Array] = []
+
+    def check(j_end: int) -> None:
+      bad = _first_bad(pending)
+      if bad is not None:
+        step_in = j_end - len(pending) + bad
+        raise FloatingPointError(
+            f"non-finite retraining loss at iteration {i}, step {step_in} (global step "
+            f"{first_step + step_in}); stopped. The last good checkpoint is kept."
+        )
+      pending.clear()
+
+    for j in range(j0, budgets[i]):
+      g = first_step + j
+      params, opt_state, loss = train_step(params, opt_state, batch_at(g), rng, g)
+      pending.append(loss)
+      if bar is not None:
+        bar.update(1)
+      if (j + 1) % log_every == 0:
+        check(j + 1)
+        if bar is not None:
+          bar.set_postfix(loss=f"{float(loss):.4f}")
+        logger.debug("iteration %d step %d loss %.4f", i, j + 1, float(loss))
+      if checkpoint_every and (j + 1) % checkpoint_every == 0 and j + 1 < budgets[i]:
+        check(j + 1)
+        state = checkpointing.LoopState(params, opt_state, masks, rng)
+        row["wall_seconds"] = time.perf_counter() - started
+        checkpoint("retrain", i, j + 1, row)
+    check(budgets[i])
+    if bar is not None:
+      bar.close()
+
+    after = evaluate(params)
+    row.update(
+        loss_after_retrain=after,
+        perplexity_after_retrain=_perplexity(after),
+        retrain_steps=budgets[i],
+        wall_seconds=time.perf_counter() - started,
+    )
+    history.append(row)
+    logger.info(
+        "iteration %d: sparsity %.2f%% (target %.2f%%), perplexity %.3f -> %.3f (pruned) "
+        "-> %.3f (retrained)", i, 100 * row["achieved_sparsity"], 100 * targets[i],
+        row["perplexity_before_prune"], row["perplexity_after_prune"],
+        row["perplexity_after_retrain"],
+    )
+    state = checkpointing.LoopState(params, opt_state, masks, rng)
+    meta["history"] = history
+    checkpoint("prune", i + 1, 0, {})
+
+  if manager is not None:
+    manager.close()
+  params, opt_state, masks, _ = state
+  return PruneRetrainResult(
+      params=params,
+      masks=masks,
+      opt_state=opt_state,
+      history=history,
+      dense_loss=dense_loss,
+      final_loss=history[-1]["loss_after_retrain"],
+      report=sparsity_report(params, where),
+  )
