@@ -272,6 +272,18 @@ def _first_bad(losses: list[jax.Array]) -> int | None:
   return bad[0] if bad else None
 
 
+def _check_losses(pending: list[jax.Array], iteration: int, first_step: int, j_end: int) -> None:
+  """Raises if a loss in `pending` (steps up to `j_end` of `iteration`) is not finite."""
+  bad = _first_bad(pending)
+  if bad is not None:
+    step = j_end - len(pending) + bad
+    raise FloatingPointError(
+        f"non-finite retraining loss at iteration {iteration}, step {step} (global step "
+        f"{first_step + step}); stopped. The last good checkpoint is kept."
+    )
+  pending.clear()
+
+
 def _is_main_process() -> bool:
   return jax.process_index() == 0
 
@@ -440,15 +452,7 @@ def prune_retrain(
                         f"@ {targets[i]:.1%}")
     pending: list[jax.Array] = []
 
-    def check(j_end: int) -> None:
-      bad = _first_bad(pending)
-      if bad is not None:
-        step_in = j_end - len(pending) + bad
-        raise FloatingPointError(
-            f"non-finite retraining loss at iteration {i}, step {step_in} (global step "
-            f"{first_step + step_in}); stopped. The last good checkpoint is kept."
-        )
-      pending.clear()
+    check = functools.partial(_check_losses, pending, i, first_step)
 
     for j in range(j0, budgets[i]):
       g = first_step + j
