@@ -1,0 +1,64 @@
+"""PNG plots of a prune-retrain run (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # No display on CI machines or Colab's backend workers.
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_weight_histogram(before: Any, after: Any, name: str, path: str) -> str:
+  """Histogram of log10 |w| of one layer before and after pruning (zeros counted apart)."""
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for w, label, color in ((before, "dense", "tab:blue"), (after, "pruned", "tab:red")):
+    a = np.abs(np.asarray(w, np.float32)).ravel()
+    nz = a[a > 0]
+    ax.hist(np.log10(nz), bins=80, alpha=0.55, color=color,
+            label=f"{label}: {a.size - nz.size:,} zeros of {a.size:,}")
+  ax.set_xlabel("log10 |w|  (nonzero weights)")
+  ax.set_ylabel("count")
+  ax.set_title(f"weight magnitudes of {name}")
+  ax.legend()
+  return _save(fig, path)
+
+
+def plot_layer_sparsity(report: Any, path: str) -> str:
+  """Bar chart of the sparsity of every targeted leaf of a `SparsityReport`."""
+  rows = [r for r in report.leaves if r.targeted]
+  fig, ax = plt.subplots(figsize=(8, max(3, 0.3 * len(rows) + 1)))
+  names = [r.path.removesuffix("/kernel") for r in rows]
+  ax.barh(names, [100 * r.sparsity for r in rows], color="tab:purple")
+  ax.invert_yaxis()
+  ax.set_xlabel("sparsity (%)")
+  ax.set_xlim(0, 100)
+  ax.set_title(f"per-layer sparsity (targeted: {report.targeted_sparsity:.1%})")
+  return _save(fig, path)
+
+
+def plot_perplexity(history: list[dict], dense_perplexity: float, path: str) -> str:
+  """Validation perplexity before/after each prune and after each retrain, by target."""
+  fig, ax = plt.subplots(figsize=(7, 4))
+  targets = [100 * r["target_sparsity"] for r in history]
+  ax.plot(targets, [r["perplexity_after_prune"] for r in history], "v--", color="tab:red",
+          label="after prune")
+  ax.plot(targets, [r["perplexity_after_retrain"] for r in history], "o-", color="tab:green",
+          label="after retrain")
+  ax.axhline(dense_perplexity, color="gray", ls=":", label=f"dense {dense_perplexity:.2f}")
+  ax.set_xlabel("target sparsity of pruned layers (%)")
+  ax.set_ylabel("validation perplexity")
+  ax.set_title("perplexity across the schedule")
+  ax.legend()
+  return _save(fig, path)
+
+
+def _save(fig, path: str) -> str:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
