@@ -27,10 +27,10 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import lm_data  # noqa: E402
-import lm_model  # noqa: E402
+import lm_data
+import lm_model
 
-import jaxprune  # noqa: E402
+import jaxprune
 
 SCHEDULES = ("geometric", "exponential", "cubic", "oneshot")
 
@@ -81,7 +81,7 @@ def build_schedule(name: str, initial: float, final: float, iterations: int):
   try:
     return [float(s) for s in name.split(",")]
   except ValueError:
-    raise SystemExit(f"--schedule: expected one of {SCHEDULES} or numbers, got {name!r}")
+    raise SystemExit(f"--schedule: expected one of {SCHEDULES} or numbers, got {name!r}") from None
 
 
 def retrain_budgets(spec: str, iterations: int) -> int | list[int]:
