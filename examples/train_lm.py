@@ -125,12 +125,12 @@ def dense_params(args, params, loss_fn, batch_at) -> tuple[Any, float]:
   if args.resume and os.path.isdir(path):
     print(f"resuming: dense params from {path}")
     return checkpointer.restore(path, params), 0.0
+  if os.path.exists(path):
+    raise SystemExit(f"{path} exists: pass --resume to continue, or choose another --out")
   start = time.perf_counter()
   params, loss = pretrain(params, loss_fn, batch_at, args.steps, args.lr)
   seconds = time.perf_counter() - start
   print(f"dense pretraining: {args.steps} steps in {seconds:.0f}s, last train loss {loss:.3f}")
-  if os.path.exists(path):
-    raise SystemExit(f"{path} exists: pass --resume to continue, or choose another --out")
   checkpointer.save(path, params)
   checkpointer.wait_until_finished()
   return params, seconds

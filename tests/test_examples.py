@@ -1,0 +1,104 @@
+"""The three doors users come through: the training script, the optax chain, the notebook.
+
+Each runs end to end on CPU with a tiny configuration on the embedded corpus (no download).
+"""
+
+import json
+import os
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+import optax_chain
+import train_lm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--d-model", "32", "--layers", "1", "--context", "32", "--batch-size", "4",
+        "--max-bytes", "200000", "--eval-batches", "2"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_lm_help_lists_the_flags(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    train_lm.parse_args(["--help"])
+  assert exit_info.value.code == 0
+  text = capsys.readouterr().out
+  for flag in ("--data", "--steps", "--retrain-steps", "--final-sparsity", "--iterations",
+               "--schedule", "--scope", "--moe", "--out", "--seed", "--resume"):
+    assert flag in text
+
+
+def test_train_lm_runs_prunes_plots_and_resumes(tmp_path, capsys):
+  out = str(tmp_path / "run")
+  argv = TINY + ["--steps", "30", "--retrain-steps", "6", "--iterations", "2",
+                 "--final-sparsity", "0.5", "--out", out]
+  results = train_lm.main(argv)
+  printed = capsys.readouterr().out
+  assert "perplexity degradation" in printed and "sample from the pruned model" in printed
+  assert [round(r["target_sparsity"], 4) for r in results["history"]] == [0.2, 0.5]
+  assert abs(results["achieved_sparsity"] - 0.5) < 1e-3
+  assert results["overall_sparsity"] < results["achieved_sparsity"]
+  for path in results["plots"]:
+    with open(path, "rb") as f:
+      assert f.read(8) == PNG_MAGIC
+  with open(os.path.join(out, "results.json")) as f:
+    assert json.load(f)["final_perplexity"] == pytest.approx(results["final_perplexity"])
+
+  # A resumed run finds the dense params and the finished schedule: same answer.
+  again = train_lm.main(argv + ["--resume", "--no-plots"])
+  assert "resuming: dense params" in capsys.readouterr().out
+  assert again["final_perplexity"] == results["final_perplexity"]
+
+
+def test_train_lm_moe_and_global_scope(tmp_path):
+  results = train_lm.main(TINY + ["--moe", "--scope", "global", "--steps", "10",
+                                  "--retrain-steps", "3", "--schedule", "oneshot",
+                                  "--final-sparsity", "0.6", "--no-plots",
+                                  "--out", str(tmp_path / "moe")])
+  expert = [r for r in results["report"]["leaves"] if r["path"].endswith("mlp/fc1")]
+  assert expert and expert[0]["shape"] == [4, 32, 128]
+  n = results["report"]["targeted_params"]
+  assert results["achieved_sparsity"] == pytest.approx(round(0.6 * n) / n, abs=1e-12)
+
+
+def test_train_lm_refuses_to_overwrite_without_resume(tmp_path):
+  out = str(tmp_path / "run")
+  argv = TINY + ["--steps", "5", "--retrain-steps", "1", "--iterations", "1", "--no-plots",
+                 "--out", out]
+  train_lm.main(argv)
+  with pytest.raises(SystemExit, match="--resume"):
+    train_lm.main(argv)
+
+
+def test_optax_chain_prunes_gradually_in_graph(capsys):
+  result = optax_chain.main(TINY + ["--steps", "60", "--log-every", "20", "--update-every", "5",
+                                    "--final-sparsity", "0.7"])
+  log = result["log"]
+  assert result["compilations"] == 1
+  assert log[0]["mask_sparsity"] < log[-1]["mask_sparsity"]
+  assert abs(log[-1]["mask_sparsity"] - 0.7) < 2e-3
+  # Held masks mean the weights really are zero, not just masked in the report.
+  assert abs(log[-1]["weight_sparsity"] - log[-1]["mask_sparsity"]) < 1e-6
+  assert "validation perplexity" in capsys.readouterr().out
+
+
+def test_colab_notebook_runs_end_to_end_on_cpu(tmp_path):
+  nb = nbformat.read(os.path.join(ROOT, "examples", "colab_tpu.ipynb"), as_version=4)
+  tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+  assert len(tagged) == 1
+  tagged[0].source += (
+      "\nD_MODEL, LAYERS, CONTEXT, BATCH = 32, 1, 32, 4\nDENSE_STEPS, RETRAIN_STEPS = 20, 4\n"
+      f"ITERATIONS, EVAL_BATCHES, MAX_BYTES = 2, 2, 200_000\nOUT = {str(tmp_path)!r}\n"
+  )
+  NotebookClient(nb, timeout=600, kernel_name="python3",
+                 resources={"metadata": {"path": ROOT}}).execute()
+  outputs = "\n".join(
+      o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+  )
+  assert "device count" in outputs
+  assert "after retrain" in outputs and "dense perplexity" in outputs
+  images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+  assert len(images) == 3
+  assert sorted(os.listdir(tmp_path)) == ["layer_sparsity.png", "perplexity.png",
+                                          "weights_histogram.png"]
