@@ -7,11 +7,10 @@ import json
 import os
 
 import nbformat
-import pytest
-from nbclient import NotebookClient
-
 import optax_chain
+import pytest
 import train_lm
+from nbclient import NotebookClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--d-model", "32", "--layers", "1", "--context", "32", "--batch-size", "4",
