@@ -63,11 +63,37 @@ def _pick_bucket(hist: jax.Array, rank: jax.Array) -> tuple[jax.Array, jax.Array
   return bucket.astype(jnp.uint32), cum[bucket] - size, size
 
 
-def _flat_rank(x: jax.Array) -> jax.Array:
-  """1-based running count of True in row-major order, shape of `x`."""
-  return jnp.cumsum(x.reshape(-1).astype(jnp.int32)).reshape(x.shape)
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+  """Row-major position of every entry, int32, of `shape` (elementwise: shards freely)."""
+  index = jnp.zeros(shape, jnp.int32)
+  for axis, size in enumerate(shape):
+    index = index * size + lax.broadcasted_iota(jnp.int32, shape, axis)
+  return index
 
 
+def _first_true(x: jax.Array, quota: jax.Array) -> jax.Array:
+  """The first `quota` True entries of `x` in row-major order, shape of `x`.
+
+  A bisection on the cutoff position (log2(size) counting passes) rather than a
+  cumsum over the flattened array: counts reduce across shards, while a flattening
+  cumsum would gather a sharded leaf onto one device. Only runs to break ties.
+  """
+  index = _flat_index(x.shape)
+
+  def narrow(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    enough = jnp.sum(x & (index < mid), dtype=jnp.int32) >= quota
+    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+  passes = max(1, int(x.size).bit_length())
+  _, cutoff = lax.fori_loop(0, passes, narrow, (jnp.int32(0), jnp.int32(x.size)))
+  return x & (index < cutoff)
+
+
+# Jitted so that eager calls compile once per shape: called op by op, the `lax.cond`
+# below closes over concrete arrays and would be recompiled on every call.
+@jax.jit
 def smallest_k(keys: Sequence[jax.Array], k: jax.Array | int) -> list[jax.Array]:
   """Marks exactly `k` smallest keys across all of `keys` (ties by position).
 
@@ -106,7 +132,7 @@ def smallest_k(keys: Sequence[jax.Array], k: jax.Array | int) -> list[jax.Array]
     for x in keys:
       equal = x == threshold
       quota = jnp.clip(take - before, 0, None)
-      out.append((x < threshold) | (equal & (_flat_rank(equal) <= quota)))
+      out.append((x < threshold) | _first_true(equal, quota))
       before = before + jnp.sum(equal, dtype=jnp.int32)
     return out
 
