@@ -24,6 +24,14 @@ from jaxprune.schedules import (
     geometric_keep_schedule,
     polynomial_schedule,
 )
+from jaxprune.sharding import (
+    bytes_per_device,
+    make_mesh,
+    mask_shardings,
+    param_shardings,
+    place_batch,
+    place_masks,
+)
 
 __version__ = "0.1.0"
 
@@ -33,6 +41,7 @@ __all__ = [
     "PrunedState",
     "SparsityReport",
     "apply_masks",
+    "bytes_per_device",
     "check_masks",
     "constant_schedule",
     "cubic_schedule",
@@ -42,8 +51,13 @@ __all__ = [
     "leaf_paths",
     "magnitude_masks",
     "make_eval_step",
+    "make_mesh",
     "make_train_step",
+    "mask_shardings",
+    "param_shardings",
     "path_string",
+    "place_batch",
+    "place_masks",
     "polynomial_schedule",
     "prune_retrain",
     "prune_step",

@@ -45,14 +45,16 @@ def pack_masks(masks: PyTree) -> dict[str, jax.Array]:
   return {str(i): jnp.packbits(m.reshape(-1)) for i, m in enumerate(leaves) if m is not None}
 
 
+def _unpack_one(bits: jax.Array, like: jax.Array) -> jax.Array:
+  mask = jnp.unpackbits(bits, count=like.size).reshape(like.shape).astype(jnp.bool_)
+  sharding = getattr(like, "sharding", None)
+  return mask if sharding is None else jax.device_put(mask, sharding)
+
+
 def unpack_masks(packed: dict[str, jax.Array], like: PyTree) -> PyTree:
   """Inverse of `pack_masks`, laid out like the mask tree `like`."""
   leaves, treedef = jax.tree.flatten(like, is_leaf=lambda m: m is None)
-  out = [
-      None if m is None
-      else jnp.unpackbits(packed[str(i)], count=m.size).reshape(m.shape).astype(jnp.bool_)
-      for i, m in enumerate(leaves)
-  ]
+  out = [None if m is None else _unpack_one(packed[str(i)], m) for i, m in enumerate(leaves)]
   return jax.tree.unflatten(treedef, out)
 
 

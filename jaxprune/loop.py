@@ -27,12 +27,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
 from jaxprune import checkpointing
 from jaxprune.leaf_selection import Where, leaf_paths, resolve_where
 from jaxprune.masks import Scope, apply_masks, magnitude_masks
 from jaxprune.optax_wrapper import pruned, replace_masks
 from jaxprune.reporting import SparsityReport, sparsity_report
+from jaxprune.sharding import ParamLayout, param_shardings, place_batch, place_masks
 
 PyTree = Any
 LossFn = Callable[..., Any]
@@ -317,6 +319,8 @@ def prune_retrain(
     restart_optimizer: bool = True,
     keep_checkpoints: int = 3,
     log_every: int = 50,
+    mesh: Mesh | None = None,
+    param_layout: ParamLayout = "replicated",
 ) -> PruneRetrainResult:
   """Runs a whole prune-retrain schedule and returns the pruned model with its figures.
 
@@ -346,6 +350,12 @@ def prune_retrain(
     keep_checkpoints: how many checkpoints orbax keeps.
     log_every: steps between progress/log updates (each one reads the loss
       from the device).
+    mesh: a device mesh (`jaxprune.make_mesh("data=2,fsdp=4")`): batches are split
+      along their leading axis over all mesh axes; params, optimizer state and masks
+      are replicated or FSDP-sharded per `param_layout`, masks always sharded like
+      their params. With several processes, `train_batches` and `eval_batches` give
+      each process its own slice of the global batch.
+    param_layout: `"replicated"` or `"fsdp"` (see `jaxprune.param_shardings`).
 
   Returns:
     A `PruneRetrainResult`.
@@ -377,7 +387,14 @@ def prune_retrain(
   eval_source = _eval_source(eval_batches)
   batch_at, exact_batches = _train_source(train_batches)
 
+  if mesh is not None:
+    params = jax.device_put(params, param_shardings(params, mesh, param_layout))
+    user_batch_at, user_eval_source = batch_at, eval_source
+    batch_at = lambda step: place_batch(user_batch_at(step), mesh)
+    eval_source = lambda: (place_batch(b, mesh) for b in user_eval_source())
   all_kept = jax.tree.map(lambda w, s: jnp.ones(w.shape, bool) if s else None, params, where)
+  if mesh is not None:
+    all_kept = place_masks(all_kept, params)
   tx = pruned(optimizer, all_kept)
   train_step = make_train_step(loss_fn, tx)
   eval_step = make_eval_step(loss_fn)
@@ -424,7 +441,6 @@ def prune_retrain(
     save_index += 1
 
   history: list[dict[str, Any]] = meta["history"]
-  dense_loss = history[0]["loss_before_prune"] if history else None
   for i in range(meta["iteration"], len(targets)):
     resuming = meta["phase"] == "retrain" and meta["iteration"] == i
     row = dict(meta["row"]) if resuming else {}
@@ -432,8 +448,10 @@ def prune_retrain(
     params, opt_state, masks, rng = state
     if not resuming:
       before = history[-1]["loss_after_retrain"] if history else evaluate(params)
-      dense_loss = before if dense_loss is None else dense_loss
       params, masks, opt_state = prune(params, masks, opt_state, jnp.float32(targets[i]))
+      if mesh is not None:  # Keep masks exactly on their params' shardings.
+        masks = place_masks(masks, params)
+        opt_state = replace_masks(opt_state, masks)
       if restart_optimizer:
         opt_state = replace_masks(tx.init(params), masks)
       after_prune = evaluate(params)
@@ -500,7 +518,8 @@ def prune_retrain(
       masks=masks,
       opt_state=opt_state,
       history=history,
-      dense_loss=dense_loss,
+      # Iteration 0's row: also right when resuming inside iteration 0's retraining.
+      dense_loss=history[0]["loss_before_prune"],
       final_loss=history[-1]["loss_after_retrain"],
       report=sparsity_report(params, where),
   )

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from jaxprune.leaf_selection import Where, resolve_where
+from jaxprune.leaf_selection import Where, path_string, resolve_where
 from jaxprune.masks import Scope, check_masks, magnitude_masks, map_masked
 
 PyTree = Any
@@ -49,6 +49,28 @@ def _as_bool_arrays(masks: PyTree) -> PyTree:
 def _zero_pruned(masks: PyTree, tree: PyTree) -> PyTree:
   return map_masked(lambda m, x: x if m is None else jnp.where(m, x, jnp.zeros((), x.dtype)),
                     masks, tree)
+
+
+def _check_selection(masks: PyTree, chosen: PyTree, params: PyTree) -> None:
+  """Gradual mode with starting masks: they must hold a mask exactly where `where` selects."""
+  held = jax.tree.leaves(map_masked(lambda m, _: m is not None, masks, params))
+  for (path, _), has_mask, sel in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0], held, jax.tree.leaves(chosen)):
+    if has_mask != sel:
+      raise ValueError(
+          f"`masks` at {path_string(path)}: "
+          + ("a mask for a leaf `where` does not select" if has_mask
+             else "None for a leaf `where` selects")
+      )
+
+
+def _final_update(m: jax.Array | None, u: jax.Array, w: jax.Array) -> jax.Array:
+  """`where(m, u, -w)` in a dtype holding both exactly (bf16 updates of f32 weights
+  would round `-w` and leave pruned weights slightly off zero)."""
+  if m is None:
+    return u
+  dtype = jnp.promote_types(u.dtype, w.dtype)
+  return jnp.where(m, u.astype(dtype), -w.astype(dtype))
 
 
 def pruned(
@@ -124,6 +146,8 @@ def pruned(
   def init_fn(params: PyTree) -> PrunedState:
     if masks is not None:
       start = check_masks(_as_bool_arrays(masks), params)
+      if gradual:
+        _check_selection(start, resolve_where(where, params), params)
     else:
       start = _all_kept(params, resolve_where(where, params))
     return PrunedState(inner.init(params), start, jnp.zeros((), jnp.int32))
@@ -136,7 +160,11 @@ def pruned(
       )
     current = state.masks
     if gradual:
-      chosen = resolve_where(where, params)
+      # The selection is the one the masks were built with in `init`. `where` is not
+      # re-resolved: an `nnx.Optimizer` calls `init` with `Param`-wrapped params but
+      # `update` with pure arrays, so a bool `where` from `select(nnx.state(...))` no
+      # longer has the structure of `params` here.
+      chosen = map_masked(lambda m, _: m is not None, current, params)
       current = lax.cond(
           state.count % update_every == 0,
           lambda: magnitude_masks(params, schedule(state.count), chosen,
@@ -146,10 +174,7 @@ def pruned(
     inner_updates, inner_state = inner.update(
         _zero_pruned(current, updates), state.inner_state, params, **extra_args
     )
-    out = map_masked(
-        lambda m, u, w: u if m is None else jnp.where(m, u, -w.astype(u.dtype)),
-        current, inner_updates, params,
-    )
+    out = map_masked(_final_update, current, inner_updates, params)
     return out, PrunedState(inner_state, current, optax.safe_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
