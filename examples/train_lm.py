@@ -63,6 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--out", default="runs/demo", help="checkpoints, plots, results.json")
   p.add_argument("--resume", action="store_true", help="continue the run in --out")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--mesh", default=None,
+                 help="device mesh such as 'data=8' (data parallel, params replicated) or "
+                      "'data=2,fsdp=4' (params, optimizer state and masks FSDP-sharded). "
+                      "On CPU, XLA_FLAGS=--xla_force_host_platform_device_count=8 gives 8 "
+                      "host devices.")
   p.add_argument("--no-plots", action="store_true")
   p.add_argument("--sample-bytes", type=int, default=240)
   return p.parse_args(argv)
@@ -166,6 +171,14 @@ def main(argv: list[str] | None = None) -> dict:
 
   batch_at = jax.jit(lm_data.make_train_batches(train_tokens, args.batch_size, args.context,
                                                 args.seed))
+  mesh, layout = None, "replicated"
+  if args.mesh:
+    mesh = jaxprune.make_mesh(args.mesh)
+    layout = "fsdp" if "fsdp" in mesh.shape else "replicated"
+    params = jax.device_put(params, jaxprune.param_shardings(params, mesh, layout))
+    local_batch_at = batch_at
+    batch_at = lambda step: jaxprune.place_batch(local_batch_at(step), mesh)
+    print(f"mesh {dict(mesh.shape)}: params {layout}, batches split over all axes")
   eval_batches = lm_data.make_eval_batches(val_tokens, args.batch_size, args.context,
                                            args.eval_batches)
   params, pretrain_seconds = dense_params(args, params, loss_fn, batch_at)
@@ -188,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
       optimizer=optax.adamw(warmup_cosine(args.retrain_lr, per_iteration), weight_decay=0.01),
       schedule=schedule, where=where, retrain_steps=budgets, scope=args.scope,
       checkpoint_dir=os.path.join(args.out, "prune"), checkpoint_every=50,
-      resume=args.resume, seed=args.seed,
+      resume=args.resume, seed=args.seed, mesh=mesh, param_layout=layout,
   )
   prune_seconds = time.perf_counter() - start
 

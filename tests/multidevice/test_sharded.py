@@ -133,3 +133,13 @@ def test_checkpoint_restores_onto_smaller_meshes(tmp_path):
       np.testing.assert_array_equal(a, np.asarray(b))
     for x in jax.tree.leaves(restored.params):
       assert set(x.sharding.device_set) == set(devices)
+
+
+def test_training_script_runs_on_an_fsdp_mesh(tmp_path):
+  import train_lm
+
+  results = train_lm.main(["--d-model", "32", "--layers", "1", "--context", "32",
+                           "--batch-size", "8", "--max-bytes", "100000", "--eval-batches", "2",
+                           "--steps", "6", "--retrain-steps", "2", "--iterations", "2",
+                           "--no-plots", "--mesh", "data=2,fsdp=4", "--out", str(tmp_path)])
+  assert results["achieved_sparsity"] == pytest.approx(0.8, abs=1e-3)
