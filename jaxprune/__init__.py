@@ -6,6 +6,7 @@ wrapper that holds pruned weights at zero (`pruned`), and a jitted prune-retrain
 loop (`prune_retrain`).
 """
 
+from jaxprune.distillation import distillation_loss, kl_to_teacher
 from jaxprune.leaf_selection import leaf_paths, path_string, select
 from jaxprune.loop import (
     PruneRetrainResult,
@@ -45,9 +46,11 @@ __all__ = [
     "check_masks",
     "constant_schedule",
     "cubic_schedule",
+    "distillation_loss",
     "exponential_schedule",
     "geometric_keep_schedule",
     "get_masks",
+    "kl_to_teacher",
     "leaf_paths",
     "magnitude_masks",
     "make_eval_step",

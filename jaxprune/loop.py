@@ -30,6 +30,7 @@ import optax
 from jax.sharding import Mesh
 
 from jaxprune import checkpointing
+from jaxprune.distillation import distillation_loss
 from jaxprune.leaf_selection import Where, leaf_paths, resolve_where
 from jaxprune.masks import Scope, apply_masks, magnitude_masks
 from jaxprune.optax_wrapper import pruned, replace_masks
@@ -321,6 +322,9 @@ def prune_retrain(
     log_every: int = 50,
     mesh: Mesh | None = None,
     param_layout: ParamLayout = "replicated",
+    teacher: tuple[Callable[[PyTree, Any], jax.Array], PyTree] | None = None,
+    distill_weight: float = 0.5,
+    temperature: float = 2.0,
 ) -> PruneRetrainResult:
   """Runs a whole prune-retrain schedule and returns the pruned model with its figures.
 
@@ -356,6 +360,13 @@ def prune_retrain(
       their params. With several processes, `train_batches` and `eval_batches` give
       each process its own slice of the global batch.
     param_layout: `"replicated"` or `"fsdp"` (see `jaxprune.param_shardings`).
+    teacher: `(apply_fn, teacher_params)` to distill from while retraining, with
+      `apply_fn(params, batch) -> logits` aligned with `loss_fn`'s targets (usually
+      the dense model: `(apply_fn, params)`). The retraining loss becomes
+      `(1 - distill_weight) * loss_fn + distill_weight * T^2 KL(teacher || student)`
+      at temperature `T`; evaluation still reports `loss_fn` alone.
+    distill_weight: weight of the distillation term, in [0, 1].
+    temperature: softmax temperature of the distillation term.
 
   Returns:
     A `PruneRetrainResult`.
@@ -396,7 +407,17 @@ def prune_retrain(
   if mesh is not None:
     all_kept = place_masks(all_kept, params)
   tx = pruned(optimizer, all_kept)
-  train_step = make_train_step(loss_fn, tx)
+  train_loss = loss_fn
+  if teacher is not None:
+    apply_fn, teacher_params = teacher
+    train_loss = distillation_loss(loss_fn, apply_fn, weight=distill_weight,
+                                   temperature=temperature)
+    if mesh is not None:
+      teacher_params = jax.device_put(teacher_params,
+                                      param_shardings(teacher_params, mesh, param_layout))
+    student_batch_at = batch_at
+    batch_at = lambda step: {"batch": student_batch_at(step), "teacher": teacher_params}
+  train_step = make_train_step(train_loss, tx)
   eval_step = make_eval_step(loss_fn)
   prune = jax.jit(functools.partial(prune_step, where=where, scope=scope))
   evaluate = functools.partial(_evaluate, eval_step, source=eval_source)
@@ -408,6 +429,7 @@ def prune_retrain(
   config = checkpointing.fingerprint(
       params, schedule=targets, retrain_steps=budgets, scope=scope, selected=selected,
       restart_optimizer=restart_optimizer, seed=seed,
+      distillation=None if teacher is None else [distill_weight, temperature],
   )
   # Where the run stands; what a checkpoint's `meta` records.
   meta: dict[str, Any] = {

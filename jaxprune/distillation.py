@@ -1,0 +1,73 @@
+"""Knowledge distillation from the dense model while the pruned one retrains."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+ApplyFn = Callable[[PyTree, Any], jax.Array]
+
+
+def kl_to_teacher(
+    student_logits: jax.Array, teacher_logits: jax.Array, temperature: float = 2.0
+) -> jax.Array:
+  """Mean over positions of `T^2 * KL(softmax(t/T) || softmax(s/T))`.
+
+  The `T^2` factor (Hinton et al., 2015) keeps the gradient scale of the soft term
+  comparable to the hard loss as `T` changes.
+
+  Args:
+    student_logits: `[..., vocab]`.
+    teacher_logits: same shape; no gradient flows into it.
+    temperature: `T > 0`.
+
+  Returns:
+    A scalar, in nats.
+
+  Example::
+
+    >>> kl_to_teacher(jnp.zeros((2, 5)), jnp.zeros((2, 5)))   # same outputs -> 0
+    Array(0., dtype=float32)
+  """
+  t = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature
+  s = student_logits.astype(jnp.float32) / temperature
+  log_p_t = jax.nn.log_softmax(t, axis=-1)
+  log_p_s = jax.nn.log_softmax(s, axis=-1)
+  kl = jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
+  return temperature**2 * jnp.mean(kl)
+
+
+def distillation_loss(
+    loss_fn: Callable[..., Any], apply_fn: ApplyFn, *, weight: float, temperature: float
+) -> Callable[[PyTree, dict], tuple[jax.Array, dict]]:
+  """`(1 - weight) * loss_fn + weight * kl_to_teacher`, over `{"batch", "teacher"}` inputs.
+
+  The returned loss takes `(params, {"batch": batch, "teacher": teacher_params})` so
+  the teacher's params enter the jitted step as an argument (not as constants baked
+  into the compiled program). Student logits come from `loss_fn`'s aux
+  (`(loss, {"logits": ...})`) when it returns them, else from `apply_fn(params, batch)`;
+  teacher logits are `apply_fn(teacher_params, batch)`.
+
+  Raises:
+    ValueError: `weight` outside [0, 1] or `temperature <= 0`.
+  """
+  if not 0.0 <= weight <= 1.0:
+    raise ValueError(f"distill_weight must be in [0, 1], got {weight!r}")
+  if temperature <= 0:
+    raise ValueError(f"temperature must be > 0, got {temperature!r}")
+
+  def loss(params: PyTree, inputs: dict) -> tuple[jax.Array, dict]:
+    batch = inputs["batch"]
+    out = loss_fn(params, batch)
+    hard, aux = out if isinstance(out, tuple) else (out, None)
+    student = aux.get("logits") if isinstance(aux, dict) else None
+    if student is None:
+      student = apply_fn(params, batch)
+    soft = kl_to_teacher(student, apply_fn(inputs["teacher"], batch), temperature)
+    return (1.0 - weight) * hard + weight * soft, {"hard_loss": hard, "distill_loss": soft}
+
+  return loss
