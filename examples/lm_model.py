@@ -164,6 +164,15 @@ def make_apply_fn(graphdef: nnx.GraphDef, rest: PyTree) -> ApplyFn:
   return apply
 
 
+def make_batch_apply_fn(graphdef: nnx.GraphDef, rest: PyTree) -> ApplyFn:
+  """`apply(params, batch [B, T+1]) -> logits [B, T, vocab]` for `batch[:, :-1]`.
+
+  Aligned with `make_loss_fn`'s targets, as distillation needs.
+  """
+  apply = make_apply_fn(graphdef, rest)
+  return lambda params, batch: apply(params, batch[:, :-1])
+
+
 def make_loss_fn(graphdef: nnx.GraphDef, rest: PyTree) -> Callable[[PyTree, jax.Array], jax.Array]:
   """`loss(params, batch [B, T+1]) -> scalar`: mean next-token cross-entropy, nats/token.
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -63,6 +64,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--out", default="runs/demo", help="checkpoints, plots, results.json")
   p.add_argument("--resume", action="store_true", help="continue the run in --out")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--distill", type=float, default=0.0, metavar="WEIGHT",
+                 help="distill from the dense model while retraining, with this weight of "
+                      "the KL term (0: off)")
+  p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature")
+  p.add_argument("--export", action="store_true",
+                 help="write the dense and pruned models as compressed files (bitmask + "
+                      "kept values) and print sizes and perplexities")
+  p.add_argument("--quantize", choices=("none", "bfloat16", "int8"), default="none",
+                 help="also export the pruned model with kept values in this format "
+                      "(implies --export)")
   p.add_argument("--mesh", default=None,
                  help="device mesh such as 'data=8' (data parallel, params replicated) or "
                       "'data=2,fsdp=4' (params, optimizer state and masks FSDP-sharded). "
@@ -150,6 +161,29 @@ def leaf_at(params, path: str):
   return dict(zip(jaxprune.leaf_paths(params), jax.tree.leaves(params)))[path]
 
 
+def export_table(args, dense, result, loss_fn, eval_batches) -> list[dict]:
+  """Exports dense / pruned / pruned+quantized files, reloads each, and evaluates it."""
+  eval_step = jaxprune.make_eval_step(loss_fn)
+  variants = [("dense", dense, None, "float32"), ("pruned", result.params, result.masks, "float32")]
+  if args.quantize != "none":
+    variants.append((f"pruned + {args.quantize}", result.params, result.masks, args.quantize))
+  rows = []
+  for name, tree, masks, values in variants:
+    path = os.path.join(args.out, name.replace(" + ", "_") + ".jxp")
+    info = jaxprune.export_compressed(path, tree, masks, values)
+    loaded = jaxprune.load_compressed(path)
+    loss = sum(float(eval_step(loaded, b)) for b in eval_batches) / len(eval_batches)
+    rows.append({"model": name, "path": path, "file_bytes": info.file_bytes,
+                 "compression": info.compression, "perplexity": math.exp(loss)})
+  dense_ppl = rows[0]["perplexity"]
+  print("\nend to end: export -> load -> evaluate")
+  print(f"{'model':<18} {'file size':>12} {'vs dense':>9} {'perplexity':>11} {'change':>8}")
+  for r in rows:
+    print(f"{r['model']:<18} {r['file_bytes'] / 1e6:>9.3f} MB {r['compression']:>8.2f}x "
+          f"{r['perplexity']:>11.3f} {r['perplexity'] / dense_ppl - 1:>+8.2%}")
+  return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -202,6 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
       schedule=schedule, where=where, retrain_steps=budgets, scope=args.scope,
       checkpoint_dir=os.path.join(args.out, "prune"), checkpoint_every=50,
       resume=args.resume, seed=args.seed, mesh=mesh, param_layout=layout,
+      teacher=(lm_model.make_batch_apply_fn(graphdef, rest), params) if args.distill else None,
+      distill_weight=args.distill, temperature=args.temperature,
   )
   prune_seconds = time.perf_counter() - start
 
@@ -219,6 +255,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"({result.overall_sparsity:.1%} of the whole model)")
 
   os.makedirs(args.out, exist_ok=True)
+  exported = []
+  if args.export or args.quantize != "none":
+    exported = export_table(args, params, result, loss_fn, eval_batches)
   plots = []
   if not args.no_plots:
     import lm_plots
@@ -245,6 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
       "prune_retrain_seconds": prune_seconds,
       "sample": sample.decode("utf-8", errors="replace"),
       "plots": plots,
+      "exported": exported,
   }
   with open(os.path.join(args.out, "results.json"), "w") as f:
     json.dump(results, f, indent=2)

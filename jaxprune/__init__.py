@@ -7,6 +7,13 @@ loop (`prune_retrain`).
 """
 
 from jaxprune.distillation import distillation_loss, kl_to_teacher
+from jaxprune.export import (
+    CompressedFormatError,
+    ExportInfo,
+    export_compressed,
+    export_info,
+    load_compressed,
+)
 from jaxprune.leaf_selection import leaf_paths, path_string, select
 from jaxprune.loop import (
     PruneRetrainResult,
@@ -33,10 +40,13 @@ from jaxprune.sharding import (
     place_batch,
     place_masks,
 )
+from jaxprune.structured import is_nm_sparse, nm_masks, nm_violations
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompressedFormatError",
+    "ExportInfo",
     "LeafSparsity",
     "PruneRetrainResult",
     "PrunedState",
@@ -48,15 +58,21 @@ __all__ = [
     "cubic_schedule",
     "distillation_loss",
     "exponential_schedule",
+    "export_compressed",
+    "export_info",
     "geometric_keep_schedule",
     "get_masks",
+    "is_nm_sparse",
     "kl_to_teacher",
     "leaf_paths",
+    "load_compressed",
     "magnitude_masks",
     "make_eval_step",
     "make_mesh",
     "make_train_step",
     "mask_shardings",
+    "nm_masks",
+    "nm_violations",
     "param_shardings",
     "path_string",
     "place_batch",

@@ -36,6 +36,7 @@ from jaxprune.masks import Scope, apply_masks, magnitude_masks
 from jaxprune.optax_wrapper import pruned, replace_masks
 from jaxprune.reporting import SparsityReport, sparsity_report
 from jaxprune.sharding import ParamLayout, param_shardings, place_batch, place_masks
+from jaxprune.structured import nm_masks
 
 PyTree = Any
 LossFn = Callable[..., Any]
@@ -126,17 +127,40 @@ def prune_step(
 # ----------------------------------------------------------------------------- inputs
 
 
-def _check_schedule(schedule: Sequence[float]) -> list[float]:
+def _parse_target(entry: Any, i: int) -> tuple[float, tuple[int, int] | None]:
+  """A schedule entry: a sparsity in [0, 1), or an N:M pattern written `"n:m"`."""
+  if isinstance(entry, str) and ":" in entry:
+    try:
+      n, m = (int(v) for v in entry.split(":"))
+    except ValueError:
+      raise ValueError(f"schedule[{i}] = {entry!r}: an N:M pattern looks like '2:4'") from None
+    if not 0 < n < m:
+      raise ValueError(f"schedule[{i}] = {entry!r}: need 0 < n < m")
+    return 1.0 - n / m, (n, m)
   try:
-    targets = [float(s) for s in schedule]
-  except TypeError as e:
-    raise TypeError(f"schedule must be a finite sequence of sparsities, got {schedule!r}") from e
+    s = float(entry)
+  except (TypeError, ValueError):
+    raise ValueError(f"schedule[{i}] = {entry!r} is neither a sparsity nor 'n:m'") from None
+  if not 0.0 <= s < 1.0:
+    raise ValueError(f"schedule[{i}] = {s!r} is outside [0, 1)")
+  return s, None
+
+
+def _check_schedule(schedule: Sequence[Any]) -> list[tuple[float, tuple[int, int] | None]]:
+  if isinstance(schedule, (str, bytes)) or not hasattr(schedule, "__iter__"):
+    raise TypeError(f"schedule must be a finite sequence of sparsities, got {schedule!r}")
+  targets = [_parse_target(entry, i) for i, entry in enumerate(schedule)]
   if not targets:
     raise ValueError("schedule is empty: give at least one target sparsity")
-  for i, s in enumerate(targets):
-    if not 0.0 <= s < 1.0:
-      raise ValueError(f"schedule[{i}] = {s!r} is outside [0, 1)")
   return targets
+
+
+def nm_prune_step(
+    params: PyTree, masks: PyTree, opt_state: PyTree, n: int, m: int, where: Where
+) -> tuple[PyTree, PyTree, PyTree]:
+  """`prune_step` to an N:M pattern (`nm_masks` along the input axis, previous respected)."""
+  masks = nm_masks(params, n, m, where, previous=masks)
+  return apply_masks(params, masks), masks, replace_masks(opt_state, masks)
 
 
 def _check_budgets(retrain_steps: int | Sequence[int], n: int) -> list[int]:
@@ -230,7 +254,8 @@ class PruneRetrainResult:
     lines = [head, "-" * len(head)]
     for r in self.history:
       lines.append(
-          f"{r['iteration']:>4}  {r['target_sparsity']:>7.2%}  {r['achieved_sparsity']:>8.2%}  "
+          f"{r['iteration']:>4}  {r.get('pattern') or format(r['target_sparsity'], '.2%'):>7}  "
+          f"{r['achieved_sparsity']:>8.2%}  "
           f"{r['perplexity_before_prune']:>10.3f}  {r['perplexity_after_prune']:>11.3f}  "
           f"{r['perplexity_after_retrain']:>13.3f}  {r['retrain_steps']:>6}  "
           f"{r['wall_seconds']:>8.1f}"
@@ -339,7 +364,8 @@ def prune_retrain(
     eval_batches: a finite re-iterable of batches, or a callable returning one.
     optimizer: the optax optimizer to retrain with; it is wrapped in `pruned`.
     schedule: target sparsities, one per iteration (`exponential_schedule(...)`,
-      a list, ...), each in [0, 1).
+      a list, ...), each in [0, 1), or an N:M pattern `"2:4"` (`nm_masks` along the
+      input axis, previous masks respected): `[0.25, "2:4"]` ends in 2:4 sparsity.
     where: the targeted leaves (bool pytree from `select`, or a callable).
     retrain_steps: steps per iteration: an int, or one budget per iteration.
     scope: `"layer"` or `"global"` magnitude ranking.
@@ -385,7 +411,9 @@ def prune_retrain(
     ...     where=jaxprune.select(params), retrain_steps=200, checkpoint_dir="ckpt")
     >>> print(result.summary())
   """
-  targets = _check_schedule(schedule)
+  parsed = _check_schedule(schedule)
+  targets = [t for t, _ in parsed]
+  patterns = [p for _, p in parsed]
   budgets = _check_budgets(retrain_steps, len(targets))
   if checkpoint_every is not None and (int(checkpoint_every) != checkpoint_every
                                        or checkpoint_every < 1):
@@ -420,6 +448,10 @@ def prune_retrain(
   train_step = make_train_step(train_loss, tx)
   eval_step = make_eval_step(loss_fn)
   prune = jax.jit(functools.partial(prune_step, where=where, scope=scope))
+
+  @functools.cache
+  def nm_prune(n: int, m: int):
+    return jax.jit(functools.partial(nm_prune_step, n=n, m=m, where=where))
   evaluate = functools.partial(_evaluate, eval_step, source=eval_source)
 
   state = checkpointing.LoopState(
@@ -427,7 +459,8 @@ def prune_retrain(
   )
   selected = [p for p, s in zip(leaf_paths(params), jax.tree.leaves(where)) if s]
   config = checkpointing.fingerprint(
-      params, schedule=targets, retrain_steps=budgets, scope=scope, selected=selected,
+      params, schedule=[t if p is None else "{}:{}".format(*p) for t, p in parsed],
+      retrain_steps=budgets, scope=scope, selected=selected,
       restart_optimizer=restart_optimizer, seed=seed,
       distillation=None if teacher is None else [distill_weight, temperature],
   )
@@ -470,7 +503,10 @@ def prune_retrain(
     params, opt_state, masks, rng = state
     if not resuming:
       before = history[-1]["loss_after_retrain"] if history else evaluate(params)
-      params, masks, opt_state = prune(params, masks, opt_state, jnp.float32(targets[i]))
+      if patterns[i] is None:
+        params, masks, opt_state = prune(params, masks, opt_state, jnp.float32(targets[i]))
+      else:
+        params, masks, opt_state = nm_prune(*patterns[i])(params, masks, opt_state)
       if mesh is not None:  # Keep masks exactly on their params' shardings.
         masks = place_masks(masks, params)
         opt_state = replace_masks(opt_state, masks)
@@ -480,6 +516,7 @@ def prune_retrain(
       row = {
           "iteration": i,
           "target_sparsity": targets[i],
+          "pattern": None if patterns[i] is None else "{}:{}".format(*patterns[i]),
           "achieved_sparsity": float(_pruned_fraction(masks)),
           "loss_before_prune": before,
           "perplexity_before_prune": _perplexity(before),

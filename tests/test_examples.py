@@ -101,3 +101,18 @@ def test_colab_notebook_runs_end_to_end_on_cpu(tmp_path):
   assert len(images) == 3
   assert sorted(os.listdir(tmp_path)) == ["layer_sparsity.png", "perplexity.png",
                                           "weights_histogram.png"]
+
+
+def test_train_lm_exports_quantizes_and_distills(tmp_path, capsys):
+  results = train_lm.main(TINY + ["--steps", "10", "--retrain-steps", "3", "--iterations", "1",
+                                  "--final-sparsity", "0.75", "--no-plots", "--distill", "0.5",
+                                  "--export", "--quantize", "int8", "--out", str(tmp_path)])
+  rows = {r["model"]: r for r in results["exported"]}
+  assert set(rows) == {"dense", "pruned", "pruned + int8"}
+  assert rows["pruned + int8"]["file_bytes"] < rows["pruned"]["file_bytes"]
+  assert rows["pruned"]["file_bytes"] < rows["dense"]["file_bytes"]
+  for r in rows.values():
+    assert os.path.getsize(r["path"]) == r["file_bytes"]
+  # The reloaded pruned file evaluates exactly like the in-memory pruned model.
+  assert rows["pruned"]["perplexity"] == pytest.approx(results["final_perplexity"], rel=1e-5)
+  assert "end to end: export -> load -> evaluate" in capsys.readouterr().out

@@ -1,0 +1,459 @@
+"""Export a pruned model as one compressed, self-describing file, and load it back.
+
+Each targeted leaf (mask not None) is stored as a bitmask (1 bit per weight,
+`np.packbits` of the row-major flattened mask, big-endian bits, as in
+`checkpointing.pack_masks`) plus its kept values only, in mask order, as float32,
+bfloat16, or int8 with one float32 scale per output channel (the last axis).
+Every other leaf is stored dense at its own dtype.
+
+File layout (all integers little-endian)::
+
+  offset  size  field
+  0       8     magic b"JXPRUNE1"
+  8       4     format version, uint32 (currently 1)
+  12      8     header length H in bytes, uint64
+  20      8     payload length P in bytes, uint64
+  28      H     header: UTF-8 JSON (tree skeleton, per-leaf dtype/shape/encoding/sections)
+  28+H    P     payload: the raw byte sections, offsets relative to its start
+  28+H+P  32    SHA-256 of bytes [0, 28+H+P)
+
+Writes go to a temporary file renamed into place, so a crash never leaves a
+partial file under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune.leaf_selection import path_string
+from jaxprune.masks import check_masks
+
+PyTree = Any
+Values = Literal["float32", "bfloat16", "int8"]
+
+MAGIC = b"JXPRUNE1"
+FORMAT_VERSION = 1
+_PRELUDE = struct.Struct("<8sIQQ")  # magic, version, header length, payload length
+_DIGEST_BYTES = 32
+_VALUE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16)}
+_INT8_MAX = 127
+
+
+class CompressedFormatError(ValueError):
+  """A file that is not a readable jaxprune export: wrong magic, version, size, checksum."""
+
+
+class ExportInfo(NamedTuple):
+  """Real sizes of an export file next to the analytic ones of `sparsity_report`.
+
+  `targeted_bytes` are the payload bytes of the targeted leaves (bitmasks, values,
+  int8 scales); `analytic_targeted_bytes` is what `SparsityReport` counts for them:
+  `ceil(size / 8)` bitmask bytes plus kept weights at the leaf's own dtype (equal
+  to the report's figure when no kept weight is exactly zero).
+  """
+
+  path: str
+  values: str
+  file_bytes: int  # the whole file on disk
+  header_bytes: int  # prelude + JSON header + checksum: file_bytes - payload
+  targeted_bytes: int
+  untargeted_bytes: int  # dense leaves, at their own dtypes
+  dense_bytes: int  # every leaf dense at its own dtype
+  targeted_dense_bytes: int
+  analytic_targeted_bytes: int
+  kept: int  # kept weights over all targeted leaves
+  targeted_params: int
+
+  @property
+  def compression(self) -> float:
+    """Whole model: dense bytes / file bytes (header and checksum included)."""
+    return _ratio(self.dense_bytes, self.file_bytes)
+
+  @property
+  def targeted_compression(self) -> float:
+    """Targeted leaves: dense bytes / their payload bytes in the file."""
+    return _ratio(self.targeted_dense_bytes, self.targeted_bytes)
+
+  @property
+  def analytic_targeted_compression(self) -> float:
+    """`SparsityReport.targeted_compression` for the same masks (bitmask + values)."""
+    return _ratio(self.targeted_dense_bytes, self.analytic_targeted_bytes)
+
+
+def _ratio(a: float, b: float) -> float:
+  return a / b if b else float("inf")
+
+
+def _is_none(x: Any) -> bool:
+  return x is None
+
+
+# ----------------------------------------------------------------------------- tree skeleton
+
+
+def _json_key(key: Any, where: str) -> str | int:
+  if isinstance(key, (str, int)) and not isinstance(key, bool):
+    return key
+  raise TypeError(f"cannot export dict key {key!r} at {where or '(root)'}: only str and int keys")
+
+
+def _skeleton(node: Any, path: tuple, index_of: dict[str, int]) -> Any:
+  """JSON description of the containers of `node`; leaves become their leaf index.
+
+  dict/list/tuple/None are recorded as such (so plain trees round-trip to the
+  same structure, empty containers included); any other pytree node (FrozenDict,
+  NamedTuple, `nnx.State`, ...) becomes a dict keyed by its children's path
+  components, or a list if they are all sequence indices.
+  """
+  ks = jax.tree_util
+  if node is None:
+    return {"t": "none"}
+  if type(node) is dict:
+    keys = [_json_key(k, path_string(path)) for k in node]
+    children = [_skeleton(v, (*path, ks.DictKey(k)), index_of) for k, v in node.items()]
+    return {"t": "dict", "k": keys, "v": children}
+  if type(node) in (list, tuple):
+    children = [_skeleton(v, (*path, ks.SequenceKey(i)), index_of) for i, v in enumerate(node)]
+    return {"t": type(node).__name__, "v": children}
+  if ks.treedef_is_leaf(jax.tree.structure(node)):
+    return {"t": "leaf", "i": index_of[ks.keystr(path)]}
+  # One level of a custom node: everything below the root counts as a leaf here.
+  level = ks.tree_flatten_with_path(node, is_leaf=lambda y: y is not node)[0]
+  keys = [k for (k,), _ in level]
+  children = [_skeleton(v, (*path, k), index_of) for (k,), v in level]
+  if all(isinstance(k, ks.SequenceKey) for k in keys):
+    return {"t": "list", "v": children}
+  names = [_json_key(k.key, path_string(path)) if isinstance(k, ks.DictKey)
+           else path_string((k,)) for k in keys]
+  return {"t": "dict", "k": names, "v": children}
+
+
+def _rebuild(skeleton: Any, leaves: list[Any]) -> Any:
+  kind = skeleton["t"]
+  if kind == "leaf":
+    return leaves[skeleton["i"]]
+  if kind == "none":
+    return None
+  children = [_rebuild(c, leaves) for c in skeleton["v"]]
+  if kind == "dict":
+    return dict(zip(skeleton["k"], children))
+  if kind == "list":
+    return children
+  if kind == "tuple":
+    return tuple(children)
+  raise CompressedFormatError(f"unknown container kind {kind!r} in the header")
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def _host_array(x: Any, where: str) -> np.ndarray:
+  a = np.asarray(jax.device_get(x))
+  if not (a.dtype == np.bool_ or jnp.issubdtype(a.dtype, jnp.number)):
+    raise TypeError(f"cannot export leaf {where} of dtype {a.dtype}: numeric arrays only")
+  if a.dtype.byteorder == ">":  # The file is little-endian throughout.
+    a = a.astype(a.dtype.newbyteorder("<"))
+  return a  # `tobytes` and `reshape(-1)` read row-major whatever the memory layout.
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+  return jnp.dtype(dtype).name
+
+
+def _int8_encode(x: np.ndarray, flat_mask: np.ndarray, where: str):
+  """Symmetric per-channel int8 of the kept weights of `x`: (q in mask order, scales).
+
+  `scale_c = max |w| / 127` over the kept weights of output channel `c` (the last
+  axis), `q = clip(round(w / scale_c), -127, 127)`. A channel with no kept weight,
+  or only zeros, gets scale 0 and decodes to zeros.
+  """
+  channels = x.shape[-1] if x.ndim else 1
+  dense = np.where(flat_mask, x.reshape(-1).astype(np.float32), np.float32(0))
+  if not np.isfinite(dense).all():
+    raise ValueError(f"leaf {where} has NaN or inf among its kept weights; cannot quantize to int8")
+  # Row-major: the last axis varies fastest, so rows of this view are channel vectors.
+  if channels:
+    amax = np.abs(dense.reshape(-1, channels)).max(axis=0, initial=np.float32(0))
+  else:  # A 0-length last axis: no weights, no scales.
+    amax = np.zeros(0, np.float32)
+  scale = (amax / np.float32(_INT8_MAX)).astype(np.float32)
+  safe = np.where(scale > 0, scale, 1).astype(np.float64)
+  channel = np.flatnonzero(flat_mask) % max(channels, 1)
+  # float64 division so the rounding is that of w / scale itself, not of a float32 quotient.
+  q = np.rint(dense[flat_mask].astype(np.float64) / safe[channel])
+  return np.clip(q, -_INT8_MAX, _INT8_MAX).astype(np.int8), scale
+
+
+def _encode_leaf(x: np.ndarray, mask: np.ndarray | None, values: str, where: str):
+  """(header entry without offsets, {section name: bytes})."""
+  entry = {"path": where, "shape": list(x.shape), "dtype": _dtype_name(x.dtype)}
+  if mask is None:
+    return {**entry, "encoding": "dense"}, {"data": x.tobytes()}
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"leaf {where} has a mask but dtype {x.dtype}; only float leaves are masked")
+  flat_mask = np.asarray(jax.device_get(mask)).reshape(-1)
+  sections = {"mask": np.packbits(flat_mask).tobytes()}
+  entry = {**entry, "encoding": "bitmask", "values": values, "kept": int(flat_mask.sum())}
+  if values == "int8":
+    q, scale = _int8_encode(x, flat_mask, where)
+    sections["values"] = q.tobytes()
+    sections["scales"] = scale.tobytes()
+  else:
+    kept = x.reshape(-1)[flat_mask].astype(np.float32)  # Exact for bf16/f16/f32 leaves.
+    sections["values"] = kept.astype(_VALUE_DTYPES[values]).tobytes()
+  return entry, sections
+
+
+def _decode_leaf(entry: dict, payload: memoryview) -> tuple[np.ndarray, np.ndarray | None]:
+  where = entry["path"]
+  shape = tuple(entry["shape"])
+  dtype = np.dtype(jnp.dtype(entry["dtype"]))
+  size = int(np.prod(shape, dtype=np.int64))
+
+  def section(name: str, dt: np.dtype, count: int) -> np.ndarray:
+    offset, length = entry["sections"][name]
+    if length != count * dt.itemsize or offset + length > len(payload):
+      raise CompressedFormatError(
+          f"leaf {where}: section {name!r} holds {length} bytes at offset {offset}, "
+          f"expected {count} x {dt.itemsize} within a {len(payload)}-byte payload"
+      )
+    return np.frombuffer(payload, dt, count, offset)
+
+  if entry["encoding"] == "dense":
+    return section("data", dtype, size).reshape(shape).copy(), None
+  if entry["encoding"] != "bitmask":
+    raise CompressedFormatError(f"leaf {where}: unknown encoding {entry['encoding']!r}")
+  bits = section("mask", np.dtype(np.uint8), -(-size // 8))
+  flat_mask = np.unpackbits(bits, count=size).astype(bool)
+  kept = int(entry["kept"])
+  if int(flat_mask.sum()) != kept:
+    raise CompressedFormatError(f"leaf {where}: bitmask keeps {flat_mask.sum()}, header {kept}")
+  if entry["values"] == "int8":
+    channels = shape[-1] if shape else 1
+    q = section("values", np.dtype(np.int8), kept)
+    scale = section("scales", np.dtype(np.float32), channels)
+    channel = np.flatnonzero(flat_mask) % max(channels, 1)  # A 0-length last axis keeps none.
+    kept_values = q.astype(np.float32) * scale[channel]
+  elif entry["values"] in _VALUE_DTYPES:
+    kept_values = section("values", _VALUE_DTYPES[entry["values"]], kept)
+  else:
+    raise CompressedFormatError(f"leaf {where}: unknown value encoding {entry['values']!r}")
+  flat = np.zeros(size, dtype)
+  flat[flat_mask] = kept_values.astype(dtype)
+  return flat.reshape(shape), flat_mask.reshape(shape)
+
+
+# ----------------------------------------------------------------------------- file
+
+
+def _write_atomic(path: str, chunks: list[bytes]) -> None:
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix=".jxprune-", dir=directory)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      for chunk in chunks:
+        f.write(chunk)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def export_compressed(
+    path: str | os.PathLike,
+    params: PyTree,
+    masks: PyTree | None = None,
+    values: Values = "float32",
+) -> ExportInfo:
+  """Writes `apply_masks(params, masks)` to one compressed file at `path`.
+
+  Targeted leaves (mask not None) cost `ceil(size / 8)` bitmask bytes plus `kept`
+  values of 4 (float32), 2 (bfloat16) or 1 (int8) bytes, int8 adding one float32
+  scale per output channel (`shape[-1]` of them). Untargeted leaves are stored
+  dense at their own dtype. Pruned weights are not stored: they load as 0.
+
+  int8 is symmetric per output channel `c` (the last axis):
+  `scale_c = max |w|` over the kept weights of channel `c`, divided by 127;
+  `q = clip(round(w / scale_c), -127, 127)`; decoded as `q * scale_c`, so
+  `|w - q * scale_c| <= scale_c / 2` (up to float32 rounding of the product).
+
+  float32 values of float32 leaves round-trip bitwise; values are cast back to the
+  leaf's dtype on load.
+
+  Args:
+    path: the file to write (replaced atomically if it exists).
+    params: the parameter pytree (dict/list/tuple containers and any JAX pytree
+      node; numeric array or scalar leaves).
+    masks: a mask tree of `params` (from `magnitude_masks`, `nm_masks`, ...), or
+      None to store every leaf dense.
+    values: `"float32"`, `"bfloat16"` or `"int8"`: how kept values are stored.
+
+  Returns:
+    An `ExportInfo` of the written file (see `export_info`).
+
+  Raises:
+    ValueError: unknown `values`; `masks` not matching params (see `check_masks`);
+      a mask on a non-float leaf; NaN/inf kept weights with `values="int8"`.
+    TypeError: a non-numeric leaf, or a dict key that is neither str nor int.
+
+  Example::
+
+    >>> masks = jaxprune.nm_masks(params, 2, 4)
+    >>> info = jaxprune.export_compressed("model.jxp", params, masks, values="int8")
+    >>> info.file_bytes, info.targeted_compression
+    >>> params2 = jaxprune.load_compressed("model.jxp")
+  """
+  if values not in ("float32", "bfloat16", "int8"):
+    raise ValueError(f"values must be 'float32', 'bfloat16' or 'int8', got {values!r}")
+  path = os.fspath(path)
+  # None counts as a leaf here, as in mask trees, so that params and masks line up.
+  with_path = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_none)[0]
+  if masks is None:
+    mask_leaves = [None] * len(with_path)
+  else:
+    mask_leaves = jax.tree.leaves(check_masks(masks, params), is_leaf=_is_none)
+  leaves = [(p, x, mask) for (p, x), mask in zip(with_path, mask_leaves) if x is not None]
+  index_of = {jax.tree_util.keystr(p): i for i, (p, _, _) in enumerate(leaves)}
+  skeleton = _skeleton(params, (), index_of)
+
+  entries, payload, offset = [], [], 0
+  for p, x, mask in leaves:
+    where = path_string(p)
+    entry, sections = _encode_leaf(_host_array(x, where), mask, values, where)
+    entry["sections"] = {}
+    for name, data in sections.items():
+      entry["sections"][name] = [offset, len(data)]
+      payload.append(data)
+      offset += len(data)
+    entries.append(entry)
+
+  header = json.dumps(
+      {"values": values, "tree": skeleton, "leaves": entries}, separators=(",", ":")
+  ).encode()
+  prelude = _PRELUDE.pack(MAGIC, FORMAT_VERSION, len(header), offset)
+  digest = hashlib.sha256(prelude)
+  digest.update(header)
+  for chunk in payload:
+    digest.update(chunk)
+  _write_atomic(path, [prelude, header, *payload, digest.digest()])
+  return _info(path, json.loads(header), os.path.getsize(path), offset)
+
+
+def _read(path: str) -> tuple[dict, memoryview]:
+  """Checks a file and returns its parsed header and payload."""
+  with open(path, "rb") as f:
+    data = f.read()
+  if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
+    raise CompressedFormatError(
+        f"{path} is not a jaxprune export: it does not start with the magic bytes {MAGIC!r}"
+    )
+  if len(data) < _PRELUDE.size:
+    raise CompressedFormatError(f"{path} is truncated: {len(data)} bytes, shorter than its prelude")
+  _, version, header_len, payload_len = _PRELUDE.unpack_from(data)
+  if version != FORMAT_VERSION:
+    raise CompressedFormatError(
+        f"{path} has format version {version}; this jaxprune reads version {FORMAT_VERSION}"
+        + (" (upgrade jaxprune to read it)" if version > FORMAT_VERSION else "")
+    )
+  body_end = _PRELUDE.size + header_len + payload_len
+  expected = body_end + _DIGEST_BYTES
+  if len(data) < expected:
+    raise CompressedFormatError(
+        f"{path} is truncated: its prelude announces {expected} bytes, the file has {len(data)}"
+    )
+  if len(data) > expected:
+    raise CompressedFormatError(
+        f"{path} is corrupted: {len(data) - expected} bytes after the announced end ({expected})"
+    )
+  view = memoryview(data)
+  if hashlib.sha256(view[:body_end]).digest() != data[body_end:]:
+    raise CompressedFormatError(f"{path} is corrupted: SHA-256 checksum mismatch")
+  header = json.loads(view[_PRELUDE.size : _PRELUDE.size + header_len].tobytes())
+  return header, view[_PRELUDE.size + header_len : body_end]
+
+
+def load_compressed(
+    path: str | os.PathLike, *, with_masks: bool = False
+) -> PyTree | tuple[PyTree, PyTree]:
+  """Reads an `export_compressed` file back into dense params.
+
+  Containers come back as plain dicts/lists/tuples: dict, list and tuple params
+  round-trip to the same structure; other pytree nodes (FrozenDict, NamedTuple,
+  `nnx.State`) come back as nested dicts keyed by their path components, so every
+  leaf keeps its path string (`fc1/kernel`, `fc1/kernel/value`). Leaves are NumPy
+  arrays of their original dtype and shape, with exact zeros where pruned (place
+  them with `jax.device_put(params, shardings)`).
+
+  Args:
+    path: a file written by `export_compressed`.
+    with_masks: also return the mask tree (bool arrays for the bitmask leaves,
+      None elsewhere), e.g. to keep fine-tuning with `pruned`.
+
+  Returns:
+    `params`, or `(params, masks)` with `with_masks=True`.
+
+  Raises:
+    CompressedFormatError (a ValueError): wrong magic bytes, unsupported format
+      version, truncated file, or checksum mismatch (corruption).
+  """
+  header, payload = _read(os.fspath(path))
+  decoded = [_decode_leaf(entry, payload) for entry in header["leaves"]]
+  params = _rebuild(header["tree"], [x for x, _ in decoded])
+  if not with_masks:
+    return params
+  return params, _rebuild(header["tree"], [m for _, m in decoded])
+
+
+def _info(path: str, header: dict, file_bytes: int, payload_bytes: int) -> ExportInfo:
+  targeted = untargeted = dense = targeted_dense = analytic = kept = targeted_params = 0
+  for entry in header["leaves"]:
+    size = int(np.prod(entry["shape"], dtype=np.int64))
+    itemsize = jnp.dtype(entry["dtype"]).itemsize
+    stored = sum(length for _, length in entry["sections"].values())
+    dense += size * itemsize
+    if entry["encoding"] == "dense":
+      untargeted += stored
+      continue
+    targeted += stored
+    targeted_dense += size * itemsize
+    targeted_params += size
+    kept += entry["kept"]
+    analytic += -(-size // 8) + entry["kept"] * itemsize
+  return ExportInfo(
+      path=path,
+      values=header["values"],
+      file_bytes=file_bytes,
+      header_bytes=file_bytes - payload_bytes,
+      targeted_bytes=targeted,
+      untargeted_bytes=untargeted,
+      dense_bytes=dense,
+      targeted_dense_bytes=targeted_dense,
+      analytic_targeted_bytes=analytic,
+      kept=kept,
+      targeted_params=targeted_params,
+  )
+
+
+def export_info(path: str | os.PathLike) -> ExportInfo:
+  """Sizes of an existing export file (checked as by `load_compressed`), nothing decoded.
+
+  Example::
+
+    >>> info = jaxprune.export_info("model.jxp")
+    >>> print(f"{info.compression:.2f}x on disk, "
+    ...       f"{info.targeted_compression:.2f}x on targeted leaves "
+    ...       f"(analytic {info.analytic_targeted_compression:.2f}x)")
+  """
+  path = os.fspath(path)
+  header, payload = _read(path)
+  return _info(path, header, os.path.getsize(path), len(payload))

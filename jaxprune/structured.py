@@ -1,0 +1,243 @@
+"""N:M structured sparsity: at most `n` kept weights in every group of `m`.
+
+A 2:4 pattern (2 kept of every 4 consecutive weights along the input axis) is what
+GPU sparse tensor cores execute at up to twice the dense throughput. Groups run
+along the *input* (contraction) axis: for a Flax kernel `(in, out)` that is axis
+-2, and it stays -2 for stacked expert kernels `(E, in, out)`.
+
+Within a group the `n` largest magnitudes are kept; equal magnitudes are broken by
+position (the earlier weight is kept), so the result is deterministic. The rank
+of each weight comes from `m` elementwise comparison passes over the leaf (no
+sort, no transpose, one int32 per weight of scratch), which suits the small `m`
+of hardware patterns (4, 8, 16).
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxprune.leaf_selection import Where, path_string, resolve_where, select
+from jaxprune.magnitude_rank import magnitude_keys
+from jaxprune.masks import _check_finite, _mask_tree, _selected
+
+PyTree = Any
+
+
+def _is_none(x: Any) -> bool:
+  return x is None
+
+
+def _check_nm(n: Any, m: Any) -> tuple[int, int]:
+  """Validates a static N:M pattern, `0 < n < m`, both integers (not traced)."""
+  for name, v in (("n", n), ("m", m)):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+      raise ValueError(f"{name} must be an int (static under jit), got {v!r}")
+  n, m = int(n), int(m)
+  if not 0 < n < m:
+    raise ValueError(f"an N:M pattern needs 0 < n < m, got n={n}, m={m}")
+  return n, m
+
+
+def _group_axis(shape: tuple[int, ...], axis: int, m: int, where: str) -> int:
+  """`axis` made non-negative for `shape`, after checking it splits into groups of `m`."""
+  ndim = len(shape)
+  if not -ndim <= axis < ndim:
+    raise ValueError(
+        f"leaf {where} of shape {shape} has no axis {axis} to form N:M groups along; "
+        "exclude it from `where` or pass another `axis`"
+    )
+  axis %= ndim
+  if shape[axis] % m:
+    raise ValueError(
+        f"leaf {where} of shape {shape}: axis {axis} has length {shape[axis]}, "
+        f"not a multiple of m={m}, so it cannot be split into groups of {m}; "
+        "exclude it from `where` or pass another `axis`"
+    )
+  return axis
+
+
+def _grouped(x: jax.Array, axis: int, m: int) -> jax.Array:
+  """`x` with `axis` split into `(length // m, m)`: group members on `axis + 1`.
+
+  A reshape of adjacent dimensions, so no transpose and no data movement.
+  """
+  shape = x.shape
+  return x.reshape(shape[:axis] + (shape[axis] // m, m) + shape[axis + 1 :])
+
+
+def _group_keep(keys: jax.Array, n: int, m: int, axis: int) -> jax.Array:
+  """Keeps the `n` largest keys of every group of `m` along `axis`, shape of `keys`.
+
+  For member `i` of a group, `rank_i = #{j : key_j > key_i or (key_j == key_i and
+  j < i)}`, the number of members that beat it; it is kept iff `rank_i < n`.
+  The ranks of a group are a permutation of `0..m-1`, so exactly `n` are kept.
+  """
+  g = _grouped(keys, axis, m)
+  member = axis + 1
+  position = lax.broadcasted_iota(jnp.int32, g.shape, member)
+  rank = jnp.zeros(g.shape, jnp.int32)
+  for j in range(m):  # m passes over the leaf instead of an (m, m) comparison tensor.
+    kj = lax.slice_in_dim(g, j, j + 1, axis=member)
+    beats = (kj > g) | ((kj == g) & (position > j))
+    rank = rank + beats.astype(jnp.int32)
+  return (rank < n).reshape(keys.shape)
+
+
+# Jitted so that eager calls compile once per shape instead of dispatching m passes op by op.
+@functools.partial(jax.jit, static_argnames=("n", "m", "axis"))
+def _nm_leaf(w: jax.Array, kept: jax.Array | None, n: int, m: int, axis: int) -> jax.Array:
+  keep = _group_keep(magnitude_keys(w, kept), n, m, axis)
+  # Previously pruned weights have key 0 and rank last, so they only enter the top
+  # `n` of a group that has fewer than `n` survivors; `& kept` prunes them again.
+  return keep if kept is None else keep & kept
+
+
+def nm_masks(
+    params: PyTree,
+    n: int = 2,
+    m: int = 4,
+    where: Where | None = None,
+    *,
+    axis: int = -2,
+    previous: PyTree | None = None,
+) -> PyTree:
+  """N:M structured masks: the `n` largest `|w|` of every `m` consecutive weights kept.
+
+  Each selected leaf `w` is split along `axis` into groups of `m` consecutive
+  entries (every other index fixed). Writing `G = w.shape[axis] // m`, a kernel
+  `(in, out)` with `axis=-2` is viewed as `(G, m, out)` and, for every `(g, o)`,
+  `mask[g*m:(g+1)*m, o]` keeps the `n` members with the largest `|w|`. The
+  sparsity is exactly `1 - n/m` per group.
+
+  Ties are broken by position: of equal magnitudes the earlier member (lower index
+  along `axis`) is kept. Magnitudes are ranked as in `magnitude_masks` (through
+  float32; NaN ranks above +inf).
+
+  With `previous`, a weight pruned there stays pruned: each group keeps the `n`
+  largest of its surviving weights, so a group with fewer than `n` survivors keeps
+  only those. Every group then prunes *at least* `m - n` weights (the pattern is
+  still valid N:M; `nm_violations` is zero).
+
+  Jittable: `n`, `m`, `axis` and `where` are static (close over them).
+
+  Args:
+    params: the parameter pytree.
+    n: weights kept per group, `0 < n < m` (Python int).
+    m: group size (Python int); `w.shape[axis]` must be a multiple of `m`.
+    where: bool pytree from `select` (or a callable building one from params);
+      None means `select(params)` with its defaults (`output_proj`, `fc*`).
+    axis: the axis groups run along, for every selected leaf; -2 is the input
+      axis of Flax kernels `(in, out)` and stacked expert kernels `(E, in, out)`.
+    previous: an earlier mask tree of the same `where`, or None.
+
+  Returns:
+    A mask tree: bool arrays (`True` = kept) for selected leaves, `None` elsewhere.
+
+  Raises:
+    ValueError: bad `n`/`m`; a selected leaf without `axis`, or whose length along
+      it is not a multiple of `m` (naming the leaf's path and shape); `previous`
+      not matching params; (outside jit) NaN/inf in a selected leaf.
+
+  Example::
+
+    >>> params = {"fc1": {"kernel": jnp.array([[4., -1.], [1., 2.], [-3., 3.], [2., 0.]])}}
+    >>> jaxprune.nm_masks(params, 2, 4)["fc1"]["kernel"]
+    Array([[ True, False],
+           [False,  True],
+           [ True,  True],
+           [False, False]], dtype=bool)
+  """
+  n, m = _check_nm(n, m)
+  where = select(params) if where is None else resolve_where(where, params)
+  computed: dict[int, jax.Array] = {}
+  for i, path, w, prev in _selected(params, where, previous):
+    ax = _group_axis(tuple(w.shape), axis, m, path)
+    _check_finite(w, path)
+    computed[i] = _nm_leaf(w, prev, n, m, ax)
+  return _mask_tree(params, computed)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "m", "axis"))
+def _count_violations(x: jax.Array, n: int, m: int, axis: int) -> jax.Array:
+  nonzero = _grouped(x != 0, axis, m)  # bool masks: `True != 0` counts kept entries.
+  return jnp.sum(jnp.sum(nonzero, axis=axis + 1, dtype=jnp.int32) > n, dtype=jnp.int32)
+
+
+def _checked_leaves(tree: PyTree, where: Where | None) -> list[tuple[str, Any]]:
+  """(path, leaf) of the leaves `nm_violations` inspects; mask trees keep their Nones."""
+  with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)
+  leaves = [x for _, x in with_path]
+  if where is None:
+    arrays = [x for x in leaves if x is not None]
+    if arrays and all(getattr(x, "dtype", None) == jnp.bool_ for x in arrays):
+      chosen = [x is not None for x in leaves]  # A mask tree: check every mask.
+    else:
+      chosen = jax.tree.leaves(select(tree))
+  else:
+    if callable(where) and not isinstance(where, (bool, jax.Array)):
+      where = where(tree)
+    if jax.tree.structure(where) != treedef:
+      raise ValueError(
+          "`where` must have the structure of the checked tree (use jaxprune.select(params)); "
+          f"got {jax.tree.structure(where)}, the tree is {treedef}"
+      )
+    chosen = [bool(s) for s in jax.tree.leaves(where)]
+  return [
+      (path_string(p), x) for (p, x), sel in zip(with_path, chosen) if sel and x is not None
+  ]
+
+
+def nm_violations(
+    tree: PyTree,
+    n: int = 2,
+    m: int = 4,
+    where: Where | None = None,
+    *,
+    axis: int = -2,
+) -> dict[str, int]:
+  """Per checked leaf, how many groups of `m` along `axis` have more than `n` nonzeros.
+
+  Works on params (counting entries `!= 0`) and on mask trees (counting `True`),
+  with the grouping of `nm_masks`: a leaf of shape `(in, out)`, `axis=-2`, has
+  `in // m * out` groups. A leaf satisfies the N:M pattern iff its count is 0.
+
+  Args:
+    tree: params (e.g. `apply_masks(params, masks)`) or a mask tree.
+    n, m: the pattern, `0 < n < m`.
+    where: the leaves to check (bool pytree or callable, structure of `tree` with
+      a mask tree's `None`s counted as leaves). None means every mask of a mask
+      tree (all non-None leaves bool), else `select(tree)`.
+    axis: the axis groups run along.
+
+  Returns:
+    `{path: count}` for every checked leaf, in leaf order.
+
+  Raises:
+    ValueError: bad `n`/`m`, or a checked leaf whose length along `axis` is not a
+      multiple of `m` (naming its path and shape).
+
+  Example::
+
+    >>> masks = jaxprune.nm_masks(params, 2, 4)
+    >>> jaxprune.nm_violations(masks, 2, 4)
+    {'fc1/kernel': 0}
+  """
+  n, m = _check_nm(n, m)
+  counts = {}
+  for path, x in _checked_leaves(tree, where):
+    ax = _group_axis(tuple(x.shape), axis, m, path)
+    counts[path] = int(_count_violations(x, n, m, ax))
+  return counts
+
+
+def is_nm_sparse(
+    tree: PyTree, n: int = 2, m: int = 4, where: Where | None = None, *, axis: int = -2
+) -> bool:
+  """True iff every checked leaf has at most `n` nonzeros per group (see `nm_violations`)."""
+  return not any(nm_violations(tree, n, m, where, axis=axis).values())
