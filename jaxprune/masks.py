@@ -36,6 +36,12 @@ def map_masked(fn: Callable[..., Any], masks: PyTree, params: PyTree, *rest: PyT
   return jax.tree.map(fn, masks, params, *rest, is_leaf=_is_none)
 
 
+def _leaf_name(path: str) -> str:
+  # nnx.State paths end in the Variable's `value`; a plain-dict mask tree of the same
+  # model (`nnx.to_pure_dict`) names the same leaf without it.
+  return path.removesuffix("/value")
+
+
 def check_masks(masks: PyTree, params: PyTree, name: str = "masks") -> PyTree:
   """Validates a mask tree against `params` and returns it in `params`' structure.
 
@@ -57,7 +63,7 @@ def check_masks(masks: PyTree, params: PyTree, name: str = "masks") -> PyTree:
     )
   for (m_path, mask), (r_path, ref) in zip(mask_leaves, ref_leaves):
     where = path_string(r_path)
-    if path_string(m_path) != where:
+    if _leaf_name(path_string(m_path)) != _leaf_name(where):
       raise ValueError(f"`{name}` has a leaf at {path_string(m_path)} where params have {where}")
     if mask is None:
       if ref is not None and getattr(ref, "dtype", None) == jnp.bool_:

@@ -42,7 +42,9 @@ def _all_kept(params: PyTree, where: PyTree) -> PyTree:
 
 
 def _as_bool_arrays(masks: PyTree) -> PyTree:
-  return jax.tree.map(lambda m: None if m is None else jnp.asarray(m), masks,
+  # A copy: the state owns its masks, so donating the optimizer state under jit
+  # cannot delete the caller's arrays (or the ones `init` starts from next time).
+  return jax.tree.map(lambda m: None if m is None else jnp.array(m, copy=True), masks,
                       is_leaf=lambda m: m is None)
 
 
@@ -165,11 +167,15 @@ def pruned(
       # `update` with pure arrays, so a bool `where` from `select(nnx.state(...))` no
       # longer has the structure of `params` here.
       chosen = map_masked(lambda m, _: m is not None, current, params)
+      # params, masks and count go in as operands, so they are traced in the branch
+      # even when `update` runs outside jit (closed-over concrete arrays would make
+      # magnitude_masks' eager NaN check convert a tracer to bool).
       current = lax.cond(
           state.count % update_every == 0,
-          lambda: magnitude_masks(params, schedule(state.count), chosen,
-                                  scope=scope, previous=current),
-          lambda: current,
+          lambda p, prev, count: magnitude_masks(p, schedule(count), chosen,
+                                                 scope=scope, previous=prev),
+          lambda p, prev, count: prev,
+          params, current, state.count,
       )
     inner_updates, inner_state = inner.update(
         _zero_pruned(current, updates), state.inner_state, params, **extra_args
