@@ -97,7 +97,14 @@ def make_train_step(
 
 
 def make_eval_step(loss_fn: LossFn) -> Callable[[PyTree, Any], jax.Array]:
-  """A jitted `eval_step(params, batch) -> loss` (no rng: evaluation is deterministic)."""
+  """A jitted `eval_step(params, batch) -> loss`.
+
+  Evaluation is deterministic: a `loss_fn` with an `rng` parameter gets `rng=None`
+  (switch dropout off on None).
+  """
+  if _takes_rng(loss_fn):
+    return jax.jit(lambda params, batch: _loss_and_aux(
+        lambda p, b: loss_fn(p, b, rng=None), params, batch, None)[0])
   return jax.jit(lambda params, batch: _loss_and_aux(loss_fn, params, batch, None)[0])
 
 
@@ -295,7 +302,7 @@ def _evaluate(eval_step, params, source) -> float:
 def _first_bad(losses: list[jax.Array]) -> int | None:
   if not losses:
     return None
-  values = jax.device_get(jnp.stack(losses))
+  values = jax.device_get(losses)  # A list: no stacking program to compile per length.
   bad = [i for i, v in enumerate(values) if not math.isfinite(float(v))]
   return bad[0] if bad else None
 

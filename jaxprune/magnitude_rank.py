@@ -63,32 +63,26 @@ def _pick_bucket(hist: jax.Array, rank: jax.Array) -> tuple[jax.Array, jax.Array
   return bucket.astype(jnp.uint32), cum[bucket] - size, size
 
 
-def _flat_index(shape: tuple[int, ...]) -> jax.Array:
-  """Row-major position of every entry, int32, of `shape` (elementwise: shards freely)."""
-  index = jnp.zeros(shape, jnp.int32)
-  for axis, size in enumerate(shape):
-    index = index * size + lax.broadcasted_iota(jnp.int32, shape, axis)
-  return index
-
-
 def _first_true(x: jax.Array, quota: jax.Array) -> jax.Array:
   """The first `quota` True entries of `x` in row-major order, shape of `x`.
 
-  A bisection on the cutoff position (log2(size) counting passes) rather than a
-  cumsum over the flattened array: counts reduce across shards, while a flattening
-  cumsum would gather a sharded leaf onto one device. Only runs to break ties.
+  Two reductions instead of a cumsum over the flattened array (which would gather
+  a sharded leaf onto one device): count per row (all axes but the last), a cumsum
+  over the small vector of row counts finds the row where the quota runs out, and
+  a cumsum along that one row finds the column. Only runs to break ties.
   """
-  index = _flat_index(x.shape)
-
-  def narrow(_, bounds):
-    lo, hi = bounds
-    mid = lo + (hi - lo) // 2
-    enough = jnp.sum(x & (index < mid), dtype=jnp.int32) >= quota
-    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
-
-  passes = max(1, int(x.size).bit_length())
-  _, cutoff = lax.fori_loop(0, passes, narrow, (jnp.int32(0), jnp.int32(x.size)))
-  return x & (index < cutoff)
+  if x.ndim <= 1:
+    return x & (jnp.cumsum(x, dtype=jnp.int32) <= quota)
+  lead = tuple(range(x.ndim - 1))
+  row_counts = jnp.sum(x, axis=-1, dtype=jnp.int32)
+  flat = row_counts.reshape(-1)
+  before = (jnp.cumsum(flat) - flat).reshape(row_counts.shape)
+  whole_rows = before + row_counts <= quota
+  boundary = (before < quota) & ~whole_rows  # at most one row
+  need = quota - jnp.sum(jnp.where(boundary, before, 0))
+  boundary_row = jnp.sum(x & boundary[..., None], axis=lead, dtype=jnp.int32)
+  within = jnp.cumsum(boundary_row) <= need
+  return x & (whole_rows[..., None] | (boundary[..., None] & within))
 
 
 # Jitted so that eager calls compile once per shape: called op by op, the `lax.cond`

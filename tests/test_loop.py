@@ -1,0 +1,613 @@
+"""Tests of `prune_retrain` (jaxprune/loop.py) and its checkpoints.
+
+A small two-layer MLP classifier: `fc1/kernel` is 8x16 (128 weights) and
+`fc2/kernel` 16x4 (64 weights), so the schedule 0.5, 0.75, 0.875 prunes a whole
+number of weights in each leaf and the achieved sparsities equal the targets
+exactly. Training batches (size 8) are a pure function of the step; evaluation
+batches have size 16, so a call of the loss can be told apart by its batch shape.
+
+Every loss function here is wrapped in a plain Python counter: the loop only calls
+it while tracing, so the counter also counts traces (and proves "no compute" in
+the error cases).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+import jaxprune
+from jaxprune import checkpointing
+from jaxprune import loop as loop_module
+from jaxprune.optax_wrapper import PrunedState
+
+SCHEDULE = (0.5, 0.75, 0.875)
+TRAIN_SIZE, EVAL_SIZE = 8, 16
+RNG = np.random.default_rng(0)
+TEACHER = RNG.normal(size=(8, 4)).astype(np.float32)
+ROW_KEYS = {
+    "iteration", "target_sparsity", "pattern", "achieved_sparsity", "loss_before_prune",
+    "perplexity_before_prune", "loss_after_prune", "perplexity_after_prune",
+    "loss_after_retrain", "perplexity_after_retrain", "retrain_steps", "wall_seconds",
+}
+
+
+def make_params(seed: int = 0, hidden: int = 16) -> dict:
+  r = np.random.default_rng(seed)
+  return {
+      "fc1": {"kernel": jnp.asarray(r.normal(size=(8, hidden)).astype(np.float32) * 0.5),
+              "bias": jnp.zeros((hidden,), jnp.float32)},
+      "fc2": {"kernel": jnp.asarray(r.normal(size=(hidden, 4)).astype(np.float32) * 0.5),
+              "bias": jnp.zeros((4,), jnp.float32)},
+  }
+
+
+def make_batch(seed: int, size: int) -> dict:
+  r = np.random.default_rng(seed)
+  x = r.normal(size=(size, 8)).astype(np.float32)
+  return {"x": x, "y": np.argmax(x @ TEACHER, axis=-1).astype(np.int32)}
+
+
+def mlp_loss(params, batch):
+  h = jnp.tanh(batch["x"] @ params["fc1"]["kernel"] + params["fc1"]["bias"])
+  logits = h @ params["fc2"]["kernel"] + params["fc2"]["bias"]
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+
+EVAL_BATCHES = [make_batch(10_000 + i, EVAL_SIZE) for i in range(2)]
+
+
+class CountedLoss:
+  """A plain-Python wrapper recording the batch size of every call (i.e. every trace)."""
+
+  def __init__(self, fn=mlp_loss):
+    self.fn = fn
+    self.sizes: list[int] = []
+
+  def __call__(self, params, batch):
+    self.sizes.append(int(batch["x"].shape[0]))
+    return self.fn(params, batch)
+
+  @property
+  def train_traces(self) -> int:
+    return self.sizes.count(TRAIN_SIZE)
+
+  @property
+  def eval_traces(self) -> int:
+    return self.sizes.count(EVAL_SIZE)
+
+
+class Batches:
+  """`train_batches(step)`: records the steps asked for; NaN inputs at `nan_at`."""
+
+  def __init__(self, nan_at: int | None = None):
+    self.steps: list[int] = []
+    self.nan_at = nan_at
+
+  def __call__(self, step: int) -> dict:
+    self.steps.append(int(step))
+    batch = make_batch(int(step), TRAIN_SIZE)
+    if step == self.nan_at:
+      batch["x"] = np.full_like(batch["x"], np.nan)
+    return batch
+
+
+def run(**overrides):
+  """`prune_retrain` on the MLP; returns (result, loss counter, batch recorder)."""
+  loss = overrides.pop("loss_fn", None) or CountedLoss()
+  batches = overrides.pop("train_batches", None) or Batches()
+  params = overrides.pop("params", None) or make_params()
+  kwargs = dict(
+      optimizer=optax.adam(1e-2), schedule=SCHEDULE, where=jaxprune.select(params),
+      retrain_steps=4, progress=False,
+  )
+  kwargs.update(overrides)
+  result = jaxprune.prune_retrain(params, loss, batches, EVAL_BATCHES, **kwargs)
+  return result, loss, batches
+
+
+def reference_eval(params) -> float:
+  return float(np.mean([float(mlp_loss(params, b)) for b in EVAL_BATCHES]))
+
+
+def assert_trees_bitwise_equal(a, b):
+  la, ta = jax.tree.flatten(a, is_leaf=lambda x: x is None)
+  lb, tb = jax.tree.flatten(b, is_leaf=lambda x: x is None)
+  assert ta == tb
+  for x, y in zip(la, lb):
+    if x is None or y is None:
+      assert x is None and y is None
+      continue
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape
+    assert x.tobytes() == y.tobytes()
+
+
+def strip_wall(history):
+  return [{k: v for k, v in row.items() if k != "wall_seconds"} for row in history]
+
+
+def dir_snapshot(path) -> dict:
+  """Every file and directory under `path`: (mtime_ns, size, sha256 of contents)."""
+  snap = {}
+  for root, dirs, files in os.walk(path):
+    for name in dirs + files:
+      full = os.path.join(root, name)
+      st = os.stat(full)
+      digest = None
+      if os.path.isfile(full):
+        with open(full, "rb") as f:
+          digest = hashlib.sha256(f.read()).hexdigest()
+      snap[os.path.relpath(full, path)] = (st.st_mtime_ns, st.st_size, digest)
+  return snap
+
+
+def latest_checkpoint(directory):
+  """(index, meta, raw state tree) of the latest checkpoint, read with plain orbax."""
+  manager = checkpointing.open_manager(directory)
+  try:
+    index = manager.latest_step()
+    meta = checkpointing.read_meta(manager, index)
+    state = manager.restore(
+        index, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+    )["state"]
+    return index, meta, state, list(manager.all_steps())
+  finally:
+    manager.close()
+
+
+@pytest.fixture(scope="module")
+def base():
+  return run()
+
+
+# ----------------------------------------------------------------------------- result
+
+
+def test_history_rows_and_result_values(base):
+  result, _, batches = base
+  params0 = make_params()
+  where = jaxprune.select(params0)
+  assert batches.steps == list(range(12))
+  assert len(result.history) == 3
+  for i, (row, target) in enumerate(zip(result.history, SCHEDULE)):
+    assert set(row) == ROW_KEYS
+    assert row["iteration"] == i
+    assert row["target_sparsity"] == target
+    assert row["pattern"] is None  # a sparsity, not an N:M pattern
+    assert row["achieved_sparsity"] == target  # exact: 128 and 64 weights
+    assert row["retrain_steps"] == 4
+    assert 0 < row["wall_seconds"] < 600
+    for phase in ("before_prune", "after_prune", "after_retrain"):
+      assert math.isfinite(row[f"loss_{phase}"])
+      assert row[f"perplexity_{phase}"] == math.exp(row[f"loss_{phase}"])
+    # Retraining moved the params: the loss changed.
+    assert row["loss_after_retrain"] != row["loss_after_prune"]
+    if i:
+      assert row["loss_before_prune"] == result.history[i - 1]["loss_after_retrain"]
+
+  # The figures are evaluations of the right params.
+  first = result.history[0]
+  assert first["loss_before_prune"] == pytest.approx(reference_eval(params0), rel=1e-5)
+  pruned0 = jaxprune.apply_masks(params0, jaxprune.magnitude_masks(params0, 0.5, where))
+  assert first["loss_after_prune"] == pytest.approx(reference_eval(pruned0), rel=1e-5)
+  assert result.final_loss == pytest.approx(reference_eval(result.params), rel=1e-5)
+
+  assert result.dense_loss == first["loss_before_prune"]
+  assert result.final_loss == result.history[-1]["loss_after_retrain"]
+  assert result.dense_perplexity == math.exp(result.dense_loss)
+  assert result.final_perplexity == math.exp(result.final_loss)
+  assert result.perplexity_degradation == pytest.approx(
+      math.exp(result.final_loss) / math.exp(result.dense_loss) - 1.0, rel=1e-12, abs=1e-15
+  )
+  assert result.perplexity_degradation == pytest.approx(
+      result.history[-1]["perplexity_after_retrain"]
+      / result.history[0]["perplexity_before_prune"] - 1.0, rel=1e-12, abs=1e-15
+  )
+  assert result.achieved_sparsity == 0.875
+  # Over the whole model, zeros count wherever they are (a bias can be exactly 0 too).
+  zero_biases = sum(int((np.asarray(result.params[k]["bias"]) == 0).sum()) for k in ("fc1", "fc2"))
+  assert result.overall_sparsity == (112 + 56 + zero_biases) / (128 + 16 + 64 + 4)
+  assert isinstance(result.report, jaxprune.SparsityReport)
+
+  # Masks: the final ones, held in the optimizer state, zero exactly the pruned weights.
+  masks = result.masks
+  assert masks["fc1"]["bias"] is None and masks["fc2"]["bias"] is None
+  for name, pruned_count in (("fc1", 112), ("fc2", 56)):
+    m = np.asarray(masks[name]["kernel"])
+    w = np.asarray(result.params[name]["kernel"])
+    assert m.dtype == np.bool_ and int((~m).sum()) == pruned_count
+    assert np.all(w[~m] == 0.0) and np.all(w[m] != 0.0)
+  assert_trees_bitwise_equal(jaxprune.get_masks(result.opt_state), masks)
+
+
+def test_summary_contains_the_numbers(base):
+  result, _, _ = base
+  text = result.summary()
+  for row in result.history:
+    assert f"{row['target_sparsity']:.2%}" in text
+    assert f"{row['achieved_sparsity']:.2%}" in text
+    for phase in ("before_prune", "after_prune", "after_retrain"):
+      assert f"{row[f'perplexity_{phase}']:.3f}" in text
+  assert f"{result.dense_perplexity:.3f}" in text
+  assert f"{result.final_perplexity:.3f}" in text
+  assert f"{result.perplexity_degradation:+.2%}" in text
+  assert f"{result.achieved_sparsity:.2%}" in text
+  assert f"{result.overall_sparsity:.2%}" in text
+
+
+def test_loss_with_aux_matches_scalar_loss(base):
+  def with_aux(params, batch):
+    loss = mlp_loss(params, batch)
+    return loss, {"loss_copy": loss, "n": batch["x"].shape[0]}
+
+  result, loss, _ = run(loss_fn=CountedLoss(with_aux))
+  assert loss.train_traces == 1 and loss.eval_traces == 1
+  for row, expected in zip(strip_wall(result.history), strip_wall(base[0].history)):
+    assert row.keys() == expected.keys()
+    for key, value in row.items():
+      if isinstance(value, float):
+        assert value == pytest.approx(expected[key], rel=1e-6), key
+      else:
+        assert value == expected[key], key
+  for a, b in zip(jax.tree.leaves(result.params), jax.tree.leaves(base[0].params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_iterable_train_batches(base):
+  consumed = []
+
+  def generate():
+    for step in range(100):
+      consumed.append(step)
+      yield make_batch(step, TRAIN_SIZE)
+
+  result, _, _ = run(train_batches=generate())
+  assert consumed == list(range(12))  # exactly one batch per step, in order
+  assert strip_wall(result.history) == strip_wall(base[0].history)
+  assert_trees_bitwise_equal(result.params, base[0].params)
+
+  # A list is an iterable too; one that runs out is an error naming the step.
+  with pytest.raises(ValueError, match="ran out at global step 5"):
+    run(train_batches=[make_batch(s, TRAIN_SIZE) for s in range(5)])
+
+
+def test_per_iteration_budgets():
+  result, _, batches = run(retrain_steps=[3, 0, 2], progress=True, log_every=1)
+  assert batches.steps == [0, 1, 2, 3, 4]
+  assert [r["retrain_steps"] for r in result.history] == [3, 0, 2]
+  # No retraining in iteration 1: the same params are evaluated twice.
+  assert result.history[1]["loss_after_retrain"] == result.history[1]["loss_after_prune"]
+  assert result.history[0]["loss_after_retrain"] != result.history[0]["loss_after_prune"]
+  assert [r["achieved_sparsity"] for r in result.history] == list(SCHEDULE)
+
+
+def _counts(opt_state):
+  pruned_state = next(
+      s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, PrunedState))
+      if isinstance(s, PrunedState)
+  )
+  hyper = pruned_state.inner_state
+  adam = hyper.inner_state[0]
+  return int(pruned_state.count), int(hyper.count), int(adam.count), float(
+      hyper.hyperparams["learning_rate"])
+
+
+class CompileWatch:
+  """Captures the loop's jitted train/eval steps and counts XLA compiles of the train step."""
+
+  def __init__(self, monkeypatch):
+    self.steps: dict[str, list] = {"train": [], "eval": []}
+    self.compiled: list[str] = []
+    monkeypatch.setattr(loop_module, "make_train_step",
+                        self._capture("train", loop_module.make_train_step))
+    monkeypatch.setattr(loop_module, "make_eval_step",
+                        self._capture("eval", loop_module.make_eval_step))
+
+  def _capture(self, name, make):
+    def wrapper(*args, **kwargs):
+      self.steps[name].append(make(*args, **kwargs))
+      return self.steps[name][-1]
+    return wrapper
+
+  def _listen(self, event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      self.compiled.append(kwargs.get("fun_name", ""))
+
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self._listen)
+
+  def assert_compiled_once(self, loss: CountedLoss):
+    """One prune_retrain run since the watch started: each step traced and compiled once."""
+    # The loss is called only while tracing: one trace per step function.
+    assert loss.train_traces == 1
+    assert loss.eval_traces == 1
+    assert len(self.steps["train"]) == 1 and len(self.steps["eval"]) == 1
+    assert self.steps["train"][0]._cache_size() == 1
+    assert self.steps["eval"][0]._cache_size() == 1
+    assert self.compiled.count("jit(step)") == 1
+
+
+def test_train_and_eval_steps_compile_once(monkeypatch):
+  with CompileWatch(monkeypatch) as watch:
+    loss = CountedLoss()
+    result, _, batches = run(loss_fn=loss, retrain_steps=[3, 4, 2], log_every=2)
+    assert len(result.history) == 3 and batches.steps == list(range(9))
+    watch.assert_compiled_once(loss)
+
+    # The counters do see a recompilation: another batch shape traces and compiles again.
+    train_step = watch.steps["train"][0]
+    rng = jax.random.key_data(jax.random.key(0))
+    train_step(result.params, result.opt_state, make_batch(0, EVAL_SIZE), rng, 0)
+    assert len(loss.sizes) == 3
+    assert train_step._cache_size() == 2
+    assert watch.compiled.count("jit(step)") == 2
+
+
+def _counts(opt_state):
+  pruned_state = next(
+      s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, PrunedState))
+      if isinstance(s, PrunedState)
+  )
+  hyper = pruned_state.inner_state
+  adam = hyper.inner_state[0]
+  return int(pruned_state.count), int(hyper.count), int(adam.count), float(
+      hyper.hyperparams["learning_rate"])
+
+
+@pytest.fixture(scope="module")
+def restart_runs():
+  lr = optax.linear_schedule(1e-2, 0.0, transition_steps=20)
+  optimizer = optax.inject_hyperparams(optax.adam)(learning_rate=lr)
+  budgets = [4, 3, 5]
+  runs = {}
+  for restart in (True, False):
+    with pytest.MonkeyPatch.context() as mp, CompileWatch(mp) as watch:
+      loss = CountedLoss()
+      result, _, _ = run(loss_fn=loss, optimizer=optimizer, retrain_steps=budgets,
+                         restart_optimizer=restart)
+    runs[restart] = (result, loss, watch)
+  return lr, runs
+
+
+@pytest.mark.parametrize("restart_optimizer", [True, False])
+def test_compile_once_with_either_optimizer_state(restart_runs, restart_optimizer):
+  # A fresh `tx.init` state after every prune, or one carried through it: no recompile
+  # (inject_hyperparams adds float hyperparameters to the state, a weak-type hazard).
+  _, runs = restart_runs
+  _, loss, watch = runs[restart_optimizer]
+  watch.assert_compiled_once(loss)
+
+
+def test_restart_optimizer_true_vs_false(restart_runs):
+  lr, runs = restart_runs
+  restarted, kept = runs[True][0], runs[False][0]
+  # Restart: count and learning-rate schedule start again after every prune.
+  # inject_hyperparams records the learning rate of the last update (count - 1).
+  assert _counts(restarted.opt_state) == (5, 5, 5, pytest.approx(float(lr(4))))
+  # One state for the whole run: the schedule continues across iterations.
+  assert _counts(kept.opt_state) == (12, 12, 12, pytest.approx(float(lr(11))))
+  # The first iteration is the same run; the later ones are not.
+  assert strip_wall(restarted.history)[0] == strip_wall(kept.history)[0]
+  assert restarted.history[1]["loss_after_retrain"] != kept.history[1]["loss_after_retrain"]
+
+
+def test_rng_loss_gets_a_per_step_key(base):
+  keys = []
+
+  def noisy(params, batch, rng=None):
+    keys.append(rng)
+    if rng is None:  # evaluation: no noise
+      return mlp_loss(params, batch)
+    noise = jax.random.normal(rng, batch["x"].shape) * 0.1
+    return mlp_loss(params, {"x": batch["x"] + noise, "y": batch["y"]})
+
+  a, _, _ = run(loss_fn=noisy, seed=0)
+  assert sum(k is None for k in keys) == 1  # the eval step traced without a key
+  assert sum(k is not None for k in keys) == 1  # the train step traced with one
+  c, _, _ = run(loss_fn=noisy, seed=1)
+  assert not np.array_equal(a.params["fc1"]["kernel"], c.params["fc1"]["kernel"])
+  # The noiseless loss (same seed, same data) trains to other params.
+  assert not np.array_equal(a.params["fc1"]["kernel"], base[0].params["fc1"]["kernel"])
+  # Evaluation is deterministic (no rng): the dense loss does not depend on the seed.
+  assert a.dense_loss == c.dense_loss == base[0].dense_loss
+
+
+def test_rng_without_default_gets_none_in_evaluation():
+  seen = []
+
+  def loss(params, batch, rng):
+    seen.append(rng is None)
+    return mlp_loss(params, batch)
+
+  result, _, _ = run(loss_fn=loss, seed=0)
+  assert sorted(set(seen)) == [False, True]  # traced once for training, once for evaluation
+  assert np.isfinite(result.final_loss)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _nothing_selected(params):
+  return jax.tree.map(lambda _: False, params)
+
+
+ERROR_CASES = {
+    "empty schedule": (dict(schedule=[]), ValueError, "schedule is empty"),
+    "empty schedule array": (dict(schedule=np.zeros((0,))), ValueError, "schedule is empty"),
+    "sparsity 1": (dict(schedule=[0.5, 1.0]), ValueError, r"schedule\[1\]"),
+    "negative sparsity": (dict(schedule=[-0.1]), ValueError, r"schedule\[0\]"),
+    "negative steps": (dict(retrain_steps=-1), ValueError, "retrain_steps"),
+    "negative budget": (dict(retrain_steps=[1, -2, 1]), ValueError, r"retrain_steps\[1\]"),
+    "fractional budget": (dict(retrain_steps=[1, 2.5, 1]), ValueError, r"retrain_steps\[1\]"),
+    "budget count": (dict(retrain_steps=[1, 2]), ValueError, "2 entries for 3"),
+    "empty eval": (dict(eval_batches=[]), ValueError, "eval_batches is empty"),
+    "empty eval callable": (dict(eval_batches=lambda: []), ValueError, "eval_batches is empty"),
+    "one-shot eval": (dict(eval_batches=iter(EVAL_BATCHES)), TypeError, "re-iterable"),
+    "where selects nothing": (dict(where=_nothing_selected(make_params())), ValueError,
+                              "selects no leaf"),
+    "callable where selects nothing": (dict(where=_nothing_selected), ValueError,
+                                       "selects no leaf"),
+    "checkpoint_every 0": (dict(checkpoint_every=0), ValueError, "checkpoint_every"),
+    "bad scope": (dict(scope="row"), ValueError, "scope"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_errors_before_any_compute(case, tmp_path):
+  overrides, error, message = ERROR_CASES[case]
+  loss, batches = CountedLoss(), Batches()
+  params = make_params()
+  kwargs = dict(optimizer=optax.adam(1e-2), schedule=SCHEDULE, where=jaxprune.select(params),
+                retrain_steps=2, progress=False, checkpoint_dir=str(tmp_path / "ckpt"))
+  kwargs.update(overrides)
+  eval_batches = kwargs.pop("eval_batches", EVAL_BATCHES)
+  with pytest.raises(error, match=message):
+    jaxprune.prune_retrain(params, loss, batches, eval_batches, **kwargs)
+  assert loss.sizes == [] and batches.steps == []
+  assert not (tmp_path / "ckpt").exists()
+
+
+# ----------------------------------------------------------------------------- NaN
+
+
+@pytest.fixture(scope="module")
+def clean_nan_reference():
+  return run(retrain_steps=6)[0]
+
+
+@pytest.mark.parametrize(
+    "nan_at, iteration, step, last_good, then_resume",
+    [
+        # Found at the check before the save at step 4 of iteration 1.
+        (9, 1, 3, (1, 2), False),
+        # The save at step 2 came just before it.
+        (8, 1, 2, (1, 2), False),
+        # The last step of an iteration: caught before the end-of-iteration save. The
+        # resume is inside iteration 0's retraining (dense loss from the saved row).
+        (5, 0, 5, (0, 4), True),
+    ],
+)
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(
+    tmp_path, request, nan_at, iteration, step, last_good, then_resume
+):
+  ckpt = str(tmp_path / "ckpt")
+  common = dict(retrain_steps=6, checkpoint_dir=ckpt, checkpoint_every=2)
+  batches = Batches(nan_at=nan_at)
+  message = rf"iteration {iteration}, step {step} \(global step {nan_at}\)"
+  with pytest.raises(FloatingPointError, match=message):
+    run(train_batches=batches, **common)
+  assert max(batches.steps) < nan_at + 2  # stopped at the next check, no further
+
+  _, meta, state, steps = latest_checkpoint(ckpt)
+  assert (meta["phase"], meta["iteration"], meta["step"]) == ("retrain", *last_good)
+  assert len(meta["history"]) == last_good[0]
+  for leaf in jax.tree.leaves(state):
+    assert np.all(np.isfinite(np.asarray(leaf, np.float64)))
+  # Every kept checkpoint is finite, not only the latest.
+  for other in steps:
+    manager = checkpointing.open_manager(ckpt)
+    tree = manager.restore(
+        other, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    manager.close()
+    assert all(np.all(np.isfinite(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree))
+
+  if not then_resume:
+    return
+  # The kept checkpoint is good: resuming with clean data ends where a clean run ends.
+  clean_nan_reference = request.getfixturevalue("clean_nan_reference")
+  resumed_batches = Batches()
+  resumed, _, _ = run(train_batches=resumed_batches, **common)
+  good_global = last_good[0] * 6 + last_good[1]
+  assert resumed_batches.steps[0] == good_global  # continued, did not start over
+  assert_trees_bitwise_equal(resumed.params, clean_nan_reference.params)
+  assert strip_wall(resumed.history) == strip_wall(clean_nan_reference.history)
+  assert resumed.dense_loss == clean_nan_reference.dense_loss
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  ckpt = str(tmp_path_factory.mktemp("finished") / "ckpt")
+  result, _, _ = run(retrain_steps=[2, 3, 2], checkpoint_dir=ckpt)
+  return ckpt, result
+
+
+def _wider_params():
+  return make_params(hidden=32)
+
+
+def _extra_leaf_params():
+  params = make_params()
+  params["fc3"] = {"kernel": jnp.ones((4, 4))}
+  return params
+
+
+MISMATCHES = {
+    "schedule": (dict(schedule=(0.5, 0.75, 0.9)), "schedule"),
+    "budgets": (dict(retrain_steps=[2, 3, 3]), "retrain_steps"),
+    "restart_optimizer": (dict(restart_optimizer=False), "restart_optimizer"),
+    "seed": (dict(seed=1), "seed"),
+    "param shapes": (dict(params=_wider_params()), "params_layout"),
+    "param structure": (dict(params=_extra_leaf_params()), "num_leaves"),
+    "resume=False": (dict(resume=False), "already holds checkpoints"),
+}
+
+
+@pytest.mark.parametrize("case", list(MISMATCHES))
+def test_checkpoint_of_another_configuration(finished_run, case):
+  ckpt, _ = finished_run
+  overrides, message = MISMATCHES[case]
+  overrides = dict(overrides)
+  params = overrides.get("params") or make_params()
+  overrides.setdefault("where", jaxprune.select(params))
+  overrides.setdefault("retrain_steps", [2, 3, 2])
+  before = dir_snapshot(ckpt)
+  assert before
+  loss, batches = CountedLoss(), Batches()
+  with pytest.raises(ValueError, match=message):
+    run(loss_fn=loss, train_batches=batches, checkpoint_dir=ckpt, **overrides)
+  assert dir_snapshot(ckpt) == before
+  assert loss.sizes == [] and batches.steps == []
+
+
+def test_resume_after_completed_run_returns_same_result(finished_run):
+  ckpt, first = finished_run
+  loss, batches = CountedLoss(), Batches()
+  again, _, _ = run(loss_fn=loss, train_batches=batches, retrain_steps=[2, 3, 2],
+                    checkpoint_dir=ckpt)
+  assert batches.steps == [] and loss.sizes == []  # nothing recomputed
+  assert again.history == first.history
+  assert_trees_bitwise_equal(again.params, first.params)
+  assert_trees_bitwise_equal(again.masks, first.masks)
+  assert_trees_bitwise_equal(again.opt_state, first.opt_state)
+  assert again.dense_loss == first.dense_loss and again.final_loss == first.final_loss
+  assert again.perplexity_degradation == first.perplexity_degradation
+  assert again.summary() == first.summary()
+
+
+def test_checkpoint_contents(finished_run):
+  ckpt, first = finished_run
+  _, meta, state, steps = latest_checkpoint(ckpt)
+  assert len(steps) == 3  # keep_checkpoints=3 of the 3 saves
+  assert (meta["phase"], meta["iteration"], meta["step"]) == ("prune", 3, 0)
+  assert meta["history"] == first.history
+  # Masks are stored packed, 1 bit per weight.
+  masks = state["masks"]
+  assert sorted(np.asarray(m).dtype for m in masks.values()) == [np.uint8, np.uint8]
+  assert sorted(np.asarray(m).size for m in masks.values()) == [64 // 8, 128 // 8]
+  assert_trees_bitwise_equal(state["params"], first.params)
