@@ -197,6 +197,11 @@ def _at_least(w: jax.Array, threshold: Any) -> jax.Array:
     t_rounded = np.asarray(t, dtype)
   if float(t_rounded) < t:
     t_rounded = np.nextafter(t_rounded, np.asarray(np.inf, dtype))
+  if dtype == jnp.float32 and t > 0:
+    # Compare bit patterns (ordered like non-negative floats): XLA:CPU flushes
+    # subnormals to zero in float comparisons, which would keep |w| < t.
+    bits = jax.lax.bitcast_convert_type(jnp.abs(w).astype(jnp.float32), jnp.uint32)
+    return bits >= np.asarray(t_rounded, np.float32).view(np.uint32)
   return jnp.abs(w).astype(dtype) >= t_rounded
 
 
@@ -228,8 +233,10 @@ def magnitude_masks(
     params: the parameter pytree.
     sparsity: target fraction in [0, 1). A Python float gives an exact count; a
       traced scalar (under `jax.jit`) gives `round(sparsity * n)` computed exactly
-      in integers, which may differ by one from Python's round-half-even at exact
-      halves only.
+      in integers from its float32 value, which may differ by one from Python's
+      round-half-even at exact halves only. A Python float passed through `jit`
+      becomes float32 first (0.3 -> 0.30000001), which can move the count by one
+      on leaves of tens of millions of weights.
     where: bool pytree from `select` (or a callable building one from params).
     scope: `"layer"` or `"global"`.
     previous: an earlier mask tree of the same `where`, or None.

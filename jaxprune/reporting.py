@@ -152,7 +152,8 @@ def sparsity_report(params: PyTree, where: Where | None = None) -> SparsityRepor
   Args:
     params: the parameter pytree (arrays may be sharded; only scalars reach the host).
     where: the targeted leaves (bool pytree from `select`, or a callable); None
-      means `select(params)` with its defaults (`output_proj`, `fc*`).
+      means `select(params)` with its defaults (`output_proj`, `fc*`), or no leaf
+      targeted when none has such a name.
 
   Returns:
     A `SparsityReport`: per-leaf size, zeros and sparsity; sparsity of the targeted
@@ -164,7 +165,13 @@ def sparsity_report(params: PyTree, where: Where | None = None) -> SparsityRepor
 
     >>> print(jaxprune.sparsity_report(jaxprune.apply_masks(params, masks)))
   """
-  where = select(params) if where is None else resolve_where(where, params)
+  if where is None:
+    try:
+      where = select(params)
+    except ValueError:  # No leaf has a default name (Linen's Dense_0, ...): none targeted.
+      where = jax.tree.map(lambda _: False, params)
+  else:
+    where = resolve_where(where, params)
   leaves = jax.tree.leaves(params)
   counted = [i for i, x in enumerate(leaves) if hasattr(x, "dtype") and np.size(x)]
   zeros = dict(zip(counted, jax.device_get(_zero_counts([leaves[i] for i in counted]))))

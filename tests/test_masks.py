@@ -714,3 +714,9 @@ def test_where_of_another_structure():
     jaxprune.magnitude_masks(params, 0.5, {"fc1": True})
   with pytest.raises(ValueError, match="`where` must have the structure of params"):
     jaxprune.threshold_masks(params, 0.5, {"fc1": True})
+
+
+def test_threshold_prunes_subnormal_magnitudes_below_it():
+  params = {"fc1": jnp.asarray([[0.0, 1e-39, 1.0, -3e-39]], jnp.float32)}
+  masks = jaxprune.threshold_masks(params, 5e-39, {"fc1": True})
+  np.testing.assert_array_equal(np.asarray(masks["fc1"]), [[False, False, True, False]])

@@ -213,3 +213,9 @@ def test_counts_property(a, b, c, bf16):
   packed = (2 + (12 - int((a == 0).sum())) * isz) + (2 + (12 - int((c == 0).sum())) * 4)
   assert report.targeted_compression == pytest.approx(dense / packed)
   assert report.overall_compression == pytest.approx((dense + 20) / (packed + 20))
+
+
+def test_report_with_no_default_names_targets_nothing():
+  report = jaxprune.sparsity_report({"Dense_0": {"kernel": jnp.zeros((2, 2))}})
+  assert report.targeted_params == 0
+  assert report.overall_sparsity == 1.0
