@@ -1,0 +1,427 @@
+"""Quality benchmark: perplexity of a byte-level LM after prune-retrain (issue 7).
+
+    python benchmarks/bench_quality.py                      # the README table
+    python benchmarks/bench_quality.py --recipes sweep      # the exploratory sweep
+    python benchmarks/bench_quality.py --quick              # smoke run (tiny sizes)
+    python benchmarks/bench_quality.py --list               # the recipes it knows
+
+A fixed Transformer LM (d_model 128, 4 layers, 4 heads, d_ff 512, context 128) is
+pretrained densely on tinyshakespeare once (AdamW, warmup-cosine); its params are
+cached in `--cache` under a key made of the configuration, so every later run only
+pays for retraining. Each recipe then runs `jaxprune.prune_retrain` on the
+`output_proj` + `fc*` kernels from the same dense params, with the same retraining
+batches and the same validation batches, and a fixed total retraining budget
+(`--retrain-steps`, by default half the dense steps) spread over the iterations.
+
+A recipe is a row id `LABEL@SPARSITY` (`exponential@0.8`, `tuned@0.9`, ...) or a
+group (`table`, `sweep`, `all`); `--list` prints them. The markdown table goes to
+stdout, and `--json` writes every row (with its per-iteration history) after each
+row, so an interrupted run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "examples"))
+
+import lm_data  # noqa: E402
+import lm_model  # noqa: E402
+
+import jaxprune  # noqa: E402
+
+DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
+DEFAULT_CACHE = "/tmp/jaxprune_quality_cache"
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """How to get from the dense model to `final` sparsity of the targeted layers.
+
+  `schedule`: exponential (the literal `s0 * (sf/s0) ** (i/(N-1))`), geometric
+  (geometric keep-rate), cubic (Zhu & Gupta) or oneshot. `split`: how the total
+  retraining budget is spread over the iterations: `uniform`, or `last=F` (the last
+  iteration gets the fraction F, the others share the rest equally). `lr`: peak
+  retraining learning rate. `lr_mode`: `rewind` restarts the optimizer and its
+  warmup-cosine schedule (over the longest iteration) after every prune
+  (`restart_optimizer=True`); `global` keeps one optimizer state and one
+  warmup-cosine schedule over all the retraining steps; `cyclic` keeps one optimizer
+  state (Adam moments carry over) but rewinds the learning rate: one warmup-cosine
+  segment per iteration, each as long as that iteration.
+  """
+
+  label: str
+  schedule: str
+  final: float
+  initial: float = 0.2
+  iterations: int = 5
+  split: str = "uniform"
+  lr: float = 1e-3
+  lr_mode: str = "rewind"
+  scope: str = "layer"
+  distill: float = 0.0  # weight of the KL term to the dense teacher (0: off)
+
+  @property
+  def name(self) -> str:
+    return f"{self.label}@{self.final:g}"
+
+  def targets(self) -> list[float]:
+    if self.schedule == "oneshot":
+      return [self.final]
+    make = {
+        "exponential": jaxprune.exponential_schedule,
+        "geometric": jaxprune.geometric_keep_schedule,
+        "cubic": jaxprune.cubic_schedule,
+    }[self.schedule]
+    return [float(s) for s in make(self.initial, self.final, self.iterations)]
+
+  def budgets(self, total: int) -> list[int]:
+    n = len(self.targets())
+    if n == 1:
+      return [total]
+    if self.split == "uniform":
+      per = total // n
+      return [per] * (n - 1) + [total - per * (n - 1)]
+    if self.split.startswith("last="):
+      last = round(float(self.split[5:]) * total)
+      per = (total - last) // (n - 1)
+      return [per] * (n - 1) + [total - per * (n - 1)]
+    raise ValueError(f"unknown split {self.split!r}")
+
+  def describe(self) -> str:
+    if self.schedule == "oneshot":
+      sched = "one-shot"
+    else:
+      sched = f"{self.schedule} s0={self.initial:g} N={self.iterations}"
+    distill = f", distill {self.distill:g}" if self.distill else ""
+    return (f"{sched}, split {self.split}, lr {self.lr:g} ({self.lr_mode}), "
+            f"scope {self.scope}{distill}")
+
+
+SPARSITIES = (0.5, 0.7, 0.8, 0.9)
+
+# Exploration candidates, run at 0.8 and 0.9 (`sweep`).
+_BASES: dict[str, dict[str, Any]] = {
+    # The literal exponential-in-sparsity schedule, as the example used to run it.
+    "exponential": dict(schedule="exponential", initial=0.2, iterations=5),
+    "oneshot": dict(schedule="oneshot"),
+    "oneshot-lr3e-3": dict(schedule="oneshot", lr=3e-3),
+    "geometric": dict(schedule="geometric", initial=0.2, iterations=5),
+    "cubic": dict(schedule="cubic", initial=0.2, iterations=5),
+    "geometric-last50": dict(schedule="geometric", initial=0.2, iterations=5, split="last=0.5"),
+    "geometric-last50-lr3e-3": dict(schedule="geometric", initial=0.2, iterations=5,
+                                    split="last=0.5", lr=3e-3),
+    "oneshot-lr3e-4": dict(schedule="oneshot", lr=3e-4),
+    "geometric-last50-lr3e-4": dict(schedule="geometric", initial=0.2, iterations=5,
+                                    split="last=0.5", lr=3e-4),
+    "geometric-last50-lr3e-4-distill": dict(schedule="geometric", initial=0.2, iterations=5,
+                                            split="last=0.5", lr=3e-4, distill=0.5),
+    "cubic-last50": dict(schedule="cubic", initial=0.2, iterations=5, split="last=0.5"),
+    "geometric-lr3e-3": dict(schedule="geometric", initial=0.2, iterations=5, lr=3e-3),
+    "geometric-global": dict(schedule="geometric", initial=0.2, iterations=5, lr_mode="global"),
+    "geometric-cyclic": dict(schedule="geometric", initial=0.2, iterations=5, lr_mode="cyclic"),
+    "geometric-N3": dict(schedule="geometric", initial=0.4, iterations=3),
+    "geometric-N8": dict(schedule="geometric", initial=0.2, iterations=8),
+    "geometric-globalscope": dict(schedule="geometric", initial=0.2, iterations=5,
+                                  scope="global"),
+    "exponential-last50": dict(schedule="exponential", initial=0.2, iterations=5,
+                               split="last=0.5"),
+}
+
+# The recommended recipe (filled in from the sweep; see the module docstring).
+TUNED = dict(schedule="geometric", initial=0.2, iterations=5, split="last=0.5")
+
+GROUPS: dict[str, list[str]] = {
+    "table": (
+        [f"exponential@{s:g}" for s in SPARSITIES]
+        + [f"tuned@{s:g}" for s in SPARSITIES]
+        + ["oneshot@0.8"]
+    ),
+    "sweep": [f"{label}@{s:g}" for s in (0.8, 0.9) for label in _BASES],
+    # One row per code path (schedules, splits, learning-rate modes, scopes): --quick.
+    "smoke": ["exponential@0.8", "tuned@0.9", "oneshot@0.8", "geometric-cyclic@0.8",
+              "geometric-global@0.8", "geometric-globalscope@0.8"],
+}
+
+
+def recipe_by_name(name: str) -> Recipe:
+  label, _, sparsity = name.partition("@")
+  bases = {**_BASES, "tuned": TUNED}
+  if label not in bases or not sparsity:
+    raise SystemExit(f"unknown recipe {name!r}: expected LABEL@SPARSITY with LABEL one of "
+                     f"{', '.join(bases)} (or a group: {', '.join(GROUPS)}, all)")
+  return Recipe(label=label, final=float(sparsity), **bases[label])
+
+
+def expand(spec: str) -> list[Recipe]:
+  names: list[str] = []
+  for part in spec.split(","):
+    part = part.strip()
+    if part == "all":
+      names += GROUPS["sweep"] + GROUPS["table"]
+    elif part in GROUPS:
+      names += GROUPS[part]
+    elif part:
+      names.append(part)
+  seen: dict[str, Recipe] = {}
+  for n in names:
+    r = recipe_by_name(n)
+    seen.setdefault(r.name, r)
+  return list(seen.values())
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything that determines the dense model (the cache key) and the evaluation."""
+
+  d_model: int = 128
+  layers: int = 4
+  heads: int = 4
+  d_ff: int = 512
+  context: int = 128
+  batch_size: int = 32
+  dense_steps: int = 2000
+  dense_lr: float = 3e-3
+  eval_batches: int = 16
+  seed: int = 0
+
+
+QUICK = Setup(d_model=32, layers=1, heads=2, d_ff=128, context=32, batch_size=8,
+              dense_steps=40, eval_batches=2)
+
+
+def warmup_cosine(peak: float, steps: int) -> optax.Schedule:
+  """As in examples/train_lm.py: warmup min(100, steps/10), cosine down to 5% of peak."""
+  warmup = max(1, min(100, steps // 10))
+  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(steps, warmup + 1),
+                                            end_value=peak * 0.05)
+
+
+def pretrain(params, loss_fn, batch_at, steps: int, lr: float):
+  """Dense AdamW training, as examples/train_lm.py's `pretrain` (clip 1.0, wd 0.01)."""
+  tx = optax.chain(optax.clip_by_global_norm(1.0),
+                   optax.adamw(warmup_cosine(lr, steps), weight_decay=0.01))
+  step_fn = jaxprune.make_train_step(loss_fn, tx)
+  opt_state = tx.init(params)
+  rng = jax.random.key_data(jax.random.key(0))
+  start, losses = time.perf_counter(), []
+  for step in range(steps):
+    params, opt_state, loss = step_fn(params, opt_state, batch_at(step), rng, step)
+    if (step + 1) % max(1, steps // 10) == 0:
+      losses.append(float(loss))
+      print(f"  dense step {step + 1}/{steps}: train loss {losses[-1]:.4f} "
+            f"({time.perf_counter() - start:.0f}s)", flush=True)
+  return params
+
+
+def cache_key(setup: Setup, data_path: str, data_bytes: bytes) -> str:
+  blob = json.dumps({"setup": dataclasses.asdict(setup),
+                     "data": os.path.basename(data_path),
+                     "data_sha1": hashlib.sha1(data_bytes).hexdigest()}, sort_keys=True)
+  return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def dense_params(setup: Setup, template, loss_fn, batch_at, cache_dir: str, key: str):
+  """The pretrained params from the cache, else trained and cached (np.savez)."""
+  path = os.path.join(cache_dir, f"dense-{key}.npz")
+  leaves, treedef = jax.tree.flatten(template)
+  if os.path.exists(path):
+    with np.load(path) as f:
+      loaded = [f[f"leaf_{i}"] for i in range(len(leaves))]
+    for a, b in zip(loaded, leaves):
+      if a.shape != b.shape:
+        raise SystemExit(f"{path}: cached shapes do not match the model; delete it")
+    print(f"dense params: cached {path}")
+    return jax.tree.unflatten(treedef, [jax.numpy.asarray(x) for x in loaded]), 0.0
+  print(f"dense pretraining: {setup.dense_steps} steps at batch {setup.batch_size}, "
+        f"lr {setup.dense_lr:g} warmup-cosine", flush=True)
+  start = time.perf_counter()
+  params = pretrain(template, loss_fn, batch_at, setup.dense_steps, setup.dense_lr)
+  seconds = time.perf_counter() - start
+  os.makedirs(cache_dir, exist_ok=True)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **{f"leaf_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(params))})
+  os.replace(tmp, path)
+  print(f"dense pretraining took {seconds:.0f}s; cached in {path}")
+  return params, seconds
+
+
+def optimizer_for(recipe: Recipe, budgets: list[int]) -> tuple[optax.GradientTransformation,
+                                                                bool]:
+  """The retraining optimizer and `restart_optimizer` for a recipe's learning-rate mode."""
+  if recipe.lr_mode == "rewind":
+    lr, restart = warmup_cosine(recipe.lr, max(budgets)), True
+  elif recipe.lr_mode == "global":
+    lr, restart = warmup_cosine(recipe.lr, sum(budgets)), False
+  elif recipe.lr_mode == "cyclic":
+    segments = [warmup_cosine(recipe.lr, b) for b in budgets]
+    boundaries = list(np.cumsum(budgets[:-1]).tolist())
+    lr, restart = optax.join_schedules(segments, boundaries), False
+  else:
+    raise ValueError(f"unknown lr_mode {recipe.lr_mode!r}")
+  return optax.adamw(lr, weight_decay=0.01), restart
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def perplexity(loss: float) -> float:
+  return math.exp(loss) if loss < 700 else math.inf
+
+
+def markdown_table(dense_ppl: float, rows: list[dict]) -> str:
+  head = ("| recipe | final sparsity | perplexity | degradation % | targeted sparsity "
+          "| whole-model sparsity | retrain steps |")
+  lines = [head, "|" + "---|" * 7,
+           f"| dense | 0.0 | {dense_ppl:.3f} | 0.0 | 0.00% | 0.00% | 0 |"]
+  for r in rows:
+    lines.append(
+        f"| {r['recipe']} ({r['description']}) | {r['final_sparsity']:g} | "
+        f"{r['perplexity']:.3f} | {100 * r['degradation']:+.1f} | "
+        f"{100 * r['targeted_sparsity']:.2f}% | {100 * r['whole_model_sparsity']:.2f}% | "
+        f"{'+'.join(str(b) for b in r['retrain_steps'])} = {sum(r['retrain_steps'])} |"
+    )
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--data", default=DEFAULT_DATA, help="text file (default: tinyshakespeare "
+                 "in ../shared/data relative to the repository root)")
+  p.add_argument("--cache", default=DEFAULT_CACHE, help="dense-params cache directory")
+  p.add_argument("--recipes", default=None,
+                 help="comma list of LABEL@SPARSITY row ids and groups (table, sweep, all); "
+                      "default: table (--quick: the smoke group)")
+  p.add_argument("--dense-steps", type=int, default=None, help="default 2000 (--quick: 40)")
+  p.add_argument("--retrain-steps", type=int, default=None,
+                 help="total retraining steps per recipe (default: half the dense steps)")
+  p.add_argument("--json", default=None, help="write every row here (after each row)")
+  p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+  p.add_argument("--list", action="store_true", help="print the recipes and exit")
+  return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+  args = parse_args(argv)
+  if args.list:
+    for r in expand("all"):
+      print(f"{r.name:28s} {r.describe()}; targets "
+            f"{[round(s, 3) for s in r.targets()]}, budgets {r.budgets(1000)} (of 1000)")
+    return {}
+  setup = QUICK if args.quick else Setup()
+  if args.dense_steps is not None:
+    setup = dataclasses.replace(setup, dense_steps=args.dense_steps)
+  total = args.retrain_steps if args.retrain_steps is not None else setup.dense_steps // 2
+  if total > setup.dense_steps // 2:
+    print(f"warning: {total} retraining steps exceed half the dense steps "
+          f"({setup.dense_steps})")
+  recipes = expand(args.recipes or ("smoke" if args.quick else "table"))
+  if args.quick:  # Shorter schedules: a smoke run of the code paths.
+    recipes = [dataclasses.replace(r, iterations=min(r.iterations, 3)) for r in recipes]
+
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
+  with open(args.data, "rb") as f:
+    data_bytes = f.read()
+  text = data_bytes.decode("utf-8", errors="replace")
+  train_tokens, val_tokens = lm_data.train_val_split(lm_data.encode(text))
+  print(f"data: {args.data}: {len(train_tokens):,} train / {len(val_tokens):,} validation bytes")
+
+  config = lm_model.LMConfig(d_model=setup.d_model, num_layers=setup.layers,
+                             num_heads=setup.heads, d_ff=setup.d_ff, context=setup.context)
+  model = lm_model.TransformerLM(config, rngs=nnx.Rngs(setup.seed))
+  graphdef, template, rest = lm_model.split_model(model)
+  loss_fn = lm_model.make_loss_fn(graphdef, rest)
+  batch_at = jax.jit(lm_data.make_train_batches(train_tokens, setup.batch_size, setup.context,
+                                                setup.seed))
+  eval_batches = lm_data.make_eval_batches(val_tokens, setup.batch_size, setup.context,
+                                           setup.eval_batches)
+  key = cache_key(setup, args.data, data_bytes)
+  params, pretrain_seconds = dense_params(setup, template, loss_fn, batch_at, args.cache, key)
+  where = jaxprune.select(params)
+  eval_step = jaxprune.make_eval_step(loss_fn)
+  dense_loss = float(np.mean([float(eval_step(params, b)) for b in eval_batches]))
+  dense_ppl = perplexity(dense_loss)
+  report = jaxprune.sparsity_report(params, where)
+  print(f"model: {lm_model.param_count(params):,} parameters ({report.targeted_params:,} "
+        f"targeted: output_proj + fc*), {config}")
+  print(f"dense validation perplexity {dense_ppl:.3f} (loss {dense_loss:.4f}) on "
+        f"{setup.eval_batches} batches of {setup.batch_size}x{setup.context}")
+  print(f"retraining budget: {total} steps per recipe; {len(recipes)} recipe(s)\n", flush=True)
+
+  # The retraining stream starts after the pretraining steps: fresh batches, the same
+  # for every recipe.
+  def retrain_batch(step):
+    return batch_at(setup.dense_steps + step)
+
+  out: dict[str, Any] = {
+      "setup": dataclasses.asdict(setup), "data": os.path.abspath(args.data),
+      "cache_key": key, "dense_loss": dense_loss, "dense_perplexity": dense_ppl,
+      "pretrain_seconds": pretrain_seconds, "retrain_total": total, "rows": [],
+  }
+  for recipe in recipes:
+    targets, budgets = recipe.targets(), recipe.budgets(total)
+    optimizer, restart = optimizer_for(recipe, budgets)
+    print(f"{recipe.name}: {recipe.describe()}; targets {[round(s, 3) for s in targets]}, "
+          f"budgets {budgets}", flush=True)
+    start = time.perf_counter()
+    result = jaxprune.prune_retrain(
+        params, loss_fn, retrain_batch, eval_batches, optimizer=optimizer, schedule=targets,
+        where=where, retrain_steps=budgets, scope=recipe.scope, restart_optimizer=restart,
+        progress=False, checkpoint_dir=None, seed=setup.seed,
+        teacher=(lm_model.make_batch_apply_fn(graphdef, rest), params) if recipe.distill
+        else None, distill_weight=recipe.distill,
+    )
+    seconds = time.perf_counter() - start
+    row = {
+        "recipe": recipe.name, "description": recipe.describe(),
+        "config": dataclasses.asdict(recipe), "final_sparsity": recipe.final,
+        "targets": targets, "retrain_steps": budgets,
+        "perplexity": result.final_perplexity,
+        "degradation": result.final_perplexity / dense_ppl - 1.0,
+        "targeted_sparsity": result.achieved_sparsity,
+        "whole_model_sparsity": result.overall_sparsity,
+        "seconds": seconds,
+        "history": [
+            {k: v for k, v in h.items() if not k.startswith("loss")} for h in result.history
+        ],
+    }
+    out["rows"].append(row)
+    steps = " -> ".join(f"{h['perplexity_after_prune']:.2f}/{h['perplexity_after_retrain']:.2f}"
+                        for h in result.history)
+    print(f"  perplexity {row['perplexity']:.3f} ({100 * row['degradation']:+.1f}%), targeted "
+          f"{100 * row['targeted_sparsity']:.2f}%, whole model "
+          f"{100 * row['whole_model_sparsity']:.2f}%, {seconds:.0f}s "
+          f"[after prune/after retrain: {steps}]", flush=True)
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(out, f, indent=2)
+
+  print("\n" + markdown_table(dense_ppl, out["rows"]))
+  return out
+
+
+if __name__ == "__main__":
+  main()
