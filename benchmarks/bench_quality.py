@@ -133,6 +133,8 @@ _BASES: dict[str, dict[str, Any]] = {
                                     split="last=0.5", lr=3e-4),
     "geometric-last50-lr3e-4-distill": dict(schedule="geometric", initial=0.2, iterations=5,
                                             split="last=0.5", lr=3e-4, distill=0.5),
+    "geometric-last50-lr3e-3-distill": dict(schedule="geometric", initial=0.2, iterations=5,
+                                            split="last=0.5", lr=3e-3, distill=0.5),
     "cubic-last50": dict(schedule="cubic", initial=0.2, iterations=5, split="last=0.5"),
     "geometric-lr3e-3": dict(schedule="geometric", initial=0.2, iterations=5, lr=3e-3),
     "geometric-global": dict(schedule="geometric", initial=0.2, iterations=5, lr_mode="global"),

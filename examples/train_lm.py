@@ -43,8 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       "Python's standard library sources, no download.")
   p.add_argument("--max-bytes", type=int, default=2_000_000, help="cap on text read")
   p.add_argument("--steps", type=int, default=600, help="dense pretraining steps")
-  p.add_argument("--retrain-steps", default="60",
-                 help="retraining steps per prune iteration: one int, or a comma list")
+  p.add_argument("--retrain-steps", default="300",
+                 help="total retraining steps across the schedule, spread by --last-share; "
+                      "or a comma list with one budget per iteration")
+  p.add_argument("--last-share", type=float, default=0.5,
+                 help="share of the total retraining budget given to the last iteration "
+                      "(the rest is split evenly); the measured default, see README")
   p.add_argument("--initial-sparsity", type=float, default=0.2)
   p.add_argument("--final-sparsity", type=float, default=0.8)
   p.add_argument("--iterations", type=int, default=5)
@@ -59,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--context", type=int, default=128)
   p.add_argument("--batch-size", type=int, default=16)
   p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (dense)")
-  p.add_argument("--retrain-lr", type=float, default=1e-3, help="peak retraining learning rate")
+  p.add_argument("--retrain-lr", type=float, default=3e-3,
+                 help="peak retraining learning rate, rewound (warmup-cosine) every iteration")
   p.add_argument("--eval-batches", type=int, default=8)
   p.add_argument("--out", default="runs/demo", help="checkpoints, plots, results.json")
   p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -100,9 +105,19 @@ def build_schedule(name: str, initial: float, final: float, iterations: int):
     raise SystemExit(f"--schedule: expected one of {SCHEDULES} or numbers, got {name!r}") from None
 
 
-def retrain_budgets(spec: str, iterations: int) -> int | list[int]:
-  parts = [int(s) for s in spec.split(",")]
-  return parts[0] if len(parts) == 1 else parts
+def retrain_budgets(spec: str, iterations: int, last_share: float) -> list[int]:
+  """Per-iteration budgets: an explicit comma list, or a total spread by `last_share`."""
+  parts = [int(v) for v in spec.split(",")]
+  if len(parts) > 1:
+    return parts
+  total = parts[0]
+  if iterations == 1:
+    return [total]
+  if not 0.0 <= last_share <= 1.0:
+    raise SystemExit(f"--last-share must be in [0, 1], got {last_share}")
+  last = round(total * last_share) if last_share else total // iterations
+  each = (total - last) // (iterations - 1)
+  return [each] * (iterations - 1) + [total - each * (iterations - 1)]
 
 
 def warmup_cosine(peak: float, steps: int) -> optax.Schedule:
@@ -220,8 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
   where = jaxprune.select(params)
   schedule = build_schedule(args.schedule, args.initial_sparsity, args.final_sparsity,
                             args.iterations)
-  budgets = retrain_budgets(args.retrain_steps, len(schedule))
-  per_iteration = budgets if isinstance(budgets, int) else max(budgets)
+  budgets = retrain_budgets(args.retrain_steps, len(schedule), args.last_share)
+  per_iteration = max(budgets)
   print(f"schedule ({args.schedule}): {[round(float(s), 4) for s in schedule]}, "
         f"retrain steps {budgets}, scope {args.scope}")
 
