@@ -143,6 +143,8 @@ _BASES: dict[str, dict[str, Any]] = {
     "geometric-N8": dict(schedule="geometric", initial=0.2, iterations=8),
     "geometric-globalscope": dict(schedule="geometric", initial=0.2, iterations=5,
                                   scope="global"),
+    "geometric-last50-lr3e-3-cyclic": dict(schedule="geometric", initial=0.2, iterations=5,
+                                           split="last=0.5", lr=3e-3, lr_mode="cyclic"),
     "exponential-lr3e-3": dict(schedule="exponential", initial=0.2, iterations=5, lr=3e-3),
     "exponential-last50": dict(schedule="exponential", initial=0.2, iterations=5,
                                split="last=0.5"),
