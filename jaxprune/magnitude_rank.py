@@ -46,12 +46,26 @@ def magnitude_keys(w: jax.Array, kept: jax.Array | None = None) -> jax.Array:
   return keys
 
 
-def _histogram(keys: Sequence[jax.Array], digit, valid) -> jax.Array:
+_SCATTER_1D = lax.ScatterDimensionNumbers(
+    update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
+)
+
+
+def _histogram(keys: Sequence[jax.Array], digit, weight) -> jax.Array:
+  """Counts of `digit(key)` (16 bits) over all `keys`, each entry counted `weight(key)` times.
+
+  The bucket index is uint16 (2 bytes per entry, always in range) and the weight an
+  int32 (the scatter's update), so a pass holds about 6 extra bytes per entry.
+  """
   hist = jnp.zeros(_BUCKETS, jnp.int32)
   for key in keys:
-    # Invalid entries scatter out of range and are dropped.
-    idx = jnp.where(valid(key), digit(key).astype(jnp.int32), _BUCKETS)
-    hist = hist.at[idx].add(1, mode="drop")
+    # A trailing index axis instead of a flattening reshape, which would gather a
+    # leaf sharded on any axis but the first.
+    idx = digit(key).astype(jnp.uint16)[..., None]
+    hist = lax.scatter_add(
+        hist, idx, jnp.broadcast_to(weight(key), key.shape).astype(jnp.int32), _SCATTER_1D,
+        mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+    )
   return hist
 
 
@@ -85,11 +99,62 @@ def _first_true(x: jax.Array, quota: jax.Array) -> jax.Array:
   return x & (whole_rows[..., None] | (boundary[..., None] & within))
 
 
+def _select_smallest(sources: Sequence[tuple], key_of, k: jax.Array | int) -> list[jax.Array]:
+  """Core of `smallest_k`: `key_of(*source)` gives each source's uint32 keys.
+
+  Keys are recomputed from their sources in every pass instead of being held: they
+  are cheap elementwise functions that XLA fuses into each consumer, and holding
+  them (they are an operand of the tie-break `cond`) would cost 4 bytes per entry.
+  """
+  sources = [tuple(s) for s in sources]
+  k = jnp.asarray(k, jnp.int32)
+  shift = jnp.uint32(_DIGIT_BITS)
+  low = jnp.uint32(_BUCKETS - 1)
+
+  def all_keys(srcs):
+    return [key_of(*s) for s in srcs]
+
+  hist_hi = _histogram(all_keys(sources), lambda x: x >> shift, lambda x: jnp.int32(1))
+  b_hi, below_hi, _ = _pick_bucket(hist_hi, k)
+  rank = k - below_hi
+
+  def in_bucket(x):
+    return (x >> shift) == b_hi
+
+  # The pass-2 digit depends on `b_hi`, so it is not scheduled (and held) before pass 1.
+  hist_lo = _histogram(
+      all_keys(sources), lambda x: jnp.where(in_bucket(x), x & low, 0), in_bucket
+  )
+  b_lo, below_lo, ties = _pick_bucket(hist_lo, rank)
+  threshold = (b_hi << shift) | b_lo
+  # How many of the keys equal to `threshold` must go, in position order.
+  take = rank - below_lo
+  # k == 0 picks bucket 0 with take == 0: nothing is marked, as wanted.
+
+  def without_tiebreak(srcs) -> list[jax.Array]:
+    return [(x < threshold) | ((x == threshold) & (take > 0)) for x in all_keys(srcs)]
+
+  def with_tiebreak(srcs) -> list[jax.Array]:
+    out, before = [], jnp.int32(0)
+    for x in all_keys(srcs):
+      equal = x == threshold
+      quota = jnp.clip(take - before, 0, None)
+      out.append((x < threshold) | _first_true(equal, quota))
+      before = before + jnp.sum(equal, dtype=jnp.int32)
+    return out
+
+  return lax.cond(ties == take, without_tiebreak, with_tiebreak, sources)
+
+
 # Jitted so that eager calls compile once per shape: called op by op, the `lax.cond`
-# below closes over concrete arrays and would be recompiled on every call.
+# inside closes over concrete arrays and would be recompiled on every call.
 @jax.jit
 def smallest_k(keys: Sequence[jax.Array], k: jax.Array | int) -> list[jax.Array]:
   """Marks exactly `k` smallest keys across all of `keys` (ties by position).
+
+  Two counting passes (16 bits each) find the `k`-th smallest key `t`; keys below
+  `t` are marked, and keys equal to `t` in flat position order (array order, then
+  row-major) until exactly `k` are.
 
   Args:
     keys: uint32 arrays of any shapes (from `magnitude_keys`), ranked together.
@@ -103,34 +168,34 @@ def smallest_k(keys: Sequence[jax.Array], k: jax.Array | int) -> list[jax.Array]
     >>> smallest_k([jnp.array([3, 1, 2, 1], jnp.uint32)], 2)
     [Array([False,  True, False,  True], dtype=bool)]
   """
-  keys = list(keys)
-  k = jnp.asarray(k, jnp.int32)
-  shift = jnp.uint32(_DIGIT_BITS)
-  low = jnp.uint32(_BUCKETS - 1)
+  return _select_smallest([(x,) for x in keys], lambda x: x, k)
 
-  hist_hi = _histogram(keys, lambda x: x >> shift, lambda x: True)
-  b_hi, below_hi, _ = _pick_bucket(hist_hi, k)
-  rank = k - below_hi
-  hist_lo = _histogram(keys, lambda x: x & low, lambda x: (x >> shift) == b_hi)
-  b_lo, below_lo, ties = _pick_bucket(hist_lo, rank)
-  threshold = (b_hi << shift) | b_lo
-  # How many of the keys equal to `threshold` must go, in position order.
-  take = rank - below_lo
-  # k == 0 picks bucket 0 with take == 0: nothing is marked, as wanted.
 
-  def without_tiebreak() -> list[jax.Array]:
-    return [(x < threshold) | ((x == threshold) & (take > 0)) for x in keys]
+@jax.jit
+def smallest_magnitudes(
+    weights: Sequence[jax.Array], kept: Sequence[jax.Array | None], k: jax.Array | int
+) -> list[jax.Array]:
+  """`smallest_k` of `magnitude_keys(w, kept)`, without materializing the keys.
 
-  def with_tiebreak() -> list[jax.Array]:
-    out, before = [], jnp.int32(0)
-    for x in keys:
-      equal = x == threshold
-      quota = jnp.clip(take - before, 0, None)
-      out.append((x < threshold) | _first_true(equal, quota))
-      before = before + jnp.sum(equal, dtype=jnp.int32)
-    return out
+  Marks exactly `k` entries across all `weights`: first the already-pruned ones
+  (`kept=False`), then the smallest `|w|`, ties by position. Extra memory is about
+  6 bytes per weight (a uint16 bucket index and an int32 count per pass) rather
+  than the 4 more a held key array would add.
 
-  return lax.cond(ties == take, without_tiebreak, with_tiebreak)
+  Args:
+    weights: float arrays of any shapes, ranked together.
+    kept: one bool array of its weight's shape, or None, per weight.
+    k: number of entries to mark, `0 <= k <= total size`; may be traced.
+
+  Returns:
+    One bool array per weight, its shape, `True` for the `k` marked.
+
+  Example::
+
+    >>> smallest_magnitudes([jnp.array([0.3, -0.1, 0.2])], [None], 1)
+    [Array([False,  True, False], dtype=bool)]
+  """
+  return _select_smallest(list(zip(weights, kept)), magnitude_keys, k)
 
 
 def round_fraction_of(fraction: jax.Array, n: int) -> jax.Array:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.leaf_selection import Where, path_string, resolve_where
-from jaxprune.magnitude_rank import magnitude_keys, round_fraction_of, smallest_k
+from jaxprune.magnitude_rank import round_fraction_of, smallest_magnitudes
 
 PyTree = Any
 Scope = Literal["layer", "global"]
@@ -226,7 +226,7 @@ def magnitude_masks(
   a weight.
 
   Selection is a two-pass radix select over the float bit patterns
-  (`jaxprune.magnitude_rank`): no sort, about 4 extra bytes per weight, and in
+  (`jaxprune.magnitude_rank`): no sort, about 6 extra bytes per weight, and in
   global scope no concatenation of leaves.
 
   Args:
@@ -262,15 +262,16 @@ def magnitude_masks(
   for _, path, w, _ in chosen:
     _check_finite(w, path)
 
-  keys = [magnitude_keys(w, prev) for _, _, w, prev in chosen]
   computed: dict[int, jax.Array] = {}
   if scope == "layer":
-    for (i, _, w, prev), key in zip(chosen, keys):
-      pruned = smallest_k([key], _prune_count(sparsity, w.size))[0]
+    for i, _, w, prev in chosen:
+      pruned = smallest_magnitudes([w], [prev], _prune_count(sparsity, w.size))[0]
       computed[i] = ~pruned if prev is None else prev & ~pruned
   else:
     total = sum(w.size for _, _, w, _ in chosen)
-    pruned_all = smallest_k(keys, _prune_count(sparsity, total))
+    pruned_all = smallest_magnitudes(
+        [w for _, _, w, _ in chosen], [p for *_, p in chosen], _prune_count(sparsity, total)
+    )
     for (i, _, _, prev), pruned in zip(chosen, pruned_all):
       computed[i] = ~pruned if prev is None else prev & ~pruned
   return _mask_tree(params, computed)

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jaxprune
-from jaxprune.magnitude_rank import round_fraction_of, smallest_k
+from jaxprune.magnitude_rank import round_fraction_of, smallest_k, smallest_magnitudes
 
 SETTINGS = settings(max_examples=20, deadline=None)
 LAYER_SHAPES = [(1, 1), (1, 2), (3, 4), (2, 3, 5)]
@@ -377,6 +377,30 @@ def test_smallest_k_ties_by_position():
   got = smallest_k([jnp.array([[3, 1, 2, 1], [1, 5, 0, 9], [1, 1, 1, 1]], jnp.uint32)], 4)
   np.testing.assert_array_equal(got[0], [[False, True, False, True], [True, False, True, False],
                                          [False] * 4])
+
+
+def test_smallest_magnitudes_counts_pruned_first_then_small():
+  w = jnp.array([[0.5, -0.1, 0.3], [0.2, -0.9, 0.0]], jnp.float32)
+  kept = jnp.array([[False, True, True], [True, True, True]])
+  got = smallest_magnitudes([w], [kept], 3)[0]
+  # 0.5 is already pruned, then the two smallest |w|: 0.0 and -0.1.
+  np.testing.assert_array_equal(got, [[True, True, False], [False, False, True]])
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_mask_selection_peak_memory_at_most_8_bytes_per_param(scope):
+  # The goal of issue 2: XLA's temp buffers for ranking, per ranked parameter. Held
+  # keys or int32 scatter indices would each add 4 bytes and break it.
+  shapes = {"fc1": (512, 1024), "fc2": (1024, 512), "output_proj": (4, 128, 256)}
+  tree = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
+  where = {k: True for k in shapes}
+  compiled = jax.jit(
+      lambda t: jaxprune.magnitude_masks(t, 0.8, where, scope=scope)
+  ).lower(tree).compile()
+  stats = compiled.memory_analysis()
+  assert stats is not None, "this backend reports no memory analysis"
+  n = sum(int(np.prod(s)) for s in shapes.values())
+  assert stats.temp_size_in_bytes / n <= 8.0
 
 
 def test_global_ties_broken_in_leaf_order():
