@@ -155,6 +155,10 @@ _BASES: dict[str, dict[str, Any]] = {
 # peak learning rate (3e-3) after every prune. It is `geometric-last50-lr3e-3`.
 TUNED = dict(schedule="geometric", initial=0.2, iterations=5, split="last=0.5", lr=3e-3)
 
+# The tuned recipe with one choice changed, to see what each is worth.
+_BASES["tuned-globalscope"] = dict(TUNED, scope="global")
+_BASES["tuned-cubic"] = dict(TUNED, schedule="cubic")
+
 GROUPS: dict[str, list[str]] = {
     "table": (
         [f"exponential@{s:g}" for s in SPARSITIES]
