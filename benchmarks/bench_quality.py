@@ -217,6 +217,10 @@ class Setup:
   seed: int = 0
 
 
+# Batch indices of retraining stream k start at dense_steps + k * stride: disjoint from each
+# other for any budget below the stride, and still within fold_in's 32-bit step.
+RETRAIN_SEED_STRIDE = 1_000_000
+
 QUICK = Setup(d_model=32, layers=1, heads=2, d_ff=128, context=32, batch_size=8,
               dense_steps=40, eval_batches=2)
 
@@ -329,6 +333,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--dense-steps", type=int, default=None, help="default 2000 (--quick: 40)")
   p.add_argument("--retrain-steps", type=int, default=None,
                  help="total retraining steps per recipe (default: half the dense steps)")
+  p.add_argument("--retrain-seed", type=int, default=0,
+                 help="retraining data stream and loop seed (the dense model stays the same); "
+                      "rerun a recipe with another value to see the run-to-run spread")
   p.add_argument("--json", default=None, help="write every row here (after each row)")
   p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
   p.add_argument("--list", action="store_true", help="print the recipes and exit")
@@ -383,14 +390,19 @@ def main(argv: list[str] | None = None) -> dict:
   print(f"retraining budget: {total} steps per recipe; {len(recipes)} recipe(s)\n", flush=True)
 
   # The retraining stream starts after the pretraining steps: fresh batches, the same
-  # for every recipe.
+  # for every recipe. Another --retrain-seed draws a disjoint stretch of the same stream,
+  # far past any step the dense model saw.
+  stream_start = setup.dense_steps + RETRAIN_SEED_STRIDE * args.retrain_seed
+  loop_seed = setup.seed + args.retrain_seed
+
   def retrain_batch(step):
-    return batch_at(setup.dense_steps + step)
+    return batch_at(stream_start + step)
 
   out: dict[str, Any] = {
       "setup": dataclasses.asdict(setup), "data": os.path.abspath(args.data),
       "cache_key": key, "dense_loss": dense_loss, "dense_perplexity": dense_ppl,
-      "pretrain_seconds": pretrain_seconds, "retrain_total": total, "rows": [],
+      "pretrain_seconds": pretrain_seconds, "retrain_total": total,
+      "retrain_seed": args.retrain_seed, "rows": [],
   }
   for recipe in recipes:
     targets, budgets = recipe.targets(), recipe.budgets(total)
@@ -401,7 +413,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = jaxprune.prune_retrain(
         params, loss_fn, retrain_batch, eval_batches, optimizer=optimizer, schedule=targets,
         where=where, retrain_steps=budgets, scope=recipe.scope, restart_optimizer=restart,
-        progress=False, checkpoint_dir=None, seed=setup.seed,
+        progress=False, checkpoint_dir=None, seed=loop_seed,
         teacher=(lm_model.make_batch_apply_fn(graphdef, rest), params) if recipe.distill
         else None, distill_weight=recipe.distill,
     )

@@ -1,0 +1,104 @@
+"""The benchmarks run (`--quick`) and what they write holds together.
+
+The figures in the README come from full runs on tinyshakespeare; these tests only keep
+the scripts from rotting and check the invariants their reports rest on (masks identical
+to the sort reference, optimizer state growing by exactly the masks, the quality
+benchmark deterministic for a seed and sensitive to `--retrain-seed`). They use a text
+they write themselves, never ../shared.
+"""
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+def run_benchmark(name: str, *args: str) -> dict:
+  json_path = args[args.index("--json") + 1]
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", f"bench_{name}.py"), "--quick", *args],
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+  )
+  assert proc.returncode == 0, (
+      f"bench_{name}.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+  with open(json_path) as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+  rng = random.Random(0)
+  words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while",
+           "seven", "owls", "watch", "it"]
+  path = tmp_path_factory.mktemp("bench_data") / "text.txt"
+  path.write_text(" ".join(rng.choice(words) for _ in range(20_000)))
+  return str(path)
+
+
+def test_bench_masks_matches_the_sort_reference(tmp_path):
+  report = run_benchmark("masks", "--json", str(tmp_path / "masks.json"))
+  assert len(report["results"]) == 3
+  for row in report["results"]:
+    assert row["masks_identical_to_sort"] is True, row["case"]
+    # round(s * n) per leaf (layer scope) or over the tree (global): off by < 1 per leaf.
+    assert abs(row["pruned"] - 0.8 * row["params"]) < row["leaves"], row["case"]
+    assert row["speedup_vs_sort"] > 0 and row["ratio_to_partition"] > 0
+  assert "| masks = sort |" in report["markdown"]
+
+
+def test_bench_step_state_grows_by_exactly_the_masks(tmp_path):
+  report = run_benchmark("step", "--json", str(tmp_path / "step.json"))
+  assert report["mask_bytes"] == report["targeted_params"]  # one bool per targeted weight
+  growth = report["opt_state_bytes"]["pruned(adamw)"] - report["opt_state_bytes"]["adamw"]
+  assert growth == report["mask_bytes"] + 4  # plus the int32 step counter
+  # The mask multiply is elementwise: it may add traffic, never a matmul's worth of FLOPs.
+  assert 1.0 <= report["flops_ratio"] < 1.05
+  assert 1.0 <= report["bytes_accessed_ratio"] < 1.10
+
+
+def test_bench_loop_reports_ratios_and_reaches_its_sparsity(tmp_path, text_file):
+  report = run_benchmark("loop", "--data", text_file, "--json", str(tmp_path / "loop.json"))
+  for baseline in ("hand pruned(adamw)", "hand adamw"):
+    assert report["ratio"][baseline] > 0
+    assert len(report["ratios"][baseline]) == len(report["samples"])
+  whole = report["whole_run"]
+  assert abs(whole["achieved_sparsity"] - report["schedule"][-1]) < 1e-2
+  assert math.isfinite(whole["final_perplexity"])
+
+
+def test_bench_sharding_keeps_per_device_memory_below_replicated(tmp_path):
+  report = run_benchmark("sharding", "--json", str(tmp_path / "sharding.json"))
+  one, many = report[0], report[-1]
+  assert one["devices"] == 1 and many["devices"] > 1
+  assert one["params"] == many["params"]
+  assert many["per_device_bytes"] < one["per_device_bytes"]
+
+
+def test_bench_quality_is_deterministic_and_honours_retrain_seed(tmp_path, text_file):
+  cache = str(tmp_path / "cache")
+  common = ["--data", text_file, "--cache", cache]
+  full = run_benchmark("quality", *common, "--json", str(tmp_path / "q.json"))
+  assert full["retrain_seed"] == 0 and len(full["rows"]) >= 4
+  for row in full["rows"]:
+    assert sum(row["retrain_steps"]) == full["retrain_total"], row["recipe"]
+    assert abs(row["targeted_sparsity"] - row["final_sparsity"]) < 1e-3, row["recipe"]
+    assert row["whole_model_sparsity"] < row["targeted_sparsity"]
+    assert math.isclose(row["degradation"], row["perplexity"] / full["dense_perplexity"] - 1)
+  oneshot = {r["recipe"]: r for r in full["rows"]}["oneshot@0.8"]
+
+  again = run_benchmark("quality", *common, "--recipes", "oneshot@0.8",
+                        "--json", str(tmp_path / "again.json"))
+  other = run_benchmark("quality", *common, "--recipes", "oneshot@0.8", "--retrain-seed", "1",
+                        "--json", str(tmp_path / "other.json"))
+  # The dense model comes from the cache: the same in all three runs.
+  assert again["dense_perplexity"] == other["dense_perplexity"] == full["dense_perplexity"]
+  assert again["rows"][0]["perplexity"] == oneshot["perplexity"]
+  assert other["retrain_seed"] == 1
+  assert other["rows"][0]["perplexity"] != oneshot["perplexity"]
