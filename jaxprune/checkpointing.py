@@ -20,11 +20,11 @@ import os
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxprune.leaf_selection import leaf_paths
+from jaxprune.mask_tree import is_none, pack_masks, unpack_masks
 from jaxprune.optax_wrapper import replace_masks
 
 PyTree = Any
@@ -39,23 +39,35 @@ class LoopState(NamedTuple):
   rng: jax.Array  # raw key data (uint32), see `jax.random.key_data`
 
 
-def pack_masks(masks: PyTree) -> dict[str, jax.Array]:
-  """Masks as `{leaf index: uint8 bits}`, 1 bit per weight (row-major, big-endian bits)."""
-  leaves = jax.tree.leaves(masks, is_leaf=lambda m: m is None)
-  return {str(i): jnp.packbits(m.reshape(-1)) for i, m in enumerate(leaves) if m is not None}
+def describe_state(opt_state: PyTree) -> str:
+  """A short name of an optimizer state's layout, for the resume check.
 
+  The node types in order (`PrunedState(ScaleByAdamState, ...)` reads as
+  `PrunedState/ScaleByAdamState/...`) and a digest of every leaf's path, shape and
+  dtype, with the masks left out: two optimizers agree iff their states would
+  restore into each other.
+  """
+  kinds: list[str] = []
 
-def _unpack_one(bits: jax.Array, like: jax.Array) -> jax.Array:
-  mask = jnp.unpackbits(bits, count=like.size).reshape(like.shape).astype(jnp.bool_)
-  sharding = getattr(like, "sharding", None)
-  return mask if sharding is None else jax.device_put(mask, sharding)
+  def visit(node: Any) -> None:
+    if isinstance(node, (dict, list, tuple)) and type(node) in (dict, list, tuple):
+      children = node.values() if isinstance(node, dict) else node
+    elif jax.tree_util.treedef_is_leaf(jax.tree.structure(node, is_leaf=is_none)):
+      return
+    else:
+      name = type(node).__name__
+      if not kinds or kinds[-1] != name:
+        kinds.append(name)
+      children = jax.tree.leaves(node, is_leaf=lambda y: y is not node)
+    for child in children:
+      visit(child)
 
-
-def unpack_masks(packed: dict[str, jax.Array], like: PyTree) -> PyTree:
-  """Inverse of `pack_masks`, laid out like the mask tree `like`."""
-  leaves, treedef = jax.tree.flatten(like, is_leaf=lambda m: m is None)
-  out = [None if m is None else _unpack_one(packed[str(i)], m) for i, m in enumerate(leaves)]
-  return jax.tree.unflatten(treedef, out)
+  state = replace_masks(opt_state, None)
+  visit(state)
+  layout = [f"{p}:{np.shape(x)}:{getattr(x, 'dtype', type(x).__name__)}"
+            for p, x in zip(leaf_paths(state), jax.tree.leaves(state))]
+  digest = hashlib.sha256("\n".join(layout).encode()).hexdigest()[:12]
+  return f"{'/'.join(kinds) or 'no state'} ({len(layout)} arrays, layout {digest})"
 
 
 def fingerprint(params: PyTree, **config: Any) -> dict[str, Any]:
@@ -107,12 +119,14 @@ def save(manager: ocp.CheckpointManager, index: int, state: LoopState, meta: dic
 
 def check_fingerprint(saved: dict[str, Any], expected: dict[str, Any], directory: str) -> None:
   """Raises `ValueError` naming the first setting a checkpoint disagrees on."""
-  for key in sorted(set(saved) | set(expected)):
+  # The optimizer state follows from the params and settings: name those first.
+  for key in sorted(set(saved) | set(expected), key=lambda k: (k == "optimizer_state", k)):
     if saved.get(key) != expected.get(key):
+      what = "the optimizer state" if key == "optimizer_state" else key
       raise ValueError(
-          f"checkpoint in {directory} was written by another configuration: {key} is "
-          f"{saved.get(key)!r} there and {expected.get(key)!r} now. Use another "
-          "checkpoint_dir or resume=False (nothing was overwritten)."
+          f"checkpoint in {directory} was written by another configuration: {what} is "
+          f"{saved.get(key)!r} there and {expected.get(key)!r} now. Resume with the same "
+          "settings (and optimizer), or use another checkpoint_dir (nothing was overwritten)."
       )
 
 

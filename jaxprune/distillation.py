@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,14 @@ def kl_to_teacher(
   return temperature**2 * jnp.mean(kl)
 
 
+def takes_rng(loss_fn: Callable[..., Any]) -> bool:
+  """Does `loss_fn` have a parameter named `rng` (the per-step key of the loop)?"""
+  try:
+    return "rng" in inspect.signature(loss_fn).parameters
+  except (TypeError, ValueError):
+    return False
+
+
 def distillation_loss(
     loss_fn: Callable[..., Any], apply_fn: ApplyFn, *, weight: float, temperature: float
 ) -> Callable[[PyTree, dict], tuple[jax.Array, dict]]:
@@ -52,6 +61,10 @@ def distillation_loss(
   (`(loss, {"logits": ...})`) when it returns them, else from `apply_fn(params, batch)`;
   teacher logits are `apply_fn(teacher_params, batch)`.
 
+  The returned loss takes an `rng` keyword and hands it to `loss_fn` when `loss_fn`
+  has an `rng` parameter, so dropout stays on while distilling (the teacher and an
+  `apply_fn` call run without it: deterministic).
+
   Raises:
     ValueError: `weight` outside [0, 1] or `temperature <= 0`.
   """
@@ -60,9 +73,11 @@ def distillation_loss(
   if temperature <= 0:
     raise ValueError(f"temperature must be > 0, got {temperature!r}")
 
-  def loss(params: PyTree, inputs: dict) -> tuple[jax.Array, dict]:
+  wants_rng = takes_rng(loss_fn)
+
+  def loss(params: PyTree, inputs: dict, rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
     batch = inputs["batch"]
-    out = loss_fn(params, batch)
+    out = loss_fn(params, batch, rng=rng) if wants_rng else loss_fn(params, batch)
     hard, aux = out if isinstance(out, tuple) else (out, None)
     student = aux.get("logits") if isinstance(aux, dict) else None
     if student is None:

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.leaf_selection import path_string
-from jaxprune.masks import check_masks
+from jaxprune.mask_tree import align_masks, canonical_path, is_none, slots, unflatten
 
 PyTree = Any
 Values = Literal["float32", "bfloat16", "int8"]
@@ -91,10 +91,6 @@ class ExportInfo(NamedTuple):
 
 def _ratio(a: float, b: float) -> float:
   return a / b if b else float("inf")
-
-
-def _is_none(x: Any) -> bool:
-  return x is None
 
 
 # ----------------------------------------------------------------------------- tree skeleton
@@ -317,11 +313,8 @@ def export_compressed(
     raise ValueError(f"values must be 'float32', 'bfloat16' or 'int8', got {values!r}")
   path = os.fspath(path)
   # None counts as a leaf here, as in mask trees, so that params and masks line up.
-  with_path = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_none)[0]
-  if masks is None:
-    mask_leaves = [None] * len(with_path)
-  else:
-    mask_leaves = jax.tree.leaves(check_masks(masks, params), is_leaf=_is_none)
+  with_path = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_none)[0]
+  mask_leaves = [None] * len(with_path) if masks is None else align_masks(masks, params)
   leaves = [(p, x, mask) for (p, x), mask in zip(with_path, mask_leaves) if x is not None]
   index_of = {jax.tree_util.keystr(p): i for i, (p, _, _) in enumerate(leaves)}
   skeleton = _skeleton(params, (), index_of)
@@ -383,19 +376,30 @@ def _read(path: str) -> tuple[dict, memoryview]:
 
 
 def load_compressed(
-    path: str | os.PathLike, *, with_masks: bool = False
+    path: str | os.PathLike, *, like: PyTree | None = None, with_masks: bool = False
 ) -> PyTree | tuple[PyTree, PyTree]:
   """Reads an `export_compressed` file back into dense params.
 
-  Containers come back as plain dicts/lists/tuples: dict, list and tuple params
-  round-trip to the same structure; other pytree nodes (FrozenDict, NamedTuple,
-  `nnx.State`) come back as nested dicts keyed by their path components, so every
-  leaf keeps its path string (`fc1/kernel`, `fc1/kernel/value`). Leaves are NumPy
-  arrays of their original dtype and shape, with exact zeros where pruned (place
-  them with `jax.device_put(params, shardings)`).
+  Without `like`, containers come back as plain dicts/lists/tuples: dict, list and
+  tuple params round-trip to the same structure; other pytree nodes (FrozenDict,
+  NamedTuple, `nnx.State`, Equinox modules) come back as nested dicts keyed by
+  their path components, so every leaf keeps its path string (`fc1/kernel`,
+  `fc1/kernel/value`), and leaves are NumPy arrays.
+
+  With `like` (the params tree of the model to load into, e.g. the tree that was
+  exported, or `jax.eval_shape` of it), the result has `like`'s structure and
+  containers, leaves matched by path (an nnx trailing `/value` may differ) and
+  checked for shape and dtype, as `jax.Array`s on the shardings of `like`'s leaves.
+  That is the way back into a running model:
+
+  * Flax NNX: `nnx.update(model, load_compressed(f, like=nnx.state(model, nnx.Param)))`;
+  * Flax Linen: `variables = {"params": load_compressed(f, like=variables["params"])}`;
+  * Equinox: `params, static = eqx.partition(model, eqx.is_array)`, then
+    `model = eqx.combine(load_compressed(f, like=params), static)`.
 
   Args:
     path: a file written by `export_compressed`.
+    like: a params tree to lay the result out like, or None.
     with_masks: also return the mask tree (bool arrays for the bitmask leaves,
       None elsewhere), e.g. to keep fine-tuning with `pruned`.
 
@@ -405,13 +409,47 @@ def load_compressed(
   Raises:
     CompressedFormatError (a ValueError): wrong magic bytes, unsupported format
       version, truncated file, or checksum mismatch (corruption).
+    ValueError: with `like`, a leaf of `like` missing from the file, a file leaf
+      missing from `like`, or a shape/dtype mismatch, naming the path.
   """
   header, payload = _read(os.fspath(path))
   decoded = [_decode_leaf(entry, payload) for entry in header["leaves"]]
+  if like is not None:
+    return _laid_out_like(like, header["leaves"], decoded, os.fspath(path), with_masks)
   params = _rebuild(header["tree"], [x for x, _ in decoded])
   if not with_masks:
     return params
   return params, _rebuild(header["tree"], [m for _, m in decoded])
+
+
+def _laid_out_like(like: PyTree, entries: list[dict], decoded: list, path: str,
+                   with_masks: bool) -> PyTree | tuple[PyTree, PyTree]:
+  in_file = {canonical_path(e["path"]): i for i, e in enumerate(entries)}
+  theirs = slots(like)
+  values, masks, used = [], [], set()
+  for where, ref in zip(theirs.paths, theirs.leaves):
+    if ref is None:
+      values.append(None)
+      masks.append(None)
+      continue
+    i = in_file.get(canonical_path(where))
+    if i is None:
+      raise ValueError(f"load_compressed(like=...): {where} of `like` is not in {path}")
+    x, mask = decoded[i]
+    if tuple(x.shape) != tuple(np.shape(ref)) or x.dtype != np.dtype(ref.dtype):
+      raise ValueError(
+          f"load_compressed(like=...): {where} is {x.dtype}{list(x.shape)} in {path} "
+          f"but {np.dtype(ref.dtype)}{list(np.shape(ref))} in `like`"
+      )
+    used.add(i)
+    sharding = ref.sharding if isinstance(ref, jax.Array) else None
+    values.append(jax.device_put(x, sharding))
+    masks.append(None if mask is None else jax.device_put(mask, sharding))
+  extra = [entries[i]["path"] for i in range(len(entries)) if i not in used]
+  if extra:
+    raise ValueError(f"load_compressed(like=...): {path} holds {extra[0]}, which `like` lacks")
+  params = unflatten(like, values)
+  return (params, unflatten(like, masks)) if with_masks else params
 
 
 def _info(path: str, header: dict, file_bytes: int, payload_bytes: int) -> ExportInfo:

@@ -14,7 +14,10 @@ IncludeSpec = Union[str, Sequence[str], Callable[[str, Any], bool]]
 # A `where` argument: a bool pytree from `select`, or a function building one from params.
 Where = Union[PyTree, Callable[[PyTree], PyTree]]
 
-DEFAULT_INCLUDE = ("output_proj", "fc*")
+# Every weight matrix, kernel and stacked kernel (rank >= 2), but not embedding tables:
+# Flax `Dense_0/kernel`, NNX `fc1/kernel/value`, Equinox `layers/0/weight`, Haiku `w`.
+DEFAULT_INCLUDE = ("*",)
+DEFAULT_EXCLUDE = ("*embed*",)
 
 
 def path_components(path: tuple) -> tuple[str, ...]:
@@ -51,7 +54,8 @@ def leaf_paths(tree: PyTree) -> list[str]:
   return [path_string(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def _is_float_array(leaf: Any) -> bool:
+def is_float_array(leaf: Any) -> bool:
+  """A floating-point array (or `jax.ShapeDtypeStruct`): the only leaves that can be pruned."""
   dtype = getattr(leaf, "dtype", None)
   return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
 
@@ -66,44 +70,71 @@ def _as_patterns(name: str, patterns: str | Sequence[str]) -> tuple[str, ...]:
   return patterns
 
 
+def _matches(parts: tuple[str, ...], pattern: str) -> bool:
+  """Does `pattern` match the path `parts`?
+
+  A pattern without `/` matches any one component; a pattern with `/` matches a
+  trailing run of whole components (`Dense_0/kernel` matches
+  `params/Dense_0/kernel`), ignoring nnx's trailing `value`.
+  """
+  if "/" not in pattern:
+    return any(fnmatch.fnmatchcase(c, pattern) for c in parts)
+  paths = ["/".join(parts)]
+  if len(parts) > 1 and parts[-1] == "value":
+    paths.append("/".join(parts[:-1]))
+  return any(fnmatch.fnmatchcase(p, pattern) or fnmatch.fnmatchcase(p, "*/" + pattern)
+             for p in paths)
+
+
 def select(
     tree: PyTree,
     include: IncludeSpec = DEFAULT_INCLUDE,
-    exclude: str | Sequence[str] = (),
+    exclude: str | Sequence[str] = DEFAULT_EXCLUDE,
     min_ndim: int = 2,
 ) -> PyTree:
   """Chooses the leaves of `tree` to prune, by path.
 
   A leaf is selected when all of these hold:
 
-  * some component of its path (dict key, attribute name, sequence index as a
-    string) matches an `include` glob (`fnmatch`), or, with a callable `include`,
-    `include(path, leaf)` is true, where `path` joins the components with `/`
-    (`blocks/0/attn/output_proj/kernel`);
-  * no component matches an `exclude` glob;
+  * its path matches an `include` glob (`fnmatch`), or, with a callable `include`,
+    `include(path, leaf)` is true. A glob without `/` is matched against each
+    path component (dict key, attribute name, sequence index as a string); a glob
+    with `/` against a trailing run of whole components, so `"Dense_0/kernel"`
+    matches `params/Dense_0/kernel` and `"*/fc1/kernel"` matches
+    `blocks/0/mlp/fc1/kernel` (an nnx trailing `/value` may be left out);
+  * its path matches no `exclude` glob (same rules);
   * the leaf is a floating-point array (or `jax.ShapeDtypeStruct`);
   * `leaf.ndim >= min_ndim`, so biases and norm scales are skipped by default.
 
+  The defaults select every floating-point leaf of rank >= 2 (kernels of Flax
+  `Dense`/`Conv`/`nnx.Linear`, Equinox `weight`s, stacked expert or `nnx.scan`
+  kernels) except embedding tables (a path component matching `*embed*`).
+
   Args:
-    tree: any pytree of arrays: a Linen `params` dict, an `nnx.State`, lists, tuples,
-      NamedTuples.
-    include: glob pattern(s) matched against each path component, or a callable
-      `(path: str, leaf) -> bool`.
-    exclude: glob pattern(s); a leaf with any matching component is never selected.
+    tree: any pytree of arrays: a Linen `params` dict, an `nnx.State`,
+      `eqx.filter(model, eqx.is_array)` (its `None` leaves are never selected),
+      lists, tuples, NamedTuples.
+    include: glob pattern(s), or a callable `(path: str, leaf) -> bool`.
+    exclude: glob pattern(s); a leaf matching any is never selected.
     min_ndim: smallest rank of a selected leaf.
 
   Returns:
-    A pytree of Python bools with the structure of `tree`.
+    A pytree with the structure of `tree`: a Python bool per array leaf (`None`
+    leaves stay `None`).
 
   Raises:
     ValueError: nothing is selected; the message lists the patterns and the first
       paths of `tree`.
+    TypeError: a pattern that is not a string.
 
-  Example::
+  Example:
 
-    >>> params = {"fc1": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}}
+    >>> params = {"fc1": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)},
+    ...           "embed": {"embedding": jnp.ones((8, 4))}}
     >>> jaxprune.select(params)
-    {'fc1': {'bias': False, 'kernel': True}}
+    {'embed': {'embedding': False}, 'fc1': {'bias': False, 'kernel': True}}
+    >>> jaxprune.select(params, include="fc1/kernel")["fc1"]
+    {'bias': False, 'kernel': True}
   """
   exclude = _as_patterns("exclude", exclude)
   if callable(include):
@@ -113,13 +144,13 @@ def select(
     patterns = _as_patterns("include", include)
 
     def included(path: str, parts: tuple[str, ...], leaf: Any) -> bool:
-      return any(fnmatch.fnmatchcase(c, p) for c in parts for p in patterns)
+      return any(_matches(parts, p) for p in patterns)
 
   def choose(path: tuple, leaf: Any) -> bool:
     parts = path_components(path)
-    if any(fnmatch.fnmatchcase(c, p) for c in parts for p in exclude):
+    if any(_matches(parts, p) for p in exclude):
       return False
-    if not _is_float_array(leaf) or leaf.ndim < min_ndim:
+    if not is_float_array(leaf) or leaf.ndim < min_ndim:
       return False
     return included("/".join(parts), parts, leaf)
 
@@ -133,20 +164,3 @@ def select(
         f"The tree has {len(paths)} leaves: {shown or '(none)'}"
     )
   return chosen
-
-
-def resolve_where(where: Where, params: PyTree) -> PyTree:
-  """The bool pytree that `where` stands for, checked against `params`.
-
-  `where` may be a bool pytree (from `select`) or a callable `params -> bool pytree`.
-  """
-  if callable(where) and not isinstance(where, (bool, jax.Array)):
-    where = where(params)
-  params_def = jax.tree.structure(params)
-  where_def = jax.tree.structure(where)
-  if params_def != where_def:
-    raise ValueError(
-        "`where` must have the structure of params (use jaxprune.select(params)); "
-        f"got {where_def}, params are {params_def}"
-    )
-  return jax.tree.map(bool, where)

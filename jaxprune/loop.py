@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import logging
 import math
+import numbers
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -30,9 +30,10 @@ import optax
 from jax.sharding import Mesh
 
 from jaxprune import checkpointing
-from jaxprune.distillation import distillation_loss
-from jaxprune.leaf_selection import Where, leaf_paths, resolve_where
-from jaxprune.masks import Scope, apply_masks, magnitude_masks
+from jaxprune.distillation import distillation_loss, takes_rng
+from jaxprune.leaf_selection import Where
+from jaxprune.mask_tree import all_kept, resolve_where, slots, where_tree
+from jaxprune.masks import Scope, apply_masks, check_scope, magnitude_masks
 from jaxprune.optax_wrapper import pruned, replace_masks
 from jaxprune.reporting import SparsityReport, sparsity_report
 from jaxprune.sharding import ParamLayout, param_shardings, place_batch, place_masks
@@ -44,13 +45,6 @@ logger = logging.getLogger("jaxprune")
 
 
 # ----------------------------------------------------------------------------- steps
-
-
-def _takes_rng(loss_fn: LossFn) -> bool:
-  try:
-    return "rng" in inspect.signature(loss_fn).parameters
-  except (TypeError, ValueError):
-    return False
 
 
 def _loss_and_aux(loss_fn: LossFn, params, batch, rng):
@@ -80,7 +74,7 @@ def make_train_step(
     >>> step = jaxprune.make_train_step(loss_fn, jaxprune.pruned(optax.adam(1e-3), masks))
     >>> params, opt_state, loss = step(params, opt_state, batch, rng_data, 0)
   """
-  wants_rng = _takes_rng(loss_fn)
+  wants_rng = takes_rng(loss_fn)
 
   def step(params, opt_state, batch, rng_data, step_index):
     rng = None
@@ -102,7 +96,7 @@ def make_eval_step(loss_fn: LossFn) -> Callable[[PyTree, Any], jax.Array]:
   Evaluation is deterministic: a `loss_fn` with an `rng` parameter gets `rng=None`
   (switch dropout off on None).
   """
-  if _takes_rng(loss_fn):
+  if takes_rng(loss_fn):
     return jax.jit(lambda params, batch: _loss_and_aux(
         lambda p, b: loss_fn(p, b, rng=None), params, batch, None)[0])
   return jax.jit(lambda params, batch: _loss_and_aux(loss_fn, params, batch, None)[0])
@@ -144,10 +138,9 @@ def _parse_target(entry: Any, i: int) -> tuple[float, tuple[int, int] | None]:
     if not 0 < n < m:
       raise ValueError(f"schedule[{i}] = {entry!r}: need 0 < n < m")
     return 1.0 - n / m, (n, m)
-  try:
-    s = float(entry)
-  except (TypeError, ValueError):
-    raise ValueError(f"schedule[{i}] = {entry!r} is neither a sparsity nor 'n:m'") from None
+  if isinstance(entry, (bool, str)) or not isinstance(entry, numbers.Real):
+    raise ValueError(f"schedule[{i}] = {entry!r} is neither a sparsity (a number) nor 'n:m'")
+  s = float(entry)
   if not 0.0 <= s < 1.0:
     raise ValueError(f"schedule[{i}] = {s!r} is outside [0, 1)")
   return s, None
@@ -159,6 +152,12 @@ def _check_schedule(schedule: Sequence[Any]) -> list[tuple[float, tuple[int, int
   targets = [_parse_target(entry, i) for i, entry in enumerate(schedule)]
   if not targets:
     raise ValueError("schedule is empty: give at least one target sparsity")
+  for i in range(1, len(targets)):
+    if targets[i][0] < targets[i - 1][0]:
+      raise ValueError(
+          f"schedule must not decrease: schedule[{i}] = {schedule[i]!r} comes after "
+          f"schedule[{i - 1}] = {schedule[i - 1]!r}, and masks never revive a pruned weight"
+      )
   return targets
 
 
@@ -170,12 +169,24 @@ def nm_prune_step(
   return apply_masks(params, masks), masks, replace_masks(opt_state, masks)
 
 
+def _is_count(x: Any) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def _check_budgets(retrain_steps: int | Sequence[int], n: int) -> list[int]:
-  budgets = [retrain_steps] * n if isinstance(retrain_steps, int) else list(retrain_steps)
+  if _is_count(retrain_steps):
+    budgets = [retrain_steps] * n
+  elif isinstance(retrain_steps, Sequence) and not isinstance(retrain_steps, str):
+    budgets = list(retrain_steps)
+  else:
+    raise TypeError(
+        f"retrain_steps must be an int or a sequence of ints (one per iteration), "
+        f"got {retrain_steps!r}"
+    )
   if len(budgets) != n:
     raise ValueError(f"retrain_steps has {len(budgets)} entries for {n} schedule iterations")
   for i, b in enumerate(budgets):
-    if int(b) != b or b < 0:
+    if not _is_count(b) or b < 0:
       raise ValueError(f"retrain_steps[{i}] = {b!r}: must be an integer >= 0")
   return [int(b) for b in budgets]
 
@@ -425,11 +436,9 @@ def prune_retrain(
   if checkpoint_every is not None and (int(checkpoint_every) != checkpoint_every
                                        or checkpoint_every < 1):
     raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
-  if scope not in ("layer", "global"):
-    raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
-  where = resolve_where(where, params)
-  if not any(jax.tree.leaves(where)):
-    raise ValueError("`where` selects no leaf of params: nothing would be pruned")
+  check_scope(scope)
+  flags = resolve_where(where, params)
+  where = where_tree(params, flags)
   eval_source = _eval_source(eval_batches)
   batch_at, exact_batches = _train_source(train_batches)
 
@@ -438,10 +447,10 @@ def prune_retrain(
     user_batch_at, user_eval_source = batch_at, eval_source
     batch_at = lambda step: place_batch(user_batch_at(step), mesh)
     eval_source = lambda: (place_batch(b, mesh) for b in user_eval_source())
-  all_kept = jax.tree.map(lambda w, s: jnp.ones(w.shape, bool) if s else None, params, where)
+  start = all_kept(params, flags)
   if mesh is not None:
-    all_kept = place_masks(all_kept, params)
-  tx = pruned(optimizer, all_kept)
+    start = place_masks(start, params)
+  tx = pruned(optimizer, start)
   train_loss = loss_fn
   if teacher is not None:
     apply_fn, teacher_params = teacher
@@ -462,14 +471,15 @@ def prune_retrain(
   evaluate = functools.partial(_evaluate, eval_step, source=eval_source)
 
   state = checkpointing.LoopState(
-      params, tx.init(params), all_kept, jax.random.key_data(jax.random.key(seed))
+      params, tx.init(params), start, jax.random.key_data(jax.random.key(seed))
   )
-  selected = [p for p, s in zip(leaf_paths(params), jax.tree.leaves(where)) if s]
+  selected = [p for p, flag in zip(slots(params).paths, flags) if flag]
   config = checkpointing.fingerprint(
       params, schedule=[t if p is None else "{}:{}".format(*p) for t, p in parsed],
       retrain_steps=budgets, scope=scope, selected=selected,
       restart_optimizer=restart_optimizer, seed=seed,
       distillation=None if teacher is None else [distill_weight, temperature],
+      optimizer_state=checkpointing.describe_state(state.opt_state),
   )
   # Where the run stands; what a checkpoint's `meta` records.
   meta: dict[str, Any] = {

@@ -1,85 +1,38 @@
 """Magnitude masks over a parameter pytree: compute them, check them, apply them.
 
 A *mask tree* has the structure of `params`. A selected leaf holds a bool array of
-the leaf's shape (`True` = kept); an unselected leaf holds `None`, so no memory is
-spent on it. With `jax.tree.map`, pass the mask tree first and
-`is_leaf=lambda m: m is None` (as `map_masked` does).
+the leaf's shape (`True` = kept); an unselected leaf, and a `None` leaf of params,
+holds `None`, so no memory is spent on it (see `jaxprune.mask_tree`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import numbers
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.leaf_selection import Where, path_string, resolve_where
+from jaxprune.leaf_selection import Where
 from jaxprune.magnitude_rank import round_fraction_of, smallest_magnitudes
+from jaxprune.mask_tree import (
+    check_masks,
+    map_masked,
+    masks_from,
+    selected_leaves,
+    zero_pruned,
+)
 
 PyTree = Any
 Scope = Literal["layer", "global"]
 
-
-def _is_none(x: Any) -> bool:
-  return x is None
+__all__ = ["apply_masks", "check_masks", "magnitude_masks", "map_masked", "threshold_masks"]
 
 
 def _is_traced(x: Any) -> bool:
   return isinstance(x, jax.core.Tracer)
-
-
-def map_masked(fn: Callable[..., Any], masks: PyTree, params: PyTree, *rest: PyTree) -> PyTree:
-  """`fn(mask, param, *rest)` on every leaf; `mask` is None for unselected leaves."""
-  return jax.tree.map(fn, masks, params, *rest, is_leaf=_is_none)
-
-
-def _leaf_name(path: str) -> str:
-  # nnx.State paths end in the Variable's `value`; a plain-dict mask tree of the same
-  # model (`nnx.to_pure_dict`) names the same leaf without it.
-  return path.removesuffix("/value")
-
-
-def check_masks(masks: PyTree, params: PyTree, name: str = "masks") -> PyTree:
-  """Validates a mask tree against `params` and returns it in `params`' structure.
-
-  Leaves are matched by path string, so masks whose container types differ but whose
-  paths agree (an `nnx.Optimizer`'s `OptVariable`-wrapped masks against
-  `Param`-wrapped params) are accepted and re-laid in `params`' structure. Every mask
-  must be a bool array of its parameter's shape, or `None`. If `params` is itself a
-  mask tree, its `None` leaves must stay `None` and its arrays must get arrays.
-
-  Raises:
-    ValueError: naming the first offending path.
-  """
-  mask_leaves = jax.tree_util.tree_flatten_with_path(masks, is_leaf=_is_none)[0]
-  ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_none)
-  if len(mask_leaves) != len(ref_leaves):
-    raise ValueError(
-        f"`{name}` has {len(mask_leaves)} leaves but params have {len(ref_leaves)}; "
-        "compute masks from the same params tree"
-    )
-  for (m_path, mask), (r_path, ref) in zip(mask_leaves, ref_leaves):
-    where = path_string(r_path)
-    if _leaf_name(path_string(m_path)) != _leaf_name(where):
-      raise ValueError(f"`{name}` has a leaf at {path_string(m_path)} where params have {where}")
-    if mask is None:
-      if ref is not None and getattr(ref, "dtype", None) == jnp.bool_:
-        raise ValueError(f"`{name}` at {where}: None where a mask is held")
-      continue
-    if ref is None:
-      raise ValueError(f"`{name}` at {where}: a mask for a leaf that is not targeted")
-    if getattr(mask, "dtype", None) != jnp.bool_:
-      got = getattr(mask, "dtype", type(mask))
-      raise ValueError(f"`{name}` at {where}: expected a bool array, got {got}")
-    if tuple(mask.shape) != tuple(ref.shape):
-      raise ValueError(
-          f"`{name}` at {where}: mask shape {tuple(mask.shape)} "
-          f"!= parameter shape {tuple(ref.shape)}"
-      )
-  return jax.tree.unflatten(ref_def, [m for _, m in mask_leaves])
 
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
@@ -97,112 +50,108 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     >>> masks = jaxprune.magnitude_masks(params, 0.5, jaxprune.select(params))
     >>> pruned = jaxprune.apply_masks(params, masks)
   """
-  masks = check_masks(masks, params)
-  return map_masked(
-      lambda m, w: w if m is None else jnp.where(m, w, jnp.zeros((), w.dtype)), masks, params
-  )
+  return zero_pruned(check_masks(masks, params), params)
 
 
-def _check_fraction(name: str, value: Any, upper_open: bool = True) -> Any:
-  """Validates a concrete fraction in [0, 1); a traced one is used as given."""
+def _check_number(name: str, value: Any) -> Any:
+  """A concrete real scalar as a Python float, or a traced scalar as given."""
   if _is_traced(value):
+    if np.shape(value) != ():
+      raise ValueError(f"{name} must be a scalar, got a traced array of shape {value.shape}")
     return value
-  v = float(value)
-  if not (0.0 <= v < 1.0):
+  if isinstance(value, (np.ndarray, jax.Array)) and value.shape == () and value.dtype != bool:
+    value = value.item()
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+  return float(value)
+
+
+def _check_fraction(name: str, value: Any) -> Any:
+  """A concrete fraction in [0, 1) as a float; a traced one as given (see `_prune_count`)."""
+  value = _check_number(name, value)
+  if not _is_traced(value) and not 0.0 <= value < 1.0:
     raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-  return v
+  return value
 
 
-def _check_finite(w: jax.Array, where: str) -> None:
-  if _is_traced(w):
-    return  # Under jit non-finite weights rank above every finite one (kept).
-  if not bool(jnp.isfinite(w).all()):
+def check_finite(w: jax.Array, path: str) -> None:
+  """Raises, naming `path`, if a concrete `w` holds NaN or inf; no-op under a trace."""
+  finite = jnp.isfinite(w).all()
+  if _is_traced(finite):
+    return  # Under jit (traced or closed-over params): NaN and inf rank as the largest.
+  if not bool(finite):
     raise ValueError(
-        f"parameter {where} contains NaN or inf; magnitudes cannot be ranked. "
+        f"parameter {path} contains NaN or inf; magnitudes cannot be ranked. "
         "Check the training run that produced it."
     )
 
 
-def _selected(params: PyTree, where: PyTree, previous: PyTree | None):
-  """(index, path, param, previous mask or None) of every selected leaf."""
-  leaves_with_path = jax.tree_util.tree_flatten_with_path(params)[0]
-  chosen = jax.tree.leaves(where)
-  prev = [None] * len(chosen)
-  if previous is not None:
-    previous = check_masks(previous, params, name="previous")
-    prev = jax.tree.leaves(previous, is_leaf=_is_none)
-  out = []
-  for i, ((path, w), sel) in enumerate(zip(leaves_with_path, chosen)):
-    if not sel:
-      continue
-    if prev[i] is None and previous is not None:
-      raise ValueError(
-          f"`previous` has no mask for selected leaf {path_string(path)}; "
-          "compute it with the same `where`"
-      )
-    out.append((i, path_string(path), w, prev[i]))
-  return out
-
-
-def _mask_tree(params: PyTree, computed: dict[int, jax.Array]) -> PyTree:
-  leaves, treedef = jax.tree.flatten(params)
-  return jax.tree.unflatten(treedef, [computed.get(i) for i in range(len(leaves))])
-
-
 def _prune_count(sparsity: Any, n: int) -> Any:
+  """`round(sparsity * n)`. A traced sparsity cannot raise, so it is made total:
+  NaN counts as 0 (nothing newly pruned) and the rest is clipped to [0, 1] (1 prunes
+  all `n`), the same rule for every leaf."""
   if _is_traced(sparsity):
-    return round_fraction_of(sparsity, n)
+    s = jnp.asarray(sparsity, jnp.float32)
+    return round_fraction_of(jnp.where(jnp.isnan(s), 0.0, jnp.clip(s, 0.0, 1.0)), n)
   return int(round(float(sparsity) * n))
 
 
 def threshold_masks(params: PyTree, threshold: float | jax.Array, where: Where) -> PyTree:
   """Keeps a weight iff `|w| >= threshold`: "prune weights with |w| < threshold".
 
+  Weights are checked as in `magnitude_masks`: outside jit a selected leaf holding
+  NaN or inf is an error; under jit NaN and inf count as the largest magnitudes
+  (kept), in both functions.
+
   Args:
     params: the parameter pytree.
-    threshold: a scalar (may be traced); NaN is an error.
+    threshold: a real scalar (may be traced); NaN is an error.
     where: bool pytree from `select` (or a callable building one from params).
 
   Returns:
     A mask tree: bool arrays of each selected leaf's shape, `None` elsewhere.
 
+  Raises:
+    TypeError / ValueError: a non-number or NaN threshold; `where` not matching
+      params or selecting nothing; NaN/inf in a selected leaf (outside jit).
+
   Example::
 
     >>> masks = jaxprune.threshold_masks(params, 1e-2, jaxprune.select(params))
   """
-  if not _is_traced(threshold) and math.isnan(float(threshold)):
+  threshold = _check_number("threshold", threshold)
+  if not _is_traced(threshold) and math.isnan(threshold):
     raise ValueError(f"threshold must be a number, got {threshold!r}")
-  where = resolve_where(where, params)
-  return jax.tree.map(
-      lambda w, sel: _at_least(w, threshold) if sel else None,
-      params,
-      where,
-  )
+  computed = {}
+  for i, path, w, _ in selected_leaves(params, where):
+    check_finite(w, path)
+    computed[i] = _at_least(w, threshold)
+  return masks_from(params, computed)
 
 
 def _at_least(w: jax.Array, threshold: Any) -> jax.Array:
   """`|w| >= threshold` exactly, without rounding the threshold to the leaf's dtype.
 
   Compared in float32 (exact for bfloat16/float16/float32 leaves; float64 stays
-  float64). A concrete threshold is rounded *up* to that dtype, so a weight just
-  below it is never kept.
+  float64) as `not |w| < t`, so NaN is kept. A concrete threshold is rounded *up*
+  to that dtype, so a weight just below it is never kept.
   """
   dtype = jnp.promote_types(w.dtype, jnp.float32)
   if _is_traced(threshold):
     t = jnp.asarray(threshold)
     dtype = jnp.promote_types(dtype, t.dtype)
-    return jnp.abs(w).astype(dtype) >= t.astype(dtype)
+    return ~(jnp.abs(w).astype(dtype) < t.astype(dtype))
   t = float(threshold)
   with np.errstate(over="ignore"):
     t_rounded = np.asarray(t, dtype)
   if float(t_rounded) < t:
     t_rounded = np.nextafter(t_rounded, np.asarray(np.inf, dtype))
   if dtype == jnp.float32 and t > 0:
-    # Compare bit patterns (ordered like non-negative floats): XLA:CPU flushes
-    # subnormals to zero in float comparisons, which would keep |w| < t.
+    # Compare bit patterns (ordered like non-negative floats, NaN above inf): XLA:CPU
+    # flushes subnormals to zero in float comparisons, which would keep |w| < t.
     bits = jax.lax.bitcast_convert_type(jnp.abs(w).astype(jnp.float32), jnp.uint32)
     return bits >= np.asarray(t_rounded, np.float32).view(np.uint32)
-  return jnp.abs(w).astype(dtype) >= t_rounded
+  return ~(jnp.abs(w).astype(dtype) < t_rounded)
 
 
 def magnitude_masks(
@@ -231,12 +180,15 @@ def magnitude_masks(
 
   Args:
     params: the parameter pytree.
-    sparsity: target fraction in [0, 1). A Python float gives an exact count; a
-      traced scalar (under `jax.jit`) gives `round(sparsity * n)` computed exactly
-      in integers from its float32 value, which may differ by one from Python's
-      round-half-even at exact halves only. A Python float passed through `jit`
-      becomes float32 first (0.3 -> 0.30000001), which can move the count by one
-      on leaves of tens of millions of weights.
+    sparsity: target fraction in [0, 1), a real number (not a string). A Python
+      float gives an exact count; a traced scalar (under `jax.jit`) gives
+      `round(sparsity * n)` computed exactly in integers from its float32 value,
+      which may differ by one from Python's round-half-even at exact halves only.
+      A traced value cannot raise, so it is read totally, for every leaf alike:
+      NaN as 0 (nothing newly pruned: `previous`, or all kept), values below 0 as
+      0, and values from 1 up as 1 (every targeted weight pruned). A Python
+      float passed through `jit` becomes float32 first (0.3 -> 0.30000001),
+      which can move the count by one on leaves of tens of millions of weights.
     where: bool pytree from `select` (or a callable building one from params).
     scope: `"layer"` or `"global"`.
     previous: an earlier mask tree of the same `where`, or None.
@@ -245,8 +197,10 @@ def magnitude_masks(
     A mask tree: bool arrays (`True` = kept) for selected leaves, `None` elsewhere.
 
   Raises:
-    ValueError: sparsity outside [0, 1), unknown scope, `previous` not matching
-      params, or (outside jit) NaN/inf in a selected leaf, naming its path.
+    TypeError / ValueError: a concrete sparsity that is not a number or outside
+      [0, 1); unknown scope; `where` not matching params, selecting a non-float or
+      `None` leaf, or selecting nothing; `previous` not matching params or `where`;
+      (outside jit) NaN/inf in a selected leaf, naming its path.
 
   Example::
 
@@ -254,13 +208,11 @@ def magnitude_masks(
     >>> m1 = jaxprune.magnitude_masks(params, 0.5, where)
     >>> m2 = jaxprune.magnitude_masks(params, 0.8, where, previous=m1)
   """
-  if scope not in ("layer", "global"):
-    raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+  check_scope(scope)
   sparsity = _check_fraction("sparsity", sparsity)
-  where = resolve_where(where, params)
-  chosen = _selected(params, where, previous)
+  chosen = selected_leaves(params, where, previous)
   for _, path, w, _ in chosen:
-    _check_finite(w, path)
+    check_finite(w, path)
 
   computed: dict[int, jax.Array] = {}
   if scope == "layer":
@@ -274,4 +226,11 @@ def magnitude_masks(
     )
     for (i, _, _, prev), pruned in zip(chosen, pruned_all):
       computed[i] = ~pruned if prev is None else prev & ~pruned
-  return _mask_tree(params, computed)
+  return masks_from(params, computed)
+
+
+def check_scope(scope: Any) -> Scope:
+  """`scope` if it is `"layer"` or `"global"`, else a ValueError naming it."""
+  if scope not in ("layer", "global"):
+    raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+  return scope

@@ -14,11 +14,22 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
-from jaxprune.leaf_selection import Where, path_string, resolve_where
-from jaxprune.masks import Scope, check_masks, magnitude_masks, map_masked
+from jaxprune.leaf_selection import Where
+from jaxprune.mask_tree import (
+    all_kept,
+    check_masks,
+    map_masked,
+    owned_copy,
+    resolve_where,
+    slots,
+    unflatten,
+    zero_pruned,
+)
+from jaxprune.masks import Scope, check_scope, magnitude_masks
 
 PyTree = Any
 
@@ -37,33 +48,50 @@ class PrunedState(NamedTuple):
   count: jax.Array
 
 
-def _all_kept(params: PyTree, where: PyTree) -> PyTree:
-  return jax.tree.map(lambda w, sel: jnp.ones(w.shape, jnp.bool_) if sel else None, params, where)
-
-
-def _as_bool_arrays(masks: PyTree) -> PyTree:
-  # A copy: the state owns its masks, so donating the optimizer state under jit
-  # cannot delete the caller's arrays (or the ones `init` starts from next time).
-  return jax.tree.map(lambda m: None if m is None else jnp.array(m, copy=True), masks,
-                      is_leaf=lambda m: m is None)
-
-
-def _zero_pruned(masks: PyTree, tree: PyTree) -> PyTree:
-  return map_masked(lambda m, x: x if m is None else jnp.where(m, x, jnp.zeros((), x.dtype)),
-                    masks, tree)
-
-
-def _check_selection(masks: PyTree, chosen: PyTree, params: PyTree) -> None:
+def _check_selection(masks: PyTree, flags: list[bool], params: PyTree) -> None:
   """Gradual mode with starting masks: they must hold a mask exactly where `where` selects."""
-  held = jax.tree.leaves(map_masked(lambda m, _: m is not None, masks, params))
-  for (path, _), has_mask, sel in zip(
-      jax.tree_util.tree_flatten_with_path(params)[0], held, jax.tree.leaves(chosen)):
-    if has_mask != sel:
+  for path, mask, flag in zip(slots(params).paths, slots(masks).leaves, flags):
+    if (mask is not None) != flag:
       raise ValueError(
-          f"`masks` at {path_string(path)}: "
-          + ("a mask for a leaf `where` does not select" if has_mask
+          f"`masks` at {path}: "
+          + ("a mask for a leaf `where` does not select" if flag is False
              else "None for a leaf `where` selects")
       )
+
+
+def _check_holds_a_mask(masks: PyTree) -> None:
+  if all(m is None for m in slots(masks).leaves):
+    raise ValueError("`masks` holds no mask (every leaf is None): nothing would be pruned")
+
+
+def _check_gradual(where: Any, schedule: Any, update_every: Any) -> None:
+  if where is None or update_every is None or schedule is None:
+    raise ValueError("gradual pruning needs all of `where`, `schedule` and `update_every`")
+  if not callable(schedule):
+    raise TypeError(
+        f"schedule must be a function count -> sparsity (e.g. "
+        f"jaxprune.polynomial_schedule(...)), got {schedule!r}; for a fixed sparsity "
+        f"use jaxprune.constant_schedule({schedule!r})"
+    )
+  if isinstance(update_every, bool) or int(update_every) != update_every or update_every < 1:
+    raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
+  first = schedule(jnp.zeros((), jnp.int32))
+  if np.shape(first) != () or not 0.0 <= float(first) <= 1.0:
+    raise ValueError(
+        f"schedule(0) must be a scalar sparsity in [0, 1], got {first!r}; "
+        "a schedule maps the update count to a sparsity"
+    )
+
+
+def _recompute(params: PyTree, previous: PyTree, count: jax.Array, schedule, scope) -> PyTree:
+  """Gradual masks at `count`, laid out like `previous` (the branches of a `cond` agree)."""
+  # The selection is the one the masks were built with in `init`. `where` is not
+  # re-resolved: an `nnx.Optimizer` calls `init` with `Param`-wrapped params but
+  # `update` with pure arrays, so a `where` from `select(nnx.state(...))` would not
+  # have the structure of `params` here.
+  chosen = map_masked(lambda m, _: m is not None, previous, params)
+  new = magnitude_masks(params, schedule(count), chosen, scope=scope, previous=previous)
+  return unflatten(previous, slots(new).leaves)
 
 
 def _final_update(m: jax.Array | None, u: jax.Array, w: jax.Array) -> jax.Array:
@@ -104,6 +132,10 @@ def pruned(
   `magnitude_masks(params, schedule(count), where, scope=scope, previous=masks)`
   inside the jitted update: no host round-trip, no recompilation, and a pruned
   weight is never revived. `masks`, if given too, is the starting point.
+  `schedule(0)` is evaluated once when `pruned` is called, to catch a schedule
+  that is not a function or not a sparsity; later values are traced and read as
+  `magnitude_masks` reads a traced sparsity (NaN as no new pruning, clipped to
+  [0, 1]).
 
   **Placement**: `pruned` must produce the final updates, so put it last in a
   chain or wrap the whole chain: `optax.chain(clip, pruned(adamw(...)))` or
@@ -133,25 +165,23 @@ def pruned(
     >>> updates, state = tx.update(grads, state, params)
     >>> params = optax.apply_updates(params, updates)   # pruned weights == 0.0
   """
-  gradual = schedule is not None
+  gradual = schedule is not None or where is not None or update_every is not None
   if gradual:
-    if where is None or update_every is None:
-      raise ValueError("gradual pruning needs `where`, `schedule` and `update_every`")
-    if int(update_every) != update_every or update_every < 1:
-      raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
+    _check_gradual(where, schedule, update_every)
   elif masks is None:
     raise ValueError("pass `masks`, or `where` + `schedule` + `update_every` for gradual pruning")
-  if scope not in ("layer", "global"):
-    raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+  else:
+    _check_holds_a_mask(masks)
+  check_scope(scope)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params: PyTree) -> PrunedState:
     if masks is not None:
-      start = check_masks(_as_bool_arrays(masks), params)
+      start = check_masks(owned_copy(masks), params)
       if gradual:
         _check_selection(start, resolve_where(where, params), params)
     else:
-      start = _all_kept(params, resolve_where(where, params))
+      start = all_kept(params, resolve_where(where, params))
     return PrunedState(inner.init(params), start, jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state: PrunedState, params=None, **extra_args):
@@ -162,23 +192,14 @@ def pruned(
       )
     current = state.masks
     if gradual:
-      # The selection is the one the masks were built with in `init`. `where` is not
-      # re-resolved: an `nnx.Optimizer` calls `init` with `Param`-wrapped params but
-      # `update` with pure arrays, so a bool `where` from `select(nnx.state(...))` no
-      # longer has the structure of `params` here.
-      chosen = map_masked(lambda m, _: m is not None, current, params)
-      # params, masks and count go in as operands, so they are traced in the branch
-      # even when `update` runs outside jit (closed-over concrete arrays would make
-      # magnitude_masks' eager NaN check convert a tracer to bool).
       current = lax.cond(
           state.count % update_every == 0,
-          lambda p, prev, count: magnitude_masks(p, schedule(count), chosen,
-                                                 scope=scope, previous=prev),
+          lambda p, prev, count: _recompute(p, prev, count, schedule, scope),
           lambda p, prev, count: prev,
           params, current, state.count,
       )
     inner_updates, inner_state = inner.update(
-        _zero_pruned(current, updates), state.inner_state, params, **extra_args
+        zero_pruned(current, updates), state.inner_state, params, **extra_args
     )
     out = map_masked(_final_update, current, inner_updates, params)
     return out, PrunedState(inner_state, current, optax.safe_increment(state.count))
@@ -225,7 +246,7 @@ def set_masks(opt_state: PyTree, masks: PyTree) -> PyTree:
     ValueError: no or several `PrunedState`s, or `masks` not fitting.
   """
   old = _exactly_one(opt_state)
-  return replace_masks(opt_state, check_masks(_as_bool_arrays(masks), old.masks))
+  return replace_masks(opt_state, check_masks(owned_copy(masks), old.masks))
 
 
 def replace_masks(opt_state: PyTree, masks: PyTree) -> PyTree:

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.leaf_selection import Where, leaf_paths, resolve_where, select
+from jaxprune.leaf_selection import Where, select
+from jaxprune.mask_tree import resolve_where, slots
 
 PyTree = Any
 
@@ -41,7 +42,10 @@ class LeafSparsity(NamedTuple):
 
 
 def _ratio(a: float, b: float) -> float:
-  return a / b if b else float("inf")
+  """`a / b`; nothing over nothing is 1.0 (no leaf targeted compresses nothing)."""
+  if b:
+    return a / b
+  return float("inf") if a else 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,11 +133,17 @@ class SparsityReport:
       lines.append(
           f"{r.path:<{width}}  {shape:>14}  {r.size:>10,}  {r.zeros:>10,}  {r.sparsity:8.2%}{mark}"
       )
+    if self.targeted_params:
+      targeted = (
+          f"targeted leaves: sparsity {self.targeted_sparsity:.2%} of {self.targeted_params:,} "
+          f"params; compression {self.targeted_compression:.2f}x bytes "
+          f"(bitmask + nonzeros), {self.targeted_param_ratio:.2f}x parameters")
+    else:
+      targeted = ("targeted leaves: none (no leaf was selected; pass `where=` from "
+                  "jaxprune.select(params, include=...))")
     lines += [
         "",
-        f"targeted leaves: sparsity {self.targeted_sparsity:.2%} of {self.targeted_params:,} "
-        f"params; compression {self.targeted_compression:.2f}x bytes "
-        f"(bitmask + nonzeros), {self.targeted_param_ratio:.2f}x parameters",
+        targeted,
         f"whole model:     sparsity {self.overall_sparsity:.2%} of {self.total_params:,} "
         f"params; compression {self.overall_compression:.2f}x bytes, "
         f"{self.overall_param_ratio:.2f}x parameters",
@@ -150,10 +160,11 @@ def sparsity_report(params: PyTree, where: Where | None = None) -> SparsityRepor
   """Counts zeros per leaf and totals them.
 
   Args:
-    params: the parameter pytree (arrays may be sharded; only scalars reach the host).
+    params: the parameter pytree (arrays may be sharded; only scalars reach the host;
+      `None` leaves are skipped).
     where: the targeted leaves (bool pytree from `select`, or a callable); None
-      means `select(params)` with its defaults (`output_proj`, `fc*`), or no leaf
-      targeted when none has such a name.
+      means `select(params)` with its defaults, or no leaf targeted when nothing
+      matches them (the table then says so).
 
   Returns:
     A `SparsityReport`: per-leaf size, zeros and sparsity; sparsity of the targeted
@@ -168,13 +179,14 @@ def sparsity_report(params: PyTree, where: Where | None = None) -> SparsityRepor
   if where is None:
     try:
       where = select(params)
-    except ValueError:  # No leaf has a default name (Linen's Dense_0, ...): none targeted.
+    except ValueError:  # No leaf of rank >= 2: none targeted, and the table says so.
       where = jax.tree.map(lambda _: False, params)
-  else:
-    where = resolve_where(where, params)
-  leaves = jax.tree.leaves(params)
-  counted = [i for i, x in enumerate(leaves) if hasattr(x, "dtype") and np.size(x)]
-  zeros = dict(zip(counted, jax.device_get(_zero_counts([leaves[i] for i in counted]))))
+  flags = resolve_where(where, params, allow_empty=True)
+  theirs = slots(params)
+  rows_of = [(path, x, flag) for path, x, flag in zip(theirs.paths, theirs.leaves, flags)
+             if x is not None]
+  counted = [i for i, (_, x, _) in enumerate(rows_of) if hasattr(x, "dtype") and np.size(x)]
+  zeros = dict(zip(counted, jax.device_get(_zero_counts([rows_of[i][1] for i in counted]))))
   rows = tuple(
       LeafSparsity(
           path=path,
@@ -182,8 +194,8 @@ def sparsity_report(params: PyTree, where: Where | None = None) -> SparsityRepor
           dtype=str(np.dtype(getattr(x, "dtype", np.float32))),
           size=int(np.size(x)),
           zeros=int(zeros.get(i, 0)),
-          targeted=bool(sel),
+          targeted=flag,
       )
-      for i, (path, x, sel) in enumerate(zip(leaf_paths(params), leaves, jax.tree.leaves(where)))
+      for i, (path, x, flag) in enumerate(rows_of)
   )
   return SparsityReport(rows)

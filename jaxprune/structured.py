@@ -22,15 +22,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxprune.leaf_selection import Where, path_string, resolve_where, select
+from jaxprune.leaf_selection import Where, select
 from jaxprune.magnitude_rank import magnitude_keys
-from jaxprune.masks import _check_finite, _mask_tree, _selected
+from jaxprune.mask_tree import masks_from, resolve_where, selected_leaves, slots
+from jaxprune.masks import check_finite
 
 PyTree = Any
-
-
-def _is_none(x: Any) -> bool:
-  return x is None
 
 
 def _check_nm(n: Any, m: Any) -> tuple[int, int]:
@@ -131,9 +128,13 @@ def nm_masks(
     n: weights kept per group, `0 < n < m` (Python int).
     m: group size (Python int); `w.shape[axis]` must be a multiple of `m`.
     where: bool pytree from `select` (or a callable building one from params);
-      None means `select(params)` with its defaults (`output_proj`, `fc*`).
-    axis: the axis groups run along, for every selected leaf; -2 is the input
-      axis of Flax kernels `(in, out)` and stacked expert kernels `(E, in, out)`.
+      None means `select(params)` with its defaults (every float leaf of rank >= 2
+      but embeddings).
+    axis: the axis groups run along, for every selected leaf. Use the input
+      (contraction) axis: -2 for Flax Linen/NNX kernels `(in, out)`, Flax conv
+      kernels `(h, w, in, out)` and stacked kernels `(E, in, out)`; -1 for
+      Equinox `Linear.weight` `(out, in)` (and PyTorch-layout weights); 1 for
+      Equinox conv weights `(out, in, h, w)`.
     previous: an earlier mask tree of the same `where`, or None.
 
   Returns:
@@ -154,13 +155,12 @@ def nm_masks(
            [False, False]], dtype=bool)
   """
   n, m = _check_nm(n, m)
-  where = select(params) if where is None else resolve_where(where, params)
-  computed: dict[int, jax.Array] = {}
-  for i, path, w, prev in _selected(params, where, previous):
-    ax = _group_axis(tuple(w.shape), axis, m, path)
-    _check_finite(w, path)
-    computed[i] = _nm_leaf(w, prev, n, m, ax)
-  return _mask_tree(params, computed)
+  chosen = selected_leaves(params, select(params) if where is None else where, previous)
+  axes = [_group_axis(tuple(w.shape), axis, m, path) for _, path, w, _ in chosen]
+  for _, path, w, _ in chosen:
+    check_finite(w, path)
+  return masks_from(params, {i: _nm_leaf(w, prev, n, m, ax)
+                             for (i, _, w, prev), ax in zip(chosen, axes)})
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m", "axis"))
@@ -171,26 +171,15 @@ def _count_violations(x: jax.Array, n: int, m: int, axis: int) -> jax.Array:
 
 def _checked_leaves(tree: PyTree, where: Where | None) -> list[tuple[str, Any]]:
   """(path, leaf) of the leaves `nm_violations` inspects; mask trees keep their Nones."""
-  with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)
-  leaves = [x for _, x in with_path]
-  if where is None:
-    arrays = [x for x in leaves if x is not None]
-    if arrays and all(getattr(x, "dtype", None) == jnp.bool_ for x in arrays):
-      chosen = [x is not None for x in leaves]  # A mask tree: check every mask.
-    else:
-      chosen = jax.tree.leaves(select(tree))
+  theirs = slots(tree)
+  arrays = [x for x in theirs.leaves if x is not None]
+  if where is not None:
+    flags = resolve_where(where, tree, floats_only=False)
+  elif arrays and all(getattr(x, "dtype", None) == jnp.bool_ for x in arrays):
+    flags = [x is not None for x in theirs.leaves]  # A mask tree: check every mask.
   else:
-    if callable(where) and not isinstance(where, (bool, jax.Array)):
-      where = where(tree)
-    if jax.tree.structure(where) != treedef:
-      raise ValueError(
-          "`where` must have the structure of the checked tree (use jaxprune.select(params)); "
-          f"got {jax.tree.structure(where)}, the tree is {treedef}"
-      )
-    chosen = [bool(s) for s in jax.tree.leaves(where)]
-  return [
-      (path_string(p), x) for (p, x), sel in zip(with_path, chosen) if sel and x is not None
-  ]
+    flags = resolve_where(select(tree), tree)
+  return [(path, x) for path, x, flag in zip(theirs.paths, theirs.leaves, flags) if flag]
 
 
 def nm_violations(

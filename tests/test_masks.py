@@ -665,7 +665,7 @@ def test_apply_masks_shape_mismatch_names_path():
 
 def test_apply_masks_structure_mismatch():
   params = {"fc1": jnp.ones((3, 4)), "fc2": jnp.ones((2, 2))}
-  with pytest.raises(ValueError, match=r"`masks` has 1 leaves but params have 2"):
+  with pytest.raises(ValueError, match=r"`masks` has 1 slots but params have 2"):
     jaxprune.apply_masks(params, {"fc1": jnp.ones((3, 4), bool)})
   with pytest.raises(ValueError, match=r"`masks` has a leaf at fc3 where params have fc2"):
     jaxprune.apply_masks(params, {"fc1": jnp.ones((3, 4), bool), "fc3": jnp.ones((2, 2), bool)})
@@ -714,7 +714,7 @@ def test_non_finite_leaf_names_path(bad, dtype):
 def test_previous_of_another_structure():
   params = {"fc1": jnp.ones((2, 2)), "fc2": jnp.ones((2, 2))}
   where = {"fc1": True, "fc2": True}
-  with pytest.raises(ValueError, match=r"`previous` has 1 leaves but params have 2"):
+  with pytest.raises(ValueError, match=r"`previous` has 1 slots but params have 2"):
     jaxprune.magnitude_masks(params, 0.5, where, previous={"fc1": jnp.ones((2, 2), bool)})
   other = {"fc1": jnp.ones((2, 2), bool), "out": jnp.ones((2, 2), bool)}
   with pytest.raises(ValueError, match=r"`previous` has a leaf at out where params have fc2"):
@@ -734,9 +734,9 @@ def test_previous_missing_mask_for_selected_leaf():
 
 def test_where_of_another_structure():
   params = {"fc1": jnp.ones((2, 2)), "fc2": jnp.ones((2, 2))}
-  with pytest.raises(ValueError, match="`where` must have the structure of params"):
+  with pytest.raises(ValueError, match="`where` has 1 slots but params have 2"):
     jaxprune.magnitude_masks(params, 0.5, {"fc1": True})
-  with pytest.raises(ValueError, match="`where` must have the structure of params"):
+  with pytest.raises(ValueError, match="`where` has 1 slots but params have 2"):
     jaxprune.threshold_masks(params, 0.5, {"fc1": True})
 
 

@@ -95,7 +95,7 @@ def test_where_argument():
   report = jaxprune.sparsity_report(params, where=lambda p: jaxprune.select(p, include="norm",
                                                                             min_ndim=1))
   assert [r.path for r in report.leaves if r.targeted] == ["norm/scale"]
-  with pytest.raises(ValueError, match=r"`where` must have the structure of params"):
+  with pytest.raises(ValueError, match=r"`where` has 1 slots but params have 4"):
     jaxprune.sparsity_report(params, where={"fc1": True})
 
 
@@ -215,7 +215,18 @@ def test_counts_property(a, b, c, bf16):
   assert report.overall_compression == pytest.approx((dense + 20) / (packed + 20))
 
 
-def test_report_with_no_default_names_targets_nothing():
-  report = jaxprune.sparsity_report({"Dense_0": {"kernel": jnp.zeros((2, 2))}})
+def test_default_report_targets_linen_auto_named_kernels():
+  report = jaxprune.sparsity_report({"Dense_0": {"kernel": jnp.zeros((2, 2)),
+                                                 "bias": jnp.ones(2)}})
+  assert [r.path for r in report.leaves if r.targeted] == ["Dense_0/kernel"]
+  assert report.targeted_sparsity == 1.0
+
+
+def test_report_with_nothing_targeted_says_so():
+  report = jaxprune.sparsity_report({"norm": {"scale": jnp.zeros(3)}})
   assert report.targeted_params == 0
   assert report.overall_sparsity == 1.0
+  assert report.targeted_compression == 1.0  # not inf: nothing was compressed
+  assert "targeted leaves: none" in str(report)
+  targeted_line = next(x for x in str(report).splitlines() if x.startswith("targeted"))
+  assert "inf" not in targeted_line

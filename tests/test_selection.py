@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxprune
-from jaxprune.leaf_selection import path_components, resolve_where
+from jaxprune.leaf_selection import path_components
+from jaxprune.mask_tree import resolve_where
 
 
 def f32(*shape):
@@ -42,11 +43,21 @@ def chosen_paths(tree, where):
   return [p for p, sel in zip(jaxprune.leaf_paths(tree), jax.tree.leaves(where)) if sel]
 
 
-def test_default_selects_fc_and_output_proj_kernels():
+def test_default_selects_every_matrix_but_embeddings():
   params = transformer_params()
   where = jaxprune.select(params)
   assert jax.tree.structure(where) == jax.tree.structure(params)
   assert all(isinstance(b, bool) for b in jax.tree.leaves(where))
+  assert chosen_paths(params, where) == [
+      f"blocks/{i}/{name}/kernel"
+      for i in range(2)
+      for name in ["attn/output_proj", "attn/qkv", "mlp/fc1", "mlp/fc2"]
+  ] + ["head/kernel"]
+
+
+def test_lm_patterns_select_fc_and_output_proj_kernels():
+  params = transformer_params()
+  where = jaxprune.select(params, include=("output_proj", "fc*"))
   assert chosen_paths(params, where) == [
       f"blocks/{i}/{name}/kernel"
       for i in range(2)
@@ -55,8 +66,11 @@ def test_default_selects_fc_and_output_proj_kernels():
 
 
 def test_docstring_example():
-  params = {"fc1": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}}
-  assert jaxprune.select(params) == {"fc1": {"bias": False, "kernel": True}}
+  params = {"fc1": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)},
+            "embed": {"embedding": jnp.ones((8, 4))}}
+  assert jaxprune.select(params) == {"embed": {"embedding": False},
+                                     "fc1": {"bias": False, "kernel": True}}
+  assert jaxprune.select(params, include="fc1/kernel")["fc1"] == {"bias": False, "kernel": True}
 
 
 def test_glob_matches_whole_components_only():
@@ -153,7 +167,7 @@ def test_nothing_selected_lists_patterns_and_paths():
     jaxprune.select(params, include=("nope*",))
   msg = str(err.value)
   assert ", ".join(jaxprune.leaf_paths(params)[:8]) in msg  # the first paths that exist
-  assert "exclude=()" in msg and "min_ndim=2" in msg
+  assert "exclude=('*embed*',)" in msg and "min_ndim=2" in msg
   assert f"{len(jaxprune.leaf_paths(params))} leaves" in msg
   assert msg.endswith(", ...")  # more than 8 leaves: the list is cut
   with pytest.raises(ValueError, match=r"exclude=\('fc\*',\).*fc1/kernel"):
@@ -196,7 +210,7 @@ def test_nnx_state_paths_and_selection():
                                                     state)), nnx.Param)
   paths = jaxprune.leaf_paths(state)
   assert "fc1/kernel/value" in paths and "blocks/0/kernel/value" in paths
-  where = jaxprune.select(state)
+  where = jaxprune.select(state, include=("fc*", "output_proj"))
   assert jax.tree.structure(where) == jax.tree.structure(state)
   assert chosen_paths(state, where) == ["fc1/kernel/value", "output_proj/kernel/value"]
   where = jaxprune.select(state, include="blocks")
@@ -214,12 +228,20 @@ def test_path_components_of_key_types():
   assert chosen_paths(params, jaxprune.select(params, include="2")) == ["fc/2"]
 
 
-def test_resolve_where():
-  params = {"fc1": f32(2, 2), "b": f32(2)}
-  assert resolve_where(jaxprune.select, params) == {"fc1": True, "b": False}
-  assert resolve_where({"fc1": np.bool_(True), "b": 0}, params) == {"fc1": True, "b": False}
-  with pytest.raises(ValueError, match=r"`where` must have the structure of params"):
+def test_resolve_where_gives_one_flag_per_slot():
+  params = {"fc1": f32(2, 2), "b": f32(2)}  # slots in key order: b, fc1
+  assert resolve_where(jaxprune.select, params) == [False, True]
+  assert resolve_where({"fc1": np.bool_(True), "b": False}, params) == [False, True]
+  assert resolve_where({"fc1": jnp.bool_(True), "b": None}, params) == [False, True]
+  with pytest.raises(ValueError, match=r"`where` has 1 slots but params have 2"):
     resolve_where({"fc1": True}, params)
+  with pytest.raises(ValueError, match=r"`where` has a leaf at a where params have b"):
+    resolve_where({"fc1": True, "a": False}, params)
+  with pytest.raises(TypeError, match=r"`where` at b must be a bool.*got 0"):
+    resolve_where({"fc1": True, "b": 0}, params)
+  with pytest.raises(ValueError, match=r"`where` selects no leaf"):
+    resolve_where({"fc1": False, "b": False}, params)
+  assert resolve_where({"fc1": False, "b": False}, params, allow_empty=True) == [False, False]
 
 
 # ----------------------------------------------------------------------------- properties
