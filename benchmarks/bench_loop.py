@@ -217,7 +217,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                         args.eval_batches)
   graphdef, params, rest = lm_model.split_model(lm_model.TransformerLM(config, rngs=nnx.Rngs(0)))
   loss_fn = lm_model.make_loss_fn(graphdef, rest)
-  where = jaxprune.select(params)
+  where = jaxprune.select(params, include=lm_model.PRUNE_TARGETS)
   targets = schedule(args.iterations)
   n, k = args.steps, args.iterations
   first_steps = [i * n for i in range(k)]

@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
                                            setup.eval_batches)
   key = cache_key(setup, args.data, data_bytes)
   params, pretrain_seconds = dense_params(setup, template, loss_fn, batch_at, args.cache, key)
-  where = jaxprune.select(params)
+  where = jaxprune.select(params, include=lm_model.PRUNE_TARGETS)
   eval_step = jaxprune.make_eval_step(loss_fn)
   dense_loss = float(np.mean([float(eval_step(params, b)) for b in eval_batches]))
   dense_ppl = perplexity(dense_loss)

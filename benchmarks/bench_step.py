@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   batch = jax.random.randint(jax.random.key(1), (args.batch_size, config.context + 1), 0,
                              config.vocab_size, dtype=jnp.int32)
 
-  where = jaxprune.select(params)
+  where = jaxprune.select(params, include=lm_model.PRUNE_TARGETS)
   masks = jaxprune.magnitude_masks(params, SPARSITY, where)
   targeted = sum(int(m.size) for m in jax.tree.leaves(masks))
   mask_bytes = tree_bytes(masks)

@@ -1,9 +1,10 @@
 """A small byte-level decoder-only Transformer language model in Flax NNX.
 
 Parameter paths (from `split_model`) look like `blocks/0/attn/output_proj/kernel`,
-`blocks/0/mlp/fc1/kernel`, `blocks/0/mlp/fc2/kernel`, so `jaxprune.select`'s default
-patterns (`output_proj`, `fc*`) pick out the attention output projections and the MLP
-(or expert) weights. With `moe=True`, `blocks/i/mlp/fc1` and `fc2` are stacked expert
+`blocks/0/mlp/fc1/kernel`, `blocks/0/mlp/fc2/kernel`, so `PRUNE_TARGETS`
+(`output_proj`, `fc*`, given to `jaxprune.select(params, include=...)`) picks out the
+attention output projections and the MLP (or expert) weights; the library's default
+would also take `qkv`, the router and `lm_head`. With `moe=True`, `blocks/i/mlp/fc1` and `fc2` are stacked expert
 kernels of shape (E, d_model, d_ff) and (E, d_ff, d_model).
 """
 
@@ -23,6 +24,9 @@ from flax import nnx
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
+
+# The leaves the example prunes: attention output projections and MLP/expert kernels.
+PRUNE_TARGETS = ("output_proj", "fc*")
 
 
 @dataclasses.dataclass(frozen=True)

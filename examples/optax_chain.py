@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
   eval_batches = lm_data.make_eval_batches(val_tokens, args.batch_size, args.context,
                                            args.eval_batches)
 
-  where = jaxprune.select(params)
+  where = jaxprune.select(params, include=lm_model.PRUNE_TARGETS)
   begin, end = int(args.begin * args.steps), int(args.end * args.steps)
   lr = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(1, args.steps // 20), args.steps,
                                           end_value=args.lr * 0.05)

@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
                                            args.eval_batches)
   params, pretrain_seconds = dense_params(args, params, loss_fn, batch_at)
 
-  where = jaxprune.select(params)
+  where = jaxprune.select(params, include=lm_model.PRUNE_TARGETS)
   schedule = build_schedule(args.schedule, args.initial_sparsity, args.final_sparsity,
                             args.iterations)
   budgets = retrain_budgets(args.retrain_steps, len(schedule), args.last_share)
