@@ -4,8 +4,8 @@ Parameter paths (from `split_model`) look like `blocks/0/attn/output_proj/kernel
 `blocks/0/mlp/fc1/kernel`, `blocks/0/mlp/fc2/kernel`, so `PRUNE_TARGETS`
 (`output_proj`, `fc*`, given to `jaxprune.select(params, include=...)`) picks out the
 attention output projections and the MLP (or expert) weights; the library's default
-would also take `qkv`, the router and `lm_head`. With `moe=True`, `blocks/i/mlp/fc1` and `fc2` are stacked expert
-kernels of shape (E, d_model, d_ff) and (E, d_ff, d_model).
+would also take `qkv`, the router and `lm_head`. With `moe=True`, `blocks/i/mlp/fc1` and
+`fc2` are stacked expert kernels of shape (E, d_model, d_ff) and (E, d_ff, d_model).
 """
 
 from __future__ import annotations
