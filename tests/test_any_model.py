@@ -9,6 +9,8 @@ function on every framework; these pin the individual cases.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import NamedTuple
 
 import equinox as eqx
@@ -353,3 +355,22 @@ def test_load_compressed_like_names_mismatches(tmp_path):
     jaxprune.load_compressed(path, like={"a": params["a"]})
   with pytest.raises(ValueError, match=r"b is float32\[3\] in .* but float32\[4\] in `like`"):
     jaxprune.load_compressed(path, like={"a": params["a"], "b": jnp.ones(4)})
+
+
+def test_the_library_runs_without_flax_or_equinox_installed():
+  code = (
+      "import sys\n"
+      "class Block:\n"
+      "  def find_spec(self, name, path=None, target=None):\n"
+      "    if name.split('.')[0] in ('flax', 'equinox', 'tqdm'):\n"
+      "      raise ImportError('blocked: ' + name)\n"
+      "sys.meta_path.insert(0, Block())\n"
+      "import jax.numpy as jnp, jaxprune\n"
+      "p = {'w': jnp.arange(8.0).reshape(2, 4)}\n"
+      "m = jaxprune.magnitude_masks(p, 0.5, jaxprune.select(p))\n"
+      "assert int(m['w'].sum()) == 4\n"
+      "assert not any(k.split('.')[0] in ('flax', 'equinox') for k in sys.modules)\n"
+      "print('ok')\n"
+  )
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
