@@ -53,13 +53,14 @@ def takes_rng(loss_fn: Callable[..., Any]) -> bool:
 def distillation_loss(
     loss_fn: Callable[..., Any], apply_fn: ApplyFn, *, weight: float, temperature: float
 ) -> Callable[[PyTree, dict], tuple[jax.Array, dict]]:
-  """`(1 - weight) * loss_fn + weight * kl_to_teacher`, over `{"batch", "teacher"}` inputs.
+  """`(1 - weight) * loss_fn + weight * kl_to_teacher`, over `{"batch", "teacher_logits"}`.
 
-  The returned loss takes `(params, {"batch": batch, "teacher": teacher_params})` so
-  the teacher's params enter the jitted step as an argument (not as constants baked
-  into the compiled program). Student logits come from `loss_fn`'s aux
-  (`(loss, {"logits": ...})`) when it returns them, else from `apply_fn(params, batch)`;
-  teacher logits are `apply_fn(teacher_params, batch)`.
+  The returned loss takes `(params, {"batch": batch, "teacher_logits": logits})`,
+  with `logits = apply_fn(teacher_params, batch)` computed *before* the gradient
+  (`teacher_logits_fn`), so the teacher is never traced inside `jax.grad` (where an
+  `nnx.scan` model, for one, refuses to run on params it does not differentiate)
+  and costs one forward pass. Student logits come from `loss_fn`'s aux
+  (`(loss, {"logits": ...})`) when it returns them, else from `apply_fn(params, batch)`.
 
   The returned loss takes an `rng` keyword and hands it to `loss_fn` when `loss_fn`
   has an `rng` parameter, so dropout stays on while distilling (the teacher and an
@@ -82,7 +83,14 @@ def distillation_loss(
     student = aux.get("logits") if isinstance(aux, dict) else None
     if student is None:
       student = apply_fn(params, batch)
-    soft = kl_to_teacher(student, apply_fn(inputs["teacher"], batch), temperature)
+    soft = kl_to_teacher(student, inputs["teacher_logits"], temperature)
     return (1.0 - weight) * hard + weight * soft, {"hard_loss": hard, "distill_loss": soft}
 
   return loss
+
+
+def teacher_logits_fn(apply_fn: ApplyFn) -> Callable[[PyTree, Any], jax.Array]:
+  """A jitted `(teacher_params, batch) -> logits`: the teacher's forward pass, compiled once,
+  whose output feeds `distillation_loss` as data (it stays on the device)."""
+  return jax.jit(lambda teacher_params, batch: jax.lax.stop_gradient(
+      apply_fn(teacher_params, batch)))

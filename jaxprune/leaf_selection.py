@@ -14,10 +14,11 @@ IncludeSpec = Union[str, Sequence[str], Callable[[str, Any], bool]]
 # A `where` argument: a bool pytree from `select`, or a function building one from params.
 Where = Union[PyTree, Callable[[PyTree], PyTree]]
 
-# Every weight matrix, kernel and stacked kernel (rank >= 2), but not embedding tables:
-# Flax `Dense_0/kernel`, NNX `fc1/kernel/value`, Equinox `layers/0/weight`, Haiku `w`.
+# Every weight matrix, kernel and stacked kernel (rank >= 2): Flax `Dense_0/kernel`, NNX
+# `fc1/kernel/value`, Equinox `layers/0/weight`, Haiku `w`. Not embedding tables, and not
+# biases or norm scales that stacking (`nnx.scan`, `vmap`ped layers) made rank 2.
 DEFAULT_INCLUDE = ("*",)
-DEFAULT_EXCLUDE = ("*embed*",)
+DEFAULT_EXCLUDE = ("*embed*", "bias", "scale")
 
 
 def path_components(path: tuple) -> tuple[str, ...]:
@@ -88,8 +89,8 @@ def _matches(parts: tuple[str, ...], pattern: str) -> bool:
 
 def select(
     tree: PyTree,
-    include: IncludeSpec = DEFAULT_INCLUDE,
-    exclude: str | Sequence[str] = DEFAULT_EXCLUDE,
+    include: IncludeSpec | None = None,
+    exclude: str | Sequence[str] = (),
     min_ndim: int = 2,
 ) -> PyTree:
   """Chooses the leaves of `tree` to prune, by path.
@@ -106,15 +107,19 @@ def select(
   * the leaf is a floating-point array (or `jax.ShapeDtypeStruct`);
   * `leaf.ndim >= min_ndim`, so biases and norm scales are skipped by default.
 
-  The defaults select every floating-point leaf of rank >= 2 (kernels of Flax
-  `Dense`/`Conv`/`nnx.Linear`, Equinox `weight`s, stacked expert or `nnx.scan`
-  kernels) except embedding tables (a path component matching `*embed*`).
+  With `include=None` (the default) every floating-point leaf of rank >= 2 is
+  included (kernels of Flax `Dense`/`Conv`/`nnx.Linear`, Equinox `weight`s, stacked
+  expert or `nnx.scan` kernels) except embedding tables (a path component matching
+  `*embed*`) and leaves named `bias` or `scale` (stacked biases and norm scales are
+  rank 2); `exclude` then removes more. An explicit `include` replaces all of that:
+  only it, `exclude` and `min_ndim` apply.
 
   Args:
     tree: any pytree of arrays: a Linen `params` dict, an `nnx.State`,
       `eqx.filter(model, eqx.is_array)` (its `None` leaves are never selected),
       lists, tuples, NamedTuples.
-    include: glob pattern(s), or a callable `(path: str, leaf) -> bool`.
+    include: glob pattern(s), a callable `(path: str, leaf) -> bool`, or None for
+      the default selection.
     exclude: glob pattern(s); a leaf matching any is never selected.
     min_ndim: smallest rank of a selected leaf.
 
@@ -137,6 +142,8 @@ def select(
     {'bias': False, 'kernel': True}
   """
   exclude = _as_patterns("exclude", exclude)
+  if include is None:
+    include, exclude = DEFAULT_INCLUDE, DEFAULT_EXCLUDE + exclude
   if callable(include):
     def included(path: str, parts: tuple[str, ...], leaf: Any) -> bool:
       return bool(include(path, leaf))

@@ -30,9 +30,16 @@ import optax
 from jax.sharding import Mesh
 
 from jaxprune import checkpointing
-from jaxprune.distillation import distillation_loss, takes_rng
+from jaxprune.distillation import distillation_loss, takes_rng, teacher_logits_fn
 from jaxprune.leaf_selection import Where
-from jaxprune.mask_tree import all_kept, resolve_where, slots, where_tree
+from jaxprune.mask_tree import (
+    all_kept,
+    float_part,
+    merge_float_part,
+    resolve_where,
+    slots,
+    where_tree,
+)
 from jaxprune.masks import Scope, apply_masks, check_scope, magnitude_masks
 from jaxprune.optax_wrapper import pruned, replace_masks
 from jaxprune.reporting import SparsityReport, sparsity_report
@@ -63,6 +70,11 @@ def make_train_step(
   a parameter named `rng`, it is called with `rng=fold_in(wrap_key_data(rng_data),
   step)`, so dropout noise is a pure function of the step (exact resume).
 
+  Only floating-point leaves are differentiated and updated; other leaves (int
+  step counters, tables) pass through unchanged. The optimizer state must then be
+  `optimizer.init(jaxprune.mask_tree.float_part(params))` (the same as
+  `optimizer.init(params)` when every leaf is a float array).
+
   Args:
     loss_fn: the loss.
     optimizer: any optax transformation (typically `pruned(...)`); it gets `params`.
@@ -80,12 +92,13 @@ def make_train_step(
     rng = None
     if wants_rng:
       rng = jax.random.fold_in(jax.random.wrap_key_data(rng_data), step_index)
+    trainable = float_part(params)
     grad_fn = jax.value_and_grad(
-        lambda p: _loss_and_aux(loss_fn, p, batch, rng), has_aux=True
+        lambda t: _loss_and_aux(loss_fn, merge_float_part(params, t), batch, rng), has_aux=True
     )
-    (loss, _), grads = grad_fn(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    (loss, _), grads = grad_fn(trainable)
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    return merge_float_part(params, optax.apply_updates(trainable, updates)), opt_state, loss
 
   return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
@@ -460,7 +473,11 @@ def prune_retrain(
       teacher_params = jax.device_put(teacher_params,
                                       param_shardings(teacher_params, mesh, param_layout))
     student_batch_at = batch_at
-    batch_at = lambda step: {"batch": student_batch_at(step), "teacher": teacher_params}
+    teacher_forward = teacher_logits_fn(apply_fn)
+
+    def batch_at(step: int) -> dict:
+      batch = student_batch_at(step)
+      return {"batch": batch, "teacher_logits": teacher_forward(teacher_params, batch)}
   train_step = make_train_step(train_loss, tx)
   eval_step = make_eval_step(loss_fn)
   prune = jax.jit(functools.partial(prune_step, where=where, scope=scope))
@@ -471,7 +488,7 @@ def prune_retrain(
   evaluate = functools.partial(_evaluate, eval_step, source=eval_source)
 
   state = checkpointing.LoopState(
-      params, tx.init(params), start, jax.random.key_data(jax.random.key(seed))
+      params, tx.init(float_part(params)), start, jax.random.key_data(jax.random.key(seed))
   )
   selected = [p for p, flag in zip(slots(params).paths, flags) if flag]
   config = checkpointing.fingerprint(
@@ -528,7 +545,7 @@ def prune_retrain(
         masks = place_masks(masks, params)
         opt_state = replace_masks(opt_state, masks)
       if restart_optimizer:
-        opt_state = replace_masks(tx.init(params), masks)
+        opt_state = replace_masks(tx.init(float_part(params)), masks)
       after_prune = evaluate(params)
       row = {
           "iteration": i,

@@ -273,3 +273,21 @@ def selected_leaves(
 def masks_from(params: PyTree, computed: dict[int, Any]) -> PyTree:
   """The mask tree holding `computed[slot]` at its slots and `None` elsewhere."""
   return unflatten(params, [computed.get(i) for i in range(len(slots(params).leaves))])
+
+
+def float_part(params: PyTree) -> PyTree:
+  """`params` with every leaf that is not a floating-point array set to `None`.
+
+  What a train step differentiates and the optimizer updates: int step counters,
+  lookup tables and other non-float leaves become absent slots (as in
+  `eqx.partition`), so `jax.grad` and optax never see them. `merge_float_part`
+  puts them back. A tree of float leaves is returned unchanged.
+  """
+  return unflatten(params, [x if is_float_array(x) else None for x in slots(params).leaves])
+
+
+def merge_float_part(params: PyTree, part: PyTree) -> PyTree:
+  """`params` with its float leaves taken from `part` (a `float_part` of it)."""
+  mine = slots(params).leaves
+  theirs = slots(part).leaves
+  return unflatten(params, [y if is_float_array(x) else x for x, y in zip(mine, theirs)])
