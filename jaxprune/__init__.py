@@ -1,9 +1,10 @@
-"""jaxprune: magnitude pruning for JAX and Flax.
+"""jaxprune: magnitude pruning for any JAX model (Flax NNX and Linen, Equinox, plain pytrees).
 
 Pure functions over parameter pytrees (`select`, `magnitude_masks`,
 `threshold_masks`, `apply_masks`, `sparsity_report`), sparsity schedules, an optax
 wrapper that holds pruned weights at zero (`pruned`), and a jitted prune-retrain
-loop (`prune_retrain`).
+loop (`prune_retrain`). How `where` and mask trees line up with params (paths,
+`None` leaves, Equinox modules) is `jaxprune.mask_tree`.
 """
 
 from jaxprune.distillation import distillation_loss, kl_to_teacher
