@@ -207,7 +207,7 @@ def _check_budgets(retrain_steps: int | Sequence[int], n: int) -> list[int]:
 def _eval_source(eval_batches) -> Callable[[], Iterable]:
   source = eval_batches if callable(eval_batches) else (lambda: eval_batches)
   first = source()
-  if iter(first) is first:
+  if not callable(eval_batches) and iter(first) is first:
     raise TypeError(
         "eval_batches must be re-iterable (a list) or a callable returning an iterable; "
         "a one-shot iterator would be empty at the second evaluation"
@@ -446,9 +446,10 @@ def prune_retrain(
   targets = [t for t, _ in parsed]
   patterns = [p for _, p in parsed]
   budgets = _check_budgets(retrain_steps, len(targets))
-  if checkpoint_every is not None and (int(checkpoint_every) != checkpoint_every
-                                       or checkpoint_every < 1):
+  if checkpoint_every is not None and not (_is_count(checkpoint_every) and checkpoint_every >= 1):
     raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
+  if not (_is_count(log_every) and log_every >= 1):
+    raise ValueError(f"log_every must be an integer >= 1, got {log_every!r}")
   check_scope(scope)
   flags = resolve_where(where, params)
   where = where_tree(params, flags)
@@ -530,81 +531,86 @@ def prune_retrain(
     save_index += 1
 
   history: list[dict[str, Any]] = meta["history"]
-  for i in range(meta["iteration"], len(targets)):
-    resuming = meta["phase"] == "retrain" and meta["iteration"] == i
-    row = dict(meta["row"]) if resuming else {}
-    started = time.perf_counter() - row.get("wall_seconds", 0.0)
-    params, opt_state, masks, rng = state
-    if not resuming:
-      before = history[-1]["loss_after_retrain"] if history else evaluate(params)
-      if patterns[i] is None:
-        params, masks, opt_state = prune(params, masks, opt_state, jnp.float32(targets[i]))
-      else:
-        params, masks, opt_state = nm_prune(*patterns[i])(params, masks, opt_state)
-      if mesh is not None:  # Keep masks exactly on their params' shardings.
-        masks = place_masks(masks, params)
-        opt_state = replace_masks(opt_state, masks)
-      if restart_optimizer:
-        opt_state = replace_masks(tx.init(float_part(params)), masks)
-      after_prune = evaluate(params)
-      row = {
-          "iteration": i,
-          "target_sparsity": targets[i],
-          "pattern": None if patterns[i] is None else "{}:{}".format(*patterns[i]),
-          "achieved_sparsity": float(_pruned_fraction(masks)),
-          "loss_before_prune": before,
-          "perplexity_before_prune": _perplexity(before),
-          "loss_after_prune": after_prune,
-          "perplexity_after_prune": _perplexity(after_prune),
-      }
-    first_step = sum(budgets[:i])
-    j0 = meta["step"] if resuming else 0
-    bar = _progress_bar(progress, budgets[i], j0, f"retrain {i + 1}/{len(targets)} "
-                        f"@ {targets[i]:.1%}")
-    pending: list[jax.Array] = []
+  bar = None
+  try:
+    for i in range(meta["iteration"], len(targets)):
+      resuming = meta["phase"] == "retrain" and meta["iteration"] == i
+      row = dict(meta["row"]) if resuming else {}
+      started = time.perf_counter() - row.get("wall_seconds", 0.0)
+      params, opt_state, masks, rng = state
+      if not resuming:
+        before = history[-1]["loss_after_retrain"] if history else evaluate(params)
+        if patterns[i] is None:
+          params, masks, opt_state = prune(params, masks, opt_state, jnp.float32(targets[i]))
+        else:
+          params, masks, opt_state = nm_prune(*patterns[i])(params, masks, opt_state)
+        if mesh is not None:  # Keep masks exactly on their params' shardings.
+          masks = place_masks(masks, params)
+          opt_state = replace_masks(opt_state, masks)
+        if restart_optimizer:
+          opt_state = replace_masks(tx.init(float_part(params)), masks)
+        after_prune = evaluate(params)
+        row = {
+            "iteration": i,
+            "target_sparsity": targets[i],
+            "pattern": None if patterns[i] is None else "{}:{}".format(*patterns[i]),
+            "achieved_sparsity": float(_pruned_fraction(masks)),
+            "loss_before_prune": before,
+            "perplexity_before_prune": _perplexity(before),
+            "loss_after_prune": after_prune,
+            "perplexity_after_prune": _perplexity(after_prune),
+        }
+      first_step = sum(budgets[:i])
+      j0 = meta["step"] if resuming else 0
+      bar = _progress_bar(progress, budgets[i], j0, f"retrain {i + 1}/{len(targets)} "
+                          f"@ {targets[i]:.1%}")
+      pending: list[jax.Array] = []
 
-    check = functools.partial(_check_losses, pending, i, first_step)
+      check = functools.partial(_check_losses, pending, i, first_step)
 
-    for j in range(j0, budgets[i]):
-      g = first_step + j
-      params, opt_state, loss = train_step(params, opt_state, batch_at(g), rng, g)
-      pending.append(loss)
-      if bar is not None:
-        bar.update(1)
-      if (j + 1) % log_every == 0:
-        check(j + 1)
+      for j in range(j0, budgets[i]):
+        g = first_step + j
+        params, opt_state, loss = train_step(params, opt_state, batch_at(g), rng, g)
+        pending.append(loss)
         if bar is not None:
-          bar.set_postfix(loss=f"{float(loss):.4f}")
-        logger.debug("iteration %d step %d loss %.4f", i, j + 1, float(loss))
-      if checkpoint_every and (j + 1) % checkpoint_every == 0 and j + 1 < budgets[i]:
-        check(j + 1)
-        state = checkpointing.LoopState(params, opt_state, masks, rng)
-        row["wall_seconds"] = time.perf_counter() - started
-        checkpoint("retrain", i, j + 1, row)
-    check(budgets[i])
+          bar.update(1)
+        if (j + 1) % log_every == 0:
+          check(j + 1)
+          if bar is not None:
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+          logger.debug("iteration %d step %d loss %.4f", i, j + 1, float(loss))
+        if checkpoint_every and (j + 1) % checkpoint_every == 0 and j + 1 < budgets[i]:
+          check(j + 1)
+          state = checkpointing.LoopState(params, opt_state, masks, rng)
+          row["wall_seconds"] = time.perf_counter() - started
+          checkpoint("retrain", i, j + 1, row)
+      check(budgets[i])
+      if bar is not None:
+        bar.close()
+
+      after = evaluate(params)
+      row.update(
+          loss_after_retrain=after,
+          perplexity_after_retrain=_perplexity(after),
+          retrain_steps=budgets[i],
+          wall_seconds=time.perf_counter() - started,
+      )
+      history.append(row)
+      logger.info(
+          "iteration %d: sparsity %.2f%% (target %.2f%%), perplexity %.3f -> %.3f (pruned) "
+          "-> %.3f (retrained)", i, 100 * row["achieved_sparsity"], 100 * targets[i],
+          row["perplexity_before_prune"], row["perplexity_after_prune"],
+          row["perplexity_after_retrain"],
+      )
+      state = checkpointing.LoopState(params, opt_state, masks, rng)
+      meta["history"] = history
+      checkpoint("prune", i + 1, 0, {})
+  finally:  # also when the NaN guard or a batch function raises
     if bar is not None:
       bar.close()
+    if manager is not None:
+      manager.close()
 
-    after = evaluate(params)
-    row.update(
-        loss_after_retrain=after,
-        perplexity_after_retrain=_perplexity(after),
-        retrain_steps=budgets[i],
-        wall_seconds=time.perf_counter() - started,
-    )
-    history.append(row)
-    logger.info(
-        "iteration %d: sparsity %.2f%% (target %.2f%%), perplexity %.3f -> %.3f (pruned) "
-        "-> %.3f (retrained)", i, 100 * row["achieved_sparsity"], 100 * targets[i],
-        row["perplexity_before_prune"], row["perplexity_after_prune"],
-        row["perplexity_after_retrain"],
-    )
-    state = checkpointing.LoopState(params, opt_state, masks, rng)
-    meta["history"] = history
-    checkpoint("prune", i + 1, 0, {})
-
-  if manager is not None:
-    manager.close()
   params, opt_state, masks, _ = state
   return PruneRetrainResult(
       params=params,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -110,7 +111,8 @@ def run(**overrides):
       retrain_steps=4, progress=False,
   )
   kwargs.update(overrides)
-  result = jaxprune.prune_retrain(params, loss, batches, EVAL_BATCHES, **kwargs)
+  eval_batches = kwargs.pop("eval_batches", EVAL_BATCHES)
+  result = jaxprune.prune_retrain(params, loss, batches, eval_batches, **kwargs)
   return result, loss, batches
 
 
@@ -456,11 +458,15 @@ ERROR_CASES = {
     "empty eval": (dict(eval_batches=[]), ValueError, "eval_batches is empty"),
     "empty eval callable": (dict(eval_batches=lambda: []), ValueError, "eval_batches is empty"),
     "one-shot eval": (dict(eval_batches=iter(EVAL_BATCHES)), TypeError, "re-iterable"),
+    "one-shot eval generator": (dict(eval_batches=(b for b in EVAL_BATCHES)), TypeError,
+                                "re-iterable"),
     "where selects nothing": (dict(where=_nothing_selected(make_params())), ValueError,
                               "selects no leaf"),
     "callable where selects nothing": (dict(where=_nothing_selected), ValueError,
                                        "selects no leaf"),
     "checkpoint_every 0": (dict(checkpoint_every=0), ValueError, "checkpoint_every"),
+    "log_every 0": (dict(log_every=0), ValueError, "log_every must be an integer >= 1, got 0"),
+    "log_every 2.5": (dict(log_every=2.5), ValueError, "log_every must be an integer"),
     "bad scope": (dict(scope="row"), ValueError, "scope"),
 }
 
@@ -480,7 +486,57 @@ def test_errors_before_any_compute(case, tmp_path):
   assert not (tmp_path / "ckpt").exists()
 
 
+def test_callable_eval_batches_may_return_a_generator():
+  calls = []
+
+  def eval_batches():
+    calls.append(1)
+    return (b for b in EVAL_BATCHES)  # a one-shot generator, made anew per evaluation
+
+  result, _, _ = run(eval_batches=eval_batches)
+  listed, _, _ = run()
+  assert result.final_loss == listed.final_loss
+  assert len(calls) > 2
+
+
 # ----------------------------------------------------------------------------- NaN
+
+
+class RecordingBar:
+  instances: typing.ClassVar[list] = []
+
+  def __init__(self, *args, **kwargs):
+    self.closed = False
+    RecordingBar.instances.append(self)
+
+  def update(self, n):
+    pass
+
+  def set_postfix(self, **kwargs):
+    pass
+
+  def close(self):
+    self.closed = True
+
+
+def test_nan_guard_closes_the_checkpoint_manager_and_the_bar(tmp_path, monkeypatch):
+  closed = []
+  real_open = checkpointing.open_manager
+
+  def open_manager(*args, **kwargs):
+    manager = real_open(*args, **kwargs)
+    real_close = manager.close
+    manager.close = lambda: (closed.append(True), real_close())
+    return manager
+
+  monkeypatch.setattr(checkpointing, "open_manager", open_manager)
+  monkeypatch.setattr("tqdm.auto.tqdm", RecordingBar)
+  RecordingBar.instances = []
+  with pytest.raises(FloatingPointError):
+    run(train_batches=Batches(nan_at=1), retrain_steps=6, checkpoint_dir=str(tmp_path / "c"),
+        progress=True, log_every=1)
+  assert closed == [True]
+  assert RecordingBar.instances and all(bar.closed for bar in RecordingBar.instances)
 
 
 @pytest.fixture(scope="module")
