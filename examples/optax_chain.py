@@ -4,12 +4,12 @@
 
 The model trains from scratch with a hand-written jitted loop. The optimizer is
 
-    optax.chain(
-        optax.clip_by_global_norm(1.0),
-        jaxprune.pruned(optax.adamw(warmup_cosine), where=select(params),
-                        schedule=polynomial_schedule(0, sf, begin, end), update_every=K),
+    jaxprune.pruned(
+        optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(warmup_cosine)),
+        where=select(params), schedule=polynomial_schedule(0, sf, begin, end), update_every=K,
     )
 
+(`pruned` wraps the whole chain, so the clipping norm counts kept weights only)
 so every K steps the masks are recomputed in-graph (Zhu & Gupta's cubic ramp) and
 pruned weights are held at exactly zero. Sparsity and validation perplexity are
 printed as training goes.
@@ -73,15 +73,14 @@ def main(argv: list[str] | None = None) -> dict:
   begin, end = int(args.begin * args.steps), int(args.end * args.steps)
   lr = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(1, args.steps // 20), args.steps,
                                           end_value=args.lr * 0.05)
-  tx = optax.chain(
-      optax.clip_by_global_norm(1.0),
-      jaxprune.pruned(
-          optax.adamw(lr, weight_decay=0.01),
-          where=where,
-          schedule=jaxprune.polynomial_schedule(0.0, args.final_sparsity, begin, end),
-          update_every=args.update_every,
-          scope=args.scope,
-      ),
+  # `pruned` wraps the whole chain: it zeroes pruned gradients before the clipping
+  # norm is taken, so the norm counts kept weights only.
+  tx = jaxprune.pruned(
+      optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.01)),
+      where=where,
+      schedule=jaxprune.polynomial_schedule(0.0, args.final_sparsity, begin, end),
+      update_every=args.update_every,
+      scope=args.scope,
   )
   opt_state = tx.init(params)
 

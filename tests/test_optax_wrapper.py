@@ -309,6 +309,28 @@ def test_low_precision_updates_of_float32_params_still_land_on_zero():
 # ------------------------------------------------------------------- placement
 
 
+def test_pruned_wrapping_the_chain_clips_by_the_kept_norm_only():
+  params = make_params()
+  masks = masks_at(params, 0.5)
+  # Gradients of pruned weights are huge: a norm that counted them would shrink the rest.
+  grads = jax.tree.map(lambda w: jnp.full(w.shape, 0.01, w.dtype), params)
+  grads = jaxprune.mask_tree.map_masked(
+      lambda m, g: g if m is None else jnp.where(m, g, jnp.asarray(1e3, g.dtype)), masks, grads)
+  kept = mask_grads(grads, masks)
+  kept_norm = float(optax.global_norm(kept))
+  max_norm = kept_norm / 2  # the kept gradients alone are clipped by exactly 1/2
+  tx = jaxprune.pruned(optax.chain(optax.clip_by_global_norm(max_norm), optax.sgd(1.0)), masks)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  expected = jax.tree.map(lambda g: -g * (max_norm / kept_norm), kept)
+  assert_kept_equal(updates, expected, masks)
+  assert_pruned_zero(optax.apply_updates(params, updates), masks)
+  # Clipping outside `pruned` counts the pruned gradients too: the kept updates shrink far more.
+  outside = optax.chain(optax.clip_by_global_norm(max_norm), jaxprune.pruned(optax.sgd(1.0), masks))
+  out_updates, _ = outside.update(grads, outside.init(params), params)
+  ratio = float(optax.global_norm(mask_grads(out_updates, masks))) / kept_norm
+  assert ratio < 0.01 * (max_norm / kept_norm)
+
+
 def test_chain_clip_then_pruned_adamw():
   params = make_params()
   masks = masks_at(params, 0.5)
