@@ -42,17 +42,22 @@ from jaxprune.sharding import (
     place_masks,
 )
 from jaxprune.structured import is_nm_sparse, nm_masks, nm_violations
+from jaxprune.targets import NM, Magnitude, Target, as_target
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "NM",
     "CompressedFormatError",
     "ExportInfo",
     "LeafSparsity",
+    "Magnitude",
     "PruneRetrainResult",
     "PrunedState",
     "SparsityReport",
+    "Target",
     "apply_masks",
+    "as_target",
     "bytes_per_device",
     "check_masks",
     "constant_schedule",

@@ -40,11 +40,11 @@ from jaxprune.mask_tree import (
     slots,
     where_tree,
 )
-from jaxprune.masks import Scope, apply_masks, check_scope, magnitude_masks
+from jaxprune.masks import Scope, apply_masks, check_scope
 from jaxprune.optax_wrapper import pruned, replace_masks
 from jaxprune.reporting import SparsityReport, sparsity_report
 from jaxprune.sharding import ParamLayout, param_shardings, place_batch, place_masks
-from jaxprune.structured import nm_masks
+from jaxprune.targets import Magnitude, Target, as_target
 
 PyTree = Any
 LossFn = Callable[..., Any]
@@ -119,13 +119,16 @@ def prune_step(
     params: PyTree,
     masks: PyTree,
     opt_state: PyTree,
-    sparsity: float | jax.Array,
+    target: Target | float | str,
     where: Where,
     scope: Scope = "layer",
 ) -> tuple[PyTree, PyTree, PyTree]:
   """One prune: new masks (previous respected), params zeroed, masks put in `opt_state`.
 
-  `masks` may be None for the first prune. Jittable with a traced `sparsity`.
+  `target` is a pruning method (`Magnitude(0.5)`, `NM(2, 4)`, any `Target`), or a
+  float (`Magnitude(target, scope)`) or `"n:m"`. `masks` may be None for the first
+  prune. Jittable: a `Magnitude`'s sparsity may be traced, so one compilation
+  serves a whole schedule.
 
   Returns:
     `(params, masks, opt_state)`.
@@ -134,39 +137,21 @@ def prune_step(
 
     >>> params, masks, opt_state = jaxprune.prune_step(params, masks, opt_state, 0.5, where)
   """
-  masks = magnitude_masks(params, sparsity, where, scope=scope, previous=masks)
+  masks = as_target(target, scope).masks(params, where, previous=masks)
   return apply_masks(params, masks), masks, replace_masks(opt_state, masks)
 
 
 # ----------------------------------------------------------------------------- inputs
 
 
-def _parse_target(entry: Any, i: int) -> tuple[float, tuple[int, int] | None]:
-  """A schedule entry: a sparsity in [0, 1), or an N:M pattern written `"n:m"`."""
-  if isinstance(entry, str) and ":" in entry:
-    try:
-      n, m = (int(v) for v in entry.split(":"))
-    except ValueError:
-      raise ValueError(f"schedule[{i}] = {entry!r}: an N:M pattern looks like '2:4'") from None
-    if not 0 < n < m:
-      raise ValueError(f"schedule[{i}] = {entry!r}: need 0 < n < m")
-    return 1.0 - n / m, (n, m)
-  if isinstance(entry, (bool, str)) or not isinstance(entry, numbers.Real):
-    raise ValueError(f"schedule[{i}] = {entry!r} is neither a sparsity (a number) nor 'n:m'")
-  s = float(entry)
-  if not 0.0 <= s < 1.0:
-    raise ValueError(f"schedule[{i}] = {s!r} is outside [0, 1)")
-  return s, None
-
-
-def _check_schedule(schedule: Sequence[Any]) -> list[tuple[float, tuple[int, int] | None]]:
+def _check_schedule(schedule: Sequence[Any], scope: Scope) -> list[Target]:
   if isinstance(schedule, (str, bytes)) or not hasattr(schedule, "__iter__"):
     raise TypeError(f"schedule must be a finite sequence of sparsities, got {schedule!r}")
-  targets = [_parse_target(entry, i) for i, entry in enumerate(schedule)]
+  targets = [as_target(entry, scope, f"schedule[{i}]") for i, entry in enumerate(schedule)]
   if not targets:
     raise ValueError("schedule is empty: give at least one target sparsity")
   for i in range(1, len(targets)):
-    if targets[i][0] < targets[i - 1][0]:
+    if targets[i].sparsity < targets[i - 1].sparsity:
       raise ValueError(
           f"schedule must not decrease: schedule[{i}] = {schedule[i]!r} comes after "
           f"schedule[{i - 1}] = {schedule[i - 1]!r}, and masks never revive a pruned weight"
@@ -174,12 +159,25 @@ def _check_schedule(schedule: Sequence[Any]) -> list[tuple[float, tuple[int, int
   return targets
 
 
-def nm_prune_step(
-    params: PyTree, masks: PyTree, opt_state: PyTree, n: int, m: int, where: Where
-) -> tuple[PyTree, PyTree, PyTree]:
-  """`prune_step` to an N:M pattern (`nm_masks` along the input axis, previous respected)."""
-  masks = nm_masks(params, n, m, where, previous=masks)
-  return apply_masks(params, masks), masks, replace_masks(opt_state, masks)
+def _run_prune(prune, params, masks, opt_state, target: Target):
+  """`prune(params, masks, opt_state, target)` compiled once per kind of target.
+
+  A pytree target goes in as an argument with its Python floats as float32 (one
+  compilation for every sparsity); a target that is not a pytree is closed over
+  (one compilation for it).
+  """
+  if jax.tree_util.treedef_is_leaf(jax.tree.structure(target)):
+    closed = functools.partial(prune.__wrapped__, target=target)
+    return jax.jit(closed)(params, masks, opt_state)
+  target = jax.tree.map(lambda x: jnp.float32(x) if isinstance(x, float) else x, target)
+  return prune(params, masks, opt_state, target)
+
+
+def _describe(target: Target) -> float | str:
+  """A schedule entry as the checkpoint fingerprint and the history record it."""
+  if isinstance(target, Magnitude) and target.scope == "layer":
+    return float(target.sparsity)
+  return str(target)
 
 
 def _is_count(x: Any) -> bool:
@@ -364,7 +362,7 @@ def prune_retrain(
     eval_batches: Iterable | Callable[[], Iterable],
     *,
     optimizer: optax.GradientTransformation,
-    schedule: Sequence[float],
+    schedule: Sequence[float | str | Target],
     where: Where,
     retrain_steps: int | Sequence[int],
     scope: Scope = "layer",
@@ -394,9 +392,11 @@ def prune_retrain(
       (approximate).
     eval_batches: a finite re-iterable of batches, or a callable returning one.
     optimizer: the optax optimizer to retrain with; it is wrapped in `pruned`.
-    schedule: target sparsities, one per iteration (`exponential_schedule(...)`,
-      a list, ...), each in [0, 1), or an N:M pattern `"2:4"` (`nm_masks` along the
-      input axis, previous masks respected): `[0.25, "2:4"]` ends in 2:4 sparsity.
+    schedule: one pruning target per iteration, never decreasing in sparsity: a
+      sparsity in [0, 1) (`Magnitude(s, scope)`; `exponential_schedule(...)`, a
+      list, ...), an N:M pattern `"2:4"` (`NM(2, 4)`, along axis -2), or any
+      `Target` (`NM(2, 4, axis=-1)`, `Magnitude(0.9, "global")`, your own):
+      `[0.25, "2:4"]` ends in 2:4 sparsity, previous masks respected.
     where: the targeted leaves (bool pytree from `select`, or a callable).
     retrain_steps: steps per iteration: an int, or one budget per iteration.
     scope: `"layer"` or `"global"` magnitude ranking.
@@ -438,13 +438,20 @@ def prune_retrain(
 
     >>> result = jaxprune.prune_retrain(
     ...     params, loss_fn, batch_at_step, eval_batches,
-    ...     optimizer=optax.adamw(1e-3), schedule=jaxprune.exponential_schedule(0.2, 0.8, 5),
-    ...     where=jaxprune.select(params), retrain_steps=200, checkpoint_dir="ckpt")
+    ...     optimizer=optax.adamw(1e-3), schedule=jaxprune.exponential_schedule(0.2, 0.8, 3),
+    ...     where=jaxprune.select(params), retrain_steps=2, checkpoint_dir="ckpt")
     >>> print(result.summary())
+    iter   target  achieved  ppl before  after prune  after retrain   steps   seconds
+    ---------------------------------------------------------------------------------
+       0   20.00%    19.79%  ...       2  ...
+       1   40.00%    40.62%  ...       2  ...
+       2   80.00%    80.21%  ...       2  ...
+    <BLANKLINE>
+    dense perplexity ... -> final ...
+    sparsity: targeted leaves 80.21%, whole model 74.04%
+    compression (bitmask + nonzeros): targeted 4.36x, whole model 3.47x bytes; ...
   """
-  parsed = _check_schedule(schedule)
-  targets = [t for t, _ in parsed]
-  patterns = [p for _, p in parsed]
+  targets = _check_schedule(schedule, scope)
   budgets = _check_budgets(retrain_steps, len(targets))
   if checkpoint_every is not None and not (_is_count(checkpoint_every) and checkpoint_every >= 1):
     raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
@@ -481,11 +488,9 @@ def prune_retrain(
       return {"batch": batch, "teacher_logits": teacher_forward(teacher_params, batch)}
   train_step = make_train_step(train_loss, tx)
   eval_step = make_eval_step(loss_fn)
-  prune = jax.jit(functools.partial(prune_step, where=where, scope=scope))
-
-  @functools.cache
-  def nm_prune(n: int, m: int):
-    return jax.jit(functools.partial(nm_prune_step, n=n, m=m, where=where))
+  # Targets are pytrees: a Magnitude's sparsity is traced, so magnitude iterations
+  # share one compilation; each distinct static target (an NM pattern) gets its own.
+  prune = jax.jit(functools.partial(prune_step, where=where))
   evaluate = functools.partial(_evaluate, eval_step, source=eval_source)
 
   state = checkpointing.LoopState(
@@ -493,7 +498,7 @@ def prune_retrain(
   )
   selected = [p for p, flag in zip(slots(params).paths, flags) if flag]
   config = checkpointing.fingerprint(
-      params, schedule=[t if p is None else "{}:{}".format(*p) for t, p in parsed],
+      params, schedule=[_describe(t) for t in targets],
       retrain_steps=budgets, scope=scope, selected=selected,
       restart_optimizer=restart_optimizer, seed=seed,
       distillation=None if teacher is None else [distill_weight, temperature],
@@ -540,10 +545,7 @@ def prune_retrain(
       params, opt_state, masks, rng = state
       if not resuming:
         before = history[-1]["loss_after_retrain"] if history else evaluate(params)
-        if patterns[i] is None:
-          params, masks, opt_state = prune(params, masks, opt_state, jnp.float32(targets[i]))
-        else:
-          params, masks, opt_state = nm_prune(*patterns[i])(params, masks, opt_state)
+        params, masks, opt_state = _run_prune(prune, params, masks, opt_state, targets[i])
         if mesh is not None:  # Keep masks exactly on their params' shardings.
           masks = place_masks(masks, params)
           opt_state = replace_masks(opt_state, masks)
@@ -552,8 +554,8 @@ def prune_retrain(
         after_prune = evaluate(params)
         row = {
             "iteration": i,
-            "target_sparsity": targets[i],
-            "pattern": None if patterns[i] is None else "{}:{}".format(*patterns[i]),
+            "target_sparsity": targets[i].sparsity,
+            "pattern": None if isinstance(targets[i], Magnitude) else str(targets[i]),
             "achieved_sparsity": float(_pruned_fraction(masks)),
             "loss_before_prune": before,
             "perplexity_before_prune": _perplexity(before),
@@ -563,7 +565,7 @@ def prune_retrain(
       first_step = sum(budgets[:i])
       j0 = meta["step"] if resuming else 0
       bar = _progress_bar(progress, budgets[i], j0, f"retrain {i + 1}/{len(targets)} "
-                          f"@ {targets[i]:.1%}")
+                          f"@ {targets[i].sparsity:.1%}")
       pending: list[jax.Array] = []
 
       check = functools.partial(_check_losses, pending, i, first_step)
@@ -598,7 +600,7 @@ def prune_retrain(
       history.append(row)
       logger.info(
           "iteration %d: sparsity %.2f%% (target %.2f%%), perplexity %.3f -> %.3f (pruned) "
-          "-> %.3f (retrained)", i, 100 * row["achieved_sparsity"], 100 * targets[i],
+          "-> %.3f (retrained)", i, 100 * row["achieved_sparsity"], 100 * targets[i].sparsity,
           row["perplexity_before_prune"], row["perplexity_after_prune"],
           row["perplexity_after_retrain"],
       )

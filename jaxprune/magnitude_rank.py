@@ -165,6 +165,7 @@ def smallest_k(keys: Sequence[jax.Array], k: jax.Array | int) -> list[jax.Array]
 
   Example::
 
+    >>> from jaxprune.magnitude_rank import smallest_k
     >>> smallest_k([jnp.array([3, 1, 2, 1], jnp.uint32)], 2)
     [Array([False,  True, False,  True], dtype=bool)]
   """
@@ -192,6 +193,7 @@ def smallest_magnitudes(
 
   Example::
 
+    >>> from jaxprune.magnitude_rank import smallest_magnitudes
     >>> smallest_magnitudes([jnp.array([0.3, -0.1, 0.2])], [None], 1)
     [Array([False,  True, False], dtype=bool)]
   """

@@ -9,6 +9,7 @@ unchanged.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -20,16 +21,17 @@ from jax import lax
 
 from jaxprune.leaf_selection import Where
 from jaxprune.mask_tree import (
-    all_kept,
-    check_masks,
-    map_masked,
-    owned_copy,
-    resolve_where,
-    slots,
-    unflatten,
-    zero_pruned,
+  all_kept,
+  check_masks,
+  map_masked,
+  owned_copy,
+  resolve_where,
+  slots,
+  unflatten,
+  zero_pruned,
 )
-from jaxprune.masks import Scope, check_scope, magnitude_masks
+from jaxprune.masks import Scope, check_scope
+from jaxprune.targets import Magnitude, Target
 
 PyTree = Any
 
@@ -76,10 +78,12 @@ def _check_gradual(where: Any, schedule: Any, update_every: Any) -> None:
   if isinstance(update_every, bool) or int(update_every) != update_every or update_every < 1:
     raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
   first = schedule(jnp.zeros((), jnp.int32))
+  if isinstance(first, Target) and not isinstance(first, numbers.Real):
+    first = first.sparsity
   if np.shape(first) != () or not 0.0 <= float(first) <= 1.0:
     raise ValueError(
-        f"schedule(0) must be a scalar sparsity in [0, 1], got {first!r}; "
-        "a schedule maps the update count to a sparsity"
+        f"schedule(0) must be a scalar sparsity in [0, 1] (or a target such as "
+        f"jaxprune.Magnitude), got {first!r}; a schedule maps the update count to a sparsity"
     )
 
 
@@ -90,7 +94,10 @@ def _recompute(params: PyTree, previous: PyTree, count: jax.Array, schedule, sco
   # `update` with pure arrays, so a `where` from `select(nnx.state(...))` would not
   # have the structure of `params` here.
   chosen = map_masked(lambda m, _: m is not None, previous, params)
-  new = magnitude_masks(params, schedule(count), chosen, scope=scope, previous=previous)
+  target = schedule(count)
+  if not isinstance(target, Target) or isinstance(target, numbers.Real):
+    target = Magnitude(target, scope)
+  new = target.masks(params, chosen, previous=previous)
   return unflatten(previous, slots(new).leaves)
 
 
@@ -137,20 +144,26 @@ def pruned(
   `magnitude_masks` reads a traced sparsity (NaN as no new pruning, clipped to
   [0, 1]).
 
-  **Placement**: `pruned` must produce the final updates, so put it last in a
-  chain or wrap the whole chain: `optax.chain(clip, pruned(adamw(...)))` or
-  `pruned(optax.chain(clip, adamw(...)), masks)`. `optax.MultiSteps` may wrap it.
-  A transformation *after* it (e.g. `chain(pruned(adam), scale(0.5))`) rescales
-  `-w` and pruned weights drift away from zero.
+  **Placement**: `pruned` must produce the final updates, and it zeroes pruned
+  gradients only for what it wraps, so wrap the whole chain:
+  `pruned(optax.chain(clip_by_global_norm(1.0), adamw(...)), masks)` clips by the
+  norm of the kept weights' gradients. `optax.chain(clip, pruned(adamw(...)))`
+  also holds pruned weights at zero, but its norm counts pruned gradients too.
+  `optax.MultiSteps` may wrap it. A transformation *after* it (e.g.
+  `chain(pruned(adam), scale(0.5))`) rescales `-w` and pruned weights drift away
+  from zero.
 
   Args:
     inner: the optimizer to wrap.
     masks: a mask tree of the params (`True` = kept, `None` = not targeted).
     where: the targeted leaves (bool pytree from `select`, or a callable taking
       params), required for gradual pruning.
-    schedule: `count -> sparsity` (e.g. `polynomial_schedule`), jittable.
+    schedule: `count -> sparsity` (e.g. `polynomial_schedule`), jittable; it may
+      return a target instead of a float, e.g. `lambda c: jaxprune.Magnitude(s(c),
+      "global")`, or an `NM` pattern to recompute N:M masks in-graph.
     update_every: recompute masks every this many updates (gradual mode).
-    scope: `"layer"` or `"global"` ranking for gradual mode.
+    scope: `"layer"` or `"global"` ranking for gradual mode, when `schedule`
+      returns a float.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is `PrunedState`;
@@ -159,11 +172,15 @@ def pruned(
   Example::
 
     >>> masks = jaxprune.magnitude_masks(params, 0.8, jaxprune.select(params))
-    >>> tx = optax.chain(optax.clip_by_global_norm(1.0),
-    ...                  jaxprune.pruned(optax.adamw(1e-3), masks))
+    >>> tx = jaxprune.pruned(optax.chain(optax.clip_by_global_norm(1.0),
+    ...                                  optax.adamw(1e-3)), masks)
     >>> state = tx.init(params)
     >>> updates, state = tx.update(grads, state, params)
-    >>> params = optax.apply_updates(params, updates)   # pruned weights == 0.0
+    >>> params = optax.apply_updates(params, updates)
+    >>> held = jax.tree.map(lambda a, b: bool((a == b).all()),
+    ...                     jaxprune.apply_masks(params, masks), params)
+    >>> all(jax.tree.leaves(held))                       # pruned weights are exactly 0
+    True
   """
   gradual = schedule is not None or where is not None or update_every is not None
   if gradual:

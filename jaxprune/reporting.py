@@ -174,7 +174,15 @@ def sparsity_report(params: PyTree, where: Where | None = None) -> SparsityRepor
 
   Example::
 
+    >>> masks = jaxprune.magnitude_masks(params, 0.5, jaxprune.select(params))
     >>> print(jaxprune.sparsity_report(jaxprune.apply_masks(params, masks)))
+    leaf                 shape        size       zeros  sparsity
+    fc1/bias                 8           8           0     0.00%  (not targeted)
+    fc1/kernel             8x8          64          32    50.00%
+    fc2/kernel             8x4          32          16    50.00%
+    <BLANKLINE>
+    targeted leaves: sparsity 50.00% of 96 params; compression 1.88x bytes ...
+    whole model:     sparsity 46.15% of 104 params; compression 1.76x bytes, 1.86x parameters
   """
   if where is None:
     try:

@@ -27,9 +27,14 @@ ParamLayout = Literal["replicated", "fsdp"]
 def make_mesh(spec: str | dict[str, int], devices: Sequence[Any] | None = None) -> Mesh:
   """A mesh from `"data=8"` or `"data=2,fsdp=4"` (axis sizes must multiply to the devices).
 
+  On 8 devices, `make_mesh("data=2,fsdp=4")` is a 2 x 4 mesh (data parallel over 2,
+  FSDP over 4). One `data` axis over every device works on any device count.
+
   Example::
 
-    >>> mesh = jaxprune.make_mesh("data=2,fsdp=4")     # 8 devices
+    >>> mesh = jaxprune.make_mesh(f"data={jax.device_count()}")
+    >>> mesh.axis_names, mesh.devices.size == jax.device_count()
+    (('data',), True)
   """
   if isinstance(spec, str):
     try:

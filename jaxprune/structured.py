@@ -215,7 +215,7 @@ def nm_violations(
 
     >>> masks = jaxprune.nm_masks(params, 2, 4)
     >>> jaxprune.nm_violations(masks, 2, 4)
-    {'fc1/kernel': 0}
+    {'fc1/kernel': 0, 'fc2/kernel': 0}
   """
   n, m = _check_nm(n, m)
   counts = {}

@@ -1,0 +1,141 @@
+"""Pruning methods as values: a target knows how to compute masks from params.
+
+A *target* is any object with a nominal `sparsity` and a method
+`masks(params, where, previous) -> mask tree` (the `Target` protocol). Schedule
+entries of `prune_retrain`, `prune_step`, and the schedule of `pruned`'s gradual
+mode all take targets, so a new criterion is a new value, not a new keyword:
+
+* `Magnitude(sparsity, scope="layer")`: exactly `round(sparsity * n)` smallest
+  magnitudes per leaf (`"layer"`) or over all selected leaves (`"global"`);
+* `NM(n, m, axis=-2)`: the `n` largest magnitudes of every `m` consecutive weights
+  along `axis` (the input axis: -2 for Flax kernels, -1 for Equinox weights).
+
+A float is shorthand for `Magnitude(float)` and a string `"n:m"` for `NM(n, m)`
+(`as_target`). Targets are pytrees: `Magnitude`'s sparsity is a leaf, so one
+compiled prune step serves every sparsity of a schedule; everything else is
+static.
+
+Example::
+
+  >>> where = jaxprune.select(params)
+  >>> masks = jaxprune.Magnitude(0.5, scope="global").masks(params, where)
+  >>> masks = jaxprune.NM(2, 4).masks(params, where, previous=masks)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+
+from jaxprune.masks import Scope, check_scope, magnitude_masks
+from jaxprune.structured import _check_nm, nm_masks
+
+PyTree = Any
+
+
+@runtime_checkable
+class Target(Protocol):
+  """What a pruning method provides: a nominal sparsity and a mask computation.
+
+  `masks` must return a mask tree of `params` (bool arrays for the leaves `where`
+  selects, `None` elsewhere) that keeps no weight `previous` pruned, and must be
+  jittable when the target's pytree leaves are traced.
+  """
+
+  @property
+  def sparsity(self) -> Any: ...
+
+  def masks(self, params: PyTree, where: Any, previous: PyTree | None = None) -> PyTree: ...
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Magnitude:
+  """Prune exactly `round(sparsity * n)` smallest `|w|` (see `magnitude_masks`).
+
+  `sparsity` is a pytree leaf (may be traced); `scope` is static.
+  """
+
+  sparsity: Any
+  scope: Scope = dataclasses.field(default="layer", metadata={"static": True})
+
+  def masks(self, params: PyTree, where: Any, previous: PyTree | None = None) -> PyTree:
+    return magnitude_masks(params, self.sparsity, where, scope=self.scope, previous=previous)
+
+  def __str__(self) -> str:
+    s = self.sparsity
+    shown = f"{s:.2%}" if isinstance(s, float) else "traced"
+    return shown if self.scope == "layer" else f"{shown} global"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class NM:
+  """At most `n` kept in every group of `m` along `axis` (see `nm_masks`). All static."""
+
+  n: int = dataclasses.field(metadata={"static": True})
+  m: int = dataclasses.field(metadata={"static": True})
+  axis: int = dataclasses.field(default=-2, metadata={"static": True})
+
+  @property
+  def sparsity(self) -> float:
+    return 1.0 - self.n / self.m
+
+  def masks(self, params: PyTree, where: Any, previous: PyTree | None = None) -> PyTree:
+    return nm_masks(params, self.n, self.m, where, axis=self.axis, previous=previous)
+
+  def __str__(self) -> str:
+    return f"{self.n}:{self.m}" + ("" if self.axis == -2 else f" axis {self.axis}")
+
+
+def as_target(entry: Any, scope: Scope = "layer", name: str = "target") -> Target:
+  """`entry` as a target: a `Target` as is, a real number as `Magnitude(entry, scope)`,
+  `"n:m"` as `NM(n, m)`.
+
+  Concrete values are checked here (before any compute): a sparsity must be a real
+  number in [0, 1), not a bool or a numeric string; `n:m` needs `0 < n < m`.
+
+  Raises:
+    ValueError, naming `name` and the value.
+  """
+  if isinstance(entry, Target) and not isinstance(entry, (str, numbers.Real)):
+    if isinstance(entry, Magnitude):
+      check_scope(entry.scope)
+      _check_sparsity(entry.sparsity, name)
+    if isinstance(entry, NM):
+      _check_pattern(entry.n, entry.m, name, entry)
+    return entry
+  if isinstance(entry, str) and ":" in entry:
+    try:
+      n, m = (int(v) for v in entry.split(":"))
+    except ValueError:
+      raise ValueError(f"{name} = {entry!r}: an N:M pattern looks like '2:4'") from None
+    _check_pattern(n, m, name, entry)
+    return NM(n, m)
+  if isinstance(entry, (bool, str)) or not isinstance(entry, numbers.Real):
+    raise ValueError(
+        f"{name} = {entry!r} is neither a sparsity (a number), 'n:m', nor a target "
+        "(jaxprune.Magnitude, jaxprune.NM, ...)"
+    )
+  check_scope(scope)
+  _check_sparsity(entry, name)
+  return Magnitude(float(entry), scope)
+
+
+def _check_sparsity(value: Any, name: str) -> None:
+  if isinstance(value, jax.core.Tracer):
+    return
+  if isinstance(value, (bool, str)) or not isinstance(value, numbers.Real):
+    raise ValueError(f"{name} = {value!r}: a sparsity must be a real number")
+  if not 0.0 <= float(value) < 1.0:
+    raise ValueError(f"{name} = {value!r} is outside [0, 1)")
+
+
+def _check_pattern(n: Any, m: Any, name: str, shown: Any) -> None:
+  try:
+    _check_nm(n, m)
+  except ValueError as err:
+    raise ValueError(f"{name} = {shown!r}: {err}") from None

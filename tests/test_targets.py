@@ -1,0 +1,173 @@
+"""Pruning methods as values: `Magnitude`, `NM`, the `Target` protocol, `as_target`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxprune
+
+
+def make_params():
+  k = jax.random.split(jax.random.key(0), 3)
+  return {"fc1": {"kernel": jax.random.normal(k[0], (8, 16)), "bias": jnp.zeros(16)},
+          "fc2": {"kernel": jax.random.normal(k[1], (16, 4))}}
+
+
+def assert_masks_equal(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_targets_compute_what_the_pure_functions_compute():
+  params = make_params()
+  where = jaxprune.select(params)
+  for scope in ("layer", "global"):
+    assert_masks_equal(jaxprune.Magnitude(0.6, scope).masks(params, where),
+                       jaxprune.magnitude_masks(params, 0.6, where, scope=scope))
+  first = jaxprune.magnitude_masks(params, 0.3, where)
+  assert_masks_equal(jaxprune.NM(2, 4).masks(params, where, previous=first),
+                     jaxprune.nm_masks(params, 2, 4, where, previous=first))
+  assert_masks_equal(jaxprune.NM(1, 4, axis=-1).masks(params, where),
+                     jaxprune.nm_masks(params, 1, 4, where, axis=-1))
+  assert jaxprune.NM(2, 4).sparsity == 0.5 and jaxprune.NM(1, 8).sparsity == 0.875
+
+
+@pytest.mark.parametrize("entry, expected", [
+    (0.5, jaxprune.Magnitude(0.5, "layer")),
+    (np.float32(0.25), jaxprune.Magnitude(0.25, "layer")),
+    (0, jaxprune.Magnitude(0.0, "layer")),
+    ("2:4", jaxprune.NM(2, 4)),
+    (jaxprune.NM(1, 4, axis=-1), jaxprune.NM(1, 4, axis=-1)),
+    (jaxprune.Magnitude(0.9, "global"), jaxprune.Magnitude(0.9, "global")),
+])
+def test_as_target(entry, expected):
+  assert jaxprune.as_target(entry) == expected
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("0.5", "neither a sparsity"), (True, "neither a sparsity"), (None, "neither a sparsity"),
+    (1.0, r"outside \[0, 1\)"), (-0.1, r"outside \[0, 1\)"), ("4:2", "0 < n < m"),
+    ("2-4", "neither a sparsity"), ("a:b", "looks like '2:4'"),
+    (jaxprune.Magnitude(1.5), r"outside \[0, 1\)"), (jaxprune.Magnitude("0.5"), "real number"),
+    (jaxprune.NM(4, 4), "0 < n < m"), (jaxprune.Magnitude(0.5, "row"), "scope"),
+])
+def test_as_target_refuses_bad_entries_naming_them(entry, message):
+  with pytest.raises(ValueError, match=message):
+    jaxprune.as_target(entry, name="schedule[3]")
+
+
+def test_targets_are_pytrees_with_the_sparsity_traced():
+  params = make_params()
+  where = jaxprune.select(params)
+  traces = []
+
+  @jax.jit
+  def masks_for(target):
+    traces.append(1)
+    return target.masks(params, where)
+
+  for s in (0.25, 0.5, 0.75):
+    got = masks_for(jaxprune.Magnitude(jnp.float32(s)))
+    assert_masks_equal(got, jaxprune.magnitude_masks(params, s, where))
+  assert len(traces) == 1
+  assert jax.tree.leaves(jaxprune.NM(2, 4)) == []
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepFirstRows:
+  """A user's own method (not a pytree): prune every row of each leaf past `rows`."""
+
+  rows: int
+
+  @property
+  def sparsity(self) -> float:
+    return 0.5
+
+  def masks(self, params, where, previous=None):
+    flags = jaxprune.mask_tree.resolve_where(where, params)
+    leaves = jaxprune.mask_tree.slots(params).leaves
+    out = [jnp.arange(w.shape[0])[:, None] < self.rows if f else None
+           for w, f in zip(leaves, flags)]
+    out = [None if m is None else jnp.broadcast_to(m, w.shape) for m, w in zip(out, leaves)]
+    masks = jaxprune.mask_tree.unflatten(params, out)
+    if previous is not None:
+      masks = jax.tree.map(lambda a, b: a & b, masks, previous)
+    return masks
+
+
+def test_a_users_target_plugs_into_prune_step_and_the_loop():
+  params = make_params()
+  where = jaxprune.select(params)
+  assert isinstance(KeepFirstRows(4), jaxprune.Target)
+  opt_state = jaxprune.pruned(optax.sgd(0.1), jaxprune.magnitude_masks(params, 0.0, where)).init(
+      params)
+  new, masks, _ = jaxprune.prune_step(params, None, opt_state, KeepFirstRows(4), where)
+  assert int(masks["fc1"]["kernel"].sum()) == 4 * 16
+  np.testing.assert_array_equal(new["fc1"]["kernel"][4:], 0.0)
+
+  x = jax.random.normal(jax.random.key(5), (8, 8))
+
+  def loss_fn(p, batch):
+    return jnp.mean((jnp.tanh(batch @ p["fc1"]["kernel"]) @ p["fc2"]["kernel"]) ** 2)
+
+  result = jaxprune.prune_retrain(
+      params, loss_fn, lambda step: x, [x], optimizer=optax.adam(1e-3),
+      schedule=[0.25, KeepFirstRows(4)], where=where, retrain_steps=2, progress=False)
+  assert [r["pattern"] for r in result.history] == [None, str(KeepFirstRows(4))]
+  kernel = np.asarray(result.params["fc1"]["kernel"])
+  np.testing.assert_array_equal(kernel[4:], 0.0)
+
+
+def test_loop_compiles_one_prune_step_for_every_magnitude_sparsity():
+  params = make_params()
+  x = jax.random.normal(jax.random.key(5), (8, 8))
+  compiled = []
+
+  def listen(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append(kwargs.get("fun_name", ""))
+
+  def loss_fn(p, batch):
+    return jnp.mean((jnp.tanh(batch @ p["fc1"]["kernel"]) @ p["fc2"]["kernel"]) ** 2)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    result = jaxprune.prune_retrain(
+        params, loss_fn, lambda step: x, [x], optimizer=optax.adam(1e-3),
+        schedule=[0.2, jaxprune.Magnitude(0.4), 0.6, "1:4"], where=jaxprune.select(params),
+        retrain_steps=1, progress=False)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  # One program for all three magnitude targets, one for the 1:4 pattern.
+  assert compiled.count("jit(prune_step)") == 2
+  assert compiled.count("jit(step)") == 1
+  assert jaxprune.is_nm_sparse(result.masks, 1, 4)
+  assert [r["target_sparsity"] for r in result.history] == [0.2, 0.4, 0.6, 0.75]
+
+
+def test_gradual_pruned_takes_targets_from_its_schedule():
+  params = make_params()
+  where = jaxprune.select(params)
+  poly = jaxprune.polynomial_schedule(0.0, 0.75, 0, 4)
+  tx = jaxprune.pruned(optax.sgd(0.0), where=where, update_every=2,
+                       schedule=lambda c: jaxprune.Magnitude(poly(c), "global"))
+  state = tx.init(params)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  update = jax.jit(tx.update)
+  for _ in range(5):
+    _, state = update(zeros, state, params)
+  masks = jaxprune.get_masks(state)
+  assert_masks_equal(masks, jaxprune.magnitude_masks(params, 0.75, where, scope="global"))
+
+  nm = jaxprune.pruned(optax.sgd(0.0), where=where, update_every=1,
+                       schedule=lambda c: jaxprune.NM(2, 4))
+  _, nm_state = jax.jit(nm.update)(zeros, nm.init(params), params)
+  assert jaxprune.is_nm_sparse(jaxprune.get_masks(nm_state), 2, 4)
