@@ -7,6 +7,7 @@ loop (`prune_retrain`). How `where` and mask trees line up with params (paths,
 `None` leaves, Equinox modules) is `jaxprune.mask_tree`.
 """
 
+from jaxprune.checkpointing import Checkpointer, LoopState
 from jaxprune.distillation import distillation_loss, kl_to_teacher
 from jaxprune.export import (
     CompressedFormatError,
@@ -22,6 +23,7 @@ from jaxprune.loop import (
     make_train_step,
     prune_retrain,
     prune_step,
+    retrain,
 )
 from jaxprune.masks import apply_masks, check_masks, magnitude_masks, threshold_masks
 from jaxprune.optax_wrapper import PrunedState, get_masks, pruned, set_masks
@@ -48,9 +50,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NM",
+    "Checkpointer",
     "CompressedFormatError",
     "ExportInfo",
     "LeafSparsity",
+    "LoopState",
     "Magnitude",
     "PruneRetrainResult",
     "PrunedState",
@@ -87,6 +91,7 @@ __all__ = [
     "prune_retrain",
     "prune_step",
     "pruned",
+    "retrain",
     "select",
     "set_masks",
     "sparsity_report",

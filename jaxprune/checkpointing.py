@@ -162,3 +162,64 @@ def restore_state(manager: ocp.CheckpointManager, index: int, like: LoopState) -
       masks=masks,
       rng=tree["rng"],
   )
+
+
+class Checkpointer:
+  """The checkpoints of one prune-retrain run: resume check, saves, always closed.
+
+  A context manager over `directory` (None: every call does nothing). On entry it
+  opens the orbax manager; `resume(like)` returns the latest state and meta if the
+  directory holds a checkpoint of the same configuration (else raises, naming the
+  setting that differs); `save(state, meta)` writes the next one; exit closes the
+  manager, also when the run raises.
+
+  Example::
+
+    >>> state = jaxprune.LoopState({"w": jnp.ones(3)}, (), {"w": None}, jnp.zeros(2, jnp.uint32))
+    >>> with jaxprune.Checkpointer("ckpt", {"seed": 0}) as ckpt:
+    ...   print(ckpt.resume(state))
+    ...   ckpt.save(state, {"iteration": 0})
+    None
+    >>> with jaxprune.Checkpointer("ckpt", {"seed": 0}) as ckpt:
+    ...   print(ckpt.resume(state)[1]["iteration"])
+    0
+  """
+
+  def __init__(self, directory: str | os.PathLike | None, config: dict, *, keep: int = 3,
+               resume: bool = True):
+    self.directory = None if directory is None else os.fspath(directory)
+    self.config, self.keep, self.allow_resume = config, keep, resume
+    self._manager: ocp.CheckpointManager | None = None
+    self._next = 0
+
+  def __enter__(self) -> Checkpointer:
+    if self.directory is not None:
+      self._manager = open_manager(self.directory, self.keep)
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    if self._manager is not None:
+      self._manager.close()
+      self._manager = None
+
+  def resume(self, like: LoopState) -> tuple[LoopState, dict] | None:
+    """The latest checkpoint restored into `like`'s layout, with its meta; or None."""
+    latest = None if self._manager is None else self._manager.latest_step()
+    if latest is None:
+      return None
+    if not self.allow_resume:
+      raise ValueError(
+          f"{self.directory} already holds checkpoints; pass resume=True to continue "
+          "that run, or use an empty directory (nothing was overwritten)"
+      )
+    meta = read_meta(self._manager, latest)
+    check_fingerprint(meta["config"], self.config, self.directory)
+    self._next = latest + 1
+    return restore_state(self._manager, latest, like), meta
+
+  def save(self, state: LoopState, meta: dict) -> None:
+    """Writes the next checkpoint (complete on return); no-op without a directory."""
+    if self._manager is None:
+      return
+    save(self._manager, self._next, state, {**meta, "config": self.config})
+    self._next += 1

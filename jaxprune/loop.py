@@ -22,7 +22,7 @@ import math
 import numbers
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -355,6 +355,172 @@ def _progress_bar(enabled: bool, total: int, initial: int, desc: str):
   return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
 
 
+def retrain(
+    train_step: Callable[..., tuple[PyTree, PyTree, jax.Array]],
+    state: checkpointing.LoopState,
+    batch_at: Callable[[int], Any],
+    steps: range,
+    *,
+    first_step: int = 0,
+    iteration: int = 0,
+    log_every: int = 50,
+    bar: Any = None,
+    every: int | None = None,
+    on_every: Callable[[checkpointing.LoopState, int], None] | None = None,
+) -> checkpointing.LoopState:
+  """One retraining phase on the host: `train_step` for the local steps `steps`.
+
+  Global step `g = first_step + j` feeds `batch_at(g)` and the RNG, so a phase
+  resumed at `steps.start` continues bitwise. Losses stay on the device and are
+  checked every `log_every` steps and at the end (a NaN/inf raises
+  `FloatingPointError` naming `iteration` and the step); `bar` (tqdm-like) shows
+  progress. Every `every` steps before the last, after a check, `on_every(state,
+  j + 1)` is called (the loop checkpoints there).
+
+  Returns:
+    The `LoopState` after the phase.
+  """
+  params, opt_state, masks, rng = state
+  pending: list[jax.Array] = []
+  check = functools.partial(_check_losses, pending, iteration, first_step)
+  for j in steps:
+    g = first_step + j
+    params, opt_state, loss = train_step(params, opt_state, batch_at(g), rng, g)
+    pending.append(loss)
+    if bar is not None:
+      bar.update(1)
+    if (j + 1) % log_every == 0:
+      check(j + 1)
+      if bar is not None:
+        bar.set_postfix(loss=f"{float(loss):.4f}")
+      logger.debug("iteration %d step %d loss %.4f", iteration, j + 1, float(loss))
+    if every and on_every is not None and (j + 1) % every == 0 and j + 1 < steps.stop:
+      check(j + 1)
+      on_every(checkpointing.LoopState(params, opt_state, masks, rng), j + 1)
+  check(steps.stop)
+  return checkpointing.LoopState(params, opt_state, masks, rng)
+
+
+class _Run(NamedTuple):
+  """What every iteration of `prune_retrain` needs, built once."""
+
+  tx: optax.GradientTransformation
+  train_step: Callable[..., Any]
+  evaluate: Callable[[PyTree], float]
+  prune: Callable[..., Any]
+  batch_at: Callable[[int], Any]
+  targets: list[Target]
+  budgets: list[int]
+  restart_optimizer: bool
+  mesh: Mesh | None
+  log_every: int
+  checkpoint_every: int | None
+  progress: bool
+
+
+def _check_loop_args(schedule, retrain_steps, scope, checkpoint_every, log_every):
+  """(targets, budgets), after checking every scalar setting of the loop."""
+  check_scope(scope)
+  targets = _check_schedule(schedule, scope)
+  budgets = _check_budgets(retrain_steps, len(targets))
+  if checkpoint_every is not None and not (_is_count(checkpoint_every) and checkpoint_every >= 1):
+    raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
+  if not (_is_count(log_every) and log_every >= 1):
+    raise ValueError(f"log_every must be an integer >= 1, got {log_every!r}")
+  return targets, budgets
+
+
+def _placed_sources(params, train_batches, eval_batches, mesh, layout):
+  """(params, step -> batch, eval source, exact?) with params and batches on `mesh`."""
+  eval_source = _eval_source(eval_batches)
+  batch_at, exact = _train_source(train_batches)
+  if mesh is None:
+    return params, batch_at, eval_source, exact
+  params = jax.device_put(params, param_shardings(params, mesh, layout))
+  return (params, lambda step: place_batch(batch_at(step), mesh),
+          lambda: (place_batch(b, mesh) for b in eval_source()), exact)
+
+
+def _distilling(loss_fn, batch_at, teacher, weight, temperature, mesh, layout):
+  """(train loss, step -> batch): with a teacher, its logits join every batch."""
+  if teacher is None:
+    return loss_fn, batch_at
+  apply_fn, teacher_params = teacher
+  train_loss = distillation_loss(loss_fn, apply_fn, weight=weight, temperature=temperature)
+  if mesh is not None:
+    teacher_params = jax.device_put(teacher_params,
+                                    param_shardings(teacher_params, mesh, layout))
+  forward = teacher_logits_fn(apply_fn)
+
+  def with_logits(step: int) -> dict:
+    batch = batch_at(step)
+    return {"batch": batch, "teacher_logits": forward(teacher_params, batch)}
+
+  return train_loss, with_logits
+
+
+def _prune_phase(run: _Run, state, i: int, history: list) -> tuple[Any, dict]:
+  """Prune to `targets[i]` and evaluate: (state, the iteration's history row so far)."""
+  params, opt_state, masks, rng = state
+  before = history[-1]["loss_after_retrain"] if history else run.evaluate(params)
+  target = run.targets[i]
+  params, masks, opt_state = _run_prune(run.prune, params, masks, opt_state, target)
+  if run.mesh is not None:  # Keep masks exactly on their params' shardings.
+    masks = place_masks(masks, params)
+    opt_state = replace_masks(opt_state, masks)
+  if run.restart_optimizer:
+    opt_state = replace_masks(run.tx.init(float_part(params)), masks)
+  after_prune = run.evaluate(params)
+  row = {
+      "iteration": i,
+      "target_sparsity": target.sparsity,
+      "pattern": None if isinstance(target, Magnitude) else str(target),
+      "achieved_sparsity": float(_pruned_fraction(masks)),
+      "loss_before_prune": before,
+      "perplexity_before_prune": _perplexity(before),
+      "loss_after_prune": after_prune,
+      "perplexity_after_prune": _perplexity(after_prune),
+  }
+  return checkpointing.LoopState(params, opt_state, masks, rng), row
+
+
+def _iteration(run: _Run, state, meta: dict, i: int, ckpt: checkpointing.Checkpointer):
+  """Iteration `i`: prune (unless resuming inside its retraining), retrain, evaluate,
+  record and checkpoint. Returns the state after it; `meta` is updated in place."""
+  resuming = meta["phase"] == "retrain" and meta["iteration"] == i
+  row = dict(meta["row"]) if resuming else {}
+  started = time.perf_counter() - row.get("wall_seconds", 0.0)
+  if not resuming:
+    state, row = _prune_phase(run, state, i, meta["history"])
+
+  def save_mid_phase(mid_state, step: int) -> None:
+    row["wall_seconds"] = time.perf_counter() - started
+    meta.update(phase="retrain", iteration=i, step=step, row=row)
+    ckpt.save(mid_state, meta)
+
+  first, j0 = sum(run.budgets[:i]), meta["step"] if resuming else 0
+  bar = _progress_bar(run.progress, run.budgets[i], j0,
+                      f"retrain {i + 1}/{len(run.targets)} @ {run.targets[i].sparsity:.1%}")
+  try:
+    state = retrain(run.train_step, state, run.batch_at, range(j0, run.budgets[i]),
+                    first_step=first, iteration=i, log_every=run.log_every, bar=bar,
+                    every=run.checkpoint_every, on_every=save_mid_phase)
+  finally:  # also when the NaN guard or a batch function raises
+    if bar is not None:
+      bar.close()
+  after = run.evaluate(state.params)
+  row.update(loss_after_retrain=after, perplexity_after_retrain=_perplexity(after),
+             retrain_steps=run.budgets[i], wall_seconds=time.perf_counter() - started)
+  meta["history"].append(row)
+  logger.info("iteration %d: sparsity %.2f%% (target %.2f%%), perplexity %.3f -> %.3f "
+              "(pruned) -> %.3f (retrained)", i, 100 * row["achieved_sparsity"],
+              100 * run.targets[i].sparsity, row["perplexity_before_prune"],
+              row["perplexity_after_prune"], row["perplexity_after_retrain"])
+  meta.update(phase="prune", iteration=i + 1, step=0, row={})
+  ckpt.save(state, meta)
+  return state
+
+
 def prune_retrain(
     params: PyTree,
     loss_fn: LossFn,
@@ -451,176 +617,48 @@ def prune_retrain(
     sparsity: targeted leaves 80.21%, whole model 74.04%
     compression (bitmask + nonzeros): targeted 4.36x, whole model 3.47x bytes; ...
   """
-  targets = _check_schedule(schedule, scope)
-  budgets = _check_budgets(retrain_steps, len(targets))
-  if checkpoint_every is not None and not (_is_count(checkpoint_every) and checkpoint_every >= 1):
-    raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
-  if not (_is_count(log_every) and log_every >= 1):
-    raise ValueError(f"log_every must be an integer >= 1, got {log_every!r}")
-  check_scope(scope)
+  targets, budgets = _check_loop_args(schedule, retrain_steps, scope, checkpoint_every,
+                                      log_every)
   flags = resolve_where(where, params)
   where = where_tree(params, flags)
-  eval_source = _eval_source(eval_batches)
-  batch_at, exact_batches = _train_source(train_batches)
-
-  if mesh is not None:
-    params = jax.device_put(params, param_shardings(params, mesh, param_layout))
-    user_batch_at, user_eval_source = batch_at, eval_source
-    batch_at = lambda step: place_batch(user_batch_at(step), mesh)
-    eval_source = lambda: (place_batch(b, mesh) for b in user_eval_source())
+  params, batch_at, eval_source, exact_batches = _placed_sources(
+      params, train_batches, eval_batches, mesh, param_layout)
+  train_loss, batch_at = _distilling(loss_fn, batch_at, teacher, distill_weight, temperature,
+                                     mesh, param_layout)
   start = all_kept(params, flags)
   if mesh is not None:
     start = place_masks(start, params)
   tx = pruned(optimizer, start)
-  train_loss = loss_fn
-  if teacher is not None:
-    apply_fn, teacher_params = teacher
-    train_loss = distillation_loss(loss_fn, apply_fn, weight=distill_weight,
-                                   temperature=temperature)
-    if mesh is not None:
-      teacher_params = jax.device_put(teacher_params,
-                                      param_shardings(teacher_params, mesh, param_layout))
-    student_batch_at = batch_at
-    teacher_forward = teacher_logits_fn(apply_fn)
-
-    def batch_at(step: int) -> dict:
-      batch = student_batch_at(step)
-      return {"batch": batch, "teacher_logits": teacher_forward(teacher_params, batch)}
-  train_step = make_train_step(train_loss, tx)
-  eval_step = make_eval_step(loss_fn)
   # Targets are pytrees: a Magnitude's sparsity is traced, so magnitude iterations
   # share one compilation; each distinct static target (an NM pattern) gets its own.
-  prune = jax.jit(functools.partial(prune_step, where=where))
-  evaluate = functools.partial(_evaluate, eval_step, source=eval_source)
-
+  run = _Run(tx, make_train_step(train_loss, tx),
+             functools.partial(_evaluate, make_eval_step(loss_fn), source=eval_source),
+             jax.jit(functools.partial(prune_step, where=where)), batch_at, targets, budgets,
+             restart_optimizer, mesh, log_every, checkpoint_every, progress)
   state = checkpointing.LoopState(
-      params, tx.init(float_part(params)), start, jax.random.key_data(jax.random.key(seed))
-  )
-  selected = [p for p, flag in zip(slots(params).paths, flags) if flag]
+      params, tx.init(float_part(params)), start, jax.random.key_data(jax.random.key(seed)))
   config = checkpointing.fingerprint(
-      params, schedule=[_describe(t) for t in targets],
-      retrain_steps=budgets, scope=scope, selected=selected,
+      params, schedule=[_describe(t) for t in targets], retrain_steps=budgets, scope=scope,
+      selected=[p for p, flag in zip(slots(params).paths, flags) if flag],
       restart_optimizer=restart_optimizer, seed=seed,
       distillation=None if teacher is None else [distill_weight, temperature],
-      optimizer_state=checkpointing.describe_state(state.opt_state),
-  )
-  # Where the run stands; what a checkpoint's `meta` records.
-  meta: dict[str, Any] = {
-      "config": config, "iteration": 0, "phase": "prune", "step": 0, "history": [], "row": {}
-  }
-  manager, save_index = None, 0
-  if checkpoint_dir is not None:
-    manager = checkpointing.open_manager(checkpoint_dir, keep_checkpoints)
-    latest = manager.latest_step()
-    if latest is not None:
-      if not resume:
-        raise ValueError(
-            f"{checkpoint_dir} already holds checkpoints; pass resume=True to continue "
-            "that run, or use an empty directory (nothing was overwritten)"
-        )
-      saved = checkpointing.read_meta(manager, latest)
-      checkpointing.check_fingerprint(saved["config"], config, checkpoint_dir)
-      state = checkpointing.restore_state(manager, latest, state)
-      meta, save_index = saved, latest + 1
-      logger.info("resumed from checkpoint %d: iteration %d, phase %s, step %d",
-                  latest, meta["iteration"], meta["phase"], meta["step"])
+      optimizer_state=checkpointing.describe_state(state.opt_state))
+  # Where the run stands: what a checkpoint's `meta` records.
+  meta: dict[str, Any] = {"iteration": 0, "phase": "prune", "step": 0, "history": [], "row": {}}
+  with checkpointing.Checkpointer(checkpoint_dir, config, keep=keep_checkpoints,
+                                  resume=resume) as ckpt:
+    resumed = ckpt.resume(state)
+    if resumed is not None:
+      state, meta = resumed
+      logger.info("resumed: iteration %d, phase %s, step %d",
+                  meta["iteration"], meta["phase"], meta["step"])
       if not exact_batches:
         logger.warning("train_batches is an iterable: resume restarts it (approximate)")
-
-  def checkpoint(phase: str, iteration: int, step: int, row: dict) -> None:
-    nonlocal save_index
-    if manager is None:
-      return
-    meta.update(phase=phase, iteration=iteration, step=step, row=row)
-    checkpointing.save(manager, save_index, state, meta)
-    save_index += 1
-
-  history: list[dict[str, Any]] = meta["history"]
-  bar = None
-  try:
     for i in range(meta["iteration"], len(targets)):
-      resuming = meta["phase"] == "retrain" and meta["iteration"] == i
-      row = dict(meta["row"]) if resuming else {}
-      started = time.perf_counter() - row.get("wall_seconds", 0.0)
-      params, opt_state, masks, rng = state
-      if not resuming:
-        before = history[-1]["loss_after_retrain"] if history else evaluate(params)
-        params, masks, opt_state = _run_prune(prune, params, masks, opt_state, targets[i])
-        if mesh is not None:  # Keep masks exactly on their params' shardings.
-          masks = place_masks(masks, params)
-          opt_state = replace_masks(opt_state, masks)
-        if restart_optimizer:
-          opt_state = replace_masks(tx.init(float_part(params)), masks)
-        after_prune = evaluate(params)
-        row = {
-            "iteration": i,
-            "target_sparsity": targets[i].sparsity,
-            "pattern": None if isinstance(targets[i], Magnitude) else str(targets[i]),
-            "achieved_sparsity": float(_pruned_fraction(masks)),
-            "loss_before_prune": before,
-            "perplexity_before_prune": _perplexity(before),
-            "loss_after_prune": after_prune,
-            "perplexity_after_prune": _perplexity(after_prune),
-        }
-      first_step = sum(budgets[:i])
-      j0 = meta["step"] if resuming else 0
-      bar = _progress_bar(progress, budgets[i], j0, f"retrain {i + 1}/{len(targets)} "
-                          f"@ {targets[i].sparsity:.1%}")
-      pending: list[jax.Array] = []
-
-      check = functools.partial(_check_losses, pending, i, first_step)
-
-      for j in range(j0, budgets[i]):
-        g = first_step + j
-        params, opt_state, loss = train_step(params, opt_state, batch_at(g), rng, g)
-        pending.append(loss)
-        if bar is not None:
-          bar.update(1)
-        if (j + 1) % log_every == 0:
-          check(j + 1)
-          if bar is not None:
-            bar.set_postfix(loss=f"{float(loss):.4f}")
-          logger.debug("iteration %d step %d loss %.4f", i, j + 1, float(loss))
-        if checkpoint_every and (j + 1) % checkpoint_every == 0 and j + 1 < budgets[i]:
-          check(j + 1)
-          state = checkpointing.LoopState(params, opt_state, masks, rng)
-          row["wall_seconds"] = time.perf_counter() - started
-          checkpoint("retrain", i, j + 1, row)
-      check(budgets[i])
-      if bar is not None:
-        bar.close()
-
-      after = evaluate(params)
-      row.update(
-          loss_after_retrain=after,
-          perplexity_after_retrain=_perplexity(after),
-          retrain_steps=budgets[i],
-          wall_seconds=time.perf_counter() - started,
-      )
-      history.append(row)
-      logger.info(
-          "iteration %d: sparsity %.2f%% (target %.2f%%), perplexity %.3f -> %.3f (pruned) "
-          "-> %.3f (retrained)", i, 100 * row["achieved_sparsity"], 100 * targets[i].sparsity,
-          row["perplexity_before_prune"], row["perplexity_after_prune"],
-          row["perplexity_after_retrain"],
-      )
-      state = checkpointing.LoopState(params, opt_state, masks, rng)
-      meta["history"] = history
-      checkpoint("prune", i + 1, 0, {})
-  finally:  # also when the NaN guard or a batch function raises
-    if bar is not None:
-      bar.close()
-    if manager is not None:
-      manager.close()
-
-  params, opt_state, masks, _ = state
+      state = _iteration(run, state, meta, i, ckpt)
+  history = meta["history"]
   return PruneRetrainResult(
-      params=params,
-      masks=masks,
-      opt_state=opt_state,
-      history=history,
+      params=state.params, masks=state.masks, opt_state=state.opt_state, history=history,
       # Iteration 0's row: also right when resuming inside iteration 0's retraining.
-      dense_loss=history[0]["loss_before_prune"],
-      final_loss=history[-1]["loss_after_retrain"],
-      report=sparsity_report(params, where),
-  )
+      dense_loss=history[0]["loss_before_prune"], final_loss=history[-1]["loss_after_retrain"],
+      report=sparsity_report(state.params, where))
