@@ -4,6 +4,7 @@ Each runs end to end on CPU with a tiny configuration on the embedded corpus (no
 """
 
 import json
+import math
 import os
 
 import nbformat
@@ -35,6 +36,11 @@ def test_train_lm_runs_prunes_plots_and_resumes(tmp_path, capsys):
   results = train_lm.main(argv)
   printed = capsys.readouterr().out
   assert "perplexity degradation" in printed and "sample from the pruned model" in printed
+  assert "equal-budget dense baseline (6 more dense steps)" in printed
+  baseline = results["baseline_perplexity"]
+  assert math.isfinite(baseline) and baseline != results["dense_perplexity"]
+  assert results["degradation_vs_baseline"] == pytest.approx(
+      results["final_perplexity"] / baseline - 1)
   assert [round(r["target_sparsity"], 4) for r in results["history"]] == [0.2, 0.5]
   assert abs(results["achieved_sparsity"] - 0.5) < 1e-3
   assert results["overall_sparsity"] < results["achieved_sparsity"]
