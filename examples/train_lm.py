@@ -234,15 +234,15 @@ def main(argv: list[str] | None = None) -> dict:
   loss_fn = lm_model.make_loss_fn(graphdef, rest)
   print(f"model: {lm_model.param_count(params):,} parameters, {config}")
 
-  batch_at = jax.jit(lm_data.make_train_batches(train_tokens, args.batch_size, args.context,
-                                                args.seed))
+  host_batch_at = jax.jit(lm_data.make_train_batches(train_tokens, args.batch_size,
+                                                     args.context, args.seed))
+  batch_at = host_batch_at  # what pretraining uses; prune_retrain places batches itself
   mesh, layout = None, "replicated"
   if args.mesh:
     mesh = jaxprune.make_mesh(args.mesh)
     layout = "fsdp" if "fsdp" in mesh.shape else "replicated"
     params = jax.device_put(params, jaxprune.param_shardings(params, mesh, layout))
-    local_batch_at = batch_at
-    batch_at = lambda step: jaxprune.place_batch(local_batch_at(step), mesh)
+    batch_at = lambda step: jaxprune.place_batch(host_batch_at(step), mesh)
     print(f"mesh {dict(mesh.shape)}: params {layout}, batches split over all axes")
   eval_batches = lm_data.make_eval_batches(val_tokens, args.batch_size, args.context,
                                            args.eval_batches)
@@ -256,9 +256,10 @@ def main(argv: list[str] | None = None) -> dict:
   print(f"schedule ({args.schedule}): {[round(float(s), 4) for s in schedule]}, "
         f"retrain steps {budgets}, scope {args.scope}")
 
-  # The retraining stream starts after the pretraining steps: fresh batches.
+  # The retraining stream starts after the pretraining steps: fresh batches. Given
+  # unplaced: with `mesh=`, prune_retrain places each batch once.
   def retrain_batch(step):
-    return batch_at(args.steps + step)
+    return host_batch_at(args.steps + step)
 
   start = time.perf_counter()
   result = jaxprune.prune_retrain(
@@ -287,8 +288,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"before retraining")
   baseline = None
   if not args.no_baseline:
-    baseline = dense_baseline(params, loss_fn, retrain_batch, sum(budgets), args.retrain_lr,
-                              eval_batches)
+    baseline = dense_baseline(params, loss_fn, lambda step: batch_at(args.steps + step),
+                              sum(budgets), args.retrain_lr, eval_batches)
     print(f"equal-budget dense baseline ({sum(budgets)} more dense steps): perplexity "
           f"{baseline:.3f}; pruned vs it: {result.final_perplexity / baseline - 1:+.2%} "
           "(what pruning itself costs)")

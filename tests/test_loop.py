@@ -667,3 +667,17 @@ def test_checkpoint_contents(finished_run):
   assert sorted(np.asarray(m).dtype for m in masks.values()) == [np.uint8, np.uint8]
   assert sorted(np.asarray(m).size for m in masks.values()) == [64 // 8, 128 // 8]
   assert_trees_bitwise_equal(state["params"], first.params)
+
+
+def test_achieved_sparsity_means_the_fraction_the_masks_prune(base):
+  result = base[0]
+  assert result.achieved_sparsity == result.history[-1]["achieved_sparsity"]
+  masks = [np.asarray(m) for m in jax.tree.leaves(result.masks)]
+  assert result.achieved_sparsity == sum(int((~m).sum()) for m in masks) / sum(
+      m.size for m in masks)
+  # A kept weight that is exactly zero is a zero in the report, not a pruned weight.
+  params = {"fc": {"kernel": jnp.array([[0.0, 2.0], [3.0, 4.0]])}}
+  masks = {"fc": {"kernel": jnp.array([[True, False], [True, True]])}}
+  assert loop_module.pruned_fraction(masks) == 0.25
+  report = jaxprune.sparsity_report(jaxprune.apply_masks(params, masks), {"fc": {"kernel": True}})
+  assert report.targeted_sparsity == 0.5
