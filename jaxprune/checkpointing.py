@@ -130,20 +130,6 @@ def check_fingerprint(saved: dict[str, Any], expected: dict[str, Any], directory
       )
 
 
-def restore_latest(
-    manager: ocp.CheckpointManager, like: LoopState
-) -> tuple[int, LoopState, dict] | None:
-  """The latest complete checkpoint as `(index, state, meta)`, or None if there is none.
-
-  `like` gives structure, shapes, dtypes and shardings to restore into (so a
-  checkpoint restores onto another device mesh).
-  """
-  index = manager.latest_step()
-  if index is None:
-    return None
-  return index, restore_state(manager, index, like), read_meta(manager, index)
-
-
 def read_meta(manager: ocp.CheckpointManager, index: int) -> dict:
   """The JSON `meta` item of checkpoint `index`."""
   return manager.restore(index, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -195,6 +181,8 @@ class Checkpointer:
   def __enter__(self) -> Checkpointer:
     if self.directory is not None:
       self._manager = open_manager(self.directory, self.keep)
+      latest = self._manager.latest_step()
+      self._next = 0 if latest is None else latest + 1  # never write over a checkpoint
     return self
 
   def __exit__(self, *exc: Any) -> None:

@@ -439,13 +439,15 @@ def _laid_out_like(like: PyTree, entries: list[dict], decoded: list, path: str,
     if i is None:
       raise ValueError(f"load_compressed(like=...): {where} of `like` is not in {path}")
     x, mask = decoded[i]
+    if not hasattr(ref, "dtype"):
+      raise ValueError(f"load_compressed(like=...): {where} of `like` is {ref!r}, not an array")
     if tuple(x.shape) != tuple(np.shape(ref)) or x.dtype != np.dtype(ref.dtype):
       raise ValueError(
           f"load_compressed(like=...): {where} is {x.dtype}{list(x.shape)} in {path} "
           f"but {np.dtype(ref.dtype)}{list(np.shape(ref))} in `like`"
       )
     used.add(i)
-    sharding = ref.sharding if isinstance(ref, jax.Array) else None
+    sharding = getattr(ref, "sharding", None)  # jax.Array or jax.ShapeDtypeStruct
     values.append(jax.device_put(x, sharding))
     masks.append(None if mask is None else jax.device_put(mask, sharding))
   extra = [entries[i]["path"] for i in range(len(entries)) if i not in used]

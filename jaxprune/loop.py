@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -148,6 +149,7 @@ def prune_step(
 def _check_schedule(schedule: Sequence[Any], scope: Scope) -> list[Target]:
   if isinstance(schedule, (str, bytes)) or not hasattr(schedule, "__iter__"):
     raise TypeError(f"schedule must be a finite sequence of sparsities, got {schedule!r}")
+  schedule = list(schedule)
   targets = [as_target(entry, scope, f"schedule[{i}]") for i, entry in enumerate(schedule)]
   if not targets:
     raise ValueError("schedule is empty: give at least one target sparsity")
@@ -167,7 +169,7 @@ def _run_prune(prune, params, masks, opt_state, target: Target):
   compilation for every sparsity); a target that is not a pytree is closed over
   (one compilation for it).
   """
-  if jax.tree_util.treedef_is_leaf(jax.tree.structure(target)):
+  if jax.tree.leaves(target) == [target]:  # not a pytree (an NM, with no leaves, is one)
     closed = functools.partial(prune.__wrapped__, target=target)
     return jax.jit(closed)(params, masks, opt_state)
   target = jax.tree.map(lambda x: jnp.float32(x) if isinstance(x, float) else x, target)
@@ -188,8 +190,8 @@ def _is_count(x: Any) -> bool:
 def _check_budgets(retrain_steps: int | Sequence[int], n: int) -> list[int]:
   if _is_count(retrain_steps):
     budgets = [retrain_steps] * n
-  elif isinstance(retrain_steps, Sequence) and not isinstance(retrain_steps, str):
-    budgets = list(retrain_steps)
+  elif isinstance(retrain_steps, (Sequence, np.ndarray)) and not isinstance(retrain_steps, str):
+    budgets = [b.item() if isinstance(b, np.generic) else b for b in retrain_steps]
   else:
     raise TypeError(
         f"retrain_steps must be an int or a sequence of ints (one per iteration), "
@@ -385,6 +387,9 @@ def retrain(
   `FloatingPointError` naming `iteration` and the step); `bar` (tqdm-like) shows
   progress. Every `every` steps before the last, after a check, `on_every(state,
   j + 1)` is called (the loop checkpoints there).
+
+  `state.masks` is carried through as given: the loop's masks are fixed during a
+  phase (with a gradual `pruned` optimizer, read them with `get_masks(opt_state)`).
 
   Returns:
     The `LoopState` after the phase.

@@ -150,9 +150,9 @@ def where_tree(params: PyTree, flags: list[bool]) -> PyTree:
   return unflatten(params, [None if x is None else f for x, f in zip(leaves, flags)])
 
 
-def _check_mask(mask: Any, ref: Any, path: str, name: str) -> None:
+def _check_mask(mask: Any, ref: Any, path: str, name: str, ref_is_masks: bool) -> None:
   if mask is None:
-    if ref is not None and getattr(ref, "dtype", None) == jnp.bool_:
+    if ref_is_masks and ref is not None:
       raise ValueError(f"`{name}` at {path}: None where a mask is held")
     return
   if ref is None:
@@ -167,12 +167,15 @@ def _check_mask(mask: Any, ref: Any, path: str, name: str) -> None:
     )
 
 
-def align_masks(masks: PyTree, params: PyTree, name: str = "masks") -> list[Any]:
+def align_masks(
+    masks: PyTree, params: PyTree, name: str = "masks", *, ref_is_masks: bool = False
+) -> list[Any]:
   """The masks of `masks`, one per slot of `params`, after checking each.
 
   Every mask must be a bool array of its parameter's shape, or `None`; a `None`
-  slot of params gets `None`. If `params` is itself a mask tree, its `None` slots
-  must stay `None` and its arrays must get arrays.
+  slot of params gets `None`. With `ref_is_masks`, `params` is itself a mask tree
+  (the masks held now): its `None` slots must stay `None` and its arrays must get
+  arrays.
 
   Raises:
     ValueError: naming the first offending path.
@@ -180,11 +183,13 @@ def align_masks(masks: PyTree, params: PyTree, name: str = "masks") -> list[Any]
   mine, theirs = slots(masks), slots(params)
   _check_lined_up(mine, theirs, name)
   for path, mask, ref in zip(theirs.paths, mine.leaves, theirs.leaves):
-    _check_mask(mask, ref, path, name)
+    _check_mask(mask, ref, path, name, ref_is_masks)
   return mine.leaves
 
 
-def check_masks(masks: PyTree, params: PyTree, name: str = "masks") -> PyTree:
+def check_masks(
+    masks: PyTree, params: PyTree, name: str = "masks", *, ref_is_masks: bool = False
+) -> PyTree:
   """Validates a mask tree against `params` and returns it in `params`' structure.
 
   Leaves are matched by path string, so masks whose container types differ but
@@ -194,7 +199,7 @@ def check_masks(masks: PyTree, params: PyTree, name: str = "masks") -> PyTree:
   Raises:
     ValueError: naming the first offending path (see `align_masks`).
   """
-  return unflatten(params, align_masks(masks, params, name))
+  return unflatten(params, align_masks(masks, params, name, ref_is_masks=ref_is_masks))
 
 
 def map_masked(fn: Callable[..., Any], masks: PyTree, params: PyTree, *rest: PyTree) -> PyTree:
@@ -276,18 +281,23 @@ def masks_from(params: PyTree, computed: dict[int, Any]) -> PyTree:
 
 
 def float_part(params: PyTree) -> PyTree:
-  """`params` with every leaf that is not a floating-point array set to `None`.
+  """`params` with every leaf that is not a floating-point (or complex) array set to `None`.
 
   What a train step differentiates and the optimizer updates: int step counters,
   lookup tables and other non-float leaves become absent slots (as in
   `eqx.partition`), so `jax.grad` and optax never see them. `merge_float_part`
   puts them back. A tree of float leaves is returned unchanged.
   """
-  return unflatten(params, [x if is_float_array(x) else None for x in slots(params).leaves])
+  return unflatten(params, [x if _differentiable(x) else None for x in slots(params).leaves])
 
 
 def merge_float_part(params: PyTree, part: PyTree) -> PyTree:
   """`params` with its float leaves taken from `part` (a `float_part` of it)."""
   mine = slots(params).leaves
   theirs = slots(part).leaves
-  return unflatten(params, [y if is_float_array(x) else x for x, y in zip(mine, theirs)])
+  return unflatten(params, [y if _differentiable(x) else x for x, y in zip(mine, theirs)])
+
+
+def _differentiable(leaf: Any) -> bool:
+  dtype = getattr(leaf, "dtype", None)
+  return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)  # float and complex

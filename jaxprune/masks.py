@@ -66,7 +66,7 @@ def _check_number(name: str, value: Any) -> Any:
   return float(value)
 
 
-def _check_fraction(name: str, value: Any) -> Any:
+def check_fraction(name: str, value: Any) -> Any:
   """A concrete fraction in [0, 1) as a float; a traced one as given (see `_prune_count`)."""
   value = _check_number(name, value)
   if not _is_traced(value) and not 0.0 <= value < 1.0:
@@ -209,7 +209,7 @@ def magnitude_masks(
     >>> m2 = jaxprune.magnitude_masks(params, 0.8, where, previous=m1)
   """
   check_scope(scope)
-  sparsity = _check_fraction("sparsity", sparsity)
+  sparsity = check_fraction("sparsity", sparsity)
   chosen = selected_leaves(params, where, previous)
   for _, path, w, _ in chosen:
     check_finite(w, path)

@@ -80,9 +80,9 @@ def _check_gradual(where: Any, schedule: Any, update_every: Any) -> None:
   first = schedule(jnp.zeros((), jnp.int32))
   if isinstance(first, Target) and not isinstance(first, numbers.Real):
     first = first.sparsity
-  if np.shape(first) != () or not 0.0 <= float(first) <= 1.0:
+  if np.shape(first) != () or not 0.0 <= float(first) < 1.0:
     raise ValueError(
-        f"schedule(0) must be a scalar sparsity in [0, 1] (or a target such as "
+        f"schedule(0) must be a scalar sparsity in [0, 1) (or a target such as "
         f"jaxprune.Magnitude), got {first!r}; a schedule maps the update count to a sparsity"
     )
 
@@ -140,9 +140,9 @@ def pruned(
   inside the jitted update: no host round-trip, no recompilation, and a pruned
   weight is never revived. `masks`, if given too, is the starting point.
   `schedule(0)` is evaluated once when `pruned` is called, to catch a schedule
-  that is not a function or not a sparsity; later values are traced and read as
-  `magnitude_masks` reads a traced sparsity (NaN as no new pruning, clipped to
-  [0, 1]).
+  that is not a function or not a sparsity; later values depend on the traced
+  count and are read as `magnitude_masks` reads a traced sparsity (NaN as no new
+  pruning, clipped to [0, 1]); a constant Python float must be in [0, 1).
 
   **Placement**: `pruned` must produce the final updates, and it zeroes pruned
   gradients only for what it wraps, so wrap the whole chain:
@@ -263,7 +263,7 @@ def set_masks(opt_state: PyTree, masks: PyTree) -> PyTree:
     ValueError: no or several `PrunedState`s, or `masks` not fitting.
   """
   old = _exactly_one(opt_state)
-  return replace_masks(opt_state, check_masks(owned_copy(masks), old.masks))
+  return replace_masks(opt_state, check_masks(owned_copy(masks), old.masks, ref_is_masks=True))
 
 
 def replace_masks(opt_state: PyTree, masks: PyTree) -> PyTree:

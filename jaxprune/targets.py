@@ -29,8 +29,9 @@ import numbers
 from typing import Any, Protocol, runtime_checkable
 
 import jax
+import numpy as np
 
-from jaxprune.masks import Scope, check_scope, magnitude_masks
+from jaxprune.masks import Scope, check_fraction, check_scope, magnitude_masks
 from jaxprune.structured import _check_nm, nm_masks
 
 PyTree = Any
@@ -104,7 +105,7 @@ def as_target(entry: Any, scope: Scope = "layer", name: str = "target") -> Targe
   if isinstance(entry, Target) and not isinstance(entry, (str, numbers.Real)):
     if isinstance(entry, Magnitude):
       check_scope(entry.scope)
-      _check_sparsity(entry.sparsity, name)
+      return dataclasses.replace(entry, sparsity=_checked_sparsity(entry.sparsity, name))
     if isinstance(entry, NM):
       _check_pattern(entry.n, entry.m, name, entry)
     return entry
@@ -115,23 +116,24 @@ def as_target(entry: Any, scope: Scope = "layer", name: str = "target") -> Targe
       raise ValueError(f"{name} = {entry!r}: an N:M pattern looks like '2:4'") from None
     _check_pattern(n, m, name, entry)
     return NM(n, m)
-  if isinstance(entry, (bool, str)) or not isinstance(entry, numbers.Real):
+  scalar_array = isinstance(entry, (jax.Array, np.ndarray)) and np.shape(entry) == ()
+  if isinstance(entry, (bool, str)) or not (isinstance(entry, numbers.Real) or scalar_array):
     raise ValueError(
         f"{name} = {entry!r} is neither a sparsity (a number), 'n:m', nor a target "
         "(jaxprune.Magnitude, jaxprune.NM, ...)"
     )
   check_scope(scope)
-  _check_sparsity(entry, name)
-  return Magnitude(float(entry), scope)
+  return Magnitude(_checked_sparsity(entry, name), scope)
 
 
-def _check_sparsity(value: Any, name: str) -> None:
-  if isinstance(value, jax.core.Tracer):
-    return
-  if isinstance(value, (bool, str)) or not isinstance(value, numbers.Real):
-    raise ValueError(f"{name} = {value!r}: a sparsity must be a real number")
-  if not 0.0 <= float(value) < 1.0:
-    raise ValueError(f"{name} = {value!r} is outside [0, 1)")
+def _checked_sparsity(value: Any, name: str) -> Any:
+  """A concrete sparsity as a Python float in [0, 1); a traced one as given."""
+  try:
+    return check_fraction(name, value)
+  except TypeError:
+    raise ValueError(f"{name} = {value!r}: a sparsity must be a real number") from None
+  except ValueError:
+    raise ValueError(f"{name} = {value!r} is outside [0, 1)") from None
 
 
 def _check_pattern(n: Any, m: Any, name: str, shown: Any) -> None:

@@ -242,7 +242,7 @@ def test_all_false_where_is_refused():
 
 @pytest.mark.parametrize("schedule, error, message", [
     (0.5, TypeError, r"schedule must be a function.*constant_schedule\(0.5\)"),
-    (lambda count: 1.5, ValueError, r"schedule\(0\) must be a scalar sparsity in \[0, 1\]"),
+    (lambda count: 1.5, ValueError, r"schedule\(0\) must be a scalar sparsity in \[0, 1\)"),
     (lambda count: jnp.ones(2), ValueError, r"schedule\(0\) must be a scalar"),
 ])
 def test_pruned_checks_its_schedule_when_called(schedule, error, message):
@@ -374,3 +374,22 @@ def test_the_library_runs_without_flax_or_equinox_installed():
   )
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_bool_leaves_in_params_pass_through_masking():
+  params = {"w": jnp.arange(16.0).reshape(4, 4), "flag": jnp.array([True, False])}
+  masks = jaxprune.magnitude_masks(params, 0.5, jaxprune.select(params))
+  pruned = jaxprune.apply_masks(params, masks)
+  np.testing.assert_array_equal(pruned["flag"], params["flag"])
+  again = jaxprune.magnitude_masks(params, 0.75, jaxprune.select(params), previous=masks)
+  assert int((~again["w"]).sum()) == 12
+
+
+def test_load_compressed_like_shape_dtype_structs_and_non_arrays(tmp_path):
+  params = {"a": jnp.ones((2, 2)), "b": jnp.ones(3)}
+  path = tmp_path / "m.jxp"
+  jaxprune.export_compressed(path, params)
+  loaded = jaxprune.load_compressed(path, like=jax.eval_shape(lambda: params))
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(loaded))
+  with pytest.raises(ValueError, match=r"b of `like` is 3, not an array"):
+    jaxprune.load_compressed(path, like={"a": params["a"], "b": 3})

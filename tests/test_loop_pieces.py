@@ -72,3 +72,19 @@ def test_retrain_checks_losses_and_calls_its_hook():
   with pytest.raises(FloatingPointError, match=r"iteration 2, step 3 \(global step 13\)"):
     jaxprune.retrain(step, state, bad_batch, range(0, 5), first_step=10, iteration=2,
                      log_every=2)
+
+
+def test_checkpointer_never_writes_over_an_existing_checkpoint(tmp_path):
+  state = jaxprune.LoopState({"w": jnp.ones(3)}, (), {"w": None}, jnp.zeros(2, jnp.uint32))
+  with jaxprune.Checkpointer(tmp_path, {"k": 1}) as ckpt:
+    ckpt.save(state, {"iteration": 0})
+  with jaxprune.Checkpointer(tmp_path, {"k": 1}) as ckpt:  # saves without resuming first
+    ckpt.save(state, {"iteration": 1})
+  with jaxprune.Checkpointer(tmp_path, {"k": 1}) as ckpt:
+    assert ckpt.resume(state)[1]["iteration"] == 1
+  with jaxprune.Checkpointer(tmp_path, {"k": 2}) as ckpt, pytest.raises(
+      ValueError, match="another configuration: k is 1 there and 2 now"):
+    ckpt.resume(state)
+  with jaxprune.Checkpointer(tmp_path, {"k": 1}, resume=False) as ckpt, pytest.raises(
+      ValueError, match="already holds checkpoints"):
+    ckpt.resume(state)

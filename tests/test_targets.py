@@ -171,3 +171,39 @@ def test_gradual_pruned_takes_targets_from_its_schedule():
                        schedule=lambda c: jaxprune.NM(2, 4))
   _, nm_state = jax.jit(nm.update)(zeros, nm.init(params), params)
   assert jaxprune.is_nm_sparse(jaxprune.get_masks(nm_state), 2, 4)
+
+
+def test_prune_step_under_jit_takes_a_traced_float_sparsity():
+  params = make_params()
+  where = jaxprune.select(params)
+  state = jaxprune.pruned(optax.sgd(0.1), jaxprune.magnitude_masks(params, 0.0, where)).init(
+      params)
+  step = jax.jit(lambda p, s, o: jaxprune.prune_step(p, None, o, s, where))
+  for s in (0.25, 0.5):
+    _, masks, _ = step(params, jnp.float32(s), state)
+    assert_masks_equal(masks, jaxprune.magnitude_masks(params, s, where))
+  assert jaxprune.as_target(jnp.float32(0.5)) == jaxprune.Magnitude(0.5)
+  # Concrete sparsities are stored as Python floats (JSON-able history, exact fingerprints).
+  assert type(jaxprune.as_target(jaxprune.Magnitude(np.float32(0.5))).sparsity) is float
+
+
+def test_nm_targets_compile_once_across_iterations():
+  params = make_params()
+  x = jax.random.normal(jax.random.key(5), (8, 8))
+  compiled = []
+
+  def listen(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append(kwargs.get("fun_name", ""))
+
+  def loss_fn(p, batch):
+    return jnp.mean((jnp.tanh(batch @ p["fc1"]["kernel"]) @ p["fc2"]["kernel"]) ** 2)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    jaxprune.prune_retrain(params, loss_fn, lambda step: x, [x], optimizer=optax.adam(1e-3),
+                           schedule=["2:4", "2:4", jaxprune.NM(2, 4)],
+                           where=jaxprune.select(params), retrain_steps=1, progress=False)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert compiled.count("jit(prune_step)") == 1
