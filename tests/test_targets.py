@@ -26,6 +26,29 @@ def assert_masks_equal(a, b):
     np.testing.assert_array_equal(x, y)
 
 
+def mlp_loss(p, batch):
+  return jnp.mean((jnp.tanh(batch @ p["fc1"]["kernel"]) @ p["fc2"]["kernel"]) ** 2)
+
+
+def prune_retrain_counting_compiles(params, schedule):
+  """`prune_retrain` on `mlp_loss` with one step per target: (result, compiled fun names)."""
+  x = jax.random.normal(jax.random.key(5), (8, 8))
+  compiled = []
+
+  def listen(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append(kwargs.get("fun_name", ""))
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    result = jaxprune.prune_retrain(
+        params, mlp_loss, lambda step: x, [x], optimizer=optax.adam(1e-3), schedule=schedule,
+        where=jaxprune.select(params), retrain_steps=1, progress=False)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  return result, compiled
+
+
 def test_targets_compute_what_the_pure_functions_compute():
   params = make_params()
   where = jaxprune.select(params)
@@ -114,12 +137,8 @@ def test_a_users_target_plugs_into_prune_step_and_the_loop():
   np.testing.assert_array_equal(new["fc1"]["kernel"][4:], 0.0)
 
   x = jax.random.normal(jax.random.key(5), (8, 8))
-
-  def loss_fn(p, batch):
-    return jnp.mean((jnp.tanh(batch @ p["fc1"]["kernel"]) @ p["fc2"]["kernel"]) ** 2)
-
   result = jaxprune.prune_retrain(
-      params, loss_fn, lambda step: x, [x], optimizer=optax.adam(1e-3),
+      params, mlp_loss, lambda step: x, [x], optimizer=optax.adam(1e-3),
       schedule=[0.25, KeepFirstRows(4)], where=where, retrain_steps=2, progress=False)
   assert [r["pattern"] for r in result.history] == [None, str(KeepFirstRows(4))]
   kernel = np.asarray(result.params["fc1"]["kernel"])
@@ -127,25 +146,8 @@ def test_a_users_target_plugs_into_prune_step_and_the_loop():
 
 
 def test_loop_compiles_one_prune_step_for_every_magnitude_sparsity():
-  params = make_params()
-  x = jax.random.normal(jax.random.key(5), (8, 8))
-  compiled = []
-
-  def listen(event, duration, **kwargs):
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiled.append(kwargs.get("fun_name", ""))
-
-  def loss_fn(p, batch):
-    return jnp.mean((jnp.tanh(batch @ p["fc1"]["kernel"]) @ p["fc2"]["kernel"]) ** 2)
-
-  jax.monitoring.register_event_duration_secs_listener(listen)
-  try:
-    result = jaxprune.prune_retrain(
-        params, loss_fn, lambda step: x, [x], optimizer=optax.adam(1e-3),
-        schedule=[0.2, jaxprune.Magnitude(0.4), 0.6, "1:4"], where=jaxprune.select(params),
-        retrain_steps=1, progress=False)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listen)
+  result, compiled = prune_retrain_counting_compiles(
+      make_params(), [0.2, jaxprune.Magnitude(0.4), 0.6, "1:4"])
   # One program for all three magnitude targets, one for the 1:4 pattern.
   assert compiled.count("jit(prune_step)") == 2
   assert compiled.count("jit(step)") == 1
@@ -188,22 +190,5 @@ def test_prune_step_under_jit_takes_a_traced_float_sparsity():
 
 
 def test_nm_targets_compile_once_across_iterations():
-  params = make_params()
-  x = jax.random.normal(jax.random.key(5), (8, 8))
-  compiled = []
-
-  def listen(event, duration, **kwargs):
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiled.append(kwargs.get("fun_name", ""))
-
-  def loss_fn(p, batch):
-    return jnp.mean((jnp.tanh(batch @ p["fc1"]["kernel"]) @ p["fc2"]["kernel"]) ** 2)
-
-  jax.monitoring.register_event_duration_secs_listener(listen)
-  try:
-    jaxprune.prune_retrain(params, loss_fn, lambda step: x, [x], optimizer=optax.adam(1e-3),
-                           schedule=["2:4", "2:4", jaxprune.NM(2, 4)],
-                           where=jaxprune.select(params), retrain_steps=1, progress=False)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listen)
+  _, compiled = prune_retrain_counting_compiles(make_params(), ["2:4", "2:4", jaxprune.NM(2, 4)])
   assert compiled.count("jit(prune_step)") == 1
