@@ -325,7 +325,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           "other_s": whole - sum(windows) - sum(saves.seconds),
           "steps_alone_s": steps_alone,
           "wall_over_steps_alone": whole / steps_alone,
-          "final_perplexity": result.final_perplexity,
+          "final_perplexity": result.final.metric,
           "achieved_sparsity": result.achieved_sparsity,
       },
       "checkpoint_bytes": {

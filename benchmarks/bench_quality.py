@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
   params, pretrain_seconds = dense_params(setup, template, loss_fn, batch_at, args.cache, key)
   where = jaxprune.select(params, include=lm_model.PRUNE_TARGETS)
   eval_step = jaxprune.make_eval_step(loss_fn)
-  dense_loss = float(np.mean([float(eval_step(params, b)) for b in eval_batches]))
+  dense_loss = float(np.mean([float(eval_step(params, b)[0]) for b in eval_batches]))
   dense_ppl = perplexity(dense_loss)
   report = jaxprune.sparsity_report(params, where)
   print(f"model: {lm_model.param_count(params):,} parameters ({report.targeted_params:,} "
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = jaxprune.prune_retrain(
         params, loss_fn, retrain_batch, eval_batches, optimizer=optimizer, schedule=targets,
         where=where, retrain_steps=budgets, scope=recipe.scope, restart_optimizer=restart,
-        progress=False, checkpoint_dir=None, seed=loop_seed,
+        progress=False, checkpoint_dir=None, seed=loop_seed, metric=jaxprune.perplexity,
         teacher=(lm_model.make_batch_apply_fn(graphdef, rest), params) if recipe.distill
         else None, distill_weight=recipe.distill,
     )
@@ -422,17 +422,15 @@ def main(argv: list[str] | None = None) -> dict:
         "recipe": recipe.name, "description": recipe.describe(),
         "config": dataclasses.asdict(recipe), "final_sparsity": recipe.final,
         "targets": targets, "retrain_steps": budgets,
-        "perplexity": result.final_perplexity,
-        "degradation": result.final_perplexity / dense_ppl - 1.0,
+        "perplexity": result.final.metric,
+        "degradation": result.final.metric / dense_ppl - 1.0,
         "targeted_sparsity": result.achieved_sparsity,
         "whole_model_sparsity": result.overall_sparsity,
         "seconds": seconds,
-        "history": [
-            {k: v for k, v in h.items() if not k.startswith("loss")} for h in result.history
-        ],
+        "history": [h.to_json() for h in result.history],
     }
     out["rows"].append(row)
-    steps = " -> ".join(f"{h['perplexity_after_prune']:.2f}/{h['perplexity_after_retrain']:.2f}"
+    steps = " -> ".join(f"{h.after_prune.metric:.2f}/{h.after_retrain.metric:.2f}"
                         for h in result.history)
     print(f"  perplexity {row['perplexity']:.3f} ({100 * row['degradation']:+.1f}%), targeted "
           f"{100 * row['targeted_sparsity']:.2f}%, whole model "

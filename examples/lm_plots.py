@@ -40,13 +40,13 @@ def plot_layer_sparsity(report: Any, path: str) -> str:
   return _save(fig, path)
 
 
-def plot_perplexity(history: list[dict], dense_perplexity: float, path: str) -> str:
+def plot_perplexity(history: list, dense_perplexity: float, path: str) -> str:
   """Validation perplexity before/after each prune and after each retrain, by target."""
   fig, ax = plt.subplots(figsize=(7, 4))
-  targets = [100 * r["target_sparsity"] for r in history]
-  ax.plot(targets, [r["perplexity_after_prune"] for r in history], "v--", color="tab:red",
+  targets = [100 * r.target_sparsity for r in history]
+  ax.plot(targets, [r.after_prune.metric for r in history], "v--", color="tab:red",
           label="after prune")
-  ax.plot(targets, [r["perplexity_after_retrain"] for r in history], "o-", color="tab:green",
+  ax.plot(targets, [r.after_retrain.metric for r in history], "o-", color="tab:green",
           label="after retrain")
   ax.axhline(dense_perplexity, color="gray", ls=":", label=f"dense {dense_perplexity:.2f}")
   ax.set_xlabel("target sparsity of pruned layers (%)")

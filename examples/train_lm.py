@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -178,9 +177,8 @@ def dense_baseline(params, loss_fn, batch_at, steps: int, lr: float, eval_batche
   gap to it is what pruning itself costs.
   """
   trained, _ = pretrain(params, loss_fn, batch_at, steps, lr, progress=False)
-  eval_step = jaxprune.make_eval_step(loss_fn)
-  loss = sum(float(eval_step(trained, b)) for b in eval_batches) / len(eval_batches)
-  return math.exp(loss)
+  eval_step = jaxprune.make_eval_step(loss_fn, jaxprune.perplexity)
+  return jaxprune.evaluate(eval_step, trained, eval_batches, jaxprune.perplexity).metric
 
 
 def first_targeted(where) -> str:
@@ -194,7 +192,7 @@ def leaf_at(params, path: str):
 
 def export_table(args, dense, result, loss_fn, eval_batches) -> list[dict]:
   """Exports dense / pruned / pruned+quantized files, reloads each, and evaluates it."""
-  eval_step = jaxprune.make_eval_step(loss_fn)
+  eval_step = jaxprune.make_eval_step(loss_fn, jaxprune.perplexity)
   variants = [("dense", dense, None, "float32"), ("pruned", result.params, result.masks, "float32")]
   if args.quantize != "none":
     variants.append((f"pruned + {args.quantize}", result.params, result.masks, args.quantize))
@@ -203,9 +201,9 @@ def export_table(args, dense, result, loss_fn, eval_batches) -> list[dict]:
     path = os.path.join(args.out, name.replace(" + ", "_") + ".jxp")
     info = jaxprune.export_compressed(path, tree, masks, values)
     loaded = jaxprune.load_compressed(path)
-    loss = sum(float(eval_step(loaded, b)) for b in eval_batches) / len(eval_batches)
+    ppl = jaxprune.evaluate(eval_step, loaded, eval_batches, jaxprune.perplexity).metric
     rows.append({"model": name, "path": path, "file_bytes": info.file_bytes,
-                 "compression": info.compression, "perplexity": math.exp(loss)})
+                 "compression": info.compression, "perplexity": ppl})
   dense_ppl = rows[0]["perplexity"]
   print("\nend to end: export -> load -> evaluate")
   print(f"{'model':<18} {'file size':>12} {'vs dense':>9} {'perplexity':>11} {'change':>8}")
@@ -269,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
       checkpoint_dir=os.path.join(args.out, "prune"), checkpoint_every=50,
       resume=args.resume, seed=args.seed, mesh=mesh, param_layout=layout,
       teacher=(lm_model.make_batch_apply_fn(graphdef, rest), params) if args.distill else None,
-      distill_weight=args.distill, temperature=args.temperature,
+      distill_weight=args.distill, temperature=args.temperature, metric=jaxprune.perplexity,
   )
   prune_seconds = time.perf_counter() - start
 
@@ -282,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
                              context=args.context, key=jax.random.key(args.seed))
   print(f"\nsample from the pruned model (prompt {prompt!r}):\n"
         f"{sample.decode('utf-8', errors='replace')}\n")
-  print(f"perplexity degradation: {result.perplexity_degradation:+.2%} at "
+  print(f"perplexity degradation: {result.degradation:+.2%} at "
         f"{result.achieved_sparsity:.1%} sparsity of the targeted layers "
         f"({result.overall_sparsity:.1%} of the whole model), against the dense model "
         f"before retraining")
@@ -291,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
     baseline = dense_baseline(params, loss_fn, lambda step: batch_at(args.steps + step),
                               sum(budgets), args.retrain_lr, eval_batches)
     print(f"equal-budget dense baseline ({sum(budgets)} more dense steps): perplexity "
-          f"{baseline:.3f}; pruned vs it: {result.final_perplexity / baseline - 1:+.2%} "
+          f"{baseline:.3f}; pruned vs it: {result.final.metric / baseline - 1:+.2%} "
           "(what pruning itself costs)")
 
   os.makedirs(args.out, exist_ok=True)
@@ -307,21 +305,21 @@ def main(argv: list[str] | None = None) -> dict:
         lm_plots.plot_weight_histogram(leaf_at(params, name), leaf_at(result.params, name),
                                        name, os.path.join(args.out, "weights_histogram.png")),
         lm_plots.plot_layer_sparsity(result.report, os.path.join(args.out, "layer_sparsity.png")),
-        lm_plots.plot_perplexity(result.history, result.dense_perplexity,
+        lm_plots.plot_perplexity(result.history, result.dense.metric,
                                  os.path.join(args.out, "perplexity.png")),
     ]
     print("plots: " + ", ".join(plots))
   results = {
       "args": vars(args),
-      "dense_perplexity": result.dense_perplexity,
-      "final_perplexity": result.final_perplexity,
-      "perplexity_degradation": result.perplexity_degradation,
+      "dense_perplexity": result.dense.metric,
+      "final_perplexity": result.final.metric,
+      "perplexity_degradation": result.degradation,
       "baseline_perplexity": baseline,
       "degradation_vs_baseline": None if baseline is None else (
-          result.final_perplexity / baseline - 1),
+          result.final.metric / baseline - 1),
       "achieved_sparsity": result.achieved_sparsity,
       "overall_sparsity": result.overall_sparsity,
-      "history": result.history,
+      "history": [r.to_json() for r in result.history],
       "report": result.report.to_dict(),
       "pretrain_seconds": pretrain_seconds,
       "prune_retrain_seconds": prune_seconds,

@@ -17,17 +17,19 @@ from jaxprune.export import (
     load_compressed,
 )
 from jaxprune.leaf_selection import leaf_paths, path_string, select
-from jaxprune.loop import (
-    PruneRetrainResult,
-    make_eval_step,
-    make_train_step,
-    prune_retrain,
-    prune_step,
-    retrain,
-)
+from jaxprune.loop import prune_retrain
 from jaxprune.masks import apply_masks, check_masks, magnitude_masks, threshold_masks
+from jaxprune.metrics import Metric, aux_metric, loss_metric, perplexity
 from jaxprune.optax_wrapper import PrunedState, get_masks, pruned, set_masks
 from jaxprune.reporting import LeafSparsity, SparsityReport, sparsity_report
+from jaxprune.results import (
+    Evaluation,
+    IterationRecord,
+    PruneRetrainResult,
+    evaluate,
+    pruned_fraction,
+)
+from jaxprune.retraining import ProgressBar, StepReport, check_finite_losses, log_losses, retrain
 from jaxprune.schedules import (
     constant_schedule,
     cubic_schedule,
@@ -43,6 +45,7 @@ from jaxprune.sharding import (
     place_batch,
     place_masks,
 )
+from jaxprune.steps import make_eval_step, make_train_step, prune_step
 from jaxprune.structured import is_nm_sparse, nm_masks, nm_violations
 from jaxprune.targets import NM, Magnitude, Target, as_target
 
@@ -52,21 +55,29 @@ __all__ = [
     "NM",
     "Checkpointer",
     "CompressedFormatError",
+    "Evaluation",
     "ExportInfo",
+    "IterationRecord",
     "LeafSparsity",
     "LoopState",
     "Magnitude",
+    "Metric",
+    "ProgressBar",
     "PruneRetrainResult",
     "PrunedState",
     "SparsityReport",
+    "StepReport",
     "Target",
     "apply_masks",
     "as_target",
+    "aux_metric",
     "bytes_per_device",
+    "check_finite_losses",
     "check_masks",
     "constant_schedule",
     "cubic_schedule",
     "distillation_loss",
+    "evaluate",
     "exponential_schedule",
     "export_compressed",
     "export_info",
@@ -76,6 +87,8 @@ __all__ = [
     "kl_to_teacher",
     "leaf_paths",
     "load_compressed",
+    "log_losses",
+    "loss_metric",
     "magnitude_masks",
     "make_eval_step",
     "make_mesh",
@@ -85,12 +98,14 @@ __all__ = [
     "nm_violations",
     "param_shardings",
     "path_string",
+    "perplexity",
     "place_batch",
     "place_masks",
     "polynomial_schedule",
     "prune_retrain",
     "prune_step",
     "pruned",
+    "pruned_fraction",
     "retrain",
     "select",
     "set_masks",

@@ -2,8 +2,9 @@
 
 A checkpoint holds two items:
 
-* `state`: params, the optimizer state *without* its masks, the masks packed to
-  1 bit per weight (`jnp.packbits`, uint8), and the RNG key data;
+* `state`: params, the optimizer state (whose `pruned` state holds the masks,
+  their one home, stored packed to 1 bit per weight: `mask_tree.pack_masks`),
+  and the RNG key data;
 * `meta` (JSON): where the run is (iteration, phase, step), the history so far, and
   a fingerprint of the configuration (param paths/shapes/dtypes, schedule, budgets)
   that a resume must match.
@@ -25,17 +26,20 @@ import orbax.checkpoint as ocp
 
 from jaxprune.leaf_selection import leaf_paths
 from jaxprune.mask_tree import is_none, pack_masks, unpack_masks
-from jaxprune.optax_wrapper import replace_masks
+from jaxprune.optax_wrapper import map_pruned_states, pruned_states, replace_masks
 
 PyTree = Any
 
 
 class LoopState(NamedTuple):
-  """Everything a prune-retrain run needs to continue bitwise-exactly."""
+  """Everything a prune-retrain run needs to continue bitwise-exactly.
+
+  The masks are not a field: they live in the `pruned` state inside `opt_state`
+  (`jaxprune.get_masks(state.opt_state)`).
+  """
 
   params: Any
   opt_state: Any
-  masks: Any
   rng: jax.Array  # raw key data (uint32), see `jax.random.key_data`
 
 
@@ -70,6 +74,10 @@ def describe_state(opt_state: PyTree) -> str:
   return f"{'/'.join(kinds) or 'no state'} ({len(layout)} arrays, layout {digest})"
 
 
+# 2: masks stored inside the optimizer state (their one home), not beside it.
+FORMAT = 2
+
+
 def fingerprint(params: PyTree, **config: Any) -> dict[str, Any]:
   """JSON-able description of a run that a checkpoint must match to be resumed."""
   layout = [
@@ -77,16 +85,21 @@ def fingerprint(params: PyTree, **config: Any) -> dict[str, Any]:
       for p, x in zip(leaf_paths(params), jax.tree.leaves(params))
   ]
   digest = hashlib.sha256("\n".join(layout).encode()).hexdigest()[:16]
-  return {"params_layout": digest, "num_leaves": len(layout), **json.loads(json.dumps(config))}
+  return {"format": FORMAT, "params_layout": digest, "num_leaves": len(layout),
+          **json.loads(json.dumps(config))}
 
 
 def _saved_tree(state: LoopState) -> dict[str, Any]:
-  return {
-      "params": state.params,
-      "opt_state": replace_masks(state.opt_state, None),
-      "masks": pack_masks(state.masks),
-      "rng": state.rng,
-  }
+  packed = map_pruned_states(lambda s: s._replace(masks=pack_masks(s.masks)), state.opt_state)
+  return {"params": state.params, "opt_state": packed, "rng": state.rng}
+
+
+def _unpacked(restored: PyTree, like: PyTree) -> PyTree:
+  """The restored optimizer state with each `pruned` state's masks unpacked into the
+  layout (and shardings) of the corresponding masks of `like`."""
+  theirs = iter(pruned_states(like))
+  return map_pruned_states(
+      lambda s: s._replace(masks=unpack_masks(s.masks, next(theirs).masks)), restored)
 
 
 def _abstract(tree: PyTree) -> PyTree:
@@ -141,13 +154,7 @@ def restore_state(manager: ocp.CheckpointManager, index: int, like: LoopState) -
   tree = manager.restore(
       index, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
   )["state"]
-  masks = unpack_masks(tree["masks"], like.masks)
-  return LoopState(
-      params=tree["params"],
-      opt_state=replace_masks(tree["opt_state"], masks),
-      masks=masks,
-      rng=tree["rng"],
-  )
+  return LoopState(tree["params"], _unpacked(tree["opt_state"], like.opt_state), tree["rng"])
 
 
 class Checkpointer:
@@ -156,12 +163,13 @@ class Checkpointer:
   A context manager over `directory` (None: every call does nothing). On entry it
   opens the orbax manager; `resume(like)` returns the latest state and meta if the
   directory holds a checkpoint of the same configuration (else raises, naming the
-  setting that differs); `save(state, meta)` writes the next one; exit closes the
-  manager, also when the run raises.
+  setting that differs); `save(state, meta)` writes the next one; `due(step)` says
+  whether a phase should save after `step` steps (every `every` steps; never if
+  `every` is None); exit closes the manager, also when the run raises.
 
   Example::
 
-    >>> state = jaxprune.LoopState({"w": jnp.ones(3)}, (), {"w": None}, jnp.zeros(2, jnp.uint32))
+    >>> state = jaxprune.LoopState(params, opt_state, rng_data)
     >>> with jaxprune.Checkpointer("ckpt", {"seed": 0}) as ckpt:
     ...   print(ckpt.resume(state))
     ...   ckpt.save(state, {"iteration": 0})
@@ -172,9 +180,9 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str | os.PathLike | None, config: dict, *, keep: int = 3,
-               resume: bool = True):
+               resume: bool = True, every: int | None = None):
     self.directory = None if directory is None else os.fspath(directory)
-    self.config, self.keep, self.allow_resume = config, keep, resume
+    self.config, self.keep, self.allow_resume, self.every = config, keep, resume, every
     self._manager: ocp.CheckpointManager | None = None
     self._next = 0
 
@@ -204,6 +212,10 @@ class Checkpointer:
     check_fingerprint(meta["config"], self.config, self.directory)
     self._next = latest + 1
     return restore_state(self._manager, latest, like), meta
+
+  def due(self, step: int) -> bool:
+    """Whether to save after `step` steps of a phase (a multiple of `every`)."""
+    return self._manager is not None and bool(self.every) and step % self.every == 0
 
   def save(self, state: LoopState, meta: dict) -> None:
     """Writes the next checkpoint (complete on return); no-op without a directory."""

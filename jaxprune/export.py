@@ -35,7 +35,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.leaf_selection import path_string
-from jaxprune.mask_tree import align_masks, canonical_path, is_none, slots, unflatten
+from jaxprune.mask_tree import (
+  align_masks,
+  canonical_path,
+  is_none,
+  pack_bits,
+  slots,
+  unflatten,
+  unpack_bits,
+)
 
 PyTree = Any
 Values = Literal["float32", "bfloat16", "int8"]
@@ -197,7 +205,7 @@ def _encode_leaf(x: np.ndarray, mask: np.ndarray | None, values: str, where: str
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"leaf {where} has a mask but dtype {x.dtype}; only float leaves are masked")
   flat_mask = np.asarray(jax.device_get(mask)).reshape(-1)
-  sections = {"mask": np.packbits(flat_mask).tobytes()}
+  sections = {"mask": pack_bits(flat_mask).tobytes()}
   entry = {**entry, "encoding": "bitmask", "values": values, "kept": int(flat_mask.sum())}
   if values == "int8":
     q, scale = _int8_encode(x, flat_mask, where)
@@ -229,7 +237,7 @@ def _decode_leaf(entry: dict, payload: memoryview) -> tuple[np.ndarray, np.ndarr
   if entry["encoding"] != "bitmask":
     raise CompressedFormatError(f"leaf {where}: unknown encoding {entry['encoding']!r}")
   bits = section("mask", np.dtype(np.uint8), -(-size // 8))
-  flat_mask = np.unpackbits(bits, count=size).astype(bool)
+  flat_mask = unpack_bits(bits, size)
   kept = int(entry["kept"])
   if int(flat_mask.sum()) != kept:
     raise CompressedFormatError(f"leaf {where}: bitmask keeps {flat_mask.sum()}, header {kept}")

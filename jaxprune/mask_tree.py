@@ -232,10 +232,23 @@ def owned_copy(masks: PyTree) -> PyTree:
                       masks, is_leaf=is_none)
 
 
+def pack_bits(mask: Any) -> Any:
+  """One mask as uint8, 1 bit per weight: row-major, big-endian within a byte (the
+  `np.packbits` order, shared by checkpoints and the compressed export). A NumPy
+  mask packs on the host, a JAX one on its device."""
+  xp = np if isinstance(mask, np.ndarray) else jnp
+  return xp.packbits(xp.reshape(mask, -1))
+
+
+def unpack_bits(bits: Any, size: int) -> Any:
+  """Inverse of `pack_bits`: the flat bool mask of `size` weights."""
+  xp = np if isinstance(bits, np.ndarray) else jnp
+  return xp.unpackbits(bits, count=size).astype(bool)
+
+
 def pack_masks(masks: PyTree) -> dict[str, jax.Array]:
-  """Masks as `{slot index: uint8 bits}`, 1 bit per weight (row-major, big-endian bits)."""
-  return {str(i): jnp.packbits(m.reshape(-1))
-          for i, m in enumerate(slots(masks).leaves) if m is not None}
+  """Masks as `{slot index: pack_bits(mask)}`, for checkpoints."""
+  return {str(i): pack_bits(m) for i, m in enumerate(slots(masks).leaves) if m is not None}
 
 
 def unpack_masks(packed: dict[str, jax.Array], like: PyTree) -> PyTree:
@@ -243,7 +256,7 @@ def unpack_masks(packed: dict[str, jax.Array], like: PyTree) -> PyTree:
   def unpack(i: int, m: Any) -> Any:
     if m is None:
       return None
-    mask = jnp.unpackbits(packed[str(i)], count=m.size).reshape(m.shape).astype(jnp.bool_)
+    mask = unpack_bits(jnp.asarray(packed[str(i)]), m.size).reshape(m.shape)
     sharding = getattr(m, "sharding", None)
     return mask if sharding is None else jax.device_put(mask, sharding)
 

@@ -74,6 +74,18 @@ def check_fraction(name: str, value: Any) -> Any:
   return value
 
 
+def is_count(value: Any) -> bool:
+  """An integer (Python or NumPy), not a bool."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_count(name: str, value: Any, minimum: int = 1) -> int:
+  """`value` as an int if it is an integer >= `minimum`; else a ValueError naming it."""
+  if not (is_count(value) and value >= minimum):
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+  return int(value)
+
+
 def check_finite(w: jax.Array, path: str) -> None:
   """Raises, naming `path`, if a concrete `w` holds NaN or inf; no-op under a trace."""
   finite = jnp.isfinite(w).all()

@@ -30,7 +30,7 @@ from jaxprune.mask_tree import (
   unflatten,
   zero_pruned,
 )
-from jaxprune.masks import Scope, check_scope
+from jaxprune.masks import Scope, check_count, check_scope
 from jaxprune.targets import Magnitude, Target
 
 PyTree = Any
@@ -75,8 +75,7 @@ def _check_gradual(where: Any, schedule: Any, update_every: Any) -> None:
         f"jaxprune.polynomial_schedule(...)), got {schedule!r}; for a fixed sparsity "
         f"use jaxprune.constant_schedule({schedule!r})"
     )
-  if isinstance(update_every, bool) or int(update_every) != update_every or update_every < 1:
-    raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
+  check_count("update_every", update_every)
   first = schedule(jnp.zeros((), jnp.int32))
   if isinstance(first, Target) and not isinstance(first, numbers.Real):
     first = first.sparsity
@@ -224,7 +223,8 @@ def pruned(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _pruned_states(opt_state: PyTree) -> list[PrunedState]:
+def pruned_states(opt_state: PyTree) -> list[PrunedState]:
+  """Every `PrunedState` inside `opt_state`, in tree order."""
   return [
       s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, PrunedState))
       if isinstance(s, PrunedState)
@@ -232,7 +232,7 @@ def _pruned_states(opt_state: PyTree) -> list[PrunedState]:
 
 
 def _exactly_one(opt_state: PyTree) -> PrunedState:
-  found = _pruned_states(opt_state)
+  found = pruned_states(opt_state)
   if len(found) != 1:
     raise ValueError(
         f"expected exactly one jaxprune.pruned state inside the optimizer state, found "
@@ -266,9 +266,14 @@ def set_masks(opt_state: PyTree, masks: PyTree) -> PyTree:
   return replace_masks(opt_state, check_masks(owned_copy(masks), old.masks, ref_is_masks=True))
 
 
+def map_pruned_states(fn: Callable[[PrunedState], PrunedState], opt_state: PyTree) -> PyTree:
+  """`opt_state` with every `PrunedState` inside it replaced by `fn(state)`."""
+  def visit(s):
+    return fn(s) if isinstance(s, PrunedState) else s
+
+  return jax.tree.map(visit, opt_state, is_leaf=lambda s: isinstance(s, PrunedState))
+
+
 def replace_masks(opt_state: PyTree, masks: PyTree) -> PyTree:
   """`opt_state` with every `PrunedState`'s masks replaced, unchecked (see `set_masks`)."""
-  def replace(s):
-    return s._replace(masks=masks) if isinstance(s, PrunedState) else s
-
-  return jax.tree.map(replace, opt_state, is_leaf=lambda s: isinstance(s, PrunedState))
+  return map_pruned_states(lambda s: s._replace(masks=masks), opt_state)

@@ -30,7 +30,7 @@ from jaxprune.masks import check_finite
 PyTree = Any
 
 
-def _check_nm(n: Any, m: Any) -> tuple[int, int]:
+def check_nm(n: Any, m: Any) -> tuple[int, int]:
   """Validates a static N:M pattern, `0 < n < m`, both integers (not traced)."""
   for name, v in (("n", n), ("m", m)):
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
@@ -154,7 +154,7 @@ def nm_masks(
            [ True,  True],
            [False, False]], dtype=bool)
   """
-  n, m = _check_nm(n, m)
+  n, m = check_nm(n, m)
   chosen = selected_leaves(params, select(params) if where is None else where, previous)
   axes = [_group_axis(tuple(w.shape), axis, m, path) for _, path, w, _ in chosen]
   for _, path, w, _ in chosen:
@@ -217,7 +217,7 @@ def nm_violations(
     >>> jaxprune.nm_violations(masks, 2, 4)
     {'fc1/kernel': 0, 'fc2/kernel': 0}
   """
-  n, m = _check_nm(n, m)
+  n, m = check_nm(n, m)
   counts = {}
   for path, x in _checked_leaves(tree, where):
     ax = _group_axis(tuple(x.shape), axis, m, path)

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from jaxprune.masks import Scope, check_fraction, check_scope, magnitude_masks
-from jaxprune.structured import _check_nm, nm_masks
+from jaxprune.structured import check_nm, nm_masks
 
 PyTree = Any
 
@@ -138,6 +138,6 @@ def _checked_sparsity(value: Any, name: str) -> Any:
 
 def _check_pattern(n: Any, m: Any, name: str, shown: Any) -> None:
   try:
-    _check_nm(n, m)
+    check_nm(n, m)
   except ValueError as err:
     raise ValueError(f"{name} = {shown!r}: {err}") from None

@@ -34,11 +34,6 @@ SCHEDULE = (0.5, 0.75, 0.875)
 TRAIN_SIZE, EVAL_SIZE = 8, 16
 RNG = np.random.default_rng(0)
 TEACHER = RNG.normal(size=(8, 4)).astype(np.float32)
-ROW_KEYS = {
-    "iteration", "target_sparsity", "pattern", "achieved_sparsity", "loss_before_prune",
-    "perplexity_before_prune", "loss_after_prune", "perplexity_after_prune",
-    "loss_after_retrain", "perplexity_after_retrain", "retrain_steps", "wall_seconds",
-}
 
 
 def make_params(seed: int = 0, hidden: int = 16) -> dict:
@@ -134,7 +129,7 @@ def assert_trees_bitwise_equal(a, b):
 
 
 def strip_wall(history):
-  return [{k: v for k, v in row.items() if k != "wall_seconds"} for row in history]
+  return [row._replace(wall_seconds=None) for row in history]
 
 
 def dir_snapshot(path) -> dict:
@@ -181,39 +176,33 @@ def test_history_rows_and_result_values(base):
   assert batches.steps == list(range(12))
   assert len(result.history) == 3
   for i, (row, target) in enumerate(zip(result.history, SCHEDULE)):
-    assert set(row) == ROW_KEYS
-    assert row["iteration"] == i
-    assert row["target_sparsity"] == target
-    assert row["pattern"] is None  # a sparsity, not an N:M pattern
-    assert row["achieved_sparsity"] == target  # exact: 128 and 64 weights
-    assert row["retrain_steps"] == 4
-    assert 0 < row["wall_seconds"] < 600
-    for phase in ("before_prune", "after_prune", "after_retrain"):
-      assert math.isfinite(row[f"loss_{phase}"])
-      assert row[f"perplexity_{phase}"] == math.exp(row[f"loss_{phase}"])
+    assert isinstance(row, jaxprune.IterationRecord)
+    assert row.iteration == i
+    assert row.target_sparsity == target
+    assert row.target == f"{target:.2%}"
+    assert row.achieved_sparsity == target  # exact: 128 and 64 weights
+    assert row.retrain_steps == 4
+    assert 0 < row.wall_seconds < 600
+    for phase in (row.before_prune, row.after_prune, row.after_retrain):
+      assert math.isfinite(phase.loss)
+      assert phase.metric == phase.loss  # the default metric is the loss
     # Retraining moved the params: the loss changed.
-    assert row["loss_after_retrain"] != row["loss_after_prune"]
+    assert row.after_retrain.loss != row.after_prune.loss
     if i:
-      assert row["loss_before_prune"] == result.history[i - 1]["loss_after_retrain"]
+      assert row.before_prune == result.history[i - 1].after_retrain
 
   # The figures are evaluations of the right params.
   first = result.history[0]
-  assert first["loss_before_prune"] == pytest.approx(reference_eval(params0), rel=1e-5)
+  assert first.before_prune.loss == pytest.approx(reference_eval(params0), rel=1e-5)
   pruned0 = jaxprune.apply_masks(params0, jaxprune.magnitude_masks(params0, 0.5, where))
-  assert first["loss_after_prune"] == pytest.approx(reference_eval(pruned0), rel=1e-5)
-  assert result.final_loss == pytest.approx(reference_eval(result.params), rel=1e-5)
+  assert first.after_prune.loss == pytest.approx(reference_eval(pruned0), rel=1e-5)
+  assert result.final.loss == pytest.approx(reference_eval(result.params), rel=1e-5)
 
-  assert result.dense_loss == first["loss_before_prune"]
-  assert result.final_loss == result.history[-1]["loss_after_retrain"]
-  assert result.dense_perplexity == math.exp(result.dense_loss)
-  assert result.final_perplexity == math.exp(result.final_loss)
-  assert result.perplexity_degradation == pytest.approx(
-      math.exp(result.final_loss) / math.exp(result.dense_loss) - 1.0, rel=1e-12, abs=1e-15
-  )
-  assert result.perplexity_degradation == pytest.approx(
-      result.history[-1]["perplexity_after_retrain"]
-      / result.history[0]["perplexity_before_prune"] - 1.0, rel=1e-12, abs=1e-15
-  )
+  assert result.dense == first.before_prune
+  assert result.final == result.history[-1].after_retrain
+  assert result.metric is jaxprune.loss_metric
+  assert result.degradation == pytest.approx(
+      result.final.loss / result.dense.loss - 1.0, rel=1e-12, abs=1e-15)
   assert result.achieved_sparsity == 0.875
   # Over the whole model, zeros count wherever they are (a bias can be exactly 0 too).
   zero_biases = sum(int((np.asarray(result.params[k]["bias"]) == 0).sum()) for k in ("fc1", "fc2"))
@@ -234,14 +223,15 @@ def test_history_rows_and_result_values(base):
 def test_summary_contains_the_numbers(base):
   result, _, _ = base
   text = result.summary()
+  assert "loss before" in text and "perplexity" not in text
   for row in result.history:
-    assert f"{row['target_sparsity']:.2%}" in text
-    assert f"{row['achieved_sparsity']:.2%}" in text
-    for phase in ("before_prune", "after_prune", "after_retrain"):
-      assert f"{row[f'perplexity_{phase}']:.3f}" in text
-  assert f"{result.dense_perplexity:.3f}" in text
-  assert f"{result.final_perplexity:.3f}" in text
-  assert f"{result.perplexity_degradation:+.2%}" in text
+    assert f"{row.target_sparsity:.2%}" in text
+    assert f"{row.achieved_sparsity:.2%}" in text
+    for phase in (row.before_prune, row.after_prune, row.after_retrain):
+      assert f"{phase.metric:.4f}" in text
+  assert f"dense loss {result.dense.metric:.4f}" in text
+  assert f"final {result.final.metric:.4f}" in text
+  assert f"{result.degradation:+.2%}" in text
   assert f"{result.achieved_sparsity:.2%}" in text
   assert f"{result.overall_sparsity:.2%}" in text
 
@@ -254,12 +244,10 @@ def test_loss_with_aux_matches_scalar_loss(base):
   result, loss, _ = run(loss_fn=CountedLoss(with_aux))
   assert loss.train_traces == 1 and loss.eval_traces == 1
   for row, expected in zip(strip_wall(result.history), strip_wall(base[0].history)):
-    assert row.keys() == expected.keys()
-    for key, value in row.items():
-      if isinstance(value, float):
-        assert value == pytest.approx(expected[key], rel=1e-6), key
-      else:
-        assert value == expected[key], key
+    got, want = jax.tree.leaves(row), jax.tree.leaves(expected)
+    assert len(got) == len(want)
+    for value, wanted in zip(got, want):
+      assert value == (pytest.approx(wanted, rel=1e-6) if isinstance(value, float) else wanted)
   for a, b in zip(jax.tree.leaves(result.params), jax.tree.leaves(base[0].params)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
@@ -285,11 +273,11 @@ def test_iterable_train_batches(base):
 def test_per_iteration_budgets():
   result, _, batches = run(retrain_steps=[3, 0, 2], progress=True, log_every=1)
   assert batches.steps == [0, 1, 2, 3, 4]
-  assert [r["retrain_steps"] for r in result.history] == [3, 0, 2]
+  assert [r.retrain_steps for r in result.history] == [3, 0, 2]
   # No retraining in iteration 1: the same params are evaluated twice.
-  assert result.history[1]["loss_after_retrain"] == result.history[1]["loss_after_prune"]
-  assert result.history[0]["loss_after_retrain"] != result.history[0]["loss_after_prune"]
-  assert [r["achieved_sparsity"] for r in result.history] == list(SCHEDULE)
+  assert result.history[1].after_retrain.loss == result.history[1].after_prune.loss
+  assert result.history[0].after_retrain.loss != result.history[0].after_prune.loss
+  assert [r.achieved_sparsity for r in result.history] == list(SCHEDULE)
 
 
 def _counts(opt_state):
@@ -403,7 +391,7 @@ def test_restart_optimizer_true_vs_false(restart_runs):
   assert _counts(kept.opt_state) == (12, 12, 12, pytest.approx(float(lr(11))))
   # The first iteration is the same run; the later ones are not.
   assert strip_wall(restarted.history)[0] == strip_wall(kept.history)[0]
-  assert restarted.history[1]["loss_after_retrain"] != kept.history[1]["loss_after_retrain"]
+  assert restarted.history[1].after_retrain.loss != kept.history[1].after_retrain.loss
 
 
 def test_rng_loss_gets_a_per_step_key(base):
@@ -590,7 +578,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
   assert resumed_batches.steps[0] == good_global  # continued, did not start over
   assert_trees_bitwise_equal(resumed.params, clean_nan_reference.params)
   assert strip_wall(resumed.history) == strip_wall(clean_nan_reference.history)
-  assert resumed.dense_loss == clean_nan_reference.dense_loss
+  assert resumed.dense == clean_nan_reference.dense
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -651,8 +639,8 @@ def test_resume_after_completed_run_returns_same_result(finished_run):
   assert_trees_bitwise_equal(again.params, first.params)
   assert_trees_bitwise_equal(again.masks, first.masks)
   assert_trees_bitwise_equal(again.opt_state, first.opt_state)
-  assert again.dense_loss == first.dense_loss and again.final_loss == first.final_loss
-  assert again.perplexity_degradation == first.perplexity_degradation
+  assert again.dense == first.dense and again.final == first.final
+  assert again.degradation == first.degradation
   assert again.summary() == first.summary()
 
 
@@ -661,23 +649,25 @@ def test_checkpoint_contents(finished_run):
   _, meta, state, steps = latest_checkpoint(ckpt)
   assert len(steps) == 3  # keep_checkpoints=3 of the 3 saves
   assert (meta["phase"], meta["iteration"], meta["step"]) == ("prune", 3, 0)
-  assert meta["history"] == first.history
-  # Masks are stored packed, 1 bit per weight.
-  masks = state["masks"]
-  assert sorted(np.asarray(m).dtype for m in masks.values()) == [np.uint8, np.uint8]
-  assert sorted(np.asarray(m).size for m in masks.values()) == [64 // 8, 128 // 8]
+  assert [jaxprune.IterationRecord.from_json(r) for r in meta["history"]] == first.history
+  # Masks have one home, the pruned state inside opt_state, stored 1 bit per weight.
+  assert sorted(state) == ["opt_state", "params", "rng"]
+  packed = [np.asarray(x) for x in jax.tree.leaves(state["opt_state"])
+            if np.asarray(x).dtype == np.uint8]
+  assert sorted(m.size for m in packed) == [64 // 8, 128 // 8]
+  assert not any(np.asarray(x).dtype == np.bool_ for x in jax.tree.leaves(state["opt_state"]))
   assert_trees_bitwise_equal(state["params"], first.params)
 
 
 def test_achieved_sparsity_means_the_fraction_the_masks_prune(base):
   result = base[0]
-  assert result.achieved_sparsity == result.history[-1]["achieved_sparsity"]
+  assert result.achieved_sparsity == result.history[-1].achieved_sparsity
   masks = [np.asarray(m) for m in jax.tree.leaves(result.masks)]
   assert result.achieved_sparsity == sum(int((~m).sum()) for m in masks) / sum(
       m.size for m in masks)
   # A kept weight that is exactly zero is a zero in the report, not a pruned weight.
   params = {"fc": {"kernel": jnp.array([[0.0, 2.0], [3.0, 4.0]])}}
   masks = {"fc": {"kernel": jnp.array([[True, False], [True, True]])}}
-  assert loop_module.pruned_fraction(masks) == 0.25
+  assert jaxprune.pruned_fraction(masks) == 0.25
   report = jaxprune.sparsity_report(jaxprune.apply_masks(params, masks), {"fc": {"kernel": True}})
   assert report.targeted_sparsity == 0.5

@@ -38,44 +38,89 @@ def test_pieces_by_hand_match_prune_retrain(tmp_path):
 
   tx = jaxprune.pruned(optax.adam(1e-2), jaxprune.magnitude_masks(params, 0.0, where))
   train_step = jaxprune.make_train_step(loss_fn, tx)
-  masks = jaxprune.get_masks(tx.init(params))
-  rng = jax.random.key_data(jax.random.key(3))
-  state = jaxprune.LoopState(params, tx.init(params), masks, rng)
+  state = jaxprune.LoopState(params, tx.init(params), jax.random.key_data(jax.random.key(3)))
   with jaxprune.Checkpointer(tmp_path / "ckpt", {"by": "hand"}) as ckpt:
     for i, target in enumerate(schedule):
-      p, m, _ = jaxprune.prune_step(state.params, state.masks, state.opt_state, target, where)
-      opt_state = jaxprune.set_masks(tx.init(float_part(p)), m)  # learning-rate rewinding
-      state = jaxprune.retrain(train_step, jaxprune.LoopState(p, opt_state, m, rng), batch_at,
-                               range(6), first_step=6 * i, iteration=i)
+      p, pruned_state = jaxprune.prune_step(state.params, state.opt_state, target, where)
+      # Learning-rate rewinding: a fresh optimizer state holding the new masks.
+      opt_state = jaxprune.set_masks(tx.init(float_part(p)), jaxprune.get_masks(pruned_state))
+      state = jaxprune.retrain(train_step, state._replace(params=p, opt_state=opt_state),
+                               batch_at, range(6), first_step=6 * i, iteration=i)
       ckpt.save(state, {"iteration": i + 1})
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(result.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  for a, b in zip(jax.tree.leaves(state.masks), jax.tree.leaves(result.masks)):
+  for a, b in zip(jax.tree.leaves(jaxprune.get_masks(state.opt_state)),
+                  jax.tree.leaves(result.masks)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_retrain_checks_losses_and_calls_its_hook():
+def test_retrain_reports_to_hooks_in_order_and_guards_against_nan():
   params = make_params()
   where = jaxprune.select(params)
   tx = jaxprune.pruned(optax.sgd(1e-2), jaxprune.magnitude_masks(params, 0.5, where))
   step = jaxprune.make_train_step(loss_fn, tx)
-  state = jaxprune.LoopState(params, tx.init(params), jaxprune.get_masks(tx.init(params)),
-                             jax.random.key_data(jax.random.key(0)))
+  state = jaxprune.LoopState(params, tx.init(params), jax.random.key_data(jax.random.key(0)))
   seen = []
-  jaxprune.retrain(step, state, batch_at, range(2, 7), every=2,
-                   on_every=lambda s, j: seen.append(j))
-  assert seen == [4, 6]  # not at the last step (7)
+  end = jaxprune.retrain(step, state, batch_at, range(2, 7), first_step=10, iteration=4,
+                         report_every=(2, 3), hooks=[seen.append, lambda r: seen.append(r.step)])
+  # Reports after local steps 3, 4, 6 (multiples of 2 or 3) and at the end (7).
+  assert [r.step for r in seen[::2]] == [3, 4, 6, 7] and seen[1::2] == [3, 4, 6, 7]
+  assert [len(r.losses) for r in seen[::2]] == [1, 1, 2, 1]  # each loss reported once
+  assert [r.global_step for r in seen[::2]] == [12, 13, 15, 16]
+  assert [r.final for r in seen[::2]] == [False, False, False, True]
+  assert all(r.iteration == 4 and r.losses.dtype == np.float64 for r in seen[::2])
+  # The losses are the train step's: rerun by hand, bitwise.
+  p, o = params, state.opt_state
+  by_hand = []
+  for g in range(12, 17):
+    p, o, loss = step(p, o, batch_at(g), state.rng, g)
+    by_hand.append(float(loss))
+  assert np.concatenate([r.losses for r in seen[::2]]).tolist() == by_hand
+  assert seen[-2].state.params is end.params
 
   def bad_batch(g):
     return jnp.full((8, 8), jnp.nan) if g == 13 else batch_at(g)
 
   with pytest.raises(FloatingPointError, match=r"iteration 2, step 3 \(global step 13\)"):
     jaxprune.retrain(step, state, bad_batch, range(0, 5), first_step=10, iteration=2,
-                     log_every=2)
+                     report_every=2)
+  # Without the guard among the hooks, a NaN does not stop the phase.
+  quiet = jaxprune.retrain(step, state, bad_batch, range(0, 5), first_step=10, hooks=())
+  assert not np.isfinite(np.asarray(quiet.params["fc1"]["kernel"])).all()
+  with pytest.raises(ValueError, match="report_every must be integers >= 1, got 0"):
+    jaxprune.retrain(step, state, batch_at, range(2), report_every=0)
+
+
+def test_user_hooks_see_every_report_of_the_loop_after_the_nan_guard():
+  params = make_params()
+  reports = []
+  result = jaxprune.prune_retrain(
+      params, loss_fn, batch_at, [batch_at(10_000)], optimizer=optax.adam(1e-2),
+      schedule=[0.5, 0.75], where=jaxprune.select(params), retrain_steps=5, log_every=2,
+      progress=False, hooks=[reports.append])
+  assert [(r.iteration, r.step, r.final) for r in reports] == [
+      (0, 2, False), (0, 4, False), (0, 5, True), (1, 2, False), (1, 4, False), (1, 5, True)]
+  assert [r.global_step for r in reports] == [1, 3, 4, 6, 8, 9]
+  assert reports[-1].state.params is not None and result.history[-1].retrain_steps == 5
+
+  def nan_after(g):
+    return jnp.full((8, 8), jnp.nan) if g == 3 else batch_at(g)
+
+  seen = []
+  with pytest.raises(FloatingPointError, match=r"global step 3"):
+    jaxprune.prune_retrain(
+        params, loss_fn, nan_after, [batch_at(10_000)], optimizer=optax.adam(1e-2),
+        schedule=[0.5], where=jaxprune.select(params), retrain_steps=5, log_every=2,
+        progress=False, hooks=[seen.append])
+  assert [r.step for r in seen] == [2]  # the bad report raised before the user hook
+  with pytest.raises(TypeError, match=r"hooks\[0\] = 3 is not callable"):
+    jaxprune.prune_retrain(
+        params, loss_fn, batch_at, [batch_at(0)], optimizer=optax.adam(1e-2), schedule=[0.5],
+        where=jaxprune.select(params), retrain_steps=1, hooks=[3])
 
 
 def test_checkpointer_never_writes_over_an_existing_checkpoint(tmp_path):
-  state = jaxprune.LoopState({"w": jnp.ones(3)}, (), {"w": None}, jnp.zeros(2, jnp.uint32))
+  state = jaxprune.LoopState({"w": jnp.ones(3)}, (), jnp.zeros(2, jnp.uint32))
   with jaxprune.Checkpointer(tmp_path, {"k": 1}) as ckpt:
     ckpt.save(state, {"iteration": 0})
   with jaxprune.Checkpointer(tmp_path, {"k": 1}) as ckpt:  # saves without resuming first
@@ -85,6 +130,10 @@ def test_checkpointer_never_writes_over_an_existing_checkpoint(tmp_path):
   with jaxprune.Checkpointer(tmp_path, {"k": 2}) as ckpt, pytest.raises(
       ValueError, match="another configuration: k is 1 there and 2 now"):
     ckpt.resume(state)
+  with jaxprune.Checkpointer(tmp_path, {"k": 1}, every=3) as ckpt:
+    assert [step for step in range(1, 10) if ckpt.due(step)] == [3, 6, 9]
+  with jaxprune.Checkpointer(None, {"k": 1}, every=3) as ckpt:
+    assert not ckpt.due(3)  # no directory: nothing is ever due
   with jaxprune.Checkpointer(tmp_path, {"k": 1}, resume=False) as ckpt, pytest.raises(
       ValueError, match="already holds checkpoints"):
     ckpt.resume(state)

@@ -96,11 +96,9 @@ SCRIPT = textwrap.dedent(
           "opt_state": result.opt_state}})[0]
     np.savez(out + ".npz", **{{jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}})
     figures = {{
-        "history": [{{k: v for k, v in r.items() if k != "wall_seconds"}}
-                    for r in result.history],
+        "history": [r._replace(wall_seconds=None).to_json() for r in result.history],
         "dense_loss": result.dense_loss, "final_loss": result.final_loss,
-        "dense_perplexity": result.dense_perplexity,
-        "perplexity_degradation": result.perplexity_degradation,
+        "dense_metric": result.dense.metric, "degradation": result.degradation,
         "achieved_sparsity": result.achieved_sparsity, "summary": result.summary(),
     }}
     with open(out + ".json", "w") as f:

@@ -132,7 +132,8 @@ def test_a_users_target_plugs_into_prune_step_and_the_loop():
   assert isinstance(KeepFirstRows(4), jaxprune.Target)
   opt_state = jaxprune.pruned(optax.sgd(0.1), jaxprune.magnitude_masks(params, 0.0, where)).init(
       params)
-  new, masks, _ = jaxprune.prune_step(params, None, opt_state, KeepFirstRows(4), where)
+  new, opt_state = jaxprune.prune_step(params, opt_state, KeepFirstRows(4), where)
+  masks = jaxprune.get_masks(opt_state)
   assert int(masks["fc1"]["kernel"].sum()) == 4 * 16
   np.testing.assert_array_equal(new["fc1"]["kernel"][4:], 0.0)
 
@@ -140,7 +141,7 @@ def test_a_users_target_plugs_into_prune_step_and_the_loop():
   result = jaxprune.prune_retrain(
       params, mlp_loss, lambda step: x, [x], optimizer=optax.adam(1e-3),
       schedule=[0.25, KeepFirstRows(4)], where=where, retrain_steps=2, progress=False)
-  assert [r["pattern"] for r in result.history] == [None, str(KeepFirstRows(4))]
+  assert [r.target for r in result.history] == ["25.00%", str(KeepFirstRows(4))]
   kernel = np.asarray(result.params["fc1"]["kernel"])
   np.testing.assert_array_equal(kernel[4:], 0.0)
 
@@ -152,7 +153,7 @@ def test_loop_compiles_one_prune_step_for_every_magnitude_sparsity():
   assert compiled.count("jit(prune_step)") == 2
   assert compiled.count("jit(step)") == 1
   assert jaxprune.is_nm_sparse(result.masks, 1, 4)
-  assert [r["target_sparsity"] for r in result.history] == [0.2, 0.4, 0.6, 0.75]
+  assert [r.target_sparsity for r in result.history] == [0.2, 0.4, 0.6, 0.75]
 
 
 def test_gradual_pruned_takes_targets_from_its_schedule():
@@ -180,10 +181,11 @@ def test_prune_step_under_jit_takes_a_traced_float_sparsity():
   where = jaxprune.select(params)
   state = jaxprune.pruned(optax.sgd(0.1), jaxprune.magnitude_masks(params, 0.0, where)).init(
       params)
-  step = jax.jit(lambda p, s, o: jaxprune.prune_step(p, None, o, s, where))
+  step = jax.jit(lambda p, s, o: jaxprune.prune_step(p, o, s, where))
   for s in (0.25, 0.5):
-    _, masks, _ = step(params, jnp.float32(s), state)
-    assert_masks_equal(masks, jaxprune.magnitude_masks(params, s, where))
+    _, pruned_state = step(params, jnp.float32(s), state)
+    assert_masks_equal(jaxprune.get_masks(pruned_state),
+                       jaxprune.magnitude_masks(params, s, where))
   assert jaxprune.as_target(jnp.float32(0.5)) == jaxprune.Magnitude(0.5)
   # Concrete sparsities are stored as Python floats (JSON-able history, exact fingerprints).
   assert type(jaxprune.as_target(jaxprune.Magnitude(np.float32(0.5))).sparsity) is float

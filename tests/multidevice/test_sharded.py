@@ -125,12 +125,15 @@ def test_checkpoint_restores_onto_smaller_meshes(tmp_path):
                             jaxprune.param_shardings(result.params, mesh, "fsdp"))
     masks = jaxprune.place_masks(jax.device_get(result.masks), params)
     tx = jaxprune.pruned(optax.adam(1e-2), masks)
-    like = checkpointing.LoopState(params, tx.init(params), masks, jnp.zeros(2, jnp.uint32))
+    like = checkpointing.LoopState(params, tx.init(params), jnp.zeros(2, jnp.uint32))
     restored = checkpointing.restore_state(manager, index, like)
     for a, b in zip(jax.tree.leaves(_host(result.params)), jax.tree.leaves(restored.params)):
       np.testing.assert_array_equal(a, np.asarray(b))
-    for a, b in zip(jax.tree.leaves(_host(result.masks)), jax.tree.leaves(restored.masks)):
+    restored_masks = jaxprune.get_masks(restored.opt_state)
+    for a, b in zip(jax.tree.leaves(_host(result.masks)), jax.tree.leaves(restored_masks)):
       np.testing.assert_array_equal(a, np.asarray(b))
+    for m, ref in zip(jax.tree.leaves(restored_masks), jax.tree.leaves(masks), strict=True):
+      assert m.sharding == ref.sharding  # unpacked onto their params' shardings
     for x in jax.tree.leaves(restored.params):
       assert set(x.sharding.device_set) == set(devices)
 

@@ -428,8 +428,8 @@ def _assert_exact_sparsity(model, result, target):
 def test_prune_retrain_and_resume(model, tmp_path):
   result = _prune_retrain(model, model.retrain_params, tmp_path)
   _assert_exact_sparsity(model, result, 0.75)
-  assert [r["target_sparsity"] for r in result.history] == [0.5, 0.75]
-  assert all(math.isfinite(r["loss_after_retrain"]) for r in result.history)
+  assert [r.target_sparsity for r in result.history] == [0.5, 0.75]
+  assert all(math.isfinite(r.after_retrain.loss) for r in result.history)
 
   again = _prune_retrain(model, model.retrain_params, tmp_path, resume=True)
   assert slot_structure(again.params) == slot_structure(result.params)
@@ -439,8 +439,8 @@ def test_prune_retrain_and_resume(model, tmp_path):
       assert np.asarray(a).dtype == np.asarray(b).dtype, path
       np.testing.assert_array_equal(bits(a), bits(b), err_msg=path)
   assert_same_masks(again.masks, result.masks)
-  assert [r["loss_after_retrain"] for r in again.history] == [
-      r["loss_after_retrain"] for r in result.history]
+  assert [r.after_retrain.loss for r in again.history] == [
+      r.after_retrain.loss for r in result.history]
 
 
 class SimulatedCrashError(Exception):
@@ -464,8 +464,8 @@ def test_prune_retrain_interrupted_then_resumed_is_bitwise_exact(model, tmp_path
     if a is not None:
       np.testing.assert_array_equal(bits(a), bits(b), err_msg=path)
   assert_same_masks(resumed.masks, whole.masks)
-  assert [r["loss_after_retrain"] for r in resumed.history] == [
-      r["loss_after_retrain"] for r in whole.history]
+  assert [r.after_retrain.loss for r in resumed.history] == [
+      r.after_retrain.loss for r in whole.history]
 
 
 def test_prune_retrain_distillation_with_rng(model, tmp_path):
@@ -480,9 +480,8 @@ def test_prune_retrain_distillation_with_rng(model, tmp_path):
   _assert_exact_sparsity(model, result, 0.75)
   assert len(result.history) == 2
   for row in result.history:
-    for key, value in row.items():
-      if key.startswith(("loss_", "perplexity_")):
-        assert math.isfinite(value), (key, value)
+    for phase in (row.before_prune, row.after_prune, row.after_retrain):
+      assert math.isfinite(phase.loss) and math.isfinite(phase.metric), row
   assert True in rng_given, "retraining never handed the loss an rng"
   assert False in rng_given, "evaluation should call the loss with rng=None"
 

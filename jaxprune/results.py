@@ -1,0 +1,179 @@
+"""What a prune-retrain run reports: typed history records and the result.
+
+Losses are the mean of `loss_fn` over the eval batches; the *metric* is the
+run's `Metric` (the loss itself by default, `jaxprune.perplexity` for a language
+model, `jaxprune.aux_metric("accuracy")` for a classifier). `achieved_sparsity`
+means one thing everywhere: the exact fraction of targeted weights the masks
+prune (integer counts per leaf, `pruned_fraction`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxprune.mask_tree import selected_masks
+from jaxprune.metrics import Metric, loss_metric
+from jaxprune.optax_wrapper import get_masks
+from jaxprune.reporting import SparsityReport
+
+PyTree = Any
+
+
+class Evaluation(NamedTuple):
+  """The mean loss over the eval batches, and the metric's figure."""
+
+  loss: float
+  metric: float
+
+
+def evaluate(eval_step: Callable[[PyTree, Any], tuple[jax.Array, jax.Array]], params: PyTree,
+             batches: Iterable, metric: Metric = loss_metric) -> Evaluation:
+  """`Evaluation(mean loss, metric.of_mean(mean metric value))` over `batches`.
+
+  `eval_step` is `make_eval_step(loss_fn, metric)` (the same `metric`); sums stay
+  on the device and are read once.
+
+  Example::
+
+    >>> eval_step = jaxprune.make_eval_step(loss_fn, jaxprune.perplexity)
+    >>> e = jaxprune.evaluate(eval_step, params, [batch, batch], jaxprune.perplexity)
+    >>> bool(abs(e.metric - np.exp(e.loss)) < 1e-4 * e.metric)
+    True
+  """
+  loss_total = value_total = jnp.zeros((), jnp.float32)
+  count = 0
+  for batch in batches:
+    loss, value = eval_step(params, batch)
+    loss_total, value_total, count = loss_total + loss, value_total + value, count + 1
+  loss_total, value_total = jax.device_get((loss_total, value_total))
+  return Evaluation(float(loss_total) / count, float(metric.of_mean(float(value_total) / count)))
+
+
+class IterationRecord(NamedTuple):
+  """One iteration of the schedule: prune to `target`, then retrain.
+
+  Attributes:
+    iteration: index in the schedule.
+    target: the pruning method, as text (`"50.00%"`, `"2:4"`, `"90.00% global"`).
+    target_sparsity: its nominal sparsity.
+    achieved_sparsity: fraction of targeted weights the masks prune, exactly.
+    before_prune, after_prune, after_retrain: `Evaluation`s (loss and metric).
+    retrain_steps: the iteration's retraining budget.
+    wall_seconds: wall time of the iteration (across a resume, the sum).
+  """
+
+  iteration: int
+  target: str
+  target_sparsity: float
+  achieved_sparsity: float
+  before_prune: Evaluation
+  after_prune: Evaluation
+  after_retrain: Evaluation
+  retrain_steps: int
+  wall_seconds: float
+
+  def to_json(self) -> dict[str, Any]:
+    """A JSON-able dict (evaluations as `{"loss", "metric"}`)."""
+    return {k: v._asdict() if isinstance(v, Evaluation) else v for k, v in self._asdict().items()}
+
+  @classmethod
+  def from_json(cls, row: dict[str, Any]) -> IterationRecord:
+    """Inverse of `to_json`."""
+    return cls(**{k: Evaluation(**v) if isinstance(v, dict) else v for k, v in row.items()})
+
+
+@jax.jit
+def _pruned_counts(masks: list[jax.Array]) -> list[jax.Array]:
+  return [jnp.sum(~m, dtype=jnp.int32) for m in masks]
+
+
+def pruned_fraction(masks: PyTree) -> float:
+  """Fraction of the targeted weights that `masks` prune, exactly (integer counts per
+  leaf, summed on the host): what `achieved_sparsity` means everywhere."""
+  leaves = selected_masks(masks)
+  counts = jax.device_get(_pruned_counts(leaves))
+  return sum(int(c) for c in counts) / sum(m.size for m in leaves)
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneRetrainResult:
+  """What `prune_retrain` returns: the pruned model and honest figures.
+
+  `degradation` is the relative change of the metric for the worse, from the dense
+  model to the final one: `final / dense - 1` for a lower-is-better metric (loss,
+  perplexity), `1 - final / dense` for a higher-is-better one (accuracy).
+  `overall_sparsity` is the fraction of zeros over the whole model; `report` has
+  per-leaf zero counts and compression ratios (a kept weight that is exactly 0
+  counts as a zero there, not as pruned). The masks are those held in
+  `opt_state`'s `pruned` state.
+  """
+
+  params: PyTree
+  opt_state: PyTree
+  history: list[IterationRecord]
+  metric: Metric
+  report: SparsityReport
+
+  @property
+  def masks(self) -> PyTree:
+    return get_masks(self.opt_state)
+
+  @property
+  def dense(self) -> Evaluation:
+    """The dense model's evaluation (iteration 0, before its prune)."""
+    return self.history[0].before_prune
+
+  @property
+  def final(self) -> Evaluation:
+    """The final model's evaluation (after the last retraining)."""
+    return self.history[-1].after_retrain
+
+  @property
+  def dense_loss(self) -> float:
+    return self.dense.loss
+
+  @property
+  def final_loss(self) -> float:
+    return self.final.loss
+
+  @property
+  def degradation(self) -> float:
+    ratio = self.final.metric / self.dense.metric
+    return 1.0 - ratio if self.metric.higher_is_better else ratio - 1.0
+
+  @property
+  def achieved_sparsity(self) -> float:
+    return pruned_fraction(self.masks)
+
+  @property
+  def overall_sparsity(self) -> float:
+    return self.report.overall_sparsity
+
+  def summary(self) -> str:
+    """A readable table of the whole run."""
+    name = self.metric.name
+    head = (f"{'iter':>4}  {'target':>12}  {'achieved':>8}  {name + ' before':>14}  "
+            f"{'after prune':>11}  {'after retrain':>13}  {'steps':>6}  {'seconds':>8}")
+    lines = [head, "-" * len(head)]
+    for r in self.history:
+      lines.append(
+          f"{r.iteration:>4}  {r.target:>12}  {r.achieved_sparsity:>8.2%}  "
+          f"{r.before_prune.metric:>14.4f}  {r.after_prune.metric:>11.4f}  "
+          f"{r.after_retrain.metric:>13.4f}  {r.retrain_steps:>6}  {r.wall_seconds:>8.1f}")
+    rep = self.report
+    lines += [
+        "",
+        f"dense {name} {self.dense.metric:.4f} -> final {self.final.metric:.4f} "
+        f"(degradation {self.degradation:+.2%})",
+        f"sparsity: targeted leaves {self.achieved_sparsity:.2%}, whole model "
+        f"{self.overall_sparsity:.2%}",
+        f"compression (bitmask + nonzeros): targeted {rep.targeted_compression:.2f}x, "
+        f"whole model {rep.overall_compression:.2f}x bytes; parameters "
+        f"{rep.targeted_param_ratio:.2f}x / {rep.overall_param_ratio:.2f}x",
+    ]
+    return "\n".join(lines)

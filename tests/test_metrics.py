@@ -1,0 +1,102 @@
+"""The loop reports losses and a named metric: the loss, perplexity, or one the loss computes."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxprune
+
+W = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
+
+
+def make_params():
+  k1, k2 = jax.random.split(jax.random.key(0))
+  return {"fc1": {"kernel": jax.random.normal(k1, (6, 16)) * 0.5},
+          "fc2": {"kernel": jax.random.normal(k2, (16, 3)) * 0.5}}
+
+
+def batch_at(step):
+  x = np.random.default_rng(step).normal(size=(32, 6)).astype(np.float32)
+  return {"x": x, "y": np.argmax(x @ W, axis=-1).astype(np.int32)}
+
+
+EVAL = [batch_at(10_000 + i) for i in range(3)]
+
+
+def classifier_loss(params, batch):
+  logits = jnp.tanh(batch["x"] @ params["fc1"]["kernel"]) @ params["fc2"]["kernel"]
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+  return loss, {"accuracy": jnp.mean(logits.argmax(-1) == batch["y"])}
+
+
+def numpy_accuracy(params, batches):
+  """The mean over batches of each batch's accuracy, in NumPy."""
+  k1, k2 = (np.asarray(params[n]["kernel"], np.float64) for n in ("fc1", "fc2"))
+  return float(np.mean([np.mean((np.tanh(b["x"] @ k1) @ k2).argmax(-1) == b["y"])
+                        for b in batches]))
+
+
+def run(metric, **kwargs):
+  return jaxprune.prune_retrain(
+      make_params(), classifier_loss, batch_at, EVAL, optimizer=optax.adam(1e-2),
+      schedule=[0.5, 0.9], where=jaxprune.select(make_params()), retrain_steps=15,
+      progress=False, metric=metric, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def accuracy_run():
+  return run(jaxprune.aux_metric("accuracy"))
+
+
+def test_accuracy_is_the_mean_of_what_the_loss_computes(accuracy_run):
+  result = accuracy_run
+  params0 = make_params()
+  assert result.dense.metric == pytest.approx(numpy_accuracy(params0, EVAL), abs=1e-6)
+  assert result.final.metric == pytest.approx(numpy_accuracy(result.params, EVAL), abs=1e-6)
+  # Not the loss: the metric and the loss are different figures of the same pass.
+  for row in result.history:
+    for phase in (row.before_prune, row.after_prune, row.after_retrain):
+      assert 0.0 <= phase.metric <= 1.0 and phase.metric != phase.loss
+  # Higher is better: degradation is 1 - final/dense.
+  assert result.metric.higher_is_better
+  assert result.degradation == pytest.approx(1 - result.final.metric / result.dense.metric)
+  text = result.summary()
+  assert "accuracy before" in text and "dense accuracy" in text and "perplexity" not in text
+
+
+def test_perplexity_is_exp_of_the_mean_loss_and_lower_is_better():
+  result = run(jaxprune.perplexity)
+  for row in result.history:
+    for phase in (row.before_prune, row.after_prune, row.after_retrain):
+      assert phase.metric == math.exp(phase.loss)
+  assert result.degradation == result.final.metric / result.dense.metric - 1
+  assert "perplexity before" in result.summary()
+
+
+def test_the_default_metric_is_the_loss_and_records_round_trip_json(accuracy_run):
+  result = run(jaxprune.loss_metric)
+  assert all(r.after_retrain.metric == r.after_retrain.loss for r in result.history)
+  # Same params, same data: the loss figures agree with the accuracy run's.
+  assert [r.after_retrain.loss for r in result.history] == [
+      r.after_retrain.loss for r in accuracy_run.history]
+  for row in accuracy_run.history:
+    assert jaxprune.IterationRecord.from_json(row.to_json()) == row
+
+
+def test_bad_metrics_are_named():
+  with pytest.raises(TypeError, match="metric must be a jaxprune.Metric.*'perplexity'"):
+    run("perplexity")
+  with pytest.raises(ValueError, match=r"aux\['recall'\].*keys \['accuracy'\]"):
+    run(jaxprune.aux_metric("recall"))
+
+
+def test_resume_with_another_metric_is_refused(tmp_path):
+  run(jaxprune.loss_metric, checkpoint_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="metric is 'loss' there and 'perplexity' now"):
+    run(jaxprune.perplexity, checkpoint_dir=str(tmp_path))
