@@ -7,7 +7,7 @@ loop (`prune_retrain`). How `where` and mask trees line up with params (paths,
 `None` leaves, Equinox modules) is `jaxprune.mask_tree`.
 """
 
-from jaxprune.checkpointing import Checkpointer, LoopState
+from jaxprune.checkpointing import Checkpointer
 from jaxprune.distillation import distillation_loss, kl_to_teacher
 from jaxprune.export import (
     CompressedFormatError,
@@ -29,7 +29,14 @@ from jaxprune.results import (
     evaluate,
     pruned_fraction,
 )
-from jaxprune.retraining import ProgressBar, StepReport, check_finite_losses, log_losses, retrain
+from jaxprune.retraining import (
+    LoopState,
+    ProgressBar,
+    StepReport,
+    check_finite_losses,
+    log_losses,
+    retrain,
+)
 from jaxprune.schedules import (
     constant_schedule,
     cubic_schedule,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import numpy as np
@@ -27,20 +27,9 @@ import orbax.checkpoint as ocp
 from jaxprune.leaf_selection import leaf_paths
 from jaxprune.mask_tree import is_none, pack_masks, unpack_masks
 from jaxprune.optax_wrapper import map_pruned_states, pruned_states, replace_masks
+from jaxprune.retraining import LoopState
 
 PyTree = Any
-
-
-class LoopState(NamedTuple):
-  """Everything a prune-retrain run needs to continue bitwise-exactly.
-
-  The masks are not a field: they live in the `pruned` state inside `opt_state`
-  (`jaxprune.get_masks(state.opt_state)`).
-  """
-
-  params: Any
-  opt_state: Any
-  rng: jax.Array  # raw key data (uint32), see `jax.random.key_data`
 
 
 def describe_state(opt_state: PyTree) -> str:
@@ -212,6 +201,11 @@ class Checkpointer:
     check_fingerprint(meta["config"], self.config, self.directory)
     self._next = latest + 1
     return restore_state(self._manager, latest, like), meta
+
+  @property
+  def active(self) -> bool:
+    """Whether checkpoints are written (a directory was given and the manager is open)."""
+    return self._manager is not None
 
   def due(self, step: int) -> bool:
     """Whether to save after `step` steps of a phase (a multiple of `every`)."""

@@ -36,7 +36,7 @@ from jaxprune.leaf_selection import Where
 from jaxprune.mask_tree import all_kept, float_part, resolve_where, slots, where_tree
 from jaxprune.masks import Scope, check_count, check_scope, is_count
 from jaxprune.metrics import Metric, check_metric, loss_metric
-from jaxprune.optax_wrapper import get_masks, pruned, replace_masks
+from jaxprune.optax_wrapper import get_masks, pruned, pruned_states, replace_masks
 from jaxprune.reporting import sparsity_report
 from jaxprune.results import (
   Evaluation,
@@ -45,7 +45,7 @@ from jaxprune.results import (
   evaluate,
   pruned_fraction,
 )
-from jaxprune.retraining import Hook, ProgressBar, check_finite_losses, log_losses, retrain
+from jaxprune.retraining import Hook, LoopState, ProgressBar, check_hooks, log_losses, retrain
 from jaxprune.sharding import ParamLayout, param_shardings, place_batch, place_masks
 from jaxprune.steps import LossFn, make_eval_step, make_train_step, prune_step
 from jaxprune.targets import Magnitude, Target, as_target
@@ -73,30 +73,30 @@ def _check_schedule(schedule: Sequence[Any], scope: Scope) -> list[Target]:
   return targets
 
 
-@functools.lru_cache(maxsize=64)
-def _closed_over(prune: Callable[..., Any], target: Target) -> Callable[..., Any]:
-  return jax.jit(functools.partial(prune.__wrapped__, target=target))
-
-
-def _run_prune(prune, params, opt_state, target: Target):
+def _run_prune(prune, closed: dict, params, opt_state, target: Target):
   """`prune(params, opt_state, target)` compiled once per kind of target.
 
   A pytree target goes in as an argument with its Python floats as float32 (one
-  compilation for every sparsity); a target that is not a pytree is closed over
-  (one compilation for it).
+  compilation for every sparsity); a target that is not a pytree is closed over,
+  one compilation per distinct (hashable) target of the run, kept in `closed`.
   """
   if jax.tree.leaves(target) == [target]:  # not a pytree (an NM, with no leaves, is one)
+    def compile_it():
+      return jax.jit(functools.partial(prune.__wrapped__, target=target))
+
     try:
-      compiled = _closed_over(prune, target)
-    except TypeError:  # an unhashable target: compiled for this call
-      compiled = jax.jit(functools.partial(prune.__wrapped__, target=target))
+      compiled = closed.get(target)
+    except TypeError:  # unhashable: compiled for this call
+      return compile_it()(params, opt_state)
+    if compiled is None:
+      compiled = closed[target] = compile_it()
     return compiled(params, opt_state)
   target = jax.tree.map(lambda x: jnp.float32(x) if isinstance(x, float) else x, target)
   return prune(params, opt_state, target)
 
 
 def _describe(target: Target) -> float | str:
-  """A schedule entry as the checkpoint fingerprint and the history record it."""
+  """A schedule entry as the checkpoint fingerprint records it."""
   if isinstance(target, Magnitude) and target.scope == "layer":
     return float(target.sparsity)
   return str(target)
@@ -163,24 +163,41 @@ class _Run(NamedTuple):
   restart_optimizer: bool
   mesh: Mesh | None
   log_every: int
-  checkpoint_every: int | None
   progress: bool
+  hooks: tuple[Hook, ...]
+  closed: dict  # target -> its compiled prune, for targets that are not pytrees
+
+
+class _Settings(NamedTuple):
+  targets: list[Target]
+  budgets: list[int]
+  checkpoint_every: int | None
+  log_every: int
   hooks: tuple[Hook, ...]
 
 
-def _check_loop_args(schedule, retrain_steps, scope, checkpoint_every, log_every, hooks):
-  """(targets, budgets, hooks), after checking every scalar setting of the loop."""
+def _check_loop_args(schedule, retrain_steps, scope, checkpoint_every, log_every,
+                     hooks) -> _Settings:
+  """Every scalar setting of the loop, checked (and made plain Python values)."""
   check_scope(scope)
   targets = _check_schedule(schedule, scope)
   budgets = _check_budgets(retrain_steps, len(targets))
   if checkpoint_every is not None:
-    check_count("checkpoint_every", checkpoint_every)
-  check_count("log_every", log_every)
-  hooks = tuple(hooks)
-  for i, hook in enumerate(hooks):
-    if not callable(hook):
-      raise TypeError(f"hooks[{i}] = {hook!r} is not callable: a hook is `f(StepReport)`")
-  return targets, budgets, hooks
+    checkpoint_every = check_count("checkpoint_every", checkpoint_every)
+  return _Settings(targets, budgets, checkpoint_every, check_count("log_every", log_every),
+                   check_hooks(hooks))
+
+
+def _check_optimizer(optimizer: Any, params: PyTree) -> None:
+  """Refuses an optimizer that is already `pruned`: the loop wraps it, and a second
+  set of masks inside would prune on its own, unreported."""
+  if not hasattr(optimizer, "init") or not hasattr(optimizer, "update"):
+    raise TypeError(f"optimizer must be an optax GradientTransformation, got {optimizer!r}")
+  if pruned_states(jax.eval_shape(optimizer.init, float_part(params))):
+    raise ValueError(
+        "optimizer already holds a jaxprune.pruned state; pass the plain optimizer "
+        "(prune_retrain wraps it in pruned itself, and its masks are the only ones)"
+    )
 
 
 def _placed_sources(params, train_batches, eval_batches, mesh, layout):
@@ -218,7 +235,7 @@ def _prune_phase(run: _Run, state, i: int, history: list[dict]) -> tuple[Any, di
   before = (Evaluation(**history[-1]["after_retrain"]) if history
             else run.evaluate(params))
   target = run.targets[i]
-  params, opt_state = _run_prune(run.prune, params, opt_state, target)
+  params, opt_state = _run_prune(run.prune, run.closed, params, opt_state, target)
   masks = get_masks(opt_state)
   if run.mesh is not None:  # Keep masks exactly on their params' shardings.
     masks = place_masks(masks, params)
@@ -228,17 +245,18 @@ def _prune_phase(run: _Run, state, i: int, history: list[dict]) -> tuple[Any, di
   row = {"iteration": i, "target": str(target), "target_sparsity": float(target.sparsity),
          "achieved_sparsity": pruned_fraction(masks), "before_prune": before._asdict(),
          "after_prune": run.evaluate(params)._asdict()}
-  return checkpointing.LoopState(params, opt_state, rng), row
+  return LoopState(params, opt_state, rng), row
 
 
 def _phase_hooks(run: _Run, ckpt, save: Callable[[Any, int], None], bar: Hook) -> list[Hook]:
-  """The guard first (nothing bad is saved), then the user's hooks, logging, the bar,
-  and a checkpoint when one is due before the phase's end (which saves anyway)."""
+  """After `retrain`'s NaN guard (nothing bad is saved): a checkpoint when one is due
+  before the phase's end (which saves anyway), so a user hook that stops the run
+  loses nothing; then the user's hooks, logging and the bar."""
   def checkpoint(report) -> None:
     if ckpt.due(report.step) and not report.final:
       save(report.state, report.step)
 
-  return [check_finite_losses, *run.hooks, log_losses, bar, checkpoint]
+  return [checkpoint, *run.hooks, log_losses, bar]
 
 
 def _iteration(run: _Run, state, meta: dict, i: int, ckpt: checkpointing.Checkpointer):
@@ -257,7 +275,7 @@ def _iteration(run: _Run, state, meta: dict, i: int, ckpt: checkpointing.Checkpo
 
   first, j0 = sum(run.budgets[:i]), meta["step"] if resuming else 0
   desc = f"retrain {i + 1}/{len(run.targets)} @ {run.targets[i]}"
-  cadences = (run.log_every,) + ((run.checkpoint_every,) if run.checkpoint_every else ())
+  cadences = (run.log_every,) + ((ckpt.every,) if ckpt.active and ckpt.every else ())
   with ProgressBar(run.budgets[i], initial=j0, desc=desc, enabled=run.progress) as bar:
     state = retrain(run.train_step, state, run.batch_at, range(j0, run.budgets[i]),
                     first_step=first, iteration=i, report_every=cadences,
@@ -331,8 +349,9 @@ def prune_retrain(
       moments and the learning-rate schedule restart each iteration (learning-rate
       rewinding). False keeps one state, and one schedule, across the whole run.
     keep_checkpoints: how many checkpoints orbax keeps.
-    log_every: steps between report points: the NaN guard, progress, logging and
-      `hooks` (each one reads the losses from the device).
+    log_every: steps between report points: the NaN guard, progress (the bar
+      advances there), logging and `hooks` (each one reads the losses from the
+      device).
     mesh: a device mesh (`jaxprune.make_mesh("data=2,fsdp=4")`): batches are split
       along their leading axis over all mesh axes; params, optimizer state and masks
       are replicated or FSDP-sharded per `param_layout`, masks always sharded like
@@ -350,7 +369,8 @@ def prune_retrain(
       for a language model, `jaxprune.aux_metric("accuracy")`, your own `Metric`);
       the default is the loss itself.
     hooks: extra `retrain` hooks, each `hook(StepReport)` at every report point
-      (every `log_every` steps and at each phase's end) after the NaN guard: a
+      (every `log_every` steps, every `checkpoint_every` steps when checkpointing,
+      and at each phase's end), after the NaN guard and any checkpoint due: a
       logger, an early stop (raise), a metrics sink.
 
   Returns:
@@ -379,9 +399,10 @@ def prune_retrain(
     sparsity: targeted leaves 80.21%, whole model 74.04%
     compression (bitmask + nonzeros): targeted 4.36x, whole model 3.47x bytes; ...
   """
-  targets, budgets, hooks = _check_loop_args(schedule, retrain_steps, scope, checkpoint_every,
-                                             log_every, hooks)
+  targets, budgets, checkpoint_every, log_every, hooks = _check_loop_args(
+      schedule, retrain_steps, scope, checkpoint_every, log_every, hooks)
   metric = check_metric(metric)
+  _check_optimizer(optimizer, params)
   flags = resolve_where(where, params)
   where = where_tree(params, flags)
   params, batch_at, eval_source, exact_batches = _placed_sources(
@@ -396,8 +417,8 @@ def prune_retrain(
   run = _Run(tx, make_train_step(train_loss, tx),
              lambda p: evaluate(eval_step, p, eval_source(), metric),
              jax.jit(functools.partial(prune_step, where=where)), batch_at, targets, budgets,
-             restart_optimizer, mesh, log_every, checkpoint_every, progress, hooks)
-  state = checkpointing.LoopState(
+             restart_optimizer, mesh, log_every, progress, hooks, {})
+  state = LoopState(
       params, tx.init(float_part(params)), jax.random.key_data(jax.random.key(seed)))
   config = checkpointing.fingerprint(
       params, schedule=[_describe(t) for t in targets], retrain_steps=budgets, scope=scope,

@@ -22,7 +22,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -71,10 +71,10 @@ def aux_metric(key: str, *, higher_is_better: bool = True, name: str | None = No
   """
   def of_batch(loss: jax.Array, aux: Any) -> jax.Array:
     del loss
-    if not isinstance(aux, dict) or key not in aux:
+    if not isinstance(aux, Mapping) or key not in aux:
       raise ValueError(
           f"metric {key!r} reads aux[{key!r}], but loss_fn returned aux {type(aux).__name__}"
-          + (f" with keys {sorted(aux)}" if isinstance(aux, dict) else "")
+          + (f" with keys {sorted(aux)}" if isinstance(aux, Mapping) else "")
           + f"; return (loss, {{{key!r}: value, ...}})"
       )
     return aux[key]

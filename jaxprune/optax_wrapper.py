@@ -224,11 +224,14 @@ def pruned(
 
 
 def pruned_states(opt_state: PyTree) -> list[PrunedState]:
-  """Every `PrunedState` inside `opt_state`, in tree order."""
-  return [
-      s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, PrunedState))
-      if isinstance(s, PrunedState)
-  ]
+  """Every `PrunedState` inside `opt_state`, in tree order, nested ones included (a
+  `pruned` wrapping a `pruned` has two, and `get_masks` refuses it)."""
+  is_pruned = lambda s: isinstance(s, PrunedState)
+  found = []
+  for s in jax.tree.leaves(opt_state, is_leaf=is_pruned):
+    if is_pruned(s):
+      found += [s, *pruned_states(s.inner_state)]
+  return found
 
 
 def _exactly_one(opt_state: PyTree) -> PrunedState:
@@ -267,9 +270,15 @@ def set_masks(opt_state: PyTree, masks: PyTree) -> PyTree:
 
 
 def map_pruned_states(fn: Callable[[PrunedState], PrunedState], opt_state: PyTree) -> PyTree:
-  """`opt_state` with every `PrunedState` inside it replaced by `fn(state)`."""
+  """`opt_state` with every `PrunedState` inside it replaced by `fn(state)`, outer ones
+  first (the order of `pruned_states`), nested ones inside `fn`'s result."""
   def visit(s):
-    return fn(s) if isinstance(s, PrunedState) else s
+    if not isinstance(s, PrunedState):
+      return s
+    new = fn(s)
+    if not pruned_states(new.inner_state):  # keep the inner state itself, not a copy
+      return new
+    return new._replace(inner_state=map_pruned_states(fn, new.inner_state))
 
   return jax.tree.map(visit, opt_state, is_leaf=lambda s: isinstance(s, PrunedState))
 

@@ -10,6 +10,7 @@ prune (integer counts per leaf, `pruned_fraction`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -32,24 +33,35 @@ class Evaluation(NamedTuple):
 
 
 def evaluate(eval_step: Callable[[PyTree, Any], tuple[jax.Array, jax.Array]], params: PyTree,
-             batches: Iterable, metric: Metric = loss_metric) -> Evaluation:
+             batches: Iterable, metric: Metric | None = None) -> Evaluation:
   """`Evaluation(mean loss, metric.of_mean(mean metric value))` over `batches`.
 
-  `eval_step` is `make_eval_step(loss_fn, metric)` (the same `metric`); sums stay
-  on the device and are read once.
+  `eval_step` comes from `make_eval_step(loss_fn, metric)`, which records its
+  metric: `metric` defaults to it, and another one is refused (the values would be
+  one metric's, labelled as another's). Sums stay on the device, read once.
+
+  Raises:
+    ValueError: `batches` is empty, or `metric` is not `eval_step`'s.
 
   Example::
 
     >>> eval_step = jaxprune.make_eval_step(loss_fn, jaxprune.perplexity)
-    >>> e = jaxprune.evaluate(eval_step, params, [batch, batch], jaxprune.perplexity)
+    >>> e = jaxprune.evaluate(eval_step, params, [batch, batch])
     >>> bool(abs(e.metric - np.exp(e.loss)) < 1e-4 * e.metric)
     True
   """
+  own = getattr(eval_step, "metric", None)
+  if metric is not None and own is not None and metric != own:
+    raise ValueError(f"eval_step computes metric {own.name!r}, not {metric.name!r}: build it "
+                     f"with make_eval_step(loss_fn, metric)")
+  metric = metric or own or loss_metric
   loss_total = value_total = jnp.zeros((), jnp.float32)
   count = 0
   for batch in batches:
     loss, value = eval_step(params, batch)
     loss_total, value_total, count = loss_total + loss, value_total + value, count + 1
+  if count == 0:
+    raise ValueError("evaluate got no batches: the mean of nothing is undefined")
   loss_total, value_total = jax.device_get((loss_total, value_total))
   return Evaluation(float(loss_total) / count, float(metric.of_mean(float(value_total) / count)))
 
@@ -105,8 +117,10 @@ class PruneRetrainResult:
   """What `prune_retrain` returns: the pruned model and honest figures.
 
   `degradation` is the relative change of the metric for the worse, from the dense
-  model to the final one: `final / dense - 1` for a lower-is-better metric (loss,
-  perplexity), `1 - final / dense` for a higher-is-better one (accuracy).
+  model to the final one: `(final - dense) / |dense|` for a lower-is-better metric
+  (loss, perplexity: `final / dense - 1`), `(dense - final) / |dense|` for a
+  higher-is-better one (accuracy); with `dense == 0`, 0 if `final` is 0 too, else
+  ±inf.
   `overall_sparsity` is the fraction of zeros over the whole model; `report` has
   per-leaf zero counts and compression ratios (a kept weight that is exactly 0
   counts as a zero there, not as pruned). The masks are those held in
@@ -143,8 +157,12 @@ class PruneRetrainResult:
 
   @property
   def degradation(self) -> float:
-    ratio = self.final.metric / self.dense.metric
-    return 1.0 - ratio if self.metric.higher_is_better else ratio - 1.0
+    worse = self.final.metric - self.dense.metric
+    if self.metric.higher_is_better:
+      worse = -worse
+    if self.dense.metric == 0:
+      return 0.0 if worse == 0 else math.copysign(math.inf, worse)
+    return worse / abs(self.dense.metric)
 
   @property
   def achieved_sparsity(self) -> float:

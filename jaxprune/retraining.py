@@ -6,11 +6,12 @@ the phase), where each hook gets a `StepReport`. The NaN guard, progress bars,
 logging and mid-phase checkpoints are hooks, so a loop adds a feature by adding
 a hook, not a keyword:
 
-* `check_finite_losses`: raises `FloatingPointError` naming the first bad step;
+* `check_finite_losses`: the NaN guard, `FloatingPointError` naming the first
+  bad step; `retrain` runs it first unless `check_finite=False`;
 * `log_losses`: the last loss to the `jaxprune` logger (debug level);
 * `ProgressBar(total, ...)`: a tqdm bar (a context manager that always closes).
 
-Hooks run in order, so put `check_finite_losses` before one that saves.
+Hooks run in order, after the guard: nothing non-finite reaches a hook that saves.
 """
 
 from __future__ import annotations
@@ -22,10 +23,22 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from jaxprune.checkpointing import LoopState
+from jaxprune.masks import is_count
 
 PyTree = Any
 logger = logging.getLogger("jaxprune")
+
+
+class LoopState(NamedTuple):
+  """Everything a prune-retrain run needs to continue bitwise-exactly.
+
+  The masks are not a field: they live in the `pruned` state inside `opt_state`
+  (`jaxprune.get_masks(state.opt_state)`).
+  """
+
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # raw key data (uint32), see `jax.random.key_data`
 
 
 class StepReport(NamedTuple):
@@ -113,12 +126,22 @@ class ProgressBar:
     self.close()
 
 
-def _cadences(report_every: int | Sequence[int]) -> tuple[int, ...]:
-  cadences = (report_every,) if isinstance(report_every, int) else tuple(report_every)
-  for c in cadences:
-    if isinstance(c, bool) or not isinstance(c, int) or c < 1:
-      raise ValueError(f"report_every must be integers >= 1, got {report_every!r}")
-  return cadences
+def _cadences(report_every: Any) -> tuple[int, ...]:
+  cadences = tuple(report_every) if isinstance(report_every, (tuple, list)) else (report_every,)
+  if not cadences or not all(is_count(c) and c >= 1 for c in cadences):
+    raise ValueError(
+        f"report_every must be an integer >= 1 or a tuple of them, got {report_every!r}")
+  return tuple(int(c) for c in cadences)
+
+
+def check_hooks(hooks: Any) -> tuple[Hook, ...]:
+  """`hooks` as a tuple of callables; a TypeError naming the first that is not one."""
+  if callable(hooks) or not isinstance(hooks, (tuple, list)):
+    raise TypeError(f"hooks must be a list of callables `f(StepReport)`, got {hooks!r}")
+  for i, hook in enumerate(hooks):
+    if not callable(hook):
+      raise TypeError(f"hooks[{i}] = {hook!r} is not callable: a hook is `f(StepReport)`")
+  return tuple(hooks)
 
 
 def _read(losses: list[jax.Array]) -> np.ndarray:
@@ -135,7 +158,8 @@ def retrain(
     first_step: int = 0,
     iteration: int = 0,
     report_every: int | Sequence[int] = 50,
-    hooks: Sequence[Hook] = (check_finite_losses,),
+    hooks: Sequence[Hook] = (),
+    check_finite: bool = True,
 ) -> LoopState:
   """Runs `train_step` for the local steps `steps` of one phase; hooks watch it.
 
@@ -144,8 +168,8 @@ def retrain(
   After every local step `j` with `(j + 1) % c == 0` for a cadence `c` of
   `report_every` (an int or several), and after the last step, the losses since
   the previous report are read from the device once and every hook is called with
-  a `StepReport`, in order. Without `check_finite_losses` among `hooks`, a NaN
-  loss does not stop the phase.
+  a `StepReport`, in order, after the NaN guard `check_finite_losses` (which
+  `check_finite=False` leaves out: a NaN loss then does not stop the phase).
 
   Masks stay where they live, in the `pruned` state inside `state.opt_state`.
 
@@ -162,7 +186,10 @@ def retrain(
     >>> [(r.step, len(r.losses), r.final) for r in seen]
     [(2, 2, False), (4, 2, False), (5, 1, True)]
   """
+  if not isinstance(steps, range) or steps.step != 1:
+    raise ValueError(f"steps must be a range of consecutive local steps, got {steps!r}")
   cadences = _cadences(report_every)
+  hooks = ((check_finite_losses,) if check_finite else ()) + check_hooks(hooks)
   params, opt_state, rng = state
   pending: list[jax.Array] = []
 

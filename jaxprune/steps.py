@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxprune.distillation import takes_rng
@@ -83,7 +84,11 @@ def make_eval_step(
   """A jitted `eval_step(params, batch) -> (loss, metric.of_batch(loss, aux))`.
 
   Evaluation is deterministic: a `loss_fn` with an `rng` parameter gets `rng=None`
-  (switch dropout off on None). One forward pass gives both figures.
+  (switch dropout off on None). One forward pass gives both figures. The step
+  records its metric (`eval_step.metric`), which `jaxprune.evaluate` reads.
+
+  Raises (when first traced):
+    ValueError: the metric's value of a batch is not a scalar.
 
   Example::
 
@@ -97,9 +102,15 @@ def make_eval_step(
   def eval_step(params, batch):
     call = (lambda p, b: loss_fn(p, b, rng=None)) if wants_rng else loss_fn
     loss, aux = _loss_and_aux(call, params, batch, None)
-    return loss, metric.of_batch(loss, aux)
+    value = metric.of_batch(loss, aux)
+    if jnp.shape(value) != ():
+      raise ValueError(f"metric {metric.name!r} gave a value of shape {jnp.shape(value)} "
+                       "for a batch; of_batch must return a scalar (the batch's mean)")
+    return loss, value
 
-  return jax.jit(eval_step)
+  jitted = jax.jit(eval_step)
+  jitted.metric = metric
+  return jitted
 
 
 def prune_step(

@@ -84,10 +84,12 @@ def test_retrain_reports_to_hooks_in_order_and_guards_against_nan():
   with pytest.raises(FloatingPointError, match=r"iteration 2, step 3 \(global step 13\)"):
     jaxprune.retrain(step, state, bad_batch, range(0, 5), first_step=10, iteration=2,
                      report_every=2)
-  # Without the guard among the hooks, a NaN does not stop the phase.
-  quiet = jaxprune.retrain(step, state, bad_batch, range(0, 5), first_step=10, hooks=())
+  # With the guard switched off, a NaN does not stop the phase.
+  quiet = jaxprune.retrain(step, state, bad_batch, range(0, 5), first_step=10,
+                           check_finite=False)
   assert not np.isfinite(np.asarray(quiet.params["fc1"]["kernel"])).all()
-  with pytest.raises(ValueError, match="report_every must be integers >= 1, got 0"):
+  with pytest.raises(ValueError, match="report_every must be an integer >= 1 or a tuple of "
+                                       "them, got 0"):
     jaxprune.retrain(step, state, batch_at, range(2), report_every=0)
 
 
@@ -137,3 +139,85 @@ def test_checkpointer_never_writes_over_an_existing_checkpoint(tmp_path):
   with jaxprune.Checkpointer(tmp_path, {"k": 1}, resume=False) as ckpt, pytest.raises(
       ValueError, match="already holds checkpoints"):
     ckpt.resume(state)
+
+
+def _run_loop(train_batches=batch_at, **kwargs):
+  params = make_params()
+  args = dict(optimizer=optax.adam(1e-2), schedule=[0.5], where=jaxprune.select(params),
+              retrain_steps=6, progress=False)
+  args.update(kwargs)
+  return jaxprune.prune_retrain(params, loss_fn, train_batches, [batch_at(10_000)], **args)
+
+
+def test_an_optimizer_that_is_already_pruned_is_refused_before_compute():
+  params = make_params()
+  inner = jaxprune.pruned(optax.adam(1e-2), jaxprune.magnitude_masks(params, 0.3,
+                                                                     jaxprune.select(params)))
+  calls = []
+
+  def counted(step):
+    calls.append(step)
+    return batch_at(step)
+
+  with pytest.raises(ValueError, match=r"already holds a jaxprune\.pruned state"):
+    _run_loop(optimizer=optax.chain(optax.clip(1.0), inner), train_batches=counted)
+  assert calls == []
+  # Nested states are found (and refused by get_masks) wherever they are.
+  nested = jaxprune.pruned(inner, jaxprune.magnitude_masks(params, 0.0, jaxprune.select(params)))
+  with pytest.raises(ValueError, match=r"exactly one jaxprune\.pruned state.*found 2"):
+    jaxprune.get_masks(nested.init(params))
+
+
+def test_numpy_counts_are_settings_and_reports_follow_log_every_alone():
+  reports = []
+  _run_loop(log_every=np.int64(4), checkpoint_every=np.int64(3), hooks=[reports.append])
+  assert [r.step for r in reports] == [4, 6]  # no checkpoint_dir: no checkpoint cadence
+  state = jaxprune.LoopState(make_params(), optax.sgd(0.1).init(make_params()),
+                             jax.random.key_data(jax.random.key(0)))
+  step = jaxprune.make_train_step(loss_fn, optax.sgd(0.1))
+  seen = []
+  jaxprune.retrain(step, state, batch_at, range(4), report_every=np.int64(2), hooks=[seen.append])
+  assert [r.step for r in seen] == [2, 4]
+  for bad in (2.0, True, (), (2, 0)):
+    with pytest.raises(ValueError, match="report_every must be an integer >= 1"):
+      jaxprune.retrain(step, state, batch_at, range(4), report_every=bad)
+  with pytest.raises(ValueError, match="steps must be a range of consecutive"):
+    jaxprune.retrain(step, state, batch_at, range(0, 6, 2))
+  with pytest.raises(ValueError, match="steps must be a range"):
+    jaxprune.retrain(step, state, batch_at, [0, 1])
+  with pytest.raises(TypeError, match="hooks must be a list"):
+    jaxprune.retrain(step, state, batch_at, range(2), hooks=seen.append)
+
+
+def test_the_nan_guard_runs_before_given_hooks_unless_switched_off():
+  params = make_params()
+  state = jaxprune.LoopState(params, optax.sgd(0.1).init(params),
+                             jax.random.key_data(jax.random.key(0)))
+  step = jaxprune.make_train_step(loss_fn, optax.sgd(0.1))
+
+  def nan_batch(g):
+    return jnp.full((8, 8), jnp.nan)
+
+  seen = []
+  with pytest.raises(FloatingPointError):
+    jaxprune.retrain(step, state, nan_batch, range(2), hooks=[seen.append])
+  assert seen == []
+  jaxprune.retrain(step, state, nan_batch, range(2), hooks=[seen.append], check_finite=False)
+  assert len(seen) == 1 and np.isnan(seen[0].losses).all()
+
+
+class StopRunError(Exception):
+  pass
+
+
+def test_a_hook_that_stops_the_run_keeps_the_checkpoint_due_at_that_step(tmp_path):
+  def stop_at_4(report):
+    if report.step == 4:
+      raise StopRunError
+
+  with pytest.raises(StopRunError):
+    _run_loop(checkpoint_dir=str(tmp_path), checkpoint_every=4, hooks=[stop_at_4])
+  with jaxprune.Checkpointer(tmp_path, {}) as ckpt:
+    manager = ckpt._manager
+    meta = jaxprune.checkpointing.read_meta(manager, manager.latest_step())
+  assert (meta["phase"], meta["iteration"], meta["step"]) == ("retrain", 0, 4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -75,7 +76,7 @@ def test_perplexity_is_exp_of_the_mean_loss_and_lower_is_better():
   for row in result.history:
     for phase in (row.before_prune, row.after_prune, row.after_retrain):
       assert phase.metric == math.exp(phase.loss)
-  assert result.degradation == result.final.metric / result.dense.metric - 1
+  assert result.degradation == pytest.approx(result.final.metric / result.dense.metric - 1)
   assert "perplexity before" in result.summary()
 
 
@@ -90,7 +91,7 @@ def test_the_default_metric_is_the_loss_and_records_round_trip_json(accuracy_run
 
 
 def test_bad_metrics_are_named():
-  with pytest.raises(TypeError, match="metric must be a jaxprune.Metric.*'perplexity'"):
+  with pytest.raises(TypeError, match=r"metric must be a jaxprune\.Metric.*'perplexity'"):
     run("perplexity")
   with pytest.raises(ValueError, match=r"aux\['recall'\].*keys \['accuracy'\]"):
     run(jaxprune.aux_metric("recall"))
@@ -100,3 +101,43 @@ def test_resume_with_another_metric_is_refused(tmp_path):
   run(jaxprune.loss_metric, checkpoint_dir=str(tmp_path))
   with pytest.raises(ValueError, match="metric is 'loss' there and 'perplexity' now"):
     run(jaxprune.perplexity, checkpoint_dir=str(tmp_path))
+
+
+def _result(metric, dense, final):
+  record = jaxprune.IterationRecord(
+      0, "50.00%", 0.5, 0.5, jaxprune.Evaluation(dense, dense), jaxprune.Evaluation(dense, dense),
+      jaxprune.Evaluation(final, final), 1, 0.0)
+  return jaxprune.PruneRetrainResult(None, None, [record], metric, None)
+
+
+@pytest.mark.parametrize("metric, dense, final, expected", [
+    (jaxprune.loss_metric, 2.0, 2.5, 0.25),
+    (jaxprune.loss_metric, -2.0, -2.5, -0.25),  # a negative loss that fell: better
+    (jaxprune.loss_metric, -2.0, -1.5, 0.25),
+    (jaxprune.loss_metric, 0.0, 0.0, 0.0),
+    (jaxprune.loss_metric, 0.0, 0.1, math.inf),
+    (jaxprune.aux_metric("accuracy"), 0.8, 0.6, 0.25),
+    (jaxprune.aux_metric("accuracy"), 0.0, 0.1, -math.inf),
+])
+def test_degradation_is_the_relative_change_for_the_worse(metric, dense, final, expected):
+  assert _result(metric, dense, final).degradation == pytest.approx(expected)
+
+
+def test_eval_step_checks_its_metric_and_evaluate_uses_it():
+  params = make_params()
+  vector = jaxprune.Metric("per example", of_batch=lambda loss, aux: aux["accuracy"] * jnp.ones(3))
+  with pytest.raises(ValueError, match="metric 'per example' gave a value of shape \\(3,\\)"):
+    jaxprune.make_eval_step(classifier_loss, vector)(params, EVAL[0])
+  accuracy = jaxprune.aux_metric("accuracy")
+  eval_step = jaxprune.make_eval_step(classifier_loss, accuracy)
+  assert jaxprune.evaluate(eval_step, params, EVAL).metric == pytest.approx(
+      numpy_accuracy(params, EVAL), abs=1e-6)
+  with pytest.raises(ValueError, match="computes metric 'accuracy', not 'perplexity'"):
+    jaxprune.evaluate(eval_step, params, EVAL, jaxprune.perplexity)
+  with pytest.raises(ValueError, match="no batches"):
+    jaxprune.evaluate(eval_step, params, [])
+
+
+def test_aux_metric_reads_any_mapping():
+  frozen = types.MappingProxyType({"accuracy": jnp.float32(0.5)})
+  assert float(jaxprune.aux_metric("accuracy").of_batch(jnp.float32(1.0), frozen)) == 0.5
