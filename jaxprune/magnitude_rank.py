@@ -26,11 +26,14 @@ sharded leaves).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jaxprune.leaf_groups import group_by_shape, map_over, sum_over
 
 _DIGIT_BITS = 16
 _BUCKETS = 1 << _DIGIT_BITS
@@ -61,23 +64,29 @@ _SCATTER_1D = lax.ScatterDimensionNumbers(
     update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
 )
 
+# `sum_keys(fn, init)`: `init + sum over every key array x (position j) of fn(x, j)`;
+# `map_keys(fn)`: `[fn(x, j)]` in position order. Built over `leaf_groups`, so each
+# distinct shape's code is compiled once however many arrays share it.
+SumKeys = Callable[[Callable[[jax.Array, Any], jax.Array], jax.Array], jax.Array]
 
-def _histogram(keys: Sequence[jax.Array], digit, weight) -> jax.Array:
-  """Counts of `digit(key)` (16 bits) over all `keys`, each entry counted `weight(key)` times.
+
+def _histogram(sum_keys: SumKeys, digit, weight) -> jax.Array:
+  """Counts of `digit(key)` (16 bits) over all keys, each counted `weight(key)` times.
 
   The bucket index is uint16 (2 bytes per entry, always in range) and the weight an
   int32 (the scatter's update), so a pass holds about 6 extra bytes per entry.
   """
-  hist = jnp.zeros(_BUCKETS, jnp.int32)
-  for key in keys:
+  def one(key, position):
     # A trailing index axis instead of a flattening reshape, which would gather a
     # leaf sharded on any axis but the first.
     idx = digit(key).astype(jnp.uint16)[..., None]
-    hist = lax.scatter_add(
-        hist, idx, jnp.broadcast_to(weight(key), key.shape).astype(jnp.int32), _SCATTER_1D,
+    return lax.scatter_add(
+        jnp.zeros(_BUCKETS, jnp.int32), idx,
+        jnp.broadcast_to(weight(key), key.shape).astype(jnp.int32), _SCATTER_1D,
         mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
     )
-  return hist
+
+  return sum_keys(one, jnp.zeros(_BUCKETS, jnp.int32))
 
 
 def _pick_bucket(hist: jax.Array, rank: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -88,20 +97,19 @@ def _pick_bucket(hist: jax.Array, rank: jax.Array) -> tuple[jax.Array, jax.Array
   return bucket.astype(jnp.uint32), cum[bucket] - size, size
 
 
-def _count_less(keys: Sequence[jax.Array], pivots: jax.Array) -> jax.Array:
-  """`counts[p] = #{keys < pivots[p]}` over all `keys`: compares and sums only.
+def _count_less(sum_keys: SumKeys, pivots: jax.Array) -> jax.Array:
+  """`counts[p] = #{keys < pivots[p]}` over all keys: compares and sums only.
 
   The pivot axis is a trailing broadcast, reduced away inside one fusion per key
   array (no scatter, no sort, no gather of a sharded leaf).
   """
-  counts = jnp.zeros(pivots.shape, jnp.int32)
-  for x in keys:
-    less = x[..., None] < pivots
-    counts = counts + jnp.sum(less, axis=tuple(range(x.ndim)), dtype=jnp.int32)
-  return counts
+  def one(x, position):
+    return jnp.sum(x[..., None] < pivots, axis=tuple(range(x.ndim)), dtype=jnp.int32)
+
+  return sum_keys(one, jnp.zeros(pivots.shape, jnp.int32))
 
 
-def _kth_key_by_counts(all_keys, k: jax.Array) -> jax.Array:
+def _kth_key_by_counts(sum_keys: SumKeys, k: jax.Array) -> jax.Array:
   """The `k`-th smallest key (1-indexed; 0 for `k == 0`), by multi-pivot bisection.
 
   The answer `t` is the largest uint32 with `#{keys < t} < k`. It is fixed
@@ -113,53 +121,51 @@ def _kth_key_by_counts(all_keys, k: jax.Array) -> jax.Array:
 
   def one_pass(p, t):
     shift = jnp.uint32(32 - _PASS_BITS) - jnp.uint32(_PASS_BITS) * p.astype(jnp.uint32)
-    counts = _count_less(all_keys(), t | (digits << shift))
+    counts = _count_less(sum_keys, t | (digits << shift))
     return t | (jnp.sum(counts < k, dtype=jnp.uint32) << shift)
 
   return lax.fori_loop(0, 32 // _PASS_BITS, one_pass, jnp.uint32(0))
 
 
-def _threshold_by_counts(all_keys, k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _threshold_by_counts(sum_keys: SumKeys, k: jax.Array) -> tuple[jax.Array, ...]:
   """`(t, #{keys < t}, #{keys == t})` for the `k`-th smallest key `t`, reductions only."""
-  t = _kth_key_by_counts(all_keys, k)
-  keys = all_keys()
-  below = _count_less(keys, t[None])[0]
-  ties = sum((jnp.sum(x == t, dtype=jnp.int32) for x in keys), jnp.int32(0))
+  t = _kth_key_by_counts(sum_keys, k)
+  below = _count_less(sum_keys, t[None])[0]
+  ties = sum_keys(lambda x, j: jnp.sum(x == t, dtype=jnp.int32), jnp.int32(0))
   return t, below, ties
 
 
-def _threshold_by_histogram(all_keys, k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _threshold_by_histogram(sum_keys: SumKeys, k: jax.Array) -> tuple[jax.Array, ...]:
   """As `_threshold_by_counts`, by a two-pass 16-bit radix histogram (scatter-add)."""
   shift = jnp.uint32(_DIGIT_BITS)
   low = jnp.uint32(_BUCKETS - 1)
-  hist_hi = _histogram(all_keys(), lambda x: x >> shift, lambda x: jnp.int32(1))
+  hist_hi = _histogram(sum_keys, lambda x: x >> shift, lambda x: jnp.int32(1))
   b_hi, below_hi, _ = _pick_bucket(hist_hi, k)
 
   def in_bucket(x):
     return (x >> shift) == b_hi
 
   # The pass-2 digit depends on `b_hi`, so it is not scheduled (and held) before pass 1.
-  hist_lo = _histogram(
-      all_keys(), lambda x: jnp.where(in_bucket(x), x & low, 0), in_bucket
-  )
+  hist_lo = _histogram(sum_keys, lambda x: jnp.where(in_bucket(x), x & low, 0), in_bucket)
   b_lo, below_lo, ties = _pick_bucket(hist_lo, k - below_hi)
   return (b_hi << shift) | b_lo, below_hi + below_lo, ties
 
 
-def _explicitly_sharded(keys: Sequence[jax.Array]) -> bool:
-  return any(any(axis is not None for axis in jax.typeof(x).sharding.spec) for x in keys)
+def _explicitly_sharded(sources: Sequence[tuple]) -> bool:
+  return any(any(axis is not None for axis in jax.typeof(a).sharding.spec)
+             for source in sources for a in source if a is not None)
 
 
-def _threshold(all_keys, k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _threshold(sources, sum_keys: SumKeys, k: jax.Array) -> tuple[jax.Array, ...]:
   """The threshold engine, chosen when lowering: the radix histogram on CPU, where
   its scatter-add is measured 2.5x faster than the bisection, and comparison counts
   on every other platform (no scatter, no sort: TPU and GPU) and on arrays sharded
   over an Explicit-axis mesh (whose scatter would need an output sharding)."""
-  if _explicitly_sharded(all_keys()):
-    return _threshold_by_counts(all_keys, k)
+  if _explicitly_sharded(sources):
+    return _threshold_by_counts(sum_keys, k)
   return lax.platform_dependent(
-      k, cpu=lambda k: _threshold_by_histogram(all_keys, k),
-      default=lambda k: _threshold_by_counts(all_keys, k))
+      k, cpu=lambda k: _threshold_by_histogram(sum_keys, k),
+      default=lambda k: _threshold_by_counts(sum_keys, k))
 
 
 _THRESHOLD = _threshold
@@ -186,8 +192,7 @@ def _first_true(x: jax.Array, quota: jax.Array) -> jax.Array:
   if x.ndim <= 1:
     return x & (jnp.cumsum(x, dtype=jnp.int32) <= quota)
   lead = tuple(range(x.ndim - 1))
-  row_counts = jnp.sum(x, axis=-1, dtype=jnp.int32)
-  row_counts = _unsharded(row_counts)
+  row_counts = _unsharded(jnp.sum(x, axis=-1, dtype=jnp.int32))
   flat = row_counts.reshape(-1)
   before = (jnp.cumsum(flat) - flat).reshape(row_counts.shape)
   whole_rows = before + row_counts <= quota
@@ -198,35 +203,45 @@ def _first_true(x: jax.Array, quota: jax.Array) -> jax.Array:
   return x & (whole_rows[..., None] | (boundary[..., None] & within))
 
 
+def _over_keys(sources: Sequence[tuple], key_of) -> tuple[SumKeys, Callable]:
+  """(`sum_keys`, `map_keys`) over the keys `key_of(*source)`, grouped by shape."""
+  groups = group_by_shape(sources)
+
+  def sum_keys(fn, init):
+    return sum_over(groups, lambda s, j: fn(key_of(*s), j), init)
+
+  def map_keys(fn):
+    return map_over(groups, lambda s, j: fn(key_of(*s), j))
+
+  return sum_keys, map_keys
+
+
 def _select_smallest(sources: Sequence[tuple], key_of, k: jax.Array | int) -> list[jax.Array]:
   """Core of `smallest_k`: `key_of(*source)` gives each source's uint32 keys.
 
   Keys are recomputed from their sources in every pass instead of being held: they
   are cheap elementwise functions that XLA fuses into each consumer, and holding
   them (they are an operand of the tie-break `cond`) would cost 4 bytes per entry.
+  Sources of equal shapes share one compiled loop body (`leaf_groups`).
   """
   sources = [tuple(s) for s in sources]
   k = jnp.asarray(k, jnp.int32)
-
-  def all_keys(srcs=sources):
-    return [key_of(*s) for s in srcs]
-
-  threshold, below, ties = _THRESHOLD(all_keys, k)
+  sum_keys, _ = _over_keys(sources, key_of)
+  threshold, below, ties = _THRESHOLD(sources, sum_keys, k)
   # How many of the keys equal to `threshold` must go, in position order.
   take = k - below
   # k == 0 gives threshold 0 with take == 0: nothing is marked, as wanted.
 
   def without_tiebreak(srcs) -> list[jax.Array]:
-    return [(x < threshold) | ((x == threshold) & (take > 0)) for x in all_keys(srcs)]
+    _, map_keys = _over_keys(srcs, key_of)
+    return map_keys(lambda x, j: (x < threshold) | ((x == threshold) & (take > 0)))
 
   def with_tiebreak(srcs) -> list[jax.Array]:
-    out, before = [], jnp.int32(0)
-    for x in all_keys(srcs):
-      equal = x == threshold
-      quota = jnp.clip(take - before, 0, None)
-      out.append((x < threshold) | _first_true(equal, quota))
-      before = before + jnp.sum(equal, dtype=jnp.int32)
-    return out
+    _, map_keys = _over_keys(srcs, key_of)
+    equal = jnp.stack(map_keys(lambda x, j: jnp.sum(x == threshold, dtype=jnp.int32)))
+    # Ties go in position order: array j's quota is what the arrays before it left.
+    quota = jnp.clip(take - (jnp.cumsum(equal) - equal), 0, None)
+    return map_keys(lambda x, j: (x < threshold) | _first_true(x == threshold, quota[j]))
 
   return lax.cond(ties == take, without_tiebreak, with_tiebreak, sources)
 
@@ -285,6 +300,29 @@ def smallest_magnitudes(
     [Array([False,  True, False], dtype=bool)]
   """
   return _select_smallest(list(zip(weights, kept)), magnitude_keys, k)
+
+
+@jax.jit
+def smallest_magnitudes_each(
+    weights: Sequence[jax.Array], kept: Sequence[jax.Array | None],
+    counts: Sequence[jax.Array | int],
+) -> list[jax.Array]:
+  """`smallest_magnitudes([w], [kept], k)` for every leaf on its own (layer scope).
+
+  Leaves of equal shape and dtype run as one loop (`leaf_groups`), so the program
+  holds one selection per distinct shape, not per leaf: compile time follows the
+  number of shapes, and one leaf's scratch is live at a time.
+
+  Example::
+
+    >>> from jaxprune.magnitude_rank import smallest_magnitudes_each
+    >>> smallest_magnitudes_each([jnp.array([0.3, -0.1]), jnp.array([1., 2.])], [None, None],
+    ...                          [1, 1])
+    [Array([False,  True], dtype=bool), Array([ True, False], dtype=bool)]
+  """
+  sources = [(w, m, jnp.asarray(k, jnp.int32)) for w, m, k in zip(weights, kept, counts)]
+  return map_over(group_by_shape(sources), lambda s, j: _select_smallest(
+      [(s[0], s[1])], magnitude_keys, s[2])[0])
 
 
 def round_fraction_of(fraction: jax.Array, n: int) -> jax.Array:

@@ -16,7 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.leaf_selection import Where
-from jaxprune.magnitude_rank import round_fraction_of, smallest_magnitudes
+from jaxprune.magnitude_rank import (
+    round_fraction_of,
+    smallest_magnitudes,
+    smallest_magnitudes_each,
+)
 from jaxprune.mask_tree import (
     check_masks,
     map_masked,
@@ -228,8 +232,10 @@ def magnitude_masks(
 
   computed: dict[int, jax.Array] = {}
   if scope == "layer":
-    for i, _, w, prev in chosen:
-      pruned = smallest_magnitudes([w], [prev], _prune_count(sparsity, w.size))[0]
+    pruned_each = smallest_magnitudes_each(
+        [w for _, _, w, _ in chosen], [p for *_, p in chosen],
+        [_prune_count(sparsity, w.size) for _, _, w, _ in chosen])
+    for (i, _, _, prev), pruned in zip(chosen, pruned_each):
       computed[i] = ~pruned if prev is None else prev & ~pruned
   else:
     total = sum(w.size for _, _, w, _ in chosen)

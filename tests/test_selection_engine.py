@@ -22,8 +22,8 @@ from jaxprune import magnitude_rank as mr
 
 SHAPES = [[(7,)], [(3, 5)], [(4, 4), (9,), (2, 3, 2)]]
 ENGINES = {"counts": mr._threshold_by_counts, "histogram": mr._threshold_by_histogram}
-JITTED = {name: jax.jit(lambda keys, k, f=f: f(lambda: list(keys), k))
-          for name, f in ENGINES.items()}
+JITTED = {name: jax.jit(lambda keys, k, f=f: f(
+    mr._over_keys([(x,) for x in keys], lambda x: x)[0], k)) for name, f in ENGINES.items()}
 
 
 def reference(keys: list[np.ndarray], k: int) -> tuple[int, int, int]:
@@ -90,3 +90,60 @@ def test_tpu_and_cuda_lowerings_have_no_scatter_and_no_sort(case):
   if case.startswith("magnitude"):
     # The CPU keeps its faster radix histogram: the choice is made per platform.
     assert "stablehlo.scatter" in modules["cpu"]
+
+
+def sort_reference_masks(params, sparsity, scope):
+  """Kept masks by a stable sort of |w| (ties by leaf order, then row-major)."""
+  names = sorted(params)
+  flats = [np.abs(np.asarray(params[n]["kernel"], np.float32)).ravel() for n in names]
+  if scope == "layer":
+    out = {}
+    for n, f in zip(names, flats):
+      pruned = np.zeros(f.size, bool)
+      pruned[np.argsort(f, kind="stable")[:round(sparsity * f.size)]] = True
+      out[n] = ~pruned.reshape(params[n]["kernel"].shape)
+    return out
+  flat = np.concatenate(flats)
+  pruned = np.zeros(flat.size, bool)
+  pruned[np.argsort(flat, kind="stable")[:round(sparsity * flat.size)]] = True
+  out, start = {}, 0
+  for n, f in zip(names, flats):
+    out[n] = ~pruned[start:start + f.size].reshape(params[n]["kernel"].shape)
+    start += f.size
+  return out
+
+
+SHAPE_CYCLE = [(6, 4), (5, 3), (6, 4), (2, 3, 4), (6, 4), (5, 3)]
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_leaves_of_equal_shape_share_a_loop_and_stay_exact(scope):
+  # Rounded weights: many ties, within and across grouped leaves, in an order that
+  # interleaves the groups (ties are broken by leaf order, not group order).
+  params = {f"l{i:02d}": {"kernel": jnp.round(2 * jax.random.normal(jax.random.key(i), s))}
+            for i, s in enumerate(SHAPE_CYCLE * 3)}
+  where = jaxprune.select(params)
+  got = jax.jit(lambda p: jaxprune.magnitude_masks(p, 0.55, where, scope=scope))(params)
+  want = sort_reference_masks(params, 0.55, scope)
+  for name in params:
+    np.testing.assert_array_equal(np.asarray(got[name]["kernel"]), want[name], err_msg=name)
+
+
+def _program_size(n_leaves: int, scope: str, shapes=((16, 8),)) -> dict[str, int]:
+  params = {f"l{i:03d}": {"kernel": jnp.ones(shapes[i % len(shapes)])} for i in range(n_leaves)}
+  where = jaxprune.select(params)
+  # The optimized HLO, after XLA has inlined every call: what is compiled.
+  hlo = jax.jit(lambda p: jaxprune.magnitude_masks(p, 0.7, where, scope=scope)).lower(
+      params).compile().as_text()
+  return {op: hlo.count(op) for op in (" scatter(", " while(")}
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_the_program_grows_with_distinct_shapes_not_with_leaves(scope):
+  # One selection per distinct shape: 4 or 32 equal leaves lower to the same
+  # number of histogram scatters and loops (compile time follows from it).
+  assert _program_size(4, scope) == _program_size(32, scope)
+  one_shape = _program_size(32, scope)
+  assert one_shape[" scatter("] >= 2  # the CPU histogram's two passes are there
+  two_shapes = _program_size(32, scope, shapes=((16, 8), (8, 8)))
+  assert two_shapes[" scatter("] > one_shape[" scatter("]
