@@ -102,3 +102,16 @@ def test_bench_quality_is_deterministic_and_honours_retrain_seed(tmp_path, text_
   assert again["rows"][0]["perplexity"] == oneshot["perplexity"]
   assert other["retrain_seed"] == 1
   assert other["rows"][0]["perplexity"] != oneshot["perplexity"]
+
+
+def test_bench_compile_reports_both_scopes_and_the_unrolled_baseline(tmp_path):
+  report = run_benchmark("compile", "--json", str(tmp_path / "compile.json"))
+  rows = report["rows"]
+  assert {(r["leaves"], r["scope"]) for r in rows} == {
+      (n, s) for n in (4, 16) for s in ("layer", "global")}
+  for row in rows:
+    assert row["params"] == row["leaves"] * 64 * 64
+    assert row["grouped"]["compile_s"] > 0 and "unrolled" in row
+  # Grouping bounds the scratch: the unrolled layer scope holds one histogram per leaf.
+  layer16 = next(r for r in rows if r["leaves"] == 16 and r["scope"] == "layer")
+  assert layer16["grouped"]["extra_bytes_per_param"] < layer16["unrolled"]["extra_bytes_per_param"]
