@@ -115,3 +115,13 @@ def test_bench_compile_reports_both_scopes_and_the_unrolled_baseline(tmp_path):
   # Grouping bounds the scratch: the unrolled layer scope holds one histogram per leaf.
   layer16 = next(r for r in rows if r["leaves"] == 16 and r["scope"] == "layer")
   assert layer16["grouped"]["extra_bytes_per_param"] < layer16["unrolled"]["extra_bytes_per_param"]
+
+
+def test_device_check_script_runs_every_benchmark_it_names(tmp_path):
+  script = os.path.join(ROOT, "benchmarks", "device_check.sh")
+  subprocess.run(["bash", "-n", script], check=True)
+  proc = subprocess.run(["bash", script, str(tmp_path), "--quick"], cwd=ROOT, check=True,
+                        capture_output=True, text=True, env=dict(os.environ, DRY_RUN="1"))
+  names = [line.split()[1] for line in proc.stdout.splitlines()]
+  assert names == [f"benchmarks/bench_{n}.py" for n in ("masks", "step", "loop", "compile")]
+  assert all(os.path.exists(os.path.join(ROOT, n)) for n in names)
