@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxprune.leaf_groups import group_by_shape, map_over, sum_over
@@ -69,8 +70,29 @@ _SCATTER_1D = lax.ScatterDimensionNumbers(
 # distinct shape's code is compiled once however many arrays share it.
 SumKeys = Callable[[Callable[[jax.Array, Any], jax.Array], jax.Array], jax.Array]
 
+# Rankings of this many entries or more count in int64 (int32 would overflow).
+_WIDE_FROM = 2**31
 
-def _histogram(sum_keys: SumKeys, digit, weight) -> jax.Array:
+
+def count_dtype(n: int) -> jnp.dtype:
+  """The integer type that counts `n` entries exactly: int32 below 2**31, int64 above
+  (which needs `jax_enable_x64`).
+
+  Raises:
+    ValueError: `n >= 2**31` with 64-bit types disabled, naming `n` and the fix.
+  """
+  if n < _WIDE_FROM:
+    return jnp.dtype(jnp.int32)
+  if not jax.config.jax_enable_x64:
+    raise ValueError(
+        f"ranking {n:,} weights together needs 64-bit counts (int32 holds 2**31 - 1): "
+        "enable them with jax.config.update('jax_enable_x64', True) at start-up, or "
+        "rank per leaf (scope='layer')"
+    )
+  return jnp.dtype(jnp.int64)
+
+
+def _histogram(sum_keys: SumKeys, digit, weight, dtype) -> jax.Array:
   """Counts of `digit(key)` (16 bits) over all keys, each counted `weight(key)` times.
 
   The bucket index is uint16 (2 bytes per entry, always in range) and the weight an
@@ -84,9 +106,9 @@ def _histogram(sum_keys: SumKeys, digit, weight) -> jax.Array:
         jnp.zeros(_BUCKETS, jnp.int32), idx,
         jnp.broadcast_to(weight(key), key.shape).astype(jnp.int32), _SCATTER_1D,
         mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
-    )
+    ).astype(dtype)  # one array's counts fit int32; their sum may not
 
-  return sum_keys(one, jnp.zeros(_BUCKETS, jnp.int32))
+  return sum_keys(one, jnp.zeros(_BUCKETS, dtype))
 
 
 def _pick_bucket(hist: jax.Array, rank: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -97,16 +119,16 @@ def _pick_bucket(hist: jax.Array, rank: jax.Array) -> tuple[jax.Array, jax.Array
   return bucket.astype(jnp.uint32), cum[bucket] - size, size
 
 
-def _count_less(sum_keys: SumKeys, pivots: jax.Array) -> jax.Array:
+def _count_less(sum_keys: SumKeys, pivots: jax.Array, dtype) -> jax.Array:
   """`counts[p] = #{keys < pivots[p]}` over all keys: compares and sums only.
 
   The pivot axis is a trailing broadcast, reduced away inside one fusion per key
   array (no scatter, no sort, no gather of a sharded leaf).
   """
   def one(x, position):
-    return jnp.sum(x[..., None] < pivots, axis=tuple(range(x.ndim)), dtype=jnp.int32)
+    return jnp.sum(x[..., None] < pivots, axis=tuple(range(x.ndim)), dtype=dtype)
 
-  return sum_keys(one, jnp.zeros(pivots.shape, jnp.int32))
+  return sum_keys(one, jnp.zeros(pivots.shape, dtype))
 
 
 def _kth_key_by_counts(sum_keys: SumKeys, k: jax.Array) -> jax.Array:
@@ -121,7 +143,7 @@ def _kth_key_by_counts(sum_keys: SumKeys, k: jax.Array) -> jax.Array:
 
   def one_pass(p, t):
     shift = jnp.uint32(32 - _PASS_BITS) - jnp.uint32(_PASS_BITS) * p.astype(jnp.uint32)
-    counts = _count_less(sum_keys, t | (digits << shift))
+    counts = _count_less(sum_keys, t | (digits << shift), k.dtype)
     return t | (jnp.sum(counts < k, dtype=jnp.uint32) << shift)
 
   return lax.fori_loop(0, 32 // _PASS_BITS, one_pass, jnp.uint32(0))
@@ -130,8 +152,8 @@ def _kth_key_by_counts(sum_keys: SumKeys, k: jax.Array) -> jax.Array:
 def _threshold_by_counts(sum_keys: SumKeys, k: jax.Array) -> tuple[jax.Array, ...]:
   """`(t, #{keys < t}, #{keys == t})` for the `k`-th smallest key `t`, reductions only."""
   t = _kth_key_by_counts(sum_keys, k)
-  below = _count_less(sum_keys, t[None])[0]
-  ties = sum_keys(lambda x, j: jnp.sum(x == t, dtype=jnp.int32), jnp.int32(0))
+  below = _count_less(sum_keys, t[None], k.dtype)[0]
+  ties = sum_keys(lambda x, j: jnp.sum(x == t, dtype=k.dtype), jnp.zeros((), k.dtype))
   return t, below, ties
 
 
@@ -139,14 +161,15 @@ def _threshold_by_histogram(sum_keys: SumKeys, k: jax.Array) -> tuple[jax.Array,
   """As `_threshold_by_counts`, by a two-pass 16-bit radix histogram (scatter-add)."""
   shift = jnp.uint32(_DIGIT_BITS)
   low = jnp.uint32(_BUCKETS - 1)
-  hist_hi = _histogram(sum_keys, lambda x: x >> shift, lambda x: jnp.int32(1))
+  hist_hi = _histogram(sum_keys, lambda x: x >> shift, lambda x: jnp.int32(1), k.dtype)
   b_hi, below_hi, _ = _pick_bucket(hist_hi, k)
 
   def in_bucket(x):
     return (x >> shift) == b_hi
 
   # The pass-2 digit depends on `b_hi`, so it is not scheduled (and held) before pass 1.
-  hist_lo = _histogram(sum_keys, lambda x: jnp.where(in_bucket(x), x & low, 0), in_bucket)
+  hist_lo = _histogram(sum_keys, lambda x: jnp.where(in_bucket(x), x & low, 0), in_bucket,
+                       k.dtype)
   b_lo, below_lo, ties = _pick_bucket(hist_lo, k - below_hi)
   return (b_hi << shift) | b_lo, below_hi + below_lo, ties
 
@@ -225,7 +248,7 @@ def _select_smallest(sources: Sequence[tuple], key_of, k: jax.Array | int) -> li
   Sources of equal shapes share one compiled loop body (`leaf_groups`).
   """
   sources = [tuple(s) for s in sources]
-  k = jnp.asarray(k, jnp.int32)
+  k = jnp.asarray(k, count_dtype(sum(int(np.prod(s[0].shape)) for s in sources)))
   sum_keys, _ = _over_keys(sources, key_of)
   threshold, below, ties = _THRESHOLD(sources, sum_keys, k)
   # How many of the keys equal to `threshold` must go, in position order.
@@ -238,7 +261,7 @@ def _select_smallest(sources: Sequence[tuple], key_of, k: jax.Array | int) -> li
 
   def with_tiebreak(srcs) -> list[jax.Array]:
     _, map_keys = _over_keys(srcs, key_of)
-    equal = jnp.stack(map_keys(lambda x, j: jnp.sum(x == threshold, dtype=jnp.int32)))
+    equal = jnp.stack(map_keys(lambda x, j: jnp.sum(x == threshold, dtype=k.dtype)))
     # Ties go in position order: array j's quota is what the arrays before it left.
     quota = jnp.clip(take - (jnp.cumsum(equal) - equal), 0, None)
     return map_keys(lambda x, j: (x < threshold) | _first_true(x == threshold, quota[j]))
@@ -320,21 +343,24 @@ def smallest_magnitudes_each(
     ...                          [1, 1])
     [Array([False,  True], dtype=bool), Array([ True, False], dtype=bool)]
   """
-  sources = [(w, m, jnp.asarray(k, jnp.int32)) for w, m, k in zip(weights, kept, counts)]
+  sources = [(w, m, jnp.asarray(k, count_dtype(w.size))) for w, m, k in zip(weights, kept, counts)]
   return map_over(group_by_shape(sources), lambda s, j: _select_smallest(
       [(s[0], s[1])], magnitude_keys, s[2])[0])
 
 
 def round_fraction_of(fraction: jax.Array, n: int) -> jax.Array:
-  """`round(fraction * n)` as int32, exactly, for a traced float32 `fraction` in [0, 1).
+  """`round(fraction * n)` exactly, for a traced float32 `fraction` in [0, 1): int32,
+  or int64 for `n >= 2**31` (64-bit types enabled).
 
   float32 cannot hold `fraction * n` for large `n` (50M parameters leave an error
   of several units), so the product is formed exactly in 32-bit integer limbs
   from the float's mantissa and exponent. Exact halves round up (Python's `round`
   rounds them to even), the only case where the two may differ, by one.
   """
-  if not 0 <= n < 2**31:
-    raise ValueError(f"cannot count {n} weights in int32 (at most 2**31 - 1 per ranking)")
+  if n >= _WIDE_FROM:
+    return _round_fraction_of_wide(fraction, n)
+  if n < 0:
+    raise ValueError(f"cannot count {n} weights")
   fraction = jnp.clip(jnp.asarray(fraction, jnp.float32), 0.0, 1.0)
   bits = lax.bitcast_convert_type(fraction, jnp.uint32)
   exponent = (bits >> 23) & jnp.uint32(0xFF)
@@ -369,3 +395,23 @@ def round_fraction_of(fraction: jax.Array, n: int) -> jax.Array:
   result = jnp.where(shift < 32, low_result, jnp.where(shift - 32 < 32, high_result, 0))
   result = jnp.where(fraction >= 1.0, jnp.uint32(n), result)
   return result.astype(jnp.int32)
+
+
+def _round_fraction_of_wide(fraction: jax.Array, n: int) -> jax.Array:
+  """`round_fraction_of` for `n >= 2**31`, in uint64 (64-bit types enabled): the
+  24-bit mantissa times `n < 2**40` is exact below 2**64."""
+  dtype = count_dtype(n)  # raises without 64-bit types
+  if n >= 2**40:
+    raise ValueError(f"cannot count {n:,} weights exactly (at most 2**40 per ranking)")
+  fraction = jnp.clip(jnp.asarray(fraction, jnp.float32), 0.0, 1.0)
+  bits = lax.bitcast_convert_type(fraction, jnp.uint32).astype(jnp.uint64)
+  exponent = (bits >> 23) & jnp.uint64(0xFF)
+  mantissa = bits & jnp.uint64(0x7FFFFF)
+  mantissa = jnp.where(exponent > 0, mantissa | jnp.uint64(0x800000), mantissa)
+  shift = jnp.where(exponent > 0, jnp.uint64(150) - exponent, jnp.uint64(149))
+  product = mantissa * jnp.uint64(n)  # fraction * n = product * 2**-shift
+  # Round half up without an addition that could overflow: floor plus the bit below it.
+  whole = jnp.where(shift < 64, product >> jnp.clip(shift, 0, 63), 0)
+  half_bit = jnp.where(shift <= 64, (product >> jnp.clip(shift - 1, 0, 63)) & 1, 0)
+  rounded = whole + half_bit
+  return jnp.where(fraction >= 1.0, jnp.uint64(n), rounded).astype(dtype)

@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxprune.leaf_selection import Where
 from jaxprune.magnitude_rank import (
+    count_dtype,
     round_fraction_of,
     smallest_magnitudes,
     smallest_magnitudes_each,
@@ -106,6 +107,7 @@ def _prune_count(sparsity: Any, n: int) -> Any:
   """`round(sparsity * n)`. A traced sparsity cannot raise, so it is made total:
   NaN counts as 0 (nothing newly pruned) and the rest is clipped to [0, 1] (1 prunes
   all `n`), the same rule for every leaf."""
+  count_dtype(n)  # a ranking beyond int32 needs 64-bit types: say so before compute
   if _is_traced(sparsity):
     s = jnp.asarray(sparsity, jnp.float32)
     return round_fraction_of(jnp.where(jnp.isnan(s), 0.0, jnp.clip(s, 0.0, 1.0)), n)
