@@ -46,7 +46,13 @@ from jaxprune.results import (
   pruned_fraction,
 )
 from jaxprune.retraining import Hook, LoopState, ProgressBar, check_hooks, log_losses, retrain
-from jaxprune.sharding import ParamLayout, param_shardings, place_batch, place_masks
+from jaxprune.sharding import (
+  ParamLayout,
+  onto_mesh,
+  param_shardings,
+  place_batch,
+  place_masks,
+)
 from jaxprune.steps import LossFn, make_eval_step, make_train_step, prune_step
 from jaxprune.targets import Magnitude, Target, as_target
 
@@ -241,6 +247,8 @@ def _prune_phase(run: _Run, state, i: int, history: list[dict]) -> tuple[Any, di
     masks = place_masks(masks, params)
   if run.restart_optimizer:
     opt_state = run.tx.init(float_part(params))
+    if run.mesh is not None:  # its scalars on the mesh too, as every array of the state
+      opt_state = onto_mesh(opt_state, run.mesh)
   opt_state = replace_masks(opt_state, masks)
   row = {"iteration": i, "target": str(target), "target_sparsity": float(target.sparsity),
          "achieved_sparsity": pruned_fraction(masks), "before_prune": before._asdict(),
@@ -420,6 +428,8 @@ def prune_retrain(
              restart_optimizer, mesh, log_every, progress, hooks, {})
   state = LoopState(
       params, tx.init(float_part(params)), jax.random.key_data(jax.random.key(seed)))
+  if mesh is not None:  # every array of the state global, also with several processes
+    state = onto_mesh(state, mesh)
   config = checkpointing.fingerprint(
       params, schedule=[_describe(t) for t in targets], retrain_steps=budgets, scope=scope,
       selected=[p for p, flag in zip(slots(params).paths, flags) if flag],

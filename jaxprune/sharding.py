@@ -112,6 +112,28 @@ def place_batch(batch: PyTree, mesh: Mesh) -> PyTree:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
+def onto_mesh(tree: PyTree, mesh: Mesh) -> PyTree:
+  """`tree` with every array not already spread over `mesh`'s devices replicated there.
+
+  Optimizer states built by `tx.init` hold scalars (step counts) on one local
+  device, and so does an RNG key: with several processes such an array is local to
+  its process, which a global computation or an orbax checkpoint refuses. Arrays
+  already on the mesh (sharded params, their moments) keep their sharding.
+  """
+  devices = set(mesh.devices.flat)
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def place(x):
+    if not isinstance(x, jax.Array) or set(x.sharding.device_set) == devices:
+      return x
+    if jax.process_count() == 1:
+      return jax.device_put(x, replicated)
+    # Every process holds the same value (built the same way): assemble it globally.
+    return jax.make_array_from_callback(x.shape, replicated, lambda index: np.asarray(x)[index])
+
+  return jax.tree.map(place, tree)
+
+
 def bytes_per_device(tree: PyTree) -> dict[Any, int]:
   """Bytes of `tree`'s arrays held on each device (from `addressable_shards`)."""
   out: dict[Any, int] = {}
