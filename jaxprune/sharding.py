@@ -119,6 +119,12 @@ def onto_mesh(tree: PyTree, mesh: Mesh) -> PyTree:
   device, and so does an RNG key: with several processes such an array is local to
   its process, which a global computation or an orbax checkpoint refuses. Arrays
   already on the mesh (sharded params, their moments) keep their sharding.
+
+  Example::
+
+    >>> mesh = jaxprune.make_mesh(f"data={jax.device_count()}")
+    >>> jaxprune.onto_mesh({"count": jnp.zeros((), jnp.int32)}, mesh)["count"].sharding.spec
+    PartitionSpec()
   """
   devices = set(mesh.devices.flat)
   replicated = NamedSharding(mesh, PartitionSpec())
