@@ -34,7 +34,11 @@ class Group(NamedTuple):
 
 
 def _signature(source: tuple) -> tuple:
-  return tuple(None if a is None else (tuple(a.shape), jnp.dtype(a.dtype)) for a in source)
+  # The sharding in the type (an Explicit-axis mesh) too: `lax.switch` branches
+  # must agree on it. (Under Auto axes the type carries none.)
+  return tuple(None if a is None else (tuple(a.shape), jnp.dtype(a.dtype),
+                                       str(jax.typeof(a).sharding.spec))
+               for a in source)
 
 
 def group_by_shape(sources: Sequence[tuple]) -> list[Group]:
@@ -57,12 +61,14 @@ def sum_over(groups: Sequence[Group], fn: Callable[[tuple, Any], jax.Array],
   """`init + sum over every member of fn(sources, position)`."""
   total = init
   for group in groups:
+    # The first member outside the loop: the carry then has the type of the data
+    # (inside `shard_map`, varying over its axes), which the loop requires.
+    total = total + fn(group.sources[0], group.positions[0])
     if len(group.sources) == 1:
-      total = total + fn(group.sources[0], group.positions[0])
       continue
     positions = jnp.asarray(group.positions, jnp.int32)
     total = lax.fori_loop(
-        0, len(group.sources),
+        1, len(group.sources),
         lambda i, acc, g=group, p=positions: acc + fn(_member(g, i), p[i]), total)
   return total
 
@@ -71,21 +77,22 @@ def map_over(groups: Sequence[Group], fn: Callable[[tuple, Any], jax.Array]) -> 
   """`[fn(sources, position)]` for every member, in the original order.
 
   A group's results are written into one stacked array inside its loop and split
-  after it (one extra copy of the outputs, none of the inputs).
+  after it (one extra copy of the outputs, none of the inputs). The stack starts as
+  the first member's result broadcast, so it has that result's type and sharding.
   """
   out: list[Any] = [None] * sum(len(g.sources) for g in groups)
   for group in groups:
+    first = fn(group.sources[0], group.positions[0])
+    out[group.positions[0]] = first
     if len(group.sources) == 1:
-      out[group.positions[0]] = fn(group.sources[0], group.positions[0])
       continue
     positions = jnp.asarray(group.positions, jnp.int32)
-    like = jax.eval_shape(lambda g=group: fn(g.sources[0], g.positions[0]))
-    stacked = jnp.zeros((len(group.sources), *like.shape), like.dtype)
+    stacked = jnp.broadcast_to(first[None], (len(group.sources), *first.shape))
     stacked = lax.fori_loop(
-        0, len(group.sources),
+        1, len(group.sources),
         lambda i, acc, g=group, p=positions: lax.dynamic_update_index_in_dim(
             acc, fn(_member(g, i), p[i]), i, 0),
         stacked)
-    for j, position in enumerate(group.positions):
+    for j, position in enumerate(group.positions[1:], start=1):
       out[position] = stacked[j]
   return out

@@ -146,7 +146,8 @@ def _kth_key_by_counts(sum_keys: SumKeys, k: jax.Array) -> jax.Array:
     counts = _count_less(sum_keys, t | (digits << shift), k.dtype)
     return t | (jnp.sum(counts < k, dtype=jnp.uint32) << shift)
 
-  return lax.fori_loop(0, 32 // _PASS_BITS, one_pass, jnp.uint32(0))
+  # The first pass outside the loop, so the carry has the counts' type (see sum_over).
+  return lax.fori_loop(1, 32 // _PASS_BITS, one_pass, one_pass(jnp.int32(0), jnp.uint32(0)))
 
 
 def _threshold_by_counts(sum_keys: SumKeys, k: jax.Array) -> tuple[jax.Array, ...]:
@@ -212,8 +213,8 @@ def _first_true(x: jax.Array, quota: jax.Array) -> jax.Array:
   over the small vector of row counts finds the row where the quota runs out, and
   a cumsum along that one row finds the column. Only runs to break ties.
   """
-  if x.ndim <= 1:
-    return x & (jnp.cumsum(x, dtype=jnp.int32) <= quota)
+  if x.ndim <= 1:  # (a 0-d array is read as one entry)
+    return x & (jnp.cumsum(x.reshape(-1), dtype=jnp.int32).reshape(x.shape) <= quota)
   lead = tuple(range(x.ndim - 1))
   row_counts = _unsharded(jnp.sum(x, axis=-1, dtype=jnp.int32))
   flat = row_counts.reshape(-1)
@@ -248,7 +249,10 @@ def _select_smallest(sources: Sequence[tuple], key_of, k: jax.Array | int) -> li
   Sources of equal shapes share one compiled loop body (`leaf_groups`).
   """
   sources = [tuple(s) for s in sources]
-  k = jnp.asarray(k, count_dtype(sum(int(np.prod(s[0].shape)) for s in sources)))
+  sizes = [int(np.prod(s[0].shape)) for s in sources]
+  if max(sizes, default=0) >= 2**31:  # counts within one array are int32
+    raise ValueError(f"an array of {max(sizes):,} weights: at most 2**31 - 1 per leaf")
+  k = jnp.asarray(k, count_dtype(sum(sizes)))
   sum_keys, _ = _over_keys(sources, key_of)
   threshold, below, ties = _THRESHOLD(sources, sum_keys, k)
   # How many of the keys equal to `threshold` must go, in position order.

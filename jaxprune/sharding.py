@@ -124,13 +124,14 @@ def onto_mesh(tree: PyTree, mesh: Mesh) -> PyTree:
 
     >>> mesh = jaxprune.make_mesh(f"data={jax.device_count()}")
     >>> jaxprune.onto_mesh({"count": jnp.zeros((), jnp.int32)}, mesh)["count"].sharding.spec
-    PartitionSpec()
+    P()
   """
   devices = set(mesh.devices.flat)
   replicated = NamedSharding(mesh, PartitionSpec())
 
   def place(x):
-    if not isinstance(x, jax.Array) or set(x.sharding.device_set) == devices:
+    if not isinstance(x, jax.Array) or (isinstance(x.sharding, NamedSharding)
+                                        and set(x.sharding.device_set) == devices):
       return x
     if jax.process_count() == 1:
       return jax.device_put(x, replicated)

@@ -147,3 +147,28 @@ def test_the_program_grows_with_distinct_shapes_not_with_leaves(scope):
   assert one_shape[" scatter("] >= 2  # the CPU histogram's two passes are there
   two_shapes = _program_size(32, scope, shapes=((16, 8), (8, 8)))
   assert two_shapes[" scatter("] > one_shape[" scatter("]
+
+
+def test_zero_dimensional_leaves_and_shard_map():
+  params = {"a": jnp.float32(-0.5), "b": jnp.array([[3.0, 0.1], [0.2, 4.0]])}
+  where = {"a": True, "b": True}
+  for scope in ("layer", "global"):
+    masks = jaxprune.magnitude_masks(params, 0.6, where, scope=scope)
+    assert masks["a"].shape == ()
+  # 3 of 5 pruned globally: 0.1, 0.2 and |-0.5|.
+  masks = jaxprune.magnitude_masks(params, 0.6, where, scope="global")
+  assert not bool(masks["a"]) and int(masks["b"].sum()) == 2
+  # Inside shard_map (each shard selects on its own), the loops' carries are typed
+  # like the data: one device is enough to check the types.
+  mesh = jax.make_mesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+  w = jax.random.normal(jax.random.key(0), (16, 8))
+  for scope in ("layer", "global"):
+    local = jax.shard_map(
+        lambda w, s=scope: jaxprune.magnitude_masks({"k": w, "j": w + 1}, 0.5,
+                                                    {"k": True, "j": True}, scope=s)["k"],
+        mesh=mesh, in_specs=jax.sharding.PartitionSpec("x"),
+        out_specs=jax.sharding.PartitionSpec("x"))
+    got = jax.jit(local)(w)
+    want = jaxprune.magnitude_masks({"k": w, "j": w + 1}, 0.5, {"k": True, "j": True},
+                                    scope=scope)["k"]
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

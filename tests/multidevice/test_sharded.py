@@ -52,8 +52,15 @@ def test_masks_on_explicit_and_auto_meshes(axis_type, scope):
   mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(kind,))
   params = _params()
   params["blocks"][0]["fc2"]["kernel"] = jnp.round(params["blocks"][0]["fc2"]["kernel"])  # ties
+  # Leaves of one shape share a loop: two sharded alike, one sharded another way.
+  k = jax.random.split(jax.random.key(7), 2)
+  params["blocks"][0]["q"] = {"kernel": jnp.round(4 * jax.random.normal(k[0], (32, 32)))}
+  params["blocks"][0]["k"] = {"kernel": jax.random.normal(k[1], (32, 32))}
   where = jaxprune.select(params)
-  sharded = jax.device_put(params, jaxprune.param_shardings(params, mesh, "fsdp"))
+  shardings = jaxprune.param_shardings(params, mesh, "fsdp")
+  shardings["blocks"][0]["k"]["kernel"] = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(None, "fsdp"))
+  sharded = jax.device_put(params, shardings)
   previous = jaxprune.magnitude_masks(params, 0.3, where, scope=scope)
   with jax.set_mesh(mesh):
     prune = jax.jit(lambda p, m: jaxprune.magnitude_masks(p, 0.7, where, scope=scope,
