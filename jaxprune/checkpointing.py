@@ -209,7 +209,7 @@ class Checkpointer:
 
   def due(self, step: int) -> bool:
     """Whether to save after `step` steps of a phase (a multiple of `every`)."""
-    return self._manager is not None and bool(self.every) and step % self.every == 0
+    return self.active and bool(self.every) and step % self.every == 0
 
   def save(self, state: LoopState, meta: dict) -> None:
     """Writes the next checkpoint (complete on return); no-op without a directory."""

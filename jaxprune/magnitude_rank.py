@@ -175,9 +175,13 @@ def _threshold_by_histogram(sum_keys: SumKeys, k: jax.Array) -> tuple[jax.Array,
   return (b_hi << shift) | b_lo, below_hi + below_lo, ties
 
 
+def _typed_sharded(x: jax.Array) -> bool:
+  """Whether `x`'s type carries a sharding (an Explicit-axis mesh; Auto axes carry none)."""
+  return any(axis is not None for axis in jax.typeof(x).sharding.spec)
+
+
 def _explicitly_sharded(sources: Sequence[tuple]) -> bool:
-  return any(any(axis is not None for axis in jax.typeof(a).sharding.spec)
-             for source in sources for a in source if a is not None)
+  return any(_typed_sharded(a) for source in sources for a in source if a is not None)
 
 
 def _threshold(sources, sum_keys: SumKeys, k: jax.Array) -> tuple[jax.Array, ...]:
@@ -192,15 +196,12 @@ def _threshold(sources, sum_keys: SumKeys, k: jax.Array) -> tuple[jax.Array, ...
       default=lambda k: _threshold_by_counts(sum_keys, k))
 
 
-_THRESHOLD = _threshold
-
 
 def _unsharded(x: jax.Array) -> jax.Array:
   """`x` replicated if its type says it is sharded (an Explicit-axis mesh), as a scan
   (cumsum) along a sharded axis requires; unchanged otherwise. Only applied to the
   small per-row count vectors of the tie-break, never to a leaf."""
-  spec = jax.typeof(x).sharding.spec
-  if all(axis is None for axis in spec):
+  if not _typed_sharded(x):
     return x
   return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
 
@@ -254,7 +255,7 @@ def _select_smallest(sources: Sequence[tuple], key_of, k: jax.Array | int) -> li
     raise ValueError(f"an array of {max(sizes):,} weights: at most 2**31 - 1 per leaf")
   k = jnp.asarray(k, count_dtype(sum(sizes)))
   sum_keys, _ = _over_keys(sources, key_of)
-  threshold, below, ties = _THRESHOLD(sources, sum_keys, k)
+  threshold, below, ties = _threshold(sources, sum_keys, k)
   # How many of the keys equal to `threshold` must go, in position order.
   take = k - below
   # k == 0 gives threshold 0 with take == 0: nothing is marked, as wanted.
