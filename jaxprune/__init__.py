@@ -21,6 +21,7 @@ from jaxprune.loop import prune_retrain
 from jaxprune.masks import apply_masks, check_masks, magnitude_masks, threshold_masks
 from jaxprune.metrics import Metric, aux_metric, loss_metric, perplexity
 from jaxprune.optax_wrapper import PrunedState, get_masks, pruned, set_masks
+from jaxprune.packed_masks import pack_mask, pack_masks, unpack_mask, unpack_masks
 from jaxprune.reporting import LeafSparsity, SparsityReport, sparsity_report
 from jaxprune.results import (
     Evaluation,
@@ -105,6 +106,8 @@ __all__ = [
     "nm_masks",
     "nm_violations",
     "onto_mesh",
+    "pack_mask",
+    "pack_masks",
     "param_shardings",
     "path_string",
     "perplexity",
@@ -120,4 +123,6 @@ __all__ = [
     "set_masks",
     "sparsity_report",
     "threshold_masks",
+    "unpack_mask",
+    "unpack_masks",
 ]

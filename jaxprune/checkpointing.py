@@ -3,7 +3,7 @@
 A checkpoint holds two items:
 
 * `state`: params, the optimizer state (whose `pruned` state holds the masks,
-  their one home, stored packed to 1 bit per weight: `mask_tree.pack_masks`),
+  their one home, held packed to 1 bit per weight: `packed_masks`),
   and the RNG key data;
 * `meta` (JSON): where the run is (iteration, phase, step), the history so far, and
   a fingerprint of the configuration (param paths/shapes/dtypes, schedule, budgets)
@@ -25,8 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxprune.leaf_selection import leaf_paths
-from jaxprune.mask_tree import is_none, pack_masks, unpack_masks
-from jaxprune.optax_wrapper import map_pruned_states, pruned_states, replace_masks
+from jaxprune.mask_tree import is_none
+from jaxprune.optax_wrapper import replace_masks
 from jaxprune.retraining import LoopState
 
 PyTree = Any
@@ -64,7 +64,8 @@ def describe_state(opt_state: PyTree) -> str:
 
 
 # 2: masks stored inside the optimizer state (their one home), not beside it.
-FORMAT = 2
+# 3: masks packed along each leaf's last axis (`PackedMask`), as `pruned` holds them.
+FORMAT = 3
 
 
 def fingerprint(params: PyTree, **config: Any) -> dict[str, Any]:
@@ -79,16 +80,7 @@ def fingerprint(params: PyTree, **config: Any) -> dict[str, Any]:
 
 
 def _saved_tree(state: LoopState) -> dict[str, Any]:
-  packed = map_pruned_states(lambda s: s._replace(masks=pack_masks(s.masks)), state.opt_state)
-  return {"params": state.params, "opt_state": packed, "rng": state.rng}
-
-
-def _unpacked(restored: PyTree, like: PyTree) -> PyTree:
-  """The restored optimizer state with each `pruned` state's masks unpacked into the
-  layout (and shardings) of the corresponding masks of `like`."""
-  theirs = iter(pruned_states(like))
-  return map_pruned_states(
-      lambda s: s._replace(masks=unpack_masks(s.masks, next(theirs).masks)), restored)
+  return {"params": state.params, "opt_state": state.opt_state, "rng": state.rng}
 
 
 def _abstract(tree: PyTree) -> PyTree:
@@ -143,7 +135,7 @@ def restore_state(manager: ocp.CheckpointManager, index: int, like: LoopState) -
   tree = manager.restore(
       index, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
   )["state"]
-  return LoopState(tree["params"], _unpacked(tree["opt_state"], like.opt_state), tree["rng"])
+  return LoopState(tree["params"], tree["opt_state"], tree["rng"])
 
 
 class Checkpointer:

@@ -27,10 +27,10 @@ from jaxprune.mask_tree import (
   owned_copy,
   resolve_where,
   slots,
-  unflatten,
   zero_pruned,
 )
 from jaxprune.masks import Scope, check_count, check_scope
+from jaxprune.packed_masks import mask_shapes, pack_like, pack_masks, unpack_masks
 from jaxprune.targets import Magnitude, Target
 
 PyTree = Any
@@ -41,12 +41,14 @@ class PrunedState(NamedTuple):
 
   Attributes:
     inner_state: state of the wrapped transformation.
-    masks: mask tree of the params (`True` = kept, `None` for unselected leaves).
+    packed_masks: the mask tree of the params packed to 1 bit per weight (uint8
+      `(..., C // 8)` per selected leaf, see `packed_masks`; `None` elsewhere);
+      `get_masks` unpacks it.
     count: number of updates done (int32), drives a gradual schedule.
   """
 
   inner_state: Any
-  masks: Any
+  packed_masks: Any
   count: jax.Array
 
 
@@ -86,18 +88,19 @@ def _check_gradual(where: Any, schedule: Any, update_every: Any) -> None:
     )
 
 
-def _recompute(params: PyTree, previous: PyTree, count: jax.Array, schedule, scope) -> PyTree:
-  """Gradual masks at `count`, laid out like `previous` (the branches of a `cond` agree)."""
+def _recompute(params: PyTree, packed: PyTree, count: jax.Array, schedule, scope) -> PyTree:
+  """Gradual masks at `count`, packed like `packed` (the branches of a `cond` agree)."""
   # The selection is the one the masks were built with in `init`. `where` is not
   # re-resolved: an `nnx.Optimizer` calls `init` with `Param`-wrapped params but
   # `update` with pure arrays, so a `where` from `select(nnx.state(...))` would not
   # have the structure of `params` here.
+  previous = unpack_masks(packed)
   chosen = map_masked(lambda m, _: m is not None, previous, params)
   target = schedule(count)
   if not isinstance(target, Target) or isinstance(target, numbers.Real):
     target = Magnitude(target, scope)
   new = target.masks(params, chosen, previous=previous)
-  return unflatten(previous, slots(new).leaves)
+  return pack_like(new, packed)
 
 
 def _final_update(m: jax.Array | None, u: jax.Array, w: jax.Array) -> jax.Array:
@@ -126,8 +129,9 @@ def pruned(
 
   Gradients of pruned weights are zeroed before `inner` sees them (moments and
   global norms count only kept weights). Unselected leaves (mask `None`) pass
-  through untouched. Mask shapes equal parameter shapes; masks cost 1 byte per
-  targeted weight in the state.
+  through untouched. Masks are held packed, 1 bit per targeted weight (bool
+  where a leaf's last axis is not a multiple of 8), and unpacked inside the fused
+  update.
 
   **Fixed masks** (`masks` given): held for the whole run; replace them with
   `set_masks(state, new_masks)` and the next update drives newly pruned weights
@@ -198,7 +202,7 @@ def pruned(
         _check_selection(start, resolve_where(where, params), params)
     else:
       start = all_kept(params, resolve_where(where, params))
-    return PrunedState(inner.init(params), start, jnp.zeros((), jnp.int32))
+    return PrunedState(inner.init(params), pack_masks(start), jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state: PrunedState, params=None, **extra_args):
     if params is None:
@@ -206,19 +210,21 @@ def pruned(
           "jaxprune.pruned needs the current params to hold pruned weights at zero: "
           "call tx.update(grads, state, params)"
       )
-    current = state.masks
+    packed = state.packed_masks
     if gradual:
-      current = lax.cond(
+      packed = lax.cond(
           state.count % update_every == 0,
           lambda p, prev, count: _recompute(p, prev, count, schedule, scope),
           lambda p, prev, count: prev,
-          params, current, state.count,
+          params, packed, state.count,
       )
+    # Unpacked once per leaf here, the mask is fused into each op that reads it.
+    current = unpack_masks(packed)
     inner_updates, inner_state = inner.update(
         zero_pruned(current, updates), state.inner_state, params, **extra_args
     )
     out = map_masked(_final_update, current, inner_updates, params)
-    return out, PrunedState(inner_state, current, optax.safe_increment(state.count))
+    return out, PrunedState(inner_state, packed, optax.safe_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -253,7 +259,7 @@ def get_masks(opt_state: PyTree) -> PyTree:
   Raises:
     ValueError: `opt_state` holds no `PrunedState`, or several.
   """
-  return _exactly_one(opt_state).masks
+  return unpack_masks(_exactly_one(opt_state).packed_masks)
 
 
 def set_masks(opt_state: PyTree, masks: PyTree) -> PyTree:
@@ -265,8 +271,8 @@ def set_masks(opt_state: PyTree, masks: PyTree) -> PyTree:
   Raises:
     ValueError: no or several `PrunedState`s, or `masks` not fitting.
   """
-  old = _exactly_one(opt_state)
-  return replace_masks(opt_state, check_masks(owned_copy(masks), old.masks, ref_is_masks=True))
+  held = mask_shapes(_exactly_one(opt_state).packed_masks)
+  return replace_masks(opt_state, check_masks(owned_copy(masks), held, ref_is_masks=True))
 
 
 def map_pruned_states(fn: Callable[[PrunedState], PrunedState], opt_state: PyTree) -> PyTree:
@@ -284,5 +290,11 @@ def map_pruned_states(fn: Callable[[PrunedState], PrunedState], opt_state: PyTre
 
 
 def replace_masks(opt_state: PyTree, masks: PyTree) -> PyTree:
-  """`opt_state` with every `PrunedState`'s masks replaced, unchecked (see `set_masks`)."""
-  return map_pruned_states(lambda s: s._replace(masks=masks), opt_state)
+  """`opt_state` with every `PrunedState`'s masks replaced by `masks` (a bool mask
+  tree, packed as the held one is, or `None`), unchecked (see `set_masks`)."""
+  def replace(s: PrunedState) -> PrunedState:
+    if masks is None or s.packed_masks is None:
+      return s._replace(packed_masks=None if masks is None else pack_masks(masks))
+    return s._replace(packed_masks=pack_like(masks, s.packed_masks))
+
+  return map_pruned_states(replace, opt_state)

@@ -170,7 +170,7 @@ def test_checkpoint_restores_onto_smaller_meshes(tmp_path):
     for a, b in zip(jax.tree.leaves(_host(result.masks)), jax.tree.leaves(restored_masks)):
       np.testing.assert_array_equal(a, np.asarray(b))
     for m, ref in zip(jax.tree.leaves(restored_masks), jax.tree.leaves(masks), strict=True):
-      assert m.sharding == ref.sharding  # unpacked onto their params' shardings
+      assert m.sharding.is_equivalent_to(ref.sharding, m.ndim)  # on their params' shardings
     for x in jax.tree.leaves(restored.params):
       assert set(x.sharding.device_set) == set(devices)
 

@@ -1,0 +1,115 @@
+"""Masks packed to 1 bit per weight, the form `pruned` holds them in.
+
+A bool mask costs a byte per weight, and an optimizer step reads it three times
+(zeroing the gradient in each of Adam's two moment updates, and in the final
+update), so on an optimizer-bound step bool masks add about 3 bytes to Adam's ~40
+per weight. Packed, the same three reads cost 3/8 of a byte, and the state is 8×
+smaller: 0.9 GB instead of 7 GB of masks for a 7B-parameter model.
+
+A mask of shape `(..., C)` with `C` a multiple of 8 packs along its last axis,
+eight weights to a byte, most significant bit first (the order of
+`np.packbits(mask, axis=-1)`), to uint8 `(..., C // 8)`; unpacking needs nothing
+but the array (a uint8 leaf of a mask tree is packed, a bool one is not). It is a
+broadcast, a shift and a bitcast reshape, which XLA fuses into the ops that read
+the mask, so no bool mask is written to memory. The leading axes keep their
+sharding, and so does the last one when every shard holds a multiple of 8
+weights along it.
+
+Any other mask stays a bool array: a 0-d one, one whose last axis is not a
+multiple of 8 (an output head over 65 characters), and one whose last axis is
+sharded in pieces of another width (a byte would straddle two devices).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune.mask_tree import is_none, slots, unflatten
+
+PyTree = Any
+_BIT_SHIFTS = np.arange(7, -1, -1, dtype=np.uint8)  # most significant bit first
+
+
+def _last_axis_shards(mask: Any) -> int:
+  """How many pieces the sharding of `mask` splits its last axis into (1 if none)."""
+  if isinstance(mask, jax.core.Tracer):
+    sharding = jax.typeof(mask).sharding  # Explicit mesh axes only; XLA places the rest.
+  else:
+    sharding = getattr(mask, "sharding", None)
+  spec, last = getattr(sharding, "spec", None), np.ndim(mask) - 1
+  if spec is None or len(spec) <= last or spec[last] is None:
+    return 1
+  axes = spec[last] if isinstance(spec[last], tuple) else (spec[last],)
+  return int(np.prod([sharding.mesh.shape[a] for a in axes]))
+
+
+def packable(mask: Any) -> bool:
+  """Whether `mask` packs: its last axis is a multiple of 8 weights on every shard."""
+  if np.ndim(mask) == 0 or np.shape(mask)[-1] % 8:
+    return False
+  shards, width = _last_axis_shards(mask), np.shape(mask)[-1]
+  return width % shards == 0 and (width // shards) % 8 == 0
+
+
+def pack_mask(mask: Any) -> jax.Array:
+  """`mask` packed to uint8 `(..., C // 8)` if `packable`, else as a bool array.
+
+  Example::
+
+    >>> jaxprune.pack_mask(jnp.array([[True, False, True, True, False, False, False, True]]))
+    Array([[177]], dtype=uint8)
+    >>> jaxprune.unpack_mask(_).astype(int)
+    Array([[1, 0, 1, 1, 0, 0, 0, 1]], dtype=int32)
+  """
+  mask = jnp.asarray(mask, jnp.bool_)
+  return _bits(mask) if packable(mask) else mask
+
+
+def _bits(mask: jax.Array) -> jax.Array:
+  groups = mask.reshape(*mask.shape[:-1], mask.shape[-1] // 8, 8).astype(jnp.uint8)
+  return jnp.sum(groups << _BIT_SHIFTS, axis=-1, dtype=jnp.uint8)
+
+
+def unpack_mask(held: jax.Array) -> jax.Array:
+  """The bool mask `held` stands for: itself if bool, else its bits unpacked."""
+  if held.dtype == jnp.bool_:
+    return held
+  spread = (held[..., None] >> _BIT_SHIFTS) & jnp.uint8(1)
+  return spread.reshape(*held.shape[:-1], held.shape[-1] * 8).astype(jnp.bool_)
+
+
+def mask_shape(held: Any) -> tuple[int, ...]:
+  """The shape of the mask `held` (packed or not) stands for."""
+  shape = tuple(np.shape(held))
+  return shape if held.dtype == jnp.bool_ else (*shape[:-1], shape[-1] * 8)
+
+
+def pack_masks(masks: PyTree) -> PyTree:
+  """A mask tree with every mask packed where it can be (see `pack_mask`)."""
+  return jax.tree.map(lambda m: None if m is None else pack_mask(m), masks, is_leaf=is_none)
+
+
+def pack_like(masks: PyTree, held: PyTree) -> PyTree:
+  """`masks` packed as the masks `held` are (the branches of a `cond`, or the next
+  masks of a state, keep one layout however shardings read under tracing), in
+  `held`'s structure (matched slot by slot)."""
+  def pack(m: Any, h: Any) -> Any:
+    return None if h is None else (m if h.dtype == jnp.bool_ else _bits(jnp.asarray(m)))
+  return unflatten(held, [pack(m, h) for m, h in
+                          zip(slots(masks).leaves, slots(held).leaves, strict=True)])
+
+
+def unpack_masks(held: PyTree) -> PyTree:
+  """The bool mask tree a held (packed) mask tree stands for."""
+  return jax.tree.map(lambda h: None if h is None else unpack_mask(h), held, is_leaf=is_none)
+
+
+def mask_shapes(held: PyTree) -> PyTree:
+  """The bool mask tree `held` stands for, as `jax.ShapeDtypeStruct`s (no compute)."""
+  return jax.tree.map(
+      lambda h: None if h is None else jax.ShapeDtypeStruct(mask_shape(h), jnp.bool_),
+      held, is_leaf=is_none)
