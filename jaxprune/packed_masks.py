@@ -31,7 +31,12 @@ import numpy as np
 from jaxprune.mask_tree import is_none, slots, unflatten
 
 PyTree = Any
-_BIT_SHIFTS = np.arange(7, -1, -1, dtype=np.uint8)  # most significant bit first
+
+
+def _bit_shifts() -> jax.Array:
+  """7, 6, ..., 0: most significant bit first. Built in-graph (an iota): as a constant
+  array operand it kept XLA's CPU fusions from vectorizing (a 1.7x slower step)."""
+  return jnp.arange(7, -1, -1, dtype=jnp.uint8)
 
 
 def _last_axis_shards(mask: Any) -> int:
@@ -71,14 +76,14 @@ def pack_mask(mask: Any) -> jax.Array:
 
 def _bits(mask: jax.Array) -> jax.Array:
   groups = mask.reshape(*mask.shape[:-1], mask.shape[-1] // 8, 8).astype(jnp.uint8)
-  return jnp.sum(groups << _BIT_SHIFTS, axis=-1, dtype=jnp.uint8)
+  return jnp.sum(groups << _bit_shifts(), axis=-1, dtype=jnp.uint8)
 
 
 def unpack_mask(held: jax.Array) -> jax.Array:
   """The bool mask `held` stands for: itself if bool, else its bits unpacked."""
   if held.dtype == jnp.bool_:
     return held
-  spread = (held[..., None] >> _BIT_SHIFTS) & jnp.uint8(1)
+  spread = (held[..., None] >> _bit_shifts()) & jnp.uint8(1)
   return spread.reshape(*held.shape[:-1], held.shape[-1] * 8).astype(jnp.bool_)
 
 

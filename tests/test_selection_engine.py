@@ -21,9 +21,12 @@ import jaxprune
 from jaxprune import magnitude_rank as mr
 
 SHAPES = [[(7,)], [(3, 5)], [(4, 4), (9,), (2, 3, 2)]]
-ENGINES = {"counts": mr._threshold_by_counts, "histogram": mr._threshold_by_histogram}
-JITTED = {name: jax.jit(lambda keys, k, f=f: f(
-    mr._over_keys([(x,) for x in keys], lambda x: x)[0], k)) for name, f in ENGINES.items()}
+JITTED = {
+    "counts": jax.jit(lambda keys, k: mr._threshold_by_counts(
+        [(x,) for x in keys], lambda x: x, k)),
+    "histogram": jax.jit(lambda keys, k: mr._threshold_by_histogram(
+        mr._over_keys([(x,) for x in keys], lambda x: x)[0], k)),
+}
 
 
 def reference(keys: list[np.ndarray], k: int) -> tuple[int, int, int]:
