@@ -45,7 +45,7 @@ def abstract_tree(n_leaves: int, shape: tuple[int, ...]) -> dict[str, Any]:
           for i in range(n_leaves)}
 
 
-def one_group_each(sources):
+def one_group_each(sources, stack=True):
   """The unrolled baseline: no two leaves share code."""
   return [leaf_groups.Group((i,), (tuple(s),)) for i, s in enumerate(sources)]
 

@@ -6,11 +6,17 @@ makes the program, and its compile time, grow with the number of leaves. Here
 arrays are grouped by the shapes and dtypes of their *sources* (the tuple of
 arrays a leaf's computation reads, e.g. `(w, kept)`), and each group of more
 than one member runs as a `fori_loop` over its members: the body is traced and
-compiled once, and picks member `i` with `lax.switch` (no stacked copy of the
-group: one member's arrays are live at a time).
+compiled once, and reads member `i` from a stacked copy of the group (a dynamic
+index, fused into its reader). The copy costs the group's bytes once; a group
+over `STACK_LIMIT_BYTES` is not copied, and its loop picks member `i` with a
+`lax.switch` instead, whose n branches each take all n members (n² in the
+program: slower to compile, no memory).
 
 * `sum_over(groups, fn, init)`: `init + sum_j fn(sources_j, j)`;
-* `map_over(groups, fn)`: `[fn(sources_j, j) for j]`, in the original order.
+* `map_over(groups, fn)`: `[fn(sources_j, j) for j]`, in the original order;
+  `map_groups` / `split_groups`: the same in two steps, one result per group
+  (stacked over its members) and then one per member, so a `cond` can return
+  one array per group rather than one per member.
 
 `j` is the member's position in the original sequence: a Python int for a
 member alone in its group, a traced int32 inside a group's loop.
@@ -25,12 +31,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+# Groups up to this many bytes of sources are stacked (see the module docstring).
+STACK_LIMIT_BYTES = 2**30
+
 
 class Group(NamedTuple):
-  """Members of equal source shapes: their original positions and their sources."""
+  """Members of equal source shapes: their original positions, their sources, and
+  the sources stacked over the members (one array per source slot, None where the
+  slot is None; `stacked` is None for a lone member or a group not copied)."""
 
   positions: tuple[int, ...]
   sources: tuple[tuple, ...]
+  stacked: tuple | None = None
 
 
 def _signature(source: tuple) -> tuple:
@@ -41,18 +53,32 @@ def _signature(source: tuple) -> tuple:
                for a in source)
 
 
-def group_by_shape(sources: Sequence[tuple]) -> list[Group]:
+def group_by_shape(sources: Sequence[tuple], *, stack: bool = True) -> list[Group]:
   """`sources` grouped by the shapes and dtypes of their arrays (None counts as a
-  kind of its own), groups in order of first appearance."""
+  kind of its own), groups in order of first appearance; `stack=False` leaves out
+  the stacked copies (for `split_groups`, which needs the positions only)."""
   found: dict[tuple, tuple[list[int], list[tuple]]] = {}
   for position, source in enumerate(sources):
     positions, members = found.setdefault(_signature(tuple(source)), ([], []))
     positions.append(position)
     members.append(tuple(source))
-  return [Group(tuple(p), tuple(m)) for p, m in found.values()]
+  groups = [Group(tuple(p), tuple(m)) for p, m in found.values()]
+  return [_with_stack(g) for g in groups] if stack else groups
+
+
+def _with_stack(group: Group) -> Group:
+  size = sum(a.size * jnp.dtype(a.dtype).itemsize
+             for source in group.sources for a in source if a is not None)
+  if len(group.sources) == 1 or size > STACK_LIMIT_BYTES:
+    return group
+  columns = zip(*group.sources)
+  return group._replace(stacked=tuple(None if c[0] is None else jnp.stack(c) for c in columns))
 
 
 def _member(group: Group, i: jax.Array) -> tuple:
+  if group.stacked is not None:
+    return tuple(None if a is None else lax.dynamic_index_in_dim(a, i, 0, keepdims=False)
+                 for a in group.stacked)
   return lax.switch(i, [lambda s=s: s for s in group.sources])
 
 
@@ -73,26 +99,42 @@ def sum_over(groups: Sequence[Group], fn: Callable[[tuple, Any], jax.Array],
   return total
 
 
-def map_over(groups: Sequence[Group], fn: Callable[[tuple, Any], jax.Array]) -> list[jax.Array]:
-  """`[fn(sources, position)]` for every member, in the original order.
+def map_groups(groups: Sequence[Group], fn: Callable[[tuple, Any], jax.Array]) -> list[jax.Array]:
+  """`fn(sources, position)` for every member, one array per group: the lone
+  member's result, or the members' results stacked along a new leading axis.
 
-  A group's results are written into one stacked array inside its loop and split
-  after it (one extra copy of the outputs, none of the inputs). The stack starts as
-  the first member's result broadcast, so it has that result's type and sharding.
+  A group's results are written into the stack inside its loop. The stack starts
+  as the first member's result broadcast, so it has that result's type and sharding.
   """
-  out: list[Any] = [None] * sum(len(g.sources) for g in groups)
+  out = []
   for group in groups:
     first = fn(group.sources[0], group.positions[0])
-    out[group.positions[0]] = first
     if len(group.sources) == 1:
+      out.append(first)
       continue
     positions = jnp.asarray(group.positions, jnp.int32)
     stacked = jnp.broadcast_to(first[None], (len(group.sources), *first.shape))
-    stacked = lax.fori_loop(
+    out.append(lax.fori_loop(
         1, len(group.sources),
         lambda i, acc, g=group, p=positions: lax.dynamic_update_index_in_dim(
             acc, fn(_member(g, i), p[i]), i, 0),
-        stacked)
-    for j, position in enumerate(group.positions[1:], start=1):
-      out[position] = stacked[j]
+        stacked))
   return out
+
+
+def split_groups(groups: Sequence[Group], results: Sequence[jax.Array]) -> list[jax.Array]:
+  """`map_groups`' results as one array per member, in the original order."""
+  out: list[Any] = [None] * sum(len(g.sources) for g in groups)
+  for group, result in zip(groups, results, strict=True):
+    if len(group.sources) == 1:
+      out[group.positions[0]] = result
+      continue
+    for j, position in enumerate(group.positions):
+      out[position] = result[j]
+  return out
+
+
+def map_over(groups: Sequence[Group], fn: Callable[[tuple, Any], jax.Array]) -> list[jax.Array]:
+  """`[fn(sources, position)]` for every member, in the original order (one extra
+  copy of the outputs, none of the inputs beyond the group's stack)."""
+  return split_groups(groups, map_groups(groups, fn))

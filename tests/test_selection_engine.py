@@ -119,10 +119,16 @@ def sort_reference_masks(params, sparsity, scope):
 SHAPE_CYCLE = [(6, 4), (5, 3), (6, 4), (2, 3, 4), (6, 4), (5, 3)]
 
 
+@pytest.mark.parametrize("stack_limit", [2**30, 0], ids=["stacked", "switch"])
 @pytest.mark.parametrize("scope", ["layer", "global"])
-def test_leaves_of_equal_shape_share_a_loop_and_stay_exact(scope):
+def test_leaves_of_equal_shape_share_a_loop_and_stay_exact(scope, stack_limit, monkeypatch):
   # Rounded weights: many ties, within and across grouped leaves, in an order that
-  # interleaves the groups (ties are broken by leaf order, not group order).
+  # interleaves the groups (ties are broken by leaf order, not group order). A group
+  # over the stack limit picks its members by `lax.switch` instead of from a stack.
+  from jaxprune import leaf_groups
+
+  monkeypatch.setattr(leaf_groups, "STACK_LIMIT_BYTES", stack_limit)
+  jax.clear_caches()  # the library's jitted selections would reuse the other trace
   params = {f"l{i:02d}": {"kernel": jnp.round(2 * jax.random.normal(jax.random.key(i), s))}
             for i, s in enumerate(SHAPE_CYCLE * 3)}
   where = jaxprune.select(params)
@@ -130,6 +136,18 @@ def test_leaves_of_equal_shape_share_a_loop_and_stay_exact(scope):
   want = sort_reference_masks(params, 0.55, scope)
   for name in params:
     np.testing.assert_array_equal(np.asarray(got[name]["kernel"]), want[name], err_msg=name)
+
+
+def test_a_group_is_stacked_once_within_the_limit_and_never_beyond(monkeypatch):
+  from jaxprune import leaf_groups
+
+  sources = [(jnp.ones((4, 4)), None), (jnp.zeros((4, 4)), None), (jnp.ones(3), None)]
+  pair, lone = leaf_groups.group_by_shape(sources)
+  assert pair.positions == (0, 1) and pair.stacked[0].shape == (2, 4, 4)
+  assert pair.stacked[1] is None and lone.stacked is None
+  monkeypatch.setattr(leaf_groups, "STACK_LIMIT_BYTES", 2 * 16 * 4 - 1)
+  assert leaf_groups.group_by_shape(sources)[0].stacked is None
+  assert leaf_groups.group_by_shape(sources, stack=False)[0].positions == (0, 1)
 
 
 def _program_size(n_leaves: int, scope: str, shapes=((16, 8),)) -> dict[str, int]:
