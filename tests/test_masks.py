@@ -387,11 +387,16 @@ def test_smallest_magnitudes_counts_pruned_first_then_small():
   np.testing.assert_array_equal(got, [[True, True, False], [False, False, True]])
 
 
+DISTINCT = {"fc1": (512, 1024), "fc2": (1024, 512), "output_proj": (4, 128, 256)}
+EQUAL = {f"block{i:02d}": (128, 256) for i in range(16)}  # one stacked group
+
+
+@pytest.mark.parametrize("shapes", [DISTINCT, EQUAL], ids=["distinct", "equal"])
 @pytest.mark.parametrize("scope", ["layer", "global"])
-def test_mask_selection_peak_memory_at_most_8_bytes_per_param(scope):
+def test_mask_selection_peak_memory_at_most_8_bytes_per_param(scope, shapes):
   # The goal of issue 2: XLA's temp buffers for ranking, per ranked parameter. Held
-  # keys or int32 scatter indices would each add 4 bytes and break it.
-  shapes = {"fc1": (512, 1024), "fc2": (1024, 512), "output_proj": (4, 128, 256)}
+  # keys or int32 scatter indices would each add 4 bytes and break it; equal leaves
+  # add their stacked copy (4 bytes).
   tree = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
   where = {k: True for k in shapes}
   compiled = jax.jit(

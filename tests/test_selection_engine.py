@@ -127,6 +127,7 @@ def test_leaves_of_equal_shape_share_a_loop_and_stay_exact(scope, stack_limit, m
   # over the stack limit picks its members by `lax.switch` instead of from a stack.
   from jaxprune import leaf_groups
 
+  monkeypatch.setattr(leaf_groups, "STACK_MIN_MEMBERS", 2)
   monkeypatch.setattr(leaf_groups, "STACK_LIMIT_BYTES", stack_limit)
   jax.clear_caches()  # the library's jitted selections would reuse the other trace
   params = {f"l{i:02d}": {"kernel": jnp.round(2 * jax.random.normal(jax.random.key(i), s))}
@@ -138,9 +139,10 @@ def test_leaves_of_equal_shape_share_a_loop_and_stay_exact(scope, stack_limit, m
     np.testing.assert_array_equal(np.asarray(got[name]["kernel"]), want[name], err_msg=name)
 
 
-def test_a_group_is_stacked_once_within_the_limit_and_never_beyond(monkeypatch):
+def test_a_group_is_stacked_within_its_limits_only(monkeypatch):
   from jaxprune import leaf_groups
 
+  monkeypatch.setattr(leaf_groups, "STACK_MIN_MEMBERS", 2)
   sources = [(jnp.ones((4, 4)), None), (jnp.zeros((4, 4)), None), (jnp.ones(3), None)]
   pair, lone = leaf_groups.group_by_shape(sources)
   assert pair.positions == (0, 1) and pair.stacked[0].shape == (2, 4, 4)
@@ -148,6 +150,9 @@ def test_a_group_is_stacked_once_within_the_limit_and_never_beyond(monkeypatch):
   monkeypatch.setattr(leaf_groups, "STACK_LIMIT_BYTES", 2 * 16 * 4 - 1)
   assert leaf_groups.group_by_shape(sources)[0].stacked is None
   assert leaf_groups.group_by_shape(sources, stack=False)[0].positions == (0, 1)
+  monkeypatch.setattr(leaf_groups, "STACK_LIMIT_BYTES", 2**30)
+  monkeypatch.setattr(leaf_groups, "STACK_MIN_MEMBERS", 3)  # a pair switches
+  assert leaf_groups.group_by_shape(sources)[0].stacked is None
 
 
 def _program_size(n_leaves: int, scope: str, shapes=((16, 8),)) -> dict[str, int]:
