@@ -292,9 +292,9 @@ def _iteration(run: _Run, state, meta: dict, i: int, ckpt: checkpointing.Checkpo
              wall_seconds=time.perf_counter() - started)
   record = IterationRecord.from_json(row)
   meta["history"].append(record.to_json())
-  logger.info("iteration %d: sparsity %.2f%% (target %s), metric %.4f -> %.4f (pruned) -> "
+  logger.info("iteration %d: sparsity %.2f%% (target %s), %s %.4f -> %.4f (pruned) -> "
               "%.4f (retrained)", i, 100 * record.achieved_sparsity, record.target,
-              record.before_prune.metric, record.after_prune.metric,
+              ckpt.config["metric"], record.before_prune.metric, record.after_prune.metric,
               record.after_retrain.metric)
   meta.update(phase="prune", iteration=i + 1, step=0, row={})
   ckpt.save(state, meta)

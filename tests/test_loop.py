@@ -14,6 +14,7 @@ the error cases).
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import typing
@@ -674,3 +675,10 @@ def test_achieved_sparsity_means_the_fraction_the_masks_prune(base):
   assert jaxprune.pruned_fraction(masks) == 0.25
   report = jaxprune.sparsity_report(jaxprune.apply_masks(params, masks), {"fc": {"kernel": True}})
   assert report.targeted_sparsity == 0.5
+
+
+def test_the_iteration_log_names_the_metric(caplog):
+  with caplog.at_level(logging.INFO, logger="jaxprune"):
+    run(schedule=[0.5], retrain_steps=2, metric=jaxprune.perplexity)
+  lines = [r.getMessage() for r in caplog.records if "iteration 0:" in r.getMessage()]
+  assert len(lines) == 1 and "perplexity" in lines[0] and "metric" not in lines[0], lines
