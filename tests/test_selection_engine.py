@@ -155,6 +155,15 @@ def test_a_group_is_stacked_within_its_limits_only(monkeypatch):
   assert leaf_groups.group_by_shape(sources)[0].stacked is None
 
 
+def test_the_counting_passes_stack_a_group_once_not_per_pass():
+  # The passes read the group through an optimization barrier; a stack built
+  # behind it would be copied again in each of the 32 passes.
+  ws = [jax.ShapeDtypeStruct((64, 64), jnp.float32) for _ in range(32)]
+  hlo = jax.jit(lambda ws: mr._threshold_by_counts(
+      [(w, None) for w in ws], mr.magnitude_keys, jnp.int32(1000))).lower(ws).compile().as_text()
+  assert hlo.count(" concatenate(") == 1
+
+
 def _program_size(n_leaves: int, scope: str, shapes=((16, 8),)) -> dict[str, int]:
   params = {f"l{i:03d}": {"kernel": jnp.ones(shapes[i % len(shapes)])} for i in range(n_leaves)}
   where = jaxprune.select(params)
