@@ -64,7 +64,7 @@ def describe_state(opt_state: PyTree) -> str:
 
 
 # 2: masks stored inside the optimizer state (their one home), not beside it.
-# 3: masks packed along each leaf's last axis (`PackedMask`), as `pruned` holds them.
+# 3: masks packed along each leaf's last axis (`packed_masks`), as `pruned` holds them.
 FORMAT = 3
 
 
