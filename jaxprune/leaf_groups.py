@@ -57,17 +57,15 @@ def _signature(source: tuple) -> tuple:
                for a in source)
 
 
-def group_by_shape(sources: Sequence[tuple], *, stack: bool = True) -> list[Group]:
+def group_by_shape(sources: Sequence[tuple]) -> list[Group]:
   """`sources` grouped by the shapes and dtypes of their arrays (None counts as a
-  kind of its own), groups in order of first appearance; `stack=False` leaves out
-  the stacked copies (for `split_groups`, which needs the positions only)."""
+  kind of its own), groups in order of first appearance."""
   found: dict[tuple, tuple[list[int], list[tuple]]] = {}
   for position, source in enumerate(sources):
     positions, members = found.setdefault(_signature(tuple(source)), ([], []))
     positions.append(position)
     members.append(tuple(source))
-  groups = [Group(tuple(p), tuple(m)) for p, m in found.values()]
-  return [_with_stack(g) for g in groups] if stack else groups
+  return [_with_stack(Group(tuple(p), tuple(m))) for p, m in found.values()]
 
 
 def _with_stack(group: Group) -> Group:
@@ -77,6 +75,17 @@ def _with_stack(group: Group) -> Group:
     return group
   columns = zip(*group.sources)
   return group._replace(stacked=tuple(None if c[0] is None else jnp.stack(c) for c in columns))
+
+
+def group_arrays(groups: Sequence[Group]) -> list[tuple]:
+  """The arrays of `groups` (sources and stacks), as one pytree: what a `cond` or an
+  optimization barrier takes, so the stacks built once are not built again."""
+  return [(g.sources, g.stacked) for g in groups]
+
+
+def with_arrays(groups: Sequence[Group], arrays: Sequence[tuple]) -> list[Group]:
+  """`groups` holding `arrays` (from `group_arrays`, e.g. traced in a branch)."""
+  return [g._replace(sources=s, stacked=st) for g, (s, st) in zip(groups, arrays, strict=True)]
 
 
 def _member(group: Group, i: jax.Array) -> tuple:

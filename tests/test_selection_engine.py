@@ -23,9 +23,9 @@ from jaxprune import magnitude_rank as mr
 SHAPES = [[(7,)], [(3, 5)], [(4, 4), (9,), (2, 3, 2)]]
 JITTED = {
     "counts": jax.jit(lambda keys, k: mr._threshold_by_counts(
-        [(x,) for x in keys], lambda x: x, k)),
+        mr.group_by_shape([(x,) for x in keys]), lambda x: x, k)),
     "histogram": jax.jit(lambda keys, k: mr._threshold_by_histogram(
-        mr._over_keys([(x,) for x in keys], lambda x: x)[0], k)),
+        mr._over_groups(mr.group_by_shape([(x,) for x in keys]), lambda x: x)[0], k)),
 }
 
 
@@ -149,7 +149,6 @@ def test_a_group_is_stacked_within_its_limits_only(monkeypatch):
   assert pair.stacked[1] is None and lone.stacked is None
   monkeypatch.setattr(leaf_groups, "STACK_LIMIT_BYTES", 2 * 16 * 4 - 1)
   assert leaf_groups.group_by_shape(sources)[0].stacked is None
-  assert leaf_groups.group_by_shape(sources, stack=False)[0].positions == (0, 1)
   monkeypatch.setattr(leaf_groups, "STACK_LIMIT_BYTES", 2**30)
   monkeypatch.setattr(leaf_groups, "STACK_MIN_MEMBERS", 3)  # a pair switches
   assert leaf_groups.group_by_shape(sources)[0].stacked is None
@@ -160,7 +159,8 @@ def test_the_counting_passes_stack_a_group_once_not_per_pass():
   # behind it would be copied again in each of the 32 passes.
   ws = [jax.ShapeDtypeStruct((64, 64), jnp.float32) for _ in range(32)]
   hlo = jax.jit(lambda ws: mr._threshold_by_counts(
-      [(w, None) for w in ws], mr.magnitude_keys, jnp.int32(1000))).lower(ws).compile().as_text()
+      mr.group_by_shape([(w, None) for w in ws]), mr.magnitude_keys, jnp.int32(1000))).lower(
+          ws).compile().as_text()
   assert hlo.count(" concatenate(") == 1
 
 
