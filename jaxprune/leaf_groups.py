@@ -69,8 +69,10 @@ def group_by_shape(sources: Sequence[tuple]) -> list[Group]:
 
 
 def _with_stack(group: Group) -> Group:
+  # Per-member scalars (a count each) do not count: 256 leaves of 1024x1024 are
+  # exactly the limit, and their counts must not tip them into the switch.
   size = sum(a.size * jnp.dtype(a.dtype).itemsize
-             for source in group.sources for a in source if a is not None)
+             for source in group.sources for a in source if a is not None and a.ndim)
   if len(group.sources) < max(STACK_MIN_MEMBERS, 2) or size > STACK_LIMIT_BYTES:
     return group
   columns = zip(*group.sources)

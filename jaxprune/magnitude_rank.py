@@ -11,8 +11,11 @@ of the tensor. Pruning only needs the k-th smallest magnitude `t`:
     a compare-and-sum over the keys (`#{keys < candidate}`): 32 reductions, no
     scatter, no sort, nothing gathered;
   - a radix histogram (CPU, where it is measured 2.5x faster): pass 1 histograms
-    the high 16 bits into 65536 buckets with a scatter-add, pass 2 the low 16 bits
-    of the keys in the chosen bucket.
+    the high digit of the keys with a scatter-add, each later pass the next digit
+    of the keys in the bucket chosen so far. Digits are 16 bits (two passes, 65536
+    buckets) for rankings of 2**20 entries or more, and 11, 11, 10 bits (three
+    passes, 2048 buckets) below, where 65536 buckets would cost more memory and time
+    than the keys.
   Both give the same `t`, the count below it and the count equal to it.
 * Keys below `t` are pruned. Keys equal to `t` (ties: all-equal weights, zeros) are
   pruned in flat index order (leaf order, then row-major) until exactly `k` are,
@@ -45,8 +48,10 @@ from jaxprune.leaf_groups import (
     with_arrays,
 )
 
-_DIGIT_BITS = 16
-_BUCKETS = 1 << _DIGIT_BITS
+# Radix digit widths (from the top bit) by ranking size; see the module docstring.
+_WIDE_DIGITS = (16, 16)
+_NARROW_DIGITS = (11, 11, 10)
+_WIDE_DIGITS_FROM = 2**20
 # Bits fixed per counting pass of the bisection: 2**_PASS_BITS - 1 pivots a pass.
 # 1 (32 passes of one compare-and-sum) measured fastest on CPU: 405 ms on a 4096²
 # leaf against 658 ms at 2 bits and 2,640 ms at 4 (the pivot broadcast is not
@@ -101,23 +106,25 @@ def count_dtype(n: int) -> jnp.dtype:
   return jnp.dtype(jnp.int64)
 
 
-def _histogram(sum_keys: SumKeys, digit, weight, dtype) -> jax.Array:
-  """Counts of `digit(key)` (16 bits) over all keys, each counted `weight(key)` times.
+def _histogram(sum_keys: SumKeys, digit, weight, bits: int, dtype) -> jax.Array:
+  """Counts of `digit(key)` (`bits` wide) over all keys, each counted `weight(key)` times.
 
   The bucket index is uint16 (2 bytes per entry, always in range) and the weight an
   int32 (the scatter's update), so a pass holds about 6 extra bytes per entry.
   """
+  buckets = 1 << bits
+
   def one(key, position):
     # A trailing index axis instead of a flattening reshape, which would gather a
     # leaf sharded on any axis but the first.
     idx = digit(key).astype(jnp.uint16)[..., None]
     return lax.scatter_add(
-        jnp.zeros(_BUCKETS, jnp.int32), idx,
+        jnp.zeros(buckets, jnp.int32), idx,
         jnp.broadcast_to(weight(key), key.shape).astype(jnp.int32), _SCATTER_1D,
         mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
     ).astype(dtype)  # one array's counts fit int32; their sum may not
 
-  return sum_keys(one, jnp.zeros(_BUCKETS, dtype))
+  return sum_keys(one, jnp.zeros(buckets, dtype))
 
 
 def _pick_bucket(hist: jax.Array, rank: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -183,21 +190,35 @@ def _threshold_by_counts(groups: Sequence[Group], key_of, k: jax.Array) -> tuple
   return t, below, ties
 
 
-def _threshold_by_histogram(sum_keys: SumKeys, k: jax.Array) -> tuple[jax.Array, ...]:
-  """As `_threshold_by_counts`, by a two-pass 16-bit radix histogram (scatter-add)."""
-  shift = jnp.uint32(_DIGIT_BITS)
-  low = jnp.uint32(_BUCKETS - 1)
-  hist_hi = _histogram(sum_keys, lambda x: x >> shift, lambda x: jnp.int32(1), k.dtype)
-  b_hi, below_hi, _ = _pick_bucket(hist_hi, k)
+def _digit_of(done: int, bits: int, prefix: jax.Array) -> tuple[Callable, Callable]:
+  """(digit, weight) of a radix pass over the `bits` below the `done` top bits: the
+  digit of keys whose top bits equal `prefix`, counted once each; others count 0."""
+  shift, mask = jnp.uint32(32 - done - bits), jnp.uint32((1 << bits) - 1)
+  if done == 0:
+    return (lambda x: (x >> shift) & mask), (lambda x: jnp.int32(1))
+  top = jnp.uint32(32 - done)
 
-  def in_bucket(x):
-    return (x >> shift) == b_hi
+  def weight(x):
+    return (x >> top) == prefix
 
-  # The pass-2 digit depends on `b_hi`, so it is not scheduled (and held) before pass 1.
-  hist_lo = _histogram(sum_keys, lambda x: jnp.where(in_bucket(x), x & low, 0), in_bucket,
-                       k.dtype)
-  b_lo, below_lo, ties = _pick_bucket(hist_lo, k - below_hi)
-  return (b_hi << shift) | b_lo, below_hi + below_lo, ties
+  # The digit depends on the prefix, so a pass is not scheduled (and held) before
+  # the one that chose it.
+  return (lambda x: jnp.where(weight(x), (x >> shift) & mask, 0)), weight
+
+
+def _threshold_by_histogram(sum_keys: SumKeys, k: jax.Array,
+                            digits: Sequence[int] = _WIDE_DIGITS) -> tuple[jax.Array, ...]:
+  """As `_threshold_by_counts`, by radix histograms (scatter-add) of the keys'
+  `digits` (bit widths from the top, summing to 32): each pass histograms the next
+  digit of the keys whose higher digits equal the prefix chosen so far."""
+  prefix, below, rank, size, done = jnp.uint32(0), jnp.zeros((), k.dtype), k, None, 0
+  for bits in digits:
+    digit, weight = _digit_of(done, bits, prefix)
+    hist = _histogram(sum_keys, digit, weight, bits, k.dtype)
+    bucket, below_bucket, size = _pick_bucket(hist, rank)
+    prefix = (prefix << jnp.uint32(bits)) | bucket
+    below, rank, done = below + below_bucket, rank - below_bucket, done + bits
+  return prefix, below, size
 
 
 def _typed_sharded(x: jax.Array) -> bool:
@@ -210,6 +231,11 @@ def _explicitly_sharded(groups: Sequence[Group]) -> bool:
              if a is not None)
 
 
+def _first_arrays(group: Group) -> list[jax.Array]:
+  """One array per member (its first source), whose size is the member's key count."""
+  return [source[0] for source in group.sources]
+
+
 def _threshold(groups: Sequence[Group], key_of, k: jax.Array) -> tuple[jax.Array, ...]:
   """The threshold engine, chosen when lowering: the radix histogram on CPU, where
   its scatter-add is measured 2.5x faster than the bisection, and comparison counts
@@ -218,8 +244,10 @@ def _threshold(groups: Sequence[Group], key_of, k: jax.Array) -> tuple[jax.Array
   if _explicitly_sharded(groups):
     return _threshold_by_counts(groups, key_of, k)
   sum_keys, _ = _over_groups(groups, key_of)
+  n = sum(a.size for g in groups for a in _first_arrays(g))
+  digits = _WIDE_DIGITS if n >= _WIDE_DIGITS_FROM else _NARROW_DIGITS
   return lax.platform_dependent(
-      k, cpu=lambda k: _threshold_by_histogram(sum_keys, k),
+      k, cpu=lambda k: _threshold_by_histogram(sum_keys, k, digits),
       default=lambda k: _threshold_by_counts(groups, key_of, k))
 
 

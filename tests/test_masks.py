@@ -389,9 +389,11 @@ def test_smallest_magnitudes_counts_pruned_first_then_small():
 
 DISTINCT = {"fc1": (512, 1024), "fc2": (1024, 512), "output_proj": (4, 128, 256)}
 EQUAL = {f"block{i:02d}": (128, 256) for i in range(16)}  # one stacked group
+# 65,536 weights: 65,536 histogram buckets would be 20 B/param of fixed scratch.
+SMALL = {f"block{i:02d}": (64, 64) for i in range(16)}
 
 
-@pytest.mark.parametrize("shapes", [DISTINCT, EQUAL], ids=["distinct", "equal"])
+@pytest.mark.parametrize("shapes", [DISTINCT, EQUAL, SMALL], ids=["distinct", "equal", "small"])
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_mask_selection_peak_memory_at_most_8_bytes_per_param(scope, shapes):
   # The goal of issue 2: XLA's temp buffers for ranking, per ranked parameter. Held

@@ -24,8 +24,9 @@ SHAPES = [[(7,)], [(3, 5)], [(4, 4), (9,), (2, 3, 2)]]
 JITTED = {
     "counts": jax.jit(lambda keys, k: mr._threshold_by_counts(
         mr.group_by_shape([(x,) for x in keys]), lambda x: x, k)),
-    "histogram": jax.jit(lambda keys, k: mr._threshold_by_histogram(
-        mr._over_groups(mr.group_by_shape([(x,) for x in keys]), lambda x: x)[0], k)),
+    **{f"histogram {digits}": jax.jit(lambda keys, k, digits=digits: mr._threshold_by_histogram(
+        mr._over_groups(mr.group_by_shape([(x,) for x in keys]), lambda x: x)[0], k, digits))
+       for digits in (mr._WIDE_DIGITS, mr._NARROW_DIGITS, (8, 8, 8, 8))},
 }
 
 
