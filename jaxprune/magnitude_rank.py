@@ -10,12 +10,9 @@ of the tensor. Pruning only needs the k-th smallest magnitude `t`:
     bisection that fixes the bits of `t` from the top, one bit per pass, each pass
     a compare-and-sum over the keys (`#{keys < candidate}`): 32 reductions, no
     scatter, no sort, nothing gathered;
-  - a radix histogram (CPU, where it is measured 2.5x faster): pass 1 histograms
-    the high digit of the keys with a scatter-add, each later pass the next digit
-    of the keys in the bucket chosen so far. Digits are 16 bits (two passes, 65536
-    buckets) for rankings of 2**20 entries or more, and 11, 11, 10 bits (three
-    passes, 2048 buckets) below, where 65536 buckets would cost more memory and time
-    than the keys.
+  - a radix histogram (CPU, where it is measured 2.5x faster; `radix_histogram`):
+    pass 1 histograms the high digit of the keys with a scatter-add, each later
+    pass the next digit of the keys in the bucket chosen so far.
   Both give the same `t`, the count below it and the count equal to it.
 * Keys below `t` are pruned. Keys equal to `t` (ties: all-equal weights, zeros) are
   pruned in flat index order (leaf order, then row-major) until exactly `k` are,
@@ -24,11 +21,13 @@ of the tensor. Pruning only needs the k-th smallest magnitude `t`:
 
 Several arrays are ranked together by summing their counts, never by
 concatenating them (global scope stays O(1) extra memory per leaf and works on
-sharded leaves).
+sharded leaves). On one device, large arrays are counted a chunk at a time
+(`chunked_reads`): XLA's CPU backend writes out every reduction's operand.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,21 +36,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxprune.chunked_reads import placed, sliced, sum_chunks
 from jaxprune.leaf_groups import (
-    Group,
-    group_arrays,
-    group_by_shape,
-    map_groups,
-    map_over,
-    split_groups,
-    sum_over,
-    with_arrays,
+  Group,
+  group_arrays,
+  group_by_shape,
+  map_groups,
+  map_over,
+  split_groups,
+  sum_over,
+  with_arrays,
 )
+from jaxprune.packed_masks import pack_like_mask, unpack_mask
+from jaxprune.radix_histogram import digits_for, threshold_by_histogram
 
-# Radix digit widths (from the top bit) by ranking size; see the module docstring.
-_WIDE_DIGITS = (16, 16)
-_NARROW_DIGITS = (11, 11, 10)
-_WIDE_DIGITS_FROM = 2**20
 # Bits fixed per counting pass of the bisection: 2**_PASS_BITS - 1 pivots a pass.
 # 1 (32 passes of one compare-and-sum) measured fastest on CPU: 405 ms on a 4096²
 # leaf against 658 ms at 2 bits and 2,640 ms at 4 (the pivot broadcast is not
@@ -63,25 +61,23 @@ def magnitude_keys(w: jax.Array, kept: jax.Array | None = None) -> jax.Array:
   """uint32 keys whose order is the order of `|w|`, shape of `w`.
 
   `kept=False` entries (already pruned) get key 0, below every kept weight (kept
-  keys are `bits(|w|) + 1`), so they are chosen first. Any float dtype is ranked
-  through float32 (exact for bfloat16/float16; float64 is ranked at float32
-  precision, ties then broken by index). NaN ranks above +inf.
+  keys are `bits(|w|) + 1`), so they are chosen first; `kept` is a bool mask of
+  `w`'s shape or the same packed (`jaxprune.pack_mask`), unpacked where it is
+  read. Any float dtype is ranked through float32 (exact for bfloat16/float16;
+  float64 is ranked at float32 precision, ties then broken by index). NaN ranks
+  above +inf.
   """
   bits = lax.bitcast_convert_type(jnp.abs(w).astype(jnp.float32), jnp.uint32)
   # |w| has a zero sign bit, so bits + 1 cannot overflow.
   keys = bits + jnp.uint32(1)
   if kept is not None:
-    keys = jnp.where(kept, keys, jnp.uint32(0))
+    keys = jnp.where(unpack_mask(kept), keys, jnp.uint32(0))
   return keys
 
 
-_SCATTER_1D = lax.ScatterDimensionNumbers(
-    update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
-)
-
-# `sum_keys(fn, init)`: `init + sum over every key array x (position j) of fn(x, j)`;
-# `map_keys(fn)`: `[fn(x, j)]` in position order. Built over `leaf_groups`, so each
-# distinct shape's code is compiled once however many arrays share it.
+# `sum_keys(fn, init)`: `init + sum over every key array x (position j) of fn(x, j)`.
+# Built over `leaf_groups`, so each distinct shape's code is compiled once however
+# many arrays share it.
 SumKeys = Callable[[Callable[[jax.Array, Any], jax.Array], jax.Array], jax.Array]
 
 # Rankings of this many entries or more count in int64 (int32 would overflow).
@@ -104,35 +100,6 @@ def count_dtype(n: int) -> jnp.dtype:
         "rank per leaf (scope='layer')"
     )
   return jnp.dtype(jnp.int64)
-
-
-def _histogram(sum_keys: SumKeys, digit, weight, bits: int, dtype) -> jax.Array:
-  """Counts of `digit(key)` (`bits` wide) over all keys, each counted `weight(key)` times.
-
-  The bucket index is uint16 (2 bytes per entry, always in range) and the weight an
-  int32 (the scatter's update), so a pass holds about 6 extra bytes per entry.
-  """
-  buckets = 1 << bits
-
-  def one(key, position):
-    # A trailing index axis instead of a flattening reshape, which would gather a
-    # leaf sharded on any axis but the first.
-    idx = digit(key).astype(jnp.uint16)[..., None]
-    return lax.scatter_add(
-        jnp.zeros(buckets, jnp.int32), idx,
-        jnp.broadcast_to(weight(key), key.shape).astype(jnp.int32), _SCATTER_1D,
-        mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
-    ).astype(dtype)  # one array's counts fit int32; their sum may not
-
-  return sum_keys(one, jnp.zeros(buckets, dtype))
-
-
-def _pick_bucket(hist: jax.Array, rank: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Bucket holding the `rank`-th smallest (1-indexed), count below it, its size."""
-  cum = jnp.cumsum(hist)
-  bucket = jnp.argmax(cum >= rank)
-  size = hist[bucket]
-  return bucket.astype(jnp.uint32), cum[bucket] - size, size
 
 
 def _count_less(sum_keys: SumKeys, pivots: jax.Array, dtype) -> jax.Array:
@@ -181,44 +148,13 @@ def _threshold_by_counts(groups: Sequence[Group], key_of, k: jax.Array) -> tuple
   """
   def sum_keys_at(t):
     arrays, t = lax.optimization_barrier((group_arrays(groups), t))
-    return _over_groups(with_arrays(groups, arrays), key_of)[0], t
+    return _over_groups(with_arrays(groups, arrays), key_of), t
 
-  sum_keys, _ = _over_groups(groups, key_of)
+  sum_keys = _over_groups(groups, key_of)
   t = _kth_key_by_counts(sum_keys_at, k)
   below = _count_less(sum_keys, t[None], k.dtype)[0]
   ties = sum_keys(lambda x, j: jnp.sum(x == t, dtype=k.dtype), jnp.zeros((), k.dtype))
   return t, below, ties
-
-
-def _digit_of(done: int, bits: int, prefix: jax.Array) -> tuple[Callable, Callable]:
-  """(digit, weight) of a radix pass over the `bits` below the `done` top bits: the
-  digit of keys whose top bits equal `prefix`, counted once each; others count 0."""
-  shift, mask = jnp.uint32(32 - done - bits), jnp.uint32((1 << bits) - 1)
-  if done == 0:
-    return (lambda x: (x >> shift) & mask), (lambda x: jnp.int32(1))
-  top = jnp.uint32(32 - done)
-
-  def weight(x):
-    return (x >> top) == prefix
-
-  # The digit depends on the prefix, so a pass is not scheduled (and held) before
-  # the one that chose it.
-  return (lambda x: jnp.where(weight(x), (x >> shift) & mask, 0)), weight
-
-
-def _threshold_by_histogram(sum_keys: SumKeys, k: jax.Array,
-                            digits: Sequence[int] = _WIDE_DIGITS) -> tuple[jax.Array, ...]:
-  """As `_threshold_by_counts`, by radix histograms (scatter-add) of the keys'
-  `digits` (bit widths from the top, summing to 32): each pass histograms the next
-  digit of the keys whose higher digits equal the prefix chosen so far."""
-  prefix, below, rank, size, done = jnp.uint32(0), jnp.zeros((), k.dtype), k, None, 0
-  for bits in digits:
-    digit, weight = _digit_of(done, bits, prefix)
-    hist = _histogram(sum_keys, digit, weight, bits, k.dtype)
-    bucket, below_bucket, size = _pick_bucket(hist, rank)
-    prefix = (prefix << jnp.uint32(bits)) | bucket
-    below, rank, done = below + below_bucket, rank - below_bucket, done + bits
-  return prefix, below, size
 
 
 def _typed_sharded(x: jax.Array) -> bool:
@@ -243,11 +179,9 @@ def _threshold(groups: Sequence[Group], key_of, k: jax.Array) -> tuple[jax.Array
   over an Explicit-axis mesh (whose scatter would need an output sharding)."""
   if _explicitly_sharded(groups):
     return _threshold_by_counts(groups, key_of, k)
-  sum_keys, _ = _over_groups(groups, key_of)
-  n = sum(a.size for g in groups for a in _first_arrays(g))
-  digits = _WIDE_DIGITS if n >= _WIDE_DIGITS_FROM else _NARROW_DIGITS
+  digits = digits_for(sum(a.size for g in groups for a in _first_arrays(g)))
   return lax.platform_dependent(
-      k, cpu=lambda k: _threshold_by_histogram(sum_keys, k, digits),
+      k, cpu=lambda k: threshold_by_histogram(groups, key_of, k, digits),
       default=lambda k: _threshold_by_counts(groups, key_of, k))
 
 
@@ -261,43 +195,50 @@ def _unsharded(x: jax.Array) -> jax.Array:
   return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
 
 
-def _first_true(x: jax.Array, quota: jax.Array) -> jax.Array:
-  """The first `quota` True entries of `x` in row-major order, shape of `x`.
+def _first_true(source: tuple, is_tie: Callable[[tuple], jax.Array],
+                quota: jax.Array) -> jax.Array:
+  """The first `quota` True entries of `is_tie(source)` in row-major order, its shape.
 
   Two reductions instead of a cumsum over the flattened array (which would gather
   a sharded leaf onto one device): count per row (all axes but the last), a cumsum
   over the small vector of row counts finds the row where the quota runs out, and
-  a cumsum along that one row finds the column. Only runs to break ties.
+  a cumsum along that one row finds the column. Only runs to break ties. The
+  reductions read the source in chunks (`chunked_reads`): XLA's CPU backend
+  materializes a reduction's operand, 4 bytes per entry counted at once.
   """
-  if x.ndim <= 1:  # (a 0-d array is read as one entry)
+  shape = source[0].shape
+  if len(shape) <= 1:  # (a 0-d array is read as one entry)
+    x = is_tie(source)
     return x & (jnp.cumsum(x.reshape(-1), dtype=jnp.int32).reshape(x.shape) <= quota)
-  lead = tuple(range(x.ndim - 1))
-  row_counts = _unsharded(jnp.sum(x, axis=-1, dtype=jnp.int32))
+  lead = tuple(range(len(shape) - 1))
+  row_counts = _unsharded(sum_chunks(source, lambda piece, window: placed(
+      jnp.sum(is_tie(piece), axis=-1, dtype=jnp.int32), window, 0, shape[:-1])))
   flat = row_counts.reshape(-1)
   before = (jnp.cumsum(flat) - flat).reshape(row_counts.shape)
   whole_rows = before + row_counts <= quota
   boundary = (before < quota) & ~whole_rows  # at most one row
   need = quota - jnp.sum(jnp.where(boundary, before, 0))
-  boundary_row = _unsharded(jnp.sum(x & boundary[..., None], axis=lead, dtype=jnp.int32))
+  boundary_row = _unsharded(sum_chunks(source, lambda piece, window: placed(jnp.sum(
+      is_tie(piece) & sliced(boundary, window)[..., None], axis=lead, dtype=jnp.int32),
+      window, 0, shape[-1:])))
   within = jnp.cumsum(boundary_row) <= need
-  return x & (whole_rows[..., None] | (boundary[..., None] & within))
+  return is_tie(source) & (whole_rows[..., None] | (boundary[..., None] & within))
 
 
-def _over_groups(groups: Sequence[Group], key_of) -> tuple[SumKeys, Callable]:
-  """(`sum_keys`, `map_keys`) over the keys `key_of(*source)` of grouped sources;
-  `map_keys(fn, per_group=True)` leaves the results one per group (`map_groups`)."""
+def _over_groups(groups: Sequence[Group], key_of) -> SumKeys:
+  """`sum_keys` over the keys `key_of(*source)` of grouped sources."""
   def sum_keys(fn, init):
     return sum_over(groups, lambda s, j: fn(key_of(*s), j), init)
 
-  def map_keys(fn, per_group=False):
-    results = map_groups(groups, lambda s, j: fn(key_of(*s), j))
-    return results if per_group else split_groups(groups, results)
-
-  return sum_keys, map_keys
+  return sum_keys
 
 
-def _select_smallest(sources: Sequence[tuple], key_of, k: jax.Array | int) -> list[jax.Array]:
-  """Core of `smallest_k`: `key_of(*source)` gives each source's uint32 keys.
+def _select_smallest(sources: Sequence[tuple], key_of, k: jax.Array | int,
+                     finish: Callable[[jax.Array, tuple], jax.Array] | None = None,
+                     ) -> list[jax.Array]:
+  """Core of `smallest_k`: `key_of(*source)` gives each source's uint32 keys;
+  `finish(marked, source)`, if given, is returned instead of a source's marks,
+  computed where they are (no bool array of the marks is written out for it).
 
   Keys are recomputed from their sources in every pass instead of being held: they
   are cheap elementwise functions that XLA fuses into each consumer, and holding
@@ -319,18 +260,25 @@ def _select_smallest(sources: Sequence[tuple], key_of, k: jax.Array | int) -> li
   # member in the program instead of one per member and branch. They take the
   # sources, not the threshold's stacks, and stack again: a stack held across the
   # `cond` raised the peak (16 leaves of 64x64, global: 16.8 -> 20.8 B/param).
+  def done(marked, source):
+    return marked if finish is None else finish(marked, source)
+
   def without_tiebreak(srcs) -> list[jax.Array]:
-    _, map_keys = _over_groups(group_by_shape(srcs), key_of)
-    return map_keys(lambda x, j: (x < threshold) | ((x == threshold) & (take > 0)),
-                    per_group=True)
+    return map_groups(group_by_shape(srcs), lambda s, j: done(
+        (key_of(*s) < threshold) | ((key_of(*s) == threshold) & (take > 0)), s))
 
   def with_tiebreak(srcs) -> list[jax.Array]:
-    _, map_keys = _over_groups(group_by_shape(srcs), key_of)
-    equal = jnp.stack(map_keys(lambda x, j: jnp.sum(x == threshold, dtype=k.dtype)))
+    groups = group_by_shape(srcs)
+
+    def is_tie(source):
+      return key_of(*source) == threshold
+
+    equal = jnp.stack(map_over(groups, lambda s, j: sum_chunks(
+        s, lambda piece, window: jnp.sum(is_tie(piece), dtype=k.dtype))))
     # Ties go in position order: array j's quota is what the arrays before it left.
     quota = jnp.clip(take - (jnp.cumsum(equal) - equal), 0, None)
-    return map_keys(lambda x, j: (x < threshold) | _first_true(x == threshold, quota[j]),
-                    per_group=True)
+    return map_groups(groups, lambda s, j: done(
+        (key_of(*s) < threshold) | _first_true(s, is_tie, quota[j]), s))
 
   marked = lax.cond(ties == take, without_tiebreak, with_tiebreak, sources)
   return split_groups(groups, marked)
@@ -362,28 +310,43 @@ def smallest_k(keys: Sequence[jax.Array], k: jax.Array | int) -> list[jax.Array]
   return _select_smallest([(x,) for x in keys], lambda x: x, k)
 
 
-@jax.jit
+def _kept_after(marked: jax.Array, source: tuple) -> jax.Array:
+  """The kept mask of `source = (w, kept)` once `marked` is pruned too, in `kept`'s
+  layout (packed or bool; bool if `kept` is None)."""
+  _, kept = source
+  still = ~marked if kept is None else unpack_mask(kept) & ~marked
+  return pack_like_mask(still, kept)
+
+
+@functools.partial(jax.jit, static_argnames="as_kept")
 def smallest_magnitudes(
-    weights: Sequence[jax.Array], kept: Sequence[jax.Array | None], k: jax.Array | int
+    weights: Sequence[jax.Array], kept: Sequence[jax.Array | None], k: jax.Array | int,
+    *, as_kept: bool = False,
 ) -> list[jax.Array]:
   """`smallest_k` of `magnitude_keys(w, kept)`, without materializing the keys.
 
   Marks exactly `k` entries across all `weights`: first the already-pruned ones
   (`kept=False`), then the smallest `|w|`, ties by position. Keys are recomputed
   in every pass, not held. Extra memory on the CPU histogram path is about 6
-  bytes per weight of the leaf being counted (a uint16 bucket index and an int32
-  count per pass), plus one stacked copy of each group of equal-shape leaves up
-  to `leaf_groups.STACK_LIMIT_BYTES` (5.0 B/param in all at 256 leaves of 64×64);
+  bytes per weight counted at once (a uint16 bucket index and an int32 count),
+  on one device a chunk of `chunked_reads.CHUNK_ENTRIES` at a time (0.32 B/param in all on a
+  2048² leaf), plus one stacked copy of each group of equal-shape leaves up to
+  `leaf_groups.STACK_LIMIT_BYTES` (5.0 B/param in all at 256 leaves of 64×64);
   the comparison counts materialize an int32 operand per compare-and-sum on CPU
   (8 B/param at peak on a 1024² leaf), and fuse it on accelerators.
 
   Args:
     weights: float arrays of any shapes, ranked together.
-    kept: one bool array of its weight's shape, or None, per weight.
+    kept: per weight, a bool mask of its shape, the same packed
+      (`jaxprune.pack_mask`), or None.
     k: number of entries to mark, `0 <= k <= total size`; may be traced.
+    as_kept: return, instead of the marks, the kept masks once the marked are
+      pruned (`kept & ~marked`, in `kept`'s layout: packed stays packed), computed
+      where the marks are, so that no bool array of them is written out.
 
   Returns:
-    One bool array per weight, its shape, `True` for the `k` marked.
+    One array per weight: bool of its shape, `True` for the `k` marked (or the
+    kept masks, with `as_kept`).
 
   Example::
 
@@ -391,13 +354,14 @@ def smallest_magnitudes(
     >>> smallest_magnitudes([jnp.array([0.3, -0.1, 0.2])], [None], 1)
     [Array([False,  True, False], dtype=bool)]
   """
-  return _select_smallest(list(zip(weights, kept)), magnitude_keys, k)
+  return _select_smallest(list(zip(weights, kept)), magnitude_keys, k,
+                          _kept_after if as_kept else None)
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnames="as_kept")
 def smallest_magnitudes_each(
     weights: Sequence[jax.Array], kept: Sequence[jax.Array | None],
-    counts: Sequence[jax.Array | int],
+    counts: Sequence[jax.Array | int], *, as_kept: bool = False,
 ) -> list[jax.Array]:
   """`smallest_magnitudes([w], [kept], k)` for every leaf on its own (layer scope).
 
@@ -414,7 +378,7 @@ def smallest_magnitudes_each(
   """
   sources = [(w, m, jnp.asarray(k, count_dtype(w.size))) for w, m, k in zip(weights, kept, counts)]
   return map_over(group_by_shape(sources), lambda s, j: _select_smallest(
-      [(s[0], s[1])], magnitude_keys, s[2])[0])
+      [(s[0], s[1])], magnitude_keys, s[2], _kept_after if as_kept else None)[0])
 
 
 def round_fraction_of(fraction: jax.Array, n: int) -> jax.Array:

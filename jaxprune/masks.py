@@ -27,6 +27,8 @@ from jaxprune.mask_tree import (
     map_masked,
     masks_from,
     selected_leaves,
+    slots,
+    unflatten,
     zero_pruned,
 )
 
@@ -233,21 +235,39 @@ def magnitude_masks(
   for _, path, w, _ in chosen:
     check_finite(w, path)
 
-  computed: dict[int, jax.Array] = {}
+  kept = _kept_by_magnitude([w for _, _, w, _ in chosen], [p for *_, p in chosen], sparsity,
+                            scope)
+  return masks_from(params, {i: m for (i, *_), m in zip(chosen, kept)})
+
+
+def _kept_by_magnitude(weights: list, previous: list, sparsity: Any, scope: Scope) -> list:
+  """Each weight's kept mask once the smallest magnitudes are pruned, in the layout
+  of its previous mask (packed stays packed; bool if None)."""
   if scope == "layer":
-    pruned_each = smallest_magnitudes_each(
-        [w for _, _, w, _ in chosen], [p for *_, p in chosen],
-        [_prune_count(sparsity, w.size) for _, _, w, _ in chosen])
-    for (i, _, _, prev), pruned in zip(chosen, pruned_each):
-      computed[i] = ~pruned if prev is None else prev & ~pruned
-  else:
-    total = sum(w.size for _, _, w, _ in chosen)
-    pruned_all = smallest_magnitudes(
-        [w for _, _, w, _ in chosen], [p for *_, p in chosen], _prune_count(sparsity, total)
-    )
-    for (i, _, _, prev), pruned in zip(chosen, pruned_all):
-      computed[i] = ~pruned if prev is None else prev & ~pruned
-  return masks_from(params, computed)
+    return smallest_magnitudes_each(
+        weights, previous, [_prune_count(sparsity, w.size) for w in weights], as_kept=True)
+  total = sum(w.size for w in weights)
+  return smallest_magnitudes(weights, previous, _prune_count(sparsity, total), as_kept=True)
+
+
+def magnitude_masks_held(params: PyTree, sparsity: Any, held: PyTree,
+                         scope: Scope = "layer") -> PyTree:
+  """`magnitude_masks(params, sparsity, where, scope=scope, previous=unpack_masks(held))`
+  packed like `held` (masks as `pruned` holds them), without unpacking `held` or
+  writing out a bool mask: the selection reads and writes the held layout.
+
+  `held` comes from `pruned`'s state (already checked); it is matched to `params`
+  slot by slot, as `pack_like` does.
+  """
+  sparsity = check_fraction("sparsity", sparsity)
+  masks, weights = slots(held).leaves, slots(params).leaves
+  chosen = [i for i, m in enumerate(masks) if m is not None]
+  kept = _kept_by_magnitude([weights[i] for i in chosen], [masks[i] for i in chosen], sparsity,
+                            scope)
+  out = list(masks)
+  for i, m in zip(chosen, kept):
+    out[i] = m
+  return unflatten(held, out)
 
 
 def check_scope(scope: Any) -> Scope:

@@ -29,7 +29,7 @@ from jaxprune.mask_tree import (
   slots,
   zero_pruned,
 )
-from jaxprune.masks import Scope, check_count, check_scope
+from jaxprune.masks import Scope, check_count, check_scope, magnitude_masks_held
 from jaxprune.packed_masks import mask_shapes, pack_like, pack_masks, unpack_masks
 from jaxprune.targets import Magnitude, Target
 
@@ -94,13 +94,16 @@ def _recompute(params: PyTree, packed: PyTree, count: jax.Array, schedule, scope
   # re-resolved: an `nnx.Optimizer` calls `init` with `Param`-wrapped params but
   # `update` with pure arrays, so a `where` from `select(nnx.state(...))` would not
   # have the structure of `params` here.
-  previous = unpack_masks(packed)
-  chosen = map_masked(lambda m, _: m is not None, previous, params)
   target = schedule(count)
   if not isinstance(target, Target) or isinstance(target, numbers.Real):
     target = Magnitude(target, scope)
-  new = target.masks(params, chosen, previous=previous)
-  return pack_like(new, packed)
+  if type(target) is Magnitude:
+    # Reads and writes the packed masks in place: unpacked, they would be written
+    # out as operands of the selection (1 byte per weight in the step's scratch).
+    return magnitude_masks_held(params, target.sparsity, packed, target.scope)
+  previous = unpack_masks(packed)
+  chosen = map_masked(lambda m, _: m is not None, previous, params)
+  return pack_like(target.masks(params, chosen, previous=previous), packed)
 
 
 def _final_update(m: jax.Array | None, u: jax.Array, w: jax.Array) -> jax.Array:

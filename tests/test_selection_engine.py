@@ -18,15 +18,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxprune
+from jaxprune import chunked_reads, radix_histogram
 from jaxprune import magnitude_rank as mr
 
 SHAPES = [[(7,)], [(3, 5)], [(4, 4), (9,), (2, 3, 2)]]
 JITTED = {
     "counts": jax.jit(lambda keys, k: mr._threshold_by_counts(
         mr.group_by_shape([(x,) for x in keys]), lambda x: x, k)),
-    **{f"histogram {digits}": jax.jit(lambda keys, k, digits=digits: mr._threshold_by_histogram(
-        mr._over_groups(mr.group_by_shape([(x,) for x in keys]), lambda x: x)[0], k, digits))
-       for digits in (mr._WIDE_DIGITS, mr._NARROW_DIGITS, (8, 8, 8, 8))},
+    **{f"histogram {digits}": jax.jit(
+        lambda keys, k, digits=digits: radix_histogram.threshold_by_histogram(
+            mr.group_by_shape([(x,) for x in keys]), lambda x: x, k, digits))
+       for digits in (radix_histogram.WIDE_DIGITS, radix_histogram.NARROW_DIGITS, (8, 8, 8, 8))},
 }
 
 
@@ -208,3 +210,36 @@ def test_zero_dimensional_leaves_and_shard_map():
     want = jaxprune.magnitude_masks({"k": w, "j": w + 1}, 0.5, {"k": True, "j": True},
                                     scope=scope)["k"]
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=st.sampled_from([(9, 7), (2, 40), (3, 5, 4), (1, 50), (31,)]),
+       levels=st.sampled_from([2, 5, 1000]), fraction=st.floats(0, 1),
+       seed=st.integers(0, 2**31 - 1))
+def test_chunked_counting_matches_the_sort_reference(shape, levels, fraction, seed):
+  # On one device the CPU histogram and the tie-break read large arrays in chunks
+  # (rows, or columns of a one-row array); 16-entry chunks make these arrays large.
+  rng = np.random.default_rng(seed)
+  w = (rng.integers(0, levels, size=shape) / 4).astype(np.float32)  # many ties
+  kept = rng.random(shape) > 0.3
+  ws, kepts = [w, w[:1]], [kept, None]
+  n = w.size + w[:1].size
+  k = int(round(fraction * n))
+  keys = np.concatenate([np.where(kept, np.abs(w).view(np.uint32).astype(np.int64) + 1, 0).ravel(),
+                         np.abs(w[:1]).view(np.uint32).astype(np.int64).ravel() + 1])
+  want = np.zeros(n, bool)
+  want[np.argsort(keys, kind="stable")[:k]] = True
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(chunked_reads, "CHUNK_ENTRIES", 8)
+    assert chunked_reads.chunking((w, kept)) is not None or w.size <= 16
+    got = jax.jit(lambda ws, ks: mr._select_smallest(list(zip(ws, ks)), mr.magnitude_keys, k))(
+        ws, kepts)
+  np.testing.assert_array_equal(np.concatenate([np.asarray(g).ravel() for g in got]), want)
+
+
+def test_a_large_leaf_is_ranked_in_bounded_scratch():
+  # XLA's CPU backend materializes the scatter's operands and every reduction's
+  # operand: counted whole, a 2048 x 2048 leaf held 6 bytes per weight (24 MB).
+  w = jax.ShapeDtypeStruct((2048, 2048), jnp.float32)
+  compiled = jax.jit(lambda w: mr.smallest_magnitudes([w], [None], 3_000_000)).lower(w).compile()
+  assert compiled.memory_analysis().temp_size_in_bytes / w.size < 1.0
