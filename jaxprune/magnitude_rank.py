@@ -47,7 +47,7 @@ from jaxprune.leaf_groups import (
   sum_over,
   with_arrays,
 )
-from jaxprune.packed_masks import pack_like_mask, unpack_mask
+from jaxprune.packed_masks import pack_like_mask, unpack_mask_sliced
 from jaxprune.radix_histogram import digits_for, threshold_by_histogram
 
 # Bits fixed per counting pass of the bisection: 2**_PASS_BITS - 1 pivots a pass.
@@ -71,7 +71,7 @@ def magnitude_keys(w: jax.Array, kept: jax.Array | None = None) -> jax.Array:
   # |w| has a zero sign bit, so bits + 1 cannot overflow.
   keys = bits + jnp.uint32(1)
   if kept is not None:
-    keys = jnp.where(unpack_mask(kept), keys, jnp.uint32(0))
+    keys = jnp.where(unpack_mask_sliced(kept), keys, jnp.uint32(0))
   return keys
 
 
@@ -314,7 +314,7 @@ def _kept_after(marked: jax.Array, source: tuple) -> jax.Array:
   """The kept mask of `source = (w, kept)` once `marked` is pruned too, in `kept`'s
   layout (packed or bool; bool if `kept` is None)."""
   _, kept = source
-  still = ~marked if kept is None else unpack_mask(kept) & ~marked
+  still = ~marked if kept is None else unpack_mask_sliced(kept) & ~marked
   return pack_like_mask(still, kept)
 
 

@@ -84,9 +84,17 @@ def unpack_mask(held: jax.Array) -> jax.Array:
   """The bool mask `held` stands for: itself if bool, else its bits unpacked."""
   if held.dtype == jnp.bool_:
     return held
-  # Each byte repeated 8 times, then shifted by its column: read through a dynamic
-  # slice (a chunk of rows), this is 1.8x faster on CPU than spreading the bits
-  # along a new axis and merging it into the last.
+  spread = (held[..., None] >> _bit_shifts()) & jnp.uint8(1)
+  return spread.reshape(*held.shape[:-1], held.shape[-1] * 8).astype(jnp.bool_)
+
+
+def unpack_mask_sliced(held: jax.Array) -> jax.Array:
+  """`unpack_mask(held)`, formulated for masks read through a dynamic slice (the
+  selection's chunks of rows): each byte repeated 8 times, then shifted by its
+  column. There it runs 1.8x faster on CPU than `unpack_mask`'s spread along a new
+  axis; fused into an optimizer step it costs more FLOPs, so the step keeps that."""
+  if held.dtype == jnp.bool_:
+    return held
   shape = (*held.shape[:-1], held.shape[-1] * 8)
   column = lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)
   shift = (7 - column % 8).astype(jnp.uint8)
