@@ -240,14 +240,25 @@ def magnitude_masks(
   return masks_from(params, {i: m for (i, *_), m in zip(chosen, kept)})
 
 
-def _kept_by_magnitude(weights: list, previous: list, sparsity: Any, scope: Scope) -> list:
-  """Each weight's kept mask once the smallest magnitudes are pruned, in the layout
-  of its previous mask (packed stays packed; bool if None)."""
+def _kept_by_magnitude(weights: list, previous: list, sparsity: Any, scope: Scope,
+                       held: bool = False) -> list:
+  """Each weight's kept mask once the smallest magnitudes are pruned.
+
+  `held`: `previous` are masks as `pruned` holds them, and the new masks come back
+  in their layout, computed inside the selection (no bool mask is written out).
+  Otherwise the marks come back and are combined here, outside the selection's
+  `cond`: there the result's sharding follows `previous`' (and the params') under
+  Auto mesh axes, which a result built inside the branches did not keep.
+  """
   if scope == "layer":
-    return smallest_magnitudes_each(
-        weights, previous, [_prune_count(sparsity, w.size) for w in weights], as_kept=True)
-  total = sum(w.size for w in weights)
-  return smallest_magnitudes(weights, previous, _prune_count(sparsity, total), as_kept=True)
+    counts = [_prune_count(sparsity, w.size) for w in weights]
+    out = smallest_magnitudes_each(weights, previous, counts, as_kept=held)
+  else:
+    total = sum(w.size for w in weights)
+    out = smallest_magnitudes(weights, previous, _prune_count(sparsity, total), as_kept=held)
+  if held:
+    return out
+  return [~m if p is None else p & ~m for m, p in zip(out, previous)]
 
 
 def magnitude_masks_held(params: PyTree, sparsity: Any, held: PyTree,
@@ -263,7 +274,7 @@ def magnitude_masks_held(params: PyTree, sparsity: Any, held: PyTree,
   masks, weights = slots(held).leaves, slots(params).leaves
   chosen = [i for i, m in enumerate(masks) if m is not None]
   kept = _kept_by_magnitude([weights[i] for i in chosen], [masks[i] for i in chosen], sparsity,
-                            scope)
+                            scope, held=True)
   out = list(masks)
   for i, m in zip(chosen, kept):
     out[i] = m
