@@ -1,7 +1,9 @@
-"""jaxprune: magnitude pruning for any JAX model (Flax NNX and Linen, Equinox, plain pytrees).
+"""jaxprune: pruning for any JAX model (Flax NNX and Linen, Equinox, plain pytrees).
 
-Pure functions over parameter pytrees (`select`, `magnitude_masks`,
-`threshold_masks`, `apply_masks`, `sparsity_report`), sparsity schedules, an optax
+Pure functions over parameter pytrees (`select`, `magnitude_masks`, `ranked_masks`
+with scores and distributions, `threshold_masks`, `apply_masks`,
+`sparsity_report`), pruning methods as values (`Magnitude`, `Prune`, `NM`),
+sparsity schedules, an optax
 wrapper that holds pruned weights at zero (`pruned`), and a jitted prune-retrain
 loop (`prune_retrain`). How `where` and mask trees line up with params (paths,
 `None` leaves, Equinox modules) is `jaxprune.mask_tree`.
@@ -9,6 +11,7 @@ loop (`prune_retrain`). How `where` and mask trees line up with params (paths,
 
 from jaxprune.checkpointing import Checkpointer
 from jaxprune.distillation import distillation_loss, kl_to_teacher
+from jaxprune.distributions import Distribution, erk, uniform
 from jaxprune.export import (
     CompressedFormatError,
     ExportInfo,
@@ -18,7 +21,7 @@ from jaxprune.export import (
 )
 from jaxprune.leaf_selection import leaf_paths, path_string, select
 from jaxprune.loop import prune_retrain
-from jaxprune.masks import apply_masks, check_masks, magnitude_masks, threshold_masks
+from jaxprune.masks import apply_masks, check_masks, magnitude_masks, ranked_masks, threshold_masks
 from jaxprune.metrics import Metric, aux_metric, loss_metric, perplexity
 from jaxprune.optax_wrapper import PrunedState, get_masks, pruned, set_masks
 from jaxprune.packed_masks import pack_mask, pack_masks, unpack_mask, unpack_masks
@@ -45,6 +48,14 @@ from jaxprune.schedules import (
     geometric_keep_schedule,
     polynomial_schedule,
 )
+from jaxprune.scores import (
+    Score,
+    given_score,
+    magnitude_score,
+    mean_gradients,
+    random_score,
+    saliency_score,
+)
 from jaxprune.sharding import (
     bytes_per_device,
     make_mesh,
@@ -56,7 +67,7 @@ from jaxprune.sharding import (
 )
 from jaxprune.steps import make_eval_step, make_train_step, prune_step
 from jaxprune.structured import is_nm_sparse, nm_masks, nm_violations
-from jaxprune.targets import NM, Magnitude, Target, as_target
+from jaxprune.targets import NM, Magnitude, Prune, Target, as_target
 
 __version__ = "0.1.0"
 
@@ -64,6 +75,7 @@ __all__ = [
     "NM",
     "Checkpointer",
     "CompressedFormatError",
+    "Distribution",
     "Evaluation",
     "ExportInfo",
     "IterationRecord",
@@ -72,8 +84,10 @@ __all__ = [
     "Magnitude",
     "Metric",
     "ProgressBar",
+    "Prune",
     "PruneRetrainResult",
     "PrunedState",
+    "Score",
     "SparsityReport",
     "StepReport",
     "Target",
@@ -86,12 +100,14 @@ __all__ = [
     "constant_schedule",
     "cubic_schedule",
     "distillation_loss",
+    "erk",
     "evaluate",
     "exponential_schedule",
     "export_compressed",
     "export_info",
     "geometric_keep_schedule",
     "get_masks",
+    "given_score",
     "is_nm_sparse",
     "kl_to_teacher",
     "leaf_paths",
@@ -99,10 +115,12 @@ __all__ = [
     "log_losses",
     "loss_metric",
     "magnitude_masks",
+    "magnitude_score",
     "make_eval_step",
     "make_mesh",
     "make_train_step",
     "mask_shardings",
+    "mean_gradients",
     "nm_masks",
     "nm_violations",
     "onto_mesh",
@@ -118,11 +136,15 @@ __all__ = [
     "prune_step",
     "pruned",
     "pruned_fraction",
+    "random_score",
+    "ranked_masks",
     "retrain",
+    "saliency_score",
     "select",
     "set_masks",
     "sparsity_report",
     "threshold_masks",
+    "uniform",
     "unpack_mask",
     "unpack_masks",
 ]

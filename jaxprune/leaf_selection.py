@@ -71,7 +71,7 @@ def _as_patterns(name: str, patterns: str | Sequence[str]) -> tuple[str, ...]:
   return patterns
 
 
-def _matches(parts: tuple[str, ...], pattern: str) -> bool:
+def matches_pattern(parts: tuple[str, ...], pattern: str) -> bool:
   """Does `pattern` match the path `parts`?
 
   A pattern without `/` matches any one component; a pattern with `/` matches a
@@ -151,11 +151,11 @@ def select(
     patterns = _as_patterns("include", include)
 
     def included(path: str, parts: tuple[str, ...], leaf: Any) -> bool:
-      return any(_matches(parts, p) for p in patterns)
+      return any(matches_pattern(parts, p) for p in patterns)
 
   def choose(path: tuple, leaf: Any) -> bool:
     parts = path_components(path)
-    if any(_matches(parts, p) for p in exclude):
+    if any(matches_pattern(parts, p) for p in exclude):
       return False
     if not is_float_array(leaf) or leaf.ndim < min_ndim:
       return False

@@ -75,6 +75,26 @@ def magnitude_keys(w: jax.Array, kept: jax.Array | None = None) -> jax.Array:
   return keys
 
 
+def value_keys(s: jax.Array, kept: jax.Array | None = None) -> jax.Array:
+  """uint32 keys whose order is the order of the values `s` (signed), shape of `s`.
+
+  A float's bits, read as uint32, order non-negative values; negative ones order
+  backwards, so their bits are flipped and the sign bit set for the rest. -0.0
+  ranks as 0.0 and every NaN as +NaN, above +inf. The smallest key (of -inf) is
+  0x007FFFFF, so `kept=False` entries get key 0, below all (as `magnitude_keys`).
+  """
+  s = s.astype(jnp.float32)
+  s = jnp.where(s == 0, jnp.float32(0), jnp.where(jnp.isnan(s), jnp.float32(jnp.nan), s))
+  bits = lax.bitcast_convert_type(s, jnp.uint32)
+  keys = jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+  if kept is not None:
+    keys = jnp.where(unpack_mask_sliced(kept), keys, jnp.uint32(0))
+  return keys
+
+
+_KEYS = {"magnitude": magnitude_keys, "value": value_keys}
+
+
 # `sum_keys(fn, init)`: `init + sum over every key array x (position j) of fn(x, j)`.
 # Built over `leaf_groups`, so each distinct shape's code is compiled once however
 # many arrays share it.
@@ -318,10 +338,10 @@ def _kept_after(marked: jax.Array, source: tuple) -> jax.Array:
   return pack_like_mask(still, kept)
 
 
-@functools.partial(jax.jit, static_argnames="as_kept")
+@functools.partial(jax.jit, static_argnames=("as_kept", "by"))
 def smallest_magnitudes(
     weights: Sequence[jax.Array], kept: Sequence[jax.Array | None], k: jax.Array | int,
-    *, as_kept: bool = False,
+    *, as_kept: bool = False, by: str = "magnitude",
 ) -> list[jax.Array]:
   """`smallest_k` of `magnitude_keys(w, kept)`, without materializing the keys.
 
@@ -343,6 +363,8 @@ def smallest_magnitudes(
     as_kept: return, instead of the marks, the kept masks once the marked are
       pruned (`kept & ~marked`, in `kept`'s layout: packed stays packed), computed
       where the marks are, so that no bool array of them is written out.
+    by: `"magnitude"` ranks `|w|` (`magnitude_keys`), `"value"` ranks `w` itself,
+      negative values first (`value_keys`: user scores).
 
   Returns:
     One array per weight: bool of its shape, `True` for the `k` marked (or the
@@ -354,14 +376,14 @@ def smallest_magnitudes(
     >>> smallest_magnitudes([jnp.array([0.3, -0.1, 0.2])], [None], 1)
     [Array([False,  True, False], dtype=bool)]
   """
-  return _select_smallest(list(zip(weights, kept)), magnitude_keys, k,
+  return _select_smallest(list(zip(weights, kept)), _KEYS[by], k,
                           _kept_after if as_kept else None)
 
 
-@functools.partial(jax.jit, static_argnames="as_kept")
+@functools.partial(jax.jit, static_argnames=("as_kept", "by"))
 def smallest_magnitudes_each(
     weights: Sequence[jax.Array], kept: Sequence[jax.Array | None],
-    counts: Sequence[jax.Array | int], *, as_kept: bool = False,
+    counts: Sequence[jax.Array | int], *, as_kept: bool = False, by: str = "magnitude",
 ) -> list[jax.Array]:
   """`smallest_magnitudes([w], [kept], k)` for every leaf on its own (layer scope).
 
@@ -378,7 +400,7 @@ def smallest_magnitudes_each(
   """
   sources = [(w, m, jnp.asarray(k, count_dtype(w.size))) for w, m, k in zip(weights, kept, counts)]
   return map_over(group_by_shape(sources), lambda s, j: _select_smallest(
-      [(s[0], s[1])], magnitude_keys, s[2], _kept_after if as_kept else None)[0])
+      [(s[0], s[1])], _KEYS[by], s[2], _kept_after if as_kept else None)[0])
 
 
 def round_fraction_of(fraction: jax.Array, n: int) -> jax.Array:

@@ -15,27 +15,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune.distributions import Distribution, prune_count, uniform
 from jaxprune.leaf_selection import Where
-from jaxprune.magnitude_rank import (
-    count_dtype,
-    round_fraction_of,
-    smallest_magnitudes,
-    smallest_magnitudes_each,
-)
+from jaxprune.magnitude_rank import smallest_magnitudes, smallest_magnitudes_each
 from jaxprune.mask_tree import (
-    check_masks,
-    map_masked,
-    masks_from,
-    selected_leaves,
-    slots,
-    unflatten,
-    zero_pruned,
+  check_masks,
+  map_masked,
+  masks_from,
+  selected_leaves,
+  slots,
+  unflatten,
+  zero_pruned,
 )
+from jaxprune.scores import Given, Score, magnitude_score
 
 PyTree = Any
 Scope = Literal["layer", "global"]
 
-__all__ = ["apply_masks", "check_masks", "magnitude_masks", "map_masked", "threshold_masks"]
+__all__ = [
+    "apply_masks", "check_masks", "magnitude_masks", "map_masked", "ranked_masks",
+    "threshold_masks",
+]
 
 
 def _is_traced(x: Any) -> bool:
@@ -103,17 +103,6 @@ def check_finite(w: jax.Array, path: str) -> None:
         f"parameter {path} contains NaN or inf; magnitudes cannot be ranked. "
         "Check the training run that produced it."
     )
-
-
-def _prune_count(sparsity: Any, n: int) -> Any:
-  """`round(sparsity * n)`. A traced sparsity cannot raise, so it is made total:
-  NaN counts as 0 (nothing newly pruned) and the rest is clipped to [0, 1] (1 prunes
-  all `n`), the same rule for every leaf."""
-  count_dtype(n)  # a ranking beyond int32 needs 64-bit types: say so before compute
-  if _is_traced(sparsity):
-    s = jnp.asarray(sparsity, jnp.float32)
-    return round_fraction_of(jnp.where(jnp.isnan(s), 0.0, jnp.clip(s, 0.0, 1.0)), n)
-  return int(round(float(sparsity) * n))
 
 
 def threshold_masks(params: PyTree, threshold: float | jax.Array, where: Where) -> PyTree:
@@ -229,20 +218,86 @@ def magnitude_masks(
     >>> m1 = jaxprune.magnitude_masks(params, 0.5, where)
     >>> m2 = jaxprune.magnitude_masks(params, 0.8, where, previous=m1)
   """
+  return ranked_masks(params, sparsity, where, scope=scope, previous=previous)
+
+
+def ranked_masks(
+    params: PyTree,
+    sparsity: float | jax.Array,
+    where: Where,
+    *,
+    score: Score | None = None,
+    scope: Scope = "layer",
+    distribution: Distribution | None = None,
+    previous: PyTree | None = None,
+) -> PyTree:
+  """Prunes exactly the lowest-`score` weights: `magnitude_masks` for any score and
+  any per-leaf distribution of the counts.
+
+  With `scope="layer"`, leaf i loses exactly `distribution.prune_counts(...)[i]`
+  weights (`uniform()`: `round(sparsity * n_i)`; `erk()`: Erdős–Rényi-kernel
+  shares summing to `round(sparsity * N)`); with `scope="global"`, exactly
+  `round(sparsity * N)` lowest scores over all selected leaves. Ties, `previous`
+  and traced sparsities as in `magnitude_masks`, on the same selection engine.
+
+  Args:
+    params: the parameter pytree.
+    sparsity: target fraction in [0, 1) (see `magnitude_masks`).
+    where: bool pytree from `select` (or a callable building one from params).
+    score: what a weight is worth (`jaxprune.scores`): `magnitude_score()` (the
+      default, `|w|`), `saliency_score(grads)`, `random_score(seed)`,
+      `given_score(tree)`.
+    scope: `"layer"` or `"global"`.
+    distribution: per-leaf counts in layer scope (`uniform()` by default, `erk()`);
+      global scope ranks all leaves together and takes none.
+    previous: an earlier mask tree of the same `where`, or None.
+
+  Returns:
+    A mask tree: bool arrays (`True` = kept) for selected leaves, `None` elsewhere.
+
+  Raises:
+    TypeError / ValueError: as `magnitude_masks`; a score or distribution that is
+      not one; a distribution other than a plain `uniform()` in global scope;
+      (outside jit) NaN/inf in a selected leaf's score, naming its path.
+
+  Example::
+
+    >>> masks = jaxprune.ranked_masks(params, 0.5, where, distribution=jaxprune.erk())
+    >>> masks = jaxprune.ranked_masks(params, 0.5, where, score=jaxprune.random_score(0))
+  """
   check_scope(scope)
   sparsity = check_fraction("sparsity", sparsity)
+  score, distribution = _checked_method(score, distribution, scope)
   chosen = selected_leaves(params, where, previous)
-  for _, path, w, _ in chosen:
-    check_finite(w, path)
-
-  kept = _kept_by_magnitude([w for _, _, w, _ in chosen], [p for *_, p in chosen], sparsity,
-                            scope)
+  values = [w if v is None else v for (_, _, w, _), v in
+            zip(chosen, score.scores(params, [i for i, *_ in chosen]))]
+  for (_, path, w, _), v in zip(chosen, values):
+    check_finite(v, path if v is w else f"the score of {path}")
+  kept = _kept_by_rank(values, [p for *_, p in chosen], [path for _, path, _, _ in chosen],
+                       sparsity, scope, distribution,
+                       "value" if isinstance(score, Given) else "magnitude")
   return masks_from(params, {i: m for (i, *_), m in zip(chosen, kept)})
 
 
-def _kept_by_magnitude(weights: list, previous: list, sparsity: Any, scope: Scope,
-                       held: bool = False) -> list:
-  """Each weight's kept mask once the smallest magnitudes are pruned.
+def _checked_method(score: Any, distribution: Any, scope: Scope) -> tuple[Score, Distribution]:
+  score = magnitude_score() if score is None else score
+  distribution = uniform() if distribution is None else distribution
+  if not isinstance(score, Score):
+    raise TypeError(f"score must be a score (jaxprune.magnitude_score(), saliency_score(grads), "
+                    f"...), got {score!r}")
+  if not isinstance(distribution, Distribution):
+    raise TypeError(f"distribution must be one (jaxprune.uniform(), jaxprune.erk()), "
+                    f"got {distribution!r}")
+  if scope == "global" and distribution != uniform():
+    raise ValueError(f"scope='global' ranks all leaves together: it takes no distribution "
+                     f"(got {distribution!r}); use scope='layer'")
+  return score, distribution
+
+
+def _kept_by_rank(values: list, previous: list, paths: list[str], sparsity: Any, scope: Scope,
+                  distribution: Distribution, by: str, held: bool = False) -> list:
+  """Each leaf's kept mask once its lowest values (`by` "magnitude" or "value") are
+  pruned.
 
   `held`: `previous` are masks as `pruned` holds them, and the new masks come back
   in their layout, computed inside the selection (no bool mask is written out).
@@ -251,11 +306,11 @@ def _kept_by_magnitude(weights: list, previous: list, sparsity: Any, scope: Scop
   Auto mesh axes, which a result built inside the branches did not keep.
   """
   if scope == "layer":
-    counts = [_prune_count(sparsity, w.size) for w in weights]
-    out = smallest_magnitudes_each(weights, previous, counts, as_kept=held)
+    counts = distribution.prune_counts(paths, [v.shape for v in values], sparsity)
+    out = smallest_magnitudes_each(values, previous, counts, as_kept=held, by=by)
   else:
-    total = sum(w.size for w in weights)
-    out = smallest_magnitudes(weights, previous, _prune_count(sparsity, total), as_kept=held)
+    total = sum(v.size for v in values)
+    out = smallest_magnitudes(values, previous, prune_count(sparsity, total), as_kept=held, by=by)
   if held:
     return out
   return [~m if p is None else p & ~m for m, p in zip(out, previous)]
@@ -273,8 +328,9 @@ def magnitude_masks_held(params: PyTree, sparsity: Any, held: PyTree,
   sparsity = check_fraction("sparsity", sparsity)
   masks, weights = slots(held).leaves, slots(params).leaves
   chosen = [i for i, m in enumerate(masks) if m is not None]
-  kept = _kept_by_magnitude([weights[i] for i in chosen], [masks[i] for i in chosen], sparsity,
-                            scope, held=True)
+  kept = _kept_by_rank([weights[i] for i in chosen], [masks[i] for i in chosen],
+                       [slots(held).paths[i] for i in chosen], sparsity, scope, uniform(),
+                       "magnitude", held=True)
   out = list(masks)
   for i, m in zip(chosen, kept):
     out[i] = m

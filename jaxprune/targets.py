@@ -31,7 +31,9 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 import numpy as np
 
-from jaxprune.masks import Scope, check_fraction, check_scope, magnitude_masks
+from jaxprune.distributions import uniform
+from jaxprune.masks import Scope, check_fraction, check_scope, magnitude_masks, ranked_masks
+from jaxprune.scores import magnitude_score
 from jaxprune.structured import check_nm, nm_masks
 
 PyTree = Any
@@ -74,6 +76,42 @@ class Magnitude:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class Prune:
+  """Prune exactly the lowest-`score` weights (see `ranked_masks`).
+
+  `sparsity` and `score` (with the arrays it carries: gradients, a key) are pytree
+  leaves, so one compiled prune step serves a whole schedule; `scope` and
+  `distribution` are static. `Prune(s)` is `Magnitude(s)`.
+
+  Example::
+
+    >>> target = jaxprune.Prune(0.8, distribution=jaxprune.erk())
+    >>> masks = target.masks(params, where)
+  """
+
+  sparsity: Any
+  score: Any = dataclasses.field(default_factory=magnitude_score)
+  scope: Scope = dataclasses.field(default="layer", metadata={"static": True})
+  distribution: Any = dataclasses.field(default_factory=uniform, metadata={"static": True})
+
+  def masks(self, params: PyTree, where: Any, previous: PyTree | None = None) -> PyTree:
+    return ranked_masks(params, self.sparsity, where, score=self.score, scope=self.scope,
+                        distribution=self.distribution, previous=previous)
+
+  def __str__(self) -> str:
+    s = self.sparsity
+    parts = [f"{s:.2%}" if isinstance(s, float) else "traced"]
+    if type(self.score).__name__ != "MagnitudeScore":
+      parts.append(type(self.score).__name__.lower())
+    if self.distribution != uniform():
+      parts.append(type(self.distribution).__name__)
+    if self.scope != "layer":
+      parts.append(self.scope)
+    return " ".join(parts)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class NM:
   """At most `n` kept in every group of `m` along `axis` (see `nm_masks`). All static."""
 
@@ -103,7 +141,7 @@ def as_target(entry: Any, scope: Scope = "layer", name: str = "target") -> Targe
     ValueError, naming `name` and the value.
   """
   if isinstance(entry, Target) and not isinstance(entry, (str, numbers.Real)):
-    if isinstance(entry, Magnitude):
+    if isinstance(entry, (Magnitude, Prune)):
       check_scope(entry.scope)
       return dataclasses.replace(entry, sparsity=_checked_sparsity(entry.sparsity, name))
     if isinstance(entry, NM):

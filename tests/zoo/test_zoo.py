@@ -510,3 +510,50 @@ def test_export_load_compressed(model, tmp_path):
   loaded2, loaded_masks = jaxprune.load_compressed(path, like=model.params, with_masks=True)
   assert slot_structure(loaded2) == slot_structure(model.params)
   assert_same_masks(loaded_masks, masks)
+
+
+# ------------------------------------------------------------------ scores, distributions
+
+
+def test_ranked_masks_erk(model):
+  params, where = model.params, model.where
+  erk = jaxprune.erk()
+  masks = jaxprune.ranked_masks(params, 0.7, where, distribution=erk)
+  assert_check_masks_hold(model, masks)
+  chosen = masked_pairs(params, masks)
+  counts = [int(c) for c in erk.prune_counts([p for p, _, _ in chosen],
+                                             [w.shape for _, w, _ in chosen], 0.7)]
+  assert sum(counts) == round(0.7 * sum(w.size for _, w, _ in chosen))
+  for (path, w, m), k in zip(chosen, counts):
+    np.testing.assert_array_equal(m, layer_reference(w, k), err_msg=path)
+  traced = jax.jit(lambda p, s: jaxprune.ranked_masks(p, s, where, distribution=erk))(params, 0.7)
+  assert_same_masks(traced, masks)
+
+
+def test_ranked_masks_saliency_random_and_given(model):
+  params, where = model.params, model.where
+  grads = jaxprune.mean_gradients(model.loss, params, [batch_at(0), batch_at(1)])
+  masks = jax.jit(lambda p, g: jaxprune.ranked_masks(
+      p, 0.5, where, score=jaxprune.saliency_score(g)))(params, grads)
+  assert_check_masks_hold(model, masks)
+  g_of = {p: g for p, g in slots(grads)}
+  for path, w, m in masked_pairs(params, masks):
+    k = round(0.5 * w.size)
+    score = np.abs(f32(w) * f32(g_of[path]))
+    np.testing.assert_array_equal(m, layer_reference(score, k), err_msg=path)
+  random = jaxprune.ranked_masks(params, 0.5, where, score=jaxprune.random_score(3))
+  assert_same_masks(random, jaxprune.ranked_masks(params, 0.5, where,
+                                                  score=jaxprune.random_score(3)))
+  for path, w, m in masked_pairs(params, random):
+    assert int((~m).sum()) == round(0.5 * w.size), path
+  # A user's scores: the weights' negatives rank the largest magnitudes of positive
+  # weights first, a ranking no magnitude criterion gives.
+  flipped = jax.tree.map(lambda x: -x if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
+                         else x, params)
+  given = jaxprune.ranked_masks(params, 0.5, where, score=jaxprune.given_score(flipped),
+                                scope="global")
+  chosen = masked_pairs(params, given)
+  values = np.concatenate([-f32(w).reshape(-1) for _, w, _ in chosen])
+  keep = np.ones(values.size, bool)
+  keep[np.argsort(values, kind="stable")[:round(0.5 * values.size)]] = False
+  np.testing.assert_array_equal(np.concatenate([m.reshape(-1) for _, _, m in chosen]), keep)

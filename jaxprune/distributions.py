@@ -1,0 +1,212 @@
+"""How much each leaf loses: exact per-leaf prune counts from one target sparsity.
+
+A *distribution* turns the selected leaves (their paths and shapes) and a target
+sparsity `s` into one prune count per leaf, `prune_counts(paths, shapes, s)`, and
+the real-valued sparsities they round, `sparsities(paths, shapes, s)`.
+`s` may be traced (a schedule's sparsity inside a compiled step); the counts are
+then traced int32/int64 scalars, computed exactly in integers.
+
+* `uniform()`: `round(s * n_i)` for every leaf, each leaf exact on its own
+  (what `Magnitude(s, scope="layer")` has always done).
+* `erk(power=1.0)`: Erdős–Rényi-kernel (Evci et al. 2020, as JaxPruner's `erk`):
+  leaf i keeps a density `eps * r_i` with `r_i = (sum of dims / product of dims)
+  ** power`, so small and thin leaves stay denser; `eps` is solved so that the
+  leaves keep `(1 - s) * N` weights in all. A leaf whose density would pass 1 is
+  kept dense and `eps` is solved again for the rest (leaves with equal `r_i`
+  together). The counts sum to exactly `round(s * N)`: each leaf's share is
+  rounded on its own, and the few weights of rounding difference (at most about
+  one per leaf) go to the largest leaf that is not dense.
+  `erk(kernel=False)` uses the last two dims only (`(n_in + n_out) / (n_in *
+  n_out)`, "ER").
+
+Both take `fixed={pattern: sparsity}`: leaves whose path matches a pattern (as in
+`jaxprune.select`) get that sparsity, exactly per leaf, and are left out of the
+others' sums (JaxPruner's `custom_sparsity_map`).
+
+Example::
+
+  >>> d = jaxprune.erk()
+  >>> [int(c) for c in d.prune_counts(["a", "b", "c"], [(2, 4), (3, 6), (2, 4, 6)], 0.5)]
+  [0, 6, 31]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune.leaf_selection import matches_pattern
+from jaxprune.magnitude_rank import count_dtype, round_fraction_of
+
+Shape = tuple[int, ...]
+
+
+@runtime_checkable
+class Distribution(Protocol):
+  """Per-leaf prune counts for a target sparsity (see the module docstring)."""
+
+  def sparsities(self, paths: Sequence[str], shapes: Sequence[Shape], sparsity: Any) -> list:
+    ...
+
+  def prune_counts(self, paths: Sequence[str], shapes: Sequence[Shape], sparsity: Any) -> list:
+    ...
+
+
+def prune_count(sparsity: Any, n: int) -> Any:
+  """`round(sparsity * n)`, exactly. A concrete sparsity gives a Python int; a traced
+  one cannot raise, so it is read totally: NaN counts as 0 (nothing newly pruned)
+  and the rest is clipped to [0, 1] (1 prunes all `n`), for every leaf alike."""
+  count_dtype(n)  # a ranking beyond int32 needs 64-bit types: say so before compute
+  if isinstance(sparsity, (jax.core.Tracer, jax.Array)):
+    s = jnp.asarray(sparsity, jnp.float32)
+    return round_fraction_of(jnp.where(jnp.isnan(s), 0.0, jnp.clip(s, 0.0, 1.0)), n)
+  return int(round(min(max(float(sparsity), 0.0), 1.0) * n))
+
+
+def _fixed_at(paths: Sequence[str], fixed: tuple) -> list[float | None]:
+  """Each path's fixed sparsity (the first matching pattern's), or None."""
+  out = []
+  for path in paths:
+    parts = tuple(path.split("/"))
+    out.append(next((s for p, s in fixed if matches_pattern(parts, p)), None))
+  return out
+
+
+def _check_fixed(fixed: Mapping[str, float]) -> tuple[tuple[str, float], ...]:
+  if not isinstance(fixed, Mapping):
+    raise ValueError(f"fixed must map path patterns to sparsities, got {fixed!r}")
+  for pattern, s in fixed.items():
+    if not isinstance(pattern, str):
+      raise ValueError(f"fixed: a path pattern must be a string, got {pattern!r}")
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0:
+      raise ValueError(f"fixed sparsity of {pattern!r} must be a number in [0, 1], got {s!r}")
+  return tuple((p, float(s)) for p, s in fixed.items())
+
+
+@dataclasses.dataclass(frozen=True)
+class Uniform:
+  """`round(s * n_i)` per leaf (fixed leaves: their own sparsity)."""
+
+  fixed: tuple[tuple[str, float], ...] = ()
+
+  def sparsities(self, paths, shapes, sparsity):
+    return [sparsity if f is None else f for f in _fixed_at(paths, self.fixed)]
+
+  def prune_counts(self, paths, shapes, sparsity):
+    sizes = [int(np.prod(s)) for s in shapes]
+    return [prune_count(s, n) for s, n in zip(self.sparsities(paths, shapes, sparsity), sizes)]
+
+
+def uniform(fixed: Mapping[str, float] | None = None) -> Uniform:
+  """Every leaf pruned to the target sparsity on its own (see the module docstring)."""
+  return Uniform(_check_fixed(fixed or {}))
+
+
+@dataclasses.dataclass(frozen=True)
+class ERK:
+  """Erdős–Rényi(-kernel) densities scaled to the target (see the module docstring)."""
+
+  power: float = 1.0
+  kernel: bool = True
+  fixed: tuple[tuple[str, float], ...] = ()
+
+  def raw_densities(self, shapes: Sequence[Shape]) -> np.ndarray:
+    """`r_i` of every leaf, before scaling."""
+    def one(shape):
+      dims = shape if self.kernel else shape[-2:]
+      return (np.sum(dims) / np.prod(dims)) ** self.power
+    return np.array([one(tuple(s)) for s in shapes], np.float64)
+
+  def _split(self, paths, shapes):
+    fixed = _fixed_at(paths, self.fixed)
+    return fixed, [i for i, f in enumerate(fixed) if f is None]
+
+  def sparsities(self, paths, shapes, sparsity):
+    fixed, free = self._split(paths, shapes)
+    out: list[Any] = list(fixed)
+    if free:
+      density = _erk_densities([shapes[i] for i in free],
+                               self.raw_densities([shapes[i] for i in free]), sparsity)
+      for j, i in enumerate(free):
+        out[i] = 1.0 - density[j]
+    return out
+
+  def prune_counts(self, paths, shapes, sparsity):
+    fixed, free = self._split(paths, shapes)
+    sizes = [int(np.prod(s)) for s in shapes]
+    counts: list[Any] = [None if f is None else prune_count(f, n) for f, n in zip(fixed, sizes)]
+    if free:
+      free_shapes = [shapes[i] for i in free]
+      density = _erk_densities(free_shapes, self.raw_densities(free_shapes), sparsity)
+      shares = _settle([prune_count(1.0 - density[j], sizes[i]) for j, i in enumerate(free)],
+                       [sizes[i] for i in free], density, sparsity)
+      for i, c in zip(free, shares):
+        counts[i] = c
+    return counts
+
+
+def erk(power: float = 1.0, *, kernel: bool = True,
+        fixed: Mapping[str, float] | None = None) -> ERK:
+  """Erdős–Rényi-kernel per-leaf sparsities (see the module docstring)."""
+  if isinstance(power, bool) or not isinstance(power, (int, float)) or not power > 0:
+    raise ValueError(f"erk power must be a positive number, got {power!r}")
+  return ERK(float(power), bool(kernel), _check_fixed(fixed or {}))
+
+
+def _erk_densities(shapes: Sequence[Shape], raw: np.ndarray, sparsity: Any) -> jax.Array:
+  """float32 densities (kept fractions) of ERK-scaled leaves, in leaf order.
+
+  With the leaves in order of decreasing `raw` and the first `d` kept dense,
+  `eps_d = (keep - dense_d) / sum_rest(raw_i n_i)`, where `keep = (1 - s) N` and
+  `dense_d` is the size of the dense leaves; the answer is the smallest `d` (at a
+  boundary between distinct `raw` values) with `eps_d * max_rest(raw) <= 1`.
+  Every `d` is evaluated at once (vectors of the leaves' count), so a traced
+  sparsity needs no Python loop.
+  """
+  sizes = np.array([int(np.prod(s)) for s in shapes], np.float64)
+  order = np.argsort(-raw, kind="stable")
+  raw_o, size_o = raw[order], sizes[order]
+  # d dense leaves: d = 0 and every boundary between distinct raw values.
+  candidates = np.array([0] + [d for d in range(1, len(raw_o)) if raw_o[d] != raw_o[d - 1]])
+  dense_size = np.concatenate([[0.0], np.cumsum(size_o)])[candidates]
+  rest_weight = np.concatenate([np.cumsum((raw_o * size_o)[::-1])[::-1], [0.0]])[candidates]
+  total = float(sizes.sum())
+  s = _total_fraction(sparsity)
+  keep = (1.0 - s) * total
+  eps = (keep - jnp.asarray(dense_size, jnp.float32)) / jnp.asarray(rest_weight, jnp.float32)
+  valid = eps * jnp.asarray(raw_o[candidates], jnp.float32) <= 1.0
+  chosen = jnp.argmax(valid)  # the smallest valid d (d = all dense is always valid: eps 0)
+  dense_count = jnp.asarray(candidates, jnp.int32)[chosen]
+  density_o = jnp.where(jnp.arange(len(raw_o)) < dense_count, 1.0,
+                        jnp.clip(eps[chosen] * jnp.asarray(raw_o, jnp.float32), 0.0, 1.0))
+  return density_o[np.argsort(order)]
+
+
+def _total_fraction(sparsity: Any) -> jax.Array:
+  """A sparsity as float32 in [0, 1], NaN as 0 (as `prune_count` reads it)."""
+  s = jnp.asarray(sparsity, jnp.float32)
+  return jnp.where(jnp.isnan(s), 0.0, jnp.clip(s, 0.0, 1.0))
+
+
+def _settle(counts: list, sizes: list[int], density: Any, sparsity: Any) -> list:
+  """`counts` with their sum made exactly `round(sparsity * N)`: the difference goes
+  to the largest leaf that is not dense (clipped to its size)."""
+  n = sum(sizes)
+  dtype = count_dtype(n)
+  target = jnp.asarray(prune_count(_total_fraction(sparsity), n), dtype)
+  counts = [jnp.asarray(c, dtype) for c in counts]
+  got = sum(counts)
+  sparse = density < 1.0
+  # The largest leaf that is not dense (the first largest if all are dense: no change).
+  weights = jnp.where(sparse, jnp.asarray(sizes, jnp.float32), -1.0)
+  receiver = jnp.argmax(weights)
+  out = []
+  for i, (c, size) in enumerate(zip(counts, sizes)):
+    adjusted = jnp.clip(c + (target - got), 0, size)
+    out.append(jnp.where((receiver == i) & sparse[i], adjusted, c))
+  return out

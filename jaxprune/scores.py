@@ -1,0 +1,149 @@
+"""What a weight is worth: scores the selection ranks (lowest pruned first).
+
+A *score* is a value with `scores(params, paths) -> list`, one float array per
+selected leaf (in the order given), or None for a leaf ranked by `|w|` itself
+(no array is built for it). Scores are pytrees: the arrays they carry (gradients,
+a random key, a user's tree) are leaves, so a target holding one can be traced.
+
+* `magnitude_score()`: `|w|` (the default of every target).
+* `saliency_score(grads)`: `|w * g|` (first-order Taylor, JaxPruner's saliency), `grads`
+  a pytree of `params`' structure (e.g. from `mean_gradients`).
+* `random_score(seed)`: uniform in [0, 1), independent per leaf and reproducible
+  from the seed (leaf `i` draws from `fold_in(key(seed), i)`).
+* `given_score(tree)`: a user's score tree of `params`' structure (any float values,
+  negative ones included; ranked by value).
+
+Scores are ranked by value through order-preserving uint32 keys (any float dtype
+through float32, as magnitudes); NaN ranks above +inf (kept last), -0.0 as 0.0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+
+from jaxprune.mask_tree import float_part, merge_float_part, slots
+
+PyTree = Any
+
+
+@runtime_checkable
+class Score(Protocol):
+  """Scores of the selected leaves (see the module docstring)."""
+
+  def scores(self, params: PyTree, chosen: Sequence[int]) -> list[jax.Array | None]: ...
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MagnitudeScore:
+  """`|w|`, ranked on the weights themselves (no score array)."""
+
+  def scores(self, params, chosen):
+    return [None] * len(chosen)
+
+
+def magnitude_score() -> MagnitudeScore:
+  """`|w|` (see the module docstring)."""
+  return MagnitudeScore()
+
+
+def _leaves_at(tree: PyTree, params: PyTree, chosen: Sequence[int], name: str) -> list:
+  theirs, mine = slots(params), slots(tree)
+  if len(mine.leaves) != len(theirs.leaves):
+    raise ValueError(f"{name} must have the structure of params: {len(mine.leaves)} leaves "
+                     f"against {len(theirs.leaves)}")
+  out = []
+  for i in chosen:
+    leaf, ref = mine.leaves[i], theirs.leaves[i]
+    if leaf is None or jnp.shape(leaf) != jnp.shape(ref):
+      raise ValueError(f"{name} at {theirs.paths[i]} must be an array of shape "
+                       f"{jnp.shape(ref)}, got {None if leaf is None else jnp.shape(leaf)}")
+    out.append(leaf)
+  return out
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Saliency:
+  """`|w * g|` for gradients `grads` of `params`' structure."""
+
+  grads: PyTree
+
+  def scores(self, params, chosen):
+    weights = [slots(params).leaves[i] for i in chosen]
+    grads = _leaves_at(self.grads, params, chosen, "saliency grads")
+    return [jnp.abs(w.astype(jnp.float32) * g.astype(jnp.float32))
+            for w, g in zip(weights, grads)]
+
+
+def saliency_score(grads: PyTree) -> Saliency:
+  """`|w * g|` (see the module docstring)."""
+  return Saliency(grads)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RandomScores:
+  """Uniform scores in [0, 1), leaf `i` from `fold_in(key, i)`."""
+
+  key: jax.Array
+
+  def scores(self, params, chosen):
+    weights = slots(params).leaves
+    return [jax.random.uniform(jax.random.fold_in(self.key, i), jnp.shape(weights[i]))
+            for i in chosen]
+
+
+def random_score(seed: int | jax.Array) -> RandomScores:
+  """Seeded random scores (see the module docstring)."""
+  if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
+    return RandomScores(seed)
+  return RandomScores(jax.random.key(seed))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Given:
+  """A user's score tree of `params`' structure, ranked by value."""
+
+  tree: PyTree
+
+  def scores(self, params, chosen):
+    return _leaves_at(self.tree, params, chosen, "given scores")
+
+
+def given_score(tree: PyTree) -> Given:
+  """A user's scores (see the module docstring)."""
+  return Given(tree)
+
+
+def mean_gradients(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
+                   batches: Iterable[Any]) -> PyTree:
+  """The mean of `jax.grad(loss_fn)(params, batch)` over `batches` (for `saliency`).
+
+  One jitted gradient per batch, accumulated on device (batches of one shape
+  compile once). Only floating-point leaves are differentiated; the others are
+  None in the result.
+
+  Example::
+
+    >>> grads = jaxprune.mean_gradients(loss_fn, params, [batch, batch])
+    >>> target = jaxprune.Prune(0.5, score=jaxprune.saliency_score(grads))
+  """
+  floats = float_part(params)
+  # Only floating-point leaves are differentiated (int counters, tables and None
+  # leaves get None), as in `prune_retrain`.
+  grad = jax.jit(jax.grad(lambda part, batch: loss_fn(merge_float_part(params, part), batch)))
+  total, count = None, 0
+  for batch in batches:
+    g = grad(floats, batch)
+    total = g if total is None else jax.tree.map(jnp.add, total, g)
+    count += 1
+  if total is None:
+    raise ValueError("mean_gradients needs at least one batch")
+  return jax.tree.map(lambda x: x / count, total)

@@ -1,0 +1,150 @@
+"""Per-leaf sparsity distributions: JaxPruner's ERK expectations, exact totals, traced
+sparsities, and the masks they give through `ranked_masks` and `Prune`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxprune
+
+# JaxPruner's `sparsity_distributions_test.testGetSparsityERKSucceed` cases: shapes,
+# sparsity, kernel (their include_kernel), power, expected per-leaf sparsity (2 places).
+THREE = {"a": (2, 4), "b": (3, 6), "c": (2, 4, 6)}
+ERK_CASES = [
+    ({"a": (2, 4)}, 0.5, True, 1.0, {"a": 0.5}),
+    (THREE, 0.5, True, 1.0, {"a": 0.0, "b": 0.31, "c": 0.655}),
+    (THREE, 0.5, False, 1.0, {"a": 0.21, "b": 0.47, "c": 0.56}),
+    # JaxPruner expects 0.556 / 0.70 / 0.85 here: it keeps sum(n_i - floor(0.8 n_i)) = 16
+    # weights (sparsity 0.784), jaxprune exactly (1 - 0.8) * 74 = 14.8: eps = 14.8 / 27.
+    (THREE, 0.8, True, 1.0, {"a": 0.589, "b": 0.726, "c": 0.863}),
+    (THREE, 0.5, True, 2.0, {"a": 0.0, "b": 0.033, "c": 0.758}),
+    # testERKSparsityMapGenerator: a tree with a 3-d and a 2-d leaf.
+    ({"a": (2, 4), "b/c": (3, 6, 7), "b/d": (7, 4)}, 0.5, True, 1.0, {"a": 0.0, "b/c": 0.64,
+                                                                      "b/d": 0.0}),
+]
+
+
+@pytest.mark.parametrize("shapes, sparsity, kernel, power, want", ERK_CASES)
+def test_erk_sparsities_match_jaxpruner(shapes, sparsity, kernel, power, want):
+  d = jaxprune.erk(power, kernel=kernel)
+  got = d.sparsities(list(shapes), list(shapes.values()), sparsity)
+  for name, s in zip(shapes, got):
+    assert float(s) == pytest.approx(want[name], abs=0.006), name
+  # Traced: the same figures inside jit.
+  traced = jax.jit(lambda s: d.sparsities(list(shapes), list(shapes.values()), s))(sparsity)
+  np.testing.assert_allclose([float(x) for x in traced], [float(x) for x in got], atol=1e-6)
+
+
+def test_fixed_leaves_keep_their_sparsity_and_leave_the_erk_sums():
+  # JaxPruner's testERKSparsityMapGeneratorWithCustomMap: b/d fixed at 0.1, c gets 0.53.
+  shapes = {"a": (2, 4), "b/c": (3, 6, 7), "b/d": (7, 4)}
+  d = jaxprune.erk(fixed={"b/d": 0.1})
+  got = dict(zip(shapes, d.sparsities(list(shapes), list(shapes.values()), 0.5)))
+  assert got["b/d"] == 0.1 and float(got["b/c"]) == pytest.approx(0.53, abs=0.006)
+  u = jaxprune.uniform(fixed={"b/d": 0.1})
+  assert u.sparsities(list(shapes), list(shapes.values()), 0.5) == [0.5, 0.5, 0.1]
+  counts = d.prune_counts(list(shapes), list(shapes.values()), 0.5)
+  assert int(counts[2]) == round(0.1 * 28)
+  # The free leaves' counts sum to the target over the free leaves exactly.
+  assert int(counts[0]) + int(counts[1]) == round(0.5 * (8 + 126))
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes=st.lists(st.lists(st.integers(1, 40), min_size=1, max_size=3).map(tuple),
+                       min_size=1, max_size=6),
+       sparsity=st.floats(0, 0.999), power=st.sampled_from([0.5, 1.0, 2.0]))
+def test_erk_counts_are_exact_in_total_and_bounded_per_leaf(shapes, sparsity, power):
+  paths = [f"l{i}" for i in range(len(shapes))]
+  sizes = [int(np.prod(s)) for s in shapes]
+  d = jaxprune.erk(power)
+  counts = [int(c) for c in d.prune_counts(paths, shapes, sparsity)]
+  assert sum(counts) == round(sparsity * sum(sizes))
+  assert all(0 <= c <= n for c, n in zip(counts, sizes))
+  # Each leaf within a couple of weights of its real-valued share, but for the one
+  # leaf that takes the rounding difference.
+  shares = [float(s) * n for s, n in zip(d.sparsities(paths, shapes, sparsity), sizes)]
+  off = [abs(c - s) for c, s in zip(counts, shares)]
+  assert sorted(off)[:-1] == [] or max(sorted(off)[:-1]) <= 1.01
+  traced = jax.jit(lambda s: d.prune_counts(paths, shapes, s))(jnp.float32(sparsity))
+  assert sum(int(c) for c in traced) == int(jaxprune.magnitude_rank.round_fraction_of(
+      jnp.float32(sparsity), sum(sizes)))
+
+
+def test_bad_distributions_are_refused_by_name():
+  with pytest.raises(ValueError, match="power"):
+    jaxprune.erk(0)
+  with pytest.raises(ValueError, match="fixed sparsity of 'fc1'"):
+    jaxprune.erk(fixed={"fc1": 1.5})
+  params = {"w": jnp.ones((4, 4))}
+  with pytest.raises(ValueError, match="global"):
+    jaxprune.ranked_masks(params, 0.5, {"w": True}, scope="global", distribution=jaxprune.erk())
+  with pytest.raises(TypeError, match="distribution"):
+    jaxprune.ranked_masks(params, 0.5, {"w": True}, distribution={"w": 0.5})
+
+
+def _params():
+  k = jax.random.split(jax.random.key(0), 3)
+  return {"conv": {"kernel": jax.random.normal(k[0], (3, 3, 8, 16))},
+          "fc1": {"kernel": jax.random.normal(k[1], (64, 128)), "bias": jnp.zeros(128)},
+          "head": {"kernel": jax.random.normal(k[2], (128, 10))}}
+
+
+def test_erk_masks_prune_the_exact_total_and_keep_thin_leaves_denser():
+  params = _params()
+  where = jaxprune.select(params)
+  masks = jaxprune.ranked_masks(params, 0.9, where, distribution=jaxprune.erk())
+  sizes = {k: params[k]["kernel"].size for k in ("conv", "fc1", "head")}
+  pruned = {k: int((~masks[k]["kernel"]).sum()) for k in sizes}
+  assert sum(pruned.values()) == round(0.9 * sum(sizes.values()))
+  assert masks["fc1"]["bias"] is None
+  # (sum dims / prod dims) is largest for the head: it keeps the largest fraction.
+  density = {k: 1 - pruned[k] / sizes[k] for k in sizes}
+  assert density["head"] > density["conv"] > 0 and density["head"] > density["fc1"]
+  # The kept weights are each leaf's largest magnitudes.
+  for k in sizes:
+    w = np.abs(np.asarray(params[k]["kernel"])).ravel()
+    kept = np.asarray(masks[k]["kernel"]).ravel()
+    assert w[kept].min() >= w[~kept].max()
+
+
+def test_prune_targets_run_in_pruned_and_in_prune_retrain():
+  params = _params()
+  where = jaxprune.select(params)
+  target = jaxprune.Prune(0.8, distribution=jaxprune.erk())
+  assert str(target) == "80.00% ERK"
+  want = target.masks(params, where)
+  # As the schedule of `pruned`'s gradual mode (traced sparsity inside the update).
+  tx = jaxprune.pruned(optax.sgd(0.0), where=where, update_every=1,
+                       schedule=lambda count: jaxprune.Prune(0.8, distribution=jaxprune.erk()))
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.zeros_like, params)
+  _, state = jax.jit(tx.update)(grads, state, params)
+  got = jaxprune.get_masks(state)
+  for k in ("conv", "fc1", "head"):
+    np.testing.assert_array_equal(got[k]["kernel"], want[k]["kernel"], err_msg=k)
+  # As a schedule entry of the loop's prune step (its sparsity traced).
+  opt_state = jaxprune.pruned(optax.sgd(0.0), jaxprune.magnitude_masks(params, 0.0, where)).init(
+      params)
+  step = jax.jit(lambda p, o, t: jaxprune.prune_step(p, o, t, where))
+  _, opt_state = step(params, opt_state, target)
+  got = jaxprune.get_masks(opt_state)
+  for k in ("conv", "fc1", "head"):
+    np.testing.assert_array_equal(got[k]["kernel"], want[k]["kernel"], err_msg=k)
+
+
+def test_a_schedule_of_erk_targets_compiles_one_prune_step():
+  from test_targets import make_params, prune_retrain_counting_compiles
+
+  params = make_params()
+  schedule = [jaxprune.Prune(s, distribution=jaxprune.erk()) for s in (0.3, 0.6, 0.8)]
+  result, compiled = prune_retrain_counting_compiles(params, schedule)
+  assert compiled.count("jit(prune_step)") == 1
+  # ERK's exact total after every prune, and the thin fc2 (16 x 4) kept denser.
+  total = sum(int((~m).sum()) for m in jax.tree.leaves(result.masks))
+  assert total == round(0.8 * (8 * 16 + 16 * 4))
+  assert result.masks["fc2"]["kernel"].mean() > result.masks["fc1"]["kernel"].mean()
+  assert [r.target_sparsity for r in result.history] == [0.3, 0.6, 0.8]
