@@ -68,6 +68,7 @@ from jaxprune.sharding import (
 from jaxprune.steps import make_eval_step, make_train_step, prune_step
 from jaxprune.structured import is_nm_sparse, nm_masks, nm_violations
 from jaxprune.targets import NM, Magnitude, Prune, Target, as_target
+from jaxprune.units import blocks, channels
 
 __version__ = "0.1.0"
 
@@ -94,7 +95,9 @@ __all__ = [
     "apply_masks",
     "as_target",
     "aux_metric",
+    "blocks",
     "bytes_per_device",
+    "channels",
     "check_finite_losses",
     "check_masks",
     "constant_schedule",

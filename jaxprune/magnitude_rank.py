@@ -92,7 +92,8 @@ def value_keys(s: jax.Array, kept: jax.Array | None = None) -> jax.Array:
   return keys
 
 
-_KEYS = {"magnitude": magnitude_keys, "value": value_keys}
+# The key functions by name: what `by=` selects.
+KEYS = {"magnitude": magnitude_keys, "value": value_keys}
 
 
 # `sum_keys(fn, init)`: `init + sum over every key array x (position j) of fn(x, j)`.
@@ -376,7 +377,7 @@ def smallest_magnitudes(
     >>> smallest_magnitudes([jnp.array([0.3, -0.1, 0.2])], [None], 1)
     [Array([False,  True, False], dtype=bool)]
   """
-  return _select_smallest(list(zip(weights, kept)), _KEYS[by], k,
+  return _select_smallest(list(zip(weights, kept)), KEYS[by], k,
                           _kept_after if as_kept else None)
 
 
@@ -400,7 +401,7 @@ def smallest_magnitudes_each(
   """
   sources = [(w, m, jnp.asarray(k, count_dtype(w.size))) for w, m, k in zip(weights, kept, counts)]
   return map_over(group_by_shape(sources), lambda s, j: _select_smallest(
-      [(s[0], s[1])], _KEYS[by], s[2], _kept_after if as_kept else None)[0])
+      [(s[0], s[1])], KEYS[by], s[2], _kept_after if as_kept else None)[0])
 
 
 def round_fraction_of(fraction: jax.Array, n: int) -> jax.Array:

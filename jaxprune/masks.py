@@ -27,7 +27,9 @@ from jaxprune.mask_tree import (
   unflatten,
   zero_pruned,
 )
+from jaxprune.row_rank import smallest_in_rows_each
 from jaxprune.scores import Given, Score, magnitude_score
+from jaxprune.units import is_granularity, unit_count
 
 PyTree = Any
 Scope = Literal["layer", "global"]
@@ -227,18 +229,24 @@ def ranked_masks(
     where: Where,
     *,
     score: Score | None = None,
-    scope: Scope = "layer",
+    scope: str = "layer",
     distribution: Distribution | None = None,
     previous: PyTree | None = None,
+    axis: int = -2,
 ) -> PyTree:
-  """Prunes exactly the lowest-`score` weights: `magnitude_masks` for any score and
-  any per-leaf distribution of the counts.
+  """Prunes exactly the lowest-`score` weights: `magnitude_masks` for any score,
+  any per-leaf distribution of the counts, and per-row comparison groups.
 
   With `scope="layer"`, leaf i loses exactly `distribution.prune_counts(...)[i]`
   weights (`uniform()`: `round(sparsity * n_i)`; `erk()`: Erdős–Rényi-kernel
   shares summing to `round(sparsity * N)`); with `scope="global"`, exactly
-  `round(sparsity * N)` lowest scores over all selected leaves. Ties, `previous`
-  and traced sparsities as in `magnitude_masks`, on the same selection engine.
+  `round(sparsity * N)` lowest scores over all selected leaves; with
+  `scope="row"`, every row along `axis` (the weights sharing all other indices:
+  one output neuron's inputs for `axis=-2` on a Flax `(in, out)` kernel, `-1` on
+  an Equinox `(out, in)` weight) loses exactly `round(s_i * L)` of its `L`, `s_i`
+  the leaf's sparsity from the distribution; with `scope=blocks(...)` or
+  `channels(...)`, each leaf loses exactly `round(s_i * units)` whole units.
+  Ties (by position), `previous` and traced sparsities as in `magnitude_masks`.
 
   Args:
     params: the parameter pytree.
@@ -247,36 +255,70 @@ def ranked_masks(
     score: what a weight is worth (`jaxprune.scores`): `magnitude_score()` (the
       default, `|w|`), `saliency_score(grads)`, `random_score(seed)`,
       `given_score(tree)`.
-    scope: `"layer"` or `"global"`.
-    distribution: per-leaf counts in layer scope (`uniform()` by default, `erk()`);
-      global scope ranks all leaves together and takes none.
+    scope: `"layer"`, `"global"`, `"row"`, or a structured granularity:
+      `jaxprune.blocks((b0, b1))`, `jaxprune.channels(axis)` (`jaxprune.units`).
+    distribution: per-leaf counts in layer and row scope (`uniform()` by default,
+      `erk()`); global scope ranks all leaves together and takes none.
     previous: an earlier mask tree of the same `where`, or None.
+    axis: the ranking axis of row scope.
 
   Returns:
     A mask tree: bool arrays (`True` = kept) for selected leaves, `None` elsewhere.
 
   Raises:
     TypeError / ValueError: as `magnitude_masks`; a score or distribution that is
-      not one; a distribution other than a plain `uniform()` in global scope;
-      (outside jit) NaN/inf in a selected leaf's score, naming its path.
+      not one; a distribution other than a plain `uniform()` in global scope; in
+      row scope, a selected leaf without `axis`; (outside jit) NaN/inf in a
+      selected leaf's score, naming its path.
 
   Example::
 
     >>> masks = jaxprune.ranked_masks(params, 0.5, where, distribution=jaxprune.erk())
     >>> masks = jaxprune.ranked_masks(params, 0.5, where, score=jaxprune.random_score(0))
+    >>> masks = jaxprune.ranked_masks(params, 0.5, where, scope="row")   # per output neuron
+    >>> int((~masks["fc2"]["kernel"]).sum(axis=0)[0])                     # 4 of its 8 inputs
+    4
   """
-  check_scope(scope)
+  if not (scope == "row" or is_granularity(scope)):
+    check_scope(scope)
   sparsity = check_fraction("sparsity", sparsity)
   score, distribution = _checked_method(score, distribution, scope)
   chosen = selected_leaves(params, where, previous)
+  if scope == "row":
+    _check_rows(chosen, axis)
+  if is_granularity(scope):
+    for _, path, w, _ in chosen:
+      scope.check(path, tuple(np.shape(w)))
   values = [w if v is None else v for (_, _, w, _), v in
             zip(chosen, score.scores(params, [i for i, *_ in chosen]))]
   for (_, path, w, _), v in zip(chosen, values):
     check_finite(v, path if v is w else f"the score of {path}")
   kept = _kept_by_rank(values, [p for *_, p in chosen], [path for _, path, _, _ in chosen],
                        sparsity, scope, distribution,
-                       "value" if isinstance(score, Given) else "magnitude")
+                       "value" if isinstance(score, Given) else "magnitude", axis=axis)
   return masks_from(params, {i: m for (i, *_), m in zip(chosen, kept)})
+
+
+def _check_rows(chosen: list, axis: Any) -> None:
+  if isinstance(axis, bool) or not isinstance(axis, int):
+    raise ValueError(f"axis must be an int, got {axis!r}")
+  for _, path, w, _ in chosen:
+    if not -np.ndim(w) <= axis < np.ndim(w):
+      raise ValueError(f"scope='row' ranks along axis {axis}: {path} has shape "
+                       f"{tuple(np.shape(w))}; exclude it from `where` or choose the axis")
+
+
+def _unit_marks(granularity: Any, values: list, previous: list, paths: list[str],
+                sparsity: Any, distribution: Distribution, by: str) -> list:
+  """Per leaf, the weights of its `round(s_i * units)` lowest-scoring units."""
+  if by == "magnitude":  # units pool the magnitudes, not the signed weights
+    values = [jnp.abs(v) for v in values]
+  shapes = [v.shape for v in values]
+  shares = distribution.sparsities(paths, shapes, sparsity)
+  counts = [prune_count(s, unit_count(granularity, shape)) for s, shape in zip(shares, shapes)]
+  marks = smallest_magnitudes_each([granularity.unit_scores(v) for v in values],
+                                   [granularity.unit_kept(p) for p in previous], counts, by=by)
+  return [granularity.expand(m, shape) for m, shape in zip(marks, shapes)]
 
 
 def _checked_method(score: Any, distribution: Any, scope: Scope) -> tuple[Score, Distribution]:
@@ -294,8 +336,9 @@ def _checked_method(score: Any, distribution: Any, scope: Scope) -> tuple[Score,
   return score, distribution
 
 
-def _kept_by_rank(values: list, previous: list, paths: list[str], sparsity: Any, scope: Scope,
-                  distribution: Distribution, by: str, held: bool = False) -> list:
+def _kept_by_rank(values: list, previous: list, paths: list[str], sparsity: Any, scope: str,
+                  distribution: Distribution, by: str, held: bool = False,
+                  axis: int = -2) -> list:
   """Each leaf's kept mask once its lowest values (`by` "magnitude" or "value") are
   pruned.
 
@@ -308,6 +351,12 @@ def _kept_by_rank(values: list, previous: list, paths: list[str], sparsity: Any,
   if scope == "layer":
     counts = distribution.prune_counts(paths, [v.shape for v in values], sparsity)
     out = smallest_magnitudes_each(values, previous, counts, as_kept=held, by=by)
+  elif scope == "row":
+    shares = distribution.sparsities(paths, [v.shape for v in values], sparsity)
+    counts = [prune_count(s, v.shape[axis]) for s, v in zip(shares, values)]
+    out = smallest_in_rows_each(values, previous, counts, axis=axis, by=by)
+  elif is_granularity(scope):
+    out = _unit_marks(scope, values, previous, paths, sparsity, distribution, by)
   else:
     total = sum(v.size for v in values)
     out = smallest_magnitudes(values, previous, prune_count(sparsity, total), as_kept=held, by=by)

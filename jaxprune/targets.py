@@ -35,6 +35,7 @@ from jaxprune.distributions import uniform
 from jaxprune.masks import Scope, check_fraction, check_scope, magnitude_masks, ranked_masks
 from jaxprune.scores import magnitude_score
 from jaxprune.structured import check_nm, nm_masks
+from jaxprune.units import is_granularity
 
 PyTree = Any
 
@@ -80,8 +81,10 @@ class Prune:
   """Prune exactly the lowest-`score` weights (see `ranked_masks`).
 
   `sparsity` and `score` (with the arrays it carries: gradients, a key) are pytree
-  leaves, so one compiled prune step serves a whole schedule; `scope` and
-  `distribution` are static. `Prune(s)` is `Magnitude(s)`.
+  leaves, so one compiled prune step serves a whole schedule; `scope` ("layer",
+  "global", "row", `blocks(...)`, `channels(...)`), `distribution` and `axis` (row
+  scope's) are static.
+  `Prune(s)` is `Magnitude(s)`.
 
   Example::
 
@@ -91,12 +94,13 @@ class Prune:
 
   sparsity: Any
   score: Any = dataclasses.field(default_factory=magnitude_score)
-  scope: Scope = dataclasses.field(default="layer", metadata={"static": True})
+  scope: str = dataclasses.field(default="layer", metadata={"static": True})
   distribution: Any = dataclasses.field(default_factory=uniform, metadata={"static": True})
+  axis: int = dataclasses.field(default=-2, metadata={"static": True})
 
   def masks(self, params: PyTree, where: Any, previous: PyTree | None = None) -> PyTree:
     return ranked_masks(params, self.sparsity, where, score=self.score, scope=self.scope,
-                        distribution=self.distribution, previous=previous)
+                        distribution=self.distribution, previous=previous, axis=self.axis)
 
   def __str__(self) -> str:
     s = self.sparsity
@@ -106,7 +110,8 @@ class Prune:
     if self.distribution != uniform():
       parts.append(type(self.distribution).__name__)
     if self.scope != "layer":
-      parts.append(self.scope)
+      parts.append(self.scope if self.scope != "row" or self.axis == -2
+                   else f"row axis {self.axis}")
     return " ".join(parts)
 
 
@@ -142,7 +147,8 @@ def as_target(entry: Any, scope: Scope = "layer", name: str = "target") -> Targe
   """
   if isinstance(entry, Target) and not isinstance(entry, (str, numbers.Real)):
     if isinstance(entry, (Magnitude, Prune)):
-      check_scope(entry.scope)
+      if not (isinstance(entry, Prune) and (entry.scope == "row" or is_granularity(entry.scope))):
+        check_scope(entry.scope)
       return dataclasses.replace(entry, sparsity=_checked_sparsity(entry.sparsity, name))
     if isinstance(entry, NM):
       _check_pattern(entry.n, entry.m, name, entry)

@@ -557,3 +557,35 @@ def test_ranked_masks_saliency_random_and_given(model):
   keep = np.ones(values.size, bool)
   keep[np.argsort(values, kind="stable")[:round(0.5 * values.size)]] = False
   np.testing.assert_array_equal(np.concatenate([m.reshape(-1) for _, _, m in chosen]), keep)
+
+
+def test_ranked_masks_rows(model):
+  # Rows along the model's input axis: each output neuron keeps the same count.
+  params, where, axis = model.params, model.where, model.input_axis
+  masks = jax.jit(lambda p: jaxprune.ranked_masks(p, 0.5, where, scope="row", axis=axis))(params)
+  assert_check_masks_hold(model, masks)
+  for path, w, m in masked_pairs(params, masks):
+    k = round(0.5 * w.shape[axis])
+    rank = np.argsort(np.argsort(np.moveaxis(np.abs(f32(w)), axis, -1), axis=-1, kind="stable"),
+                      axis=-1, kind="stable")
+    np.testing.assert_array_equal(m, np.moveaxis(rank >= k, -1, axis), err_msg=path)
+
+
+def test_ranked_masks_channels_and_blocks(model):
+  params, where = model.params, model.where
+  out_axis = -1 if model.input_axis == -2 else -2  # the output axis of the layout
+  masks = jax.jit(lambda p: jaxprune.ranked_masks(
+      p, 0.5, where, scope=jaxprune.channels(out_axis)))(params)
+  assert_check_masks_hold(model, masks)
+  for path, w, m in masked_pairs(params, masks):
+    others = tuple(a for a in range(w.ndim) if a != out_axis % w.ndim)
+    kept_channels = m.all(axis=others)
+    assert (m == np.expand_dims(kept_channels, others)).all(), path
+    norms = np.sqrt((f32(w) ** 2).sum(axis=others))
+    assert int((~kept_channels).sum()) == round(0.5 * w.shape[out_axis]), path
+    assert norms[kept_channels].min() >= norms[~kept_channels].max(), path
+  tiles = jaxprune.ranked_masks(params, 0.5, where, scope=jaxprune.blocks((2, 2)))
+  for path, w, m in masked_pairs(params, tiles):
+    assert int((~m).sum()) == 4 * round(0.5 * w.size / 4), path
+    t = m.reshape(*m.shape[:-2], m.shape[-2] // 2, 2, m.shape[-1] // 2, 2)
+    assert (t.all(axis=(-3, -1)) == t.any(axis=(-3, -1))).all(), path  # whole tiles

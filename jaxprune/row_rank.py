@@ -1,0 +1,81 @@
+"""Exact selection within rows: every row of a leaf loses the same number of weights.
+
+A *row* is the set of weights that share every index but one, along the ranking
+`axis`: for a Flax kernel `(in, out)` and `axis=-2`, the inputs of one output
+neuron (the comparison group Wanda uses); for a stacked kernel `(L, in, out)`,
+one neuron of one layer. Each row loses exactly `k` weights: its `k` smallest
+keys, ties broken by position along the axis.
+
+The k-th smallest key of every row is found at once by bisection on the uint32
+keys (as `magnitude_rank`'s counting engine): 32 passes, each a compare-and-sum
+along the axis against one candidate per row. No sort, no scatter; a pass holds
+one int32 count per row (and, on CPU, the compare operand XLA writes out before
+reducing: 4 bytes per weight, reused pass after pass). Ties are broken by a
+cumsum along the axis.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxprune.leaf_groups import group_by_shape, map_over
+from jaxprune.magnitude_rank import KEYS
+
+
+def _row_thresholds(keys: jax.Array, axis: int, k: jax.Array) -> jax.Array:
+  """Per row, the largest uint32 `t` with `#{keys < t} < k` (the k-th smallest)."""
+  rows = jnp.zeros(keys.shape[:axis] + keys.shape[axis + 1:], jnp.uint32)
+
+  def one_pass(p, t):
+    candidate = t | (jnp.uint32(1) << (jnp.uint32(31) - p.astype(jnp.uint32)))
+    below = jnp.sum(keys < jnp.expand_dims(candidate, axis), axis=axis, dtype=jnp.int32)
+    return jnp.where(below < k, candidate, t)
+
+  return lax.fori_loop(0, 32, one_pass, rows)
+
+
+def _smallest_in_rows(keys: jax.Array, axis: int, k: jax.Array) -> jax.Array:
+  """Marks the `k` smallest keys of every row along `axis` (ties by position)."""
+  t = jnp.expand_dims(_row_thresholds(keys, axis, k), axis)
+  below = keys < t
+  take = k - jnp.sum(below, axis=axis, keepdims=True, dtype=jnp.int32)
+  ties = keys == t
+  return below | (ties & (jnp.cumsum(ties, axis=axis, dtype=jnp.int32) <= take))
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "by"))
+def smallest_in_rows_each(
+    weights: Sequence[jax.Array], kept: Sequence[jax.Array | None],
+    counts: Sequence[jax.Array | int], *, axis: int = -2, by: str = "magnitude",
+) -> list[jax.Array]:
+  """For every leaf, marks the `counts[i]` smallest keys of each row along `axis`.
+
+  Args:
+    weights: float arrays (at least 1-d), each ranked within its rows.
+    kept: per weight, a bool mask of its shape (or packed, `jaxprune.pack_mask`),
+      or None: pruned entries rank first.
+    counts: per weight, how many each of its rows loses, `0 <= k <= rows' length`.
+    axis: the ranking axis (negative counts from the end).
+    by: `"magnitude"` (`|w|`) or `"value"` (`w` itself, negative first).
+
+  Returns:
+    One bool array per weight, `True` for the marked (pruned) entries.
+
+  Example::
+
+    >>> from jaxprune.row_rank import smallest_in_rows_each
+    >>> w = jnp.array([[0.3, -2.0], [0.1, 0.5], [-0.2, 1.0]])   # rows: the columns
+    >>> smallest_in_rows_each([w], [None], [1], axis=0)[0].astype(int)
+    Array([[0, 0],
+           [1, 1],
+           [0, 0]], dtype=int32)
+  """
+  key_of = KEYS[by]
+  sources = [(w, m, jnp.asarray(k, jnp.int32)) for w, m, k in zip(weights, kept, counts)]
+  return map_over(group_by_shape(sources), lambda s, j: _smallest_in_rows(
+      key_of(s[0], s[1]), s[0].ndim + axis if axis < 0 else axis, s[2]))
