@@ -76,7 +76,8 @@ def _check_number(name: str, value: Any) -> Any:
 
 
 def check_fraction(name: str, value: Any) -> Any:
-  """A concrete fraction in [0, 1) as a float; a traced one as given (see `_prune_count`)."""
+  """A concrete fraction in [0, 1) as a float; a traced one as given (read totally
+  by `distributions.prune_count`)."""
   value = _check_number(name, value)
   if not _is_traced(value) and not 0.0 <= value < 1.0:
     raise ValueError(f"{name} must be in [0, 1), got {value!r}")
