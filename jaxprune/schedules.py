@@ -81,7 +81,10 @@ class ExponentialSchedule(IterationSchedule):
   """`s(i) = initial * (final / initial) ** (i / (N - 1))`."""
 
   def _value(self, i):
-    return self.initial * _pow(self.final / self.initial, i / (self.num_iterations - 1))
+    # Clipped to [initial, final]: for initial within an ulp of final, rounding in
+    # the power could step outside and make the schedule decrease.
+    value = self.initial * _pow(self.final / self.initial, i / (self.num_iterations - 1))
+    return min(max(value, self.initial), self.final)
 
 
 class GeometricKeepSchedule(IterationSchedule):
