@@ -15,7 +15,8 @@ then traced int32/int64 scalars, computed exactly in integers.
   kept dense and `eps` is solved again for the rest (leaves with equal `r_i`
   together). The counts sum to exactly `round(s * N)`: each leaf's share is
   rounded on its own, and the few weights of rounding difference (at most about
-  one per leaf) go to the largest leaf that is not dense.
+  half a weight per leaf) go one each to the leaves whose rounding went furthest
+  the other way (largest remainder): every leaf is within one weight of its share.
   `erk(kernel=False)` uses the last two dims only (`(n_in + n_out) / (n_in *
   n_out)`, "ER").
 
@@ -143,8 +144,7 @@ class ERK:
     if free:
       free_shapes = [shapes[i] for i in free]
       density = _erk_densities(free_shapes, self.raw_densities(free_shapes), sparsity)
-      shares = _settle([prune_count(1.0 - density[j], sizes[i]) for j, i in enumerate(free)],
-                       [sizes[i] for i in free], density, sparsity)
+      shares = _apportion(density, [sizes[i] for i in free], sparsity)
       for i, c in zip(free, shares):
         counts[i] = c
     return counts
@@ -172,15 +172,21 @@ def _erk_densities(shapes: Sequence[Shape], raw: np.ndarray, sparsity: Any) -> j
   order = np.argsort(-raw, kind="stable")
   raw_o, size_o = raw[order], sizes[order]
   # d dense leaves: d = 0 and every boundary between distinct raw values.
-  candidates = np.array([0] + [d for d in range(1, len(raw_o)) if raw_o[d] != raw_o[d - 1]])
+  # d = all (every leaf dense) is the answer when float rounding puts the last
+  # boundary's eps * raw a hair above 1 (sparsity 0 with distinct raw values).
+  candidates = np.array([0] + [d for d in range(1, len(raw_o)) if raw_o[d] != raw_o[d - 1]]
+                        + [len(raw_o)])
   dense_size = np.concatenate([[0.0], np.cumsum(size_o)])[candidates]
   rest_weight = np.concatenate([np.cumsum((raw_o * size_o)[::-1])[::-1], [0.0]])[candidates]
+  rest_max = np.concatenate([raw_o, [0.0]])[candidates]
   total = float(sizes.sum())
   s = _total_fraction(sparsity)
   keep = (1.0 - s) * total
-  eps = (keep - jnp.asarray(dense_size, jnp.float32)) / jnp.asarray(rest_weight, jnp.float32)
-  valid = eps * jnp.asarray(raw_o[candidates], jnp.float32) <= 1.0
-  chosen = jnp.argmax(valid)  # the smallest valid d (d = all dense is always valid: eps 0)
+  weight = jnp.asarray(rest_weight, jnp.float32)
+  eps = jnp.where(weight > 0, (keep - jnp.asarray(dense_size, jnp.float32))
+                  / jnp.where(weight > 0, weight, 1.0), 0.0)
+  valid = eps * jnp.asarray(rest_max, jnp.float32) <= 1.0
+  chosen = jnp.argmax(valid)  # the smallest valid d (d = all dense always is: eps 0)
   dense_count = jnp.asarray(candidates, jnp.int32)[chosen]
   density_o = jnp.where(jnp.arange(len(raw_o)) < dense_count, 1.0,
                         jnp.clip(eps[chosen] * jnp.asarray(raw_o, jnp.float32), 0.0, 1.0))
@@ -193,20 +199,38 @@ def _total_fraction(sparsity: Any) -> jax.Array:
   return jnp.where(jnp.isnan(s), 0.0, jnp.clip(s, 0.0, 1.0))
 
 
-def _settle(counts: list, sizes: list[int], density: Any, sparsity: Any) -> list:
-  """`counts` with their sum made exactly `round(sparsity * N)`: the difference goes
-  to the largest leaf that is not dense (clipped to its size)."""
+def _apportion(density: jax.Array, sizes: list[int], sparsity: Any) -> list:
+  """Prune counts `c_i` with `sum c_i = prune_count(sparsity, N)` exactly and each
+  `c_i` within one weight of its share `(1 - density_i) n_i` (largest remainder).
+
+  Each share is rounded on its own; the difference `D` (at most about half a
+  weight per leaf, plus float32 error) is then given one weight at a time to the
+  `|D|` leaves whose rounding went furthest the other way, among those with room.
+  Leaves are ranked by pairwise comparison (L x L for L leaves), not a sort.
+  A difference beyond the leaves' count (float32 error on huge models) goes to
+  the leaf with the most room.
+  """
   n = sum(sizes)
   dtype = count_dtype(n)
-  target = jnp.asarray(prune_count(_total_fraction(sparsity), n), dtype)
-  counts = [jnp.asarray(c, dtype) for c in counts]
-  got = sum(counts)
-  sparse = density < 1.0
-  # The largest leaf that is not dense (the first largest if all are dense: no change).
-  weights = jnp.where(sparse, jnp.asarray(sizes, jnp.float32), -1.0)
-  receiver = jnp.argmax(weights)
-  out = []
-  for i, (c, size) in enumerate(zip(counts, sizes)):
-    adjusted = jnp.clip(c + (target - got), 0, size)
-    out.append(jnp.where((receiver == i) & sparse[i], adjusted, c))
-  return out
+  target = jnp.asarray(prune_count(sparsity, n), dtype)
+  fraction = 1.0 - density
+  base = jnp.stack([jnp.asarray(prune_count(fraction[i], m), dtype)
+                    for i, m in enumerate(sizes)])
+  size = jnp.asarray(sizes, dtype)
+  # How far each share lies above its rounded count (in (-0.5, 0.5]).
+  residual = fraction * jnp.asarray(sizes, jnp.float32) - base.astype(jnp.float32)
+  short = target - base.sum()
+  up = short > 0
+  room = jnp.where(up, size - base, base)
+  key = jnp.where(room > 0, jnp.where(up, residual, -residual), -jnp.inf)
+  order = jnp.arange(len(sizes))
+  ahead = (key[None, :] > key[:, None]) | (
+      (key[None, :] == key[:, None]) & (order[None, :] < order[:, None]))
+  rank = ahead.sum(axis=1)
+  step = jnp.where((rank < jnp.abs(short)) & (room > 0), 1, 0).astype(dtype)
+  counts = base + jnp.where(up, step, -step)
+  rest = target - counts.sum()
+  widest = jnp.argmax(jnp.where(rest > 0, size - counts, counts))
+  counts = counts + jnp.where(order == widest, rest, 0).astype(dtype)
+  counts = jnp.clip(counts, 0, size)
+  return [counts[i] for i in range(len(sizes))]

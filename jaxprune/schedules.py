@@ -84,7 +84,9 @@ class ExponentialSchedule(IterationSchedule):
     # Clipped to [initial, final]: for initial within an ulp of final, rounding in
     # the power could step outside and make the schedule decrease.
     value = self.initial * _pow(self.final / self.initial, i / (self.num_iterations - 1))
-    return min(max(value, self.initial), self.final)
+    if isinstance(value, float):
+      return min(max(value, self.initial), self.final)
+    return jnp.clip(value, self.initial, self.final)
 
 
 class GeometricKeepSchedule(IterationSchedule):
