@@ -65,7 +65,7 @@ from jaxprune.sharding import (
     place_batch,
     place_masks,
 )
-from jaxprune.steps import make_eval_step, make_train_step, prune_step
+from jaxprune.steps import make_eval_step, make_gradient_step, make_train_step, prune_step
 from jaxprune.structured import is_nm_sparse, nm_masks, nm_violations
 from jaxprune.targets import NM, Magnitude, Prune, Target, as_target
 from jaxprune.units import blocks, channels
@@ -120,6 +120,7 @@ __all__ = [
     "magnitude_masks",
     "magnitude_score",
     "make_eval_step",
+    "make_gradient_step",
     "make_mesh",
     "make_train_step",
     "mask_shardings",

@@ -53,8 +53,8 @@ from jaxprune.sharding import (
   place_batch,
   place_masks,
 )
-from jaxprune.steps import LossFn, make_eval_step, make_train_step, prune_step
-from jaxprune.targets import Magnitude, Target, as_target
+from jaxprune.steps import LossFn, make_eval_step, make_gradient_step, make_train_step, prune_step
+from jaxprune.targets import Magnitude, Target, as_target, needs_step_gradients, with_gradients
 
 PyTree = Any
 logger = logging.getLogger("jaxprune")
@@ -172,6 +172,7 @@ class _Run(NamedTuple):
   progress: bool
   hooks: tuple[Hook, ...]
   closed: dict  # target -> its compiled prune, for targets that are not pytrees
+  gradients: Callable[..., PyTree]  # for targets scoring by the gradients at the prune
 
 
 class _Settings(NamedTuple):
@@ -241,6 +242,11 @@ def _prune_phase(run: _Run, state, i: int, history: list[dict]) -> tuple[Any, di
   before = (Evaluation(**history[-1]["after_retrain"]) if history
             else run.evaluate(params))
   target = run.targets[i]
+  if needs_step_gradients(target):
+    # The gradient of the batch of the iteration's first retraining step: a pure
+    # function of the run's state, so a resumed run prunes alike.
+    first = sum(run.budgets[:i])
+    target = with_gradients(target, run.gradients(params, run.batch_at(first), rng, first))
   params, opt_state = _run_prune(run.prune, run.closed, params, opt_state, target)
   masks = get_masks(opt_state)
   if run.mesh is not None:  # Keep masks exactly on their params' shardings.
@@ -343,8 +349,11 @@ def prune_retrain(
     schedule: one pruning target per iteration, never decreasing in sparsity: a
       sparsity in [0, 1) (`Magnitude(s, scope)`; `exponential_schedule(...)`, a
       list, ...), an N:M pattern `"2:4"` (`NM(2, 4)`, along axis -2), or any
-      `Target` (`NM(2, 4, axis=-1)`, `Magnitude(0.9, "global")`, your own):
-      `[0.25, "2:4"]` ends in 2:4 sparsity, previous masks respected.
+      `Target` (`NM(2, 4, axis=-1)`, `Magnitude(0.9, "global")`, `Prune(0.9,
+      score=..., distribution=...)`, your own): `[0.25, "2:4"]` ends in 2:4
+      sparsity, previous masks respected. A `Prune(s,
+      score=saliency_score())` ranks `|w * g|` by the gradient of the retraining
+      loss on the batch of the iteration's first retraining step.
     where: the targeted leaves (bool pytree from `select`, or a callable).
     retrain_steps: steps per iteration: an int, or one budget per iteration.
     scope: `"layer"` or `"global"` magnitude ranking.
@@ -425,7 +434,8 @@ def prune_retrain(
   run = _Run(tx, make_train_step(train_loss, tx),
              lambda p: evaluate(eval_step, p, eval_source(), metric),
              jax.jit(functools.partial(prune_step, where=where)), batch_at, targets, budgets,
-             restart_optimizer, mesh, log_every, progress, hooks, {})
+             restart_optimizer, mesh, log_every, progress, hooks, {},
+             make_gradient_step(train_loss))
   state = LoopState(
       params, tx.init(float_part(params)), jax.random.key_data(jax.random.key(seed)))
   if mesh is not None:  # every array of the state global, also with several processes

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import jax
@@ -29,6 +30,7 @@ from jaxprune.mask_tree import (
 )
 from jaxprune.row_rank import smallest_in_rows_each
 from jaxprune.scores import Given, Score, magnitude_score
+from jaxprune.stacked_layers import check_stacked, check_used, restack, stacked_axes, unstack
 from jaxprune.units import is_granularity, unit_count
 
 PyTree = Any
@@ -173,6 +175,7 @@ def magnitude_masks(
     *,
     scope: Scope = "layer",
     previous: PyTree | None = None,
+    stacked: Mapping[str, int] | None = None,
 ) -> PyTree:
   """Prunes exactly `round(sparsity * n)` smallest-magnitude weights.
 
@@ -205,6 +208,8 @@ def magnitude_masks(
     where: bool pytree from `select` (or a callable building one from params).
     scope: `"layer"` or `"global"`.
     previous: an earlier mask tree of the same `where`, or None.
+    stacked: `{path pattern: k}`: leading axes of stacked layers, each slice
+      ranked on its own in layer scope (see `ranked_masks`).
 
   Returns:
     A mask tree: bool arrays (`True` = kept) for selected leaves, `None` elsewhere.
@@ -221,7 +226,7 @@ def magnitude_masks(
     >>> m1 = jaxprune.magnitude_masks(params, 0.5, where)
     >>> m2 = jaxprune.magnitude_masks(params, 0.8, where, previous=m1)
   """
-  return ranked_masks(params, sparsity, where, scope=scope, previous=previous)
+  return ranked_masks(params, sparsity, where, scope=scope, previous=previous, stacked=stacked)
 
 
 def ranked_masks(
@@ -234,6 +239,7 @@ def ranked_masks(
     distribution: Distribution | None = None,
     previous: PyTree | None = None,
     axis: int = -2,
+    stacked: Mapping[str, int] | None = None,
 ) -> PyTree:
   """Prunes exactly the lowest-`score` weights: `magnitude_masks` for any score,
   any per-leaf distribution of the counts, and per-row comparison groups.
@@ -261,7 +267,10 @@ def ranked_masks(
     distribution: per-leaf counts in layer and row scope (`uniform()` by default,
       `erk()`); global scope ranks all leaves together and takes none.
     previous: an earlier mask tree of the same `where`, or None.
-    axis: the ranking axis of row scope.
+    axis: the ranking axis of row scope (within a layer: see `stacked`).
+    stacked: `{path pattern: k}`: the first `k` axes of matching leaves index
+      stacked layers (`nnx.scan`'d blocks, MoE experts), each slice ranked as a
+      layer of its own (`jaxprune.stacked_layers`).
 
   Returns:
     A mask tree: bool arrays (`True` = kept) for selected leaves, `None` elsewhere.
@@ -269,7 +278,8 @@ def ranked_masks(
   Raises:
     TypeError / ValueError: as `magnitude_masks`; a score or distribution that is
       not one; a distribution other than a plain `uniform()` in global scope; in
-      row scope, a selected leaf without `axis`; (outside jit) NaN/inf in a
+      row scope, a selected leaf without `axis`; a `stacked` pattern matching no
+      selected leaf, or leaving a leaf no layer axes; (outside jit) NaN/inf in a
       selected leaf's score, naming its path.
 
   Example::
@@ -284,29 +294,39 @@ def ranked_masks(
     check_scope(scope)
   sparsity = check_fraction("sparsity", sparsity)
   score, distribution = _checked_method(score, distribution, scope)
+  stacked = check_stacked(stacked)
   chosen = selected_leaves(params, where, previous)
+  paths = [path for _, path, _, _ in chosen]
+  check_used(stacked, paths)
+  layer_shapes = [_layer_shape(path, w, stacked) for _, path, w, _ in chosen]
   if scope == "row":
-    _check_rows(chosen, axis)
+    _check_rows(paths, layer_shapes, axis)
   if is_granularity(scope):
-    for _, path, w, _ in chosen:
-      scope.check(path, tuple(np.shape(w)))
+    for path, shape in zip(paths, layer_shapes):
+      scope.check(path, shape)
   values = [w if v is None else v for (_, _, w, _), v in
             zip(chosen, score.scores(params, [i for i, *_ in chosen]))]
   for (_, path, w, _), v in zip(chosen, values):
     check_finite(v, path if v is w else f"the score of {path}")
-  kept = _kept_by_rank(values, [p for *_, p in chosen], [path for _, path, _, _ in chosen],
-                       sparsity, scope, distribution,
-                       "value" if isinstance(score, Given) else "magnitude", axis=axis)
-  return masks_from(params, {i: m for (i, *_), m in zip(chosen, kept)})
+  layers = unstack(paths, values, [p for *_, p in chosen], stacked)
+  kept = _kept_by_rank(layers.values, layers.previous, layers.leaf_paths, sparsity, scope,
+                       distribution, "value" if isinstance(score, Given) else "magnitude",
+                       axis=axis)
+  return masks_from(params, {i: m for (i, *_), m in zip(chosen, restack(kept, layers))})
 
 
-def _check_rows(chosen: list, axis: Any) -> None:
+def _layer_shape(path: str, w: Any, stacked: tuple) -> tuple[int, ...]:
+  shape = tuple(np.shape(w))
+  return shape[stacked_axes(path, shape, stacked):]
+
+
+def _check_rows(paths: list[str], shapes: list[tuple[int, ...]], axis: Any) -> None:
   if isinstance(axis, bool) or not isinstance(axis, int):
     raise ValueError(f"axis must be an int, got {axis!r}")
-  for _, path, w, _ in chosen:
-    if not -np.ndim(w) <= axis < np.ndim(w):
-      raise ValueError(f"scope='row' ranks along axis {axis}: {path} has shape "
-                       f"{tuple(np.shape(w))}; exclude it from `where` or choose the axis")
+  for path, shape in zip(paths, shapes):
+    if not -len(shape) <= axis < len(shape):
+      raise ValueError(f"scope='row' ranks along axis {axis}: {path} has layer shape "
+                       f"{shape}; exclude it from `where` or choose the axis")
 
 
 def _unit_marks(granularity: Any, values: list, previous: list, paths: list[str],

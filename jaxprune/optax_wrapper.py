@@ -31,7 +31,7 @@ from jaxprune.mask_tree import (
 )
 from jaxprune.masks import Scope, check_count, check_scope, magnitude_masks_held
 from jaxprune.packed_masks import mask_shapes, pack_like, pack_masks, unpack_masks
-from jaxprune.targets import Magnitude, Target
+from jaxprune.targets import Magnitude, Target, needs_step_gradients, with_gradients
 
 PyTree = Any
 
@@ -68,7 +68,9 @@ def _check_holds_a_mask(masks: PyTree) -> None:
     raise ValueError("`masks` holds no mask (every leaf is None): nothing would be pruned")
 
 
-def _check_gradual(where: Any, schedule: Any, update_every: Any) -> None:
+def _check_gradual(where: Any, schedule: Any, update_every: Any) -> bool:
+  """Checks the gradual arguments; whether the schedule's targets score by the step's
+  gradients (then the update passes them into the recompute)."""
   if where is None or update_every is None or schedule is None:
     raise ValueError("gradual pruning needs all of `where`, `schedule` and `update_every`")
   if not callable(schedule):
@@ -79,6 +81,7 @@ def _check_gradual(where: Any, schedule: Any, update_every: Any) -> None:
     )
   check_count("update_every", update_every)
   first = schedule(jnp.zeros((), jnp.int32))
+  gradients = needs_step_gradients(first)
   if isinstance(first, Target) and not isinstance(first, numbers.Real):
     first = first.sparsity
   if np.shape(first) != () or not 0.0 <= float(first) < 1.0:
@@ -86,10 +89,13 @@ def _check_gradual(where: Any, schedule: Any, update_every: Any) -> None:
         f"schedule(0) must be a scalar sparsity in [0, 1) (or a target such as "
         f"jaxprune.Magnitude), got {first!r}; a schedule maps the update count to a sparsity"
     )
+  return gradients
 
 
-def _recompute(params: PyTree, packed: PyTree, count: jax.Array, schedule, scope) -> PyTree:
-  """Gradual masks at `count`, packed like `packed` (the branches of a `cond` agree)."""
+def _recompute(params: PyTree, packed: PyTree, count: jax.Array, grads: PyTree, schedule,
+               scope) -> PyTree:
+  """Gradual masks at `count`, packed like `packed` (the branches of a `cond` agree);
+  a score waiting for the step's gradients gets `grads`."""
   # The selection is the one the masks were built with in `init`. `where` is not
   # re-resolved: an `nnx.Optimizer` calls `init` with `Param`-wrapped params but
   # `update` with pure arrays, so a `where` from `select(nnx.state(...))` would not
@@ -97,6 +103,7 @@ def _recompute(params: PyTree, packed: PyTree, count: jax.Array, schedule, scope
   target = schedule(count)
   if not isinstance(target, Target) or isinstance(target, numbers.Real):
     target = Magnitude(target, scope)
+  target = with_gradients(target, grads)
   if type(target) is Magnitude:
     # Reads and writes the packed masks in place: unpacked, they would be written
     # out as operands of the selection (1 byte per weight in the step's scratch).
@@ -166,7 +173,9 @@ def pruned(
       params), required for gradual pruning.
     schedule: `count -> sparsity` (e.g. `polynomial_schedule`), jittable; it may
       return a target instead of a float, e.g. `lambda c: jaxprune.Magnitude(s(c),
-      "global")`, or an `NM` pattern to recompute N:M masks in-graph.
+      "global")`, a `Prune` (any score, scope, distribution; with
+      `score=saliency_score()` it ranks `|w * g|` by this step's gradients `g`),
+      or an `NM` pattern to recompute N:M masks in-graph.
     update_every: recompute masks every this many updates (gradual mode).
     scope: `"layer"` or `"global"` ranking for gradual mode, when `schedule`
       returns a float.
@@ -189,8 +198,9 @@ def pruned(
     True
   """
   gradual = schedule is not None or where is not None or update_every is not None
+  step_gradients = False
   if gradual:
-    _check_gradual(where, schedule, update_every)
+    step_gradients = _check_gradual(where, schedule, update_every)
   elif masks is None:
     raise ValueError("pass `masks`, or `where` + `schedule` + `update_every` for gradual pruning")
   else:
@@ -217,9 +227,11 @@ def pruned(
     if gradual:
       packed = lax.cond(
           state.count % update_every == 0,
-          lambda p, prev, count: _recompute(p, prev, count, schedule, scope),
-          lambda p, prev, count: prev,
-          params, packed, state.count,
+          lambda p, prev, count, g: _recompute(p, prev, count, g, schedule, scope),
+          lambda p, prev, count, g: prev,
+          # The gradients only where a score reads them: an unused operand of the
+          # cond would still be held for it.
+          params, packed, state.count, updates if step_gradients else None,
       )
     # Unpacked once per leaf here, the mask is fused into each op that reads it.
     current = unpack_masks(packed)

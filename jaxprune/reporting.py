@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -11,6 +14,7 @@ import numpy as np
 
 from jaxprune.leaf_selection import Where, select
 from jaxprune.mask_tree import resolve_where, slots
+from jaxprune.stacked_layers import check_stacked, check_used, stacked_axes
 
 PyTree = Any
 
@@ -151,12 +155,26 @@ class SparsityReport:
     return "\n".join(lines)
 
 
-@jax.jit
-def _zero_counts(leaves: list[jax.Array]) -> list[jax.Array]:
-  return [jnp.sum(x == 0, dtype=jnp.int32) for x in leaves]
+@functools.partial(jax.jit, static_argnums=1)
+def _zero_counts(leaves: list[jax.Array], slices: tuple[int, ...]) -> list[jax.Array]:
+  """Zeros of each leaf, or of each of its `slices[i]` slices (a vector) if > 0."""
+  return [jnp.sum(x == 0, dtype=jnp.int32) if not n
+          else jnp.sum(x.reshape(n, -1) == 0, axis=1, dtype=jnp.int32)
+          for x, n in zip(leaves, slices)]
 
 
-def sparsity_report(params: PyTree, where: Where | None = None) -> SparsityReport:
+def _rows(path: str, x: Any, flag: bool, zeros: Any, k: int) -> list[LeafSparsity]:
+  shape = tuple(np.shape(x))
+  dtype = str(np.dtype(getattr(x, "dtype", np.float32)))
+  if not k:
+    return [LeafSparsity(path, shape, dtype, int(np.size(x)), int(zeros), flag)]
+  n, size = math.prod(shape[:k]), math.prod(shape[k:])
+  return [LeafSparsity(f"{path}[{i}]", shape[k:], dtype, size, int(z), flag)
+          for i, z in enumerate(np.broadcast_to(np.asarray(zeros), (n,)))]
+
+
+def sparsity_report(params: PyTree, where: Where | None = None, *,
+                    stacked: Mapping[str, int] | None = None) -> SparsityReport:
   """Counts zeros per leaf and totals them.
 
   Args:
@@ -165,6 +183,8 @@ def sparsity_report(params: PyTree, where: Where | None = None) -> SparsityRepor
     where: the targeted leaves (bool pytree from `select`, or a callable); None
       means `select(params)` with its defaults, or no leaf targeted when nothing
       matches them (the table then says so).
+    stacked: `{path pattern: k}`: targeted leaves whose first `k` axes index
+      stacked layers get one row per layer, `path[i]` (`jaxprune.stacked_layers`).
 
   Returns:
     A `SparsityReport`: per-leaf size, zeros and sparsity; sparsity of the targeted
@@ -190,20 +210,18 @@ def sparsity_report(params: PyTree, where: Where | None = None) -> SparsityRepor
     except ValueError:  # No leaf of rank >= 2: none targeted, and the table says so.
       where = jax.tree.map(lambda _: False, params)
   flags = resolve_where(where, params, allow_empty=True)
+  stacked = check_stacked(stacked)
   theirs = slots(params)
   rows_of = [(path, x, flag) for path, x, flag in zip(theirs.paths, theirs.leaves, flags)
              if x is not None]
+  check_used(stacked, [path for path, _, flag in rows_of if flag])
+  # Slices are reported for targeted leaves only: the others are not ranked by layer.
+  axes = [stacked_axes(path, np.shape(x), stacked) if flag else 0 for path, x, flag in rows_of]
   counted = [i for i, (_, x, _) in enumerate(rows_of) if hasattr(x, "dtype") and np.size(x)]
-  zeros = dict(zip(counted, jax.device_get(_zero_counts([rows_of[i][1] for i in counted]))))
-  rows = tuple(
-      LeafSparsity(
-          path=path,
-          shape=tuple(np.shape(x)),
-          dtype=str(np.dtype(getattr(x, "dtype", np.float32))),
-          size=int(np.size(x)),
-          zeros=int(zeros.get(i, 0)),
-          targeted=flag,
-      )
-      for i, (path, x, flag) in enumerate(rows_of)
-  )
-  return SparsityReport(rows)
+  slices = tuple(math.prod(np.shape(rows_of[i][1])[:axes[i]]) if axes[i] else 0
+                 for i in counted)
+  zeros = dict(zip(counted, jax.device_get(_zero_counts([rows_of[i][1] for i in counted],
+                                                        slices))))
+  return SparsityReport(tuple(
+      row for i, (path, x, flag) in enumerate(rows_of)
+      for row in _rows(path, x, flag, zeros.get(i, 0), axes[i])))

@@ -7,7 +7,10 @@ a random key, a user's tree) are leaves, so a target holding one can be traced.
 
 * `magnitude_score()`: `|w|` (the default of every target).
 * `saliency_score(grads)`: `|w * g|` (first-order Taylor, JaxPruner's saliency), `grads`
-  a pytree of `params`' structure (e.g. from `mean_gradients`).
+  a pytree of `params`' structure (e.g. from `mean_gradients`). `saliency_score()`
+  (no grads) takes the gradients of the step that prunes: in `pruned`'s gradual
+  mode the step's gradient (one batch); in `prune_retrain`, the mean gradient
+  over `saliency_batches` training batches before each prune.
 * `random_score(seed)`: uniform in [0, 1), independent per leaf and reproducible
   from the seed (leaf `i` draws from `fold_in(key(seed), i)`).
 * `given_score(tree)`: a user's score tree of `params`' structure (any float values,
@@ -70,20 +73,32 @@ def _leaves_at(tree: PyTree, params: PyTree, chosen: Sequence[int], name: str) -
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Saliency:
-  """`|w * g|` for gradients `grads` of `params`' structure."""
+  """`|w * g|` for gradients `grads` of `params`' structure (None: the gradients of
+  the step that prunes, bound by `pruned` or `prune_retrain`)."""
 
-  grads: PyTree
+  grads: PyTree = None
 
   def scores(self, params, chosen):
+    if self.grads is None:
+      raise ValueError(
+          "saliency_score() without grads reads the gradients of the step that prunes: use it "
+          "in `pruned`'s gradual schedule or a `prune_retrain` schedule entry, or pass grads "
+          "(e.g. jaxprune.mean_gradients(loss_fn, params, batches))")
     weights = [slots(params).leaves[i] for i in chosen]
     grads = _leaves_at(self.grads, params, chosen, "saliency grads")
     return [jnp.abs(w.astype(jnp.float32) * g.astype(jnp.float32))
             for w, g in zip(weights, grads)]
 
 
-def saliency_score(grads: PyTree) -> Saliency:
-  """`|w * g|` (see the module docstring)."""
+def saliency_score(grads: PyTree | None = None) -> Saliency:
+  """`|w * g|` (see the module docstring); without `grads`, the gradients of the
+  step that prunes."""
   return Saliency(grads)
+
+
+def needs_gradients(score: Any) -> bool:
+  """Does `score` wait for the pruning step's gradients (`saliency_score()`)?"""
+  return isinstance(score, Saliency) and score.grads is None
 
 
 @jax.tree_util.register_dataclass

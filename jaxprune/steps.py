@@ -1,9 +1,10 @@
-"""The three jitted steps of prune-and-retrain: train, evaluate, prune.
+"""The jitted steps of prune-and-retrain: train, evaluate, prune (and gradients).
 
 Each is a pure function of its inputs, compiled once and usable in any loop:
 
 * `make_train_step(loss_fn, tx)`: one optimizer step on the float leaves;
 * `make_eval_step(loss_fn, metric)`: the loss and a metric's value of a batch;
+* `make_gradient_step(loss_fn)`: the gradients a saliency score ranks by;
 * `prune_step(params, opt_state, target, where)`: new masks from a pruning
   method, held in the `pruned` optimizer state (their only home) and applied.
 """
@@ -76,6 +77,28 @@ def make_train_step(
     return merge_float_part(params, optax.apply_updates(trainable, updates)), opt_state, loss
 
   return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def make_gradient_step(loss_fn: LossFn) -> Callable[..., PyTree]:
+  """A jitted `gradients(params, batch, rng_data, step) -> grads` of `loss_fn` over the
+  float leaves (None elsewhere), with the train step's per-step `rng`: what a
+  `saliency_score()` target ranks by when `prune_retrain` prunes.
+
+  Example::
+
+    >>> grads = jaxprune.make_gradient_step(loss_fn)(params, batch, rng_data, 0)
+    >>> target = jaxprune.Prune(0.5, score=jaxprune.saliency_score(grads))
+  """
+  wants_rng = takes_rng(loss_fn)
+
+  def gradients(params, batch, rng_data, step_index):
+    rng = None
+    if wants_rng:
+      rng = jax.random.fold_in(jax.random.wrap_key_data(rng_data), step_index)
+    return jax.grad(lambda t: _loss_and_aux(loss_fn, merge_float_part(params, t), batch, rng)[0])(
+        float_part(params))
+
+  return jax.jit(gradients)
 
 
 def make_eval_step(

@@ -33,7 +33,8 @@ import numpy as np
 
 from jaxprune.distributions import uniform
 from jaxprune.masks import Scope, check_fraction, check_scope, magnitude_masks, ranked_masks
-from jaxprune.scores import magnitude_score
+from jaxprune.scores import magnitude_score, needs_gradients, saliency_score
+from jaxprune.stacked_layers import check_stacked
 from jaxprune.structured import check_nm, nm_masks
 from jaxprune.units import is_granularity
 
@@ -82,8 +83,9 @@ class Prune:
 
   `sparsity` and `score` (with the arrays it carries: gradients, a key) are pytree
   leaves, so one compiled prune step serves a whole schedule; `scope` ("layer",
-  "global", "row", `blocks(...)`, `channels(...)`), `distribution` and `axis` (row
-  scope's) are static.
+  "global", "row", `blocks(...)`, `channels(...)`), `distribution`, `axis` (row
+  scope's) and `stacked` (`{pattern: k}`: leading axes of stacked layers, see
+  `jaxprune.stacked_layers`) are static.
   `Prune(s)` is `Magnitude(s)`.
 
   Example::
@@ -97,10 +99,16 @@ class Prune:
   scope: str = dataclasses.field(default="layer", metadata={"static": True})
   distribution: Any = dataclasses.field(default_factory=uniform, metadata={"static": True})
   axis: int = dataclasses.field(default=-2, metadata={"static": True})
+  stacked: Any = dataclasses.field(default=(), metadata={"static": True})
+
+  def __post_init__(self):
+    # A dict is accepted but held as a tuple: static fields must hash.
+    object.__setattr__(self, "stacked", check_stacked(self.stacked))
 
   def masks(self, params: PyTree, where: Any, previous: PyTree | None = None) -> PyTree:
     return ranked_masks(params, self.sparsity, where, score=self.score, scope=self.scope,
-                        distribution=self.distribution, previous=previous, axis=self.axis)
+                        distribution=self.distribution, previous=previous, axis=self.axis,
+                        stacked=self.stacked)
 
   def __str__(self) -> str:
     s = self.sparsity
@@ -110,8 +118,10 @@ class Prune:
     if self.distribution != uniform():
       parts.append(type(self.distribution).__name__)
     if self.scope != "layer":
-      parts.append(self.scope if self.scope != "row" or self.axis == -2
+      parts.append(str(self.scope) if self.scope != "row" or self.axis == -2
                    else f"row axis {self.axis}")
+    if self.stacked:
+      parts.append("per stacked layer")
     return " ".join(parts)
 
 
@@ -133,6 +143,19 @@ class NM:
 
   def __str__(self) -> str:
     return f"{self.n}:{self.m}" + ("" if self.axis == -2 else f" axis {self.axis}")
+
+
+def with_gradients(target: Target, grads: PyTree) -> Target:
+  """`target` scoring by `grads` if its score waits for the step's gradients
+  (`Prune(s, score=saliency_score())`), else `target` itself."""
+  if isinstance(target, Prune) and needs_gradients(target.score):
+    return dataclasses.replace(target, score=saliency_score(grads))
+  return target
+
+
+def needs_step_gradients(target: Any) -> bool:
+  """Does `target` score by the gradients of the step that prunes?"""
+  return isinstance(target, Prune) and needs_gradients(target.score)
 
 
 def as_target(entry: Any, scope: Scope = "layer", name: str = "target") -> Target:

@@ -40,6 +40,9 @@ class Blocks:
   shape: tuple[int, int]
   pool: str = "mean"
 
+  def __str__(self) -> str:
+    return f"blocks {self.shape[0]}x{self.shape[1]} {self.pool}"
+
   def check(self, path: str, shape: tuple[int, ...]) -> None:
     b0, b1 = self.shape
     if len(shape) < 2 or shape[-2] % b0 or shape[-1] % b1:
@@ -70,6 +73,9 @@ class Channels:
 
   axis: int = -1
   norm: str = "l2"
+
+  def __str__(self) -> str:
+    return f"channels axis {self.axis} {self.norm}"
 
   def check(self, path: str, shape: tuple[int, ...]) -> None:
     if not -len(shape) <= self.axis < len(shape):

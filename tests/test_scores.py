@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -93,3 +94,64 @@ def test_mean_gradients_and_score_errors_name_the_leaf():
     jaxprune.ranked_masks(PARAMS, 0.5, WHERE, score=jaxprune.given_score(nan))
   with pytest.raises(TypeError, match="score must be"):
     jaxprune.ranked_masks(PARAMS, 0.5, WHERE, score="saliency")
+
+
+def _mlp():
+  k = jax.random.split(jax.random.key(5), 3)
+  params = {"fc1": {"kernel": jax.random.normal(k[0], (8, 16))},
+            "fc2": {"kernel": jax.random.normal(k[1], (16, 4))}}
+  x = jax.random.normal(k[2], (32, 8))
+  y = jnp.arange(32) % 4
+
+  def loss_fn(p, batch):
+    logits = jnp.tanh(batch[0] @ p["fc1"]["kernel"]) @ p["fc2"]["kernel"]
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(32), batch[1]])
+
+  return params, loss_fn, (x, y)
+
+
+def test_saliency_without_grads_uses_the_gradual_steps_gradient():
+  params, loss_fn, batch = _mlp()
+  where = jaxprune.select(params)
+  tx = jaxprune.pruned(optax.sgd(0.0), where=where, update_every=1,
+                       schedule=lambda c: jaxprune.Prune(0.5, score=jaxprune.saliency_score()))
+  state = tx.init(params)
+  grads = jax.grad(loss_fn)(params, batch)
+  _, state = jax.jit(tx.update)(grads, state, params)
+  want = jaxprune.Prune(0.5, score=jaxprune.saliency_score(grads)).masks(params, where)
+  got = jaxprune.get_masks(state)
+  for name in ("fc1", "fc2"):
+    np.testing.assert_array_equal(np.asarray(got[name]["kernel"]),
+                                  np.asarray(want[name]["kernel"]))
+  # Not what magnitude alone keeps: the gradient really entered the ranking.
+  by_magnitude = jaxprune.magnitude_masks(params, 0.5, where)
+  assert not np.array_equal(np.asarray(got["fc1"]["kernel"]),
+                            np.asarray(by_magnitude["fc1"]["kernel"]))
+
+
+def test_saliency_without_grads_in_prune_retrain_uses_the_first_retraining_batch():
+  params, loss_fn, batch = _mlp()
+  where = jaxprune.select(params)
+  seen = []
+
+  def batch_at(step):
+    seen.append(step)
+    return batch
+
+  target = jaxprune.Prune(0.6, score=jaxprune.saliency_score())
+  result = jaxprune.prune_retrain(
+      params, loss_fn, batch_at, [batch], optimizer=optax.sgd(0.0), schedule=[target],
+      where=where, retrain_steps=1, progress=False)
+  want = jaxprune.Prune(0.6, score=jaxprune.saliency_score(
+      jax.grad(loss_fn)(params, batch))).masks(params, where)
+  got = jaxprune.get_masks(result.opt_state)
+  for name in ("fc1", "fc2"):
+    np.testing.assert_array_equal(np.asarray(got[name]["kernel"]),
+                                  np.asarray(want[name]["kernel"]))
+  assert result.history[0].target == "60.00% saliency"
+
+
+def test_saliency_without_grads_elsewhere_says_where_it_works():
+  params, _, _ = _mlp()
+  with pytest.raises(ValueError, match="gradients of the step that prunes"):
+    jaxprune.Prune(0.5, score=jaxprune.saliency_score()).masks(params, jaxprune.select(params))
