@@ -229,8 +229,13 @@ def _first_true(source: tuple, is_tie: Callable[[tuple], jax.Array],
   """
   shape = source[0].shape
   if len(shape) <= 1:  # (a 0-d array is read as one entry)
+    # A vector (a unit score per channel) is scanned whole: under Explicit axes it
+    # is replicated for the scan and its mark put back on its sharding.
     x = is_tie(source)
-    return x & (jnp.cumsum(x.reshape(-1), dtype=jnp.int32).reshape(x.shape) <= quota)
+    scanned = jnp.cumsum(_unsharded(x).reshape(-1), dtype=jnp.int32).reshape(x.shape)
+    if _typed_sharded(x):
+      scanned = jax.sharding.reshard(scanned, jax.typeof(x).sharding.spec)
+    return x & (scanned <= quota)
   lead = tuple(range(len(shape) - 1))
   row_counts = _unsharded(sum_chunks(source, lambda piece, window: placed(
       jnp.sum(is_tie(piece), axis=-1, dtype=jnp.int32), window, 0, shape[:-1])))

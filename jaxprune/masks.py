@@ -299,10 +299,13 @@ def ranked_masks(
   paths = [path for _, path, _, _ in chosen]
   check_used(stacked, paths)
   layer_shapes = [_layer_shape(path, w, stacked) for _, path, w, _ in chosen]
+  # A stacked leaf is named by its layers' shape in the checks: axes count within a layer.
+  named = [p if s == tuple(np.shape(w)) else f"{p} (stacked layers of)"
+           for p, s, (_, _, w, _) in zip(paths, layer_shapes, chosen)]
   if scope == "row":
-    _check_rows(paths, layer_shapes, axis)
+    _check_rows(named, layer_shapes, axis)
   if is_granularity(scope):
-    for path, shape in zip(paths, layer_shapes):
+    for path, shape in zip(named, layer_shapes):
       scope.check(path, shape)
   values = [w if v is None else v for (_, _, w, _), v in
             zip(chosen, score.scores(params, [i for i, *_ in chosen]))]
@@ -325,8 +328,8 @@ def _check_rows(paths: list[str], shapes: list[tuple[int, ...]], axis: Any) -> N
     raise ValueError(f"axis must be an int, got {axis!r}")
   for path, shape in zip(paths, shapes):
     if not -len(shape) <= axis < len(shape):
-      raise ValueError(f"scope='row' ranks along axis {axis}: {path} has layer shape "
-                       f"{shape}; exclude it from `where` or choose the axis")
+      raise ValueError(f"scope='row' ranks along axis {axis}: {path} has shape {shape}; "
+                       "exclude it from `where` or choose the axis")
 
 
 def _unit_marks(granularity: Any, values: list, previous: list, paths: list[str],

@@ -23,13 +23,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxprune.explicit_sharding import local_along
 from jaxprune.leaf_groups import group_by_shape, map_over
 from jaxprune.magnitude_rank import KEYS
 
 
 def _row_thresholds(keys: jax.Array, axis: int, k: jax.Array) -> jax.Array:
   """Per row, the largest uint32 `t` with `#{keys < t} < k` (the k-th smallest)."""
-  rows = jnp.zeros(keys.shape[:axis] + keys.shape[axis + 1:], jnp.uint32)
+  # Of the keys' type with `axis` removed: under Explicit axes, its sharding too.
+  rows = jnp.zeros_like(lax.index_in_dim(keys, 0, axis, keepdims=False))
 
   def one_pass(p, t):
     candidate = t | (jnp.uint32(1) << (jnp.uint32(31) - p.astype(jnp.uint32)))
@@ -41,11 +43,14 @@ def _row_thresholds(keys: jax.Array, axis: int, k: jax.Array) -> jax.Array:
 
 def _smallest_in_rows(keys: jax.Array, axis: int, k: jax.Array) -> jax.Array:
   """Marks the `k` smallest keys of every row along `axis` (ties by position)."""
+  # The tie-break scans along the rows: a sharded row axis moves its shards to
+  # another axis first (Explicit mesh axes refuse a scan along a sharded one).
+  keys, restore = local_along(keys, axis)
   t = jnp.expand_dims(_row_thresholds(keys, axis, k), axis)
   below = keys < t
   take = k - jnp.sum(below, axis=axis, keepdims=True, dtype=jnp.int32)
   ties = keys == t
-  return below | (ties & (jnp.cumsum(ties, axis=axis, dtype=jnp.int32) <= take))
+  return restore(below | (ties & (jnp.cumsum(ties, axis=axis, dtype=jnp.int32) <= take)))
 
 
 @functools.partial(jax.jit, static_argnames=("axis", "by"))

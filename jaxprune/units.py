@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune.explicit_sharding import merge_last_two, split_last_two
+
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
@@ -50,9 +52,7 @@ class Blocks:
                        "are not multiples of the block")
 
   def _tiles(self, x: jax.Array) -> jax.Array:
-    b0, b1 = self.shape
-    *lead, r, c = x.shape
-    return x.reshape(*lead, r // b0, b0, c // b1, b1)
+    return split_last_two(x, *self.shape)
 
   def unit_scores(self, values: jax.Array) -> jax.Array:
     tiles = self._tiles(values.astype(jnp.float32))
@@ -64,7 +64,9 @@ class Blocks:
 
   def expand(self, unit_mask: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     b0, b1 = self.shape
-    return jnp.repeat(jnp.repeat(unit_mask, b0, axis=-2), b1, axis=-1).reshape(shape)
+    *lead, r, c = unit_mask.shape
+    tiles = jnp.broadcast_to(unit_mask[..., :, None, :, None], (*lead, r, b0, c, b1))
+    return merge_last_two(tiles).reshape(shape)
 
 
 @dataclasses.dataclass(frozen=True)

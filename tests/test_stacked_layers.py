@@ -146,8 +146,8 @@ def test_bad_stacked_specs_are_refused_by_name():
     jaxprune.Prune(0.5, stacked={"blocks/kernel": 0})
   with pytest.raises(ValueError, match="must map path patterns"):
     jaxprune.ranked_masks(stacked, 0.5, where, stacked=1)
-  with pytest.raises(ValueError, match="scope='row' ranks along axis 2: blocks/kernel has "
-                                       "layer shape \\(16, 8\\)"):
+  with pytest.raises(ValueError, match="scope='row' ranks along axis 2: blocks/kernel "
+                                       "\\(stacked layers of\\) has shape \\(16, 8\\)"):
     jaxprune.ranked_masks(stacked, 0.5, where, scope="row", axis=2,
                           stacked={"blocks/kernel": 1})
 

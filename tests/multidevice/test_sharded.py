@@ -183,3 +183,35 @@ def test_training_script_runs_on_an_fsdp_mesh(tmp_path):
                            "--steps", "6", "--retrain-steps", "2", "--iterations", "2",
                            "--no-plots", "--mesh", "data=2,fsdp=4", "--out", str(tmp_path)])
   assert results["achieved_sparsity"] == pytest.approx(0.8, abs=1e-3)
+
+
+GRANULARITIES = [
+    jaxprune.Prune(0.7, distribution=jaxprune.erk()),
+    jaxprune.Prune(0.7, scope="row"),
+    jaxprune.Prune(0.6, scope="row", axis=-1),
+    jaxprune.Prune(0.5, scope=jaxprune.blocks((4, 4))),
+    jaxprune.Prune(0.5, scope=jaxprune.channels(-1)),
+    jaxprune.Prune(0.7, score=jaxprune.random_score(3)),
+    jaxprune.Prune(0.7, distribution=jaxprune.erk(), stacked={"stack/kernel": 1}),
+    jaxprune.NM(2, 4),
+]
+
+
+@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
+@pytest.mark.parametrize("target", GRANULARITIES, ids=str)
+def test_every_granularity_on_fsdp_leaves_equals_one_device(target, axis_type):
+  kind = getattr(jax.sharding.AxisType, axis_type)
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(kind,))
+  params = _params()
+  params["stack"] = {"kernel": jnp.round(4 * jax.random.normal(jax.random.key(9), (4, 32, 64)))}
+  where = jaxprune.select(params)
+  sharded = jax.device_put(params, jaxprune.param_shardings(params, mesh, "fsdp"))
+  previous = jaxprune.magnitude_masks(params, 0.2, where)
+  expected = target.masks(params, where, previous=previous)
+  with jax.set_mesh(mesh):
+    got = jax.jit(lambda p, m, t: t.masks(p, where, previous=m))(
+        sharded, jaxprune.place_masks(previous, sharded), target)
+  selected = [w for w, s in zip(jax.tree.leaves(sharded), jax.tree.leaves(where)) if s]
+  for g, e, w in zip(jax.tree.leaves(got), jax.tree.leaves(expected), selected, strict=True):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(e))
+    assert g.sharding.is_equivalent_to(w.sharding, g.ndim)
