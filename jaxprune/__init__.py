@@ -53,6 +53,7 @@ from jaxprune.scores import (
     given_score,
     magnitude_score,
     mean_gradients,
+    normalized_score,
     random_score,
     saliency_score,
 )
@@ -127,6 +128,7 @@ __all__ = [
     "mean_gradients",
     "nm_masks",
     "nm_violations",
+    "normalized_score",
     "onto_mesh",
     "pack_mask",
     "pack_masks",

@@ -29,7 +29,7 @@ from jaxprune.mask_tree import (
   zero_pruned,
 )
 from jaxprune.row_rank import smallest_in_rows_each
-from jaxprune.scores import Given, Score, magnitude_score
+from jaxprune.scores import Score, magnitude_score, ranks_by
 from jaxprune.stacked_layers import check_stacked, check_used, restack, stacked_axes, unstack
 from jaxprune.units import is_granularity, unit_count
 
@@ -313,7 +313,7 @@ def ranked_masks(
     check_finite(v, path if v is w else f"the score of {path}")
   layers = unstack(paths, values, [p for *_, p in chosen], stacked)
   kept = _kept_by_rank(layers.values, layers.previous, layers.leaf_paths, sparsity, scope,
-                       distribution, "value" if isinstance(score, Given) else "magnitude",
+                       distribution, ranks_by(score),
                        axis=axis)
   return masks_from(params, {i: m for (i, *_), m in zip(chosen, restack(kept, layers))})
 

@@ -15,6 +15,9 @@ a random key, a user's tree) are leaves, so a target holding one can be traced.
   from the seed (leaf `i` draws from `fold_in(key(seed), i)`).
 * `given_score(tree)`: a user's score tree of `params`' structure (any float values,
   negative ones included; ranked by value).
+* `normalized_score(inner)`: `inner`'s scores divided per leaf by their L2 norm
+  (JaxPruner's global pruners do this by default), for global scope across
+  leaves of different scales.
 
 Scores are ranked by value through order-preserving uint32 keys (any float dtype
 through float32, as magnitudes); NaN ranks above +inf (kept last), -0.0 as 0.0.
@@ -135,6 +138,41 @@ class Given:
 def given_score(tree: PyTree) -> Given:
   """A user's scores (see the module docstring)."""
   return Given(tree)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Normalized:
+  """`inner`'s scores of each leaf divided by their L2 norm over the leaf (+ `eps`)."""
+
+  inner: Any
+  eps: float = dataclasses.field(default=1e-8, metadata={"static": True})
+
+  def scores(self, params, chosen):
+    weights = slots(params).leaves
+    raw = self.inner.scores(params, chosen)
+    values = [jnp.abs(weights[i]).astype(jnp.float32) if v is None else v.astype(jnp.float32)
+              for i, v in zip(chosen, raw)]
+    return [v / (jnp.linalg.norm(v.reshape(-1)) + self.eps) for v in values]
+
+
+def normalized_score(inner: Score | None = None, eps: float = 1e-8) -> Normalized:
+  """`inner`'s scores (default `|w|`) divided per leaf by their L2 norm: what
+  JaxPruner's global pruners rank by default (`use_normalization=True`), so that
+  leaves of different scales compete on relative terms in global scope."""
+  inner = magnitude_score() if inner is None else inner
+  if not isinstance(inner, Score):
+    raise TypeError(f"normalized_score wraps a score (jaxprune.magnitude_score(), ...), "
+                    f"got {inner!r}")
+  return Normalized(inner, float(eps))
+
+
+def ranks_by(score: Any) -> str:
+  """`"value"` for scores ranked by their signed value (a user's tree), else
+  `"magnitude"` (magnitudes, saliencies and random draws are non-negative)."""
+  if isinstance(score, Normalized):
+    return ranks_by(score.inner)
+  return "value" if isinstance(score, Given) else "magnitude"
 
 
 def mean_gradients(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,

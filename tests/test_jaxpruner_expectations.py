@@ -1,4 +1,5 @@
-"""JaxPruner's `mask_calculator_test` expectations, ported to jaxprune's API.
+"""JaxPruner's `mask_calculator_test`, `pruners_test` and `global_pruners_test`
+expectations, ported to jaxprune's API.
 
 Where the semantics match (same scores, sparsity and pattern), jaxprune must give
 JaxPruner's masks. Where they differ on purpose, the test says how and checks
@@ -6,6 +7,7 @@ jaxprune's own rule: ties at the threshold are *pruned* in position order
 (JaxPruner keeps the earlier ones, and in N:M groups the later ones).
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -87,3 +89,60 @@ def test_channels_with_tied_scores():
   # channels 0 and 4; jaxprune prunes those first and keeps 8 and 9.
   got = _ranked(SCORE_5, 0.5, scope=jaxprune.channels(1))
   np.testing.assert_array_equal(got, np.array([[0, 0, 0, 0, 0, 1, 1, 1, 1, 1]] * 2, bool))
+
+
+# ----------------------------------------------- pruners_test and global_pruners_test
+
+
+def test_magnitude_and_saliency_scores():
+  # pruners_test.testMagnitudePruning / testSaliencyPruning: |w| and |w * g|.
+  params = {"w": jnp.array([0.1, 0.9, -0.2, 0.5])}
+  grads = {"w": jnp.array([5.0, 1.0, 3.0, 0.5])}
+  np.testing.assert_allclose(np.asarray(jnp.abs(params["w"])), [0.1, 0.9, 0.2, 0.5])
+  (saliency,) = jaxprune.saliency_score(grads).scores(params, [0])
+  np.testing.assert_allclose(np.asarray(saliency), [0.5, 0.9, 0.6, 0.25], rtol=1e-6)
+  # Their ranking: at 0.5, magnitude keeps 0.9 and 0.5, saliency 0.9 and 0.6.
+  kept = jaxprune.ranked_masks(params, 0.5, {"w": True})["w"]
+  np.testing.assert_array_equal(np.asarray(kept), [0, 1, 0, 1])
+  kept = jaxprune.ranked_masks(params, 0.5, {"w": True},
+                               score=jaxprune.saliency_score(grads))["w"]
+  np.testing.assert_array_equal(np.asarray(kept), [0, 1, 1, 0])
+
+
+def test_random_scores_differ_by_seed_and_prune_exactly_half():
+  # pruners_test.testRandomPruning: two seeds, different scores; 50% sparsity exactly.
+  params = {"w": jax.random.normal(jax.random.key(0), (10, 10))}
+  (a,) = jaxprune.random_score(0).scores(params, [0])
+  (b,) = jaxprune.random_score(5).scores(params, [0])
+  assert not np.array_equal(np.asarray(a), np.asarray(b))
+  mask = jaxprune.ranked_masks(params, 0.5, {"w": True}, score=jaxprune.random_score(0))["w"]
+  assert float((~mask).mean()) == 0.5
+
+
+@pytest.mark.parametrize("score", [None, jaxprune.normalized_score()],
+                         ids=["raw", "normalized"])
+def test_global_pruning(score):
+  # global_pruners_test.testGlobalPruning (JaxPruner normalizes per leaf by default:
+  # `use_normalization=True`, here `normalized_score()`); both keep the same three.
+  tree = {"w": jnp.array([0.1, 0.9, -0.2, 0.5]), "w2": jnp.array([0.7, 0.8])}
+  masks = jaxprune.ranked_masks(tree, 0.5, {"w": True, "w2": True}, scope="global",
+                                score=score)
+  np.testing.assert_array_equal(np.asarray(masks["w"]), [0, 1, 0, 0])
+  np.testing.assert_array_equal(np.asarray(masks["w2"]), [1, 1])
+
+
+def test_normalized_global_scope_balances_leaves_of_different_scales():
+  # Raw magnitudes in global scope prune a small-scale leaf first; normalized ones
+  # compare each weight with its leaf's norm (JaxPruner's default behaviour).
+  small = np.linspace(0.01, 0.1, 8, dtype=np.float32)
+  big = 100 * np.linspace(0.02, 0.09, 8, dtype=np.float32)
+  tree, where = {"a": jnp.asarray(small), "b": jnp.asarray(big)}, {"a": True, "b": True}
+  raw = jaxprune.ranked_masks(tree, 0.5, where, scope="global")
+  assert int(raw["a"].sum()) == 0 and int(raw["b"].sum()) == 8
+  norm = jaxprune.ranked_masks(tree, 0.5, where, scope="global",
+                               score=jaxprune.normalized_score())
+  scores = np.concatenate([small / np.linalg.norm(small), big / np.linalg.norm(big)])
+  kept = np.ones(16, bool)
+  kept[np.argsort(scores, kind="stable")[:8]] = False
+  np.testing.assert_array_equal(np.concatenate([norm["a"], norm["b"]]), kept)
+  assert 0 < int(norm["a"].sum()) < 8
