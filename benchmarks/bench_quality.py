@@ -77,13 +77,14 @@ class Recipe:
   lr_mode: str = "rewind"
   scope: str = "layer"
   distill: float = 0.0  # weight of the KL term to the dense teacher (0: off)
+  method: str = "magnitude"  # magnitude, erk, saliency, rows, channels (see `target`)
 
   @property
   def name(self) -> str:
     return f"{self.label}@{self.final:g}"
 
   def targets(self) -> list[float]:
-    if self.schedule == "oneshot":
+    if self.schedule in ("oneshot", "gradual"):
       return [self.final]
     make = {
         "exponential": jaxprune.exponential_schedule,
@@ -91,6 +92,20 @@ class Recipe:
         "cubic": jaxprune.cubic_schedule,
     }[self.schedule]
     return [float(s) for s in make(self.initial, self.final, self.iterations)]
+
+  def schedule_entries(self) -> list[Any]:
+    """The loop's schedule: sparsities, or `Prune` targets for the other methods."""
+    return [self.target(s) for s in self.targets()]
+
+  def target(self, sparsity: float) -> Any:
+    if self.method == "magnitude":
+      return sparsity
+    return {
+        "erk": lambda s: jaxprune.Prune(s, distribution=jaxprune.erk()),
+        "saliency": lambda s: jaxprune.Prune(s, score=jaxprune.saliency_score()),
+        "rows": lambda s: jaxprune.Prune(s, scope="row"),  # each output neuron alike
+        "channels": lambda s: jaxprune.Prune(s, scope=jaxprune.channels(-1)),
+    }[self.method](sparsity)
 
   def budgets(self, total: int) -> list[int]:
     n = len(self.targets())
@@ -108,11 +123,15 @@ class Recipe:
   def describe(self) -> str:
     if self.schedule == "oneshot":
       sched = "one-shot"
+    elif self.schedule == "gradual":
+      sched = (f"in-graph gradual (pruned + polynomial_schedule to {GRADUAL_END:.0%} of the "
+               f"budget, every {GRADUAL_EVERY} steps)")
     else:
       sched = f"{self.schedule} s0={self.initial:g} N={self.iterations}"
     distill = f", distill {self.distill:g}" if self.distill else ""
+    method = "" if self.method == "magnitude" else f", {self.method}"
     return (f"{sched}, split {self.split}, lr {self.lr:g} ({self.lr_mode}), "
-            f"scope {self.scope}{distill}")
+            f"scope {self.scope}{distill}{method}")
 
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9)
@@ -159,6 +178,17 @@ TUNED = dict(schedule="geometric", initial=0.2, iterations=5, split="last=0.5", 
 _BASES["tuned-globalscope"] = dict(TUNED, scope="global")
 _BASES["tuned-cubic"] = dict(TUNED, schedule="cubic")
 
+# In-graph gradual pruning (Zhu & Gupta): `pruned` recomputes the masks every
+# GRADUAL_EVERY steps along a cubic ramp from 0 to the final sparsity, reached at
+# GRADUAL_END of the budget; one optimizer state and one warmup-cosine over the budget.
+GRADUAL_EVERY = 10
+GRADUAL_END = 0.75
+_BASES["gradual"] = dict(schedule="gradual", lr=3e-3, lr_mode="global")
+
+# Criteria, granularities and distributions (issue 15), each on the tuned recipe.
+for _method in ("erk", "saliency", "rows", "channels"):
+  _BASES[f"tuned-{_method}"] = dict(TUNED, method=_method)
+
 GROUPS: dict[str, list[str]] = {
     "table": (
         [f"exponential@{s:g}" for s in SPARSITIES]
@@ -166,9 +196,15 @@ GROUPS: dict[str, list[str]] = {
         + ["oneshot@0.8"]
     ),
     "sweep": [f"{label}@{s:g}" for s in (0.8, 0.9) for label in _BASES],
+    # uniform vs ERK vs global at 0.9 and 0.95; saliency, rows at 0.9; channels at 0.5.
+    "methods": ([f"{label}@{s:g}" for s in (0.9, 0.95)
+                 for label in ("tuned", "tuned-erk", "tuned-globalscope")]
+                + ["tuned-saliency@0.9", "tuned-rows@0.9", "tuned@0.5", "tuned-channels@0.5",
+                   "gradual@0.9", "gradual@0.95"]),
     # One row per code path (schedules, splits, learning-rate modes, scopes): --quick.
     "smoke": ["exponential@0.8", "tuned@0.9", "oneshot@0.8", "geometric-cyclic@0.8",
-              "geometric-global@0.8", "geometric-globalscope@0.8"],
+              "geometric-global@0.8", "geometric-globalscope@0.8", "tuned-erk@0.9",
+              "tuned-saliency@0.9", "tuned-rows@0.9", "tuned-channels@0.5", "gradual@0.9"],
 }
 
 
@@ -297,6 +333,28 @@ def optimizer_for(recipe: Recipe, budgets: list[int]) -> tuple[optax.GradientTra
   return optax.adamw(lr, weight_decay=0.01), restart
 
 
+def gradual_retrain(recipe: Recipe, params, loss_fn, batch_at, eval_batches, where,
+                    total: int, seed: int) -> dict:
+  """`recipe` as in-graph gradual pruning: one `pruned(adamw)` run of `total` steps."""
+  end = max(GRADUAL_EVERY, round(GRADUAL_END * total) // GRADUAL_EVERY * GRADUAL_EVERY)
+  optimizer, _ = optimizer_for(recipe, [total])
+  tx = jaxprune.pruned(optimizer, where=where, update_every=GRADUAL_EVERY,
+                       schedule=jaxprune.polynomial_schedule(0.0, recipe.final, 0, end))
+  step = jaxprune.make_train_step(loss_fn, tx)
+  opt_state = tx.init(params)
+  rng = jax.random.key_data(jax.random.key(seed))
+  for i in range(total):
+    params, opt_state, _ = step(params, opt_state, batch_at(i), rng, i)
+  # The last recompute was at the last multiple of GRADUAL_EVERY below `total`: its
+  # masks hold (the final sparsity, reached at `end`).
+  eval_step = jaxprune.make_eval_step(loss_fn)
+  loss = float(np.mean([float(eval_step(params, b)[0]) for b in eval_batches]))
+  report = jaxprune.sparsity_report(params, where)
+  return {"perplexity": perplexity(loss), "targeted_sparsity": report.targeted_sparsity,
+          "whole_model_sparsity": report.overall_sparsity, "history": [],
+          "recompute_end_step": end}
+
+
 # ----------------------------------------------------------------------------- table
 
 
@@ -320,6 +378,26 @@ def markdown_table(dense_ppl: float, rows: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------- main
+
+
+def _row(recipe: Recipe, targets, budgets, measured: dict, dense_ppl: float,
+         seconds: float) -> dict:
+  return {"recipe": recipe.name, "description": recipe.describe(),
+          "config": dataclasses.asdict(recipe), "final_sparsity": recipe.final,
+          "targets": targets, "retrain_steps": budgets, **measured,
+          "degradation": measured["perplexity"] / dense_ppl - 1.0, "seconds": seconds}
+
+
+def _print_row(row: dict, extra: str) -> None:
+  print(f"  perplexity {row['perplexity']:.3f} ({100 * row['degradation']:+.1f}%), targeted "
+        f"{100 * row['targeted_sparsity']:.2f}%, whole model "
+        f"{100 * row['whole_model_sparsity']:.2f}%, {row['seconds']:.0f}s{extra}", flush=True)
+
+
+def _write(path: str | None, out: dict) -> None:
+  if path:
+    with open(path, "w") as f:
+      json.dump(out, f, indent=2)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -410,35 +488,32 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{recipe.name}: {recipe.describe()}; targets {[round(s, 3) for s in targets]}, "
           f"budgets {budgets}", flush=True)
     start = time.perf_counter()
+    if recipe.schedule == "gradual":
+      measured = gradual_retrain(recipe, params, loss_fn, retrain_batch, eval_batches, where,
+                                 total, loop_seed)
+      out["rows"].append(_row(recipe, targets, budgets, measured, dense_ppl,
+                              time.perf_counter() - start))
+      _print_row(out["rows"][-1], "")
+      _write(args.json, out)
+      continue
     result = jaxprune.prune_retrain(
-        params, loss_fn, retrain_batch, eval_batches, optimizer=optimizer, schedule=targets,
+        params, loss_fn, retrain_batch, eval_batches, optimizer=optimizer,
+        schedule=recipe.schedule_entries(),
         where=where, retrain_steps=budgets, scope=recipe.scope, restart_optimizer=restart,
         progress=False, checkpoint_dir=None, seed=loop_seed, metric=jaxprune.perplexity,
         teacher=(lm_model.make_batch_apply_fn(graphdef, rest), params) if recipe.distill
         else None, distill_weight=recipe.distill,
     )
-    seconds = time.perf_counter() - start
-    row = {
-        "recipe": recipe.name, "description": recipe.describe(),
-        "config": dataclasses.asdict(recipe), "final_sparsity": recipe.final,
-        "targets": targets, "retrain_steps": budgets,
-        "perplexity": result.final.metric,
-        "degradation": result.final.metric / dense_ppl - 1.0,
-        "targeted_sparsity": result.achieved_sparsity,
-        "whole_model_sparsity": result.overall_sparsity,
-        "seconds": seconds,
-        "history": [h.to_json() for h in result.history],
-    }
-    out["rows"].append(row)
+    measured = {"perplexity": result.final.metric,
+                "targeted_sparsity": result.achieved_sparsity,
+                "whole_model_sparsity": result.overall_sparsity,
+                "history": [h.to_json() for h in result.history]}
+    out["rows"].append(_row(recipe, targets, budgets, measured, dense_ppl,
+                            time.perf_counter() - start))
     steps = " -> ".join(f"{h.after_prune.metric:.2f}/{h.after_retrain.metric:.2f}"
                         for h in result.history)
-    print(f"  perplexity {row['perplexity']:.3f} ({100 * row['degradation']:+.1f}%), targeted "
-          f"{100 * row['targeted_sparsity']:.2f}%, whole model "
-          f"{100 * row['whole_model_sparsity']:.2f}%, {seconds:.0f}s "
-          f"[after prune/after retrain: {steps}]", flush=True)
-    if args.json:
-      with open(args.json, "w") as f:
-        json.dump(out, f, indent=2)
+    _print_row(out["rows"][-1], f" [after prune/after retrain: {steps}]")
+    _write(args.json, out)
 
   print("\n" + markdown_table(dense_ppl, out["rows"]))
   return out

@@ -132,3 +132,12 @@ def test_device_check_script_runs_every_benchmark_it_names(tmp_path):
   names = [line.split()[1] for line in proc.stdout.splitlines()]
   assert names == [f"benchmarks/bench_{n}.py" for n in ("masks", "step", "loop", "compile")]
   assert all(os.path.exists(os.path.join(ROOT, n)) for n in names)
+
+
+def test_bench_granularities_masks_match_the_sort_reference(tmp_path):
+  report = run_benchmark("granularities", "--rounds", "1", "--json", str(tmp_path / "g.json"))
+  methods = {r["method"] for r in report["rows"]}
+  assert {"layer", "global", "ERK (layer)", "row (axis -2)", "N:M 2:4 (axis -2)"} <= methods
+  assert all(r["identical"] for r in report["rows"]), [r["method"] for r in report["rows"]
+                                                        if not r["identical"]]
+  assert all(r["jaxprune_s"] > 0 and r["reference_s"] > 0 for r in report["rows"])
