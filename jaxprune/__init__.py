@@ -11,7 +11,7 @@ loop (`prune_retrain`). How `where` and mask trees line up with params (paths,
 
 from jaxprune.checkpointing import Checkpointer
 from jaxprune.distillation import distillation_loss, kl_to_teacher
-from jaxprune.distributions import Distribution, erk, uniform
+from jaxprune.distributions import Distribution, by_path, erk, uniform
 from jaxprune.export import (
     CompressedFormatError,
     ExportInfo,
@@ -97,6 +97,7 @@ __all__ = [
     "as_target",
     "aux_metric",
     "blocks",
+    "by_path",
     "bytes_per_device",
     "channels",
     "check_finite_losses",

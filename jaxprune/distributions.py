@@ -24,6 +24,8 @@ Both take `fixed={pattern: sparsity}`: leaves whose path matches a pattern (as i
 `jaxprune.select`) get that sparsity, exactly per leaf, and are left out of the
 others' sums (JaxPruner's `custom_sparsity_map`).
 
+* `by_path(fn)`: leaf i's sparsity is `fn(path_i, shape_i, s)`, any rule of your own.
+
 Example::
 
   >>> d = jaxprune.erk()
@@ -34,7 +36,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import jax
@@ -106,6 +108,47 @@ class Uniform:
 def uniform(fixed: Mapping[str, float] | None = None) -> Uniform:
   """Every leaf pruned to the target sparsity on its own (see the module docstring)."""
   return Uniform(_check_fixed(fixed or {}))
+
+
+@dataclasses.dataclass(frozen=True)
+class ByPath:
+  """Leaf i's sparsity is `fn(path_i, shape_i, s)`, each leaf exact on its own."""
+
+  fn: Callable[[str, Shape, Any], Any]
+
+  def sparsities(self, paths, shapes, sparsity):
+    out = []
+    for path, shape in zip(paths, shapes):
+      value = self.fn(path, tuple(shape), sparsity)
+      if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not 0.0 <= value <= 1.0:
+          raise ValueError(f"by_path: the sparsity of {path} is {value!r}, outside [0, 1]")
+      elif not isinstance(value, (jax.Array, jax.core.Tracer)):
+        raise ValueError(f"by_path: the sparsity of {path} must be a number, got {value!r}")
+      out.append(value)
+    return out
+
+  def prune_counts(self, paths, shapes, sparsity):
+    sizes = [int(np.prod(s)) for s in shapes]
+    return [prune_count(s, n) for s, n in zip(self.sparsities(paths, shapes, sparsity), sizes)]
+
+
+def by_path(fn: Callable[[str, Shape, Any], Any]) -> ByPath:
+  """Per-leaf sparsities from a function `fn(path, shape, s) -> sparsity` of the
+  leaf's path, its shape and the target `s` (which may be traced: return an
+  expression of it, e.g. `min(1.0, 1.2 * s)` is not traceable but
+  `jnp.minimum(1.0, 1.2 * s)` is). Each leaf then loses exactly
+  `round(sparsity_i * n_i)`.
+
+  Example::
+
+    >>> d = jaxprune.by_path(lambda path, shape, s: 0.0 if "head" in path else s)
+    >>> [int(c) for c in d.prune_counts(["body/kernel", "head/kernel"], [(4, 4), (4, 2)], 0.5)]
+    [8, 0]
+  """
+  if not callable(fn):
+    raise ValueError(f"by_path takes a function (path, shape, s) -> sparsity, got {fn!r}")
+  return ByPath(fn)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -160,3 +160,19 @@ def test_a_schedule_of_erk_targets_compiles_one_prune_step():
   assert total == round(0.8 * (8 * 16 + 16 * 4))
   assert result.masks["fc2"]["kernel"].mean() > result.masks["fc1"]["kernel"].mean()
   assert [r.target_sparsity for r in result.history] == [0.3, 0.6, 0.8]
+
+
+def test_by_path_gives_each_leaf_its_own_exact_sparsity():
+  k = jax.random.split(jax.random.key(2), 2)
+  params = {"body": {"kernel": jax.random.normal(k[0], (16, 8))},
+            "head": {"kernel": jax.random.normal(k[1], (8, 4))}}
+  d = jaxprune.by_path(lambda path, shape, s: s / 2 if "head" in path else s)
+  masks = jax.jit(lambda p, s: jaxprune.Prune(s, distribution=d).masks(
+      p, jaxprune.select(p)))(params, 0.5)
+  assert int((~masks["body"]["kernel"]).sum()) == 64
+  assert int((~masks["head"]["kernel"]).sum()) == 8          # round(0.25 * 32)
+  with pytest.raises(ValueError, match="the sparsity of head/kernel is 1.5"):
+    jaxprune.by_path(lambda path, shape, s: 1.5 if "head" in path else s).prune_counts(
+        ["body/kernel", "head/kernel"], [(16, 8), (8, 4)], 0.5)
+  with pytest.raises(ValueError, match="takes a function"):
+    jaxprune.by_path(0.5)
