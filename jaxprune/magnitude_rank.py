@@ -69,10 +69,14 @@ def magnitude_keys(w: jax.Array, kept: jax.Array | None = None) -> jax.Array:
   """
   bits = lax.bitcast_convert_type(jnp.abs(w).astype(jnp.float32), jnp.uint32)
   # |w| has a zero sign bit, so bits + 1 cannot overflow.
-  keys = bits + jnp.uint32(1)
-  if kept is not None:
-    keys = jnp.where(unpack_mask_sliced(kept), keys, jnp.uint32(0))
-  return keys
+  return _pruned_first(bits + jnp.uint32(1), kept)
+
+
+def _pruned_first(keys: jax.Array, kept: jax.Array | None) -> jax.Array:
+  """`keys` with key 0 (below every kept entry's) where `kept` is False."""
+  if kept is None:
+    return keys
+  return jnp.where(unpack_mask_sliced(kept), keys, jnp.uint32(0))
 
 
 def value_keys(s: jax.Array, kept: jax.Array | None = None) -> jax.Array:
@@ -86,10 +90,7 @@ def value_keys(s: jax.Array, kept: jax.Array | None = None) -> jax.Array:
   s = s.astype(jnp.float32)
   s = jnp.where(s == 0, jnp.float32(0), jnp.where(jnp.isnan(s), jnp.float32(jnp.nan), s))
   bits = lax.bitcast_convert_type(s, jnp.uint32)
-  keys = jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
-  if kept is not None:
-    keys = jnp.where(unpack_mask_sliced(kept), keys, jnp.uint32(0))
-  return keys
+  return _pruned_first(jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000)), kept)
 
 
 # The key functions by name: what `by=` selects.
@@ -290,8 +291,11 @@ def _select_smallest(sources: Sequence[tuple], key_of, k: jax.Array | int,
     return marked if finish is None else finish(marked, source)
 
   def without_tiebreak(srcs) -> list[jax.Array]:
-    return map_groups(group_by_shape(srcs), lambda s, j: done(
-        (key_of(*s) < threshold) | ((key_of(*s) == threshold) & (take > 0)), s))
+    def marks(s, j):
+      keys = key_of(*s)
+      return done((keys < threshold) | ((keys == threshold) & (take > 0)), s)
+
+    return map_groups(group_by_shape(srcs), marks)
 
   def with_tiebreak(srcs) -> list[jax.Array]:
     groups = group_by_shape(srcs)

@@ -171,7 +171,7 @@ def test_by_path_gives_each_leaf_its_own_exact_sparsity():
       p, jaxprune.select(p)))(params, 0.5)
   assert int((~masks["body"]["kernel"]).sum()) == 64
   assert int((~masks["head"]["kernel"]).sum()) == 8          # round(0.25 * 32)
-  with pytest.raises(ValueError, match="the sparsity of head/kernel is 1.5"):
+  with pytest.raises(ValueError, match=r"the sparsity of head/kernel is 1\.5"):
     jaxprune.by_path(lambda path, shape, s: 1.5 if "head" in path else s).prune_counts(
         ["body/kernel", "head/kernel"], [(16, 8), (8, 4)], 0.5)
   with pytest.raises(ValueError, match="takes a function"):
