@@ -19,6 +19,7 @@ from jaxprune.export import (
     export_info,
     load_compressed,
 )
+from jaxprune.input_statistics import InputStatistics, LeafStatistics, input_statistics
 from jaxprune.leaf_selection import leaf_paths, path_string, select
 from jaxprune.loop import prune_retrain
 from jaxprune.masks import apply_masks, check_masks, magnitude_masks, ranked_masks, threshold_masks
@@ -56,6 +57,7 @@ from jaxprune.scores import (
     normalized_score,
     random_score,
     saliency_score,
+    wanda_score,
 )
 from jaxprune.sharding import (
     bytes_per_device,
@@ -80,8 +82,10 @@ __all__ = [
     "Distribution",
     "Evaluation",
     "ExportInfo",
+    "InputStatistics",
     "IterationRecord",
     "LeafSparsity",
+    "LeafStatistics",
     "LoopState",
     "Magnitude",
     "Metric",
@@ -113,6 +117,7 @@ __all__ = [
     "geometric_keep_schedule",
     "get_masks",
     "given_score",
+    "input_statistics",
     "is_nm_sparse",
     "kl_to_teacher",
     "leaf_paths",
@@ -154,4 +159,5 @@ __all__ = [
     "uniform",
     "unpack_mask",
     "unpack_masks",
+    "wanda_score",
 ]

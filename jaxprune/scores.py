@@ -32,7 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 import jax.numpy as jnp
 
-from jaxprune.mask_tree import float_part, merge_float_part, slots
+from jaxprune.mask_tree import canonical_path, float_part, merge_float_part, slots
 
 PyTree = Any
 
@@ -200,3 +200,52 @@ def mean_gradients(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
   if total is None:
     raise ValueError("mean_gradients needs at least one batch")
   return jax.tree.map(lambda x: x / count, total)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Wanda:
+  """`|w| * ||x_j||_2`: each weight times the norm of the input feature it multiplies
+  (Sun et al. 2023), from `input_statistics`' per-feature squared norms."""
+
+  sq_norms: dict
+  axes: tuple = dataclasses.field(metadata={"static": True})
+
+  def scores(self, params, chosen):
+    theirs = slots(params)
+    out = []
+    for i in chosen:
+      path = canonical_path(theirs.paths[i])
+      if path not in self.sq_norms:
+        raise ValueError(f"wanda_score has no input statistics for {path} (it has "
+                         f"{', '.join(sorted(self.sq_norms)) or 'none'})")
+      w = theirs.leaves[i]
+      norms = _spread(jnp.sqrt(self.sq_norms[path]), dict(self.axes)[path], w.ndim)
+      out.append(jnp.abs(w.astype(jnp.float32)) * norms)
+    return out
+
+
+def _spread(values: jax.Array, axes: tuple[int, ...], ndim: int) -> jax.Array:
+  """`values` over the leaf axes `axes` (in that order), broadcastable to the leaf."""
+  order = sorted(range(len(axes)), key=lambda k: axes[k])
+  moved = jnp.transpose(values, order)
+  return jnp.expand_dims(moved, tuple(a for a in range(ndim) if a not in axes))
+
+
+def wanda_score(stats: Any) -> Wanda:
+  """Wanda's score from `jaxprune.input_statistics(...)`: `|w_ij| * ||x_j||_2`.
+
+  Rank it per output row, as Wanda does: `Prune(s, score=wanda_score(stats),
+  scope="row", axis=-2)` for Flax `(in, out)` kernels (`axis=-1` for Equinox).
+
+  Example::
+
+    >>> def apply_fn(p, b):
+    ...   return jnp.tanh(b["x"] @ p["fc1"]["kernel"]) @ p["fc2"]["kernel"]
+    >>> stats = jaxprune.input_statistics(apply_fn, params, [batch], where)
+    >>> target = jaxprune.Prune(0.5, score=jaxprune.wanda_score(stats), scope="row")
+    >>> masks = target.masks(params, where)
+  """
+  leaves = {canonical_path(p): s for p, s in stats.leaves.items()}
+  return Wanda({p: s.sq_norms for p, s in leaves.items()},
+               tuple((p, s.stack_axes + s.feature_axes) for p, s in sorted(leaves.items())))
