@@ -1,0 +1,205 @@
+"""SparseGPT: one-shot pruning with weight reconstruction (Frantar & Alistarh, 2023).
+
+For a kernel seen as `W` `(rows, cols)` — rows the output neurons, cols its input
+features — and the Gram matrix `G = XᵀX` of its inputs (`input_statistics(...,
+gram=True)`), SparseGPT solves the layer-wise problem
+`min ||W X - Ŵ X||` over `Ŵ` with the chosen sparsity, column by column:
+
+    H = 2 G + λ I               (λ = damp · mean(diag(2 G)); dead inputs: H_ii = 1, W_:i = 0)
+    U = chol(H⁻¹)ᵀ              (upper Cholesky factor of the inverse)
+    for each block of `block` columns, left to right:
+      mask: score w² / U_jj² (exactly round(s · n) pruned over the whole kernel,
+            spread over the blocks; or n of every m along the input axis)
+      for each column j of the block:
+        q = w_j masked;  e = (w_j - q) / U_jj
+        W[:, j:] -= e ⊗ U[j, j:]         (the remaining columns absorb the error)
+      W[:, later blocks] -= E · U[block, later]    (lazy batched update)
+
+The returned weights are pruned *and updated*: kept weights move to compensate.
+Counts are exact: block b prunes `round(s · rows · c_b) - round(s · rows · c_{b-1})`
+(`c_b` the columns up to its end), so the kernel loses exactly `round(s · n)`.
+Ties in the block scores go by position, as everywhere in jaxprune.
+
+Example::
+
+  >>> stats = jaxprune.input_statistics(
+  ...     lambda p, b: jnp.tanh(b["x"] @ p["fc1"]["kernel"]) @ p["fc2"]["kernel"],
+  ...     params, [batch], where, gram=True)
+  >>> new_params, masks = jaxprune.sparsegpt(params, stats, 0.5, where)
+  >>> int((~masks["fc1"]["kernel"]).sum())      # exactly half of 64
+  32
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxprune.input_statistics import InputStatistics
+from jaxprune.leaf_selection import Where
+from jaxprune.magnitude_rank import smallest_magnitudes
+from jaxprune.mask_tree import canonical_path, masks_from, selected_leaves, slots, unflatten
+from jaxprune.masks import check_fraction
+from jaxprune.structured import check_nm
+
+PyTree = Any
+
+
+def _inverse_factor(gram: jax.Array, damp: float) -> tuple[jax.Array, jax.Array]:
+  """`(U, dead)`: the upper Cholesky factor of the dampened `H⁻¹`, and the inputs
+  that never fire (their columns are zeroed)."""
+  h = 2.0 * gram.astype(jnp.float32)
+  diag = jnp.diagonal(h)
+  dead = diag == 0
+  h = h + jnp.diag(jnp.where(dead, 1.0, 0.0))
+  h = h + jnp.eye(h.shape[0], dtype=h.dtype) * (damp * jnp.mean(jnp.diagonal(h)))
+  lower = jnp.linalg.cholesky(h)
+  inverse = jax.scipy.linalg.cho_solve((lower, True), jnp.eye(h.shape[0], dtype=h.dtype))
+  return jnp.linalg.cholesky(inverse).T, dead
+
+
+def _sweep(w1: jax.Array, u1: jax.Array, kept: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """One block, column by column: (the pruned block, the scaled errors)."""
+  cols = w1.shape[1]
+
+  def column(j, carry):
+    w, q, err = carry
+    col = lax.dynamic_index_in_dim(w, j, 1, keepdims=False)
+    d = u1[j, j]
+    pruned = jnp.where(lax.dynamic_index_in_dim(kept, j, 1, keepdims=False), col, 0.0)
+    e = (col - pruned) / d
+    w = w - e[:, None] * u1[j][None, :]
+    return (w, lax.dynamic_update_index_in_dim(q, pruned, j, 1),
+            lax.dynamic_update_index_in_dim(err, e, j, 1))
+
+  zeros = jnp.zeros_like(w1)
+  _, q, err = lax.fori_loop(0, cols, column, (w1, zeros, zeros))
+  return q, err
+
+
+def _nm_sweep(w1: jax.Array, u1: jax.Array, n: int, m: int) -> tuple:
+  """One block in groups of `m` columns: each group's mask keeps the `n` best
+  `w² / U_jj²` of every row, chosen when the sweep reaches the group."""
+  d2 = jnp.diagonal(u1) ** 2
+
+  def group(g, carry):
+    w, q, err, kept = carry
+    start = g * m
+    scores = lax.dynamic_slice_in_dim(w, start, m, 1) ** 2 / lax.dynamic_slice_in_dim(
+        d2, start, m, 0)[None, :]
+    rank = jnp.argsort(jnp.argsort(-scores, axis=1, stable=True), axis=1, stable=True)
+    kept = lax.dynamic_update_slice_in_dim(kept, rank < n, start, 1)
+    for k in range(m):  # m is small (4): unrolled
+      j = start + k
+      col = lax.dynamic_index_in_dim(w, j, 1, keepdims=False)
+      pruned = jnp.where(lax.dynamic_index_in_dim(kept, j, 1, keepdims=False), col, 0.0)
+      e = (col - pruned) / u1[j, j]
+      w = w - e[:, None] * u1[j][None, :]
+      q = lax.dynamic_update_index_in_dim(q, pruned, j, 1)
+      err = lax.dynamic_update_index_in_dim(err, e, j, 1)
+    return w, q, err, kept
+
+  zeros = jnp.zeros_like(w1)
+  _, q, err, kept = lax.fori_loop(0, w1.shape[1] // m, group,
+                                  (w1, zeros, zeros, jnp.zeros(w1.shape, bool)))
+  return q, err, kept
+
+
+def sparsegpt_matrix(w: jax.Array, gram: jax.Array, sparsity: float, *, block: int = 128,
+                     damp: float = 0.01, nm: tuple[int, int] | None = None) -> tuple:
+  """SparseGPT on one `(rows, cols)` matrix with the `(cols, cols)` Gram matrix of its
+  inputs: `(pruned and updated w, kept mask)` (see the module docstring). With
+  `nm=(n, m)`, `sparsity` is ignored and every `m` consecutive inputs of a row
+  keep `n`."""
+  rows, cols = w.shape
+  u, dead = _inverse_factor(gram, damp)
+  w = jnp.where(dead[None, :], 0.0, w.astype(jnp.float32))
+  kept_all = []
+  for start in range(0, cols, block):
+    stop = min(start + block, cols)
+    w1, u1 = w[:, start:stop], u[start:stop, start:stop]
+    if nm is None:
+      count = round(sparsity * rows * stop) - round(sparsity * rows * start)
+      scores = w1 ** 2 / (jnp.diagonal(u1) ** 2)[None, :]
+      kept = ~smallest_magnitudes([scores], [None], count, by="value")[0]
+      q, err = _sweep(w1, u1, kept)
+    else:
+      q, err, kept = _nm_sweep(w1, u1, *nm)
+    kept_all.append(kept)
+    w = w.at[:, start:stop].set(q)
+    if stop < cols:
+      w = w.at[:, stop:].add(-err @ u[start:stop, stop:])
+  return w, jnp.concatenate(kept_all, axis=1)
+
+
+def sparsegpt(params: PyTree, stats: InputStatistics, sparsity: float, where: Where, *,
+              block: int = 128, damp: float = 0.01,
+              nm: tuple[int, int] | None = None) -> tuple[PyTree, PyTree]:
+  """SparseGPT on every selected kernel, each from its own inputs' Gram matrix
+  (non-sequential: `stats` from the dense model). Returns `(params, masks)`: the
+  kernels pruned and updated, the masks (`True` = kept) for `pruned` or
+  `prune_retrain`.
+
+  A kernel's input axis is its statistics' feature axis (0 for Flax `(in, out)`,
+  1 for Equinox `(out, in)`); stacked axes (scanned layers, experts) are pruned
+  slice by slice. `block` columns per lazy update (128 in the paper), `damp` the
+  dampening fraction of the mean diagonal (1%). For `nm=(n, m)` the input count
+  must be a multiple of `m` and `block` a multiple of `m`.
+
+  Raises:
+    ValueError: a selected leaf without a Gram matrix in `stats` (naming it), or
+      with several feature axes; a concrete sparsity outside [0, 1); an N:M
+      pattern that does not fit.
+  """
+  sparsity = float(check_fraction("sparsity", sparsity))
+  if nm is not None:
+    nm = check_nm(*nm)
+    if block % nm[1]:
+      raise ValueError(f"block ({block}) must be a multiple of m ({nm[1]})")
+  by_path = {canonical_path(p): s for p, s in stats.leaves.items()}
+  chosen = selected_leaves(params, where)
+  plans = [_plan(path, w, by_path, nm) for _, path, w, _ in chosen]
+  solve = jax.jit(lambda w, g: sparsegpt_matrix(w, g, sparsity, block=block, damp=damp, nm=nm))
+  new_leaves, masks = list(slots(params).leaves), {}
+  for (slot, _, w, _), (stat, feature) in zip(chosen, plans):
+    new_w, kept = _per_slice(solve, w, stat, feature)
+    new_leaves[slot] = new_w.astype(w.dtype)
+    masks[slot] = kept
+  return unflatten(params, new_leaves), masks_from(params, masks)
+
+
+def _plan(path: str, w: Any, by_path: dict, nm: Any) -> tuple:
+  stat = by_path.get(canonical_path(path))
+  if stat is None or stat.gram is None:
+    raise ValueError(f"sparsegpt needs the Gram matrix of {path}'s inputs: run "
+                     f"input_statistics(..., gram=True) with it selected"
+                     f"{'' if stat is None else ' (these statistics have no gram)'}")
+  if len(stat.feature_axes) != 1:
+    raise ValueError(f"sparsegpt: {path} multiplies its inputs along axes "
+                     f"{stat.feature_axes}; one input axis is supported")
+  feature = stat.feature_axes[0]
+  if nm is not None and w.shape[feature] % nm[1]:
+    raise ValueError(f"sparsegpt {nm[0]}:{nm[1]}: {path} has {w.shape[feature]} inputs "
+                     f"(axis {feature}), not a multiple of {nm[1]}")
+  return stat, feature
+
+
+def _per_slice(solve, w: jax.Array, stat: Any, feature: int) -> tuple[jax.Array, jax.Array]:
+  """`solve` on each slice along the stack axes, with the kernel as (rows, inputs)."""
+  stack = stat.stack_axes
+  other = [a for a in range(w.ndim) if a not in stack and a != feature]
+  moved = jnp.transpose(w, (*stack, *other, feature))
+  mats = moved.reshape(-1, *moved.shape[len(stack):])
+  mats = mats.reshape(mats.shape[0], -1, w.shape[feature])
+  grams = stat.gram.reshape(-1, w.shape[feature], w.shape[feature])
+  if grams.shape[0] == 1 and mats.shape[0] > 1:
+    grams = jnp.broadcast_to(grams, (mats.shape[0], *grams.shape[1:]))
+  outs = [solve(mats[i], grams[i]) for i in range(mats.shape[0])]
+  new = jnp.stack([o[0] for o in outs]).reshape(moved.shape)
+  kept = jnp.stack([o[1] for o in outs]).reshape(moved.shape)
+  order = (*stack, *other, feature)
+  back = tuple(order.index(a) for a in range(w.ndim))
+  return jnp.transpose(new, back), jnp.transpose(kept, back)
