@@ -23,9 +23,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxprune.leaf_selection import Where, select
-from jaxprune.magnitude_rank import magnitude_keys
+from jaxprune.magnitude_rank import KEYS
 from jaxprune.mask_tree import masks_from, resolve_where, selected_leaves, slots
 from jaxprune.masks import check_finite
+from jaxprune.scores import ranks_by
 
 PyTree = Any
 
@@ -87,9 +88,10 @@ def _group_keep(keys: jax.Array, n: int, m: int, axis: int) -> jax.Array:
 
 
 # Jitted so that eager calls compile once per shape instead of dispatching m passes op by op.
-@functools.partial(jax.jit, static_argnames=("n", "m", "axis"))
-def _nm_leaf(w: jax.Array, kept: jax.Array | None, n: int, m: int, axis: int) -> jax.Array:
-  keep = _group_keep(magnitude_keys(w, kept), n, m, axis)
+@functools.partial(jax.jit, static_argnames=("n", "m", "axis", "by"))
+def _nm_leaf(w: jax.Array, kept: jax.Array | None, n: int, m: int, axis: int,
+             by: str = "magnitude") -> jax.Array:
+  keep = _group_keep(KEYS[by](w, kept), n, m, axis)
   # Previously pruned weights have key 0 and rank last, so they only enter the top
   # `n` of a group that has fewer than `n` survivors; `& kept` prunes them again.
   return keep if kept is None else keep & kept
@@ -103,6 +105,7 @@ def nm_masks(
     *,
     axis: int = -2,
     previous: PyTree | None = None,
+    score: Any = None,
 ) -> PyTree:
   """N:M structured masks: the `n` largest `|w|` of every `m` consecutive weights kept.
 
@@ -136,6 +139,8 @@ def nm_masks(
       Equinox `Linear.weight` `(out, in)` (and PyTorch-layout weights); 1 for
       Equinox conv weights `(out, in, h, w)`.
     previous: an earlier mask tree of the same `where`, or None.
+    score: rank by a score instead of `|w|` (`jaxprune.scores`: e.g.
+      `wanda_score(stats)` for Wanda's N:M, `saliency_score(grads)`).
 
   Returns:
     A mask tree: bool arrays (`True` = kept) for selected leaves, `None` elsewhere.
@@ -157,10 +162,15 @@ def nm_masks(
   n, m = check_nm(n, m)
   chosen = selected_leaves(params, select(params) if where is None else where, previous)
   axes = [_group_axis(tuple(w.shape), axis, m, path) for _, path, w, _ in chosen]
-  for _, path, w, _ in chosen:
-    check_finite(w, path)
-  return masks_from(params, {i: _nm_leaf(w, prev, n, m, ax)
-                             for (i, _, w, prev), ax in zip(chosen, axes)})
+  values = [w for _, _, w, _ in chosen]
+  if score is not None:
+    values = [w if v is None else v
+              for w, v in zip(values, score.scores(params, [i for i, *_ in chosen]))]
+  for (_, path, w, _), v in zip(chosen, values):
+    check_finite(v, path if v is w else f"the score of {path}")
+  by = "magnitude" if score is None else ranks_by(score)
+  return masks_from(params, {i: _nm_leaf(v, prev, n, m, ax, by)
+                             for (i, _, _, prev), v, ax in zip(chosen, values, axes)})
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m", "axis"))

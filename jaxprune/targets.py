@@ -128,21 +128,25 @@ class Prune:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class NM:
-  """At most `n` kept in every group of `m` along `axis` (see `nm_masks`). All static."""
+  """At most `n` kept in every group of `m` along `axis` (see `nm_masks`), ranked by
+  `|w|` or by `score`. `n`, `m`, `axis` are static."""
 
   n: int = dataclasses.field(metadata={"static": True})
   m: int = dataclasses.field(metadata={"static": True})
   axis: int = dataclasses.field(default=-2, metadata={"static": True})
+  score: Any = None  # ranked by |w| when None (a pytree leaf otherwise: e.g. Wanda's norms)
 
   @property
   def sparsity(self) -> float:
     return 1.0 - self.n / self.m
 
   def masks(self, params: PyTree, where: Any, previous: PyTree | None = None) -> PyTree:
-    return nm_masks(params, self.n, self.m, where, axis=self.axis, previous=previous)
+    return nm_masks(params, self.n, self.m, where, axis=self.axis, previous=previous,
+                    score=self.score)
 
   def __str__(self) -> str:
-    return f"{self.n}:{self.m}" + ("" if self.axis == -2 else f" axis {self.axis}")
+    scored = "" if self.score is None else f" {type(self.score).__name__.lower()}"
+    return f"{self.n}:{self.m}" + ("" if self.axis == -2 else f" axis {self.axis}") + scored
 
 
 def with_gradients(target: Target, grads: PyTree) -> Target:

@@ -164,3 +164,21 @@ def test_wanda_ranks_weight_times_input_norm_per_output_row():
     only_fc1 = jaxprune.input_statistics(apply, params, [x], {
         "fc1": {"kernel": True, "bias": False}, "fc2": {"kernel": False}})
     jaxprune.Prune(0.5, score=jaxprune.wanda_score(only_fc1)).masks(params, where)
+
+
+def test_wanda_two_four_keeps_the_best_two_of_every_four_inputs_by_score():
+  params, apply, _ = _plain()
+  where = {"fc1": {"kernel": True, "bias": False}, "fc2": {"kernel": False}}
+  x = jnp.asarray(X) * jnp.arange(1.0, 9.0)
+  stats = jaxprune.input_statistics(apply, params, [x], where)
+  target = jaxprune.NM(2, 4, score=jaxprune.wanda_score(stats))
+  assert str(target) == "2:4 wanda"
+  kept = np.asarray(jax.jit(lambda p, t: t.masks(p, where))(params, target)["fc1"]["kernel"])
+  score = np.abs(np.asarray(params["fc1"]["kernel"])) * np.sqrt(_sq(np.asarray(x)))[:, None]
+  groups = score.reshape(2, 4, 16)
+  order = np.argsort(-groups, axis=1, kind="stable")
+  want = np.zeros_like(groups, bool)
+  np.put_along_axis(want, order[:, :2], True, axis=1)
+  np.testing.assert_array_equal(kept, want.reshape(8, 16))
+  by_magnitude = jaxprune.nm_masks(params, 2, 4, where)["fc1"]["kernel"]
+  assert not np.array_equal(kept, np.asarray(by_magnitude))
