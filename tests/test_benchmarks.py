@@ -141,3 +141,17 @@ def test_bench_granularities_masks_match_the_sort_reference(tmp_path):
   assert all(r["identical"] for r in report["rows"]), [r["method"] for r in report["rows"]
                                                         if not r["identical"]]
   assert all(r["jaxprune_s"] > 0 and r["reference_s"] > 0 for r in report["rows"])
+
+
+def test_bench_oneshot_prunes_every_method_to_its_sparsity(tmp_path, text_file):
+  report = run_benchmark("oneshot", "--data", text_file, "--cache", str(tmp_path / "cache"),
+                         "--json", str(tmp_path / "o.json"))
+  assert report["unattributed"] == {}
+  rows = {(r["sparsity"], r["method"]): r for r in report["rows"]}
+  assert {m for _, m in rows} == {"magnitude", "wanda", "sparsegpt"}
+  for (s, method), r in rows.items():
+    want = 0.5 if s == "2:4" else float(s)
+    # Wanda's rows each lose round(s * row length): within a row's rounding of s.
+    assert abs(r["achieved"] - want) < (0.02 if method == "wanda" else 1e-3), (s, method)
+  # What one-shot reconstruction is for, on this deterministic tiny run too.
+  assert rows[("0.7", "sparsegpt")]["perplexity"] < rows[("0.7", "magnitude")]["perplexity"]

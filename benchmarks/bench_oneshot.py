@@ -1,0 +1,141 @@
+"""One-shot pruning without retraining: magnitude, Wanda and SparseGPT (issue 16).
+
+    python benchmarks/bench_oneshot.py            # the README table
+    python benchmarks/bench_oneshot.py --quick    # smoke run (tiny sizes)
+
+The dense LM of `bench_quality.py` (same configuration, same cache: pretrained
+once) is pruned on its `output_proj` + `fc*` kernels at each sparsity, with no
+retraining, by
+
+* magnitude: `Prune(s)` per leaf (`NM(2, 4)` for 2:4);
+* Wanda: `Prune(s, score=wanda_score(stats), scope="row")` (`NM(2, 4, score=...)`);
+* SparseGPT: `sparsegpt(params, stats, s, where)` (`nm=(2, 4)`), non-sequential;
+
+from `input_statistics` over `--calibration` sequences of the training text
+(not the validation text). Reported: validation perplexity and its increase over
+dense, and wall times of calibration and of each method's pruning (the first
+call, compilation included) against one dense forward pass over the calibration
+batches measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_quality as bq
+import lm_data
+import lm_model
+
+import jaxprune
+
+SPARSITIES = ("0.5", "0.6", "0.7", "2:4")
+
+
+def methods(stats) -> dict:
+  wanda = jaxprune.wanda_score(stats)
+
+  def magnitude(params, where, s):
+    target = jaxprune.NM(2, 4) if s == "2:4" else jaxprune.Prune(float(s))
+    masks = target.masks(params, where)
+    return jaxprune.apply_masks(params, masks), masks
+
+  def wanda_fn(params, where, s):
+    target = (jaxprune.NM(2, 4, score=wanda) if s == "2:4"
+              else jaxprune.Prune(float(s), score=wanda, scope="row"))
+    masks = target.masks(params, where)
+    return jaxprune.apply_masks(params, masks), masks
+
+  def sparsegpt(params, where, s):
+    if s == "2:4":
+      return jaxprune.sparsegpt(params, stats, 0.0, where, nm=(2, 4))
+    return jaxprune.sparsegpt(params, stats, float(s), where)
+
+  return {"magnitude": magnitude, "wanda": wanda_fn, "sparsegpt": sparsegpt}
+
+
+def main(argv: list[str] | None = None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--data", default=bq.DEFAULT_DATA)
+  p.add_argument("--cache", default=bq.DEFAULT_CACHE)
+  p.add_argument("--calibration", type=int, default=None,
+                 help="calibration sequences (default 128; --quick: 8)")
+  p.add_argument("--quick", action="store_true")
+  p.add_argument("--json", default=None)
+  args = p.parse_args(argv)
+  setup = bq.QUICK if args.quick else bq.Setup()
+  n_cal = args.calibration or (8 if args.quick else 128)
+  with open(args.data, "rb") as f:
+    data_bytes = f.read()
+  train_tokens, val_tokens = lm_data.train_val_split(
+      lm_data.encode(data_bytes.decode("utf-8", errors="replace")))
+  config = lm_model.LMConfig(d_model=setup.d_model, num_layers=setup.layers,
+                             num_heads=setup.heads, d_ff=setup.d_ff, context=setup.context)
+  graphdef, template, rest = lm_model.split_model(
+      lm_model.TransformerLM(config, rngs=nnx.Rngs(setup.seed)))
+  loss_fn = lm_model.make_loss_fn(graphdef, rest)
+  batch_at = jax.jit(lm_data.make_train_batches(train_tokens, setup.batch_size, setup.context,
+                                                setup.seed))
+  key = bq.cache_key(setup, args.data, data_bytes)
+  params, _ = bq.dense_params(setup, template, loss_fn, batch_at, args.cache, key)
+  eval_batches = lm_data.make_eval_batches(val_tokens, setup.batch_size, setup.context,
+                                           setup.eval_batches)
+  eval_step = jaxprune.make_eval_step(loss_fn)
+
+  def ppl(p) -> float:
+    return bq.perplexity(float(np.mean([float(eval_step(p, b)[0]) for b in eval_batches])))
+
+  where = jaxprune.select(params, include=lm_model.PRUNE_TARGETS)
+  # Calibration: windows of the training stream far past the pretraining steps.
+  cal_batch = 8
+  calibration = [batch_at(10_000_000 + i) [:cal_batch] for i in range(max(1, n_cal // cal_batch))]
+  apply = lm_model.make_batch_apply_fn(graphdef, rest)
+  forward = jax.jit(apply)
+  start = time.perf_counter()
+  for b in calibration:
+    jax.block_until_ready(forward(params, b))
+  forward_s = time.perf_counter() - start
+  start = time.perf_counter()
+  stats = jaxprune.input_statistics(apply, params, calibration, where, gram=True)
+  calibration_s = time.perf_counter() - start
+  dense = ppl(params)
+  print(f"dense perplexity {dense:.3f}; calibration {len(calibration) * cal_batch} sequences: "
+        f"{calibration_s:.1f}s (a dense forward over them: {forward_s:.2f}s); "
+        f"unattributed: {stats.unattributed or 'none'}", flush=True)
+  rows = []
+  for s in SPARSITIES:
+    for name, fn in methods(stats).items():
+      start = time.perf_counter()
+      pruned_params, _ = fn(params, where, s)
+      jax.block_until_ready(pruned_params)
+      seconds = time.perf_counter() - start
+      value = ppl(pruned_params)
+      rows.append({"sparsity": s, "method": name, "perplexity": value,
+                   "increase": value / dense - 1.0, "prune_s": seconds,
+                   "achieved": jaxprune.sparsity_report(pruned_params, where).targeted_sparsity})
+      print(f"  {s:>4} {name:>10}: perplexity {value:8.3f} ({100 * (value / dense - 1):+7.1f}%), "
+            f"targeted sparsity {100 * rows[-1]['achieved']:.2f}%, prune {seconds:.2f}s",
+            flush=True)
+  out = {"setup": dataclasses.asdict(setup), "dense_perplexity": dense,
+         "calibration_sequences": len(calibration) * cal_batch, "calibration_s": calibration_s,
+         "dense_forward_s": forward_s, "unattributed": stats.unattributed, "rows": rows}
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=2)
+  return out
+
+
+if __name__ == "__main__":
+  jnp.zeros(())  # initialise the backend before timing
+  main()
