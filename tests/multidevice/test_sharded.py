@@ -215,3 +215,32 @@ def test_every_granularity_on_fsdp_leaves_equals_one_device(target, axis_type):
   for g, e, w in zip(jax.tree.leaves(got), jax.tree.leaves(expected), selected, strict=True):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(e))
     assert g.sharding.is_equivalent_to(w.sharding, g.ndim)
+
+
+def test_calibration_statistics_wanda_and_sparsegpt_on_fsdp_params_equal_one_device():
+  mesh = jaxprune.make_mesh("fsdp=8")
+  params = _params()
+  where = jaxprune.select(params)
+
+  def apply(p, x):
+    block = p["blocks"][0]
+    h = jnp.tanh(x @ block["fc1"]["kernel"] + block["fc1"]["bias"]) @ block["fc2"]["kernel"]
+    return h @ block["output_proj"]["kernel"]
+
+  x = jax.random.normal(jax.random.key(5), (64, 32))
+  want = jaxprune.input_statistics(apply, params, [x], where, gram=True)
+  sharded = jax.device_put(params, jaxprune.param_shardings(params, mesh, "fsdp"))
+  got = jaxprune.input_statistics(apply, sharded, [x], where, gram=True)
+  assert set(got.leaves) == set(want.leaves) and got.unattributed == want.unattributed
+  for path, s in want.leaves.items():
+    np.testing.assert_allclose(np.asarray(got.leaves[path].sq_norms), np.asarray(s.sq_norms),
+                               rtol=1e-5, err_msg=path)
+  target = jaxprune.Prune(0.5, score=jaxprune.wanda_score(got), scope="row")
+  np.testing.assert_equal(_host(target.masks(sharded, where)),
+                          _host(jaxprune.Prune(0.5, score=jaxprune.wanda_score(want),
+                                               scope="row").masks(params, where)))
+  new_sharded, masks_sharded = jaxprune.sparsegpt(sharded, got, 0.5, where, block=16)
+  new, masks = jaxprune.sparsegpt(params, want, 0.5, where, block=16)
+  np.testing.assert_equal(_host(masks_sharded), _host(masks))
+  for a, b in zip(jax.tree.leaves(new_sharded), jax.tree.leaves(new)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
