@@ -68,7 +68,7 @@ from jaxprune.sharding import (
     place_batch,
     place_masks,
 )
-from jaxprune.sparsegpt import sparsegpt
+from jaxprune.sparsegpt import sparsegpt, sparsegpt_sequential
 from jaxprune.steps import make_eval_step, make_gradient_step, make_train_step, prune_step
 from jaxprune.structured import is_nm_sparse, nm_masks, nm_violations
 from jaxprune.targets import NM, Magnitude, Prune, Target, as_target
@@ -156,6 +156,7 @@ __all__ = [
     "select",
     "set_masks",
     "sparsegpt",
+    "sparsegpt_sequential",
     "sparsity_report",
     "threshold_masks",
     "uniform",

@@ -38,10 +38,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxprune.input_statistics import InputStatistics
+from jaxprune.input_statistics import InputStatistics, input_statistics
 from jaxprune.leaf_selection import Where
 from jaxprune.magnitude_rank import smallest_magnitudes
-from jaxprune.mask_tree import canonical_path, masks_from, selected_leaves, slots, unflatten
+from jaxprune.mask_tree import (
+  canonical_path,
+  masks_from,
+  resolve_where,
+  selected_leaves,
+  slots,
+  unflatten,
+  where_tree,
+)
 from jaxprune.masks import check_fraction
 from jaxprune.structured import check_nm
 
@@ -203,3 +211,41 @@ def _per_slice(solve, w: jax.Array, stat: Any, feature: int) -> tuple[jax.Array,
   order = (*stack, *other, feature)
   back = tuple(order.index(a) for a in range(w.ndim))
   return jnp.transpose(new, back), jnp.transpose(kept, back)
+
+
+def sparsegpt_sequential(stages: list, params: PyTree, batches: list, sparsity: float,
+                         where: Where, *, block: int = 128, damp: float = 0.01,
+                         nm: tuple[int, int] | None = None) -> tuple[PyTree, PyTree]:
+  """SparseGPT as in the paper: stage by stage, each stage's kernels calibrated on
+  the outputs of the stages before it *as already pruned*.
+
+  `stages[k](params, x) -> x'` are the model cut into pieces (embedding, each
+  block, the head); the first takes a calibration batch, each next the previous
+  one's output. A selected kernel is pruned in the first stage whose products use
+  it. Returns `(params, masks)` as `sparsegpt`.
+
+  Raises:
+    ValueError: as `sparsegpt`; a selected leaf that no stage multiplies (naming it).
+  """
+  flags = resolve_where(where, params)
+  paths = slots(params).paths
+  remaining = {i for i, f in enumerate(flags) if f}
+  xs, masks = list(batches), {}
+  for stage in stages:
+    if remaining:
+      wanted = where_tree(params, [i in remaining for i in range(len(flags))])
+      stats = input_statistics(stage, params, xs, wanted, gram=True)
+      here = [i for i in sorted(remaining) if canonical_path(paths[i]) in
+              {canonical_path(p) for p in stats.leaves}]
+      if here:
+        params, found = sparsegpt(params, stats, sparsity,
+                                  where_tree(params, [i in here for i in range(len(flags))]),
+                                  block=block, damp=damp, nm=nm)
+        masks.update({i: slots(found).leaves[i] for i in here})
+        remaining -= set(here)
+    run = jax.jit(stage)
+    xs = [run(params, x) for x in xs]
+  if remaining:
+    raise ValueError(f"sparsegpt_sequential: no stage multiplies "
+                     f"{', '.join(paths[i] for i in sorted(remaining))}")
+  return params, masks_from(params, masks)

@@ -107,3 +107,38 @@ def test_stacked_layers_are_pruned_slice_by_slice_and_bad_input_is_refused():
     jaxprune.sparsegpt(params, stats, 0.5, {"stack": True}, block=6, nm=(2, 3))
   with pytest.raises(ValueError, match=r"block \(6\) must be a multiple of m \(4\)"):
     jaxprune.sparsegpt(params, stats, 0.5, {"stack": True}, block=6, nm=(2, 4))
+
+
+def test_sequential_mode_calibrates_each_stage_on_the_pruned_stages_before_it():
+  rng = np.random.default_rng(7)
+  params = {f"l{i}": {"kernel": jnp.asarray(rng.standard_normal((16, 16)) / 4, jnp.float32)}
+            for i in range(3)}
+  stages = [lambda p, x, i=i: jnp.tanh(x @ p[f"l{i}"]["kernel"]) for i in range(3)]
+  mix = rng.standard_normal((16, 16)) * 0.7 + np.eye(16)
+  batches = [jnp.asarray(rng.standard_normal((64, 16)) @ mix, jnp.float32) for _ in range(2)]
+  where = jaxprune.select(params)
+  got, masks = jaxprune.sparsegpt_sequential(stages, params, batches, 0.5, where, block=8)
+  # By hand: stage k's statistics from the outputs of the pruned stages before it.
+  want, xs = dict(params), list(batches)
+  for i, stage in enumerate(stages):
+    only = {f"l{j}": {"kernel": j == i} for j in range(3)}
+    stats = jaxprune.input_statistics(stage, want, xs, only, gram=True)
+    want, _ = jaxprune.sparsegpt(want, stats, 0.5, only, block=8)
+    xs = [stage(want, x) for x in xs]
+  for i in range(3):
+    np.testing.assert_allclose(np.asarray(got[f"l{i}"]["kernel"]),
+                               np.asarray(want[f"l{i}"]["kernel"]), rtol=1e-5, atol=1e-6)
+    assert int((~masks[f"l{i}"]["kernel"]).sum()) == 128
+  # The point of it: the pruned model's outputs stay closer to the dense ones than
+  # magnitude pruning's at the same count.
+  def model(p, x):
+    for stage in stages:
+      x = stage(p, x)
+    return x
+  magnitude = jaxprune.apply_masks(params, jaxprune.magnitude_masks(params, 0.5, where))
+  dense_out = np.concatenate([np.asarray(model(params, x)) for x in batches])
+  err = [np.linalg.norm(np.concatenate([np.asarray(model(p, x)) for x in batches]) - dense_out)
+         for p in (got, magnitude)]
+  assert err[0] < err[1], err           # 9.60 against 10.23 here
+  with pytest.raises(ValueError, match="no stage multiplies l2/kernel"):
+    jaxprune.sparsegpt_sequential(stages[:2], params, batches, 0.5, where, block=8)
