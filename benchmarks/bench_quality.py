@@ -77,7 +77,8 @@ class Recipe:
   lr_mode: str = "rewind"
   scope: str = "layer"
   distill: float = 0.0  # weight of the KL term to the dense teacher (0: off)
-  method: str = "magnitude"  # magnitude, erk, saliency, rows, channels (see `target`)
+  method: str = "magnitude"  # magnitude, erk, saliency, rows, channels (see `target`),
+  # or sparsegpt (one-shot: `sparsegpt_start`)
 
   @property
   def name(self) -> str:
@@ -98,7 +99,7 @@ class Recipe:
     return [self.target(s) for s in self.targets()]
 
   def target(self, sparsity: float) -> Any:
-    if self.method == "magnitude":
+    if self.method in ("magnitude", "sparsegpt"):  # sparsegpt's masks: `sparsegpt_start`
       return sparsity
     return {
         "erk": lambda s: jaxprune.Prune(s, distribution=jaxprune.erk()),
@@ -185,6 +186,9 @@ GRADUAL_EVERY = 10
 GRADUAL_END = 0.75
 _BASES["gradual"] = dict(schedule="gradual", lr=3e-3, lr_mode="global")
 
+# One-shot SparseGPT (issue 16), then the whole budget retraining at the tuned lr.
+_BASES["oneshot-sparsegpt"] = dict(schedule="oneshot", lr=3e-3, method="sparsegpt")
+
 # Criteria, granularities and distributions (issue 15), each on the tuned recipe.
 for _method in ("erk", "saliency", "rows", "channels"):
   _BASES[f"tuned-{_method}"] = dict(TUNED, method=_method)
@@ -204,7 +208,8 @@ GROUPS: dict[str, list[str]] = {
     # One row per code path (schedules, splits, learning-rate modes, scopes): --quick.
     "smoke": ["exponential@0.8", "tuned@0.9", "oneshot@0.8", "geometric-cyclic@0.8",
               "geometric-global@0.8", "geometric-globalscope@0.8", "tuned-erk@0.9",
-              "tuned-saliency@0.9", "tuned-rows@0.9", "tuned-channels@0.5", "gradual@0.9"],
+              "tuned-saliency@0.9", "tuned-rows@0.9", "tuned-channels@0.5", "gradual@0.9",
+              "oneshot-sparsegpt@0.8"],
 }
 
 
@@ -331,6 +336,34 @@ def optimizer_for(recipe: Recipe, budgets: list[int]) -> tuple[optax.GradientTra
   else:
     raise ValueError(f"unknown lr_mode {recipe.lr_mode!r}")
   return optax.adamw(lr, weight_decay=0.01), restart
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class HeldMasks:
+  """A target whose masks were computed beforehand (SparseGPT's): as given."""
+
+  sparsity: float
+  given: Any
+
+  def masks(self, params, where, previous=None):
+    if previous is None:
+      return self.given
+    return jax.tree.map(lambda a, b: a & b, self.given, previous)
+
+  def __str__(self) -> str:
+    return f"{self.sparsity:.2%} sparsegpt"
+
+
+SPARSEGPT_CALIBRATION = 128  # sequences, from the training stream past the dense steps
+
+
+def sparsegpt_start(recipe: Recipe, params, graphdef, rest, batch_at, where) -> tuple:
+  """SparseGPT's pruned and updated params, and a one-entry schedule holding its masks."""
+  apply = lm_model.make_batch_apply_fn(graphdef, rest)
+  calibration = [batch_at(10_000_000 + i)[:8] for i in range(SPARSEGPT_CALIBRATION // 8)]
+  stats = jaxprune.input_statistics(apply, params, calibration, where, gram=True)
+  new_params, masks = jaxprune.sparsegpt(params, stats, recipe.final, where)
+  return new_params, [HeldMasks(recipe.final, masks)]
 
 
 def gradual_retrain(recipe: Recipe, params, loss_fn, batch_at, eval_batches, where,
@@ -496,9 +529,12 @@ def main(argv: list[str] | None = None) -> dict:
       _print_row(out["rows"][-1], "")
       _write(args.json, out)
       continue
+    start_params, schedule = params, recipe.schedule_entries()
+    if recipe.method == "sparsegpt":  # one-shot SparseGPT (weights updated), then retrain
+      start_params, schedule = sparsegpt_start(recipe, params, graphdef, rest, batch_at, where)
     result = jaxprune.prune_retrain(
-        params, loss_fn, retrain_batch, eval_batches, optimizer=optimizer,
-        schedule=recipe.schedule_entries(),
+        start_params, loss_fn, retrain_batch, eval_batches, optimizer=optimizer,
+        schedule=schedule,
         where=where, retrain_steps=budgets, scope=recipe.scope, restart_optimizer=restart,
         progress=False, checkpoint_dir=None, seed=loop_seed, metric=jaxprune.perplexity,
         teacher=(lm_model.make_batch_apply_fn(graphdef, rest), params) if recipe.distill
