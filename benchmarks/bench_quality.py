@@ -338,22 +338,6 @@ def optimizer_for(recipe: Recipe, budgets: list[int]) -> tuple[optax.GradientTra
   return optax.adamw(lr, weight_decay=0.01), restart
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class HeldMasks:
-  """A target whose masks were computed beforehand (SparseGPT's): as given."""
-
-  sparsity: float
-  given: Any
-
-  def masks(self, params, where, previous=None):
-    if previous is None:
-      return self.given
-    return jax.tree.map(lambda a, b: a & b, self.given, previous)
-
-  def __str__(self) -> str:
-    return f"{self.sparsity:.2%} sparsegpt"
-
-
 SPARSEGPT_CALIBRATION = 128  # sequences, from the training stream past the dense steps
 
 
@@ -363,7 +347,7 @@ def sparsegpt_start(recipe: Recipe, params, graphdef, rest, batch_at, where) -> 
   calibration = [batch_at(10_000_000 + i)[:8] for i in range(SPARSEGPT_CALIBRATION // 8)]
   stats = jaxprune.input_statistics(apply, params, calibration, where, gram=True)
   new_params, masks = jaxprune.sparsegpt(params, stats, recipe.final, where)
-  return new_params, [HeldMasks(recipe.final, masks)]
+  return new_params, [jaxprune.GivenMasks(masks)]
 
 
 def gradual_retrain(recipe: Recipe, params, loss_fn, batch_at, eval_batches, where,

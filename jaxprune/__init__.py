@@ -71,7 +71,7 @@ from jaxprune.sharding import (
 from jaxprune.sparsegpt import sparsegpt, sparsegpt_sequential
 from jaxprune.steps import make_eval_step, make_gradient_step, make_train_step, prune_step
 from jaxprune.structured import is_nm_sparse, nm_masks, nm_violations
-from jaxprune.targets import NM, Magnitude, Prune, Target, as_target
+from jaxprune.targets import NM, GivenMasks, Magnitude, Prune, Target, as_target
 from jaxprune.units import blocks, channels
 
 __version__ = "0.1.0"
@@ -83,6 +83,7 @@ __all__ = [
     "Distribution",
     "Evaluation",
     "ExportInfo",
+    "GivenMasks",
     "InputStatistics",
     "IterationRecord",
     "LeafSparsity",

@@ -160,7 +160,8 @@ def sparsegpt(params: PyTree, stats: InputStatistics, sparsity: float, where: Wh
   Raises:
     ValueError: a selected leaf without a Gram matrix in `stats` (naming it), or
       with several feature axes; a concrete sparsity outside [0, 1); an N:M
-      pattern that does not fit.
+      pattern that does not fit; a Hessian not positive definite even dampened
+      (naming the leaf).
   """
   sparsity = float(check_fraction("sparsity", sparsity))
   if nm is not None:
@@ -172,8 +173,12 @@ def sparsegpt(params: PyTree, stats: InputStatistics, sparsity: float, where: Wh
   plans = [_plan(path, w, by_path, nm) for _, path, w, _ in chosen]
   solve = jax.jit(lambda w, g: sparsegpt_matrix(w, g, sparsity, block=block, damp=damp, nm=nm))
   new_leaves, masks = list(slots(params).leaves), {}
-  for (slot, _, w, _), (stat, feature) in zip(chosen, plans):
+  for (slot, path, w, _), (stat, feature) in zip(chosen, plans):
     new_w, kept = _per_slice(solve, w, stat, feature)
+    if not isinstance(new_w, jax.core.Tracer) and not bool(jnp.isfinite(new_w).all()):
+      # A Cholesky of a matrix that is not positive definite gives NaN, not an error.
+      raise ValueError(f"sparsegpt: the dampened Hessian of {path}'s inputs is not positive "
+                       f"definite (damp={damp}); raise damp, or check its statistics")
     new_leaves[slot] = new_w.astype(w.dtype)
     masks[slot] = kept
   return unflatten(params, new_leaves), masks_from(params, masks)

@@ -149,6 +149,36 @@ class NM:
     return f"{self.n}:{self.m}" + ("" if self.axis == -2 else f" axis {self.axis}") + scored
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class GivenMasks:
+  """Masks computed beforehand (`sparsegpt`'s, your own) as a target: `masks` returns
+  them (and with `previous`, their intersection). `sparsity` is their pruned
+  fraction of the selected weights. Not a pytree: the loop closes over it.
+
+  Example::
+
+    >>> target = jaxprune.GivenMasks(jaxprune.magnitude_masks(params, 0.5, where))
+    >>> round(target.sparsity, 2)
+    0.5
+  """
+
+  given: PyTree
+
+  @property
+  def sparsity(self) -> float:
+    leaves = [np.asarray(m) for m in jax.tree.leaves(self.given)]
+    total = sum(m.size for m in leaves)
+    return float(sum(int((~m).sum()) for m in leaves) / total) if total else 0.0
+
+  def masks(self, params: PyTree, where: Any, previous: PyTree | None = None) -> PyTree:
+    if previous is None:
+      return self.given
+    return jax.tree.map(lambda a, b: a & b, self.given, previous)
+
+  def __str__(self) -> str:
+    return f"{self.sparsity:.2%} given masks"
+
+
 def with_gradients(target: Target, grads: PyTree) -> Target:
   """`target` scoring by `grads` if its score waits for the step's gradients
   (`Prune(s, score=saliency_score())`), else `target` itself."""

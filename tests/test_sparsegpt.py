@@ -4,6 +4,7 @@ is for: a smaller reconstruction error than magnitude pruning at the same count.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jaxprune
@@ -142,3 +143,28 @@ def test_sequential_mode_calibrates_each_stage_on_the_pruned_stages_before_it():
   assert err[0] < err[1], err           # 9.60 against 10.23 here
   with pytest.raises(ValueError, match="no stage multiplies l2/kernel"):
     jaxprune.sparsegpt_sequential(stages[:2], params, batches, 0.5, where, block=8)
+
+
+def test_sparsegpt_masks_go_into_prune_retrain_and_a_bad_hessian_is_named():
+  w, x = _layer(2, rows=8, cols=16, n=128)
+  params = {"fc": {"kernel": jnp.asarray(w.T)}}
+
+  def loss_fn(p, b):
+    return jnp.mean((b @ p["fc"]["kernel"] - b @ w.T) ** 2)
+
+  where = jaxprune.select(params)
+  batch = jnp.asarray(x)
+  stats = jaxprune.input_statistics(lambda p, b: b @ p["fc"]["kernel"], params, [batch], where,
+                                    gram=True)
+  new, masks = jaxprune.sparsegpt(params, stats, 0.75, where, block=8)
+  target = jaxprune.GivenMasks(masks)
+  assert target.sparsity == 0.75 and str(target) == "75.00% given masks"
+  result = jaxprune.prune_retrain(new, loss_fn, lambda step: batch, [batch],
+                                  optimizer=optax.sgd(1e-2), schedule=[target],
+                                  where=where, retrain_steps=5, progress=False)
+  np.testing.assert_array_equal(np.asarray(jaxprune.get_masks(result.opt_state)["fc"]["kernel"]),
+                                np.asarray(masks["fc"]["kernel"]))
+  assert result.history[0].before_prune.loss == result.history[0].after_prune.loss  # held as is
+  bad = stats._replace(leaves={k: s._replace(gram=-jnp.eye(16)) for k, s in stats.leaves.items()})
+  with pytest.raises(ValueError, match="Hessian of fc/kernel's inputs is not positive definite"):
+    jaxprune.sparsegpt(params, bad, 0.5, where, block=8)
