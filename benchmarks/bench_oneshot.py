@@ -76,6 +76,58 @@ def main(argv: list[str] | None = None) -> dict:
   args = p.parse_args(argv)
   setup = bq.QUICK if args.quick else bq.Setup()
   n_cal = args.calibration or (8 if args.quick else 128)
+  params, graphdef, rest, loss_fn, batch_at, eval_batches = load_dense(args, setup)
+  eval_step = jaxprune.make_eval_step(loss_fn)
+
+  def ppl(p) -> float:
+    return bq.perplexity(float(np.mean([float(eval_step(p, b)[0]) for b in eval_batches])))
+
+  where = jaxprune.select(params, include=lm_model.PRUNE_TARGETS)
+  # Calibration: windows of the training stream far past the pretraining steps.
+  cal_batch = 8
+  calibration = [batch_at(10_000_000 + i)[:cal_batch] for i in range(max(1, n_cal // cal_batch))]
+  apply = lm_model.make_batch_apply_fn(graphdef, rest)
+  forward = jax.jit(apply)
+  forward_s = _seconds(lambda: [jax.block_until_ready(forward(params, b)) for b in calibration])
+  start = time.perf_counter()
+  stats = jaxprune.input_statistics(apply, params, calibration, where, gram=True)
+  calibration_s = time.perf_counter() - start
+  dense = ppl(params)
+  print(f"dense perplexity {dense:.3f}; calibration {len(calibration) * cal_batch} sequences: "
+        f"{calibration_s:.1f}s (a dense forward over them: {forward_s:.2f}s); "
+        f"unattributed: {stats.unattributed or 'none'}", flush=True)
+  rows = [_measure(fn, name, s, params, where, dense, ppl)
+          for s in SPARSITIES for name, fn in methods(stats).items()]
+  out = {"setup": dataclasses.asdict(setup), "dense_perplexity": dense,
+         "calibration_sequences": len(calibration) * cal_batch, "calibration_s": calibration_s,
+         "dense_forward_s": forward_s, "unattributed": stats.unattributed, "rows": rows}
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=2)
+  return out
+
+
+def _seconds(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def _measure(fn, name: str, s: str, params, where, dense: float, ppl) -> dict:
+  start = time.perf_counter()
+  pruned_params, _ = fn(params, where, s)
+  jax.block_until_ready(pruned_params)
+  seconds = time.perf_counter() - start
+  value = ppl(pruned_params)
+  achieved = jaxprune.sparsity_report(pruned_params, where).targeted_sparsity
+  print(f"  {s:>4} {name:>10}: perplexity {value:8.3f} ({100 * (value / dense - 1):+7.1f}%), "
+        f"targeted sparsity {100 * achieved:.2f}%, prune {seconds:.2f}s", flush=True)
+  return {"sparsity": s, "method": name, "perplexity": value, "increase": value / dense - 1.0,
+          "prune_s": seconds, "achieved": achieved}
+
+
+def load_dense(args, setup) -> tuple:
+  """bench_quality's dense LM (from its cache) and what evaluating it takes."""
   with open(args.data, "rb") as f:
     data_bytes = f.read()
   train_tokens, val_tokens = lm_data.train_val_split(
@@ -91,49 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
   params, _ = bq.dense_params(setup, template, loss_fn, batch_at, args.cache, key)
   eval_batches = lm_data.make_eval_batches(val_tokens, setup.batch_size, setup.context,
                                            setup.eval_batches)
-  eval_step = jaxprune.make_eval_step(loss_fn)
-
-  def ppl(p) -> float:
-    return bq.perplexity(float(np.mean([float(eval_step(p, b)[0]) for b in eval_batches])))
-
-  where = jaxprune.select(params, include=lm_model.PRUNE_TARGETS)
-  # Calibration: windows of the training stream far past the pretraining steps.
-  cal_batch = 8
-  calibration = [batch_at(10_000_000 + i) [:cal_batch] for i in range(max(1, n_cal // cal_batch))]
-  apply = lm_model.make_batch_apply_fn(graphdef, rest)
-  forward = jax.jit(apply)
-  start = time.perf_counter()
-  for b in calibration:
-    jax.block_until_ready(forward(params, b))
-  forward_s = time.perf_counter() - start
-  start = time.perf_counter()
-  stats = jaxprune.input_statistics(apply, params, calibration, where, gram=True)
-  calibration_s = time.perf_counter() - start
-  dense = ppl(params)
-  print(f"dense perplexity {dense:.3f}; calibration {len(calibration) * cal_batch} sequences: "
-        f"{calibration_s:.1f}s (a dense forward over them: {forward_s:.2f}s); "
-        f"unattributed: {stats.unattributed or 'none'}", flush=True)
-  rows = []
-  for s in SPARSITIES:
-    for name, fn in methods(stats).items():
-      start = time.perf_counter()
-      pruned_params, _ = fn(params, where, s)
-      jax.block_until_ready(pruned_params)
-      seconds = time.perf_counter() - start
-      value = ppl(pruned_params)
-      rows.append({"sparsity": s, "method": name, "perplexity": value,
-                   "increase": value / dense - 1.0, "prune_s": seconds,
-                   "achieved": jaxprune.sparsity_report(pruned_params, where).targeted_sparsity})
-      print(f"  {s:>4} {name:>10}: perplexity {value:8.3f} ({100 * (value / dense - 1):+7.1f}%), "
-            f"targeted sparsity {100 * rows[-1]['achieved']:.2f}%, prune {seconds:.2f}s",
-            flush=True)
-  out = {"setup": dataclasses.asdict(setup), "dense_perplexity": dense,
-         "calibration_sequences": len(calibration) * cal_batch, "calibration_s": calibration_s,
-         "dense_forward_s": forward_s, "unattributed": stats.unattributed, "rows": rows}
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=2)
-  return out
+  return params, graphdef, rest, loss_fn, batch_at, eval_batches
 
 
 if __name__ == "__main__":
