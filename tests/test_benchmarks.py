@@ -95,7 +95,9 @@ def test_bench_quality_is_deterministic_and_honours_retrain_seed(tmp_path, text_
   assert full["retrain_seed"] == 0 and len(full["rows"]) >= 4
   for row in full["rows"]:
     assert sum(row["retrain_steps"]) == full["retrain_total"], row["recipe"]
-    assert abs(row["targeted_sparsity"] - row["final_sparsity"]) < 1e-3, row["recipe"]
+    # Row scope loses round(s * L) of every row of length L: within a row's rounding.
+    tolerance = 0.02 if "rows" in row["recipe"] else 1e-3
+    assert abs(row["targeted_sparsity"] - row["final_sparsity"]) < tolerance, row["recipe"]
     assert row["whole_model_sparsity"] < row["targeted_sparsity"]
     assert math.isclose(row["degradation"], row["perplexity"] / full["dense_perplexity"] - 1)
   oneshot = {r["recipe"]: r for r in full["rows"]}["oneshot@0.8"]
