@@ -207,9 +207,8 @@ GROUPS: dict[str, list[str]] = {
                    "gradual@0.9", "gradual@0.95"]),
     # One row per code path (schedules, splits, learning-rate modes, scopes): --quick.
     "smoke": ["exponential@0.8", "tuned@0.9", "oneshot@0.8", "geometric-cyclic@0.8",
-              "geometric-global@0.8", "geometric-globalscope@0.8", "tuned-erk@0.9",
-              "tuned-saliency@0.9", "tuned-rows@0.9", "tuned-channels@0.5", "gradual@0.9",
-              "oneshot-sparsegpt@0.8"],
+              "geometric-global@0.8", "geometric-globalscope@0.8", "tuned-rows@0.9",
+              "gradual@0.9", "oneshot-sparsegpt@0.8"],
 }
 
 

@@ -55,7 +55,7 @@ def _reference(values: np.ndarray, granularity: str, fraction: float) -> np.ndar
 SCOPES = {"row": "row", "blocks": jaxprune.blocks((2, 2)), "channels": jaxprune.channels(-1)}
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(kind=st.sampled_from(["saliency", "random", "given", "normalized"]),
        granularity=st.sampled_from(list(SCOPES)), fraction=st.floats(0, 0.99),
        seed=st.integers(0, 2**31 - 1))
