@@ -137,9 +137,10 @@ def sparsegpt_matrix(w: jax.Array, gram: jax.Array, sparsity: float, *, block: i
     else:
       q, err, kept = _nm_sweep(w1, u1, *nm)
     kept_all.append(kept)
-    w = w.at[:, start:stop].set(q)
+    # Slice updates, not `.at[...]` (which lowers to a scatter on TPU and GPU).
+    w = lax.dynamic_update_slice(w, q, (0, start))
     if stop < cols:
-      w = w.at[:, stop:].add(-err @ u[start:stop, stop:])
+      w = lax.dynamic_update_slice(w, w[:, stop:] - err @ u[start:stop, stop:], (0, stop))
   return w, jnp.concatenate(kept_all, axis=1)
 
 

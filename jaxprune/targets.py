@@ -182,7 +182,7 @@ class GivenMasks:
 def with_gradients(target: Target, grads: PyTree) -> Target:
   """`target` scoring by `grads` if its score waits for the step's gradients
   (`Prune(s, score=saliency_score())`), else `target` itself."""
-  if isinstance(target, Prune) and needs_gradients(target.score):
+  if needs_step_gradients(target):
     return dataclasses.replace(target, score=saliency_score(grads))
   return target
 
