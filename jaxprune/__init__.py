@@ -12,6 +12,7 @@ loop (`prune_retrain`). How `where` and mask trees line up with params (paths,
 from jaxprune.checkpointing import Checkpointer
 from jaxprune.distillation import distillation_loss, kl_to_teacher
 from jaxprune.distributions import Distribution, by_path, erk, uniform
+from jaxprune.drop_grow import DropAndGrow, rigl_schedule, set_schedule
 from jaxprune.export import (
     CompressedFormatError,
     ExportInfo,
@@ -52,6 +53,7 @@ from jaxprune.schedules import (
 from jaxprune.scores import (
     Score,
     given_score,
+    gradient_score,
     magnitude_score,
     mean_gradients,
     normalized_score,
@@ -70,8 +72,10 @@ from jaxprune.sharding import (
 )
 from jaxprune.sparsegpt import sparsegpt, sparsegpt_sequential
 from jaxprune.steps import make_eval_step, make_gradient_step, make_train_step, prune_step
+from jaxprune.straight_through import DenseWeights, dense_weights, straight_through
 from jaxprune.structured import is_nm_sparse, nm_masks, nm_violations
 from jaxprune.targets import NM, GivenMasks, Magnitude, Prune, Target, as_target
+from jaxprune.training_loop import TrainResult, train
 from jaxprune.units import blocks, channels
 
 __version__ = "0.1.0"
@@ -80,7 +84,9 @@ __all__ = [
     "NM",
     "Checkpointer",
     "CompressedFormatError",
+    "DenseWeights",
     "Distribution",
+    "DropAndGrow",
     "Evaluation",
     "ExportInfo",
     "GivenMasks",
@@ -99,6 +105,7 @@ __all__ = [
     "SparsityReport",
     "StepReport",
     "Target",
+    "TrainResult",
     "apply_masks",
     "as_target",
     "aux_metric",
@@ -110,6 +117,7 @@ __all__ = [
     "check_masks",
     "constant_schedule",
     "cubic_schedule",
+    "dense_weights",
     "distillation_loss",
     "erk",
     "evaluate",
@@ -119,6 +127,7 @@ __all__ = [
     "geometric_keep_schedule",
     "get_masks",
     "given_score",
+    "gradient_score",
     "input_statistics",
     "is_nm_sparse",
     "kl_to_teacher",
@@ -153,13 +162,17 @@ __all__ = [
     "random_score",
     "ranked_masks",
     "retrain",
+    "rigl_schedule",
     "saliency_score",
     "select",
     "set_masks",
+    "set_schedule",
     "sparsegpt",
     "sparsegpt_sequential",
     "sparsity_report",
+    "straight_through",
     "threshold_masks",
+    "train",
     "uniform",
     "unpack_mask",
     "unpack_masks",

@@ -126,7 +126,8 @@ def _check_budgets(retrain_steps: int | Sequence[int], n: int) -> list[int]:
   return [int(b) for b in budgets]
 
 
-def _eval_source(eval_batches) -> Callable[[], Iterable]:
+def eval_source(eval_batches) -> Callable[[], Iterable]:
+  """`eval_batches` as a callable returning an iterable (checked re-iterable, non-empty)."""
   source = eval_batches if callable(eval_batches) else (lambda: eval_batches)
   first = source()
   if not callable(eval_batches) and iter(first) is first:
@@ -139,7 +140,8 @@ def _eval_source(eval_batches) -> Callable[[], Iterable]:
   return source
 
 
-def _train_source(train_batches) -> tuple[Callable[[int], Any], bool]:
+def train_source(train_batches) -> tuple[Callable[[int], Any], bool]:
+  """(step -> batch, whether a resumed run gets the same batches)."""
   if callable(train_batches):
     return train_batches, True
   iterator = iter(train_batches)
@@ -209,13 +211,13 @@ def _check_optimizer(optimizer: Any, params: PyTree) -> None:
 
 def _placed_sources(params, train_batches, eval_batches, mesh, layout):
   """(params, step -> batch, eval source, exact?) with params and batches on `mesh`."""
-  eval_source = _eval_source(eval_batches)
-  batch_at, exact = _train_source(train_batches)
+  evaluations = eval_source(eval_batches)
+  batch_at, exact = train_source(train_batches)
   if mesh is None:
-    return params, batch_at, eval_source, exact
+    return params, batch_at, evaluations, exact
   params = jax.device_put(params, param_shardings(params, mesh, layout))
   return (params, lambda step: place_batch(batch_at(step), mesh),
-          lambda: (place_batch(b, mesh) for b in eval_source()), exact)
+          lambda: (place_batch(b, mesh) for b in evaluations()), exact)
 
 
 def _distilling(loss_fn, batch_at, teacher, weight, temperature, mesh, layout):
@@ -422,7 +424,7 @@ def prune_retrain(
   _check_optimizer(optimizer, params)
   flags = resolve_where(where, params)
   where = where_tree(params, flags)
-  params, batch_at, eval_source, exact_batches = _placed_sources(
+  params, batch_at, evaluations, exact_batches = _placed_sources(
       params, train_batches, eval_batches, mesh, param_layout)
   train_loss, batch_at = _distilling(loss_fn, batch_at, teacher, distill_weight, temperature,
                                      mesh, param_layout)
@@ -432,7 +434,7 @@ def prune_retrain(
   # Targets are pytrees: a Magnitude's sparsity is traced, so magnitude iterations
   # share one compilation; each distinct static target (an NM pattern) gets its own.
   run = _Run(tx, make_train_step(train_loss, tx),
-             lambda p: evaluate(eval_step, p, eval_source(), metric),
+             lambda p: evaluate(eval_step, p, evaluations(), metric),
              jax.jit(functools.partial(prune_step, where=where)), batch_at, targets, budgets,
              restart_optimizer, mesh, log_every, progress, hooks, {},
              make_gradient_step(train_loss))

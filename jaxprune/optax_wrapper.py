@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from jax import lax
 
+from jaxprune.drop_grow import DropAndGrow, grown, reset_grown
 from jaxprune.leaf_selection import Where
 from jaxprune.mask_tree import (
   all_kept,
@@ -68,11 +69,19 @@ def _check_holds_a_mask(masks: PyTree) -> None:
     raise ValueError("`masks` holds no mask (every leaf is None): nothing would be pruned")
 
 
-def _check_gradual(where: Any, schedule: Any, update_every: Any) -> bool:
-  """Checks the gradual arguments; whether the schedule's targets score by the step's
-  gradients (then the update passes them into the recompute)."""
-  if where is None or update_every is None or schedule is None:
-    raise ValueError("gradual pruning needs all of `where`, `schedule` and `update_every`")
+class _Gradual(NamedTuple):
+  """What `schedule(0)` says about a gradual run: does the recompute read the step's
+  gradients, and may it bring weights back (drop and grow)?"""
+
+  step_gradients: bool
+  revives: bool
+
+
+def _check_gradual(where: Any, schedule: Any, update_every: Any, masks: Any) -> _Gradual:
+  """Checks the gradual arguments (before any compute)."""
+  if update_every is None or schedule is None or (where is None and masks is None):
+    raise ValueError("gradual pruning needs `schedule`, `update_every`, and `where` (or "
+                     "starting `masks`)")
   if not callable(schedule):
     raise TypeError(
         f"schedule must be a function count -> sparsity (e.g. "
@@ -81,7 +90,12 @@ def _check_gradual(where: Any, schedule: Any, update_every: Any) -> bool:
     )
   check_count("update_every", update_every)
   first = schedule(jnp.zeros((), jnp.int32))
-  gradients = needs_step_gradients(first)
+  gradual = _Gradual(needs_step_gradients(first), isinstance(first, DropAndGrow))
+  if gradual.revives:
+    if masks is None:
+      raise ValueError("a drop-and-grow schedule (set_schedule, rigl_schedule) moves kept "
+                       "weights: pass the starting `masks` (e.g. random or ERK masks)")
+    return gradual
   if isinstance(first, Target) and not isinstance(first, numbers.Real):
     first = first.sparsity
   if np.shape(first) != () or not 0.0 <= float(first) < 1.0:
@@ -89,7 +103,7 @@ def _check_gradual(where: Any, schedule: Any, update_every: Any) -> bool:
         f"schedule(0) must be a scalar sparsity in [0, 1) (or a target such as "
         f"jaxprune.Magnitude), got {first!r}; a schedule maps the update count to a sparsity"
     )
-  return gradients
+  return gradual
 
 
 def _recompute(params: PyTree, packed: PyTree, count: jax.Array, grads: PyTree, schedule,
@@ -198,12 +212,12 @@ def pruned(
     True
   """
   gradual = schedule is not None or where is not None or update_every is not None
-  step_gradients = False
+  mode = _Gradual(False, False)
   if gradual:
-    step_gradients = _check_gradual(where, schedule, update_every)
+    mode = _check_gradual(where, schedule, update_every, masks)
   elif masks is None:
     raise ValueError("pass `masks`, or `where` + `schedule` + `update_every` for gradual pruning")
-  else:
+  if masks is not None:
     _check_holds_a_mask(masks)
   check_scope(scope)
   inner = optax.with_extra_args_support(inner)
@@ -211,11 +225,21 @@ def pruned(
   def init_fn(params: PyTree) -> PrunedState:
     if masks is not None:
       start = check_masks(owned_copy(masks), params)
-      if gradual:
+      if where is not None:
         _check_selection(start, resolve_where(where, params), params)
     else:
       start = all_kept(params, resolve_where(where, params))
     return PrunedState(inner.init(params), pack_masks(start), jnp.zeros((), jnp.int32))
+
+  def drop_and_grow(params, packed, count, grads, inner_state):
+    """(masks to hold, masks of this step's update, inner state) after drop and grow."""
+    new = _recompute(params, packed, count, grads, schedule, scope)
+    before, after = unpack_masks(packed), unpack_masks(new)
+    # Grown weights are 0 (held so) and restart with zero moments; they take no
+    # update on this step, which trains the weights kept before and after.
+    inner_state = reset_grown(inner, inner_state, grown(before, after), params)
+    both = map_masked(lambda a, b: None if a is None else a & b, before, after)
+    return new, pack_like(both, packed), inner_state
 
   def update_fn(updates, state: PrunedState, params=None, **extra_args):
     if params is None:
@@ -223,23 +247,28 @@ def pruned(
           "jaxprune.pruned needs the current params to hold pruned weights at zero: "
           "call tx.update(grads, state, params)"
       )
-    packed = state.packed_masks
-    if gradual:
-      packed = lax.cond(
-          state.count % update_every == 0,
-          lambda p, prev, count, g: _recompute(p, prev, count, g, schedule, scope),
-          lambda p, prev, count, g: prev,
-          # The gradients only where a score reads them: an unused operand of the
-          # cond would still be held for it.
-          params, packed, state.count, updates if step_gradients else None,
-      )
+    held, inner_state = state.packed_masks, state.inner_state
+    due = state.count % update_every == 0 if gradual else None
+    # The gradients only where a score reads them, the inner state only where grown
+    # weights reset it: an unused operand of a cond would still be held for it.
+    grads = updates if mode.step_gradients else None
+    if mode.revives:
+      held, step_masks, inner_state = lax.cond(
+          due, drop_and_grow, lambda p, prev, count, g, inner: (prev, prev, inner),
+          params, held, state.count, grads, inner_state)
+    elif gradual:
+      held = step_masks = lax.cond(
+          due, lambda p, prev, count, g: _recompute(p, prev, count, g, schedule, scope),
+          lambda p, prev, count, g: prev, params, held, state.count, grads)
+    else:
+      step_masks = held
     # Unpacked once per leaf here, the mask is fused into each op that reads it.
-    current = unpack_masks(packed)
+    current = unpack_masks(step_masks)
     inner_updates, inner_state = inner.update(
-        zero_pruned(current, updates), state.inner_state, params, **extra_args
+        zero_pruned(current, updates), inner_state, params, **extra_args
     )
     out = map_masked(_final_update, current, inner_updates, params)
-    return out, PrunedState(inner_state, packed, optax.safe_increment(state.count))
+    return out, PrunedState(inner_state, held, optax.safe_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

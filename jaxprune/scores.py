@@ -11,6 +11,8 @@ a random key, a user's tree) are leaves, so a target holding one can be traced.
   (no grads) takes the gradients of the step that prunes: in `pruned`'s gradual
   mode the step's gradient (one batch); in `prune_retrain`, the mean gradient
   over `saliency_batches` training batches before each prune.
+* `gradient_score(grads)`: `|g|`, what RigL regrows by (`jaxprune.drop_grow`);
+  `gradient_score()` takes the step's gradients in `pruned`, as `saliency_score()`.
 * `random_score(seed)`: uniform in [0, 1), independent per leaf and reproducible
   from the seed (leaf `i` draws from `fold_in(key(seed), i)`).
 * `given_score(tree)`: a user's score tree of `params`' structure (any float values,
@@ -99,9 +101,38 @@ def saliency_score(grads: PyTree | None = None) -> Saliency:
   return Saliency(grads)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GradientMagnitude:
+  """`|g|` for gradients `grads` of `params`' structure (None: the step's gradients,
+  bound by `pruned`). A pruned weight is 0, so its saliency is 0 whatever its
+  gradient: regrowth ranks the gradient alone."""
+
+  grads: PyTree = None
+
+  def scores(self, params, chosen):
+    if self.grads is None:
+      raise ValueError(
+          "gradient_score() without grads reads the gradients of the step that updates the "
+          "masks: use it in `pruned`'s schedule (jaxprune.rigl_schedule), or pass grads")
+    return [jnp.abs(g.astype(jnp.float32))
+            for g in _leaves_at(self.grads, params, chosen, "gradient_score grads")]
+
+
+def gradient_score(grads: PyTree | None = None) -> GradientMagnitude:
+  """`|g|` (see the module docstring); without `grads`, the step's gradients."""
+  return GradientMagnitude(grads)
+
+
 def needs_gradients(score: Any) -> bool:
-  """Does `score` wait for the pruning step's gradients (`saliency_score()`)?"""
-  return isinstance(score, Saliency) and score.grads is None
+  """Does `score` wait for the pruning step's gradients (`saliency_score()`,
+  `gradient_score()`)?"""
+  return isinstance(score, (Saliency, GradientMagnitude)) and score.grads is None
+
+
+def with_step_gradients(score: Any, grads: PyTree) -> Any:
+  """`score` bound to `grads` if it waits for the step's gradients, else `score`."""
+  return dataclasses.replace(score, grads=grads) if needs_gradients(score) else score
 
 
 @jax.tree_util.register_dataclass

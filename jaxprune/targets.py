@@ -33,7 +33,7 @@ import numpy as np
 
 from jaxprune.distributions import uniform
 from jaxprune.masks import Scope, check_fraction, check_scope, magnitude_masks, ranked_masks
-from jaxprune.scores import magnitude_score, needs_gradients, saliency_score
+from jaxprune.scores import magnitude_score, needs_gradients, with_step_gradients
 from jaxprune.stacked_layers import check_stacked
 from jaxprune.structured import check_nm, nm_masks
 from jaxprune.units import is_granularity
@@ -179,17 +179,25 @@ class GivenMasks:
     return f"{self.sparsity:.2%} given masks"
 
 
+# The fields of a target that may hold a score waiting for the step's gradients:
+# `Prune`'s ranking score, `DropAndGrow`'s regrowth score.
+_SCORE_FIELDS = ("score", "grow")
+
+
 def with_gradients(target: Target, grads: PyTree) -> Target:
-  """`target` scoring by `grads` if its score waits for the step's gradients
-  (`Prune(s, score=saliency_score())`), else `target` itself."""
-  if needs_step_gradients(target):
-    return dataclasses.replace(target, score=saliency_score(grads))
-  return target
+  """`target` scoring by `grads` where a score of it waits for the step's gradients
+  (`Prune(s, score=saliency_score())`, RigL's `gradient_score()`), else `target`."""
+  if not needs_step_gradients(target):
+    return target
+  return dataclasses.replace(target, **{
+      f: with_step_gradients(getattr(target, f), grads)
+      for f in _SCORE_FIELDS if needs_gradients(getattr(target, f, None))})
 
 
 def needs_step_gradients(target: Any) -> bool:
   """Does `target` score by the gradients of the step that prunes?"""
-  return isinstance(target, Prune) and needs_gradients(target.score)
+  return dataclasses.is_dataclass(target) and any(
+      needs_gradients(getattr(target, f, None)) for f in _SCORE_FIELDS)
 
 
 def as_target(entry: Any, scope: Scope = "layer", name: str = "target") -> Target:

@@ -1,0 +1,403 @@
+"""Sparse training from the start: drop and grow (SET, RigL) in `pruned`, the
+straight-through estimator (`straight_through`), and `train`.
+
+Expectations ported from JaxPruner's `sparse_trainers_test.py` and `ste_test.py`
+(same inputs, same kept sets or counts) where the semantics agree; the rest
+against a NumPy stable-argsort reference of the drop-and-grow rule.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxprune
+from jaxprune.drop_grow import reset_grown
+
+# ----------------------------------------------------------------------------- the rule
+
+
+@pytest.mark.parametrize("drop_fraction, expected", [
+    (0.0, [0, 1, 0, 1, 0, 1, 1, 0]),
+    (0.25, [1, 1, 0, 1, 0, 1, 0, 0]),
+    (0.5, [1, 1, 0, 0, 1, 1, 0, 0]),
+    (0.75, [1, 0, 1, 0, 1, 1, 0, 0]),
+    (1.0, [1, 0, 1, 0, 1, 1, 0, 0]),
+])
+def test_drop_and_grow_matches_jaxpruner_rigl_update_mask(drop_fraction, expected):
+  # JaxPruner's testRigLUpdateMask drops by the signed value and grows by |w|.
+  w = jnp.array([-9, 1, 4, -1, 5, 8, -2, 3], jnp.float32)
+  old = jnp.array([0, 1, 0, 1, 0, 1, 1, 0], bool)
+  target = jaxprune.DropAndGrow(drop_fraction, jaxprune.given_score({"w": jnp.abs(w)}),
+                                drop=jaxprune.given_score({"w": w}))
+  got = target.masks({"w": w}, {"w": True}, previous={"w": old})["w"]
+  np.testing.assert_array_equal(np.asarray(got), np.array(expected, bool))
+
+
+def drop_and_grow_reference(w, kept, grow, drop_fraction):
+  """The rule with stable argsorts: drop the n smallest |w| among the kept (ties by
+  position), then keep the n largest grow scores outside what is left (ties: the
+  lower position is pruned first)."""
+  flat_w, flat_kept, flat_grow = (np.asarray(a).reshape(-1) for a in (w, kept, grow))
+  k = int(flat_kept.sum())
+  n = int(np.clip(np.round(np.float32(drop_fraction) * np.float32(k)), 0, k))
+  drop_key = np.where(flat_kept, np.abs(flat_w).astype(np.float64), -1.0)
+  order = np.argsort(drop_key, kind="stable")
+  after_drop = flat_kept.copy()
+  after_drop[order[flat_w.size - k: flat_w.size - k + n]] = False
+  grow_key = np.where(after_drop, np.inf, flat_grow.astype(np.float64))
+  pruned = np.argsort(grow_key, kind="stable")[: flat_w.size - k]
+  new = np.ones(flat_w.size, bool)
+  new[pruned] = False
+  return new.reshape(np.shape(w))
+
+
+# The target is an argument (its drop fraction and scores traced): one compilation per shape.
+_moved = jax.jit(lambda target, p, m: target.masks(p, {"w": True}, previous=m))
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=st.sampled_from([(1,), (5,), (4, 5), (2, 9, 1), (2, 2, 4, 4), (16, 8)]),
+       density=st.floats(0, 1), drop_fraction=st.floats(0, 1), levels=st.sampled_from([3, 1000]),
+       seed=st.integers(0, 2**31 - 1))
+def test_drop_and_grow_against_the_numpy_reference(shape, density, drop_fraction, levels, seed):
+  rng = np.random.default_rng(seed)
+  w = (rng.integers(-levels, levels, size=shape) / 4).astype(np.float32)  # ties
+  grow = (rng.integers(0, levels, size=shape) / 4).astype(np.float32)
+  kept = rng.random(shape) < density
+  target = jaxprune.DropAndGrow(drop_fraction, jaxprune.given_score({"w": jnp.asarray(grow)}))
+  got = _moved(target, {"w": jnp.asarray(w)}, {"w": jnp.asarray(kept)})["w"]
+  np.testing.assert_array_equal(np.asarray(got), drop_and_grow_reference(w, kept, grow,
+                                                                         drop_fraction))
+  assert int(np.asarray(got).sum()) == int(kept.sum())
+
+
+def test_a_traced_drop_fraction_is_clipped_to_zero_and_one():
+  w = jnp.arange(1.0, 9.0)
+  old = {"w": w > 4}
+  for fraction, moved in ((-0.5, 0), (2.0, 4)):
+    target = jaxprune.DropAndGrow(jnp.float32(fraction), jaxprune.given_score({"w": -w}))
+    got = jax.jit(lambda t: t.masks({"w": w}, {"w": True}, previous=old))(target)["w"]
+    assert int((got & ~old["w"]).sum()) == moved and int(got.sum()) == 4
+
+
+# ----------------------------------------------------------------------------- in `pruned`
+
+
+def mlp_params(seed=0):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  return {"fc1": {"kernel": jax.random.normal(k1, (16, 8)), "bias": jnp.zeros(8)},
+          "fc2": {"kernel": jax.random.normal(k2, (8, 4))}}
+
+
+def mlp_loss(p, x):
+  h = jnp.tanh(x @ p["fc1"]["kernel"] + p["fc1"]["bias"])
+  return jnp.mean((h @ p["fc2"]["kernel"] - 1.0) ** 2)
+
+
+def batch(i):
+  return jax.random.normal(jax.random.key(100 + i), (32, 16))
+
+
+def make_step(tx, loss=mlp_loss):
+  @jax.jit
+  def step(p, state, x):
+    updates, state = tx.update(jax.grad(loss)(p, x), state, p)
+    return optax.apply_updates(p, updates), state
+  return step
+
+
+def kernels(masks):
+  return {k: v["kernel"] for k, v in masks.items()}
+
+
+@pytest.mark.parametrize("schedule", [jaxprune.set_schedule(0.3, seed=1),
+                                      jaxprune.rigl_schedule(0.5, end=30)],
+                         ids=["set", "rigl"])
+def test_drop_and_grow_training_keeps_counts_zeros_and_compiles_once(schedule):
+  params = mlp_params()
+  where = jaxprune.select(params)
+  start = jaxprune.ranked_masks(params, 0.75, where, score=jaxprune.random_score(0),
+                                distribution=jaxprune.erk())
+  tx = jaxprune.pruned(optax.adamw(1e-2, weight_decay=0.1), start, schedule=schedule,
+                       update_every=3)
+  step, state, p = None, tx.init(params), params
+  step = make_step(tx)
+  before = kernels(start)
+  moved_on = []
+  for i in range(12):
+    p, state = step(p, state, batch(i))
+    now = kernels(jaxprune.get_masks(state))
+    for path in before:
+      assert int(now[path].sum()) == int(before[path].sum()), (i, path)   # exact count
+      w = p[path]["kernel"]
+      assert bool((w[~now[path]] == 0).all()), (i, path)                   # pruned at 0
+      grown = now[path] & ~before[path]
+      assert bool((w[grown] == 0).all()), (i, path)                        # grown from 0
+      if bool(grown.any()):
+        moved_on.append(i)
+    before = now
+  assert set(moved_on) <= {0, 3, 6, 9} and {3, 6} <= set(moved_on)  # only on update steps
+  assert step._cache_size() == 1
+
+
+@pytest.mark.parametrize("inner, names", [(optax.adam(1e-3), ("mu", "nu")),
+                                          (optax.sgd(1e-3, momentum=0.9), ("trace",))],
+                         ids=["adam", "momentum"])
+@pytest.mark.parametrize("shape", [(5,), (4, 5), (2, 9, 1), (2, 2, 4, 4)])
+def test_grown_weights_restart_their_moments(inner, names, shape):
+  # JaxPruner's testDynamicSparseUpdateStateInnerReset: moments set to ones, then
+  # one drop-and-grow update: the new connections' moments are 0, the others not.
+  params = {"w": jax.random.normal(jax.random.key(0), shape)}
+  start = jaxprune.ranked_masks(params, 0.5, {"w": True}, score=jaxprune.random_score(3))
+  tx = jaxprune.pruned(inner, start, schedule=jaxprune.rigl_schedule(0.3), update_every=1)
+  state = tx.init(params)
+  ones = jax.tree.map(jnp.ones_like, state.inner_state[0])
+  state = state._replace(inner_state=(state.inner_state[0]._replace(
+      **{n: getattr(ones, n) for n in names}), *state.inner_state[1:]))
+  grads = {"w": jax.random.normal(jax.random.key(8), shape)}
+  _, state = jax.jit(tx.update)(grads, state, params)
+  grown = jaxprune.get_masks(state)["w"] & ~start["w"]
+  assert bool(grown.any())
+  for name in names:
+    moment = getattr(state.inner_state[0], name)["w"]
+    assert float(jnp.abs(moment[grown]).sum()) == 0.0, name
+    assert bool((moment[~grown] != 0).all()), name
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95])
+@pytest.mark.parametrize("schedule", [jaxprune.rigl_schedule(0.3), jaxprune.set_schedule(0.3)],
+                         ids=["rigl", "set"])
+def test_counts_stay_constant_on_every_shape(schedule, sparsity):
+  # JaxPruner's testDynamicSparseUpdateStateConstantSparsity, every shape at once.
+  shapes = [(1,), (5,), (4, 5), (2, 9, 1), (2, 2, 4, 4)]
+  params = {f"w{i}": jax.random.normal(jax.random.key(i), s) for i, s in enumerate(shapes)}
+  where = {k: True for k in params}
+  start = jaxprune.ranked_masks(params, sparsity, where, score=jaxprune.random_score(0))
+  tx = jaxprune.pruned(optax.sgd(0.1), start, schedule=schedule, update_every=1)
+  grads = {k: jax.random.normal(jax.random.key(8), v.shape) for k, v in params.items()}
+  _, state = tx.update(grads, tx.init(params), params)
+  for k, m in jaxprune.get_masks(state).items():
+    assert int(m.sum()) == int(start[k].sum()), k
+
+
+def test_reset_grown_leaves_counts_and_unmasked_leaves_alone():
+  params = {"w": jnp.ones((2, 4)), "b": jnp.ones(4)}
+  inner = optax.adam(1e-3)
+  state = jax.tree.map(jnp.ones_like, inner.init(params))
+  grown = {"w": jnp.array([[True, False, False, False], [False] * 4]), "b": None}
+  out = reset_grown(inner, state, grown, params)
+  assert float(out[0].mu["w"].sum()) == 7.0 and float(out[0].nu["w"].sum()) == 7.0
+  assert float(out[0].mu["b"].sum()) == 4.0 and int(out[0].count) == 1
+
+
+def test_drop_and_grow_errors_name_the_problem():
+  params = mlp_params()
+  with pytest.raises(ValueError, match="starting `masks`"):
+    jaxprune.pruned(optax.sgd(0.1), where=jaxprune.select(params),
+                    schedule=jaxprune.rigl_schedule(), update_every=10)
+  with pytest.raises(ValueError, match="drop_fraction = 1.5"):
+    jaxprune.rigl_schedule(1.5)
+  with pytest.raises(ValueError, match="drop_fraction = -0.1"):
+    jaxprune.set_schedule(lambda c: -0.1)
+  with pytest.raises(ValueError, match="end = 0"):
+    jaxprune.rigl_schedule(0.3, end=0)
+  with pytest.raises(TypeError, match="grow must be a score"):
+    jaxprune.DropAndGrow(0.3, grow=0.5)
+  with pytest.raises(ValueError, match="previous"):
+    jaxprune.DropAndGrow(0.3, jaxprune.random_score(0)).masks(params, jaxprune.select(params))
+  with pytest.raises(ValueError, match="belongs in jaxprune.pruned"):
+    jaxprune.straight_through(optax.sgd(0.1), where=jaxprune.select(params),
+                              schedule=jaxprune.set_schedule(), update_every=1)
+  with pytest.raises(ValueError, match="gradient_score"):
+    jaxprune.gradient_score().scores(params, [0])
+
+
+def test_rigl_regrows_where_the_dense_gradient_is_largest():
+  # One weight kept of four, dropped (smallest |w| among the kept); the largest
+  # |g| among the rest comes back, though its weight is 0.
+  params = {"w": jnp.array([[0.0, 0.0, 0.5, 0.0]])}
+  start = {"w": jnp.array([[False, False, True, False]])}
+  tx = jaxprune.pruned(optax.sgd(0.0), start, schedule=jaxprune.rigl_schedule(1.0),
+                       update_every=1)
+  grads = {"w": jnp.array([[0.1, -3.0, 0.2, 1.0]])}
+  _, state = tx.update(grads, tx.init(params), params)
+  np.testing.assert_array_equal(np.asarray(jaxprune.get_masks(state)["w"]),
+                                [[False, True, False, False]])
+
+
+def test_set_draws_differ_per_update_and_repeat_per_seed():
+  params = {"w": jnp.ones((1, 64))}
+  start = jaxprune.ranked_masks(params, 0.5, {"w": True}, score=jaxprune.random_score(0))
+  targets = [jaxprune.set_schedule(0.5, seed=s)(c) for s, c in ((0, 0), (0, 1), (0, 0), (1, 0))]
+  got = [np.asarray(t.masks(params, {"w": True}, previous=start)["w"]) for t in targets]
+  assert (got[0] == got[2]).all() and not (got[0] == got[1]).all()
+  assert not (got[0] == got[3]).all()
+
+
+def test_accelerator_lowerings_of_a_rigl_step_hold_no_sort():
+  params = mlp_params()
+  start = jaxprune.magnitude_masks(params, 0.75, jaxprune.select(params))
+  tx = jaxprune.pruned(optax.adam(1e-3), start, schedule=jaxprune.rigl_schedule(0.3),
+                       update_every=10)
+
+  def step(p, state, x):
+    updates, state = tx.update(jax.grad(mlp_loss)(p, x), state, p)
+    return optax.apply_updates(p, updates), state
+
+  for platform in ("tpu", "cuda"):
+    module = jax.export.export(jax.jit(step), platforms=[platform])(
+        params, tx.init(params), batch(0)).mlir_module()
+    assert "stablehlo.sort" not in module, platform
+    assert "stablehlo.scatter" not in module, platform
+
+
+# ----------------------------------------------------------------------------- straight-through
+
+
+@pytest.mark.parametrize("score", [None, "random"])
+def test_ste_sparse_forward_dense_weights_every_iteration(score):
+  # JaxPruner's testStePruningGeneratesMaskEachIterationAndKeepDenseWeight: a loss
+  # pushing every weight away from 0, masks recomputed every step at 0.5.
+  params = {"w": jax.random.normal(jax.random.key(0), (10, 10))}
+
+  def schedule(count):
+    if score is None:
+      return 0.5
+    return jaxprune.Prune(0.5, score=jaxprune.random_score(jax.random.fold_in(
+        jax.random.key(0), count)))
+
+  tx = jaxprune.straight_through(optax.adam(1e-4), where={"w": True}, schedule=schedule,
+                                 update_every=1)
+  step = make_step(tx, loss=lambda p, x: -jnp.abs(p["w"]).sum())
+  p, state = params, tx.init(params)
+  masks_seen = []
+  for i in range(10):
+    p, state = step(p, state, None)
+    assert float((p["w"] == 0).mean()) == 0.5                       # sparse forward
+    dense = jaxprune.dense_weights(state, p)["w"]
+    assert float((dense == 0).mean()) == 0.0                        # dense weights
+    m = jaxprune.get_masks(state)["w"]
+    assert bool((dense[m] == p["w"][m]).all())
+    masks_seen.append(np.asarray(m))
+  if score == "random":
+    assert not all((a == masks_seen[0]).all() for a in masks_seen[1:])
+  assert step._cache_size() == 1
+
+
+def test_ste_magnitude_first_step_prunes_like_jaxpruner_instant_sparsify():
+  w = jnp.array([[0.11, -1.08, -1.6, 0.37], [-0.3, 1.03, 0.02, -0.78],
+                 [-0.95, 0.47, -1.3, 0.87], [1.96, 3.02, 0.3, -0.92]])
+  expected = jnp.array([[0.0, -1.08, -1.6, 0.0], [0.0, 1.03, 0.0, 0.0],
+                        [-0.95, 0.0, -1.3, 0.0], [1.96, 3.02, 0.0, -0.92]])
+  tx = jaxprune.straight_through(optax.sgd(0.0), where={"w": True},
+                                 schedule=jaxprune.constant_schedule(0.5), update_every=1)
+  updates, _ = tx.update({"w": jnp.ones_like(w)}, tx.init({"w": w}), {"w": w})
+  np.testing.assert_array_equal(np.asarray(optax.apply_updates({"w": w}, updates)["w"]),
+                                np.asarray(expected))
+
+
+def test_ste_pruned_weights_keep_learning_and_come_back():
+  # The loss pulls w[0, 0] (pruned at first: the smallest) up; its dense value grows
+  # until the recompute keeps it, and it lands on that dense value.
+  params = {"w": jnp.array([[0.01, 1.0, -1.0, 2.0]])}
+  tx = jaxprune.straight_through(optax.sgd(1.0), where={"w": True},
+                                 schedule=jaxprune.constant_schedule(0.25), update_every=2)
+  step = make_step(tx, loss=lambda p, x: -5.0 * p["w"][0, 0])
+  p, state = params, tx.init(params)
+  for _ in range(4):
+    p, state = step(p, state, None)
+  m = jaxprune.get_masks(state)["w"]
+  assert bool(m[0, 0]) and float(p["w"][0, 0]) == pytest.approx(20.01)
+  assert int((~m).sum()) == 1 and float(p["w"][0, 1]) == 0.0  # |1| ties |-1|: first pruned
+
+
+def test_ste_nm_training_stays_two_of_four():
+  params = mlp_params()
+  tx = jaxprune.straight_through(optax.adam(1e-2), where=jaxprune.select(params),
+                                 schedule=lambda c: jaxprune.NM(2, 4), update_every=2)
+  step = make_step(tx)
+  p, state = params, tx.init(params)
+  changed = 0
+  for i in range(8):
+    before = jaxprune.get_masks(state)
+    p, state = step(p, state, batch(i))
+    assert jaxprune.is_nm_sparse(p, 2, 4, jaxprune.select(p)), i
+    after = jaxprune.get_masks(state)
+    same = all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(before),
+                                                    jax.tree.leaves(after)))
+    if i % 2:
+      assert same, i  # masks move only on recompute steps
+    changed += not same
+  assert changed >= 2
+
+
+def test_ste_lowering_holds_no_sort_on_accelerators():
+  params = mlp_params()
+  tx = jaxprune.straight_through(optax.adam(1e-3), where=jaxprune.select(params),
+                                 schedule=jaxprune.constant_schedule(0.8), update_every=10)
+
+  def step(p, state, x):
+    updates, state = tx.update(jax.grad(mlp_loss)(p, x), state, p)
+    return optax.apply_updates(p, updates), state
+
+  module = jax.export.export(jax.jit(step), platforms=["tpu"])(
+      params, tx.init(params), batch(0)).mlir_module()
+  assert "stablehlo.sort" not in module and "stablehlo.scatter" not in module
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def test_train_interrupted_and_resumed_is_bitwise_exact(tmp_path):
+  params = mlp_params()
+  start = jaxprune.ranked_masks(params, 0.8, jaxprune.select(params),
+                                score=jaxprune.random_score(0), distribution=jaxprune.erk())
+
+  def make_tx():
+    return jaxprune.pruned(optax.adam(1e-2), start, schedule=jaxprune.rigl_schedule(0.3, 12),
+                           update_every=4)
+
+  def loss(p, b):
+    return mlp_loss(p, b)
+
+  kwargs = dict(steps=16, checkpoint_every=4, progress=False, log_every=2,
+                eval_batches=[batch(99)])
+  whole = jaxprune.train(params, loss, batch, optimizer=make_tx(), **kwargs)
+
+  class Crash(Exception):
+    pass
+
+  def crash_at_10(report):
+    if report.step == 10:
+      raise Crash
+
+  with pytest.raises(Crash):
+    jaxprune.train(params, loss, batch, optimizer=make_tx(), checkpoint_dir=str(tmp_path),
+                   hooks=[crash_at_10], **kwargs)
+  seen = []
+  resumed = jaxprune.train(params, loss, batch, optimizer=make_tx(),
+                           checkpoint_dir=str(tmp_path), hooks=[lambda r: seen.append(r.step)],
+                           **kwargs)
+  assert seen[0] == 10  # resumed from the checkpoint at step 8
+  for a, b in zip(jax.tree.leaves((whole.params, whole.opt_state)),
+                  jax.tree.leaves((resumed.params, resumed.opt_state))):
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+  assert resumed.evaluation == whole.evaluation
+
+
+def test_train_refuses_bad_counts_and_nan_losses(tmp_path):
+  params = mlp_params()
+  tx = optax.sgd(0.1)
+  with pytest.raises(ValueError, match="steps"):
+    jaxprune.train(params, mlp_loss, batch, optimizer=tx, steps=0)
+  with pytest.raises(ValueError, match="checkpoint_every"):
+    jaxprune.train(params, mlp_loss, batch, optimizer=tx, steps=2, checkpoint_every=-1)
+  with pytest.raises(FloatingPointError):
+    jaxprune.train(params, lambda p, b: jnp.nan * mlp_loss(p, b), batch, optimizer=tx,
+                   steps=4, log_every=2, progress=False)
