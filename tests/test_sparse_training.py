@@ -201,9 +201,9 @@ def test_drop_and_grow_errors_name_the_problem():
   with pytest.raises(ValueError, match="starting `masks`"):
     jaxprune.pruned(optax.sgd(0.1), where=jaxprune.select(params),
                     schedule=jaxprune.rigl_schedule(), update_every=10)
-  with pytest.raises(ValueError, match="drop_fraction = 1.5"):
+  with pytest.raises(ValueError, match=r"drop_fraction = 1\.5"):
     jaxprune.rigl_schedule(1.5)
-  with pytest.raises(ValueError, match="drop_fraction = -0.1"):
+  with pytest.raises(ValueError, match=r"drop_fraction = -0\.1"):
     jaxprune.set_schedule(lambda c: -0.1)
   with pytest.raises(ValueError, match="end = 0"):
     jaxprune.rigl_schedule(0.3, end=0)
@@ -211,7 +211,7 @@ def test_drop_and_grow_errors_name_the_problem():
     jaxprune.DropAndGrow(0.3, grow=0.5)
   with pytest.raises(ValueError, match="previous"):
     jaxprune.DropAndGrow(0.3, jaxprune.random_score(0)).masks(params, jaxprune.select(params))
-  with pytest.raises(ValueError, match="belongs in jaxprune.pruned"):
+  with pytest.raises(ValueError, match=r"belongs in jaxprune\.pruned"):
     jaxprune.straight_through(optax.sgd(0.1), where=jaxprune.select(params),
                               schedule=jaxprune.set_schedule(), update_every=1)
   with pytest.raises(ValueError, match="gradient_score"):
@@ -277,7 +277,7 @@ def test_ste_sparse_forward_dense_weights_every_iteration(score):
   step = make_step(tx, loss=lambda p, x: -jnp.abs(p["w"]).sum())
   p, state = params, tx.init(params)
   masks_seen = []
-  for i in range(10):
+  for _ in range(10):
     p, state = step(p, state, None)
     assert float((p["w"] == 0).mean()) == 0.5                       # sparse forward
     dense = jaxprune.dense_weights(state, p)["w"]
@@ -370,14 +370,14 @@ def test_train_interrupted_and_resumed_is_bitwise_exact(tmp_path):
                 eval_batches=[batch(99)])
   whole = jaxprune.train(params, loss, batch, optimizer=make_tx(), **kwargs)
 
-  class Crash(Exception):
+  class CrashError(Exception):
     pass
 
   def crash_at_10(report):
     if report.step == 10:
-      raise Crash
+      raise CrashError
 
-  with pytest.raises(Crash):
+  with pytest.raises(CrashError):
     jaxprune.train(params, loss, batch, optimizer=make_tx(), checkpoint_dir=str(tmp_path),
                    hooks=[crash_at_10], **kwargs)
   seen = []
