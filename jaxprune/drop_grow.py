@@ -135,8 +135,10 @@ def reset_grown(inner: optax.GradientTransformation, inner_state: PyTree, grown_
   `inner.init` on the structure of `params`); scalars such as step counts are
   left alone.
   """
-  # `False` (a leaf, unlike None) stands for a leaf no mask covers.
-  marks = [False if m is None else m for m in slots(grown_masks).leaves]
+  # `False` (a leaf, unlike None) stands for a param no mask covers; None params
+  # (Equinox's non-array fields) stay None, as in the state `inner.init` built.
+  marks = [None if w is None else False if m is None else m
+           for w, m in zip(slots(params).leaves, slots(grown_masks).leaves)]
   full = unflatten(params, marks)
 
   def reset(x, mark):

@@ -33,7 +33,15 @@ from jax import lax
 
 from jaxprune.drop_grow import DropAndGrow
 from jaxprune.leaf_selection import Where
-from jaxprune.mask_tree import all_kept, check_masks, map_masked, owned_copy, resolve_where
+from jaxprune.mask_tree import (
+  all_kept,
+  check_masks,
+  map_masked,
+  owned_copy,
+  resolve_where,
+  slots,
+  unflatten,
+)
 from jaxprune.masks import Scope, check_count, check_scope
 from jaxprune.optax_wrapper import PrunedState, pruned_states
 from jaxprune.packed_masks import pack_like, pack_masks, unpack_masks
@@ -89,7 +97,10 @@ def dense_weights(opt_state: PyTree, params: PyTree) -> PyTree:
   if len(found) != 1:
     raise ValueError(f"expected exactly one jaxprune.straight_through state inside the "
                      f"optimizer state, found {len(found)}")
-  return _dense(unpack_masks(found[0].packed_masks), params, found[0].inner_state.dense)
+  # Laid out in `params`' structure (an nnx.Optimizer holds its state in its own).
+  masks = check_masks(unpack_masks(found[0].packed_masks), params)
+  copy = unflatten(params, slots(found[0].inner_state.dense).leaves)
+  return _dense(masks, params, copy)
 
 
 def _check(schedule: Any, update_every: Any, where: Any, masks: Any) -> None:

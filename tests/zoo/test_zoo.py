@@ -589,3 +589,50 @@ def test_ranked_masks_channels_and_blocks(model):
     assert int((~m).sum()) == 4 * round(0.5 * w.size / 4), path
     t = m.reshape(*m.shape[:-2], m.shape[-2] // 2, 2, m.shape[-1] // 2, 2)
     assert (t.all(axis=(-3, -1)) == t.any(axis=(-3, -1))).all(), path  # whole tiles
+
+
+# ----------------------------------------------------------------------------- sparse training
+
+
+def test_rigl_sparse_training(model):
+  start = jaxprune.ranked_masks(model.params, 0.75, model.where, score=jaxprune.random_score(0),
+                                distribution=jaxprune.erk())
+  tx = jaxprune.pruned(optax.adam(1e-2), start, schedule=jaxprune.rigl_schedule(0.3, end=150),
+                       update_every=25)
+  kept_total = sum(int(m.sum()) for _, _, m in masked_pairs(model.params, start))
+  nonzero_seen = []
+
+  def on_check(step, params):
+    nonzero_seen.append(sum(int(np.count_nonzero(np.asarray(w)))
+                            for p, w in slots(params) if p in model.kernel_paths))
+
+  final, opt_state = model.train(tx, model.params, STEPS, on_check)
+  assert max(nonzero_seen) <= kept_total
+  masks = jaxprune.get_masks(opt_state)
+  assert_check_masks_hold(model, masks)
+  started = {p: m for p, _, m in masked_pairs(model.params, start)}
+  moved = 0
+  for path, w, m in masked_pairs(final, masks):
+    assert int(m.sum()) == int(started[path].sum()), path
+    assert_bitwise_zero(w[~m], path)
+    moved += int((m & ~started[path]).sum())
+  assert moved > 0
+  assert eval_loss(model, final) < eval_loss(model, jaxprune.apply_masks(model.params, start))
+
+
+def test_straight_through_training(model):
+  tx = jaxprune.straight_through(optax.adam(1e-2), where=model.where,
+                                 schedule=jaxprune.constant_schedule(0.75), update_every=25)
+  final, opt_state = model.train(tx, model.params, STEPS, lambda step, params: None)
+  masks = jaxprune.get_masks(opt_state)
+  assert_check_masks_hold(model, masks)
+  dense = jaxprune.dense_weights(opt_state, final)
+  dense_by_path = {p: np.asarray(v) for p, v, m in pairs(dense, masks) if m is not None}
+  for path, w, m in masked_pairs(final, masks):
+    assert int((~m).sum()) == round(0.75 * w.size), path
+    assert_bitwise_zero(w[~m], path)
+    assert (f32(dense_by_path[path][m]) == f32(w[m])).all(), path
+    assert np.count_nonzero(dense_by_path[path][~m]) > 0, path  # pruned weights kept learning
+  masked_start = jaxprune.apply_masks(model.params,
+                                      jaxprune.magnitude_masks(model.params, 0.75, model.where))
+  assert eval_loss(model, final) < eval_loss(model, masked_start)
