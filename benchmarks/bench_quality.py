@@ -29,7 +29,7 @@ import math
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -436,6 +436,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
+class Problem(NamedTuple):
+  """The example LM of a `Setup` on a text file: untrained params, loss, batches."""
+
+  config: Any
+  graphdef: Any
+  template: Any  # the initial (untrained) params
+  rest: Any
+  loss_fn: Any
+  batch_at: Any  # step -> batch (jitted), the one training stream
+  eval_batches: list
+  data_bytes: bytes
+
+
+def load_problem(data_path: str, setup: Setup) -> Problem:
+  """The model, the data stream and the validation batches of `setup`."""
+  with open(data_path, "rb") as f:
+    data_bytes = f.read()
+  text = data_bytes.decode("utf-8", errors="replace")
+  train_tokens, val_tokens = lm_data.train_val_split(lm_data.encode(text))
+  print(f"data: {data_path}: {len(train_tokens):,} train / {len(val_tokens):,} validation bytes")
+  config = lm_model.LMConfig(d_model=setup.d_model, num_layers=setup.layers,
+                             num_heads=setup.heads, d_ff=setup.d_ff, context=setup.context)
+  model = lm_model.TransformerLM(config, rngs=nnx.Rngs(setup.seed))
+  graphdef, template, rest = lm_model.split_model(model)
+  batch_at = jax.jit(lm_data.make_train_batches(train_tokens, setup.batch_size, setup.context,
+                                                setup.seed))
+  eval_batches = lm_data.make_eval_batches(val_tokens, setup.batch_size, setup.context,
+                                           setup.eval_batches)
+  return Problem(config, graphdef, template, rest, lm_model.make_loss_fn(graphdef, rest),
+                 batch_at, eval_batches, data_bytes)
+
+
 def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
   if args.list:
@@ -455,21 +487,11 @@ def main(argv: list[str] | None = None) -> dict:
     recipes = [dataclasses.replace(r, iterations=min(r.iterations, 3)) for r in recipes]
 
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
-  with open(args.data, "rb") as f:
-    data_bytes = f.read()
-  text = data_bytes.decode("utf-8", errors="replace")
-  train_tokens, val_tokens = lm_data.train_val_split(lm_data.encode(text))
-  print(f"data: {args.data}: {len(train_tokens):,} train / {len(val_tokens):,} validation bytes")
-
-  config = lm_model.LMConfig(d_model=setup.d_model, num_layers=setup.layers,
-                             num_heads=setup.heads, d_ff=setup.d_ff, context=setup.context)
-  model = lm_model.TransformerLM(config, rngs=nnx.Rngs(setup.seed))
-  graphdef, template, rest = lm_model.split_model(model)
-  loss_fn = lm_model.make_loss_fn(graphdef, rest)
-  batch_at = jax.jit(lm_data.make_train_batches(train_tokens, setup.batch_size, setup.context,
-                                                setup.seed))
-  eval_batches = lm_data.make_eval_batches(val_tokens, setup.batch_size, setup.context,
-                                           setup.eval_batches)
+  problem = load_problem(args.data, setup)
+  config, graphdef, rest, loss_fn, batch_at, eval_batches = (
+      problem.config, problem.graphdef, problem.rest, problem.loss_fn, problem.batch_at,
+      problem.eval_batches)
+  template, data_bytes = problem.template, problem.data_bytes
   key = cache_key(setup, args.data, data_bytes)
   params, pretrain_seconds = dense_params(setup, template, loss_fn, batch_at, args.cache, key)
   where = jaxprune.select(params, include=lm_model.PRUNE_TARGETS)

@@ -56,13 +56,21 @@ def test_bench_masks_matches_the_sort_reference(tmp_path):
 
 @pytest.mark.parametrize("model", ["lm", "mlp"])
 def test_bench_step_state_grows_by_exactly_the_packed_masks(tmp_path, model):
-  report = run_benchmark("step", "--model", model, "--json", str(tmp_path / "step.json"))
+  sparse = ("--sparse-training",) if model == "mlp" else ()
+  report = run_benchmark("step", "--model", model, *sparse, "--json", str(tmp_path / "step.json"))
   # Every targeted kernel's last axis is a multiple of 8: one bit per targeted weight.
   assert report["mask_bytes"] * 8 == report["targeted_params"]
   state = report["opt_state_bytes"]
-  for name in ("pruned(adamw)", "gradual, no update", "gradual, update"):
+  held = ["pruned(adamw)", "gradual, no update", "gradual, update"]
+  if sparse:
+    held += [f"{m}, {u}" for m in ("SET", "RigL") for u in ("no update", "update")]
+    for name in ("STE, no update", "STE, update"):  # + one float32 dense copy
+      extra = report["mask_bytes"] + 4 + 4 * report["targeted_params"]
+      assert state[name] - state["adamw"] == extra, name
+  for name in held:
     assert state[name] - state["adamw"] == report["mask_bytes"] + 4  # + the int32 count
-    assert report["pruned_weights_zero"][name] is True
+  assert all(report["pruned_weights_zero"].values()) and len(report["pruned_weights_zero"]) \
+      == len(state) - 1
   # The mask read is elementwise: it may add traffic, never a matmul's worth of FLOPs.
   assert 1.0 <= report["flops_ratio"]["pruned(adamw)"] < 1.6
   assert 1.0 <= report["bytes_accessed_ratio"]["pruned(adamw)"] < 1.02
@@ -157,3 +165,14 @@ def test_bench_oneshot_prunes_every_method_to_its_sparsity(tmp_path, text_file):
     assert abs(r["achieved"] - want) < (0.02 if method == "wanda" else 1e-3), (s, method)
   # What one-shot reconstruction is for, on this deterministic tiny run too.
   assert rows[("0.7", "sparsegpt")]["perplexity"] < rows[("0.7", "magnitude")]["perplexity"]
+
+
+def test_bench_sparse_training_holds_every_method_at_its_sparsity(tmp_path, text_file):
+  report = run_benchmark("sparse_training", "--data", text_file, "--methods",
+                         "static,set,rigl,ste", "--json", str(tmp_path / "s.json"))
+  rows = {r["method"]: r for r in report["rows"]}
+  assert set(rows) == {"static", "set", "rigl", "ste"}
+  for method, r in rows.items():
+    # ERK shares (drop and grow keeps them) sum to round(0.9 * N) of the N = 9216 targeted.
+    assert r["targeted_sparsity"] * 9216 == round(0.9 * 9216), method
+    assert 1.0 < r["perplexity"] < 256.0, method  # better than a uniform guess over bytes
