@@ -38,10 +38,10 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import bench_quality  # noqa: E402
-import lm_model  # noqa: E402
+import bench_quality
+import lm_model
 
-import jaxprune  # noqa: E402
+import jaxprune
 
 METHODS = ("static", "set", "rigl", "ste")
 UPDATE_EVERY = 100

@@ -213,9 +213,9 @@ def selected_masks(masks: PyTree) -> list[jax.Array]:
 
 
 def all_kept(params: PyTree, flags: list[bool]) -> PyTree:
-  """The mask tree keeping every weight of the flagged leaves."""
+  """The mask tree keeping every weight of the flagged leaves, each sharded as its leaf."""
   leaves = slots(params).leaves
-  return unflatten(params, [jnp.ones(x.shape, jnp.bool_) if f else None
+  return unflatten(params, [jnp.ones_like(x, dtype=jnp.bool_) if f else None
                             for x, f in zip(leaves, flags)])
 
 

@@ -50,11 +50,15 @@ def make_mesh(spec: str | dict[str, int], devices: Sequence[Any] | None = None) 
   return Mesh(np.array(devices).reshape(tuple(axes.values())), tuple(axes))
 
 
-def _fsdp_spec(shape: tuple[int, ...], axis_size: int, axis_name: str) -> PartitionSpec:
+def _fsdp_spec(shape: tuple[int, ...], axis_size: int, axis_name: str,
+               explicit: bool) -> PartitionSpec:
   dims = sorted(range(len(shape)), key=lambda d: -shape[d])
   for d in dims:
     if shape[d] % axis_size == 0 and shape[d] >= axis_size:
-      spec = [None] * len(shape)
+      # Written as a jitted step writes its outputs' specs (Explicit axes: one entry per
+      # dimension; Auto: no trailing Nones), so the next step's inputs hit the same
+      # compilation: `P('fsdp', None)` and `P('fsdp')` are different cache keys.
+      spec = [None] * (len(shape) if explicit else d + 1)
       spec[d] = axis_name
       return PartitionSpec(*spec)
   return PartitionSpec()
@@ -75,10 +79,14 @@ def param_shardings(
     raise ValueError(f"FSDP needs a mesh axis named {fsdp_axis!r}; mesh axes are "
                      f"{tuple(mesh.shape)}")
 
+  explicit = layout == "fsdp" and dict(zip(mesh.axis_names, mesh.axis_types))[fsdp_axis] \
+      == jax.sharding.AxisType.Explicit
+
   def spec(x):
     if layout == "replicated":
       return NamedSharding(mesh, PartitionSpec())
-    return NamedSharding(mesh, _fsdp_spec(tuple(np.shape(x)), mesh.shape[fsdp_axis], fsdp_axis))
+    return NamedSharding(mesh, _fsdp_spec(tuple(np.shape(x)), mesh.shape[fsdp_axis], fsdp_axis,
+                                          explicit))
 
   return jax.tree.map(spec, params)
 

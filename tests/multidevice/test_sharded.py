@@ -249,3 +249,52 @@ def test_calibration_statistics_wanda_and_sparsegpt_on_fsdp_params_equal_one_dev
   np.testing.assert_equal(_host(masks_sharded), _host(masks))
   for a, b in zip(jax.tree.leaves(new_sharded), jax.tree.leaves(new)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def _sparse_steps(tx, params, steps=6, gather=False):
+  def loss(p, x):
+    if gather:  # FSDP's forward: an Explicit mesh wants the all-gather written out
+      p = jax.tree.map(lambda w: jax.sharding.reshard(w, jax.P()), p)
+    block = p["blocks"][0]
+    h = jnp.tanh(x @ block["fc1"]["kernel"] + block["fc1"]["bias"]) @ block["fc2"]["kernel"]
+    return jnp.mean((h @ block["output_proj"]["kernel"]) ** 2)
+
+  @jax.jit
+  def step(p, state, x):
+    updates, state = tx.update(jax.grad(loss)(p, x), state, p)
+    return optax.apply_updates(p, updates), state
+
+  state = tx.init(params)
+  for i in range(steps):
+    params, state = step(params, state, jax.random.normal(jax.random.key(i), (16, 32)))
+  assert step._cache_size() == 1
+  return params, state
+
+
+@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
+@pytest.mark.parametrize("method", ["rigl", "set", "ste"])
+def test_sparse_training_on_fsdp_leaves_equals_one_device(method, axis_type):
+  kind = getattr(jax.sharding.AxisType, axis_type)
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(kind,))
+  params = _params()
+  where = jaxprune.select(params)
+  start = jaxprune.ranked_masks(params, 0.75, where, score=jaxprune.random_score(0))
+
+  def make_tx(masks):
+    if method == "ste":
+      return jaxprune.straight_through(optax.adam(1e-2), where=where, update_every=2,
+                                       schedule=jaxprune.constant_schedule(0.75))
+    schedule = jaxprune.rigl_schedule(0.3) if method == "rigl" else jaxprune.set_schedule(0.3)
+    return jaxprune.pruned(optax.adam(1e-2), masks, schedule=schedule, update_every=2)
+
+  want_params, want_state = _sparse_steps(make_tx(start), params)
+  sharded = jax.device_put(params, jaxprune.param_shardings(params, mesh, "fsdp"))
+  with jax.set_mesh(mesh):
+    got_params, got_state = _sparse_steps(make_tx(jaxprune.place_masks(start, sharded)),
+                                          sharded, gather=axis_type == "Explicit")
+  np.testing.assert_equal(_host(jaxprune.get_masks(got_state)),
+                          _host(jaxprune.get_masks(want_state)))
+  for a, b, w in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params),
+                     jax.tree.leaves(sharded)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert a.sharding.is_equivalent_to(w.sharding, a.ndim)
