@@ -257,3 +257,81 @@ def test_killed_in_the_first_iteration_then_finished_run_resumed(script, referen
   steps = run_to_end(start(script, ckpt, tmp_path / "again"))
   assert steps == []
   assert_same_result(tmp_path / "again", out)
+
+
+# ----------------------------------------------------------------------------- sparse training
+
+TRAIN_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, time
+    sys.path.insert(0, {repo!r})
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    import jaxprune
+
+    ckpt, out = sys.argv[1], sys.argv[2]
+    pause_at = int(os.environ.get("PAUSE_AT", "-1"))
+    rng = np.random.default_rng(0)
+    params = {{"fc1": {{"kernel": jnp.asarray(rng.normal(size=(8, 32)).astype(np.float32))}},
+               "fc2": {{"kernel": jnp.asarray(rng.normal(size=(32, 4)).astype(np.float32))}}}}
+    where = jaxprune.select(params)
+    start = jaxprune.ranked_masks(params, 0.8, where, score=jaxprune.random_score(0),
+                                  distribution=jaxprune.erk())
+    method = os.environ["METHOD"]
+    if method == "ste":
+        tx = jaxprune.straight_through(optax.adam(1e-2), where=where, update_every=3,
+                                       schedule=jaxprune.constant_schedule(0.8))
+    else:
+        schedule = (jaxprune.rigl_schedule(0.3, end=15) if method == "rigl"
+                    else jaxprune.set_schedule(0.3, seed=1))
+        tx = jaxprune.pruned(optax.adam(1e-2), start, schedule=schedule, update_every=3)
+
+    def loss_fn(params, batch, rng=None):
+        x = batch["x"] * jax.random.bernoulli(rng, 0.9, batch["x"].shape) / 0.9
+        h = jnp.tanh(x @ params["fc1"]["kernel"])
+        return jnp.mean((h @ params["fc2"]["kernel"] - batch["y"]) ** 2)
+
+    def train_batches(step):
+        time.sleep(0.01)
+        print(f"step {{step}}", flush=True)
+        if step == pause_at:
+            print(f"paused {{step}}", flush=True)
+            time.sleep(600)
+        r = np.random.default_rng(step)
+        return {{"x": r.normal(size=(16, 8)).astype(np.float32),
+                 "y": r.normal(size=(16, 4)).astype(np.float32)}}
+
+    result = jaxprune.train(params, loss_fn, train_batches, optimizer=tx, steps=20,
+                            checkpoint_dir=ckpt, checkpoint_every=4, log_every=2,
+                            progress=False, seed=5)
+    leaves = jax.tree_util.tree_flatten_with_path(
+        {{"params": result.params, "opt_state": result.opt_state,
+          "masks": jaxprune.get_masks(result.opt_state)}})[0]
+    np.savez(out + ".npz", **{{jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}})
+    with open(out + ".json", "w") as f:
+        json.dump({{"summary": "", "steps": 20}}, f)
+    print("done", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("method", ["rigl", "set", "ste"])
+def test_sparse_training_killed_twice_and_resumed_is_bitwise_equal(method, tmp_path,
+                                                                    monkeypatch):
+  monkeypatch.setenv("METHOD", method)
+  script = tmp_path / "run_train.py"
+  script.write_text(TRAIN_SCRIPT.format(repo=str(REPO)))
+  reference_proc = start(script, tmp_path / "ref_ckpt", tmp_path / "ref")
+  ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+  # Killed just after the checkpoint at step 8 was written, then while running on
+  # after step 14 (drop-and-grow updates at steps 0, 3, ..., 18 lie on both sides).
+  steps = run_until(start(script, ckpt, out, pause_at=8), "paused 8")
+  assert steps == list(range(9)) and len(checkpoint_steps(ckpt)) == 2
+  steps = run_until(start(script, ckpt, out), "step 14")
+  assert steps[0] == 8
+  steps = run_to_end(start(script, ckpt, out))
+  assert steps[0] in (12, 16) and steps[-1] == 19
+  assert run_to_end(reference_proc) == list(range(20))
+  assert_same_result(out, tmp_path / "ref")
