@@ -39,6 +39,7 @@ import lm_data
 import lm_model
 
 import jaxprune
+from jaxprune.sparsegpt import sparsegpt_matrix
 
 SPARSITIES = ("0.5", "0.6", "0.7", "2:4")
 
@@ -98,12 +99,59 @@ def main(argv: list[str] | None = None) -> dict:
         f"unattributed: {stats.unattributed or 'none'}", flush=True)
   rows = [_measure(fn, name, s, params, where, dense, ppl)
           for s in SPARSITIES for name, fn in methods(stats).items()]
+  tokens = len(calibration) * cal_batch * setup.context
+  layers = per_layer(params, stats, tokens)
   out = {"setup": dataclasses.asdict(setup), "dense_perplexity": dense,
          "calibration_sequences": len(calibration) * cal_batch, "calibration_s": calibration_s,
-         "dense_forward_s": forward_s, "unattributed": stats.unattributed, "rows": rows}
+         "dense_forward_s": forward_s, "unattributed": stats.unattributed, "rows": rows,
+         "per_layer": layers}
   if args.json:
     with open(args.json, "w") as f:
       json.dump(out, f, indent=2)
+  return out
+
+
+def _compiled_cost(fn, *args) -> dict:
+  """Median seconds of 5 calls after compiling, and the compiled scratch and argument
+  bytes (XLA's memory analysis: what the call holds at its peak beyond its outputs)."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(5):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  memory = compiled.memory_analysis()
+  return {"seconds": float(np.median(times)),
+          "temp_bytes": None if memory is None else int(memory.temp_size_in_bytes),
+          "argument_bytes": None if memory is None else int(memory.argument_size_in_bytes)}
+
+
+def per_layer(params, stats, tokens: int) -> list[dict]:
+  """For each targeted kernel shape: SparseGPT at 50% on it (from its Gram matrix)
+  against that layer's dense forward over the calibration tokens, in the same run."""
+  by_path = {jaxprune.mask_tree.canonical_path(p): st for p, st in stats.leaves.items()}
+  leaves = dict(zip(jaxprune.mask_tree.slots(params).paths,
+                    jaxprune.mask_tree.slots(params).leaves))
+  seen, out = set(), []
+  for path, st in sorted(by_path.items()):
+    w = next(v for p, v in leaves.items() if jaxprune.mask_tree.canonical_path(p) == path)
+    if w.shape in seen:
+      continue
+    seen.add(w.shape)
+    x = jax.random.normal(jax.random.key(0), (tokens, w.shape[0]), w.dtype)
+    prune = _compiled_cost(lambda m, g: sparsegpt_matrix(m, g, 0.5), w.T, st.gram)
+    forward = _compiled_cost(lambda a, b: a @ b, x, w)
+    gram = _compiled_cost(lambda a: a.T @ a, x)
+    row = {"path": path, "shape": list(w.shape), "sparsegpt": prune, "dense_forward": forward,
+           "gram": gram, "time_ratio": prune["seconds"] / forward["seconds"]}
+    out.append(row)
+    print(f"  {path} {tuple(w.shape)}: SparseGPT 50% {1e3 * prune['seconds']:.1f} ms, scratch "
+          f"{prune['temp_bytes'] / 1e6:.2f} MB; dense forward over {tokens:,} tokens "
+          f"{1e3 * forward['seconds']:.1f} ms ({forward['temp_bytes'] / 1e6:.2f} MB scratch, "
+          f"activations {forward['argument_bytes'] / 1e6:.1f} MB in): "
+          f"{row['time_ratio']:.1f}x its time; its Gram {1e3 * gram['seconds']:.1f} ms",
+          flush=True)
   return out
 
 

@@ -163,6 +163,10 @@ def test_bench_oneshot_prunes_every_method_to_its_sparsity(tmp_path, text_file):
     want = 0.5 if s == "2:4" else float(s)
     # Wanda's rows each lose round(s * row length): within a row's rounding of s.
     assert abs(r["achieved"] - want) < (0.02 if method == "wanda" else 1e-3), (s, method)
+  layers = report["per_layer"]
+  assert {tuple(r["shape"]) for r in layers} == {(32, 32), (32, 128), (128, 32)}
+  assert all(r["sparsegpt"]["seconds"] > 0 and r["dense_forward"]["seconds"] > 0 and
+             r["sparsegpt"]["temp_bytes"] > 0 for r in layers)
   # What one-shot reconstruction is for, on this deterministic tiny run too.
   assert rows[("0.7", "sparsegpt")]["perplexity"] < rows[("0.7", "magnitude")]["perplexity"]
 
