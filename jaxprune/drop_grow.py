@@ -43,7 +43,14 @@ import optax
 
 from jaxprune.magnitude_rank import count_dtype, smallest_magnitudes_each
 from jaxprune.mask_tree import masks_from, selected_leaves, slots, unflatten
-from jaxprune.scores import Score, gradient_score, magnitude_score, random_score, ranks_by
+from jaxprune.scores import (
+  Score,
+  gradient_score,
+  magnitude_score,
+  random_score,
+  ranks_by,
+  score_name,
+)
 
 PyTree = Any
 
@@ -107,7 +114,7 @@ class DropAndGrow:
   def __str__(self) -> str:
     d = self.drop_fraction
     shown = f"{d:.0%}" if isinstance(d, float) else "traced"
-    return f"drop and grow {shown} by {type(self.grow).__name__.lower()}"
+    return f"drop and grow {shown}, regrown by {score_name(self.grow)}"
 
 
 def _moved_counts(kept: jax.Array, drop_fraction: Any) -> tuple[jax.Array, jax.Array]:

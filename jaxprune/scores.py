@@ -198,6 +198,17 @@ def normalized_score(inner: Score | None = None, eps: float = 1e-8) -> Normalize
   return Normalized(inner, float(eps))
 
 
+_NAMES = {"MagnitudeScore": "magnitude", "Saliency": "saliency", "GradientMagnitude": "|grad|",
+          "RandomScores": "random", "Given": "given scores", "Normalized": "normalized",
+          "Wanda": "wanda"}
+
+
+def score_name(score: Any) -> str:
+  """What a score is called in reports and target names (`"random"`, `"saliency"`)."""
+  name = _NAMES.get(type(score).__name__, type(score).__name__.lower())
+  return f"normalized {score_name(score.inner)}" if isinstance(score, Normalized) else name
+
+
 def ranks_by(score: Any) -> str:
   """`"value"` for scores ranked by their signed value (a user's tree), else
   `"magnitude"` (magnitudes, saliencies and random draws are non-negative)."""

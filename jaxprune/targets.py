@@ -33,7 +33,13 @@ import numpy as np
 
 from jaxprune.distributions import uniform
 from jaxprune.masks import Scope, check_fraction, check_scope, magnitude_masks, ranked_masks
-from jaxprune.scores import magnitude_score, needs_gradients, with_step_gradients
+from jaxprune.scores import (
+  MagnitudeScore,
+  magnitude_score,
+  needs_gradients,
+  score_name,
+  with_step_gradients,
+)
 from jaxprune.stacked_layers import check_stacked
 from jaxprune.structured import check_nm, nm_masks
 from jaxprune.units import is_granularity
@@ -113,8 +119,8 @@ class Prune:
   def __str__(self) -> str:
     s = self.sparsity
     parts = [f"{s:.2%}" if isinstance(s, float) else "traced"]
-    if type(self.score).__name__ != "MagnitudeScore":
-      parts.append(type(self.score).__name__.lower())
+    if not isinstance(self.score, MagnitudeScore):
+      parts.append(score_name(self.score))
     if self.distribution != uniform():
       parts.append(type(self.distribution).__name__)
     if self.scope != "layer":
@@ -145,7 +151,7 @@ class NM:
                     score=self.score)
 
   def __str__(self) -> str:
-    scored = "" if self.score is None else f" {type(self.score).__name__.lower()}"
+    scored = "" if self.score is None else f" {score_name(self.score)}"
     return f"{self.n}:{self.m}" + ("" if self.axis == -2 else f" axis {self.axis}") + scored
 
 

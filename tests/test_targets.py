@@ -194,3 +194,12 @@ def test_prune_step_under_jit_takes_a_traced_float_sparsity():
 def test_nm_targets_compile_once_across_iterations():
   _, compiled = prune_retrain_counting_compiles(make_params(), ["2:4", "2:4", jaxprune.NM(2, 4)])
   assert compiled.count("jit(prune_step)") == 1
+
+
+def test_target_names_say_what_ranks():
+  assert str(jaxprune.Prune(0.5, score=jaxprune.random_score(0))) == "50.00% random"
+  normalized = jaxprune.Prune(0.5, score=jaxprune.normalized_score())
+  assert str(normalized) == "50.00% normalized magnitude"
+  assert str(jaxprune.NM(2, 4, score=jaxprune.given_score({}))) == "2:4 given scores"
+  assert str(jaxprune.DropAndGrow(0.3, jaxprune.gradient_score())) == \
+      "drop and grow 30%, regrown by |grad|"
