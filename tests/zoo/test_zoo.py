@@ -597,8 +597,8 @@ def test_ranked_masks_channels_and_blocks(model):
 def test_rigl_sparse_training(model):
   start = jaxprune.ranked_masks(model.params, 0.75, model.where, score=jaxprune.random_score(0),
                                 distribution=jaxprune.erk())
-  tx = jaxprune.pruned(optax.adam(1e-2), start, schedule=jaxprune.rigl_schedule(0.3, end=150),
-                       update_every=25)
+  tx = jaxprune.pruned(optax.adam(1e-2), start, schedule=jaxprune.rigl_schedule(0.3, end=75),
+                       update_every=20)
   kept_total = sum(int(m.sum()) for _, _, m in masked_pairs(model.params, start))
   nonzero_seen = []
 
@@ -606,7 +606,7 @@ def test_rigl_sparse_training(model):
     nonzero_seen.append(sum(int(np.count_nonzero(np.asarray(w)))
                             for p, w in slots(params) if p in model.kernel_paths))
 
-  final, opt_state = model.train(tx, model.params, STEPS, on_check)
+  final, opt_state = model.train(tx, model.params, STEPS // 2, on_check)
   assert max(nonzero_seen) <= kept_total
   masks = jaxprune.get_masks(opt_state)
   assert_check_masks_hold(model, masks)
@@ -622,8 +622,8 @@ def test_rigl_sparse_training(model):
 
 def test_straight_through_training(model):
   tx = jaxprune.straight_through(optax.adam(1e-2), where=model.where,
-                                 schedule=jaxprune.constant_schedule(0.75), update_every=25)
-  final, opt_state = model.train(tx, model.params, STEPS, lambda step, params: None)
+                                 schedule=jaxprune.constant_schedule(0.75), update_every=20)
+  final, opt_state = model.train(tx, model.params, STEPS // 2, lambda step, params: None)
   masks = jaxprune.get_masks(opt_state)
   assert_check_masks_hold(model, masks)
   dense = jaxprune.dense_weights(opt_state, final)
