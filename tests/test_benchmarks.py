@@ -71,6 +71,11 @@ def test_bench_step_state_grows_by_exactly_the_packed_masks(tmp_path, model):
     assert state[name] - state["adamw"] == report["mask_bytes"] + 4  # + the int32 count
   assert all(report["pruned_weights_zero"].values()) and len(report["pruned_weights_zero"]) \
       == len(state) - 1
+  # A step that does not update its masks, compiled alone, is the fixed-mask step.
+  alone = report["non_update_bytes_accessed_ratio"]
+  fixed = report["bytes_accessed_ratio"]["pruned(adamw)"]
+  for name in ("gradual, no update", *(["SET, no update", "RigL, no update"] if sparse else [])):
+    assert alone[name] == pytest.approx(fixed, abs=2e-3), name
   # The mask read is elementwise: it may add traffic, never a matmul's worth of FLOPs.
   assert 1.0 <= report["flops_ratio"]["pruned(adamw)"] < 1.6
   assert 1.0 <= report["bytes_accessed_ratio"]["pruned(adamw)"] < 1.02
