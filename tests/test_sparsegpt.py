@@ -168,3 +168,31 @@ def test_sparsegpt_masks_go_into_prune_retrain_and_a_bad_hessian_is_named():
   bad = stats._replace(leaves={k: s._replace(gram=-jnp.eye(16)) for k, s in stats.leaves.items()})
   with pytest.raises(ValueError, match="Hessian of fc/kernel's inputs is not positive definite"):
     jaxprune.sparsegpt(params, bad, 0.5, where, block=8)
+
+
+def test_accelerator_lowerings_of_one_shot_pruning():
+  # On TPU and CUDA: no scatter anywhere; no sort but in SparseGPT's N:M mode (it
+  # sorts each group of m scores).
+  w = jax.random.normal(jax.random.key(0), (32, 64))
+  gram = jnp.eye(64) + 0.1
+  params = {"k": w.T}
+  norms = jnp.ones(64)  # per input feature of the (in, out) kernel
+
+  def wanda(p, sq, pattern):
+    score = jaxprune.scores.Wanda({"k": sq}, (("k", (0,)),))
+    target = (jaxprune.NM(2, 4, score=score) if pattern else
+              jaxprune.Prune(0.5, score=score, scope="row"))
+    return target.masks(p, {"k": True})
+
+  cases = {
+      "sparsegpt": (lambda a, g: sparsegpt_matrix(a, g, 0.5, block=16), (w, gram), False),
+      "sparsegpt 2:4": (lambda a, g: sparsegpt_matrix(a, g, 0.0, block=16, nm=(2, 4)),
+                        (w, gram), True),
+      "wanda rows": (lambda p, sq: wanda(p, sq, False), (params, norms), False),
+      "wanda 2:4": (lambda p, sq: wanda(p, sq, True), (params, norms), False),
+  }
+  for name, (fn, args, sorts) in cases.items():
+    for platform in ("tpu", "cuda"):
+      module = jax.export.export(jax.jit(fn), platforms=[platform])(*args).mlir_module()
+      assert "stablehlo.scatter" not in module, (name, platform)
+      assert ("stablehlo.sort" in module) == sorts, (name, platform)
