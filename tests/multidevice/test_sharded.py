@@ -271,9 +271,9 @@ def _sparse_steps(tx, params, steps=6, gather=False):
   return params, state
 
 
+# SET is RigL's code path with random growth; STE's state on Auto axes is RigL's case.
 @pytest.mark.parametrize("method, axis_type", [("rigl", "Explicit"), ("rigl", "Auto"),
-                                               ("set", "Explicit"), ("ste", "Explicit"),
-                                               ("ste", "Auto")])
+                                               ("ste", "Explicit")])
 def test_sparse_training_on_fsdp_leaves_equals_one_device(method, axis_type):
   kind = getattr(jax.sharding.AxisType, axis_type)
   mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(kind,))
