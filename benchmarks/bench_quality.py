@@ -185,6 +185,7 @@ _BASES["tuned-cubic"] = dict(TUNED, schedule="cubic")
 GRADUAL_EVERY = 10
 GRADUAL_END = 0.75
 _BASES["gradual"] = dict(schedule="gradual", lr=3e-3, lr_mode="global")
+_BASES["gradual-erk"] = dict(_BASES["gradual"], method="erk")
 
 # One-shot SparseGPT (issue 16), then the whole budget retraining at the tuned lr.
 _BASES["oneshot-sparsegpt"] = dict(schedule="oneshot", lr=3e-3, method="sparsegpt")
@@ -354,8 +355,10 @@ def gradual_retrain(recipe: Recipe, params, loss_fn, batch_at, eval_batches, whe
   """`recipe` as in-graph gradual pruning: one `pruned(adamw)` run of `total` steps."""
   end = max(GRADUAL_EVERY, round(GRADUAL_END * total) // GRADUAL_EVERY * GRADUAL_EVERY)
   optimizer, _ = optimizer_for(recipe, [total])
-  tx = jaxprune.pruned(optimizer, where=where, update_every=GRADUAL_EVERY,
-                       schedule=jaxprune.polynomial_schedule(0.0, recipe.final, 0, end))
+  ramp = jaxprune.polynomial_schedule(0.0, recipe.final, 0, end)
+  # Another method ramps its target (an ERK `Prune` whose sparsity follows the ramp).
+  schedule = ramp if recipe.method == "magnitude" else lambda c: recipe.target(ramp(c))
+  tx = jaxprune.pruned(optimizer, where=where, update_every=GRADUAL_EVERY, schedule=schedule)
   step = jaxprune.make_train_step(loss_fn, tx)
   opt_state = tx.init(params)
   rng = jax.random.key_data(jax.random.key(seed))
