@@ -171,6 +171,12 @@ def pruned(
   count and are read as `magnitude_masks` reads a traced sparsity (NaN as no new
   pruning, clipped to [0, 1]); a constant Python float must be in [0, 1).
 
+  **Drop and grow** (sparse training: `schedule=set_schedule(...)` or
+  `rigl_schedule(...)`, starting `masks` required): every K updates each leaf moves
+  kept weights, its count unchanged (`jaxprune.drop_grow`); the optimizer moments of
+  grown weights are zeroed and that step trains only the weights kept before and
+  after, so grown weights start at exactly 0.
+
   **Placement**: `pruned` must produce the final updates, and it zeroes pruned
   gradients only for what it wraps, so wrap the whole chain:
   `pruned(optax.chain(clip_by_global_norm(1.0), adamw(...)), masks)` clips by the
@@ -184,7 +190,7 @@ def pruned(
     inner: the optimizer to wrap.
     masks: a mask tree of the params (`True` = kept, `None` = not targeted).
     where: the targeted leaves (bool pytree from `select`, or a callable taking
-      params), required for gradual pruning.
+      params), required for gradual pruning without starting `masks`.
     schedule: `count -> sparsity` (e.g. `polynomial_schedule`), jittable; it may
       return a target instead of a float, e.g. `lambda c: jaxprune.Magnitude(s(c),
       "global")`, a `Prune` (any score, scope, distribution; with
