@@ -106,6 +106,14 @@ def _check_gradual(where: Any, schedule: Any, update_every: Any, masks: Any) -> 
   return gradual
 
 
+def target_at(schedule: Callable[[jax.Array], Any], count: jax.Array, scope: Scope) -> Target:
+  """`schedule(count)` as a target: a sparsity becomes `Magnitude(sparsity, scope)`."""
+  target = schedule(count)
+  if not isinstance(target, Target) or isinstance(target, numbers.Real):
+    target = Magnitude(target, scope)
+  return target
+
+
 def _recompute(params: PyTree, packed: PyTree, count: jax.Array, grads: PyTree, schedule,
                scope) -> PyTree:
   """Gradual masks at `count`, packed like `packed` (the branches of a `cond` agree);
@@ -114,10 +122,7 @@ def _recompute(params: PyTree, packed: PyTree, count: jax.Array, grads: PyTree, 
   # re-resolved: an `nnx.Optimizer` calls `init` with `Param`-wrapped params but
   # `update` with pure arrays, so a `where` from `select(nnx.state(...))` would not
   # have the structure of `params` here.
-  target = schedule(count)
-  if not isinstance(target, Target) or isinstance(target, numbers.Real):
-    target = Magnitude(target, scope)
-  target = with_gradients(target, grads)
+  target = with_gradients(target_at(schedule, count, scope), grads)
   if type(target) is Magnitude:
     # Reads and writes the packed masks in place: unpacked, they would be written
     # out as operands of the selection (1 byte per weight in the step's scratch).

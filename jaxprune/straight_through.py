@@ -22,7 +22,6 @@ dense copy of the targeted leaves in the state.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -43,9 +42,9 @@ from jaxprune.mask_tree import (
   unflatten,
 )
 from jaxprune.masks import Scope, check_count, check_scope
-from jaxprune.optax_wrapper import PrunedState, pruned_states
+from jaxprune.optax_wrapper import PrunedState, pruned_states, target_at
 from jaxprune.packed_masks import pack_like, pack_masks, unpack_masks
-from jaxprune.targets import Magnitude, Target, as_target
+from jaxprune.targets import as_target
 
 PyTree = Any
 
@@ -63,9 +62,7 @@ class DenseWeights(NamedTuple):
 
 
 def _fresh_masks(dense: PyTree, packed: PyTree, count: jax.Array, schedule, scope) -> PyTree:
-  target = schedule(count)
-  if not isinstance(target, Target) or isinstance(target, numbers.Real):
-    target = Magnitude(target, scope)
+  target = target_at(schedule, count, scope)
   chosen = map_masked(lambda m, _: m is not None, unpack_masks(packed), dense)
   return pack_like(target.masks(dense, chosen), packed)
 
