@@ -10,6 +10,9 @@ retraining, by
 * magnitude: `Prune(s)` per leaf (`NM(2, 4)` for 2:4);
 * Wanda: `Prune(s, score=wanda_score(stats), scope="row")` (`NM(2, 4, score=...)`);
 * SparseGPT: `sparsegpt(params, stats, s, where)` (`nm=(2, 4)`), non-sequential;
+* SparseGPT, sequential (the paper's mode): `sparsegpt_sequential(stages, ...)` over
+  the example's embedding and blocks (`lm_model.make_stages`), each block calibrated
+  on the outputs of the blocks before it as already pruned;
 
 from `input_statistics` over `--calibration` sequences of the training text
 (not the validation text). Reported: validation perplexity and its increase over
@@ -44,7 +47,7 @@ from jaxprune.sparsegpt import sparsegpt_matrix
 SPARSITIES = ("0.5", "0.6", "0.7", "2:4")
 
 
-def methods(stats) -> dict:
+def methods(stats, stages, calibration) -> dict:
   wanda = jaxprune.wanda_score(stats)
 
   def magnitude(params, where, s):
@@ -63,7 +66,13 @@ def methods(stats) -> dict:
       return jaxprune.sparsegpt(params, stats, 0.0, where, nm=(2, 4))
     return jaxprune.sparsegpt(params, stats, float(s), where)
 
-  return {"magnitude": magnitude, "wanda": wanda_fn, "sparsegpt": sparsegpt}
+  def sequential(params, where, s):
+    if s == "2:4":
+      return jaxprune.sparsegpt_sequential(stages, params, calibration, 0.0, where, nm=(2, 4))
+    return jaxprune.sparsegpt_sequential(stages, params, calibration, float(s), where)
+
+  return {"magnitude": magnitude, "wanda": wanda_fn, "sparsegpt": sparsegpt,
+          "sparsegpt-seq": sequential}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -97,8 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
   print(f"dense perplexity {dense:.3f}; calibration {len(calibration) * cal_batch} sequences: "
         f"{calibration_s:.1f}s (a dense forward over them: {forward_s:.2f}s); "
         f"unattributed: {stats.unattributed or 'none'}", flush=True)
+  stages = lm_model.make_stages(graphdef, rest, setup.layers)
   rows = [_measure(fn, name, s, params, where, dense, ppl)
-          for s in SPARSITIES for name, fn in methods(stats).items()]
+          for s in SPARSITIES for name, fn in methods(stats, stages, calibration).items()]
   tokens = len(calibration) * cal_batch * setup.context
   layers = per_layer(params, stats, tokens)
   out = {"setup": dataclasses.asdict(setup), "dense_perplexity": dense,
@@ -168,7 +178,7 @@ def _measure(fn, name: str, s: str, params, where, dense: float, ppl) -> dict:
   seconds = time.perf_counter() - start
   value = ppl(pruned_params)
   achieved = jaxprune.sparsity_report(pruned_params, where).targeted_sparsity
-  print(f"  {s:>4} {name:>10}: perplexity {value:8.3f} ({100 * (value / dense - 1):+7.1f}%), "
+  print(f"  {s:>4} {name:>13}: perplexity {value:8.3f} ({100 * (value / dense - 1):+7.1f}%), "
         f"targeted sparsity {100 * achieved:.2f}%, prune {seconds:.2f}s", flush=True)
   return {"sparsity": s, "method": name, "perplexity": value, "increase": value / dense - 1.0,
           "prune_s": seconds, "achieved": achieved}

@@ -43,6 +43,7 @@ import lm_data  # noqa: E402
 import lm_model  # noqa: E402
 
 import jaxprune  # noqa: E402
+from jaxprune.distillation import teacher_logits_fn  # noqa: E402
 
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
 DEFAULT_CACHE = "/tmp/jaxprune_quality_cache"
@@ -183,9 +184,11 @@ _BASES["tuned-cubic"] = dict(TUNED, schedule="cubic")
 # GRADUAL_EVERY steps along a cubic ramp from 0 to the final sparsity, reached at
 # GRADUAL_END of the budget; one optimizer state and one warmup-cosine over the budget.
 GRADUAL_EVERY = 10
+DISTILL_TEMPERATURE = 2.0  # as prune_retrain's default
 GRADUAL_END = 0.75
 _BASES["gradual"] = dict(schedule="gradual", lr=3e-3, lr_mode="global")
 _BASES["gradual-erk"] = dict(_BASES["gradual"], method="erk")
+_BASES["gradual-erk-distill"] = dict(_BASES["gradual-erk"], distill=0.5)
 
 # One-shot SparseGPT (issue 16), then the whole budget retraining at the tuned lr.
 _BASES["oneshot-sparsegpt"] = dict(schedule="oneshot", lr=3e-3, method="sparsegpt")
@@ -351,19 +354,28 @@ def sparsegpt_start(recipe: Recipe, params, graphdef, rest, batch_at, where) -> 
 
 
 def gradual_retrain(recipe: Recipe, params, loss_fn, batch_at, eval_batches, where,
-                    total: int, seed: int) -> dict:
-  """`recipe` as in-graph gradual pruning: one `pruned(adamw)` run of `total` steps."""
+                    total: int, seed: int, apply_fn=None) -> dict:
+  """`recipe` as in-graph gradual pruning: one `pruned(adamw)` run of `total` steps
+  (distilled from the dense params through `apply_fn` when `recipe.distill`)."""
   end = max(GRADUAL_EVERY, round(GRADUAL_END * total) // GRADUAL_EVERY * GRADUAL_EVERY)
   optimizer, _ = optimizer_for(recipe, [total])
   ramp = jaxprune.polynomial_schedule(0.0, recipe.final, 0, end)
   # Another method ramps its target (an ERK `Prune` whose sparsity follows the ramp).
   schedule = ramp if recipe.method == "magnitude" else lambda c: recipe.target(ramp(c))
   tx = jaxprune.pruned(optimizer, where=where, update_every=GRADUAL_EVERY, schedule=schedule)
-  step = jaxprune.make_train_step(loss_fn, tx)
+  inputs_at, train_loss = batch_at, loss_fn
+  if recipe.distill:
+    teacher, dense = teacher_logits_fn(apply_fn), params
+    train_loss = jaxprune.distillation_loss(loss_fn, apply_fn, weight=recipe.distill,
+                                            temperature=DISTILL_TEMPERATURE)
+
+    def inputs_at(i):
+      return {"batch": batch_at(i), "teacher_logits": teacher(dense, batch_at(i))}
+  step = jaxprune.make_train_step(train_loss, tx)
   opt_state = tx.init(params)
   rng = jax.random.key_data(jax.random.key(seed))
   for i in range(total):
-    params, opt_state, _ = step(params, opt_state, batch_at(i), rng, i)
+    params, opt_state, _ = step(params, opt_state, inputs_at(i), rng, i)
   # The last recompute was at the last multiple of GRADUAL_EVERY below `total`: its
   # masks hold (the final sparsity, reached at `end`).
   eval_step = jaxprune.make_eval_step(loss_fn)
@@ -531,7 +543,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     if recipe.schedule == "gradual":
       measured = gradual_retrain(recipe, params, loss_fn, retrain_batch, eval_batches, where,
-                                 total, loop_seed)
+                                 total, loop_seed, lm_model.make_batch_apply_fn(graphdef, rest))
       out["rows"].append(_row(recipe, targets, budgets, measured, dense_ppl,
                               time.perf_counter() - start))
       _print_row(out["rows"][-1], "")

@@ -72,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="batch size (default 8 sequences for the LM, 64 rows for the MLP)")
   p.add_argument("--json", default=None, metavar="PATH", help="write the numbers to PATH")
   p.add_argument("--sparse-training", action="store_true",
-                 help="also SET, RigL (pruned + drop and grow) and straight_through steps, "
+                 help="also SET, RigL (pruned + drop and grow), straight_through and "
+                      "straight_through_masks steps, "
                       "each on a step that updates its masks and on one that does not")
   args = p.parse_args(argv)
   full_batch = 8 if args.model == "lm" else 64
@@ -105,7 +106,9 @@ def cost(compiled: Any) -> dict[str, float]:
 
 def make_step(loss_fn, tx: optax.GradientTransformation):
   def step(params, opt_state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    # The forward's weights: params, or for straight_through_masks their masked view.
+    loss, grads = jax.value_and_grad(
+        lambda p: loss_fn(jaxprune.straight_through_view(p, opt_state), batch))(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -191,6 +194,8 @@ def sparse_training_optimizers(params: Any, where: Any) -> dict[str, optax.Gradi
                                             update_every=every)
     out[f"STE, {label}"] = jaxprune.straight_through(
         adamw(), where=where, schedule=jaxprune.constant_schedule(SPARSITY), update_every=every)
+    out[f"STE masks in forward, {label}"] = jaxprune.straight_through_masks(
+        adamw(), where=where, schedule=jaxprune.constant_schedule(SPARSITY), update_every=every)
   return out
 
 
@@ -212,6 +217,8 @@ def timed_rounds(steps: dict[str, Any], states: dict[str, Any], batch: Any,
 
 
 def held_at_zero(params: Any, opt_state: Any) -> bool:
+  """Pruned weights exactly 0 in what the forward runs on."""
+  params = jaxprune.straight_through_view(params, opt_state)
   masks = jaxprune.get_masks(opt_state)
   return all(bool(jnp.all(jnp.where(m, True, w == 0)))
              for m, w in zip(jax.tree.leaves(masks, is_leaf=lambda x: x is None),

@@ -177,6 +177,24 @@ def make_batch_apply_fn(graphdef: nnx.GraphDef, rest: PyTree) -> ApplyFn:
   return lambda params, batch: apply(params, batch[:, :-1])
 
 
+def make_stages(graphdef: nnx.GraphDef, rest: PyTree,
+                num_layers: int) -> list[Callable[[PyTree, jax.Array], jax.Array]]:
+  """The model cut into `stage(params, x) -> x'` pieces for
+  `jaxprune.sparsegpt_sequential`: the embedding (of `batch[:, :-1]`, as
+  `make_loss_fn` reads a batch [B, T+1]), then each block; the head (`ln_f`,
+  `lm_head`) is not a stage, as the example prunes none of its kernels.
+  """
+  def embed(params: PyTree, batch: jax.Array) -> jax.Array:
+    model = nnx.merge(graphdef, params, rest)
+    tokens = batch[:, :-1]
+    return model.token_embed(tokens) + model.pos_embed(jnp.arange(tokens.shape[-1]))
+
+  def block(k: int) -> Callable[[PyTree, jax.Array], jax.Array]:
+    return lambda params, x: nnx.merge(graphdef, params, rest).blocks[k](x)
+
+  return [embed] + [block(k) for k in range(num_layers)]
+
+
 def make_loss_fn(graphdef: nnx.GraphDef, rest: PyTree) -> Callable[[PyTree, jax.Array], jax.Array]:
   """`loss(params, batch [B, T+1]) -> scalar`: mean next-token cross-entropy, nats/token.
 

@@ -20,6 +20,7 @@ from jaxprune.export import (
     export_info,
     load_compressed,
 )
+from jaxprune.forward_masks import ForwardMasks, straight_through_masks, straight_through_view
 from jaxprune.input_statistics import InputStatistics, LeafStatistics, input_statistics
 from jaxprune.leaf_selection import leaf_paths, path_string, select
 from jaxprune.loop import prune_retrain
@@ -89,6 +90,7 @@ __all__ = [
     "DropAndGrow",
     "Evaluation",
     "ExportInfo",
+    "ForwardMasks",
     "GivenMasks",
     "InputStatistics",
     "IterationRecord",
@@ -171,6 +173,8 @@ __all__ = [
     "sparsegpt_sequential",
     "sparsity_report",
     "straight_through",
+    "straight_through_masks",
+    "straight_through_view",
     "threshold_masks",
     "train",
     "uniform",

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxprune.distillation import takes_rng
+from jaxprune.forward_masks import straight_through_view
 from jaxprune.leaf_selection import Where
 from jaxprune.mask_tree import float_part, merge_float_part
 from jaxprune.masks import Scope, apply_masks
@@ -46,7 +47,10 @@ def make_train_step(
   a parameter named `rng`, it is called with `rng=fold_in(wrap_key_data(rng_data),
   step)`, so dropout noise is a pure function of the step (exact resume).
 
-  Only floating-point leaves are differentiated and updated; other leaves (int
+  The loss runs on `straight_through_view(params, opt_state)`: the params
+  themselves, unless the optimizer is `straight_through_masks` (then its masks
+  apply in the forward pass). Only floating-point leaves are differentiated and
+  updated; other leaves (int
   step counters, tables) pass through unchanged. The optimizer state must then be
   `optimizer.init(jaxprune.mask_tree.float_part(params))` (the same as
   `optimizer.init(params)` when every leaf is a float array).
@@ -70,7 +74,8 @@ def make_train_step(
       rng = jax.random.fold_in(jax.random.wrap_key_data(rng_data), step_index)
     trainable = float_part(params)
     grad_fn = jax.value_and_grad(
-        lambda t: _loss_and_aux(loss_fn, merge_float_part(params, t), batch, rng), has_aux=True
+        lambda t: _loss_and_aux(loss_fn, merge_float_part(
+            params, straight_through_view(t, opt_state)), batch, rng), has_aux=True
     )
     (loss, _), grads = grad_fn(trainable)
     updates, opt_state = optimizer.update(grads, opt_state, trainable)

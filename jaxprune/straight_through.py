@@ -61,7 +61,7 @@ class DenseWeights(NamedTuple):
   dense: Any
 
 
-def _fresh_masks(dense: PyTree, packed: PyTree, count: jax.Array, schedule, scope) -> PyTree:
+def fresh_masks(dense: PyTree, packed: PyTree, count: jax.Array, schedule, scope) -> PyTree:
   target = target_at(schedule, count, scope)
   chosen = map_masked(lambda m, _: m is not None, unpack_masks(packed), dense)
   return pack_like(target.masks(dense, chosen), packed)
@@ -100,16 +100,18 @@ def dense_weights(opt_state: PyTree, params: PyTree) -> PyTree:
   return _dense(masks, params, copy)
 
 
-def _check(schedule: Any, update_every: Any, where: Any, masks: Any) -> None:
+def check_arguments(schedule: Any, update_every: Any, where: Any, masks: Any,
+                    name: str = "straight_through") -> None:
+  """Refuses, before compute, what neither form of straight-through training takes."""
   if where is None and masks is None:
-    raise ValueError("straight_through needs `where` (or starting `masks`)")
+    raise ValueError(f"{name} needs `where` (or starting `masks`)")
   if not callable(schedule):
     raise TypeError(f"schedule must be a function count -> sparsity or target (e.g. "
                     f"jaxprune.constant_schedule(0.9)), got {schedule!r}")
   check_count("update_every", update_every)
   first = schedule(jnp.zeros((), jnp.int32))
   if isinstance(first, DropAndGrow):
-    raise ValueError("straight_through recomputes masks from the dense weights; drop and "
+    raise ValueError(f"{name} recomputes masks from the dense weights; drop and "
                      "grow (set_schedule, rigl_schedule) belongs in jaxprune.pruned")
   as_target(first, name="schedule(0)")
 
@@ -149,7 +151,7 @@ def straight_through(
     >>> float((params["fc1"]["kernel"] == 0).mean())
     0.5
   """
-  _check(schedule, update_every, where, masks)
+  check_arguments(schedule, update_every, where, masks)
   check_scope(scope)
   inner = optax.with_extra_args_support(inner)
 
@@ -170,7 +172,7 @@ def straight_through(
     held = unpack_masks(state.packed_masks)
     dense = _dense(held, params, state.inner_state.dense)
     packed = lax.cond(state.count % update_every == 0,
-                      lambda v, prev, c: _fresh_masks(v, prev, c, schedule, scope),
+                      lambda v, prev, c: fresh_masks(v, prev, c, schedule, scope),
                       lambda v, prev, c: prev, dense, state.packed_masks, state.count)
     inner_updates, inner_state = inner.update(updates, state.inner_state.inner_state, dense,
                                               **extra_args)

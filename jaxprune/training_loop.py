@@ -20,6 +20,7 @@ import jax
 import optax
 
 from jaxprune import checkpointing
+from jaxprune.forward_masks import straight_through_view
 from jaxprune.loop import eval_source, train_source
 from jaxprune.mask_tree import float_part
 from jaxprune.masks import check_count
@@ -139,5 +140,8 @@ def train(
       ckpt.save(state, {"step": steps})
   evaluation = None
   if evaluations is not None:
-    evaluation = evaluate(make_eval_step(loss_fn, metric), state.params, evaluations(), metric)
+    # A `straight_through_masks` run is judged as the sparse model it runs forward.
+    evaluation = evaluate(make_eval_step(loss_fn, metric),
+                          straight_through_view(state.params, state.opt_state), evaluations(),
+                          metric)
   return TrainResult(state.params, state.opt_state, evaluation, time.perf_counter() - started)

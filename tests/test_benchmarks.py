@@ -63,7 +63,8 @@ def test_bench_step_state_grows_by_exactly_the_packed_masks(tmp_path, model):
   state = report["opt_state_bytes"]
   held = ["pruned(adamw)", "gradual, no update", "gradual, update"]
   if sparse:
-    held += [f"{m}, {u}" for m in ("SET", "RigL") for u in ("no update", "update")]
+    held += [f"{m}, {u}" for m in ("SET", "RigL", "STE masks in forward")
+             for u in ("no update", "update")]
     for name in ("STE, no update", "STE, update"):  # + one float32 dense copy
       extra = report["mask_bytes"] + 4 + 4 * report["targeted_params"]
       assert state[name] - state["adamw"] == extra, name
@@ -163,7 +164,7 @@ def test_bench_oneshot_prunes_every_method_to_its_sparsity(tmp_path, text_file):
                          "--json", str(tmp_path / "o.json"))
   assert report["unattributed"] == {}
   rows = {(r["sparsity"], r["method"]): r for r in report["rows"]}
-  assert {m for _, m in rows} == {"magnitude", "wanda", "sparsegpt"}
+  assert {m for _, m in rows} == {"magnitude", "wanda", "sparsegpt", "sparsegpt-seq"}
   for (s, method), r in rows.items():
     want = 0.5 if s == "2:4" else float(s)
     # Wanda's rows each lose round(s * row length): within a row's rounding of s.

@@ -261,7 +261,8 @@ def _sparse_steps(tx, params, steps=6, gather=False):
 
   @jax.jit
   def step(p, state, x):
-    updates, state = tx.update(jax.grad(loss)(p, x), state, p)
+    grads = jax.grad(lambda q: loss(jaxprune.straight_through_view(q, state), x))(p)
+    updates, state = tx.update(grads, state, p)
     return optax.apply_updates(p, updates), state
 
   state = tx.init(params)
@@ -273,7 +274,7 @@ def _sparse_steps(tx, params, steps=6, gather=False):
 
 # SET is RigL's code path with random growth; STE's state on Auto axes is RigL's case.
 @pytest.mark.parametrize("method, axis_type", [("rigl", "Explicit"), ("rigl", "Auto"),
-                                               ("ste", "Explicit")])
+                                               ("ste", "Explicit"), ("ste-view", "Explicit")])
 def test_sparse_training_on_fsdp_leaves_equals_one_device(method, axis_type):
   kind = getattr(jax.sharding.AxisType, axis_type)
   mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(kind,))
@@ -285,6 +286,9 @@ def test_sparse_training_on_fsdp_leaves_equals_one_device(method, axis_type):
     if method == "ste":
       return jaxprune.straight_through(optax.adam(1e-2), where=where, update_every=2,
                                        schedule=jaxprune.constant_schedule(0.75))
+    if method == "ste-view":
+      return jaxprune.straight_through_masks(optax.adam(1e-2), where=where, update_every=2,
+                                             schedule=jaxprune.constant_schedule(0.75))
     schedule = jaxprune.rigl_schedule(0.3) if method == "rigl" else jaxprune.set_schedule(0.3)
     return jaxprune.pruned(optax.adam(1e-2), masks, schedule=schedule, update_every=2)
 
