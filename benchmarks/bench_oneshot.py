@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
   print(f"dense perplexity {dense:.3f}; calibration {len(calibration) * cal_batch} sequences: "
         f"{calibration_s:.1f}s (a dense forward over them: {forward_s:.2f}s); "
         f"unattributed: {stats.unattributed or 'none'}", flush=True)
+  spread = feature_norm_spread(stats)
+  print("input-feature norm spread, max / median of ||x_j|| per kernel (Wanda's signal): "
+        + ", ".join(f"{p} {v:.1f}" for p, v in spread.items()), flush=True)
   stages = lm_model.make_stages(graphdef, rest, setup.layers)
   rows = [_measure(fn, name, s, params, where, dense, ppl)
           for s in SPARSITIES for name, fn in methods(stats, stages, calibration).items()]
@@ -114,10 +117,22 @@ def main(argv: list[str] | None = None) -> dict:
   out = {"setup": dataclasses.asdict(setup), "dense_perplexity": dense,
          "calibration_sequences": len(calibration) * cal_batch, "calibration_s": calibration_s,
          "dense_forward_s": forward_s, "unattributed": stats.unattributed, "rows": rows,
+         "feature_norm_spread": spread,
          "per_layer": layers}
   if args.json:
     with open(args.json, "w") as f:
       json.dump(out, f, indent=2)
+  return out
+
+
+def feature_norm_spread(stats) -> dict[str, float]:
+  """Per kernel, max / median of its input features' norms `||x_j||`: how far Wanda's
+  `|w_ij| * ||x_j||` can reorder magnitude's ranking (LLMs grow a few features of
+  very large norm; a spread near 1 makes Wanda magnitude per row)."""
+  out = {}
+  for path, st in sorted(stats.leaves.items()):
+    norms = np.sqrt(np.asarray(st.sq_norms, np.float64)).reshape(-1)
+    out[jaxprune.mask_tree.canonical_path(path)] = float(norms.max() / np.median(norms))
   return out
 
 

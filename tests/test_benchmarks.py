@@ -171,6 +171,8 @@ def test_bench_oneshot_prunes_every_method_to_its_sparsity(tmp_path, text_file):
     assert abs(r["achieved"] - want) < (0.02 if method == "wanda" else 1e-3), (s, method)
   layers = report["per_layer"]
   assert {tuple(r["shape"]) for r in layers} == {(32, 32), (32, 128), (128, 32)}
+  spread = report["feature_norm_spread"]  # one figure per targeted kernel, max >= median
+  assert spread and all(p.endswith("kernel") and v >= 1.0 for p, v in spread.items())
   assert all(r["sparsegpt"]["seconds"] > 0 and r["dense_forward"]["seconds"] > 0 and
              r["sparsegpt"]["temp_bytes"] > 0 for r in layers)
   # What one-shot reconstruction is for, on this deterministic tiny run too.
