@@ -1,9 +1,10 @@
 """`train`: one checkpointed, resumable training run with any optimizer.
 
 Sparse training from the start (`pruned` with drop and grow, `straight_through`,
-static masks) is one phase of training, not a prune-retrain schedule: `train`
-runs it from the same pieces as `prune_retrain` (`make_train_step`, `retrain`
-with its NaN guard and hooks, `Checkpointer`), compiled once. Step `g` gets
+`straight_through_masks`, static masks) is one phase of training, not a
+prune-retrain schedule: `train` runs it from the same pieces as `prune_retrain`
+(`make_train_step`, `retrain` with its NaN guard and hooks, `Checkpointer`),
+compiled once. Step `g` gets
 `train_batches(g)` and the RNG folded with `g`; a run killed at any point and
 started again with the same arguments resumes from its latest checkpoint and
 ends bitwise where an uninterrupted run ends.
@@ -75,9 +76,11 @@ def train(
       keyword gets a per-step key).
     train_batches: `step -> batch` (exact resume) or an iterable (resume restarts it).
     optimizer: any optax transformation: `pruned(adam, masks, schedule=rigl_schedule(...),
-      update_every=100)`, `straight_through(...)`, a plain optimizer.
+      update_every=100)`, `straight_through(...)`, `straight_through_masks(...)` (the
+      forward then runs on `straight_through_view`), a plain optimizer.
     steps: number of training steps.
-    eval_batches: evaluated once after the last step (optional).
+    eval_batches: evaluated once after the last step (optional), on what the forward
+      runs on (`straight_through_view(params, opt_state)`).
     checkpoint_dir: orbax checkpoints go here (None: none); resumed when it holds one.
     checkpoint_every: save every this many steps (and always after the last).
     resume: continue from the latest checkpoint in `checkpoint_dir`.
