@@ -30,11 +30,11 @@ import optax
 from jax import lax
 
 from jaxprune.leaf_selection import Where
-from jaxprune.mask_tree import all_kept, check_masks, map_masked, owned_copy, resolve_where
+from jaxprune.mask_tree import check_masks, map_masked
 from jaxprune.masks import Scope, check_scope
 from jaxprune.optax_wrapper import PrunedState, pruned_states
 from jaxprune.packed_masks import pack_masks, unpack_masks
-from jaxprune.straight_through import check_arguments, fresh_masks
+from jaxprune.straight_through import check_arguments, fresh_masks, starting_masks
 
 PyTree = Any
 
@@ -130,11 +130,8 @@ def straight_through_masks(
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params: PyTree) -> PrunedState:
-    if masks is not None:
-      start = check_masks(owned_copy(masks), params)
-    else:
-      start = all_kept(params, resolve_where(where, params))
-    return PrunedState(ForwardMasks(inner.init(params)), pack_masks(start),
+    return PrunedState(ForwardMasks(inner.init(params)),
+                       pack_masks(starting_masks(params, where, masks)),
                        jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state: PrunedState, params=None, **extra_args):

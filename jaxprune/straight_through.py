@@ -100,6 +100,13 @@ def dense_weights(opt_state: PyTree, params: PyTree) -> PyTree:
   return _dense(masks, params, copy)
 
 
+def starting_masks(params: PyTree, where: Any, masks: PyTree | None) -> PyTree:
+  """The masks before the first recompute: `masks` (checked, copied), or all kept."""
+  if masks is not None:
+    return check_masks(owned_copy(masks), params)
+  return all_kept(params, resolve_where(where, params))
+
+
 def check_arguments(schedule: Any, update_every: Any, where: Any, masks: Any,
                     name: str = "straight_through") -> None:
   """Refuses, before compute, what neither form of straight-through training takes."""
@@ -156,10 +163,7 @@ def straight_through(
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params: PyTree) -> PrunedState:
-    if masks is not None:
-      start = check_masks(owned_copy(masks), params)
-    else:
-      start = all_kept(params, resolve_where(where, params))
+    start = starting_masks(params, where, masks)
     dense = map_masked(lambda m, w: None if m is None else jnp.array(w, copy=True), start,
                        params)
     return PrunedState(DenseWeights(inner.init(params), dense), pack_masks(start),
