@@ -16,8 +16,12 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# Two workers, a test file per worker at a time (files share module-level model
+# builds): the suite is mostly XLA compilation, one core each.
+TEST_WORKERS ?= 2
+
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 demo: $(STAMP)
 	$(BIN)/python examples/train_lm.py --out runs/demo
