@@ -27,14 +27,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
 
 from jaxprune.leaf_selection import Where
 from jaxprune.mask_tree import check_masks, map_masked
 from jaxprune.masks import Scope, check_scope
 from jaxprune.optax_wrapper import PrunedState, pruned_states
 from jaxprune.packed_masks import pack_masks, unpack_masks
-from jaxprune.straight_through import check_arguments, fresh_masks, starting_masks
+from jaxprune.straight_through import check_arguments, masks_after, starting_masks
 
 PyTree = Any
 
@@ -138,9 +137,7 @@ def straight_through_masks(
     if params is None:
       raise ValueError("jaxprune.straight_through_masks needs the current params: "
                        "call tx.update(grads, state, params)")
-    packed = lax.cond(state.count % update_every == 0,
-                      lambda p, prev, c: fresh_masks(p, prev, c, schedule, scope),
-                      lambda p, prev, c: prev, params, state.packed_masks, state.count)
+    packed = masks_after(params, state, update_every, schedule, scope)
     inner_updates, inner_state = inner.update(updates, state.inner_state.inner_state, params,
                                               **extra_args)
     return inner_updates, PrunedState(ForwardMasks(inner_state), packed,

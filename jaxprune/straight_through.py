@@ -61,10 +61,19 @@ class DenseWeights(NamedTuple):
   dense: Any
 
 
-def fresh_masks(dense: PyTree, packed: PyTree, count: jax.Array, schedule, scope) -> PyTree:
+def _fresh_masks(dense: PyTree, packed: PyTree, count: jax.Array, schedule, scope) -> PyTree:
   target = target_at(schedule, count, scope)
   chosen = map_masked(lambda m, _: m is not None, unpack_masks(packed), dense)
   return pack_like(target.masks(dense, chosen), packed)
+
+
+def masks_after(dense: PyTree, state: PrunedState, update_every: int, schedule,
+                scope) -> PyTree:
+  """The packed masks an update at `state.count` holds: recomputed afresh from the
+  dense weights when `count % update_every == 0` (no `previous`), else the held ones."""
+  return lax.cond(state.count % update_every == 0,
+                  lambda v, prev, c: _fresh_masks(v, prev, c, schedule, scope),
+                  lambda v, prev, c: prev, dense, state.packed_masks, state.count)
 
 
 def _out(m: jax.Array | None, u: jax.Array, w: jax.Array, held: jax.Array | None,
@@ -175,9 +184,7 @@ def straight_through(
                        "call tx.update(grads, state, params)")
     held = unpack_masks(state.packed_masks)
     dense = _dense(held, params, state.inner_state.dense)
-    packed = lax.cond(state.count % update_every == 0,
-                      lambda v, prev, c: fresh_masks(v, prev, c, schedule, scope),
-                      lambda v, prev, c: prev, dense, state.packed_masks, state.count)
+    packed = masks_after(dense, state, update_every, schedule, scope)
     inner_updates, inner_state = inner.update(updates, state.inner_state.inner_state, dense,
                                               **extra_args)
     current = unpack_masks(packed)
