@@ -43,7 +43,7 @@ import lm_data  # noqa: E402
 import lm_model  # noqa: E402
 
 import jaxprune  # noqa: E402
-from jaxprune.distillation import teacher_logits_fn  # noqa: E402
+from jaxprune.loop import distilling  # noqa: E402
 
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
 DEFAULT_CACHE = "/tmp/jaxprune_quality_cache"
@@ -184,8 +184,8 @@ _BASES["tuned-cubic"] = dict(TUNED, schedule="cubic")
 # GRADUAL_EVERY steps along a cubic ramp from 0 to the final sparsity, reached at
 # GRADUAL_END of the budget; one optimizer state and one warmup-cosine over the budget.
 GRADUAL_EVERY = 10
-DISTILL_TEMPERATURE = 2.0  # as prune_retrain's default
 GRADUAL_END = 0.75
+DISTILL_TEMPERATURE = 2.0  # as prune_retrain's default (gradual recipes with `distill`)
 _BASES["gradual"] = dict(schedule="gradual", lr=3e-3, lr_mode="global")
 _BASES["gradual-erk"] = dict(_BASES["gradual"], method="erk")
 _BASES["gradual-erk-distill"] = dict(_BASES["gradual-erk"], distill=0.5)
@@ -363,14 +363,9 @@ def gradual_retrain(recipe: Recipe, params, loss_fn, batch_at, eval_batches, whe
   # Another method ramps its target (an ERK `Prune` whose sparsity follows the ramp).
   schedule = ramp if recipe.method == "magnitude" else lambda c: recipe.target(ramp(c))
   tx = jaxprune.pruned(optimizer, where=where, update_every=GRADUAL_EVERY, schedule=schedule)
-  inputs_at, train_loss = batch_at, loss_fn
-  if recipe.distill:
-    teacher, dense = teacher_logits_fn(apply_fn), params
-    train_loss = jaxprune.distillation_loss(loss_fn, apply_fn, weight=recipe.distill,
-                                            temperature=DISTILL_TEMPERATURE)
-
-    def inputs_at(i):
-      return {"batch": batch_at(i), "teacher_logits": teacher(dense, batch_at(i))}
+  train_loss, inputs_at = distilling(loss_fn, batch_at,
+                                     (apply_fn, params) if recipe.distill else None,
+                                     recipe.distill, DISTILL_TEMPERATURE)
   step = jaxprune.make_train_step(train_loss, tx)
   opt_state = tx.init(params)
   rng = jax.random.key_data(jax.random.key(seed))

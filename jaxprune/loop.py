@@ -220,8 +220,10 @@ def _placed_sources(params, train_batches, eval_batches, mesh, layout):
           lambda: (place_batch(b, mesh) for b in evaluations()), exact)
 
 
-def _distilling(loss_fn, batch_at, teacher, weight, temperature, mesh, layout):
-  """(train loss, step -> batch): with a teacher, its logits join every batch."""
+def distilling(loss_fn, batch_at, teacher, weight, temperature, mesh=None,
+               layout="replicated"):
+  """(train loss, step -> batch): with a teacher `(apply_fn, params)`, its logits join
+  every batch and the loss is `distillation_loss`; without, both unchanged."""
   if teacher is None:
     return loss_fn, batch_at
   apply_fn, teacher_params = teacher
@@ -426,8 +428,8 @@ def prune_retrain(
   where = where_tree(params, flags)
   params, batch_at, evaluations, exact_batches = _placed_sources(
       params, train_batches, eval_batches, mesh, param_layout)
-  train_loss, batch_at = _distilling(loss_fn, batch_at, teacher, distill_weight, temperature,
-                                     mesh, param_layout)
+  train_loss, batch_at = distilling(loss_fn, batch_at, teacher, distill_weight, temperature,
+                                    mesh, param_layout)
   start = all_kept(params, flags)
   tx = pruned(optimizer, start if mesh is None else place_masks(start, params))
   eval_step = make_eval_step(loss_fn, metric)
