@@ -50,10 +50,9 @@ def make_train_step(
   The loss runs on `straight_through_view(params, opt_state)`: the params
   themselves, unless the optimizer is `straight_through_masks` (then its masks
   apply in the forward pass). Only floating-point leaves are differentiated and
-  updated; other leaves (int
-  step counters, tables) pass through unchanged. The optimizer state must then be
-  `optimizer.init(jaxprune.mask_tree.float_part(params))` (the same as
-  `optimizer.init(params)` when every leaf is a float array).
+  updated; other leaves (int step counters, tables) pass through unchanged. The
+  optimizer state must then be `optimizer.init(jaxprune.mask_tree.float_part(params))`
+  (the same as `optimizer.init(params)` when every leaf is a float array).
 
   Args:
     loss_fn: the loss.

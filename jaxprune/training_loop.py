@@ -4,10 +4,9 @@ Sparse training from the start (`pruned` with drop and grow, `straight_through`,
 `straight_through_masks`, static masks) is one phase of training, not a
 prune-retrain schedule: `train` runs it from the same pieces as `prune_retrain`
 (`make_train_step`, `retrain` with its NaN guard and hooks, `Checkpointer`),
-compiled once. Step `g` gets
-`train_batches(g)` and the RNG folded with `g`; a run killed at any point and
-started again with the same arguments resumes from its latest checkpoint and
-ends bitwise where an uninterrupted run ends.
+compiled once. Step `g` gets `train_batches(g)` and the RNG folded with `g`; a
+run killed at any point and started again with the same arguments resumes from
+its latest checkpoint and ends bitwise where an uninterrupted run ends.
 """
 
 from __future__ import annotations
