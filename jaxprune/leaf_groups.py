@@ -17,7 +17,12 @@ to copy them). Groups of at least `STACK_MIN_MEMBERS` members and at most
 * `map_over(groups, fn)`: `[fn(sources_j, j) for j]`, in the original order;
   `map_groups` / `split_groups`: the same in two steps, one result per group
   (stacked over its members) and then one per member, so a `cond` can return
-  one array per group rather than one per member.
+  one array per group rather than one per member;
+* `map_scalars(groups, fn)`: `[fn(sources_j, j) for j]` for small results (a
+  threshold, a count): one separate array per member, never a slice of a stack.
+  XLA's CPU backend compiles every slice (a distinct constant offset) as a kernel
+  of its own, 6-15 ms each: 256 slices of one stacked result took 1.5-2.4 s to
+  compile, while computations that differ only in their operands share one kernel.
 
 `j` is the member's position in the original sequence: a Python int for a
 member alone in its group, a traced int32 inside a group's loop.
@@ -146,6 +151,32 @@ def split_groups(groups: Sequence[Group], results: Sequence[jax.Array]) -> list[
       continue
     for j, position in enumerate(group.positions):
       out[position] = result[j]
+  return out
+
+
+def map_scalars(groups: Sequence[Group], fn: Callable[[tuple, Any], Any]) -> list[Any]:
+  """`[fn(sources, position)]` for every member, in the original order, for results
+  of a few bytes each (pytrees of scalars).
+
+  A group's loop carries one result per member, shifted by one at every step
+  (`carried[1:] + (new,)`): after the loop each member's result is an output of
+  its own, not a slice of a stacked array (see the module docstring). Every step
+  moves all carried results, so they must be small.
+  """
+  out: list[Any] = [None] * sum(len(g.sources) for g in groups)
+  for group in groups:
+    first = fn(group.sources[0], group.positions[0])
+    out[group.positions[0]] = first
+    if len(group.sources) == 1:
+      continue
+    positions = jnp.asarray(group.positions, jnp.int32)
+    # Started from the first member's result, the carry has its type (see sum_over).
+    rest = lax.fori_loop(
+        1, len(group.sources),
+        lambda i, carried, g=group, p=positions: carried[1:] + (fn(_member(g, i), p[i]),),
+        (first,) * (len(group.sources) - 1))
+    for position, result in zip(group.positions[1:], rest, strict=True):
+      out[position] = result
   return out
 
 

@@ -16,8 +16,10 @@ of the tensor. Pruning only needs the k-th smallest magnitude `t`:
   Both give the same `t`, the count below it and the count equal to it.
 * Keys below `t` are pruned. Keys equal to `t` (ties: all-equal weights, zeros) are
   pruned in flat index order (leaf order, then row-major) until exactly `k` are,
-  so the count is always exact and the choice deterministic. The tie pass (a cumsum)
-  only runs when there is a tie at `t` to break.
+  so the count is always exact and the choice deterministic. The tie pass only
+  runs when there is a tie at `t` to break; it gives each array a *cut*, the flat
+  position below which its ties go. Each array's marks are then one elementwise
+  pass, `keys < t | (keys == t & position < cut)`, from scalars alone.
 
 Several arrays are ranked together by summing their counts, never by
 concatenating them (global scope stays O(1) extra memory per leaf and works on
@@ -42,8 +44,7 @@ from jaxprune.leaf_groups import (
   group_arrays,
   group_by_shape,
   map_groups,
-  map_over,
-  split_groups,
+  map_scalars,
   sum_over,
   with_arrays,
 )
@@ -217,9 +218,11 @@ def _unsharded(x: jax.Array) -> jax.Array:
   return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
 
 
-def _first_true(source: tuple, is_tie: Callable[[tuple], jax.Array],
-                quota: jax.Array) -> jax.Array:
-  """The first `quota` True entries of `is_tie(source)` in row-major order, its shape.
+def _tie_cut(source: tuple, is_tie: Callable[[tuple], jax.Array], quota: jax.Array) -> jax.Array:
+  """How many leading positions (row-major) of `source` hold its first `quota` True
+  entries of `is_tie(source)`: an int32 scalar, 0 for `quota == 0`, the array's size
+  when `quota` reaches its count. The entries marked are then those at positions
+  below it: one compare per entry, fused into the final marks.
 
   Two reductions instead of a cumsum over the flattened array (which would gather
   a sharded leaf onto one device): count per row (all axes but the last), a cumsum
@@ -229,27 +232,41 @@ def _first_true(source: tuple, is_tie: Callable[[tuple], jax.Array],
   materializes a reduction's operand, 4 bytes per entry counted at once.
   """
   shape = source[0].shape
+  size = int(np.prod(shape))
+  if size == 0:
+    return jnp.zeros_like(quota)
   if len(shape) <= 1:  # (a 0-d array is read as one entry)
-    # A vector (a unit score per channel) is scanned whole: under Explicit axes it
-    # is replicated for the scan and its mark put back on its sharding.
-    x = is_tie(source)
-    scanned = jnp.cumsum(_unsharded(x).reshape(-1), dtype=jnp.int32).reshape(x.shape)
-    if _typed_sharded(x):
-      scanned = jax.sharding.reshard(scanned, jax.typeof(x).sharding.spec)
-    return x & (scanned <= quota)
+    # A vector (a unit score per channel) is scanned whole, replicated under Explicit axes.
+    scanned = jnp.cumsum(_unsharded(is_tie(source)).reshape(-1), dtype=jnp.int32)
+    cut = jnp.argmax(scanned >= quota).astype(jnp.int32) + 1
+    return jnp.where(quota <= 0, 0, jnp.where(scanned[-1] <= quota, size, cut))
   lead = tuple(range(len(shape) - 1))
   row_counts = _unsharded(sum_chunks(source, lambda piece, window: placed(
       jnp.sum(is_tie(piece), axis=-1, dtype=jnp.int32), window, 0, shape[:-1])))
   flat = row_counts.reshape(-1)
-  before = (jnp.cumsum(flat) - flat).reshape(row_counts.shape)
-  whole_rows = before + row_counts <= quota
-  boundary = (before < quota) & ~whole_rows  # at most one row
-  need = quota - jnp.sum(jnp.where(boundary, before, 0))
+  scanned = jnp.cumsum(flat)
+  row = jnp.argmax(scanned >= quota).astype(jnp.int32)  # the row of the quota-th
+  need = quota - (scanned[row] - flat[row])
+  boundary = (lax.iota(jnp.int32, flat.size) == row).reshape(row_counts.shape)
   boundary_row = _unsharded(sum_chunks(source, lambda piece, window: placed(jnp.sum(
       is_tie(piece) & sliced(boundary, window)[..., None], axis=lead, dtype=jnp.int32),
       window, 0, shape[-1:])))
-  within = jnp.cumsum(boundary_row) <= need
-  return is_tie(source) & (whole_rows[..., None] | (boundary[..., None] & within))
+  column = jnp.argmax(jnp.cumsum(boundary_row) >= need).astype(jnp.int32)
+  cut = row * shape[-1] + column + 1
+  return jnp.where(quota <= 0, 0, jnp.where(scanned[-1] <= quota, size, cut))
+
+
+def _positions(x: jax.Array) -> jax.Array:
+  """The row-major flat position of every entry of `x` (int32, `x`'s shape and, under
+  Explicit axes, its sharding)."""
+  sharding = jax.typeof(x).sharding if _typed_sharded(x) else None
+  position = jnp.zeros((), jnp.int32)
+  stride = 1
+  for axis in reversed(range(x.ndim)):
+    position = position + stride * lax.broadcasted_iota(
+        jnp.int32, x.shape, axis, out_sharding=sharding)
+    stride *= x.shape[axis]
+  return position
 
 
 def _over_groups(groups: Sequence[Group], key_of) -> SumKeys:
@@ -258,6 +275,60 @@ def _over_groups(groups: Sequence[Group], key_of) -> SumKeys:
     return sum_over(groups, lambda s, j: fn(key_of(*s), j), init)
 
   return sum_keys
+
+
+def _threshold_and_cuts(sources: Sequence[tuple], key_of, k: jax.Array,
+                        ) -> tuple[jax.Array, list[jax.Array]]:
+  """`(t, cuts)`: the `k`-th smallest key `t` of all sources' keys `key_of(*source)`,
+  and per source the cut of `_tie_cut`: exactly `k` keys are those below `t` and
+  those equal to `t` at positions below their source's cut.
+
+  Ties at `t` go in position order (source order, then row-major): source j's quota
+  is what the sources before it left. The tie pass runs only when some keys equal
+  to `t` must stay (`#{keys == t} != k - #{keys < t}`); otherwise every cut is the
+  largest int32. The cuts are separate scalars (`map_scalars`), not slices of a
+  stacked vector, so the final marks of equal-shape sources share one kernel.
+  """
+  groups = group_by_shape(sources)
+  threshold, below, ties = _threshold(groups, key_of, k)
+  take = k - below  # k == 0 gives threshold 0 with take == 0: nothing is marked
+
+  def every_tie(arrays) -> list[jax.Array]:
+    # Typed like the data (inside shard_map, varying over its axes), as the other branch.
+    return [jnp.full_like(take, np.iinfo(np.int32).max, jnp.int32) for _ in sources]
+
+  def first_ties(arrays) -> list[jax.Array]:
+    held = with_arrays(groups, arrays)
+
+    def is_tie(source):
+      return key_of(*source) == threshold
+
+    # Ties per source, in group order (`positions` says whose): each source's quota
+    # sums those of the sources before it, with no per-source slice of the counts.
+    equal = jnp.concatenate([jnp.atleast_1d(e) for e in map_groups(held, lambda s, j: sum_chunks(
+        s, lambda piece, window: jnp.sum(is_tie(piece), dtype=k.dtype)))])
+    positions = np.concatenate([g.positions for g in groups])
+
+    def quota(position):
+      left = take - jnp.sum(jnp.where(positions < position, equal, 0), dtype=k.dtype)
+      return jnp.clip(left, 0, None)
+
+    return map_scalars(held, lambda s, j: _tie_cut(
+        s, is_tie, jnp.minimum(quota(j), s[0].size).astype(jnp.int32)))
+
+  return threshold, lax.cond(ties == take, every_tie, first_ties, group_arrays(groups))
+
+
+# Jitted so that it is traced and lowered once per source signature, not once per
+# source: 256 leaves of one shape spent 0.64 s tracing it leaf by leaf.
+@functools.partial(jax.jit, static_argnames=("key_of", "finish"))
+def _marked(source: tuple, threshold: jax.Array, cut: jax.Array, *, key_of,
+            finish: Callable[[jax.Array, tuple], jax.Array] | None) -> jax.Array:
+  """The marks of `source` (keys below `threshold`, and equal to it at positions
+  below `cut`), or `finish(marks, source)`: one elementwise pass."""
+  keys = key_of(*source)
+  marked = (keys < threshold) | ((keys == threshold) & (_positions(keys) < cut))
+  return marked if finish is None else finish(marked, source)
 
 
 def _select_smallest(sources: Sequence[tuple], key_of, k: jax.Array | int,
@@ -269,49 +340,15 @@ def _select_smallest(sources: Sequence[tuple], key_of, k: jax.Array | int,
 
   Keys are recomputed from their sources in every pass instead of being held: they
   are cheap elementwise functions that XLA fuses into each consumer, and holding
-  them (they are an operand of the tie-break `cond`) would cost 4 bytes per entry.
-  Sources of equal shapes share one compiled loop body (`leaf_groups`).
+  them would cost 4 bytes per entry. Sources of equal shapes share one compiled
+  loop body (`leaf_groups`), and their final marks one kernel.
   """
   sources = [tuple(s) for s in sources]
   sizes = [int(np.prod(s[0].shape)) for s in sources]
   if max(sizes, default=0) >= 2**31:  # counts within one array are int32
     raise ValueError(f"an array of {max(sizes):,} weights: at most 2**31 - 1 per leaf")
-  k = jnp.asarray(k, count_dtype(sum(sizes)))
-  groups = group_by_shape(sources)
-  threshold, below, ties = _threshold(groups, key_of, k)
-  # How many of the keys equal to `threshold` must go, in position order.
-  take = k - below
-  # k == 0 gives threshold 0 with take == 0: nothing is marked, as wanted.
-
-  # The branches return one array per group, split after the `cond`: one slice per
-  # member in the program instead of one per member and branch. They take the
-  # sources, not the threshold's stacks, and stack again: a stack held across the
-  # `cond` raised the peak (16 leaves of 64x64, global: 16.8 -> 20.8 B/param).
-  def done(marked, source):
-    return marked if finish is None else finish(marked, source)
-
-  def without_tiebreak(srcs) -> list[jax.Array]:
-    def marks(s, j):
-      keys = key_of(*s)
-      return done((keys < threshold) | ((keys == threshold) & (take > 0)), s)
-
-    return map_groups(group_by_shape(srcs), marks)
-
-  def with_tiebreak(srcs) -> list[jax.Array]:
-    groups = group_by_shape(srcs)
-
-    def is_tie(source):
-      return key_of(*source) == threshold
-
-    equal = jnp.stack(map_over(groups, lambda s, j: sum_chunks(
-        s, lambda piece, window: jnp.sum(is_tie(piece), dtype=k.dtype))))
-    # Ties go in position order: array j's quota is what the arrays before it left.
-    quota = jnp.clip(take - (jnp.cumsum(equal) - equal), 0, None)
-    return map_groups(groups, lambda s, j: done(
-        (key_of(*s) < threshold) | _first_true(s, is_tie, quota[j]), s))
-
-  marked = lax.cond(ties == take, without_tiebreak, with_tiebreak, sources)
-  return split_groups(groups, marked)
+  threshold, cuts = _threshold_and_cuts(sources, key_of, jnp.asarray(k, count_dtype(sum(sizes))))
+  return [_marked(s, threshold, cut, key_of=key_of, finish=finish) for s, cut in zip(sources, cuts)]
 
 
 # Jitted so that eager calls compile once per shape: called op by op, the `lax.cond`
@@ -408,9 +445,15 @@ def smallest_magnitudes_each(
     ...                          [1, 1])
     [Array([False,  True], dtype=bool), Array([ True, False], dtype=bool)]
   """
+  key_of = KEYS[by]
   sources = [(w, m, jnp.asarray(k, count_dtype(w.size))) for w, m, k in zip(weights, kept, counts)]
-  return map_over(group_by_shape(sources), lambda s, j: _select_smallest(
-      [(s[0], s[1])], KEYS[by], s[2], _kept_after if as_kept else None)[0])
+  # Each leaf's threshold and cut are scalars computed in its group's loop; its marks
+  # are then one elementwise pass, shared by the leaves of its shape.
+  cuts = map_scalars(group_by_shape(sources), lambda s, j: _threshold_and_cuts(
+      [(s[0], s[1])], key_of, s[2]))
+  finish = _kept_after if as_kept else None
+  return [_marked((w, m), threshold, cut, key_of=key_of, finish=finish)
+          for (w, m, _), (threshold, (cut,)) in zip(sources, cuts)]
 
 
 def round_fraction_of(fraction: jax.Array, n: int) -> jax.Array:

@@ -187,6 +187,44 @@ def test_the_program_grows_with_distinct_shapes_not_with_leaves(scope):
   assert two_shapes[" scatter("] > one_shape[" scatter("]
 
 
+def _slice_count(n_leaves: int, scope: str) -> int:
+  ws = [jax.ShapeDtypeStruct((16, 8), jnp.float32) for _ in range(n_leaves)]
+  hlo = jax.jit(lambda ws: jaxprune.magnitude_masks(ws, 0.7, [True] * n_leaves,
+                                                    scope=scope)).lower(ws).compile().as_text()
+  return hlo.count(" slice(")
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("counts", [(4, 12), (16, 48)], ids=["switch", "stacked"])
+def test_no_leaf_is_cut_out_of_a_stacked_result(scope, counts):
+  # XLA's CPU backend compiles each slice of a stacked array as a kernel of its own
+  # (6-15 ms each): per-leaf thresholds and cuts come out of the group's loop as
+  # separate outputs (`map_scalars`), so the program holds no slice per leaf.
+  few, many = counts
+  assert _slice_count(few, scope) == _slice_count(many, scope)
+
+
+def test_map_scalars_gives_each_member_its_own_result_in_order(monkeypatch):
+  from jaxprune import leaf_groups
+
+  monkeypatch.setattr(leaf_groups, "STACK_MIN_MEMBERS", 3)
+  # Interleaved groups: a stacked triple, a switched pair and a lone member.
+  arrays = [jnp.full((2, 3), i, jnp.float32) if i % 3 == 0 else
+            jnp.full((4,), i, jnp.float32) for i in range(7)]
+  arrays[5] = jnp.float32(5.0)
+  arrays[4] = jnp.full((2, 3), 4.0)
+  groups = leaf_groups.group_by_shape([(a,) for a in arrays])
+  assert sorted(len(g.sources) for g in groups) == [1, 2, 4]
+
+  def fn(source, position):
+    return {"sum": jnp.sum(source[0]), "position": jnp.asarray(position, jnp.int32)}
+
+  got = jax.jit(lambda arrays: leaf_groups.map_scalars(
+      leaf_groups.group_by_shape([(a,) for a in arrays]), fn))(arrays)
+  assert [int(r["position"]) for r in got] == list(range(7))
+  np.testing.assert_allclose([float(r["sum"]) for r in got], [float(jnp.sum(a)) for a in arrays])
+
+
 def test_zero_dimensional_leaves_and_shard_map():
   params = {"a": jnp.float32(-0.5), "b": jnp.array([[3.0, 0.1], [0.2, 4.0]])}
   where = {"a": True, "b": True}
