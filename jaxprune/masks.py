@@ -368,9 +368,8 @@ def _kept_by_rank(values: list, previous: list, paths: list[str], sparsity: Any,
 
   `held`: `previous` are masks as `pruned` holds them, and the new masks come back
   in their layout, computed inside the selection (no bool mask is written out).
-  Otherwise the marks come back and are combined here, outside the selection's
-  `cond`: there the result's sharding follows `previous`' (and the params') under
-  Auto mesh axes, which a result built inside the branches did not keep.
+  Otherwise the marks come back and are combined here, where the result's sharding
+  follows `previous`' (and the params') under Auto mesh axes.
   """
   if scope == "layer":
     counts = distribution.prune_counts(paths, [v.shape for v in values], sparsity)

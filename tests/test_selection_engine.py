@@ -208,7 +208,7 @@ def test_map_scalars_gives_each_member_its_own_result_in_order(monkeypatch):
   from jaxprune import leaf_groups
 
   monkeypatch.setattr(leaf_groups, "STACK_MIN_MEMBERS", 3)
-  # Interleaved groups: a stacked triple, a switched pair and a lone member.
+  # Interleaved groups: four stacked members, a switched pair and a lone member.
   arrays = [jnp.full((2, 3), i, jnp.float32) if i % 3 == 0 else
             jnp.full((4,), i, jnp.float32) for i in range(7)]
   arrays[5] = jnp.float32(5.0)
