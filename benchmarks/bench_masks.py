@@ -37,7 +37,7 @@ Peak extra memory is XLA's `memory_analysis().temp_size_in_bytes` of the compile
 function (scratch beyond its inputs and its bool-mask outputs) divided by the number
 of ranked parameters.
 
-Goals: >= 16x faster than the sort reference on both sizes, within 4x of
+Goals: >= 16x faster than the sort reference on both sizes, within 2.5x of
 np.partition, <= 8 extra bytes per parameter at peak.
 """
 
@@ -65,7 +65,7 @@ import jaxprune
 
 SPARSITY = 0.8
 GOAL_VS_SORT = 16.0
-GOAL_VS_PARTITION = 4.0
+GOAL_VS_PARTITION = 2.5
 GOAL_BYTES_PER_PARAM = 8.0
 
 
@@ -350,7 +350,7 @@ def goals(results: list[dict]) -> list[str]:
     extra = r["extra_bytes_per_param"]["jaxprune"]
     checks = [
         (f">= {GOAL_VS_SORT:.0f}x vs sort", r["speedup_vs_sort"] >= GOAL_VS_SORT),
-        (f"<= {GOAL_VS_PARTITION:.0f}x np.partition",
+        (f"<= {GOAL_VS_PARTITION:g}x np.partition",
          r["ratio_to_partition"] <= GOAL_VS_PARTITION),
         (f"<= {GOAL_BYTES_PER_PARAM:.0f} B/param", extra is not None
          and extra <= GOAL_BYTES_PER_PARAM),
