@@ -29,10 +29,10 @@ import jax.numpy as jnp
 import optax
 
 from jaxprune.leaf_selection import Where
-from jaxprune.mask_tree import check_masks, map_masked
+from jaxprune.mask_tree import check_masks, map_masked, slots, unflatten
 from jaxprune.masks import Scope, check_scope
 from jaxprune.optax_wrapper import PrunedState, pruned_states
-from jaxprune.packed_masks import pack_masks, unpack_masks
+from jaxprune.packed_masks import kept_or_zero, pack_masks, unpack_masks
 from jaxprune.straight_through import check_arguments, masks_after, starting_masks
 
 PyTree = Any
@@ -50,8 +50,8 @@ class ForwardMasks(NamedTuple):
 
 
 @jax.custom_vjp
-def _masked(w: jax.Array, m: jax.Array) -> jax.Array:
-  return jnp.where(m, w, jnp.zeros((), w.dtype))
+def _masked(w: jax.Array, held: jax.Array) -> jax.Array:
+  return kept_or_zero(held, w)
 
 
 def _masked_fwd(w, m):
@@ -92,8 +92,10 @@ def straight_through_view(params: PyTree, opt_state: PyTree) -> PyTree:
   if len(found) > 1:
     raise ValueError(f"expected at most one jaxprune.straight_through_masks state inside "
                      f"the optimizer state, found {len(found)}")
-  masks = check_masks(unpack_masks(found[0].packed_masks), params)
-  return map_masked(lambda m, w: w if m is None else _masked(w, m), masks, params)
+  held = found[0].packed_masks
+  check_masks(unpack_masks(held), params)  # the check only: XLA drops the unpacked masks
+  held = unflatten(params, slots(held).leaves)  # in params' structure, slot by slot
+  return map_masked(lambda h, w: w if h is None else _masked(w, h), held, params)
 
 
 def straight_through_masks(

@@ -28,10 +28,9 @@ from jaxprune.mask_tree import (
   owned_copy,
   resolve_where,
   slots,
-  zero_pruned,
 )
 from jaxprune.masks import Scope, check_count, check_scope, magnitude_masks_held
-from jaxprune.packed_masks import mask_shapes, pack_like, pack_masks, unpack_masks
+from jaxprune.packed_masks import mask_shapes, pack_like, pack_masks, unpack_masks, zero_unkept
 from jaxprune.targets import Magnitude, Target, needs_step_gradients, with_gradients
 
 PyTree = Any
@@ -276,7 +275,7 @@ def pruned(
     # Unpacked once per leaf here, the mask is fused into each op that reads it.
     current = unpack_masks(step_masks)
     inner_updates, inner_state = inner.update(
-        zero_pruned(current, updates), inner_state, params, **extra_args
+        zero_unkept(step_masks, updates), inner_state, params, **extra_args
     )
     out = map_masked(_final_update, current, inner_updates, params)
     return out, PrunedState(inner_state, held, optax.safe_increment(state.count))

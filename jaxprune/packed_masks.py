@@ -11,9 +11,12 @@ eight weights to a byte, most significant bit first (the order of
 `np.packbits(mask, axis=-1)`), to uint8 `(..., C // 8)`; unpacking needs nothing
 but the array (a uint8 leaf of a mask tree is packed, a bool one is not). It is a
 broadcast, a shift and a bitcast reshape, which XLA fuses into the ops that read
-the mask, so no bool mask is written to memory. The leading axes keep their
-sharding, and so does the last one when every shard holds a multiple of 8
-weights along it.
+the mask, so no bool mask is written to memory. Where a mask zeroes a float array
+(`kept_or_zero`: the gradients `pruned` hands its inner optimizer, the masked
+forward of `straight_through_masks`), the unpacked bit becomes a word of all ones
+or zeros ANDed with the array's bits rather than a `select` predicate, which XLA's
+CPU fusions ran far slower. The leading axes keep their sharding, and so does the
+last one when every shard holds a multiple of 8 weights along it.
 
 Any other mask stays a bool array: a 0-d one, one whose last axis is not a
 multiple of 8 (an output head over 65 characters), and one whose last axis is
@@ -86,6 +89,65 @@ def unpack_mask(held: jax.Array) -> jax.Array:
     return held
   spread = (held[..., None] >> _bit_shifts()) & jnp.uint8(1)
   return spread.reshape(*held.shape[:-1], held.shape[-1] * 8).astype(jnp.bool_)
+
+
+def _keep_words(held: jax.Array, unsigned: Any) -> jax.Array:
+  """Words of dtype `unsigned`, all ones where `held` keeps a weight and 0 where not."""
+  if held.dtype == jnp.bool_:
+    bit = held.astype(unsigned)
+  else:
+    spread = (held[..., None] >> _bit_shifts()) & jnp.uint8(1)
+    bit = spread.reshape(mask_shape(held)).astype(unsigned)
+  return jnp.zeros((), unsigned) - bit
+
+
+@jax.custom_jvp
+def _kept_bits(held: jax.Array, x: jax.Array) -> jax.Array:
+  unsigned = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
+  bits = lax.bitcast_convert_type(x, unsigned) & _keep_words(held, unsigned)
+  return lax.bitcast_convert_type(bits, x.dtype)
+
+
+@_kept_bits.defjvp
+def _kept_bits_jvp(primals, tangents):
+  # A bitcast has no derivative (JAX would silently give 0): the tangent is the
+  # same selection written as a `where`, which also transposes.
+  held, x = primals
+  zero = jnp.zeros((), x.dtype)
+  return _kept_bits(held, x), jnp.where(unpack_mask(held), tangents[1], zero)
+
+
+def kept_or_zero(held: jax.Array, x: jax.Array) -> jax.Array:
+  """`where(unpack_mask(held), x, 0)`, bit for bit, read straight from the held mask.
+
+  For a float `x` the result is `x`'s bits ANDed with a word that is all ones where
+  the mask keeps the weight (a pruned NaN or -0.0 becomes +0.0, as with `where`).
+  Fused into a streaming optimizer update on XLA's CPU backend, a `select` on a
+  predicate unpacked from bytes ran that fusion 1.4-1.8x slower than without the
+  mask; the AND of same-width words runs it 1.10x (a 2048x2048 Adam moment,
+  donated). Other dtypes take the `where`. Differentiable in `x` (as the `where`).
+
+  Shapes: `held` packed or bool for the mask of `x.shape`; out as `x`. Example::
+
+    >>> from jaxprune.packed_masks import kept_or_zero
+    >>> held = jaxprune.pack_mask(jnp.array([[True, False] * 4]))
+    >>> kept_or_zero(held, jnp.arange(1.0, 9.0)[None])
+    Array([[1., 0., 3., 0., 5., 0., 7., 0.]], dtype=float32)
+  """
+  x = jnp.asarray(x)
+  if mask_shape(held) != x.shape:
+    raise ValueError(f"a mask of shape {mask_shape(held)} cannot select an array of "
+                     f"shape {x.shape}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    return jnp.where(unpack_mask(held), x, jnp.zeros((), x.dtype))
+  return _kept_bits(held, x)
+
+
+def zero_unkept(held: PyTree, tree: PyTree) -> PyTree:
+  """`tree` (gradients, params) with the entries its held masks prune set to +0
+  (`kept_or_zero` per slot; a `None` mask leaves its leaf as it is)."""
+  return jax.tree.map(lambda h, x: x if h is None else kept_or_zero(h, x), held, tree,
+                      is_leaf=is_none)
 
 
 def unpack_mask_sliced(held: jax.Array) -> jax.Array:
