@@ -75,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="also SET, RigL (pruned + drop and grow), straight_through and "
                       "straight_through_masks steps, "
                       "each on a step that updates its masks and on one that does not")
+  p.add_argument("--sync-dispatch", action="store_true",
+                 help="turn off JAX's asynchronous dispatch on CPU "
+                      "(jax_cpu_enable_async_dispatch=False): each call returns when done")
   args = p.parse_args(argv)
   full_batch = 8 if args.model == "lm" else 64
   quick_defaults = {"rounds": 3, "steps": 3, "batch_size": 2}
@@ -261,6 +264,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       "batch_size": args.batch_size,
       "rounds": args.rounds,
       "steps_per_round": args.steps,
+      "async_dispatch": bool(jax.config.read("jax_cpu_enable_async_dispatch")),
       "params": sum(int(x.size) for x in jax.tree.leaves(params)),
       "targeted_params": targeted,
       "sparsity": SPARSITY,
@@ -344,6 +348,8 @@ def table(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
+  if args.sync_dispatch:
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
   result = run(args)
   print(table(result))
   if args.json:
