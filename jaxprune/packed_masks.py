@@ -124,8 +124,9 @@ def kept_or_zero(held: jax.Array, x: jax.Array) -> jax.Array:
   the mask keeps the weight (a pruned NaN or -0.0 becomes +0.0, as with `where`).
   Fused into a streaming optimizer update on XLA's CPU backend, a `select` on a
   predicate unpacked from bytes ran that fusion 1.4-1.8x slower than without the
-  mask; the AND of same-width words runs it 1.10x (a 2048x2048 Adam moment,
-  donated). Other dtypes take the `where`. Differentiable in `x` (as the `where`).
+  mask; the AND of same-width words runs it 1.1-1.15x (a donated 2048x2048 Adam
+  moment, `benchmarks/bench_mask_reads.py`). Other dtypes take the `where`.
+  Differentiable in `x` (as the `where`).
 
   Shapes: `held` packed or bool for the mask of `x.shape`; out as `x`. Example::
 
