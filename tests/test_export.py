@@ -179,6 +179,7 @@ def test_bfloat16_values_error_bound(tmp_path):
   params, masks = model()
   export_compressed(tmp_path / "m", params, masks, values="bfloat16")
   loaded = load_compressed(tmp_path / "m")
+  rounded = []
   for _, w, m, got in aligned(params, masks, loaded):
     if m is None:
       np.testing.assert_array_equal(bits(got), bits(w))
@@ -190,7 +191,10 @@ def test_bfloat16_values_error_bound(tmp_path):
     # Round to nearest with an 8-bit significand: relative error at most 2**-8.
     assert (np.abs(got32 - w32)[m] <= np.abs(w32[m]) * 2.0**-8).all()
     if np.asarray(w).dtype == np.float32:
-      assert (got32 != w32)[m].any()  # Really rounded.
+      rounded.append((got32 != w32)[m])
+  # Really rounded, over all float32 kept weights: a 1-weight leaf's random mask may
+  # keep nothing (the module's RNG state depends on which tests ran before).
+  assert np.concatenate(rounded).any()
 
 
 def test_int8_values_error_bound_per_output_channel(tmp_path):
