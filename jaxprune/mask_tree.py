@@ -219,12 +219,6 @@ def all_kept(params: PyTree, flags: list[bool]) -> PyTree:
                             for x, f in zip(leaves, flags)])
 
 
-def zero_pruned(masks: PyTree, tree: PyTree) -> PyTree:
-  """`tree` (params, grads, updates) with the pruned entries set to 0 in its own dtype."""
-  return map_masked(lambda m, x: x if m is None else jnp.where(m, x, jnp.zeros((), x.dtype)),
-                    masks, tree)
-
-
 def owned_copy(masks: PyTree) -> PyTree:
   """Fresh bool arrays: a state that owns its masks survives the caller's buffers
   being donated (and the caller survives the state's being donated)."""

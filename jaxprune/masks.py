@@ -26,8 +26,8 @@ from jaxprune.mask_tree import (
   selected_leaves,
   slots,
   unflatten,
-  zero_pruned,
 )
+from jaxprune.packed_masks import zero_unkept
 from jaxprune.row_rank import smallest_in_rows_each
 from jaxprune.scores import Score, magnitude_score, ranks_by
 from jaxprune.stacked_layers import check_stacked, check_used, restack, stacked_axes, unstack
@@ -61,7 +61,7 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     >>> masks = jaxprune.magnitude_masks(params, 0.5, jaxprune.select(params))
     >>> pruned = jaxprune.apply_masks(params, masks)
   """
-  return zero_pruned(check_masks(masks, params), params)
+  return zero_unkept(check_masks(masks, params), params)
 
 
 def _check_number(name: str, value: Any) -> Any:
