@@ -85,20 +85,19 @@ def _bits(mask: jax.Array) -> jax.Array:
 
 def unpack_mask(held: jax.Array) -> jax.Array:
   """The bool mask `held` stands for: itself if bool, else its bits unpacked."""
-  if held.dtype == jnp.bool_:
-    return held
+  return held if held.dtype == jnp.bool_ else _bit_values(held).astype(jnp.bool_)
+
+
+def _bit_values(held: jax.Array) -> jax.Array:
+  """The bits of a packed mask as uint8 0s and 1s, in the mask's shape."""
   spread = (held[..., None] >> _bit_shifts()) & jnp.uint8(1)
-  return spread.reshape(*held.shape[:-1], held.shape[-1] * 8).astype(jnp.bool_)
+  return spread.reshape(*held.shape[:-1], held.shape[-1] * 8)
 
 
 def _keep_words(held: jax.Array, unsigned: Any) -> jax.Array:
   """Words of dtype `unsigned`, all ones where `held` keeps a weight and 0 where not."""
-  if held.dtype == jnp.bool_:
-    bit = held.astype(unsigned)
-  else:
-    spread = (held[..., None] >> _bit_shifts()) & jnp.uint8(1)
-    bit = spread.reshape(mask_shape(held)).astype(unsigned)
-  return jnp.zeros((), unsigned) - bit
+  bit = held if held.dtype == jnp.bool_ else _bit_values(held)
+  return jnp.zeros((), unsigned) - bit.astype(unsigned)
 
 
 @jax.custom_jvp
