@@ -41,6 +41,7 @@ from jaxprune.retraining import (
     ProgressBar,
     StepReport,
     check_finite_losses,
+    check_sound_state,
     log_losses,
     retrain,
 )
@@ -117,6 +118,7 @@ __all__ = [
     "channels",
     "check_finite_losses",
     "check_masks",
+    "check_sound_state",
     "constant_schedule",
     "cubic_schedule",
     "dense_weights",

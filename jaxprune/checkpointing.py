@@ -1,82 +1,76 @@
-"""Orbax checkpoints of a prune-retrain run: packed masks, exact resume, config checks.
+"""Orbax checkpoints of a training run: exact resume, checked on the way in and out.
 
 A checkpoint holds two items:
 
 * `state`: params, the optimizer state (whose `pruned` state holds the masks,
   their one home, held packed to 1 bit per weight: `packed_masks`),
   and the RNG key data;
-* `meta` (JSON): where the run is (iteration, phase, step), the history so far, and
-  a fingerprint of the configuration (param paths/shapes/dtypes, schedule, budgets)
-  that a resume must match.
+* `meta` (JSON): where the run is (iteration, phase, step), the history so far,
+  the run's settings by value (`run_settings.fingerprint`) that a resume must
+  match, the checksum of every saved array (`integrity`) and a digest of itself.
 
-Orbax writes each checkpoint to a temporary directory and renames it when complete,
-so a process killed mid-save leaves the previous checkpoint as the latest.
+Nothing unsound is written: a state with a non-finite param or a NaN in the
+optimizer state is refused at the save (`FloatingPointError`), so a NaN gradient
+behind a finite loss cannot poison the checkpoints. A resume takes the newest
+checkpoint that reads back intact (its meta digest and every array's checksum
+agree, its state is sound), and says which newer ones it skipped and why.
+Orbax writes each checkpoint to a temporary directory and renames it when
+complete, so a process killed mid-save leaves the previous checkpoint as the
+latest.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import tempfile
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxprune.leaf_selection import leaf_paths
-from jaxprune.mask_tree import is_none
-from jaxprune.optax_wrapper import replace_masks
+from jaxprune import integrity, run_settings
+from jaxprune.masks import check_count
 from jaxprune.retraining import LoopState
 
 PyTree = Any
+logger = logging.getLogger("jaxprune")
+
+RESUME_VALUES = (True, False, "with_changes")
 
 
-def describe_state(opt_state: PyTree) -> str:
-  """A short name of an optimizer state's layout, for the resume check.
-
-  The node types in order (`PrunedState(ScaleByAdamState, ...)` reads as
-  `PrunedState/ScaleByAdamState/...`) and a digest of every leaf's path, shape and
-  dtype, with the masks left out: two optimizers agree iff their states would
-  restore into each other.
-  """
-  kinds: list[str] = []
-
-  def visit(node: Any) -> None:
-    if isinstance(node, (dict, list, tuple)) and type(node) in (dict, list, tuple):
-      children = node.values() if isinstance(node, dict) else node
-    elif jax.tree_util.treedef_is_leaf(jax.tree.structure(node, is_leaf=is_none)):
-      return
-    else:
-      name = type(node).__name__
-      if not kinds or kinds[-1] != name:
-        kinds.append(name)
-      children = jax.tree.leaves(node, is_leaf=lambda y: y is not node)
-    for child in children:
-      visit(child)
-
-  state = replace_masks(opt_state, None)
-  visit(state)
-  layout = [f"{p}:{np.shape(x)}:{getattr(x, 'dtype', type(x).__name__)}"
-            for p, x in zip(leaf_paths(state), jax.tree.leaves(state))]
-  digest = hashlib.sha256("\n".join(layout).encode()).hexdigest()[:12]
-  return f"{'/'.join(kinds) or 'no state'} ({len(layout)} arrays, layout {digest})"
+class DamagedCheckpointError(Exception):
+  """A checkpoint that does not read back as it was written (the reason is the text)."""
 
 
-# 2: masks stored inside the optimizer state (their one home), not beside it.
-# 3: masks packed along each leaf's last axis (`packed_masks`), as `pruned` holds them.
-FORMAT = 3
-
-
-def fingerprint(params: PyTree, **config: Any) -> dict[str, Any]:
-  """JSON-able description of a run that a checkpoint must match to be resumed."""
-  layout = [
-      f"{p}:{tuple(x.shape)}:{x.dtype}"
-      for p, x in zip(leaf_paths(params), jax.tree.leaves(params))
-  ]
-  digest = hashlib.sha256("\n".join(layout).encode()).hexdigest()[:16]
-  return {"format": FORMAT, "params_layout": digest, "num_leaves": len(layout),
-          **json.loads(json.dumps(config))}
+def check_directory(directory: Any, name: str = "checkpoint_dir") -> str | None:
+  """`directory` as an absolute path, checked writable by writing a file there (or,
+  if it does not exist yet, in the nearest folder above it, so that nothing is
+  created before the run starts); None stays None. A ValueError naming `name`
+  otherwise."""
+  if directory is None:
+    return None
+  if not isinstance(directory, (str, os.PathLike)):
+    raise TypeError(f"{name} must be a path (str or os.PathLike) or None, got {directory!r}")
+  path = os.fspath(directory)
+  if not str(path).strip():
+    raise ValueError(f"{name}={directory!r} names no directory (checkpoints would go into the "
+                     "working directory, and later runs there would resume them); give a path "
+                     "or None")
+  path = existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ValueError(f"{name}={directory!r}: {existing} exists and is not a directory")
+  try:
+    with tempfile.TemporaryFile(dir=existing):
+      pass
+  except OSError as err:
+    raise ValueError(f"{name}={directory!r}: cannot write in {existing} ({err})") from None
+  return path
 
 
 def _saved_tree(state: LoopState) -> dict[str, Any]:
@@ -90,18 +84,48 @@ def _abstract(tree: PyTree) -> PyTree:
   return jax.tree.map(spec, tree)
 
 
+def _meta_digest(meta: dict) -> str:
+  body = {k: v for k, v in meta.items() if k != "digest"}
+  return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def open_manager(directory: str | os.PathLike, keep: int = 3) -> ocp.CheckpointManager:
   """A synchronous `CheckpointManager` keeping the last `keep` checkpoints."""
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, enable_async_checkpointing=False
+      max_to_keep=check_count("keep", keep), create=True, enable_async_checkpointing=False
   )
   return ocp.CheckpointManager(
       os.path.abspath(directory), options=options, item_names=("state", "meta")
   )
 
 
+def _integrity(state: LoopState) -> dict[str, integrity.Checksums]:
+  return {name: integrity.checksums(part) for name, part in _saved_tree(state).items()}
+
+
+def _position(meta: dict) -> str:
+  return ", ".join(f"{k} {meta[k]}" for k in ("iteration", "phase", "step") if k in meta)
+
+
 def save(manager: ocp.CheckpointManager, index: int, state: LoopState, meta: dict) -> None:
-  """Writes checkpoint number `index` (complete on return)."""
+  """Writes checkpoint number `index` (complete on return), every array checksummed.
+
+  Raises:
+    FloatingPointError: the state is unsound (`integrity.is_sound`): nothing is
+      written, the previous checkpoints stay the latest.
+  """
+  checks = _integrity(state)
+  bad = integrity.unsound(checks["params"], checks["opt_state"])
+  if bad:
+    shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+    raise FloatingPointError(
+        f"not saved ({_position(meta)}): NaN or inf in {shown}. The loss was finite, so a "
+        "gradient or an update is not (a sqrt or log at 0, a float16 overflow); stopped. "
+        "The last good checkpoint is kept."
+    )
+  sums = {name: dict(zip(c.paths, c.sums)) for name, c in checks.items()}
+  meta = {**meta, "integrity": sums}
+  meta["digest"] = _meta_digest(meta)
   manager.save(
       index,
       args=ocp.args.Composite(
@@ -111,42 +135,88 @@ def save(manager: ocp.CheckpointManager, index: int, state: LoopState, meta: dic
   manager.wait_until_finished()
 
 
-def check_fingerprint(saved: dict[str, Any], expected: dict[str, Any], directory: str) -> None:
-  """Raises `ValueError` naming the first setting a checkpoint disagrees on."""
-  # The optimizer state follows from the params and settings: name those first.
-  for key in sorted(set(saved) | set(expected), key=lambda k: (k == "optimizer_state", k)):
-    if saved.get(key) != expected.get(key):
-      what = "the optimizer state" if key == "optimizer_state" else key
-      raise ValueError(
-          f"checkpoint in {directory} was written by another configuration: {what} is "
-          f"{saved.get(key)!r} there and {expected.get(key)!r} now. Resume with the same "
-          "settings (and optimizer), or use another checkpoint_dir (nothing was overwritten)."
-      )
+def _first_line(err: BaseException) -> str:
+  text = str(err).strip().splitlines()
+  return f"{type(err).__name__}: {text[0][:200] if text else ''}"
 
 
 def read_meta(manager: ocp.CheckpointManager, index: int) -> dict:
-  """The JSON `meta` item of checkpoint `index`."""
-  return manager.restore(index, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  """The JSON `meta` item of checkpoint `index`, its digest checked.
+
+  Raises:
+    DamagedCheckpointError: it cannot be read, or its digest disagrees.
+  """
+  try:
+    meta = manager.restore(index, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception as err:  # orbax and TensorStore raise many kinds on damaged files
+    raise DamagedCheckpointError(f"its meta does not read ({_first_line(err)})") from None
+  if not isinstance(meta, dict):
+    raise DamagedCheckpointError(f"its meta is not a JSON object but {type(meta).__name__}")
+  config = meta.get("config")
+  written_by = config.get("format") if isinstance(config, dict) else None
+  if "digest" not in meta and written_by != run_settings.FORMAT:
+    # An older format, not damage: the fingerprint check refuses it, naming the format.
+    return meta
+  if meta.get("digest") != _meta_digest(meta):
+    raise DamagedCheckpointError("its meta does not match its digest (changed after the save)")
+  return meta
 
 
-def restore_state(manager: ocp.CheckpointManager, index: int, like: LoopState) -> LoopState:
-  """Checkpoint `index` restored into the layout of `like`."""
+def _check_sums(checks: dict[str, integrity.Checksums], saved: dict) -> None:
+  for name, c in checks.items():
+    for path, got in zip(c.paths, c.sums):
+      want = saved.get(name, {}).get(path)
+      if got != want:
+        raise DamagedCheckpointError(f"{name}/{path} reads back with checksum {got}, saved {want}")
+
+
+def restore_state(manager: ocp.CheckpointManager, index: int, like: LoopState,
+                  meta: dict | None = None) -> LoopState:
+  """Checkpoint `index` restored into the layout of `like`, every array checked
+  against the checksums in `meta` (read if not given) and the state's soundness.
+
+  Raises:
+    DamagedCheckpointError: an array does not read back, or not as it was saved.
+  """
+  meta = read_meta(manager, index) if meta is None else meta
   target = _abstract(_saved_tree(like))
-  tree = manager.restore(
-      index, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-  )["state"]
-  return LoopState(tree["params"], tree["opt_state"], tree["rng"])
+  try:
+    tree = manager.restore(
+        index, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    )["state"]
+  except Exception as err:
+    raise DamagedCheckpointError(f"its arrays do not read ({_first_line(err)})") from None
+  state = LoopState(tree["params"], tree["opt_state"], tree["rng"])
+  checks = _integrity(state)
+  _check_sums(checks, meta.get("integrity", {}))
+  bad = integrity.unsound(checks["params"], checks["opt_state"])
+  if bad:
+    raise DamagedCheckpointError(f"NaN or inf in {', '.join(bad[:4])}")
+  return state
+
+
+def check_resume(resume: Any) -> bool | str:
+  """`resume` if it is True, False or "with_changes", else a ValueError naming it."""
+  if not any(resume is v or (isinstance(v, str) and resume == v) for v in RESUME_VALUES):
+    raise ValueError(f"resume must be True, False or 'with_changes', got {resume!r}")
+  return resume
 
 
 class Checkpointer:
-  """The checkpoints of one prune-retrain run: resume check, saves, always closed.
+  """The checkpoints of one run: resume check, checked saves, always closed.
 
-  A context manager over `directory` (None: every call does nothing). On entry it
-  opens the orbax manager; `resume(like)` returns the latest state and meta if the
-  directory holds a checkpoint of the same configuration (else raises, naming the
-  setting that differs); `save(state, meta)` writes the next one; `due(step)` says
-  whether a phase should save after `step` steps (every `every` steps; never if
-  `every` is None); exit closes the manager, also when the run raises.
+  A context manager over `directory` (None: every call does nothing), which it
+  checks before anything else (`check_directory`). On entry it opens the orbax
+  manager. `resume(like)` returns the newest intact checkpoint's state (in
+  `like`'s layout) and meta, or None when there is none; it raises when that
+  checkpoint was written with other settings (`config`, a `run_settings`
+  fingerprint), naming the first that differs, unless `resume="with_changes"`
+  (then only the array layout must agree, and the changes are logged). Newer
+  checkpoints that do not read back intact are skipped with a warning naming
+  each and why; when none is intact it raises, naming them all. `save(state,
+  meta)` writes the next one, refusing an unsound state; `due(step)` says whether
+  a phase should save after `step` steps (every `every`; never if None); exit
+  closes the manager, also when the run raises.
 
   Example::
 
@@ -161,9 +231,10 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str | os.PathLike | None, config: dict, *, keep: int = 3,
-               resume: bool = True, every: int | None = None):
-    self.directory = None if directory is None else os.fspath(directory)
-    self.config, self.keep, self.allow_resume, self.every = config, keep, resume, every
+               resume: bool | str = True, every: int | None = None):
+    self.directory = check_directory(directory)
+    self.keep = check_count("keep", keep)
+    self.config, self.allow_resume, self.every = config, check_resume(resume), every
     self._manager: ocp.CheckpointManager | None = None
     self._next = 0
 
@@ -179,20 +250,45 @@ class Checkpointer:
       self._manager.close()
       self._manager = None
 
+  def _read(self, index: int, like: LoopState) -> tuple[LoopState, dict]:
+    """Checkpoint `index` checked: DamagedCheckpointError if it does not read back intact,
+    ValueError if it is another run's."""
+    meta = read_meta(self._manager, index)
+    changed = run_settings.check_fingerprint(
+        meta.get("config", {}), self.config, f"checkpoint {index} in {self.directory}",
+        allow_changes=self.allow_resume == "with_changes")
+    state = restore_state(self._manager, index, like, meta)
+    if changed:
+      logger.warning("resume='with_changes': %s continues under changed settings: %s",
+                     self.directory, ", ".join(changed))
+    return state, meta
+
   def resume(self, like: LoopState) -> tuple[LoopState, dict] | None:
-    """The latest checkpoint restored into `like`'s layout, with its meta; or None."""
-    latest = None if self._manager is None else self._manager.latest_step()
-    if latest is None:
+    """The newest intact checkpoint restored into `like`'s layout, with its meta; or
+    None when the directory holds no checkpoint."""
+    indices = [] if self._manager is None else sorted(self._manager.all_steps(), reverse=True)
+    if not indices:
       return None
-    if not self.allow_resume:
+    if self.allow_resume is False:
       raise ValueError(
           f"{self.directory} already holds checkpoints; pass resume=True to continue "
           "that run, or use an empty directory (nothing was overwritten)"
       )
-    meta = read_meta(self._manager, latest)
-    check_fingerprint(meta["config"], self.config, self.directory)
-    self._next = latest + 1
-    return restore_state(self._manager, latest, like), meta
+    skipped = []
+    for index in indices:
+      try:
+        state, meta = self._read(index, like)
+      except DamagedCheckpointError as err:
+        skipped.append(f"checkpoint {index}: {err}")
+        continue
+      for reason in skipped:
+        logger.warning("skipped %s in %s; resuming from checkpoint %d", reason,
+                       self.directory, index)
+      self._next = indices[0] + 1
+      return state, meta
+    raise ValueError(f"no checkpoint in {self.directory} reads back intact, so none can be "
+                     f"resumed (nothing was deleted): {'; '.join(skipped)}. Move the directory "
+                     "aside to start the run afresh.")
 
   @property
   def active(self) -> bool:
@@ -204,7 +300,11 @@ class Checkpointer:
     return self.active and bool(self.every) and step % self.every == 0
 
   def save(self, state: LoopState, meta: dict) -> None:
-    """Writes the next checkpoint (complete on return); no-op without a directory."""
+    """Writes the next checkpoint (complete on return); no-op without a directory.
+
+    Raises:
+      FloatingPointError: the state is unsound; nothing is written.
+    """
     if self._manager is None:
       return
     save(self._manager, self._next, state, {**meta, "config": self.config})

@@ -22,7 +22,8 @@ then traced int32/int64 scalars, computed exactly in integers.
 
 Both take `fixed={pattern: sparsity}`: leaves whose path matches a pattern (as in
 `jaxprune.select`) get that sparsity, exactly per leaf, and are left out of the
-others' sums (JaxPruner's `custom_sparsity_map`).
+others' sums (JaxPruner's `custom_sparsity_map`). A pattern that matches no
+selected leaf is refused (a typo would leave its leaves at the target).
 
 * `by_path(fn)`: leaf i's sparsity is `fn(path_i, shape_i, s)`, any rule of your own.
 
@@ -72,12 +73,17 @@ def prune_count(sparsity: Any, n: int) -> Any:
 
 
 def _fixed_at(paths: Sequence[str], fixed: tuple) -> list[float | None]:
-  """Each path's fixed sparsity (the first matching pattern's), or None."""
-  out = []
-  for path in paths:
-    parts = tuple(path.split("/"))
-    out.append(next((s for p, s in fixed if matches_pattern(parts, p)), None))
-  return out
+  """Each path's fixed sparsity (the first matching pattern's), or None; a pattern
+  matching none of `paths` (a typo would leave its leaves at the target) is refused,
+  naming it and a few of the paths."""
+  parts = [tuple(path.split("/")) for path in paths]
+  for pattern, _ in fixed:
+    if not any(matches_pattern(p, pattern) for p in parts):
+      names = list(dict.fromkeys(paths))
+      shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+      raise ValueError(f"fixed: the pattern {pattern!r} matches no selected leaf (selected: "
+                       f"{shown or 'none'}); patterns are as jaxprune.select's")
+  return [next((s for p, s in fixed if matches_pattern(q, p)), None) for q in parts]
 
 
 def _check_fixed(fixed: Mapping[str, float]) -> tuple[tuple[str, float], ...]:
@@ -106,7 +112,13 @@ class Uniform:
 
 
 def uniform(fixed: Mapping[str, float] | None = None) -> Uniform:
-  """Every leaf pruned to the target sparsity on its own (see the module docstring)."""
+  """Every leaf pruned to the target sparsity on its own (see the module docstring).
+
+  Raises:
+    ValueError: a `fixed` entry that is not a string pattern and a sparsity in
+      [0, 1]; when the counts are computed, a `fixed` pattern that matches no
+      selected leaf (naming it and a few selected paths).
+  """
   return Uniform(_check_fixed(fixed or {}))
 
 
@@ -117,20 +129,28 @@ class ByPath:
   fn: Callable[[str, Shape, Any], Any]
 
   def sparsities(self, paths, shapes, sparsity):
-    out = []
-    for path, shape in zip(paths, shapes):
-      value = self.fn(path, tuple(shape), sparsity)
-      if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not 0.0 <= value <= 1.0:
-          raise ValueError(f"by_path: the sparsity of {path} is {value!r}, outside [0, 1]")
-      elif not isinstance(value, (jax.Array, jax.core.Tracer)):
-        raise ValueError(f"by_path: the sparsity of {path} must be a number, got {value!r}")
-      out.append(value)
-    return out
+    return [_checked_share(path, self.fn(path, tuple(shape), sparsity))
+            for path, shape in zip(paths, shapes)]
 
   def prune_counts(self, paths, shapes, sparsity):
     sizes = [int(np.prod(s)) for s in shapes]
     return [prune_count(s, n) for s, n in zip(self.sparsities(paths, shapes, sparsity), sizes)]
+
+
+def _checked_share(path: str, value: Any) -> Any:
+  """A rule's sparsity for `path`: a concrete real scalar (Python, NumPy or a JAX
+  array) as a float in [0, 1], NaN refused; a traced one as given (read totally
+  by `prune_count`)."""
+  if isinstance(value, jax.core.Tracer):
+    return value
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)) and np.shape(value) == () and (
+      jnp.issubdtype(value.dtype, jnp.integer) or jnp.issubdtype(value.dtype, jnp.floating)):
+    value = value.item()
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ValueError(f"by_path: the sparsity of {path} must be a real number, got {value!r}")
+  if not 0.0 <= value <= 1.0:
+    raise ValueError(f"by_path: the sparsity of {path} is {value!r}, not in [0, 1]")
+  return float(value)
 
 
 def by_path(fn: Callable[[str, Shape, Any], Any]) -> ByPath:
@@ -139,6 +159,11 @@ def by_path(fn: Callable[[str, Shape, Any], Any]) -> ByPath:
   expression of it, e.g. `min(1.0, 1.2 * s)` is not traceable but
   `jnp.minimum(1.0, 1.2 * s)` is). Each leaf then loses exactly
   `round(sparsity_i * n_i)`.
+
+  A concrete value `fn` returns (a Python or NumPy number, a concrete JAX scalar)
+  is checked when the counts are computed: a ValueError names the path and the
+  value if it is not a real number in [0, 1] (NaN included). A traced one is read
+  as a traced sparsity is (NaN as 0, clipped to [0, 1]).
 
   Example::
 
@@ -195,7 +220,12 @@ class ERK:
 
 def erk(power: float = 1.0, *, kernel: bool = True,
         fixed: Mapping[str, float] | None = None) -> ERK:
-  """Erdős–Rényi-kernel per-leaf sparsities (see the module docstring)."""
+  """Erdős–Rényi-kernel per-leaf sparsities (see the module docstring).
+
+  Raises:
+    ValueError: `power` not a positive number; `fixed` as `uniform`'s (a pattern
+      matching no selected leaf refused when the counts are computed).
+  """
   if isinstance(power, bool) or not isinstance(power, (int, float)) or not power > 0:
     raise ValueError(f"erk power must be a positive number, got {power!r}")
   return ERK(float(power), bool(kernel), _check_fixed(fixed or {}))

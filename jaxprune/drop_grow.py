@@ -39,6 +39,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxprune.magnitude_rank import count_dtype, smallest_magnitudes_each
@@ -56,11 +57,18 @@ PyTree = Any
 
 
 def _check_drop_fraction(value: Any) -> Any:
-  if isinstance(value, (jax.Array, jax.core.Tracer)) and not isinstance(value, numbers.Real):
-    return value  # traced or an array: clipped to [0, 1] where it is read
-  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+  """A concrete drop fraction (a Python or NumPy number, a concrete JAX scalar)
+  checked in [0, 1], NaN refused; a traced one as given."""
+  if isinstance(value, jax.core.Tracer):
+    return value  # cannot raise: clipped to [0, 1] where it is read
+  number = value
+  if isinstance(value, (jax.Array, np.ndarray)) and np.shape(value) == () and (
+      jnp.issubdtype(value.dtype, jnp.integer) or jnp.issubdtype(value.dtype, jnp.floating)):
+    number = value.item()
+  if isinstance(number, bool) or not isinstance(number, numbers.Real) or not 0 <= number <= 1:
     raise ValueError(f"drop_fraction = {value!r}: a fraction of the kept weights in [0, 1]")
-  return float(value)
+  # A JAX array stays one, as a traced value would: the target's leaf keeps its type.
+  return value if isinstance(value, jax.Array) else float(number)
 
 
 @jax.tree_util.register_dataclass
@@ -72,6 +80,12 @@ class DropAndGrow:
   `drop_fraction` (may be traced), `grow` and `drop` (the score the drop ranks by,
   `|w|` by default) are pytree leaves. `sparsity` is None: the count of each leaf
   is the starting masks'.
+
+  Raises:
+    ValueError: a concrete `drop_fraction` (a Python or NumPy number, a concrete
+      JAX scalar) that is not a real number in [0, 1], NaN included; a traced
+      one is clipped to [0, 1] where it is read.
+    TypeError: `grow` or `drop` not a score.
   """
 
   drop_fraction: Any

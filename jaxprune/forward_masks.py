@@ -33,6 +33,7 @@ from jaxprune.mask_tree import check_masks, map_masked, slots, unflatten
 from jaxprune.masks import Scope, check_scope
 from jaxprune.optax_wrapper import PrunedState, pruned_states
 from jaxprune.packed_masks import kept_or_zero, pack_masks, unpack_masks
+from jaxprune.run_settings import note_settings
 from jaxprune.straight_through import check_arguments, masks_after, starting_masks
 
 PyTree = Any
@@ -131,6 +132,8 @@ def straight_through_masks(
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params: PyTree) -> PrunedState:
+    note_settings("straight_through_masks", schedule=schedule, update_every=update_every,
+                  scope=scope)
     return PrunedState(ForwardMasks(inner.init(params)),
                        pack_masks(starting_masks(params, where, masks)),
                        jnp.zeros((), jnp.int32))

@@ -21,6 +21,9 @@ holds `sq_norms`: `sum over rows of x**2`, shape `S + f`; `gram` (if asked):
 used by several products sums their rows. Leaves reached by no `dot_general`
 (or only through an op the interpreter cannot see through) are listed in
 `unattributed` with the reason; asking for statistics of such a leaf is refused.
+Wanda and SparseGPT check each leaf's statistics against the leaf before they
+compute anything (`check_leaf_statistics`: shape, stack length, rows, inputs not
+all zero).
 
 Example::
 
@@ -40,6 +43,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.extend.core as jcore
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxprune.leaf_selection import Where
@@ -92,6 +96,68 @@ class InputStatistics(NamedTuple):
 
   leaves: dict[str, LeafStatistics]
   unattributed: dict[str, str]
+
+
+def _sizes(dims: tuple[int, ...]) -> str:
+  return "x".join(map(str, dims)) or "1"
+
+
+def check_leaf_statistics(path: str, stat: LeafStatistics, shape: tuple[int, ...]) -> None:
+  """Refuses, naming `path` and the offending value, statistics that do not fit the
+  leaf of `shape` at `path` or saw no data, before anything is computed from them.
+
+  Checked always (traced statistics too): the stack and input-feature axes are
+  distinct axes of the leaf; `sq_norms` has shape `S + f` and `gram` (if any)
+  `S + (F, F)`, for the leaf's sizes `S` along its stack axes, `f` along its
+  input axes, `F = prod f`: no other stack length (an index past the end would
+  be clamped to the last layer) and no size-1 statistic broadcast over the leaf;
+  a concrete `rows` is > 0. Checked where concrete: no layer's inputs are all
+  zero (the leaf would be ranked by position, or SparseGPT would zero it all).
+  """
+  axes = (*stat.stack_axes, *stat.feature_axes)
+  if len(set(axes)) != len(axes) or not all(0 <= a < len(shape) for a in axes):
+    raise ValueError(f"the input statistics of {path} are over axes {axes} (stack "
+                     f"{stat.stack_axes}, inputs {stat.feature_axes}), not distinct axes of "
+                     f"its shape {shape}: statistics of another leaf?")
+  stack = tuple(shape[a] for a in stat.stack_axes)
+  features = tuple(shape[a] for a in stat.feature_axes)
+  got = tuple(jnp.shape(stat.sq_norms))
+  if len(got) == len(axes) and got[:len(stack)] != stack:
+    raise ValueError(f"the input statistics of {path} are of {_sizes(got[:len(stack)])} "
+                     f"stacked layers (sq_norms shape {got}), the leaf has {_sizes(stack)} "
+                     f"(shape {shape}, stack axes {stat.stack_axes}): statistics of another "
+                     f"model?")
+  _check_shape(path, "sq_norms", got, (*stack, *features), shape)
+  if stat.gram is not None:
+    n = math.prod(features)
+    _check_shape(path, "gram", tuple(jnp.shape(stat.gram)), (*stack, n, n), shape)
+  rows = stat.rows
+  if rows is not None and not isinstance(rows, jax.core.Tracer) and int(rows) <= 0:
+    raise ValueError(f"the input statistics of {path} saw {rows} rows: the calibration "
+                     f"batches held no rows; pass batches with at least one")
+  _check_not_all_zero(path, stat.sq_norms, stack)
+
+
+def _check_shape(path: str, name: str, got: tuple, want: tuple, shape: tuple) -> None:
+  if got != want:
+    broadcast = " (a statistic of size 1 is not broadcast)" if math.prod(got) == 1 else ""
+    raise ValueError(f"the input statistics of {path} do not fit it: {name} has shape {got}, "
+                     f"the leaf of shape {shape} needs {want}{broadcast}")
+
+
+def _check_not_all_zero(path: str, sq_norms: Any, stack: tuple[int, ...]) -> None:
+  """The inputs of each stacked layer `path[i]` (of the leaf if not stacked) are not
+  all zero, where `sq_norms` is concrete."""
+  if isinstance(sq_norms, jax.core.Tracer):
+    return  # under jit: values cannot be read (the shapes were checked)
+  zero = jnp.all(jnp.reshape(sq_norms, (math.prod(stack), -1)) == 0, axis=1)
+  dead = np.flatnonzero(np.asarray(zero))
+  if dead.size:
+    names = [f"{path}[{i}]" for i in dead[:5]] if stack else [path]
+    more = f" and {dead.size - 5} more" if dead.size > 5 else ""
+    raise ValueError(f"the inputs of {', '.join(names)}{more} are all zero on the calibration "
+                     f"data (sq_norms all 0.0): nothing to rank its weights by; calibrate on "
+                     f"real inputs")
 
 
 def _read(env: dict, v: Any) -> Any:

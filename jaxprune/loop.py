@@ -30,11 +30,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jaxprune import checkpointing
+from jaxprune import checkpointing, run_settings
 from jaxprune.distillation import distillation_loss, teacher_logits_fn
+from jaxprune.drop_grow import DropAndGrow
 from jaxprune.leaf_selection import Where
-from jaxprune.mask_tree import all_kept, float_part, resolve_where, slots, where_tree
-from jaxprune.masks import Scope, check_count, check_scope, is_count
+from jaxprune.mask_tree import all_kept, check_masks, float_part, resolve_where, slots, where_tree
+from jaxprune.masks import Scope, check_count, check_scope, check_seed, is_count
 from jaxprune.metrics import Metric, check_metric, loss_metric
 from jaxprune.optax_wrapper import get_masks, pruned, pruned_states, replace_masks
 from jaxprune.reporting import sparsity_report
@@ -42,6 +43,7 @@ from jaxprune.results import (
   Evaluation,
   IterationRecord,
   PruneRetrainResult,
+  check_evaluation,
   evaluate,
   pruned_fraction,
 )
@@ -54,7 +56,7 @@ from jaxprune.sharding import (
   place_masks,
 )
 from jaxprune.steps import LossFn, make_eval_step, make_gradient_step, make_train_step, prune_step
-from jaxprune.targets import Magnitude, Target, as_target, needs_step_gradients, with_gradients
+from jaxprune.targets import GivenMasks, Target, as_target, needs_step_gradients, with_gradients
 
 PyTree = Any
 logger = logging.getLogger("jaxprune")
@@ -63,11 +65,32 @@ logger = logging.getLogger("jaxprune")
 # ----------------------------------------------------------------------------- inputs
 
 
+def _check_entry(entry: Any, scope: Scope, name: str) -> Target:
+  if isinstance(entry, DropAndGrow):
+    raise ValueError(
+        f"{name} = {entry}: drop and grow moves kept weights and prunes none; it is sparse "
+        "training, run with jaxprune.train(optimizer=jaxprune.pruned(opt, masks, "
+        "schedule=jaxprune.rigl_schedule(...), update_every=...))")
+  return as_target(entry, scope, name)
+
+
+def _check_given(targets: list[Target], params: PyTree, flags: list[bool]) -> None:
+  """`GivenMasks` entries must be masks of `params` exactly where `where` selects."""
+  for i, target in enumerate(targets):
+    if isinstance(target, GivenMasks):
+      given = check_masks(target.given, params, f"schedule[{i}] (GivenMasks)")
+      for path, mask, flag in zip(slots(params).paths, slots(given).leaves, flags):
+        if (mask is None) == flag:
+          raise ValueError(f"schedule[{i}] = GivenMasks at {path}: "
+                           + ("no mask for a leaf `where` selects" if flag
+                              else "a mask for a leaf `where` does not select"))
+
+
 def _check_schedule(schedule: Sequence[Any], scope: Scope) -> list[Target]:
   if isinstance(schedule, (str, bytes)) or not hasattr(schedule, "__iter__"):
     raise TypeError(f"schedule must be a finite sequence of sparsities, got {schedule!r}")
   schedule = list(schedule)
-  targets = [as_target(entry, scope, f"schedule[{i}]") for i, entry in enumerate(schedule)]
+  targets = [_check_entry(entry, scope, f"schedule[{i}]") for i, entry in enumerate(schedule)]
   if not targets:
     raise ValueError("schedule is empty: give at least one target sparsity")
   for i in range(1, len(targets)):
@@ -99,13 +122,6 @@ def _run_prune(prune, closed: dict, params, opt_state, target: Target):
     return compiled(params, opt_state)
   target = jax.tree.map(lambda x: jnp.float32(x) if isinstance(x, float) else x, target)
   return prune(params, opt_state, target)
-
-
-def _describe(target: Target) -> float | str:
-  """A schedule entry as the checkpoint fingerprint records it."""
-  if isinstance(target, Magnitude) and target.scope == "layer":
-    return float(target.sparsity)
-  return str(target)
 
 
 def _check_budgets(retrain_steps: int | Sequence[int], n: int) -> list[int]:
@@ -183,18 +199,25 @@ class _Settings(NamedTuple):
   checkpoint_every: int | None
   log_every: int
   hooks: tuple[Hook, ...]
+  keep: int
+  seed: int
+  resume: bool | str
+  checkpoint_dir: str | None
 
 
 def _check_loop_args(schedule, retrain_steps, scope, checkpoint_every, log_every,
-                     hooks) -> _Settings:
-  """Every scalar setting of the loop, checked (and made plain Python values)."""
+                     hooks, keep_checkpoints, seed, resume, checkpoint_dir) -> _Settings:
+  """Every scalar setting of the loop, checked (and made plain Python values); the
+  checkpoint directory created and checked writable."""
   check_scope(scope)
   targets = _check_schedule(schedule, scope)
   budgets = _check_budgets(retrain_steps, len(targets))
   if checkpoint_every is not None:
     checkpoint_every = check_count("checkpoint_every", checkpoint_every)
   return _Settings(targets, budgets, checkpoint_every, check_count("log_every", log_every),
-                   check_hooks(hooks))
+                   check_hooks(hooks), check_count("keep_checkpoints", keep_checkpoints),
+                   check_seed(seed), checkpointing.check_resume(resume),
+                   checkpointing.check_directory(checkpoint_dir))
 
 
 def _check_optimizer(optimizer: Any, params: PyTree) -> None:
@@ -311,6 +334,17 @@ def _iteration(run: _Run, state, meta: dict, i: int, ckpt: checkpointing.Checkpo
   return state
 
 
+def _log_resumed(meta: dict, iterations: int, directory: str, exact_batches: bool) -> None:
+  if meta["iteration"] >= iterations:
+    logger.warning("%s holds this run finished (%d iterations): returned as saved, nothing "
+                   "retrained; use another checkpoint_dir to run again", directory, iterations)
+    return
+  logger.info("resumed: iteration %d, phase %s, step %d",
+              meta["iteration"], meta["phase"], meta["step"])
+  if not exact_batches:
+    logger.warning("train_batches is an iterable: resume restarts it (approximate)")
+
+
 def prune_retrain(
     params: PyTree,
     loss_fn: LossFn,
@@ -324,7 +358,7 @@ def prune_retrain(
     scope: Scope = "layer",
     checkpoint_dir: str | None = None,
     checkpoint_every: int | None = None,
-    resume: bool = True,
+    resume: bool | str = True,
     progress: bool = True,
     seed: int = 0,
     restart_optimizer: bool = True,
@@ -361,15 +395,19 @@ def prune_retrain(
     where: the targeted leaves (bool pytree from `select`, or a callable).
     retrain_steps: steps per iteration: an int, or one budget per iteration.
     scope: `"layer"` or `"global"` magnitude ranking.
-    checkpoint_dir: orbax checkpoints go here (None: no checkpoints).
+    checkpoint_dir: orbax checkpoints go here (None: no checkpoints); checked
+      writable before any compute.
     checkpoint_every: also checkpoint every this many retraining steps.
-    resume: continue from the latest complete checkpoint in `checkpoint_dir`.
+    resume: continue from the newest intact checkpoint in `checkpoint_dir` (True;
+      damaged newer ones are skipped, named), refuse a directory holding checkpoints
+      (False), or `"with_changes"`: continue although the settings changed (the
+      schedule, budgets, seed...: compared by value), the changes logged.
     progress: a tqdm bar per retrain phase (process 0 only).
-    seed: seeds the RNG handed to `loss_fn(..., rng=...)`.
+    seed: seeds the RNG handed to `loss_fn(..., rng=...)` (an integer >= 0).
     restart_optimizer: re-initialise the optimizer state after every prune, so
       moments and the learning-rate schedule restart each iteration (learning-rate
       rewinding). False keeps one state, and one schedule, across the whole run.
-    keep_checkpoints: how many checkpoints orbax keeps.
+    keep_checkpoints: how many checkpoints orbax keeps (>= 1).
     log_every: steps between report points: the NaN guard, progress (the bar
       advances there), logging and `hooks` (each one reads the losses from the
       device).
@@ -398,10 +436,14 @@ def prune_retrain(
     A `PruneRetrainResult`.
 
   Raises:
-    ValueError: before any compute for an empty or out-of-range schedule, negative
-      budgets, empty `eval_batches`, a `where` selecting nothing, a checkpoint of
-      another configuration; FloatingPointError when a retraining loss is NaN/inf
-      (naming iteration and step; the last good checkpoint is kept).
+    ValueError: before any compute for an empty or out-of-range schedule, a
+      schedule entry the loop cannot run (drop and grow, given masks that do not fit
+      the params), negative budgets, a bad seed or checkpoint directory, empty
+      `eval_batches` or an evaluation that fails or holds NaN, a `where` selecting
+      nothing, a checkpoint of another configuration, or no checkpoint that reads
+      back intact (naming each); FloatingPointError when a retraining loss is
+      NaN/inf, or the params/optimizer state are behind a finite loss (naming
+      iteration, step and leaves; the last good checkpoint is kept).
 
   Example::
 
@@ -420,19 +462,21 @@ def prune_retrain(
     sparsity: targeted leaves 80.21%, whole model 74.04%
     compression (bitmask + nonzeros): targeted 4.36x, whole model 3.47x bytes; ...
   """
-  targets, budgets, checkpoint_every, log_every, hooks = _check_loop_args(
-      schedule, retrain_steps, scope, checkpoint_every, log_every, hooks)
+  settings = _check_loop_args(schedule, retrain_steps, scope, checkpoint_every, log_every,
+                              hooks, keep_checkpoints, seed, resume, checkpoint_dir)
+  targets, budgets, checkpoint_every, log_every, hooks = settings[:5]
   metric = check_metric(metric)
   _check_optimizer(optimizer, params)
   flags = resolve_where(where, params)
   where = where_tree(params, flags)
+  _check_given(targets, params, flags)
   params, batch_at, evaluations, exact_batches = _placed_sources(
       params, train_batches, eval_batches, mesh, param_layout)
+  eval_step = make_eval_step(loss_fn, metric)
   train_loss, batch_at = distilling(loss_fn, batch_at, teacher, distill_weight, temperature,
                                     mesh, param_layout)
   start = all_kept(params, flags)
   tx = pruned(optimizer, start if mesh is None else place_masks(start, params))
-  eval_step = make_eval_step(loss_fn, metric)
   # Targets are pytrees: a Magnitude's sparsity is traced, so magnitude iterations
   # share one compilation; each distinct static target (an NM pattern) gets its own.
   run = _Run(tx, make_train_step(train_loss, tx),
@@ -441,26 +485,25 @@ def prune_retrain(
              restart_optimizer, mesh, log_every, progress, hooks, {},
              make_gradient_step(train_loss))
   state = LoopState(
-      params, tx.init(float_part(params)), jax.random.key_data(jax.random.key(seed)))
+      params, tx.init(float_part(params)), jax.random.key_data(jax.random.key(settings.seed)))
   if mesh is not None:  # every array of the state global, also with several processes
     state = onto_mesh(state, mesh)
-  config = checkpointing.fingerprint(
-      params, schedule=[_describe(t) for t in targets], retrain_steps=budgets, scope=scope,
+  config = run_settings.fingerprint(
+      params, schedule=targets, retrain_steps=budgets, scope=scope,
       selected=[p for p, flag in zip(slots(params).paths, flags) if flag],
-      restart_optimizer=restart_optimizer, seed=seed, metric=metric.name,
-      distillation=None if teacher is None else [distill_weight, temperature],
-      optimizer_state=checkpointing.describe_state(state.opt_state))
+      restart_optimizer=restart_optimizer, seed=settings.seed, metric=metric.name,
+      distillation=None if teacher is None else [distill_weight, temperature, teacher[1]],
+      optimizer_state=run_settings.describe_state(state.opt_state))
   # Where the run stands: what a checkpoint's `meta` records.
   meta: dict[str, Any] = {"iteration": 0, "phase": "prune", "step": 0, "history": [], "row": {}}
-  with checkpointing.Checkpointer(checkpoint_dir, config, keep=keep_checkpoints,
-                                  resume=resume, every=checkpoint_every) as ckpt:
+  with checkpointing.Checkpointer(settings.checkpoint_dir, config, keep=settings.keep,
+                                  resume=settings.resume, every=checkpoint_every) as ckpt:
     resumed = ckpt.resume(state)
     if resumed is not None:
       state, meta = resumed
-      logger.info("resumed: iteration %d, phase %s, step %d",
-                  meta["iteration"], meta["phase"], meta["step"])
-      if not exact_batches:
-        logger.warning("train_batches is an iterable: resume restarts it (approximate)")
+      _log_resumed(meta, len(targets), ckpt.directory, exact_batches)
+    if meta["iteration"] < len(targets):  # before any compute of the run
+      check_evaluation(eval_step, params, evaluations())
     for i in range(meta["iteration"], len(targets)):
       state = _iteration(run, state, meta, i, ckpt)
   return PruneRetrainResult(

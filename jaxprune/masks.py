@@ -98,6 +98,14 @@ def check_count(name: str, value: Any, minimum: int = 1) -> int:
   return int(value)
 
 
+def check_seed(value: Any, name: str = "seed") -> int:
+  """`value` as an int if it is an integer >= 0 (Python or NumPy); else a ValueError
+  naming `name`: a float seed would be truncated, or traced into the key."""
+  if not (is_count(value) and value >= 0):
+    raise ValueError(f"{name} must be an integer >= 0 (it seeds jax.random.key), got {value!r}")
+  return int(value)
+
+
 def check_finite(w: jax.Array, path: str) -> None:
   """Raises, naming `path`, if a concrete `w` holds NaN or inf; no-op under a trace."""
   finite = jnp.isfinite(w).all()
@@ -216,9 +224,10 @@ def magnitude_masks(
 
   Raises:
     TypeError / ValueError: a concrete sparsity that is not a number or outside
-      [0, 1); unknown scope; `where` not matching params, selecting a non-float or
-      `None` leaf, or selecting nothing; `previous` not matching params or `where`;
-      (outside jit) NaN/inf in a selected leaf, naming its path.
+      [0, 1); an unknown scope (the message lists the valid ones); `where` not
+      matching params, selecting a non-float or `None` leaf, or selecting
+      nothing; `previous` not matching params or `where`; (outside jit) NaN/inf
+      in a selected leaf, naming its path.
 
   Example::
 
@@ -290,8 +299,7 @@ def ranked_masks(
     >>> int((~masks["fc2"]["kernel"]).sum(axis=0)[0])                     # 4 of its 8 inputs
     4
   """
-  if not (scope == "row" or is_granularity(scope)):
-    check_scope(scope)
+  check_scope(scope, structured=True)
   sparsity = check_fraction("sparsity", sparsity)
   score, distribution = _checked_method(score, distribution, scope)
   stacked = check_stacked(stacked)
@@ -409,8 +417,17 @@ def magnitude_masks_held(params: PyTree, sparsity: Any, held: PyTree,
   return unflatten(held, out)
 
 
-def check_scope(scope: Any) -> Scope:
-  """`scope` if it is `"layer"` or `"global"`, else a ValueError naming it."""
-  if scope not in ("layer", "global"):
-    raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
-  return scope
+def check_scope(scope: Any, structured: bool = False) -> Any:
+  """`scope` if it is `"layer"` or `"global"` (with `structured`, as `ranked_masks`
+  and `Prune` take: also `"row"` or a granularity), else a ValueError naming it and
+  the values this entry point takes."""
+  if isinstance(scope, str) and scope in ("layer", "global"):
+    return scope
+  if structured and (scope == "row" or is_granularity(scope)):
+    return scope
+  if structured:
+    raise ValueError(f"scope must be 'layer', 'global', 'row', jaxprune.blocks((b0, b1)) or "
+                     f"jaxprune.channels(axis), got {scope!r}")
+  raise ValueError(f"scope must be 'layer' or 'global' here, got {scope!r} ('row', "
+                   f"jaxprune.blocks(...) and jaxprune.channels(...) rank through a target: "
+                   f"jaxprune.Prune(sparsity, scope=...))")

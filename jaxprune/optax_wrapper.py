@@ -31,7 +31,8 @@ from jaxprune.mask_tree import (
 )
 from jaxprune.masks import Scope, check_count, check_scope, magnitude_masks_held
 from jaxprune.packed_masks import mask_shapes, pack_like, pack_masks, unpack_masks, zero_unkept
-from jaxprune.targets import Magnitude, Target, needs_step_gradients, with_gradients
+from jaxprune.run_settings import note_settings
+from jaxprune.targets import Magnitude, Target, as_target, needs_step_gradients, with_gradients
 
 PyTree = Any
 
@@ -77,7 +78,10 @@ class _Gradual(NamedTuple):
 
 
 def _check_gradual(where: Any, schedule: Any, update_every: Any, masks: Any) -> _Gradual:
-  """Checks the gradual arguments (before any compute)."""
+  """Checks the gradual arguments (before any compute): `schedule(0)` must be a
+  sparsity in [0, 1), `"n:m"` or a target; a string or target is checked as
+  `as_target` checks it (an N:M pattern needs `0 < n < m`, a scope must be one of
+  the target's), naming `schedule(0)` and the value."""
   if update_every is None or schedule is None or (where is None and masks is None):
     raise ValueError("gradual pruning needs `schedule`, `update_every`, and `where` (or "
                      "starting `masks`)")
@@ -95,8 +99,8 @@ def _check_gradual(where: Any, schedule: Any, update_every: Any, masks: Any) -> 
       raise ValueError("a drop-and-grow schedule (set_schedule, rigl_schedule) moves kept "
                        "weights: pass the starting `masks` (e.g. random or ERK masks)")
     return gradual
-  if isinstance(first, Target) and not isinstance(first, numbers.Real):
-    first = first.sparsity
+  if isinstance(first, (str, Target)) and not isinstance(first, numbers.Real):
+    first = as_target(first, name="schedule(0)").sparsity
   if np.shape(first) != () or not 0.0 <= float(first) < 1.0:
     raise ValueError(
         f"schedule(0) must be a scalar sparsity in [0, 1) (or a target such as "
@@ -106,8 +110,12 @@ def _check_gradual(where: Any, schedule: Any, update_every: Any, masks: Any) -> 
 
 
 def target_at(schedule: Callable[[jax.Array], Any], count: jax.Array, scope: Scope) -> Target:
-  """`schedule(count)` as a target: a sparsity becomes `Magnitude(sparsity, scope)`."""
+  """`schedule(count)` as a target: a sparsity becomes `Magnitude(sparsity, scope)`,
+  a string `"n:m"` becomes `NM(n, m)` (as `as_target` reads it; another string is
+  refused, naming it)."""
   target = schedule(count)
+  if isinstance(target, str):
+    return as_target(target, scope, name="schedule(count)")
   if not isinstance(target, Target) or isinstance(target, numbers.Real):
     target = Magnitude(target, scope)
   return target
@@ -233,6 +241,7 @@ def pruned(
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params: PyTree) -> PrunedState:
+    note_settings("pruned", schedule=schedule, update_every=update_every, scope=scope)
     if masks is not None:
       start = check_masks(owned_copy(masks), params)
       if where is not None:

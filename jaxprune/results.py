@@ -42,6 +42,8 @@ def evaluate(eval_step: Callable[[PyTree, Any], tuple[jax.Array, jax.Array]], pa
 
   Raises:
     ValueError: `batches` is empty, or `metric` is not `eval_step`'s.
+    FloatingPointError: the mean loss is NaN or inf, naming the first batch whose
+      loss is.
 
   Example::
 
@@ -55,15 +57,55 @@ def evaluate(eval_step: Callable[[PyTree, Any], tuple[jax.Array, jax.Array]], pa
     raise ValueError(f"eval_step computes metric {own.name!r}, not {metric.name!r}: build it "
                      f"with make_eval_step(loss_fn, metric)")
   metric = metric or own or loss_metric
-  loss_total = value_total = jnp.zeros((), jnp.float32)
-  count = 0
+  losses, value_total = [], jnp.zeros((), jnp.float32)
   for batch in batches:
     loss, value = eval_step(params, batch)
-    loss_total, value_total, count = loss_total + loss, value_total + value, count + 1
-  if count == 0:
+    losses.append(loss)
+    value_total = value_total + value
+  if not losses:
     raise ValueError("evaluate got no batches: the mean of nothing is undefined")
-  loss_total, value_total = jax.device_get((loss_total, value_total))
+  loss_total, value_total = jax.device_get((sum(losses[1:], losses[0]), value_total))
+  if not math.isfinite(float(loss_total)):
+    first = next(i for i, v in enumerate(jax.device_get(losses)) if not math.isfinite(float(v)))
+    raise FloatingPointError(f"evaluation: the loss of eval batch {first} is "
+                             f"{float(jax.device_get(losses[first]))}")
+  count = len(losses)
   return Evaluation(float(loss_total) / count, float(metric.of_mean(float(value_total) / count)))
+
+
+def _non_finite_input(batch: Any) -> str | None:
+  """The path of the first float array of `batch` holding NaN or inf, else None."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jnp.inexact) and not bool(
+        jnp.isfinite(leaf).all()):
+      return jax.tree_util.keystr(path) or "the batch"
+  return None
+
+
+def check_evaluation(eval_step: Callable[[PyTree, Any], Any], params: PyTree,
+                     batches: Iterable) -> None:
+  """Checks an evaluation before any training: `eval_step` traced (not run) on the
+  first batch (`jax.eval_shape`), and every batch's float inputs finite.
+
+  A metric that needs an `aux` the loss does not return, a batch of the wrong
+  shape or a NaN in the data raise here, before the first step, rather than after
+  all of training.
+
+  Raises:
+    ValueError: a batch holds NaN or inf (naming the batch and the array), or
+      tracing the step fails (the error names the first batch).
+  """
+  for i, batch in enumerate(batches):
+    if i == 0:
+      try:
+        jax.eval_shape(eval_step, params, batch)
+      except Exception as err:
+        raise ValueError(f"evaluating eval batch 0 fails, so nothing was trained: "
+                         f"{type(err).__name__}: {err}") from err
+    bad = _non_finite_input(batch)
+    if bad is not None:
+      raise ValueError(f"eval batch {i} holds NaN or inf at {bad}: its figures would be NaN")
 
 
 class IterationRecord(NamedTuple):

@@ -7,11 +7,13 @@ logging and mid-phase checkpoints are hooks, so a loop adds a feature by adding
 a hook, not a keyword:
 
 * `check_finite_losses`: the NaN guard, `FloatingPointError` naming the first
-  bad step; `retrain` runs it first unless `check_finite=False`;
+  bad step; then `check_sound_state`: the params finite and no NaN in the
+  optimizer state (a NaN gradient behind a finite loss); `retrain` runs both
+  first unless `check_finite=False`;
 * `log_losses`: the last loss to the `jaxprune` logger (debug level);
 * `ProgressBar(total, ...)`: a tqdm bar (a context manager that always closes).
 
-Hooks run in order, after the guard: nothing non-finite reaches a hook that saves.
+Hooks run in order, after the guards: nothing non-finite reaches a hook that saves.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from jaxprune import integrity
 from jaxprune.masks import is_count
 
 PyTree = Any
@@ -78,6 +81,26 @@ def check_finite_losses(report: StepReport) -> None:
         f"non-finite retraining loss at iteration {report.iteration}, step {local} (global "
         f"step {first_step + local}); stopped. The last good checkpoint is kept."
     )
+
+
+def check_sound_state(report: StepReport) -> None:
+  """The guard behind the losses: raises `FloatingPointError` if the state of
+  `report` is unsound (`integrity.is_sound`: a non-finite param, a NaN in the
+  optimizer state), naming the leaves. A finite loss with a NaN gradient (a sqrt
+  at 0, a float16 overflow in Adam) is caught here, at the report point after it:
+  one jitted pass over the state (`integrity.checksums`), a few words per leaf read.
+  """
+  params, opt_state, _ = report.state
+  bad = integrity.unsound(integrity.checksums(params), integrity.checksums(opt_state))
+  if not bad:
+    return
+  shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+  raise FloatingPointError(
+      f"NaN or inf in {shown} after global step {report.global_step} (iteration "
+      f"{report.iteration}, step {report.step}), though every loss was finite: a gradient "
+      "or an update is not (a sqrt or log at 0, a float16 overflow); stopped. The last good "
+      "checkpoint is kept."
+  )
 
 
 def log_losses(report: StepReport) -> None:
@@ -168,8 +191,9 @@ def retrain(
   After every local step `j` with `(j + 1) % c == 0` for a cadence `c` of
   `report_every` (an int or several), and after the last step, the losses since
   the previous report are read from the device once and every hook is called with
-  a `StepReport`, in order, after the NaN guard `check_finite_losses` (which
-  `check_finite=False` leaves out: a NaN loss then does not stop the phase).
+  a `StepReport`, in order, after the guards `check_finite_losses` and
+  `check_sound_state` (which `check_finite=False` leaves out: a NaN then does not
+  stop the phase).
 
   Masks stay where they live, in the `pruned` state inside `state.opt_state`.
 
@@ -189,7 +213,8 @@ def retrain(
   if not isinstance(steps, range) or steps.step != 1:
     raise ValueError(f"steps must be a range of consecutive local steps, got {steps!r}")
   cadences = _cadences(report_every)
-  hooks = ((check_finite_losses,) if check_finite else ()) + check_hooks(hooks)
+  guards = (check_finite_losses, check_sound_state) if check_finite else ()
+  hooks = guards + check_hooks(hooks)
   params, opt_state, rng = state
   pending: list[jax.Array] = []
 

@@ -28,12 +28,15 @@ through float32, as magnitudes); NaN ranks above +inf (kept last), -0.0 as 0.0.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxprune.input_statistics import LeafStatistics, check_leaf_statistics
 from jaxprune.mask_tree import canonical_path, float_part, merge_float_part, slots
 
 PyTree = Any
@@ -149,9 +152,23 @@ class RandomScores:
 
 
 def random_score(seed: int | jax.Array) -> RandomScores:
-  """Seeded random scores (see the module docstring)."""
+  """Seeded random scores (see the module docstring).
+
+  `seed`: an integer (Python, NumPy, or a scalar integer JAX array, traced or not)
+  or a PRNG key (`jax.random.key(0)`).
+
+  Raises:
+    ValueError: any other seed (a float, a bool, a string, an array of several
+      values), naming it.
+  """
   if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
     return RandomScores(seed)
+  integral = isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
+  integer_array = (isinstance(seed, (jax.Array, np.ndarray)) and np.shape(seed) == ()
+                   and jnp.issubdtype(seed.dtype, jnp.integer))
+  if not (integral or integer_array):
+    raise ValueError(f"random_score's seed must be an integer or a PRNG key "
+                     f"(jax.random.key(0)), got {seed!r} ({type(seed).__name__})")
   return RandomScores(jax.random.key(seed))
 
 
@@ -248,23 +265,36 @@ def mean_gradients(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
 @dataclasses.dataclass(frozen=True)
 class Wanda:
   """`|w| * ||x_j||_2`: each weight times the norm of the input feature it multiplies
-  (Sun et al. 2023), from `input_statistics`' per-feature squared norms."""
+  (Sun et al. 2023), from `input_statistics`' per-feature squared norms.
+
+  `axes`: per path, the leaf axes of its norms (stack axes, then input axes);
+  `seen`: per path, `(number of stack axes, rows seen)` (a path absent: no stack
+  axes, rows unknown)."""
 
   sq_norms: dict
   axes: tuple = dataclasses.field(metadata={"static": True})
+  seen: tuple = dataclasses.field(default=(), metadata={"static": True})
 
   def scores(self, params, chosen):
     theirs = slots(params)
+    leaves = [self._statistics(canonical_path(theirs.paths[i])) for i in chosen]
+    # Every leaf checked before any score is computed.
+    for i, stat in zip(chosen, leaves):
+      check_leaf_statistics(theirs.paths[i], stat, tuple(jnp.shape(theirs.leaves[i])))
     out = []
-    for i in chosen:
-      path = canonical_path(theirs.paths[i])
-      if path not in self.sq_norms:
-        raise ValueError(f"wanda_score has no input statistics for {path} (it has "
-                         f"{', '.join(sorted(self.sq_norms)) or 'none'})")
+    for i, stat in zip(chosen, leaves):
       w = theirs.leaves[i]
-      norms = _spread(jnp.sqrt(self.sq_norms[path]), dict(self.axes)[path], w.ndim)
+      norms = _spread(jnp.sqrt(stat.sq_norms), stat.stack_axes + stat.feature_axes, w.ndim)
       out.append(jnp.abs(w.astype(jnp.float32)) * norms)
     return out
+
+  def _statistics(self, path: str) -> LeafStatistics:
+    if path not in self.sq_norms:
+      raise ValueError(f"wanda_score has no input statistics for {path} (it has "
+                       f"{', '.join(sorted(self.sq_norms)) or 'none'})")
+    axes = dict(self.axes)[path]
+    n_stack, rows = dict(self.seen).get(path, (0, None))
+    return LeafStatistics(axes[:n_stack], axes[n_stack:], self.sq_norms[path], None, rows)
 
 
 def _spread(values: jax.Array, axes: tuple[int, ...], ndim: int) -> jax.Array:
@@ -274,11 +304,22 @@ def _spread(values: jax.Array, axes: tuple[int, ...], ndim: int) -> jax.Array:
   return jnp.expand_dims(moved, tuple(a for a in range(ndim) if a not in axes))
 
 
+def _static_rows(rows: Any) -> int | None:
+  """A row count as a static (hashable) int; None where it cannot be read."""
+  return None if rows is None or isinstance(rows, jax.core.Tracer) else int(rows)
+
+
 def wanda_score(stats: Any) -> Wanda:
   """Wanda's score from `jaxprune.input_statistics(...)`: `|w_ij| * ||x_j||_2`.
 
   Rank it per output row, as Wanda does: `Prune(s, score=wanda_score(stats),
   scope="row", axis=-2)` for Flax `(in, out)` kernels (`axis=-1` for Equinox).
+
+  Where it ranks, before any score is computed, each ranked leaf's statistics are
+  checked against it (`input_statistics.check_leaf_statistics`): a ValueError
+  names the leaf (or stacked layer `path[i]`) whose norms do not fit its shape or
+  stack length, are of size 1, saw 0 rows, or are all zero (norms traced under
+  `jit`: their shapes and rows only).
 
   Example::
 
@@ -289,5 +330,7 @@ def wanda_score(stats: Any) -> Wanda:
     >>> masks = target.masks(params, where)
   """
   leaves = {canonical_path(p): s for p, s in stats.leaves.items()}
-  return Wanda({p: s.sq_norms for p, s in leaves.items()},
-               tuple((p, s.stack_axes + s.feature_axes) for p, s in sorted(leaves.items())))
+  ordered = sorted(leaves.items())
+  return Wanda({p: s.sq_norms for p, s in ordered},
+               tuple((p, s.stack_axes + s.feature_axes) for p, s in ordered),
+               tuple((p, (len(s.stack_axes), _static_rows(s.rows))) for p, s in ordered))

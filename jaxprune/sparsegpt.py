@@ -32,13 +32,15 @@ Example::
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxprune.input_statistics import InputStatistics, input_statistics
+from jaxprune.input_statistics import InputStatistics, check_leaf_statistics, input_statistics
 from jaxprune.leaf_selection import Where
 from jaxprune.magnitude_rank import smallest_magnitudes
 from jaxprune.mask_tree import (
@@ -50,7 +52,7 @@ from jaxprune.mask_tree import (
   unflatten,
   where_tree,
 )
-from jaxprune.masks import check_fraction
+from jaxprune.masks import check_count, check_fraction
 from jaxprune.structured import check_nm
 
 PyTree = Any
@@ -159,16 +161,17 @@ def sparsegpt(params: PyTree, stats: InputStatistics, sparsity: float, where: Wh
   must be a multiple of `m` and `block` a multiple of `m`.
 
   Raises:
-    ValueError: a selected leaf without a Gram matrix in `stats` (naming it), or
-      with several feature axes; a concrete sparsity outside [0, 1); an N:M
+    ValueError: `block` not an integer >= 1 or `damp` not a finite real >= 0
+      (naming the argument and the value); a selected leaf without a Gram matrix
+      in `stats` (naming it), or with several feature axes; statistics that do
+      not fit the leaf (its shape, stack length or a size-1 statistic), saw 0
+      rows, or whose inputs are all zero (naming the leaf or layer `path[i]`,
+      see `check_leaf_statistics`); a concrete sparsity outside [0, 1); an N:M
       pattern that does not fit; a Hessian not positive definite even dampened
       (naming the leaf).
   """
   sparsity = float(check_fraction("sparsity", sparsity))
-  if nm is not None:
-    nm = check_nm(*nm)
-    if block % nm[1]:
-      raise ValueError(f"block ({block}) must be a multiple of m ({nm[1]})")
+  block, damp, nm = _check_settings(block, damp, nm)
   by_path = {canonical_path(p): s for p, s in stats.leaves.items()}
   chosen = selected_leaves(params, where)
   plans = [_plan(path, w, by_path, nm) for _, path, w, _ in chosen]
@@ -185,12 +188,27 @@ def sparsegpt(params: PyTree, stats: InputStatistics, sparsity: float, where: Wh
   return unflatten(params, new_leaves), masks_from(params, masks)
 
 
+def _check_settings(block: Any, damp: Any, nm: Any) -> tuple:
+  """`(block, damp, nm)` checked, before any statistic is read or computed."""
+  block = check_count("sparsegpt block (columns per lazy update)", block)
+  if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not (
+      math.isfinite(damp) and damp >= 0):
+    raise ValueError(f"sparsegpt damp (the dampening fraction of the mean Hessian diagonal) "
+                     f"must be a finite real number >= 0, e.g. 0.01, got {damp!r}")
+  if nm is not None:
+    nm = check_nm(*nm)
+    if block % nm[1]:
+      raise ValueError(f"block ({block}) must be a multiple of m ({nm[1]})")
+  return block, float(damp), nm
+
+
 def _plan(path: str, w: Any, by_path: dict, nm: Any) -> tuple:
   stat = by_path.get(canonical_path(path))
   if stat is None or stat.gram is None:
     raise ValueError(f"sparsegpt needs the Gram matrix of {path}'s inputs: run "
                      f"input_statistics(..., gram=True) with it selected"
                      f"{'' if stat is None else ' (these statistics have no gram)'}")
+  check_leaf_statistics(path, stat, tuple(jnp.shape(w)))
   if len(stat.feature_axes) != 1:
     raise ValueError(f"sparsegpt: {path} multiplies its inputs along axes "
                      f"{stat.feature_axes}; one input axis is supported")
@@ -208,9 +226,8 @@ def _per_slice(solve, w: jax.Array, stat: Any, feature: int) -> tuple[jax.Array,
   moved = jnp.transpose(w, (*stack, *other, feature))
   mats = moved.reshape(-1, *moved.shape[len(stack):])
   mats = mats.reshape(mats.shape[0], -1, w.shape[feature])
+  # One Gram matrix per slice: `check_leaf_statistics` refused any other count.
   grams = stat.gram.reshape(-1, w.shape[feature], w.shape[feature])
-  if grams.shape[0] == 1 and mats.shape[0] > 1:
-    grams = jnp.broadcast_to(grams, (mats.shape[0], *grams.shape[1:]))
   outs = [solve(mats[i], grams[i]) for i in range(mats.shape[0])]
   new = jnp.stack([o[0] for o in outs]).reshape(moved.shape)
   kept = jnp.stack([o[1] for o in outs]).reshape(moved.shape)
@@ -231,8 +248,10 @@ def sparsegpt_sequential(stages: list, params: PyTree, batches: list, sparsity: 
   it. Returns `(params, masks)` as `sparsegpt`.
 
   Raises:
-    ValueError: as `sparsegpt`; a selected leaf that no stage multiplies (naming it).
+    ValueError: as `sparsegpt` (`block` and `damp` checked before any stage
+      runs); a selected leaf that no stage multiplies (naming it).
   """
+  _check_settings(block, damp, nm)
   flags = resolve_where(where, params)
   paths = slots(params).paths
   remaining = {i for i, f in enumerate(flags) if f}

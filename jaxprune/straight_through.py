@@ -44,6 +44,7 @@ from jaxprune.mask_tree import (
 from jaxprune.masks import Scope, check_count, check_scope
 from jaxprune.optax_wrapper import PrunedState, pruned_states, target_at
 from jaxprune.packed_masks import pack_like, pack_masks, unpack_masks
+from jaxprune.run_settings import note_settings
 from jaxprune.targets import as_target
 
 PyTree = Any
@@ -172,6 +173,7 @@ def straight_through(
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params: PyTree) -> PrunedState:
+    note_settings("straight_through", schedule=schedule, update_every=update_every, scope=scope)
     start = starting_masks(params, where, masks)
     dense = map_masked(lambda m, w: None if m is None else jnp.array(w, copy=True), start,
                        params)

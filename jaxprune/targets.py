@@ -42,7 +42,6 @@ from jaxprune.scores import (
 )
 from jaxprune.stacked_layers import check_stacked
 from jaxprune.structured import check_nm, nm_masks
-from jaxprune.units import is_granularity
 
 PyTree = Any
 
@@ -92,7 +91,8 @@ class Prune:
   "global", "row", `blocks(...)`, `channels(...)`), `distribution`, `axis` (row
   scope's) and `stacked` (`{pattern: k}`: leading axes of stacked layers, see
   `jaxprune.stacked_layers`) are static.
-  `Prune(s)` is `Magnitude(s)`.
+  `Prune(s)` is `Magnitude(s)`. A scope other than those is refused when the target
+  is made (ValueError listing them).
 
   Example::
 
@@ -108,6 +108,8 @@ class Prune:
   stacked: Any = dataclasses.field(default=(), metadata={"static": True})
 
   def __post_init__(self):
+    # A scope typo is refused here, before any compute, with the scopes a Prune takes.
+    check_scope(self.scope, structured=True)
     # A dict is accepted but held as a tuple: static fields must hash.
     object.__setattr__(self, "stacked", check_stacked(self.stacked))
 
@@ -218,8 +220,7 @@ def as_target(entry: Any, scope: Scope = "layer", name: str = "target") -> Targe
   """
   if isinstance(entry, Target) and not isinstance(entry, (str, numbers.Real)):
     if isinstance(entry, (Magnitude, Prune)):
-      if not (isinstance(entry, Prune) and (entry.scope == "row" or is_granularity(entry.scope))):
-        check_scope(entry.scope)
+      check_scope(entry.scope, structured=isinstance(entry, Prune))
       return dataclasses.replace(entry, sparsity=_checked_sparsity(entry.sparsity, name))
     if isinstance(entry, NM):
       _check_pattern(entry.n, entry.m, name, entry)

@@ -19,13 +19,14 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-from jaxprune import checkpointing
+from jaxprune import checkpointing, run_settings
 from jaxprune.forward_masks import straight_through_view
 from jaxprune.loop import eval_source, train_source
 from jaxprune.mask_tree import float_part
-from jaxprune.masks import check_count
+from jaxprune.masks import check_count, check_seed
 from jaxprune.metrics import Metric, check_metric, loss_metric
-from jaxprune.results import Evaluation, evaluate
+from jaxprune.optax_wrapper import pruned_states
+from jaxprune.results import Evaluation, check_evaluation, evaluate
 from jaxprune.retraining import Hook, LoopState, ProgressBar, check_hooks, log_losses, retrain
 from jaxprune.steps import LossFn, make_eval_step, make_train_step
 
@@ -49,6 +50,22 @@ class TrainResult(NamedTuple):
   wall_seconds: float
 
 
+def _resumed(ckpt: checkpointing.Checkpointer, state: LoopState, steps: int,
+             exact: bool) -> tuple[LoopState, int]:
+  """(the state to start from, its step): the newest intact checkpoint's, or `state`'s."""
+  resumed = ckpt.resume(state)
+  if resumed is None:
+    return state, 0
+  state, meta = resumed
+  if meta["step"] >= steps:
+    logger.warning("%s holds this run finished (step %d of %d): returned as saved, nothing "
+                   "trained; use another checkpoint_dir to train again", ckpt.directory,
+                   meta["step"], steps)
+  elif not exact:
+    logger.warning("train_batches is an iterable: resume restarts it (approximate)")
+  return state, meta["step"]
+
+
 def train(
     params: PyTree,
     loss_fn: LossFn,
@@ -59,7 +76,7 @@ def train(
     eval_batches: Iterable | Callable[[], Iterable] | None = None,
     checkpoint_dir: str | None = None,
     checkpoint_every: int | None = None,
-    resume: bool = True,
+    resume: bool | str = True,
     keep_checkpoints: int = 3,
     seed: int = 0,
     log_every: int = 50,
@@ -79,12 +96,19 @@ def train(
       forward then runs on `straight_through_view`), a plain optimizer.
     steps: number of training steps.
     eval_batches: evaluated once after the last step (optional), on what the forward
-      runs on (`straight_through_view(params, opt_state)`).
-    checkpoint_dir: orbax checkpoints go here (None: none); resumed when it holds one.
+      runs on (`straight_through_view(params, opt_state)`); checked before the first
+      step (traced on the first batch with the metric, every batch finite).
+    checkpoint_dir: orbax checkpoints go here (None: none), created and checked
+      writable before any compute; resumed when it holds one.
     checkpoint_every: save every this many steps (and always after the last).
-    resume: continue from the latest checkpoint in `checkpoint_dir`.
-    keep_checkpoints: how many checkpoints orbax keeps.
-    seed: seeds the RNG handed to `loss_fn(..., rng=...)`.
+    resume: continue from the newest intact checkpoint in `checkpoint_dir` (True),
+      refuse a directory holding checkpoints (False), or `"with_changes"`: continue
+      although the run's settings changed (the schedule, masks, `update_every`,
+      `steps`, the seed...), the changes logged. The settings are compared by
+      value; the wrapped optimizer's own hyperparameters (learning rate) are yours
+      to keep, only its state's layout is compared.
+    keep_checkpoints: how many checkpoints orbax keeps (>= 1).
+    seed: seeds the RNG handed to `loss_fn(..., rng=...)` (an integer >= 0).
     log_every: steps between report points (NaN guard, logging, hooks, the bar).
     metric: the figure the evaluation reports beside the loss.
     hooks: extra `retrain` hooks, called at every report point.
@@ -94,9 +118,12 @@ def train(
     A `TrainResult`.
 
   Raises:
-    ValueError: before any compute, for a bad count or a checkpoint of another
-      configuration; FloatingPointError for a NaN/inf loss (the last good
-      checkpoint is kept).
+    ValueError: before any compute, for a bad count, seed or checkpoint directory,
+      an evaluation that fails or holds NaN, or a checkpoint of another
+      configuration; or when no checkpoint in the directory reads back intact
+      (naming each and why). FloatingPointError for a NaN/inf loss, or NaN/inf
+      params or a NaN optimizer state behind a finite loss (the last good
+      checkpoint is kept: nothing unsound is saved).
 
   Example::
 
@@ -111,24 +138,27 @@ def train(
   steps = check_count("steps", steps)
   every = None if checkpoint_every is None else check_count("checkpoint_every", checkpoint_every)
   log_every, hooks = check_count("log_every", log_every), check_hooks(hooks)
+  keep, seed = check_count("keep_checkpoints", keep_checkpoints), check_seed(seed)
+  resume = checkpointing.check_resume(resume)
+  checkpoint_dir = checkpointing.check_directory(checkpoint_dir)
   metric = check_metric(metric)
+  eval_step = make_eval_step(loss_fn, metric)
   batch_at, exact = train_source(train_batches)
   evaluations = None if eval_batches is None else eval_source(eval_batches)
   started = time.perf_counter()
-  state = LoopState(params, optimizer.init(float_part(params)),
-                    jax.random.key_data(jax.random.key(seed)))
-  config = checkpointing.fingerprint(
+  with run_settings.recording() as notes:
+    opt_state = optimizer.init(float_part(params))
+  state = LoopState(params, opt_state, jax.random.key_data(jax.random.key(seed)))
+  config = run_settings.fingerprint(
       params, run="train", steps=steps, seed=seed, metric=metric.name,
-      optimizer_state=checkpointing.describe_state(state.opt_state))
-  with checkpointing.Checkpointer(checkpoint_dir, config, keep=keep_checkpoints,
-                                  resume=resume, every=every) as ckpt:
-    resumed = ckpt.resume(state)
-    first = 0
-    if resumed is not None:
-      state, meta = resumed
-      first = meta["step"]
-      if not exact:
-        logger.warning("train_batches is an iterable: resume restarts it (approximate)")
+      training=run_settings.describe_notes(notes, steps),
+      masks=[s.packed_masks for s in pruned_states(opt_state)],
+      optimizer_state=run_settings.describe_state(opt_state))
+  with checkpointing.Checkpointer(checkpoint_dir, config, keep=keep, resume=resume,
+                                  every=every) as ckpt:
+    state, first = _resumed(ckpt, state, steps, exact)
+    if evaluations is not None:  # before the first step, not after the last
+      check_evaluation(eval_step, params, evaluations())
 
     def checkpoint(report) -> None:
       if ckpt.due(report.step) and not report.final:
@@ -143,7 +173,6 @@ def train(
   evaluation = None
   if evaluations is not None:
     # A `straight_through_masks` run is judged as the sparse model it runs forward.
-    evaluation = evaluate(make_eval_step(loss_fn, metric),
-                          straight_through_view(state.params, state.opt_state), evaluations(),
-                          metric)
+    evaluation = evaluate(eval_step, straight_through_view(state.params, state.opt_state),
+                          evaluations())
   return TrainResult(state.params, state.opt_state, evaluation, time.perf_counter() - started)

@@ -5,8 +5,10 @@ from pathlib import Path
 import jax
 import pytest
 
-# The examples are scripts, not a package: make `import lm_model` work in tests.
+# The examples are scripts, not a package: make `import lm_model` work in tests; and
+# the tests' own helpers importable from their subfolders (`from test_resume_kill ...`).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # tests/multidevice needs 8 host devices, a flag that must be set before jax starts:
 # tests/test_multidevice.py runs it in a subprocess of its own.

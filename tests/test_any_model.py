@@ -174,8 +174,8 @@ def test_resume_with_another_optimizer_names_the_optimizer_state(tmp_path):
   jaxprune.prune_retrain(params, loss_fn, lambda s: batch, [batch], optimizer=optax.adam(1e-3),
                          **common)
   with pytest.raises(ValueError, match=r"another configuration: the optimizer state is "
-                                       r"'PrunedState/ScaleByAdamState.*' there and "
-                                       r"'PrunedState.*Trace.*' now"):
+                                       r'"PrunedState/ScaleByAdamState.*" there and '
+                                       r'"PrunedState.*Trace.*" now'):
     jaxprune.prune_retrain(params, loss_fn, lambda s: batch, [batch],
                            optimizer=optax.sgd(1e-3, momentum=0.9), **common)
 

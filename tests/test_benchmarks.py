@@ -202,3 +202,12 @@ def test_bench_mask_reads_zeroes_as_where_does(tmp_path):
   assert not results["no mask"]["equals_where"]  # the check can fail: g is not zeroed
   assert all(results[n]["equals_where"] for n in results if n != "no mask")
   assert all(r["median_ms"] > 0 and math.isfinite(r["ratio"]) for r in results.values())
+
+
+def test_bench_checkpoint_times_checks_against_what_they_guard(tmp_path):
+  out = run_benchmark("checkpoint", "--json", str(tmp_path / "ckpt.json"))
+  assert out["rounds"] == 3 and len(out["runs"]) == 3
+  assert set(out["ratios"]) == {"checksums / orbax write", "verify / orbax read",
+                                "guard / (50 updates)"}
+  assert all(0 < v < math.inf for v in out["ratios"].values())
+  assert out["values"] == 2 * 3 * (4 * 64 * 64 + 2 * 4 * 64 * 64)  # params, mu, nu

@@ -126,11 +126,13 @@ def start(script: Path, ckpt: Path, out: Path, pause_at: int | None = None):
   )
 
 
-def run_until(proc, kill_on: str, ckpt: Path | None = None, timeout: float = 240.0):
+def run_until(proc, kill_on: str, ckpt: Path | None = None, timeout: float = 240.0,
+              delay: float = 0.0):
   """Reads `proc`'s stdout until the line `kill_on`, then SIGKILLs it; the steps seen.
 
   With `ckpt`, the kill waits until orbax's temporary directory of the save that
-  `kill_on` announces appears: the process dies in the middle of writing it.
+  `kill_on` announces appears, then `delay` seconds more: the process dies in the
+  middle of writing it (or, after a long delay, just after).
   """
   steps = []
   deadline = time.monotonic() + timeout
@@ -143,6 +145,7 @@ def run_until(proc, kill_on: str, ckpt: Path | None = None, timeout: float = 240
         if time.monotonic() > deadline or proc.poll() is not None:
           break
         time.sleep(0.0005)
+      time.sleep(delay)
       proc.send_signal(signal.SIGKILL)
       break
     if time.monotonic() > deadline:

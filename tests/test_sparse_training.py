@@ -82,8 +82,9 @@ def test_a_traced_drop_fraction_is_clipped_to_zero_and_one():
   w = jnp.arange(1.0, 9.0)
   old = {"w": w > 4}
   for fraction, moved in ((-0.5, 0), (2.0, 4)):
-    target = jaxprune.DropAndGrow(jnp.float32(fraction), jaxprune.given_score({"w": -w}))
-    got = jax.jit(lambda t: t.masks({"w": w}, {"w": True}, previous=old))(target)["w"]
+    # Built under jit: a concrete fraction out of [0, 1] is refused (tests/faults).
+    got = jax.jit(lambda d: jaxprune.DropAndGrow(d, jaxprune.given_score({"w": -w})).masks(
+        {"w": w}, {"w": True}, previous=old))(jnp.float32(fraction))["w"]
     assert int((got & ~old["w"]).sum()) == moved and int(got.sum()) == 4
 
 

@@ -1,0 +1,96 @@
+"""The training drivers check what they are given before the first step (issue 27,
+cases 3, 8 and 9): the evaluation (metric, batch shapes, NaN in the data), the
+schedule's entries, the seed. Each case asserts the message names the argument and
+that no training batch was asked for.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import optax
+import pytest
+import tiny_runs
+from tiny_runs import Batches
+
+import jaxprune
+
+ACCURACY = jaxprune.aux_metric("accuracy")  # needs an aux the tiny loss does not return
+
+
+def _bad_shape():
+  return [{**tiny_runs.make_batch(1, 16), "x": np.ones((16, 5), np.float32)}]
+
+
+def _nan_batch():
+  batches = [tiny_runs.make_batch(1, 16), tiny_runs.make_batch(2, 16)]
+  batches[1]["x"][3, 2] = np.nan
+  return batches
+
+
+EVALUATIONS = {
+    "a metric needing an aux": (dict(metric=ACCURACY), r"evaluating eval batch 0 fails, so "
+                                r"nothing was trained: .*accuracy"),
+    "an eval batch of the wrong shape": (dict(eval_batches=_bad_shape()),
+                                         r"evaluating eval batch 0 fails"),
+    "a NaN in an eval batch": (dict(eval_batches=_nan_batch()),
+                               r"eval batch 1 holds NaN or inf at \['x'\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(EVALUATIONS))
+@pytest.mark.parametrize("driver", [tiny_runs.train, tiny_runs.prune_retrain])
+def test_an_evaluation_that_would_fail_fails_before_the_first_step(tmp_path, case, driver):
+  overrides, message = EVALUATIONS[case]
+  overrides = dict(overrides)
+  if driver is tiny_runs.train:
+    overrides.setdefault("eval_batches", tiny_runs.EVAL_BATCHES)
+  batches = Batches()
+  with pytest.raises(ValueError, match=message):
+    driver(train_batches=batches, checkpoint_dir=tmp_path / "c", **overrides)
+  assert batches.steps == []
+  assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+
+
+def test_a_non_finite_evaluation_names_the_batch():
+  eval_step = jaxprune.make_eval_step(lambda p, b: np.float32(1.0) / b["d"])
+  with pytest.raises(FloatingPointError, match=r"the loss of eval batch 1 is inf"):
+    jaxprune.evaluate(eval_step, {}, [{"d": np.float32(1.0)}, {"d": np.float32(0.0)}])
+
+
+PARAMS = tiny_runs.make_params()
+WHERE = jaxprune.select(PARAMS)
+WRONG_SHAPE = jaxprune.magnitude_masks(PARAMS, 0.5, WHERE)
+WRONG_SHAPE["fc1"]["kernel"] = np.ones((8, 15), bool)
+UNSELECTED = jaxprune.magnitude_masks(PARAMS, 0.5, jaxprune.select(PARAMS, include="fc1"))
+
+SCHEDULES = {
+    "drop and grow": ([0.5, jaxprune.DropAndGrow(0.3, jaxprune.random_score(0))],
+                      r"schedule\[1\] = .*drop and grow moves kept weights.*jaxprune.train"),
+    "given masks of the wrong shape": ([jaxprune.GivenMasks(WRONG_SHAPE)],
+                                       r"schedule\[0\] \(GivenMasks\).*fc1/kernel"),
+    "given masks missing a selected leaf": ([jaxprune.GivenMasks(UNSELECTED)],
+                                            r"schedule\[0\] = GivenMasks at fc2/kernel: no "
+                                            r"mask for a leaf `where` selects"),
+}
+
+
+@pytest.mark.parametrize("case", list(SCHEDULES))
+def test_a_schedule_entry_prune_retrain_cannot_run_is_refused_before_compute(case):
+  schedule, message = SCHEDULES[case]
+  batches = Batches()
+  with pytest.raises(ValueError, match=message):
+    tiny_runs.prune_retrain(schedule=schedule, train_batches=batches)
+  assert batches.steps == []
+
+
+@pytest.mark.parametrize("seed", [0.5, -1, "0", True])
+@pytest.mark.parametrize("driver", [tiny_runs.train, tiny_runs.prune_retrain])
+def test_a_seed_that_is_not_a_natural_number_is_refused(driver, seed):
+  with pytest.raises(ValueError, match=rf"seed must be an integer >= 0 .*got {seed!r}"):
+    driver(seed=seed, optimizer=optax.adam(1e-2))
+
+
+def test_numpy_integer_seeds_are_seeds():
+  a = tiny_runs.train(seed=np.int64(3), steps=2, checkpoint_every=None)
+  b = tiny_runs.train(seed=3, steps=2, checkpoint_every=None)
+  tiny_runs.assert_bitwise_equal(a.params, b.params)
