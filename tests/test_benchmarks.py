@@ -210,4 +210,5 @@ def test_bench_checkpoint_times_checks_against_what_they_guard(tmp_path):
   assert set(out["ratios"]) == {"checksums / orbax write", "verify / orbax read",
                                 "guard / (50 updates)"}
   assert all(0 < v < math.inf for v in out["ratios"].values())
-  assert out["values"] == 2 * 3 * (4 * 64 * 64 + 2 * 4 * 64 * 64)  # params, mu, nu
+  # params, AdamW's mu and nu, and two update counts
+  assert out["values"] == 3 * 2 * (4 * 64 * 64 + 2 * 4 * 64 * 64) + 2

@@ -99,7 +99,7 @@ def test_bad_metrics_are_named():
 
 def test_resume_with_another_metric_is_refused(tmp_path):
   run(jaxprune.loss_metric, checkpoint_dir=str(tmp_path))
-  with pytest.raises(ValueError, match="metric is 'loss' there and 'perplexity' now"):
+  with pytest.raises(ValueError, match='metric is "loss" there and "perplexity" now'):
     run(jaxprune.perplexity, checkpoint_dir=str(tmp_path))
 
 
