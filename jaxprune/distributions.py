@@ -9,16 +9,29 @@ then traced int32/int64 scalars, computed exactly in integers.
 * `uniform()`: `round(s * n_i)` for every leaf, each leaf exact on its own
   (what `Magnitude(s, scope="layer")` has always done).
 * `erk(power=1.0)`: Erdős–Rényi-kernel (Evci et al. 2020, as JaxPruner's `erk`):
-  leaf i keeps a density `eps * r_i` with `r_i = (sum of dims / product of dims)
-  ** power`, so small and thin leaves stay denser; `eps` is solved so that the
+  leaf i keeps a density `eps * r_i ** power`, `r_i` the sum of its fans over
+  their product, so small and thin leaves stay denser; `eps` is solved so that the
   leaves keep `(1 - s) * N` weights in all. A leaf whose density would pass 1 is
   kept dense and `eps` is solved again for the rest (leaves with equal `r_i`
   together). The counts sum to exactly `round(s * N)`: each leaf's share is
   rounded on its own, and the few weights of rounding difference (at most about
   half a weight per leaf) go one each to the leaves whose rounding went furthest
   the other way (largest remainder): every leaf is within one weight of its share.
-  `erk(kernel=False)` uses the last two dims only (`(n_in + n_out) / (n_in *
-  n_out)`, "ER").
+
+  The fans come from the program with `erk(layouts=weight_layouts(apply_fn,
+  params, x))` (`jaxprune.layouts`): a product weight has `r = (fan_in + fan_out)
+  / (fan_in * fan_out)`, `fan_in` the product of its input (contracted) axes'
+  sizes and `fan_out` of its output axes', so the heads and head_dim of a
+  `(d, heads, head_dim)` or `(heads, head_dim, d)` kernel count as one fan; a conv
+  kernel (input feature, output feature, spatial axes) has Evci et al.'s
+  `(n_in + n_out + sum(spatial)) / (n_in * n_out * prod(spatial))`; a lookup
+  table counts its indexed axis as the fan-in. Stack axes (scanned layers,
+  experts) are left out: each stacked layer is a layer. Without layouts the
+  convention is JaxPruner's: every axis of the leaf is a fan, `r = sum(shape) /
+  prod(shape)`, right for 2-D kernels and for convs, not for multi-axis einsum
+  kernels or stacked leaves (see `stacked=`). `erk(kernel=False)` ("ER") drops a
+  conv's spatial axes, `(n_in + n_out) / (n_in * n_out)`; without layouts it
+  reads them as the last two dims.
 
 Both take `fixed={pattern: sparsity}`: leaves whose path matches a pattern (as in
 `jaxprune.select`) get that sparsity, exactly per leaf, and are left out of the
@@ -32,11 +45,28 @@ Example::
   >>> d = jaxprune.erk()
   >>> [int(c) for c in d.prune_counts(["a", "b", "c"], [(2, 4), (3, 6), (2, 4, 6)], 0.5)]
   [0, 6, 31]
+
+With layouts, the q kernel `(d, heads, head_dim)` is the `(16, 16)` layer it is, and
+keeps more than with every axis a fan (`sum(shape) / prod(shape)`)::
+
+  >>> from jaxprune.layouts import weight_layouts
+  >>> params = {"q": jnp.ones((16, 2, 8)), "o": jnp.ones((2, 8, 16)), "up": jnp.ones((16, 64))}
+  >>> def apply_fn(p, x):
+  ...   h = jnp.einsum("td,dhk->thk", x, p["q"])
+  ...   return jnp.einsum("thk,hkd->td", h, p["o"]) @ p["up"]
+  >>> layouts = weight_layouts(apply_fn, params, jnp.ones((3, 16)))
+  >>> shapes = [params[k].shape for k in params]
+  >>> [round(float(s), 3) for s in jaxprune.erk().sparsities(list(params), shapes, 0.5)]
+  [0.409, 0.409, 0.545]
+  >>> [round(float(s), 3) for s in
+  ...  jaxprune.erk(layouts=layouts).sparsities(list(params), shapes, 0.5)]
+  [0.333, 0.333, 0.583]
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -44,8 +74,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune.layouts import Layout, Layouts
 from jaxprune.leaf_selection import matches_pattern
 from jaxprune.magnitude_rank import count_dtype, round_fraction_of
+from jaxprune.mask_tree import canonical_path
 
 Shape = tuple[int, ...]
 
@@ -178,29 +210,43 @@ def by_path(fn: Callable[[str, Shape, Any], Any]) -> ByPath:
 
 @dataclasses.dataclass(frozen=True)
 class ERK:
-  """Erdős–Rényi(-kernel) densities scaled to the target (see the module docstring)."""
+  """Erdős–Rényi(-kernel) densities scaled to the target (see the module docstring).
+
+  `layouts` (a `jaxprune.layouts.Layouts`, hashable: a static setting of a target)
+  gives each leaf's fans from the program; None keeps JaxPruner's convention (every
+  axis a fan).
+  """
 
   power: float = 1.0
   kernel: bool = True
   fixed: tuple[tuple[str, float], ...] = ()
+  layouts: Layouts | None = None
 
-  def raw_densities(self, shapes: Sequence[Shape]) -> np.ndarray:
-    """`r_i` of every leaf, before scaling."""
-    def one(shape):
-      dims = shape if self.kernel else shape[-2:]
-      return (np.sum(dims) / np.prod(dims)) ** self.power
-    return np.array([one(tuple(s)) for s in shapes], np.float64)
+  def raw_densities(self, shapes: Sequence[Shape],
+                    paths: Sequence[str] | None = None) -> np.ndarray:
+    """`r_i ** power` of every leaf, before scaling (`paths` needed with layouts)."""
+    if self.layouts is None:
+      ratios = [shape_ratio(tuple(s), self.kernel) for s in shapes]
+    elif paths is None:
+      raise ValueError("erk(layouts=...) reads each leaf's fans by its path: pass `paths`")
+    else:
+      ratios = [layout_ratio(layer_layout(self.layouts, p, tuple(s)), tuple(s), self.kernel)
+                for p, s in zip(paths, shapes)]
+    return np.array(ratios, np.float64) ** self.power
 
   def _split(self, paths, shapes):
     fixed = _fixed_at(paths, self.fixed)
     return fixed, [i for i, f in enumerate(fixed) if f is None]
 
+  def _free_densities(self, paths, shapes, free, sparsity) -> jax.Array:
+    free_shapes, free_paths = [shapes[i] for i in free], [paths[i] for i in free]
+    return _erk_densities(free_shapes, self.raw_densities(free_shapes, free_paths), sparsity)
+
   def sparsities(self, paths, shapes, sparsity):
     fixed, free = self._split(paths, shapes)
     out: list[Any] = list(fixed)
     if free:
-      density = _erk_densities([shapes[i] for i in free],
-                               self.raw_densities([shapes[i] for i in free]), sparsity)
+      density = self._free_densities(paths, shapes, free, sparsity)
       for j, i in enumerate(free):
         out[i] = 1.0 - density[j]
     return out
@@ -210,8 +256,7 @@ class ERK:
     sizes = [int(np.prod(s)) for s in shapes]
     counts: list[Any] = [None if f is None else prune_count(f, n) for f, n in zip(fixed, sizes)]
     if free:
-      free_shapes = [shapes[i] for i in free]
-      density = _erk_densities(free_shapes, self.raw_densities(free_shapes), sparsity)
+      density = self._free_densities(paths, shapes, free, sparsity)
       shares = _apportion(density, [sizes[i] for i in free], sparsity)
       for i, c in zip(free, shares):
         counts[i] = c
@@ -219,16 +264,96 @@ class ERK:
 
 
 def erk(power: float = 1.0, *, kernel: bool = True,
-        fixed: Mapping[str, float] | None = None) -> ERK:
+        fixed: Mapping[str, float] | None = None, layouts: Layouts | None = None) -> ERK:
   """Erdős–Rényi-kernel per-leaf sparsities (see the module docstring).
 
+  Args:
+    power: the exponent of `r_i` (below 1: softer, closer to uniform).
+    kernel: count a conv's spatial axes (ERK) or not (ER).
+    fixed: `{path pattern: sparsity}` for leaves left out of the ERK sums.
+    layouts: `weight_layouts(apply_fn, params, x)`: each leaf's fans read from the
+      program (input axes, output axes, stack axes left out); None: every axis of
+      the leaf is a fan.
+
   Raises:
-    ValueError: `power` not a positive number; `fixed` as `uniform`'s (a pattern
-      matching no selected leaf refused when the counts are computed).
+    ValueError: `power` not a positive number; `layouts` not a `Layouts`; `fixed`
+      as `uniform`'s (a pattern matching no selected leaf refused when the counts
+      are computed); when the counts are computed with layouts, a free leaf they
+      do not describe or that the program does not use as a product, conv or
+      lookup weight (a norm scale, a tied or unknown use: named with the
+      program's reason).
   """
   if isinstance(power, bool) or not isinstance(power, (int, float)) or not power > 0:
     raise ValueError(f"erk power must be a positive number, got {power!r}")
-  return ERK(float(power), bool(kernel), _check_fixed(fixed or {}))
+  if layouts is not None and not isinstance(layouts, Layouts):
+    raise ValueError("erk layouts must be a jaxprune.layouts.Layouts (weight_layouts(apply_fn, "
+                     f"params, x)) or None, got {type(layouts).__name__}")
+  return ERK(float(power), bool(kernel), _check_fixed(fixed or {}), layouts)
+
+
+def shape_ratio(shape: Shape, kernel: bool = True) -> float:
+  """JaxPruner's `r` of a leaf of `shape` with every axis a fan: `sum(shape) /
+  prod(shape)`; with `kernel=False` the last two dims only, `(n_in + n_out) /
+  (n_in * n_out)`."""
+  dims = shape if kernel else shape[-2:]
+  return float(np.sum(dims) / np.prod(dims))
+
+
+def layout_ratio(layout: Layout, shape: Shape, kernel: bool = True) -> float:
+  """ERK's `r` of one layer of a leaf of `shape` the program uses as `layout`.
+
+  A product weight or a lookup table: `(fan_in + fan_out) / (fan_in * fan_out)`,
+  `fan_in = prod(shape[a] for a in layout.inputs)`, `fan_out` over `outputs`; a
+  conv kernel (`inputs = (*spatial, in feature)`): `(n_in + n_out + sum(spatial))
+  / (n_in * n_out * prod(spatial))`, spatial axes dropped with `kernel=False`.
+  `layout.stack` is not read: stacked layers share one `r`. An empty leaf gets 0.
+
+    >>> from jaxprune.distributions import layout_ratio
+    >>> from jaxprune.layouts import Layout
+    >>> layout_ratio(Layout("dot_general", (0, 1), (2,)), (4, 8, 16))   # (32 + 16) / 512
+    0.09375
+  """
+  def size(axes: tuple[int, ...]) -> int:
+    return math.prod(shape[a] for a in axes)
+  if layout.use == "conv":
+    n_in, n_out = shape[layout.inputs[-1]], size(layout.outputs)
+    spatial = [shape[a] for a in layout.inputs[:-1]] if kernel else []
+    fans, weights = n_in + n_out + sum(spatial), n_in * n_out * math.prod(spatial)
+  else:
+    fan_in, fan_out = size(layout.inputs), size(layout.outputs)
+    fans, weights = fan_in + fan_out, fan_in * fan_out
+  return fans / weights if weights else 0.0
+
+
+def layer_layout(layouts: Layouts, path: str, shape: Shape) -> Layout:
+  """The layout of one layer of leaf `path`, axes counted in `shape`: the leaf's
+  own shape, or a layer of it (`stacked=` drops leading axes, which must be stack
+  axes of the program).
+
+  Raises:
+    ValueError: `path` not in `layouts`; a use without fans (not a product, conv
+      or lookup); `shape` not a trailing part of the leaf's; `stacked=` dropping an
+      input or output axis.
+  """
+  layout = layouts.get(path, layouts.get(canonical_path(path)))
+  if layout is None:
+    raise ValueError(f"erk(layouts=...): the layouts have no entry for {path}; build them "
+                     "from the same params (weight_layouts(apply_fn, params, x, where=where))")
+  if layout.use not in ("dot_general", "conv", "gather"):
+    raise ValueError(f"erk(layouts=...): the program uses {path} as {layout.use!r} "
+                     f"({layout.reason or layout.source}): it has no fan-in and fan-out; leave "
+                     "it out of `where` or give it a sparsity with `fixed`")
+  full = tuple(layouts.shapes.get(path, layouts.shapes.get(canonical_path(path), shape)))
+  k = len(full) - len(shape)
+  if k < 0 or full[k:] != shape:
+    raise ValueError(f"erk(layouts=...): the layouts describe {path} as {full}, the "
+                     f"distribution is given {shape}")
+  if any(a < k for a in layout.inputs + layout.outputs):
+    raise ValueError(f"erk(layouts=...): `stacked` takes the first {k} axes of {path} as "
+                     f"layers, but the program uses them as inputs {layout.inputs} / outputs "
+                     f"{layout.outputs}")
+  return layout._replace(inputs=tuple(a - k for a in layout.inputs),
+                         outputs=tuple(a - k for a in layout.outputs), stack=())
 
 
 def _erk_densities(shapes: Sequence[Shape], raw: np.ndarray, sparsity: Any) -> jax.Array:

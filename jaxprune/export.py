@@ -2,15 +2,21 @@
 
 Each targeted leaf (mask not None) is stored as a bitmask (1 bit per weight,
 `np.packbits` of the row-major flattened mask, big-endian bits, as in
-`checkpointing.pack_masks`) plus its kept values only, in mask order, as float32,
-bfloat16, or int8 with one float32 scale per output channel (the last axis).
-Every other leaf is stored dense at its own dtype.
+`checkpointing.pack_masks`) plus its kept values only, in mask order: by default
+at the leaf's own dtype (bitwise, and exactly the bytes `sparsity_report` counts),
+or as float32, bfloat16, or int8 with one float32 scale per output channel: per
+index over the leaf's output and stack axes read from the program with
+`layouts=weight_layouts(apply_fn, params, x)`, else per index of the last axis (a
+convention: the output axis of a Flax `(in, out)` kernel, the input axis of an
+Equinox `(out, in)` weight or a gemma `(2, hidden, d)` gating kernel). Every other
+leaf is stored dense at its own dtype.
 
 File layout (all integers little-endian)::
 
   offset  size  field
   0       8     magic b"JXPRUNE1"
-  8       4     format version, uint32 (currently 1)
+  8       4     format version, uint32: 1, or 2 where an int8 leaf's scales run
+                over other axes than its last (`scale_axes` in the header)
   12      8     header length H in bytes, uint64
   20      8     payload length P in bytes, uint64
   28      H     header: UTF-8 JSON (tree skeleton, per-leaf dtype/shape/encoding/sections)
@@ -25,15 +31,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
+from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune.layouts import Layouts
 from jaxprune.leaf_selection import path_string
 from jaxprune.mask_tree import (
   align_masks,
@@ -46,13 +55,19 @@ from jaxprune.mask_tree import (
 )
 
 PyTree = Any
+# A `values` argument; None stores each leaf's kept values at the leaf's own dtype.
 Values = Literal["float32", "bfloat16", "int8"]
 
 MAGIC = b"JXPRUNE1"
-FORMAT_VERSION = 1
+# The newest version written. A file is written as version 1 unless some int8 leaf's
+# scales run over other axes than its last: a version-1 reader knows no
+# `scale_axes` and would decode those wrongly, so it is told to upgrade instead.
+FORMAT_VERSION = 2
+_READABLE = (1, 2)
 _PRELUDE = struct.Struct("<8sIQQ")  # magic, version, header length, payload length
 _DIGEST_BYTES = 32
 _VALUE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16)}
+_VALUES = (None, *_VALUE_DTYPES, "int8")
 _INT8_MAX = 127
 
 
@@ -66,11 +81,14 @@ class ExportInfo(NamedTuple):
   `targeted_bytes` are the payload bytes of the targeted leaves (bitmasks, values,
   int8 scales); `analytic_targeted_bytes` is what `SparsityReport` counts for them:
   `ceil(size / 8)` bitmask bytes plus kept weights at the leaf's own dtype (equal
-  to the report's figure when no kept weight is exactly zero).
+  to the report's figure when no kept weight is exactly zero). With the default
+  `values=None` the file stores exactly that: `targeted_bytes ==
+  analytic_targeted_bytes` and `file_bytes - header_bytes` is the report's
+  `total_compressed_bytes` (when the report targets the masked leaves).
   """
 
   path: str
-  values: str
+  values: str | None  # the `values` argument: None for each leaf's own dtype
   file_bytes: int  # the whole file on disk
   header_bytes: int  # prelude + JSON header + checksum: file_bytes - payload
   targeted_bytes: int
@@ -173,32 +191,72 @@ def _dtype_name(dtype: np.dtype) -> str:
   return jnp.dtype(dtype).name
 
 
-def _int8_encode(x: np.ndarray, flat_mask: np.ndarray, where: str):
-  """Symmetric per-channel int8 of the kept weights of `x`: (q in mask order, scales).
+def int8_scale_axes(layouts: Mapping[str, Any] | None, path: str,
+                    shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The axes int8 keeps one scale per index of, for leaf `path` of `shape`.
 
-  `scale_c = max |w| / 127` over the kept weights of output channel `c` (the last
-  axis), `q = clip(round(w / scale_c), -127, 127)`. A channel with no kept weight,
-  or only zeros, gets scale 0 and decodes to zeros.
+  With layouts: the leaf's stack and output axes (sorted), so a scale covers one
+  output neuron of one layer and is the max over its input axes (a conv's input
+  feature and spatial axes). Without: the last axis (the convention).
+
+  Raises:
+    ValueError: `layouts` without `path`, or using it as other than a product or
+      conv weight (an embedding, a scale: no output neurons), with the reason.
   """
-  channels = x.shape[-1] if x.ndim else 1
+  if layouts is None:
+    return (len(shape) - 1,) if shape else ()
+  layout = layouts.get(path, layouts.get(canonical_path(path)))
+  if layout is None:
+    raise ValueError(f"export_compressed(values='int8', layouts=...): the layouts have no entry "
+                     f"for {path}; build them from the same params")
+  if layout.use not in ("dot_general", "conv"):
+    raise ValueError(f"export_compressed(values='int8', layouts=...): the program uses {path} "
+                     f"as {layout.use!r} ({layout.reason or layout.source}), not as the weight "
+                     "of a product or conv: it has no output channels to scale by; export it "
+                     "unmasked, or without layouts (scales per last axis)")
+  return tuple(sorted(layout.stack + layout.outputs))
+
+
+def _scale_index(shape: tuple[int, ...], scale_axes: tuple[int, ...],
+                 mask: np.ndarray) -> np.ndarray:
+  """For each kept weight (row-major, where `mask` of `shape`), the flat index of
+  its scale in the row-major `(shape[a] for a in scale_axes)` array of scales."""
+  count = math.prod(shape[a] for a in scale_axes)
+  ids = np.arange(count).reshape([shape[a] if a in scale_axes else 1 for a in range(len(shape))])
+  return np.broadcast_to(ids, shape)[mask.reshape(shape)]  # a view: no index per weight
+
+
+def _int8_encode(x: np.ndarray, flat_mask: np.ndarray, where: str,
+                 scale_axes: tuple[int, ...]):
+  """Symmetric int8 of the kept weights of `x`: (q in mask order, scales).
+
+  One scale per index over `scale_axes` (`int8_scale_axes`): `scale_c = max |w| /
+  127` over the kept weights of channel `c` (all its other axes),
+  `q = clip(round(w / scale_c), -127, 127)`. A channel with no kept weight, or only
+  zeros, gets scale 0 and decodes to zeros. Scales are stored row-major over the
+  scale axes, in increasing axis order.
+  """
   dense = np.where(flat_mask, x.reshape(-1).astype(np.float32), np.float32(0))
   if not np.isfinite(dense).all():
     raise ValueError(f"leaf {where} has NaN or inf among its kept weights; cannot quantize to int8")
-  # Row-major: the last axis varies fastest, so rows of this view are channel vectors.
-  if channels:
-    amax = np.abs(dense.reshape(-1, channels)).max(axis=0, initial=np.float32(0))
-  else:  # A 0-length last axis: no weights, no scales.
-    amax = np.zeros(0, np.float32)
-  scale = (amax / np.float32(_INT8_MAX)).astype(np.float32)
+  reduced = tuple(a for a in range(x.ndim) if a not in scale_axes)
+  amax = np.abs(dense.reshape(x.shape)).max(axis=reduced, initial=np.float32(0))
+  scale = (amax / np.float32(_INT8_MAX)).astype(np.float32).reshape(-1)
   safe = np.where(scale > 0, scale, 1).astype(np.float64)
-  channel = np.flatnonzero(flat_mask) % max(channels, 1)
+  channel = _scale_index(x.shape, scale_axes, flat_mask)
   # float64 division so the rounding is that of w / scale itself, not of a float32 quotient.
   q = np.rint(dense[flat_mask].astype(np.float64) / safe[channel])
   return np.clip(q, -_INT8_MAX, _INT8_MAX).astype(np.int8), scale
 
 
-def _encode_leaf(x: np.ndarray, mask: np.ndarray | None, values: str, where: str):
-  """(header entry without offsets, {section name: bytes})."""
+def _encode_leaf(x: np.ndarray, mask: np.ndarray | None, values: str | None, where: str,
+                 layouts: Mapping[str, Any] | None = None):
+  """(header entry without offsets, {section name: bytes}).
+
+  A masked leaf's entry names how its kept values are stored: `values`, or with
+  `values=None` its own dtype name (`"float16"`, `"bfloat16"`, ...), raw bytes;
+  an int8 one whose scales do not run along its last axis also its `scale_axes`.
+  """
   entry = {"path": where, "shape": list(x.shape), "dtype": _dtype_name(x.dtype)}
   if mask is None:
     return {**entry, "encoding": "dense"}, {"data": x.tobytes()}
@@ -206,15 +264,32 @@ def _encode_leaf(x: np.ndarray, mask: np.ndarray | None, values: str, where: str
     raise ValueError(f"leaf {where} has a mask but dtype {x.dtype}; only float leaves are masked")
   flat_mask = np.asarray(jax.device_get(mask)).reshape(-1)
   sections = {"mask": pack_bits(flat_mask).tobytes()}
-  entry = {**entry, "encoding": "bitmask", "values": values, "kept": int(flat_mask.sum())}
-  if values == "int8":
-    q, scale = _int8_encode(x, flat_mask, where)
+  stored = entry["dtype"] if values is None else values
+  entry = {**entry, "encoding": "bitmask", "values": stored, "kept": int(flat_mask.sum())}
+  kept = x.reshape(-1)[flat_mask]
+  if values is None:  # The leaf's own bytes: never larger than dense, bitwise on load.
+    sections["values"] = kept.tobytes()
+  elif values == "int8":
+    scale_axes = int8_scale_axes(layouts, where, x.shape)
+    if scale_axes != int8_scale_axes(None, where, x.shape):  # the last axis goes unsaid
+      entry["scale_axes"] = list(scale_axes)
+    q, scale = _int8_encode(x, flat_mask, where, scale_axes)
     sections["values"] = q.tobytes()
     sections["scales"] = scale.tobytes()
   else:
-    kept = x.reshape(-1)[flat_mask].astype(np.float32)  # Exact for bf16/f16/f32 leaves.
-    sections["values"] = kept.astype(_VALUE_DTYPES[values]).tobytes()
+    # Through float32, exact for bf16/f16/f32 leaves, so bf16 values round only once.
+    sections["values"] = kept.astype(np.float32).astype(_VALUE_DTYPES[values]).tobytes()
   return entry, sections
+
+
+def _stored_scale_axes(entry: dict, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """An int8 entry's scale axes: as recorded, else (files before them) the last."""
+  axes = entry.get("scale_axes", [len(shape) - 1] if shape else [])
+  if not (isinstance(axes, list) and all(type(a) is int for a in axes)
+          and axes == sorted(set(axes)) and all(0 <= a < len(shape) for a in axes)):
+    raise CompressedFormatError(f"leaf {entry['path']}: scale_axes {axes!r} are not increasing "
+                                f"axes of its shape {list(shape)}")
+  return tuple(axes)
 
 
 def _decode_leaf(entry: dict, payload: memoryview) -> tuple[np.ndarray, np.ndarray | None]:
@@ -242,13 +317,14 @@ def _decode_leaf(entry: dict, payload: memoryview) -> tuple[np.ndarray, np.ndarr
   if int(flat_mask.sum()) != kept:
     raise CompressedFormatError(f"leaf {where}: bitmask keeps {flat_mask.sum()}, header {kept}")
   if entry["values"] == "int8":
-    channels = shape[-1] if shape else 1
+    scale_axes = _stored_scale_axes(entry, shape)
     q = section("values", np.dtype(np.int8), kept)
-    scale = section("scales", np.dtype(np.float32), channels)
-    channel = np.flatnonzero(flat_mask) % max(channels, 1)  # A 0-length last axis keeps none.
-    kept_values = q.astype(np.float32) * scale[channel]
+    scale = section("scales", np.dtype(np.float32), math.prod(shape[a] for a in scale_axes))
+    kept_values = q.astype(np.float32) * scale[_scale_index(shape, scale_axes, flat_mask)]
   elif entry["values"] in _VALUE_DTYPES:
     kept_values = section("values", _VALUE_DTYPES[entry["values"]], kept)
+  elif entry["values"] == entry["dtype"]:  # `values=None`: the leaf's own dtype.
+    kept_values = section("values", dtype, kept)
   else:
     raise CompressedFormatError(f"leaf {where}: unknown value encoding {entry['values']!r}")
   flat = np.zeros(size, dtype)
@@ -277,22 +353,40 @@ def export_compressed(
     path: str | os.PathLike,
     params: PyTree,
     masks: PyTree | None = None,
-    values: Values = "float32",
+    values: Values | None = None,
+    layouts: Layouts | None = None,
 ) -> ExportInfo:
   """Writes `apply_masks(params, masks)` to one compressed file at `path`.
 
   Targeted leaves (mask not None) cost `ceil(size / 8)` bitmask bytes plus `kept`
-  values of 4 (float32), 2 (bfloat16) or 1 (int8) bytes, int8 adding one float32
-  scale per output channel (`shape[-1]` of them). Untargeted leaves are stored
-  dense at their own dtype. Pruned weights are not stored: they load as 0.
+  values of `itemsize` bytes: by default the leaf's own dtype (2 for bf16/f16, 4
+  for f32), or 4 (float32), 2 (bfloat16) or 1 (int8) as asked, int8 adding one
+  float32 scale per output channel (see below). Untargeted leaves are stored dense
+  at their own dtype. Pruned weights are not stored: they load as 0.
 
-  int8 is symmetric per output channel `c` (the last axis):
-  `scale_c = max |w|` over the kept weights of channel `c`, divided by 127;
-  `q = clip(round(w / scale_c), -127, 127)`; decoded as `q * scale_c`, so
-  `|w - q * scale_c| <= scale_c / 2` (up to float32 rounding of the product).
+  With the default, a targeted leaf of `size` weights keeping `kept` costs
+  `ceil(size / 8) + kept * itemsize` bytes, under its dense `size * itemsize`
+  once `kept / size < 1 - 1 / (8 * itemsize)` (bf16/f16: 15/16; f32: 31/32).
+  That is `sparsity_report`'s count: the payload equals the report's
+  `total_compressed_bytes` (when no kept weight is exactly zero), so the file is
+  that plus `header_bytes` (prelude, JSON, checksum), and its payload is smaller
+  than the dense bytes wherever the report shows compression (`> 1x`).
 
-  float32 values of float32 leaves round-trip bitwise; values are cast back to the
-  leaf's dtype on load.
+  int8 is symmetric per output channel `c`: `scale_c = max |w|` over the kept
+  weights of channel `c`, divided by 127; `q = clip(round(w / scale_c), -127,
+  127)`; decoded as `q * scale_c`, so `|w - q * scale_c| <= scale_c / 2` (up to
+  float32 rounding of the product). With `layouts` a channel is one output neuron
+  of one layer: an index over the leaf's stack and output axes, the max taken over
+  its input axes (`(2, hidden, d)` contracted on `d`: `2 * hidden` scales, each
+  over `d`; `(heads, head_dim, d)`: `d` scales, each over heads and head_dim; a
+  conv: one per output feature, over input features and space). Without layouts,
+  by convention, a channel is an index of the last axis (right for Flax `(in,
+  out)` kernels; the input axis of Equinox `(out, in)` weights). The header
+  records an int8 leaf's `scale_axes` where they are not its last axis (the file
+  is then format version 2), so `load_compressed` needs no layouts.
+
+  The default round-trips every leaf bitwise (dtype kept); float32 values do so
+  for float32 leaves. Values are cast back to the leaf's dtype on load.
 
   Args:
     path: the file to write (replaced atomically if it exists).
@@ -300,18 +394,28 @@ def export_compressed(
       node; numeric array or scalar leaves).
     masks: a mask tree of `params` (from `magnitude_masks`, `nm_masks`, ...), or
       None to store every leaf dense.
-    values: `"float32"`, `"bfloat16"` or `"int8"`: how kept values are stored.
+    values: None (each leaf's own dtype), `"float32"`, `"bfloat16"` or `"int8"`:
+      how kept values are stored.
+    layouts: `weight_layouts(apply_fn, params, x)`: int8 scales per output
+      channel of each masked leaf, read from the program; None: per last axis.
+      Read by int8 only.
 
   Returns:
     An `ExportInfo` of the written file (see `export_info`).
 
   Raises:
     ValueError: unknown `values`; `masks` not matching params (see `check_masks`);
-      a mask on a non-float leaf; NaN/inf kept weights with `values="int8"`.
+      a mask on a non-float leaf; NaN/inf kept weights with `values="int8"`; with
+      int8 and `layouts`, a masked leaf they lack or that is not a product or conv
+      weight (named with the program's reason).
     TypeError: a non-numeric leaf, or a dict key that is neither str nor int.
 
   Example::
 
+    >>> info = jaxprune.export_compressed("model.jxp", params, masks)  # own dtypes: f32
+    >>> report = jaxprune.sparsity_report(jaxprune.apply_masks(params, masks))
+    >>> info.file_bytes - info.header_bytes == report.to_dict()["total_compressed_bytes"]
+    True
     >>> masks = jaxprune.nm_masks(params, 2, 4)
     >>> info = jaxprune.export_compressed("model.jxp", params, masks, values="int8")
     >>> info.file_bytes, round(info.targeted_compression, 2)   # bytes; x smaller on targets
@@ -319,9 +423,27 @@ def export_compressed(
     >>> params2 = jaxprune.load_compressed("model.jxp")
     >>> float(jnp.mean(params2["fc1"]["kernel"] == 0))           # 2 of every 4 zeroed
     0.5
+
+  Scales per output neuron of an Equinox-style `(out, in)` weight, from its layout
+  (the small neuron keeps its own scale, not the large one's)::
+
+    >>> from jaxprune.layouts import weight_layouts
+    >>> w = {"w": jnp.array([[1.0, -2.0], [0.03, 0.01]])}      # rows: output neurons
+    >>> layouts = weight_layouts(lambda p, x: x @ p["w"].T, w, jnp.ones((1, 2)))
+    >>> m = {"w": jnp.ones((2, 2), bool)}
+    >>> _ = jaxprune.export_compressed("w.jxp", w, m, values="int8", layouts=layouts)
+    >>> np.asarray(jaxprune.load_compressed("w.jxp")["w"][1], np.float64).round(3).tolist()
+    [0.03, 0.01]
+    >>> _ = jaxprune.export_compressed("w.jxp", w, m, values="int8")   # per last axis
+    >>> np.asarray(jaxprune.load_compressed("w.jxp")["w"][1], np.float64).round(3).tolist()
+    [0.031, 0.016]
   """
-  if values not in ("float32", "bfloat16", "int8"):
-    raise ValueError(f"values must be 'float32', 'bfloat16' or 'int8', got {values!r}")
+  if layouts is not None and not isinstance(layouts, Layouts):
+    raise ValueError("layouts must be a jaxprune.layouts.Layouts (weight_layouts(apply_fn, params, "
+                     f"x)) or None, got {type(layouts).__name__}")
+  if values not in _VALUES:
+    raise ValueError("values must be None (each leaf's own dtype), 'float32', 'bfloat16' "
+                     f"or 'int8', got {values!r}")
   path = os.fspath(path)
   # None counts as a leaf here, as in mask trees, so that params and masks line up.
   with_path = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_none)[0]
@@ -333,7 +455,7 @@ def export_compressed(
   entries, payload, offset = [], [], 0
   for p, x, mask in leaves:
     where = path_string(p)
-    entry, sections = _encode_leaf(_host_array(x, where), mask, values, where)
+    entry, sections = _encode_leaf(_host_array(x, where), mask, values, where, layouts)
     entry["sections"] = {}
     for name, data in sections.items():
       entry["sections"][name] = [offset, len(data)]
@@ -344,13 +466,21 @@ def export_compressed(
   header = json.dumps(
       {"values": values, "tree": skeleton, "leaves": entries}, separators=(",", ":")
   ).encode()
-  prelude = _PRELUDE.pack(MAGIC, FORMAT_VERSION, len(header), offset)
+  prelude = _PRELUDE.pack(MAGIC, _version_of(entries), len(header), offset)
   digest = hashlib.sha256(prelude)
   digest.update(header)
   for chunk in payload:
     digest.update(chunk)
   _write_atomic(path, [prelude, header, *payload, digest.digest()])
   return _info(path, json.loads(header), os.path.getsize(path), offset)
+
+
+def _version_of(entries: list[dict]) -> int:
+  """1 unless an int8 leaf's scales run over other axes than its last (version 2)."""
+  def last_axis(entry: dict) -> list[int]:
+    return [len(entry["shape"]) - 1] if entry["shape"] else []
+  moved = any(e.get("scale_axes", last_axis(e)) != last_axis(e) for e in entries)
+  return 2 if moved else 1
 
 
 def _read(path: str) -> tuple[dict, memoryview]:
@@ -364,9 +494,10 @@ def _read(path: str) -> tuple[dict, memoryview]:
   if len(data) < _PRELUDE.size:
     raise CompressedFormatError(f"{path} is truncated: {len(data)} bytes, shorter than its prelude")
   _, version, header_len, payload_len = _PRELUDE.unpack_from(data)
-  if version != FORMAT_VERSION:
+  if version not in _READABLE:
     raise CompressedFormatError(
-        f"{path} has format version {version}; this jaxprune reads version {FORMAT_VERSION}"
+        f"{path} has format version {version}; this jaxprune reads version {FORMAT_VERSION} "
+        f"and earlier ({', '.join(map(str, _READABLE))})"
         + (" (upgrade jaxprune to read it)" if version > FORMAT_VERSION else "")
     )
   body_end = _PRELUDE.size + header_len + payload_len

@@ -5,25 +5,47 @@ by the per-input-feature norms `||x_j||_2`, SparseGPT by the Gram matrix `XᵀX`
 `input_statistics(apply_fn, params, batches, where)` collects them without any
 change to the model: it traces `apply_fn(params, batch)` to a jaxpr and
 interprets it, following every targeted leaf through views of it (reshape,
-transpose, casts, broadcasts, nested `jit`, `remat`, custom derivatives) to the
-`dot_general` that consumes it, and records the other operand there:
+transpose, casts, broadcasts, `w[i]`, nested `jit`, `remat`, custom derivatives,
+`lax.scan`, `fori_loop` / `while_loop`) to the `dot_general` or convolution that
+consumes it, and records what it multiplies there:
 
-* the kernel's contracted axes are its *input features* (axis 0 of a Flax
-  `(in, out)` kernel, axis 1 of an Equinox `(out, in)` weight, `d` of an
-  attention kernel reshaped `(d, heads, head_dim)`);
-* its batch axes in the `dot_general` (a `vmap`ped MoE `(E, in, out)`) and its
-  axes scanned over by `lax.scan` (stacked layers) index separate statistics;
+* a `dot_general`'s kernel: the other operand. The kernel's contracted axes are
+  its *input features* (axis 0 of a Flax `(in, out)` kernel, axis 1 of an
+  Equinox `(out, in)` weight, `d` of an attention kernel reshaped
+  `(d, heads, head_dim)`), flattened row-major in the order the product
+  contracts them;
+* a `conv_general_dilated`'s kernel (rhs): the unfolded input patches, as OBC and
+  SparseGPT prune convolutions: one row per output position (batch and spatial),
+  holding exactly what that position's dot product with the kernel reads (same
+  strides, padding, lhs/rhs dilation and dimension numbers; zero padding
+  included). Its input features are the kernel's spatial axes, then its
+  in-feature axis: `(kh, kw, in)` of a Flax HWIO kernel (axes `(0, 1, 2)`),
+  `(kh, kw, in)` of an Equinox/PyTorch OIHW one (axes `(2, 3, 1)`), flattened
+  row-major in that order, so the in-channel varies fastest (N:M groups of
+  consecutive inputs run along input channels, as NVIDIA's sparse convolutions
+  group them). A grouped or depthwise conv (`feature_group_count` or
+  `batch_group_count` > 1) is refused: each group of output channels reads other
+  input channels, which one statistic over the kernel's input axes cannot hold;
+* stack axes index separate statistics: a product's batch axes (a `vmap`ped MoE
+  `(E, in, out)`), the axis `lax.scan` slices (stacked layers), and an axis
+  indexed by `w[i]` (`for i in range(L): x = x @ w[i]`, or a traced `i` in
+  `fori_loop`): layer `i`'s statistics come from what `w[i]` multiplied, added at
+  run time into row `i` (the index clamped as `dynamic_slice` clamps it; a
+  `jnp.take` index out of range adds nothing, as the gather fills);
 * every other axis of the activation (batch, positions) is summed over.
 
-For a leaf with input-feature axes `F` (sizes `f`) and stack axes `S`, the result
-holds `sq_norms`: `sum over rows of x**2`, shape `S + f`; `gram` (if asked):
-`XᵀX`, shape `S + (prod f, prod f)`; `rows`: how many rows were summed. A leaf
-used by several products sums their rows. Leaves reached by no `dot_general`
-(or only through an op the interpreter cannot see through) are listed in
-`unattributed` with the reason; asking for statistics of such a leaf is refused.
-Wanda and SparseGPT check each leaf's statistics against the leaf before they
-compute anything (`check_leaf_statistics`: shape, stack length, rows, inputs not
-all zero).
+For a leaf with input-feature axes `F` (sizes `f`) and stack axes `S` (sizes
+`s`: the axes indexed by `w[i]` or sliced by a scan, outermost first, then a
+product's batch axes), the result
+holds `sq_norms`: `sum over rows of x**2`, shape `s + f`; `gram` (if asked):
+`XᵀX`, shape `s + (prod f, prod f)`; `rows`: the most rows one layer (one index
+along `S`) summed. A leaf used by several products sums their rows. Leaves
+reached by no product, or only through an op the interpreter cannot see through,
+are listed in `unattributed` with the reason (the primitive and the user's
+source line); asking for statistics of such a leaf is refused. Wanda and
+SparseGPT check each leaf's statistics against the leaf before they compute
+anything (`check_leaf_statistics`: shape, stack length, rows, inputs not all
+zero).
 
 Example::
 
@@ -46,32 +68,31 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxprune.layouts import INLINE_OPS, is_view_op, source_line, view_after
 from jaxprune.leaf_selection import Where
 from jaxprune.mask_tree import resolve_where, slots
 
 PyTree = Any
 
-# Ops that only change how a kernel is viewed: followed, not recorded.
-_VIEWS = {"convert_element_type", "copy", "copy_p", "reduce_precision", "sharding_constraint",
-          "optimization_barrier"}
-# Ops holding a jaxpr that runs once on its inputs: interpreted inline.
-_INLINE = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
-           "checkpoint": "jaxpr", "remat": "jaxpr", "remat2": "jaxpr",
-           "custom_jvp_call": "call_jaxpr",
-           "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr"}
-
-
-class View(NamedTuple):
-  """A value that is a view of targeted leaf `leaf`: `axes[d]` is the leaf axis that
-  view axis `d` is (None: a mix of leaf axes, or one a broadcast added)."""
+class Tracked(NamedTuple):
+  """A value that is a view of targeted leaf `leaf` (`layouts.View`'s fields:
+  `axes[d]` is the leaf axis of its dimension `d`, None for a mix of leaf axes or
+  a new one; `indexed` the leaf axes `w[i]` took away) and, per indexed axis,
+  `at`: `(i, size)`, the index (a Python int, or an int scalar computed at run
+  time), already clamped as the slicing op clamps it (`size`: out of range, so
+  nothing is added), and the leaf axis's size."""
 
   leaf: int
   axes: tuple
+  indexed: tuple = ()
+  at: tuple = ()
 
 
 class Contribution(NamedTuple):
   """One product's statistics for `leaf`: over the leaf axes `axes` (stack axes,
-  then input-feature axes, `n_stack` of them stack axes)."""
+  then input-feature axes, `n_stack` of them stack axes). The first `len(at)`
+  stack axes are indexed (`Tracked.at`): the arrays lack them, the statistics
+  belong in row `i` of each. `rows`: per slice along the other stack axes."""
 
   leaf: int
   axes: tuple
@@ -79,6 +100,7 @@ class Contribution(NamedTuple):
   sq_norms: jax.Array
   gram: jax.Array | None
   rows: jax.Array
+  at: tuple = ()
 
 
 class LeafStatistics(NamedTuple):
@@ -164,49 +186,55 @@ def _read(env: dict, v: Any) -> Any:
   return v.val if isinstance(v, jcore.Literal) else env[v]
 
 
-def _reshape_axes(old: tuple[int, ...], new: tuple[int, ...], axes: tuple) -> tuple:
-  """View axes after a reshape: a new axis keeps its leaf axis only where it is the
-  one old axis of its group (same size, alone); size-1 axes come and go freely."""
-  out: list[Any] = [None] * len(new)
-  i = j = 0
-  while i < len(old) or j < len(new):
-    if j < len(new) and new[j] == 1 and (i >= len(old) or old[i] != 1):
-      j += 1
-      continue
-    if i < len(old) and old[i] == 1 and (j >= len(new) or new[j] != 1):
-      i += 1
-      continue
-    if i < len(old) and j < len(new) and old[i] == new[j]:
-      out[j] = axes[i]
-      i, j = i + 1, j + 1
-      continue
-    # A group merged or split: its axes lose their identity.
-    a, b = (old[i] if i < len(old) else 1), (new[j] if j < len(new) else 1)
-    i, j = i + 1, j + 1
-    while a != b and (i < len(old) or j < len(new)):
-      if a < b and i < len(old):
-        a, i = a * old[i], i + 1
-      elif j < len(new):
-        b, j = b * new[j], j + 1
-      else:
-        break
-  return tuple(out)
+class _Ctx(NamedTuple):
+  """What every equation needs: whether to build Gram matrices; `notes`: per leaf,
+  the first reason a use of it could not be recorded; `context`: the source lines
+  of the calls being interpreted (an equation inside `jnp.take` has no line of the
+  user's, its call has)."""
+
+  gram: bool
+  notes: dict
+  context: list
+
+  def where(self, eqn: Any) -> str:
+    """`eqn`'s line in the user's code, else the line of the call it is inside."""
+    line = source_line(eqn)
+    return line if line and line != "unknown source" else (
+        self.context[-1] if self.context else "an unknown line")
 
 
-def _view_out(name: str, params: dict, view: View, in_shape: tuple, out_shape: tuple) -> View:
-  if name in _VIEWS:
-    return view
-  if name == "transpose":
-    return view._replace(axes=tuple(view.axes[p] for p in params["permutation"]))
-  if name == "broadcast_in_dim":
-    axes: list[Any] = [None] * len(out_shape)
-    for i, d in enumerate(params["broadcast_dimensions"]):
-      axes[int(d)] = view.axes[i] if in_shape[i] == out_shape[int(d)] else None
-    return view._replace(axes=tuple(axes))
-  return view._replace(axes=_reshape_axes(in_shape, out_shape, view.axes))
+Sums = tuple  # (sq_norms, gram or None, rows): one key's statistics, summed
 
 
-def _record(view: View, w_side: int, eqn: Any, ins: list, gram: bool) -> Contribution | str:
+def _add(found: dict, c: Contribution) -> None:
+  """Adds `c` into `found` (`(leaf, axes, n_stack)` -> `Sums`): an indexed
+  contribution into row `i` of each indexed axis (`.at[i].add`, in place: a loop
+  over `L` layers holds one `(L, ...)` sum, not `L` of them)."""
+  key, values = (c.leaf, c.axes, c.n_stack), (c.sq_norms, c.gram, c.rows)
+  if key not in found:
+    sizes = tuple(size for _, size in c.at)
+    found[key] = jax.tree.map(lambda v: jnp.zeros(sizes + v.shape, v.dtype), values)
+  if c.at:
+    index = tuple(i for i, _ in c.at)
+    found[key] = jax.tree.map(lambda s, v: s.at[index].add(v, mode="drop"), found[key], values)
+  else:
+    found[key] = jax.tree.map(jnp.add, found[key], values)
+
+
+def _merge(found: dict, key: tuple, sums: Sums) -> None:
+  found[key] = sums if key not in found else jax.tree.map(jnp.add, found[key], sums)
+
+
+def _sums_of_rows(x: jax.Array, gram: bool) -> tuple:
+  """`x` `(*b, n, F)` -> (`sum_n x²` `(*b, F)`, `XᵀX` `(*b, F, F)` or None,
+  rows `n` per slice, shape `b`)."""
+  sq = jnp.sum(x * x, axis=-2)
+  g = jnp.einsum("...nf,...ng->...fg", x, x) if gram else None
+  return sq, g, jnp.full(x.shape[:-2], x.shape[-2], jnp.int32)
+
+
+def _record_dot(view: Tracked, w_side: int, eqn: Any, ins: list, gram: bool,
+                where: str) -> Contribution | str:
   """The statistics of the activation operand of a `dot_general` of `view`."""
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
   kc, kb = (lc, lb) if w_side == 0 else (rc, rb)
@@ -214,41 +242,125 @@ def _record(view: View, w_side: int, eqn: Any, ins: list, gram: bool) -> Contrib
   feature = tuple(view.axes[d] for d in kc)
   stack = tuple(view.axes[d] for d in kb)
   if None in feature or None in stack:
-    return "its contracted axes are a reshaped mix of its own (unsupported view)"
+    return (f"the dot_general at {where} contracts a reshaped mix of its axes or a "
+            "part of one (`w[a:b]`), which the statistics cannot map back to its axes")
   x = ins[1 - w_side].astype(jnp.float32)
   rest = [d for d in range(x.ndim) if d not in xc and d not in xb]
   x = jnp.transpose(x, (*xb, *rest, *xc))
   b_shape = x.shape[:len(xb)]
   f_shape = x.shape[len(xb) + len(rest):]
-  x = x.reshape(*b_shape, -1, math.prod(f_shape))
-  sq = jnp.sum(x * x, axis=-2).reshape(*b_shape, *f_shape)
-  g = jnp.einsum("...nf,...ng->...fg", x, x) if gram else None
-  return Contribution(view.leaf, stack + feature, len(stack), sq, g,
-                      jnp.asarray(x.shape[-2], jnp.int32))
+  sq, g, rows = _sums_of_rows(x.reshape(*b_shape, -1, math.prod(f_shape)), gram)
+  return Contribution(view.leaf, view.indexed + stack + feature, len(view.indexed) + len(stack),
+                      sq.reshape(*b_shape, *f_shape), g, rows, view.at)
 
 
-def _run(jaxpr: Any, consts: list, args: list, views: dict, gram: bool, notes: dict) -> tuple:
-  """Evaluates `jaxpr` on `args`; returns (outputs, their views, contributions)."""
+def _conv_patches(lhs: jax.Array, kernel_shape: tuple[int, ...], params: dict) -> jax.Array:
+  """The unfolded input patches of `conv_general_dilated(lhs, kernel, **params)`:
+  `(rows, *spatial, in)`, one row per output position (batch, then output spatial
+  positions, in the output's layout order), with `rows[r] · kernel[o]` (the kernel
+  as `(*spatial, in)` for output channel `o`, its spatial axes in the order they
+  lie in the kernel) equal to that position's output channel `o`. Ungrouped convs
+  only; exact (an identity kernel, at the highest precision)."""
+  dn = params["dimension_numbers"]
+  spatial = tuple(sorted(dn.rhs_spec[2:]))  # `conv_general_dilated_patches`' order
+  window = tuple(kernel_shape[d] for d in spatial)
+  patches = lax.conv_general_dilated_patches(
+      lhs.astype(jnp.float32), window, params["window_strides"], params["padding"],
+      params["lhs_dilation"], params["rhs_dilation"], dn, precision=lax.Precision.HIGHEST)
+  batch, feature, *positions = dn.out_spec
+  channels = patches.shape[feature] // math.prod(window)
+  rows = jnp.transpose(patches, (batch, *positions, feature)).reshape(-1, channels, *window)
+  return jnp.moveaxis(rows, 1, -1)  # its features are (in, *spatial): in goes last
+
+
+def _record_conv(view: Tracked, eqn: Any, ins: list, gram: bool,
+                 where: str) -> Contribution | str:
+  """The statistics of the patches a `conv_general_dilated` kernel `view` reads."""
+  p = eqn.params
+  groups = (p["feature_group_count"], p["batch_group_count"])
+  if groups != (1, 1):
+    return (f"it is the kernel of a grouped conv_general_dilated at {where} "
+            f"(feature_group_count={groups[0]}, batch_group_count={groups[1]}): each group "
+            "of output channels reads other input channels, which one statistic over the "
+            "kernel's input axes cannot hold")
+  rhs_spec = p["dimension_numbers"].rhs_spec
+  features = tuple(view.axes[d] for d in (*sorted(rhs_spec[2:]), rhs_spec[1]))
+  if None in features:
+    return (f"the conv_general_dilated at {where} reads a reshaped mix of its axes or a part "
+            "of one, which the statistics cannot map back to its axes")
+  x = _conv_patches(ins[0], tuple(ins[1].shape), p)
+  f_shape = x.shape[1:]
+  sq, g, rows = _sums_of_rows(x.reshape(x.shape[0], -1), gram)
+  return Contribution(view.leaf, view.indexed + features, len(view.indexed),
+                      sq.reshape(f_shape), g, rows, view.at)
+
+
+def _clamped(i: Any, size: int, fill: bool = False) -> Any:
+  """Index `i` of an axis of `size` as the slicing op reads it: clamped into range
+  (`dynamic_slice`, a clipping gather), or `size` when out of range for a filling
+  gather (its slice is filled, not read: `_add` drops it)."""
+  if isinstance(i, (int, np.integer)) and not fill:
+    return min(max(int(i), 0), size - 1)
+  if fill:
+    return jnp.where((i >= 0) & (i < size), i, size)
+  return jnp.clip(i, 0, size - 1)
+
+
+def _sliced(t: Tracked, in_shape: tuple, out_shape: tuple, starts: list) -> Tracked:
+  """After `slice` / `dynamic_slice` from `starts`: an axis cut to size 1 from a
+  longer one is indexed there (`w[i]`, a stack axis once squeezed); one cut to
+  another size is no longer a whole leaf axis."""
+  axes, indexed, at = list(t.axes), list(t.indexed), list(t.at)
+  for d, (a, b) in enumerate(zip(in_shape, out_shape)):
+    if a != b:
+      if b == 1 and t.axes[d] is not None:
+        indexed.append(t.axes[d])
+        at.append((_clamped(starts[d], a), a))
+      axes[d] = None
+  return Tracked(t.leaf, tuple(axes), tuple(indexed), tuple(at))
+
+
+def _gathered(t: Tracked, eqn: Any, ins: list, out_shape: tuple) -> Tracked | None:
+  """After a `gather` that is `w[i]` (`jnp.take(w, i, axis)`: one index vector,
+  whole slices of the other axes); None for another gather (a table lookup)."""
+  dims, sizes = eqn.params["dimension_numbers"], eqn.params["slice_sizes"]
+  in_shape, indices = tuple(ins[0].shape), ins[1]
+  taken = tuple(dims.start_index_map)
+  if (dims.operand_batching_dims or math.prod(indices.shape[:-1]) != 1
+      or sorted(taken) != sorted(dims.collapsed_slice_dims)
+      or any(sizes[d] != (1 if d in taken else in_shape[d]) for d in range(len(in_shape)))
+      or any(t.axes[d] is None for d in taken)):
+    return None
+  axes: list[Any] = [None] * len(out_shape)
+  for position, a in zip(dims.offset_dims, [a for d, a in enumerate(t.axes) if d not in taken]):
+    axes[position] = a
+  fill = eqn.params["mode"] == lax.GatherScatterMode.FILL_OR_DROP
+  flat = jnp.reshape(indices, (-1,))
+  at = tuple((_clamped(flat[k], in_shape[d], fill), in_shape[d]) for k, d in enumerate(taken))
+  return Tracked(t.leaf, tuple(axes), t.indexed + tuple(t.axes[d] for d in taken), t.at + at)
+
+
+def _run(jaxpr: Any, consts: list, args: list, views: dict, ctx: _Ctx,
+         found: dict) -> tuple[list, list]:
+  """Evaluates `jaxpr` on `args`, adding its products' statistics into `found`;
+  returns (outputs, their views)."""
   env: dict = {}
-  tags: dict = {}
+  tags: dict = dict(views)
   for v, x in zip(jaxpr.constvars, consts):
     env[v] = x
   for v, x in zip(jaxpr.invars, args):
     env[v] = x
-  for v, t in views.items():
-    tags[v] = t
-  found: list[Contribution] = []
   for eqn in jaxpr.eqns:
     ins = [_read(env, v) for v in eqn.invars]
     in_tags = [None if isinstance(v, jcore.Literal) else tags.get(v) for v in eqn.invars]
-    outs, out_tags = _eval(eqn, ins, in_tags, gram, notes, found)
+    outs, out_tags = _eval(eqn, ins, in_tags, ctx, found)
     for v, x, t in zip(eqn.outvars, outs, out_tags):
       env[v] = x
       if t is not None:
         tags[v] = t
   outs = [_read(env, v) for v in jaxpr.outvars]
   out_tags = [None if isinstance(v, jcore.Literal) else tags.get(v) for v in jaxpr.outvars]
-  return outs, out_tags, found
+  return outs, out_tags
 
 
 def _bind(eqn: Any, ins: list) -> list:
@@ -258,84 +370,179 @@ def _bind(eqn: Any, ins: list) -> list:
   return list(out) if eqn.primitive.multiple_results else [out]
 
 
-def _eval(eqn: Any, ins: list, in_tags: list, gram: bool, notes: dict, found: list) -> tuple:
+def _note(ctx: _Ctx, tags: list, text: str) -> None:
+  for t in tags:
+    if t is not None:
+      ctx.notes.setdefault(t.leaf, text)
+
+
+def _eval(eqn: Any, ins: list, in_tags: list, ctx: _Ctx, found: dict) -> tuple[list, list]:
+  """One equation: its outputs and their views, recording a product of a leaf."""
   name = eqn.primitive.name
   tracked = [i for i, t in enumerate(in_tags) if t is not None]
   if not tracked:
     outs = _bind(eqn, ins)
     return outs, [None] * len(outs)
-  if name == "dot_general" and len(tracked) == 1:
-    got = _record(in_tags[tracked[0]], tracked[0], eqn, ins, gram)
-    if isinstance(got, str):
-      notes.setdefault(in_tags[tracked[0]].leaf, got)
-    else:
-      found.append(got)
-    outs = _bind(eqn, ins)
-    return outs, [None]
-  if name in _INLINE:
-    sub = eqn.params[_INLINE[name]]
+  if name in INLINE_OPS:
+    sub = eqn.params[INLINE_OPS[name]]
     inner, consts = (sub.jaxpr, sub.consts) if hasattr(sub, "jaxpr") else (sub, [])
-    views = {inner.invars[i]: in_tags[i] for i in tracked}
-    outs, out_tags, sub_found = _run(inner, consts, ins, views, gram, notes)
-    found.extend(sub_found)
-    return outs, out_tags
+    ctx.context.append(ctx.where(eqn))
+    try:
+      return _run(inner, consts, ins, {inner.invars[i]: in_tags[i] for i in tracked}, ctx,
+                  found)
+    finally:
+      ctx.context.pop()
   if name == "scan":
-    return _scan(eqn, ins, in_tags, gram, notes, found)
+    return _scan(eqn, ins, in_tags, ctx, found)
+  if name == "while":
+    return _while(eqn, ins, in_tags, ctx, found)
   outs = _bind(eqn, ins)
-  if len(tracked) == 1 and len(outs) == 1 and (
-      name in _VIEWS or name in ("transpose", "broadcast_in_dim", "reshape", "squeeze",
-                                 "expand_dims")):
-    t = in_tags[tracked[0]]
-    shape_in, shape_out = tuple(ins[tracked[0]].shape), tuple(outs[0].shape)
-    return outs, [_view_out(name, eqn.params, t, shape_in, shape_out)]
-  for i in tracked:  # consumed by an op the statistics cannot see through
-    notes.setdefault(in_tags[i].leaf, f"it reaches `{name}`, not a dot_general")
+  got = _product(name, eqn, ins, in_tags, tracked, ctx)
+  if got is not None:
+    if isinstance(got, str):
+      _note(ctx, in_tags, got)
+    else:
+      _add(found, got)
+    return outs, [None]
+  after = _view(name, eqn, ins, outs, in_tags, tracked)
+  if after is not None:
+    return outs, [after]
+  _note(ctx, in_tags, f"it reaches `{name}` at {ctx.where(eqn)}, not a dot_general or "
+        "conv_general_dilated kernel")
   return outs, [None] * len(outs)
 
 
-def _scan(eqn: Any, ins: list, in_tags: list, gram: bool, notes: dict, found: list) -> tuple:
-  """A `lax.scan` re-run with its body interpreted: a leaf scanned over (stacked
-  layers, as xs) gets one statistic per iteration along the leaf axis it is
-  sliced on; a leaf closed over (a const) sums them."""
+def _product(name: str, eqn: Any, ins: list, in_tags: list, tracked: list,
+             ctx: _Ctx) -> Contribution | str | None:
+  """A product's statistics for its targeted leaf, why not, or None: no product."""
+  where = ctx.where(eqn)
+  if name == "dot_general":
+    if len(tracked) == 2:
+      return (f"the dot_general at {where} multiplies two targeted leaves (no activation "
+              "to record)")
+    return _record_dot(in_tags[tracked[0]], tracked[0], eqn, ins, ctx.gram, where)
+  if name == "conv_general_dilated":
+    if tracked != [1]:
+      return f"it is the input (lhs) of the conv_general_dilated at {where}, not its kernel"
+    return _record_conv(in_tags[1], eqn, ins, ctx.gram, where)
+  return None
+
+
+def _view(name: str, eqn: Any, ins: list, outs: list, in_tags: list,
+          tracked: list) -> Tracked | None:
+  """The view of its one targeted input `eqn`'s output is (a slice, `w[i]`, a
+  reshape...), or None."""
+  if tracked != [0] or len(outs) != 1:
+    return None
+  t, shape_in, shape_out = in_tags[0], tuple(ins[0].shape), tuple(outs[0].shape)
+  if name == "slice":
+    return _sliced(t, shape_in, shape_out, list(eqn.params["start_indices"]))
+  if name == "dynamic_slice":
+    return _sliced(t, shape_in, shape_out, ins[1:])
+  if name == "gather":
+    return _gathered(t, eqn, ins, shape_out)
+  if is_view_op(name):
+    return view_after(name, eqn.params, t, shape_in, shape_out)
+  return None
+
+
+def _carried(eqn: Any, ins: list, tags: list, kind: str, ctx: _Ctx) -> tuple | None:
+  """A loop with a targeted leaf in its carry (its value changes per step): run as
+  it is, the leaf noted; None if there is none."""
+  if all(t is None for t in tags):
+    return None
+  _note(ctx, tags, f"it is a carry of the {kind} at {ctx.where(eqn)} (its value changes "
+        "per step)")
+  outs = _bind(eqn, ins)
+  return outs, [None] * len(outs)
+
+
+def _loop_sums(run: Callable, *args: Any) -> tuple[list, list]:
+  """The keys `run(found, *args)` adds statistics under, and zero sums of theirs
+  (traced abstractly): the extra carry of a loop that accumulates them."""
+  keys: list = []
+
+  def sums(*a):
+    found: dict = {}
+    run(found, *a)
+    keys[:] = list(found)
+    return [found[k] for k in keys]
+
+  shapes = jax.eval_shape(sums, *args)
+  return keys, [jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), v) for v in shapes]
+
+
+def _scan(eqn: Any, ins: list, in_tags: list, ctx: _Ctx, found: dict) -> tuple[list, list]:
+  """A `lax.scan` re-run with its body interpreted and the statistics summed in its
+  carry: a leaf scanned over (stacked layers, as xs) is indexed by the iteration
+  (`w[k]`, its row `k` of the leading axis); a leaf closed over (a const) is seen
+  whole each step (a `fori_loop`'s `w[i]` inside then indexes it)."""
   p = eqn.params
-  body, nc, nk = p["jaxpr"], p["num_consts"], p["num_carry"]
+  body, nc, nk, length = p["jaxpr"], p["num_consts"], p["num_carry"], p["length"]
   consts, init, xs = ins[:nc], ins[nc:nc + nk], ins[nc + nk:]
-  if any(t is not None for t in in_tags[nc:nc + nk]):
-    for t in in_tags[nc:nc + nk]:
-      if t is not None:
-        notes.setdefault(t.leaf, "it is a carry of a scan (unsupported)")
-    outs = _bind(eqn, ins)
-    return outs, [None] * len(outs)
+  refused = _carried(eqn, ins, in_tags[nc:nc + nk], "scan", ctx)
+  if refused is not None:
+    return refused
   inner = body.jaxpr
-  views, scanned = {}, {}
-  for i, t in enumerate(in_tags[:nc]):
-    if t is not None:
-      views[inner.invars[i]] = t
+  fixed = {inner.invars[i]: t for i, t in enumerate(in_tags[:nc]) if t is not None}
+  sliced = {}
   for i, t in enumerate(in_tags[nc + nk:]):
-    if t is not None:
-      views[inner.invars[nc + nk + i]] = t._replace(axes=t.axes[1:])
-      scanned[t.leaf] = t.axes[0]
-  meta: list[Contribution] = []
+    if t is not None and t.axes[0] is None:
+      _note(ctx, [t], f"the scan at {ctx.where(eqn)} slices a reshaped mix of its axes")
+    elif t is not None:
+      sliced[inner.invars[nc + nk + i]] = t
 
-  def step(carry, x):
-    outs, _, contribs = _run(inner, body.consts, [*consts, *carry, *x], views, gram, notes)
-    meta[:] = contribs
-    return outs[:nk], (outs[nk:], [(c.sq_norms, c.gram, c.rows) for c in contribs])
+  def run(acc, k, carry, x):
+    views = {**fixed, **{v: Tracked(t.leaf, t.axes[1:], t.indexed + (t.axes[0],),
+                                    t.at + ((k, length),)) for v, t in sliced.items()}}
+    return _run(inner, body.consts, [*consts, *carry, *x], views, ctx, acc)[0]
 
-  carry, (ys, stats) = lax.scan(step, list(init), list(xs), length=p["length"],
-                                reverse=p["reverse"], unroll=p["unroll"])
-  for c, (sq, g, rows) in zip(meta, stats):
-    if c.leaf not in scanned:
-      found.append(c._replace(sq_norms=sq.sum(0), gram=None if g is None else g.sum(0),
-                              rows=rows.sum()))
-    elif scanned[c.leaf] is None:
-      notes.setdefault(c.leaf, "it is scanned over a reshaped mix of its axes")
-    else:
-      axis = scanned[c.leaf]
-      found.append(c._replace(axes=(axis, *c.axes), n_stack=c.n_stack + 1, sq_norms=sq,
-                              gram=g, rows=rows[0]))
+  x0 = [jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)) for x in xs]
+  keys, zeros = _loop_sums(run, jnp.int32(0), list(init), x0)
+
+  def step(state, kx):
+    acc = dict(zip(keys, state[1]))
+    outs = run(acc, kx[0], state[0], kx[1:])
+    return (outs[:nk], [acc[key] for key in keys]), outs[nk:]
+
+  (carry, sums), ys = lax.scan(step, (list(init), zeros), [jnp.arange(length), *xs],
+                               length=length, reverse=p["reverse"], unroll=p["unroll"])
+  for key, s in zip(keys, sums):
+    _merge(found, key, s)
   outs = [*carry, *ys]
   return outs, [None] * len(outs)
+
+
+def _while(eqn: Any, ins: list, in_tags: list, ctx: _Ctx, found: dict) -> tuple[list, list]:
+  """A `lax.while_loop` (a `fori_loop` with traced bounds) re-run with its body
+  interpreted and the statistics summed in its carry: a leaf closed over by the
+  body is seen whole each step (`w[i]` inside indexes it); the condition runs as
+  it is."""
+  p = eqn.params
+  cn, bn = p["cond_nconsts"], p["body_nconsts"]
+  cond_consts, body_consts, init = ins[:cn], ins[cn:cn + bn], ins[cn + bn:]
+  refused = _carried(eqn, ins, in_tags[cn + bn:], "while loop", ctx)
+  if refused is not None:
+    return refused
+  body, cond = p["body_jaxpr"], p["cond_jaxpr"]
+  fixed = {body.jaxpr.invars[i]: t for i, t in enumerate(in_tags[cn:cn + bn]) if t is not None}
+
+  def run(acc, carry):
+    return _run(body.jaxpr, body.consts, [*body_consts, *carry], fixed, ctx, acc)[0]
+
+  keys, zeros = _loop_sums(run, list(init))
+
+  def cond_fun(state):
+    return _run(cond.jaxpr, cond.consts, [*cond_consts, *state[0]], {}, ctx, {})[0][0]
+
+  def body_fun(state):
+    acc = dict(zip(keys, state[1]))
+    return run(acc, state[0]), [acc[key] for key in keys]
+
+  carry, sums = lax.while_loop(cond_fun, body_fun, (list(init), zeros))
+  for key, s in zip(keys, sums):
+    _merge(found, key, s)
+  return list(carry), [None] * len(carry)
 
 
 def _is_array(x: Any) -> bool:
@@ -345,9 +552,10 @@ def _is_array(x: Any) -> bool:
 
 def _collector(apply_fn: Callable, params: PyTree, chosen: list[int], gram: bool,
                notes: dict, meta: list) -> Callable:
-  """A jitted `(arrays, batch) -> [(sq_norms, gram, rows)]`, one per product found,
-  over the array slots of `params` (the others, e.g. an Equinox module's functions,
-  are closed over); `meta` receives their `(leaf, axes, n_stack)` when traced."""
+  """A jitted `(arrays, batch) -> [(sq_norms, gram, rows)]`, one per statistic
+  found (a leaf and the axes it is used along), over the array slots of `params`
+  (the others, e.g. an Equinox module's functions, are closed over); `meta`
+  receives their `(leaf, axes, n_stack)` when traced."""
   theirs = slots(params)
   arrays = [i for i, x in enumerate(theirs.leaves) if x is not None and _is_array(x)]
   position = {slot: k for k, slot in enumerate(arrays)}
@@ -361,12 +569,13 @@ def _collector(apply_fn: Callable, params: PyTree, chosen: list[int], gram: bool
   def collect(arrs, batch):
     closed = jax.make_jaxpr(forward)(arrs, batch)
     invars = closed.jaxpr.invars
-    views = {invars[position[slot]]: View(j, tuple(range(invars[position[slot]].aval.ndim)))
+    views = {invars[position[slot]]: Tracked(j, tuple(range(invars[position[slot]].aval.ndim)))
              for j, slot in enumerate(chosen)}
     flat = jax.tree.leaves((arrs, batch))
-    _, _, found = _run(closed.jaxpr, closed.consts, flat, views, gram, notes)
-    meta[:] = [(c.leaf, c.axes, c.n_stack) for c in found]
-    return [(c.sq_norms, c.gram, c.rows) for c in found]
+    found: dict = {}
+    _run(closed.jaxpr, closed.consts, flat, views, _Ctx(gram, notes, []), found)
+    meta[:] = list(found)
+    return list(found.values())
 
   jitted = jax.jit(collect)
   return lambda batch: jitted([theirs.leaves[i] for i in arrays], batch)
@@ -387,8 +596,11 @@ def input_statistics(apply_fn: Callable[[PyTree, Any], Any], params: PyTree,
     gram: also accumulate `XᵀX` per leaf (SparseGPT's Hessian).
 
   Returns:
-    `InputStatistics`: per targeted path its `LeafStatistics`, and the paths no
-    product could be attributed to, with why.
+    `InputStatistics`: per targeted path its `LeafStatistics` (a `dot_general`'s
+    kernel over its contracted axes, a convolution's kernel over its unfolded
+    patches `(*spatial, in)`, stacked by `scan`, `w[i]` and batch axes), and the
+    paths no product could be attributed to, with why (the primitive and the
+    source line).
 
   Raises:
     ValueError: no batch; a non-finite statistic (naming the leaf).
@@ -409,25 +621,25 @@ def input_statistics(apply_fn: Callable[[PyTree, Any], Any], params: PyTree,
 
 
 def _by_leaf(paths: list[str], meta: list, total: list, notes: dict) -> InputStatistics:
-  """The products' sums gathered per leaf (products over the same axes add up)."""
+  """Each leaf's statistics; a leaf used along different axes (its keys differ) is
+  refused with both uses named."""
   per: dict[int, LeafStatistics] = {}
   mixed: set[int] = set()
   for (leaf, axes, n_stack), (sq, g, rows) in zip(meta, total):
     if not bool(jnp.isfinite(sq).all()):
       raise ValueError(f"the inputs of {paths[leaf]} hold NaN or inf on the calibration data")
-    stats = LeafStatistics(tuple(axes[:n_stack]), tuple(axes[n_stack:]), sq, g, int(rows))
+    stats = LeafStatistics(tuple(axes[:n_stack]), tuple(axes[n_stack:]), sq, g,
+                           int(jnp.max(rows)))
     if leaf in per:
       old = per[leaf]
-      if (old.stack_axes, old.feature_axes) != (stats.stack_axes, stats.feature_axes):
-        mixed.add(leaf)
-        notes[leaf] = "products use it along different axes"
-      stats = stats._replace(sq_norms=old.sq_norms + sq, rows=old.rows + stats.rows,
-                             gram=None if g is None else old.gram + g) if leaf not in mixed \
-          else stats
+      mixed.add(leaf)
+      notes[leaf] = (f"products use it along different axes (stack {old.stack_axes}, inputs "
+                     f"{old.feature_axes}; stack {stats.stack_axes}, inputs "
+                     f"{stats.feature_axes})")
     per[leaf] = stats
   for leaf in mixed:
     del per[leaf]
   leaves = {paths[j]: s for j, s in per.items()}
-  unattributed = {paths[j]: notes.get(j, "no dot_general consumes it")
+  unattributed = {paths[j]: notes.get(j, "no dot_general or conv_general_dilated consumes it")
                   for j in range(len(paths)) if j not in per}
   return InputStatistics(leaves, unattributed)

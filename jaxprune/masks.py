@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.distributions import Distribution, prune_count, uniform
+from jaxprune.layouts import input_axes_of
 from jaxprune.leaf_selection import Where
 from jaxprune.magnitude_rank import smallest_magnitudes, smallest_magnitudes_each
 from jaxprune.mask_tree import (
@@ -28,7 +29,7 @@ from jaxprune.mask_tree import (
   unflatten,
 )
 from jaxprune.packed_masks import zero_unkept
-from jaxprune.row_rank import smallest_in_rows_each
+from jaxprune.row_rank import smallest_in_rows_along, smallest_in_rows_each
 from jaxprune.scores import Score, magnitude_score, ranks_by
 from jaxprune.stacked_layers import check_stacked, check_used, restack, stacked_axes, unstack
 from jaxprune.units import is_granularity, unit_count
@@ -247,7 +248,7 @@ def ranked_masks(
     scope: str = "layer",
     distribution: Distribution | None = None,
     previous: PyTree | None = None,
-    axis: int = -2,
+    axis: int | Mapping[str, Any] | None = None,
     stacked: Mapping[str, int] | None = None,
 ) -> PyTree:
   """Prunes exactly the lowest-`score` weights: `magnitude_masks` for any score,
@@ -259,8 +260,9 @@ def ranked_masks(
   `round(sparsity * N)` lowest scores over all selected leaves; with
   `scope="row"`, every row along `axis` (the weights sharing all other indices:
   one output neuron's inputs for `axis=-2` on a Flax `(in, out)` kernel, `-1` on
-  an Equinox `(out, in)` weight) loses exactly `round(s_i * L)` of its `L`, `s_i`
-  the leaf's sparsity from the distribution; with `scope=blocks(...)` or
+  an Equinox `(out, in)` weight, each leaf's input axes for a `Layouts`) loses
+  exactly `round(s_i * L)` of its `L`, `s_i` the leaf's sparsity from the
+  distribution; with `scope=blocks(...)` or
   `channels(...)`, each leaf loses exactly `round(s_i * units)` whole units.
   Ties (by position), `previous` and traced sparsities as in `magnitude_masks`.
 
@@ -276,7 +278,11 @@ def ranked_masks(
     distribution: per-leaf counts in layer and row scope (`uniform()` by default,
       `erk()`); global scope ranks all leaves together and takes none.
     previous: an earlier mask tree of the same `where`, or None.
-    axis: the ranking axis of row scope (within a layer: see `stacked`).
+    axis: what a row of row scope runs along: an int (the same axis of every leaf,
+      within a layer: see `stacked`), a `jaxprune.layouts.Layouts` (each leaf's own
+      input axes, read from the program: one output neuron per row whatever the
+      layout, e.g. `(heads, head_dim, d)`), or None (the default: the input axes
+      the score knows, as `wanda_score(stats)` does from its statistics, else -2).
     stacked: `{path pattern: k}`: the first `k` axes of matching leaves index
       stacked layers (`nnx.scan`'d blocks, MoE experts), each slice ranked as a
       layer of its own (`jaxprune.stacked_layers`).
@@ -310,8 +316,11 @@ def ranked_masks(
   # A stacked leaf is named by its layers' shape in the checks: axes count within a layer.
   named = [p if s == tuple(np.shape(w)) else f"{p} (stacked layers of)"
            for p, s, (_, _, w, _) in zip(paths, layer_shapes, chosen)]
+  row_axes = None
   if scope == "row":
-    _check_rows(named, layer_shapes, axis)
+    row_axes = [input_axes_of(axis, path, tuple(np.shape(w)), score=score, layer_shape=shape,
+                              what="scope='row'")
+                for (_, path, w, _), shape in zip(chosen, layer_shapes)]
   if is_granularity(scope):
     for path, shape in zip(named, layer_shapes):
       scope.check(path, shape)
@@ -320,9 +329,11 @@ def ranked_masks(
   for (_, path, w, _), v in zip(chosen, values):
     check_finite(v, path if v is w else f"the score of {path}")
   layers = unstack(paths, values, [p for *_, p in chosen], stacked)
+  if row_axes is not None:
+    row_axes = _layer_axes(paths, [tuple(np.shape(w)) for *_, w, _ in chosen], row_axes, layers,
+                           stacked)
   kept = _kept_by_rank(layers.values, layers.previous, layers.leaf_paths, sparsity, scope,
-                       distribution, ranks_by(score),
-                       axis=axis)
+                       distribution, ranks_by(score), row_axes=row_axes)
   return masks_from(params, {i: m for (i, *_), m in zip(chosen, restack(kept, layers))})
 
 
@@ -331,13 +342,18 @@ def _layer_shape(path: str, w: Any, stacked: tuple) -> tuple[int, ...]:
   return shape[stacked_axes(path, shape, stacked):]
 
 
-def _check_rows(paths: list[str], shapes: list[tuple[int, ...]], axis: Any) -> None:
-  if isinstance(axis, bool) or not isinstance(axis, int):
-    raise ValueError(f"axis must be an int, got {axis!r}")
-  for path, shape in zip(paths, shapes):
-    if not -len(shape) <= axis < len(shape):
-      raise ValueError(f"scope='row' ranks along axis {axis}: {path} has shape {shape}; "
-                       "exclude it from `where` or choose the axis")
+def _layer_axes(paths: list[str], shapes: list[tuple[int, ...]], axes: list[tuple[int, ...]],
+                layers: Any, stacked: tuple) -> list[tuple[int, ...]]:
+  """Each leaf's row axes, per value `unstack` made of it (its layers: the axes
+  shifted past the stacked ones, which must not be among them)."""
+  out = []
+  for path, shape, leaf_axes, n in zip(paths, shapes, axes, layers.counts):
+    k = stacked_axes(path, shape, stacked)
+    if any(a < k for a in leaf_axes):
+      raise ValueError(f"scope='row' would rank {path} along axes {leaf_axes}, but its first "
+                       f"{k} axes index stacked layers (`stacked`)")
+    out += [tuple(a - k for a in leaf_axes)] * max(n, 1)
+  return out
 
 
 def _unit_marks(granularity: Any, values: list, previous: list, paths: list[str],
@@ -370,7 +386,7 @@ def _checked_method(score: Any, distribution: Any, scope: Scope) -> tuple[Score,
 
 def _kept_by_rank(values: list, previous: list, paths: list[str], sparsity: Any, scope: str,
                   distribution: Distribution, by: str, held: bool = False,
-                  axis: int = -2) -> list:
+                  row_axes: list[tuple[int, ...]] | None = None) -> list:
   """Each leaf's kept mask once its lowest values (`by` "magnitude" or "value") are
   pruned.
 
@@ -384,8 +400,12 @@ def _kept_by_rank(values: list, previous: list, paths: list[str], sparsity: Any,
     out = smallest_magnitudes_each(values, previous, counts, as_kept=held, by=by)
   elif scope == "row":
     shares = distribution.sparsities(paths, [v.shape for v in values], sparsity)
-    counts = [prune_count(s, v.shape[axis]) for s, v in zip(shares, values)]
-    out = smallest_in_rows_each(values, previous, counts, axis=axis, by=by)
+    counts = [prune_count(s, math.prod(v.shape[a] for a in axes))
+              for s, v, axes in zip(shares, values, row_axes)]
+    if all(len(axes) == 1 and axes == row_axes[0] for axes in row_axes):
+      out = smallest_in_rows_each(values, previous, counts, axis=row_axes[0][0], by=by)
+    else:
+      out = smallest_in_rows_along(values, previous, counts, row_axes, by=by)
   elif is_granularity(scope):
     out = _unit_marks(scope, values, previous, paths, sparsity, distribution, by)
   else:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxprune.explicit_sharding import local_along
@@ -84,3 +85,42 @@ def smallest_in_rows_each(
   sources = [(w, m, jnp.asarray(k, jnp.int32)) for w, m, k in zip(weights, kept, counts)]
   return map_over(group_by_shape(sources), lambda s, j: _smallest_in_rows(
       key_of(s[0], s[1]), s[0].ndim + axis if axis < 0 else axis, s[2]))
+
+
+def _inputs_last(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """`x` with `axes` moved to the end and flattened into one: `(..., prod(sizes))`."""
+  rest = [d for d in range(x.ndim) if d not in axes]
+  moved = jnp.transpose(x, (*rest, *axes))
+  return moved.reshape(*moved.shape[:len(rest)], -1)
+
+
+def _inputs_back(y: jax.Array, shape: tuple[int, ...], axes: tuple[int, ...]) -> jax.Array:
+  """The inverse of `_inputs_last` for an array of `shape`."""
+  rest = [d for d in range(len(shape)) if d not in axes]
+  moved = y.reshape(*(shape[d] for d in rest), *(shape[d] for d in axes))
+  return jnp.transpose(moved, tuple(int(i) for i in np.argsort([*rest, *axes])))
+
+
+def smallest_in_rows_along(
+    weights: Sequence[jax.Array], kept: Sequence[jax.Array | None],
+    counts: Sequence[jax.Array | int], axes: Sequence[tuple[int, ...]], *,
+    by: str = "magnitude",
+) -> list[jax.Array]:
+  """`smallest_in_rows_each` with rows along several axes, per weight: a row of
+  weight `i` is the weights sharing every index outside `axes[i]` (one output
+  neuron of a `(heads, head_dim, d)` attention output, `axes=(0, 1)`), ranked
+  over the flattened `axes[i]` (row-major: ties by that position). `kept` are
+  bool masks (or None), not packed ones.
+
+  Example::
+
+    >>> from jaxprune.row_rank import smallest_in_rows_along
+    >>> w = jnp.arange(8.0).reshape(2, 2, 2)             # rows: the last axis's 2 entries
+    >>> smallest_in_rows_along([w], [None], [2], [(0, 1)])[0][..., 0].astype(int)
+    Array([[1, 1],
+           [0, 0]], dtype=int32)
+  """
+  flat = [_inputs_last(w, a) for w, a in zip(weights, axes)]
+  held = [None if m is None else _inputs_last(m, a) for m, a in zip(kept, axes)]
+  marks = smallest_in_rows_each(flat, held, counts, axis=-1, by=by)
+  return [_inputs_back(m, w.shape, a) for m, w, a in zip(marks, weights, axes)]

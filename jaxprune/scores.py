@@ -269,11 +269,13 @@ class Wanda:
 
   `axes`: per path, the leaf axes of its norms (stack axes, then input axes);
   `seen`: per path, `(number of stack axes, rows seen)` (a path absent: no stack
-  axes, rows unknown)."""
+  axes, rows unknown); `why`: per path the statistics could not attribute, the
+  reason (`InputStatistics.unattributed`)."""
 
   sq_norms: dict
   axes: tuple = dataclasses.field(metadata={"static": True})
   seen: tuple = dataclasses.field(default=(), metadata={"static": True})
+  why: tuple = dataclasses.field(default=(), metadata={"static": True})
 
   def scores(self, params, chosen):
     theirs = slots(params)
@@ -288,8 +290,19 @@ class Wanda:
       out.append(jnp.abs(w.astype(jnp.float32)) * norms)
     return out
 
+  def input_axes(self, path: str) -> tuple[int, ...] | None:
+    """The input-feature axes of leaf `path` (what one output neuron's row of row
+    scope runs along), or None if the statistics do not hold it."""
+    axes = dict(self.axes).get(path)
+    if axes is None:
+      return None
+    return axes[dict(self.seen).get(path, (0, None))[0]:]
+
   def _statistics(self, path: str) -> LeafStatistics:
     if path not in self.sq_norms:
+      reason = dict(self.why).get(path)
+      if reason is not None:
+        raise ValueError(f"wanda_score has no input statistics for {path}: {reason}")
       raise ValueError(f"wanda_score has no input statistics for {path} (it has "
                        f"{', '.join(sorted(self.sq_norms)) or 'none'})")
     axes = dict(self.axes)[path]
@@ -312,8 +325,13 @@ def _static_rows(rows: Any) -> int | None:
 def wanda_score(stats: Any) -> Wanda:
   """Wanda's score from `jaxprune.input_statistics(...)`: `|w_ij| * ||x_j||_2`.
 
-  Rank it per output row, as Wanda does: `Prune(s, score=wanda_score(stats),
-  scope="row", axis=-2)` for Flax `(in, out)` kernels (`axis=-1` for Equinox).
+  Rank it per output neuron, as Wanda does: `Prune(s, score=wanda_score(stats),
+  scope="row")`. A row is then, in every leaf, the weights of one output neuron
+  over all its input axes as the statistics recorded them (`(in, out)`,
+  `(out, in)`, `(d, heads, head_dim)`, `(heads, head_dim, d)`, gemma's
+  `(2, hidden, d)` alike, and a conv kernel's output channel over its `(kh, kw,
+  in)` inputs: one call for a whole model). A leaf the statistics could not
+  attribute is refused with their reason (`stats.unattributed`).
 
   Where it ranks, before any score is computed, each ranked leaf's statistics are
   checked against it (`input_statistics.check_leaf_statistics`): a ValueError
@@ -333,4 +351,6 @@ def wanda_score(stats: Any) -> Wanda:
   ordered = sorted(leaves.items())
   return Wanda({p: s.sq_norms for p, s in ordered},
                tuple((p, s.stack_axes + s.feature_axes) for p, s in ordered),
-               tuple((p, (len(s.stack_axes), _static_rows(s.rows))) for p, s in ordered))
+               tuple((p, (len(s.stack_axes), _static_rows(s.rows))) for p, s in ordered),
+               tuple(sorted((canonical_path(p), why)
+                            for p, why in getattr(stats, "unattributed", {}).items())))

@@ -9,11 +9,22 @@ gram=True)`), SparseGPT solves the layer-wise problem
     U = chol(H⁻¹)ᵀ              (upper Cholesky factor of the inverse)
     for each block of `block` columns, left to right:
       mask: score w² / U_jj² (exactly round(s · n) pruned over the whole kernel,
-            spread over the blocks; or n of every m along the input axis)
+            spread over the blocks; or n of every m consecutive columns, i.e.
+            along the flattened inputs, consecutive in the last input axis)
       for each column j of the block:
         q = w_j masked;  e = (w_j - q) / U_jj
         W[:, j:] -= e ⊗ U[j, j:]         (the remaining columns absorb the error)
       W[:, later blocks] -= E · U[block, later]    (lazy batched update)
+
+Any kernel layout is seen so: for stack axes `S` (scanned layers, experts),
+input-feature axes `F` (its statistics' contracted axes, in their recorded order)
+and the other, output axes `O`, the kernel is transposed to `S + O + F` and
+reshaped to `prod S` matrices `(prod O, prod F)` — `F` flattened in the order of
+the Gram matrix's index (row-major over `F` as listed), so column `c` of the
+matrix is row/column `c` of `G`. Each slice is solved alone and the weights and
+masks are reshaped and transposed back. An attention output kernel
+`(heads, head_dim, d)` contracting `(heads, head_dim)` is `W` `(d, heads·head_dim)`;
+a q/k/v kernel `(d, heads, head_dim)` is `(heads·head_dim, d)`.
 
 The returned weights are pruned *and updated*: kept weights move to compensate.
 Counts are exact: block b prunes `round(s · rows · c_b) - round(s · rows · c_{b-1})`
@@ -40,7 +51,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxprune.input_statistics import InputStatistics, check_leaf_statistics, input_statistics
+from jaxprune.input_statistics import (
+  InputStatistics,
+  LeafStatistics,
+  check_leaf_statistics,
+  input_statistics,
+)
 from jaxprune.leaf_selection import Where
 from jaxprune.magnitude_rank import smallest_magnitudes
 from jaxprune.mask_tree import (
@@ -154,31 +170,39 @@ def sparsegpt(params: PyTree, stats: InputStatistics, sparsity: float, where: Wh
   kernels pruned and updated, the masks (`True` = kept) for `pruned` or
   `prune_retrain`.
 
-  A kernel's input axis is its statistics' feature axis (0 for Flax `(in, out)`,
-  1 for Equinox `(out, in)`); stacked axes (scanned layers, experts) are pruned
-  slice by slice. `block` columns per lazy update (128 in the paper), `damp` the
-  dampening fraction of the mean diagonal (1%). For `nm=(n, m)` the input count
-  must be a multiple of `m` and `block` a multiple of `m`.
+  A kernel's input axes are its statistics' feature axes, any number of them
+  (0 for Flax `(in, out)`, 1 for Equinox `(out, in)`, `(0, 1)` for an attention
+  output `(heads, head_dim, d)`, `(kh, kw, in)` of a conv kernel, whose Gram
+  matrix is over its unfolded patches), flattened in the Gram matrix's order; its other
+  axes, wherever they are, are flattened into the rows (see the module
+  docstring); stacked axes (scanned layers, experts) are pruned slice by slice.
+  `block` columns per lazy update (128 in the paper), `damp` the dampening
+  fraction of the mean diagonal (1%). For `nm=(n, m)` the groups of `m` run
+  along the flattened inputs (consecutive in the last input axis); the input
+  count (the product over the input axes) must be a multiple of `m` and `block`
+  a multiple of `m`.
 
   Raises:
     ValueError: `block` not an integer >= 1 or `damp` not a finite real >= 0
       (naming the argument and the value); a selected leaf without a Gram matrix
-      in `stats` (naming it), or with several feature axes; statistics that do
-      not fit the leaf (its shape, stack length or a size-1 statistic), saw 0
-      rows, or whose inputs are all zero (naming the leaf or layer `path[i]`,
-      see `check_leaf_statistics`); a concrete sparsity outside [0, 1); an N:M
-      pattern that does not fit; a Hessian not positive definite even dampened
-      (naming the leaf).
+      in `stats` (naming it, and where `input_statistics` could not attribute it,
+      its reason: the primitive and source line); statistics that do not fit the leaf (its shape,
+      stack length or a size-1 statistic), saw 0 rows, or whose inputs are all
+      zero (naming the leaf or layer `path[i]`, see `check_leaf_statistics`); a
+      concrete sparsity outside [0, 1); an N:M pattern that does not fit (an
+      input count, over all input axes, not a multiple of `m`); a Hessian not
+      positive definite even dampened (naming the leaf).
   """
   sparsity = float(check_fraction("sparsity", sparsity))
   block, damp, nm = _check_settings(block, damp, nm)
   by_path = {canonical_path(p): s for p, s in stats.leaves.items()}
   chosen = selected_leaves(params, where)
-  plans = [_plan(path, w, by_path, nm) for _, path, w, _ in chosen]
+  why = {canonical_path(p): r for p, r in stats.unattributed.items()}
+  plans = [_plan(path, w, by_path, nm, why) for _, path, w, _ in chosen]
   solve = jax.jit(lambda w, g: sparsegpt_matrix(w, g, sparsity, block=block, damp=damp, nm=nm))
   new_leaves, masks = list(slots(params).leaves), {}
-  for (slot, path, w, _), (stat, feature) in zip(chosen, plans):
-    new_w, kept = _per_slice(solve, w, stat, feature)
+  for (slot, path, w, _), stat in zip(chosen, plans):
+    new_w, kept = _per_slice(solve, w, stat)
     if not isinstance(new_w, jax.core.Tracer) and not bool(jnp.isfinite(new_w).all()):
       # A Cholesky of a matrix that is not positive definite gives NaN, not an error.
       raise ValueError(f"sparsegpt: the dampened Hessian of {path}'s inputs is not positive "
@@ -202,38 +226,61 @@ def _check_settings(block: Any, damp: Any, nm: Any) -> tuple:
   return block, float(damp), nm
 
 
-def _plan(path: str, w: Any, by_path: dict, nm: Any) -> tuple:
+def _plan(path: str, w: Any, by_path: dict, nm: Any, why: dict) -> LeafStatistics:
+  """`path`'s statistics, checked against the leaf `w` (and its input count
+  against N:M's `m`) before anything is solved; `why`: the reason of each path
+  the statistics could not attribute."""
   stat = by_path.get(canonical_path(path))
+  if stat is None and canonical_path(path) in why:
+    raise ValueError(f"sparsegpt cannot prune {path}: input_statistics recorded no inputs of "
+                     f"it: {why[canonical_path(path)]}")
   if stat is None or stat.gram is None:
     raise ValueError(f"sparsegpt needs the Gram matrix of {path}'s inputs: run "
                      f"input_statistics(..., gram=True) with it selected"
                      f"{'' if stat is None else ' (these statistics have no gram)'}")
-  check_leaf_statistics(path, stat, tuple(jnp.shape(w)))
-  if len(stat.feature_axes) != 1:
-    raise ValueError(f"sparsegpt: {path} multiplies its inputs along axes "
-                     f"{stat.feature_axes}; one input axis is supported")
-  feature = stat.feature_axes[0]
-  if nm is not None and w.shape[feature] % nm[1]:
-    raise ValueError(f"sparsegpt {nm[0]}:{nm[1]}: {path} has {w.shape[feature]} inputs "
-                     f"(axis {feature}), not a multiple of {nm[1]}")
-  return stat, feature
+  shape = tuple(jnp.shape(w))
+  check_leaf_statistics(path, stat, shape)
+  inputs = math.prod(shape[a] for a in stat.feature_axes)
+  if nm is not None and inputs % nm[1]:
+    axes = stat.feature_axes
+    span = (f"axis {axes[0]}" if len(axes) == 1 else
+            f"axes {axes}: {'x'.join(str(shape[a]) for a in axes)} flattened")
+    raise ValueError(f"sparsegpt {nm[0]}:{nm[1]}: {path} has {inputs} inputs "
+                     f"({span}), not a multiple of {nm[1]}")
+  return stat
 
 
-def _per_slice(solve, w: jax.Array, stat: Any, feature: int) -> tuple[jax.Array, jax.Array]:
-  """`solve` on each slice along the stack axes, with the kernel as (rows, inputs)."""
-  stack = stat.stack_axes
-  other = [a for a in range(w.ndim) if a not in stack and a != feature]
-  moved = jnp.transpose(w, (*stack, *other, feature))
-  mats = moved.reshape(-1, *moved.shape[len(stack):])
-  mats = mats.reshape(mats.shape[0], -1, w.shape[feature])
+def _to_matrices(w: jax.Array, stack: tuple[int, ...],
+                 features: tuple[int, ...]) -> tuple[jax.Array, tuple[int, ...]]:
+  """`(mats, order)`: `w` transposed by `order = S + O + F` (its stack axes, its
+  other, output axes in their order, its input axes in the order given) and
+  reshaped to `(prod S, prod O, prod F)`. Row-major, so input column `c` is index
+  `c` of the Gram matrix, which `input_statistics` flattens over `F` in the same
+  order (the kernel's contracted dims as its `dot_general` lists them)."""
+  other = tuple(a for a in range(w.ndim) if a not in stack and a not in features)
+  order = (*stack, *other, *features)
+  sizes = [math.prod(w.shape[a] for a in axes) for axes in (stack, other, features)]
+  return jnp.transpose(w, order).reshape(sizes), order
+
+
+def _from_matrices(mats: jax.Array, order: tuple[int, ...], shape: tuple[int, ...]) -> jax.Array:
+  """The inverse of `_to_matrices`: `(prod S, prod O, prod F)` back to the kernel's
+  `shape` (reshaped to the transposed shape, then the inverse permutation)."""
+  moved = mats.reshape(tuple(shape[a] for a in order))
+  return jnp.transpose(moved, tuple(order.index(a) for a in range(len(shape))))
+
+
+def _per_slice(solve, w: jax.Array, stat: Any) -> tuple[jax.Array, jax.Array]:
+  """`solve` on each slice along the stack axes, with the kernel as `(rows, inputs)`
+  (`_to_matrices`); the pruned weights and kept masks in the kernel's layout."""
+  mats, order = _to_matrices(w, stat.stack_axes, stat.feature_axes)
+  cols = mats.shape[-1]
   # One Gram matrix per slice: `check_leaf_statistics` refused any other count.
-  grams = stat.gram.reshape(-1, w.shape[feature], w.shape[feature])
+  grams = stat.gram.reshape(-1, cols, cols)
   outs = [solve(mats[i], grams[i]) for i in range(mats.shape[0])]
-  new = jnp.stack([o[0] for o in outs]).reshape(moved.shape)
-  kept = jnp.stack([o[1] for o in outs]).reshape(moved.shape)
-  order = (*stack, *other, feature)
-  back = tuple(order.index(a) for a in range(w.ndim))
-  return jnp.transpose(new, back), jnp.transpose(kept, back)
+  new = jnp.stack([o[0] for o in outs])
+  kept = jnp.stack([o[1] for o in outs])
+  return _from_matrices(new, order, w.shape), _from_matrices(kept, order, w.shape)
 
 
 def sparsegpt_sequential(stages: list, params: PyTree, batches: list, sparsity: float,

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import functools
 import numbers
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxprune.layouts import input_axes_of
 from jaxprune.leaf_selection import Where, select
 from jaxprune.magnitude_rank import KEYS
 from jaxprune.mask_tree import masks_from, resolve_where, selected_leaves, slots
@@ -40,6 +42,16 @@ def check_nm(n: Any, m: Any) -> tuple[int, int]:
   if not 0 < n < m:
     raise ValueError(f"an N:M pattern needs 0 < n < m, got n={n}, m={m}")
   return n, m
+
+
+def _last_input_axis(axis: Any, path: str, w: Any, score: Any) -> int:
+  """The axis N:M groups of leaf `path` run along: `axis` if an int, else the last
+  of its input axes (from a `Layouts`, or the score's statistics; else -2)."""
+  if axis is None and getattr(score, "input_axes", None) is None:
+    axis = -2
+  if isinstance(axis, int) and not isinstance(axis, bool):
+    return axis  # checked against the leaf's shape by _group_axis
+  return input_axes_of(axis, path, tuple(w.shape), score=score, what="N:M")[-1]
 
 
 def _group_axis(shape: tuple[int, ...], axis: int, m: int, where: str) -> int:
@@ -103,7 +115,7 @@ def nm_masks(
     m: int = 4,
     where: Where | None = None,
     *,
-    axis: int = -2,
+    axis: int | Mapping[str, Any] | None = None,
     previous: PyTree | None = None,
     score: Any = None,
 ) -> PyTree:
@@ -133,11 +145,14 @@ def nm_masks(
     where: bool pytree from `select` (or a callable building one from params);
       None means `select(params)` with its defaults (every float leaf of rank >= 2
       but embeddings).
-    axis: the axis groups run along, for every selected leaf. Use the input
-      (contraction) axis: -2 for Flax Linen/NNX kernels `(in, out)`, Flax conv
-      kernels `(h, w, in, out)` and stacked kernels `(E, in, out)`; -1 for
-      Equinox `Linear.weight` `(out, in)` (and PyTorch-layout weights); 1 for
-      Equinox conv weights `(out, in, h, w)`.
+    axis: the axis groups run along: the input (contraction) axis. A
+      `jaxprune.layouts.Layouts` (`weight_layouts(apply_fn, params, x)`) gives each
+      leaf its own, read from the program (the last of several: `head_dim` of a
+      `(heads, head_dim, d)` attention output); None (the default) takes them from
+      `score` where it knows them (`wanda_score(stats)`), else -2; an int is the
+      same axis of every leaf: -2 for Flax kernels `(in, out)`, conv kernels
+      `(h, w, in, out)` and stacked `(E, in, out)`; -1 for Equinox `(out, in)`; 1
+      for Equinox conv weights `(out, in, h, w)`.
     previous: an earlier mask tree of the same `where`, or None.
     score: rank by a score instead of `|w|` (`jaxprune.scores`: e.g.
       `wanda_score(stats)` for Wanda's N:M, `saliency_score(grads)`).
@@ -161,7 +176,8 @@ def nm_masks(
   """
   n, m = check_nm(n, m)
   chosen = selected_leaves(params, select(params) if where is None else where, previous)
-  axes = [_group_axis(tuple(w.shape), axis, m, path) for _, path, w, _ in chosen]
+  axes = [_group_axis(tuple(w.shape), _last_input_axis(axis, path, w, score), m, path)
+          for _, path, w, _ in chosen]
   values = [w for _, _, w, _ in chosen]
   if score is not None:
     values = [w if v is None else v

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import jax
@@ -104,7 +105,7 @@ class Prune:
   score: Any = dataclasses.field(default_factory=magnitude_score)
   scope: str = dataclasses.field(default="layer", metadata={"static": True})
   distribution: Any = dataclasses.field(default_factory=uniform, metadata={"static": True})
-  axis: int = dataclasses.field(default=-2, metadata={"static": True})
+  axis: Any = dataclasses.field(default=None, metadata={"static": True})
   stacked: Any = dataclasses.field(default=(), metadata={"static": True})
 
   def __post_init__(self):
@@ -126,7 +127,8 @@ class Prune:
     if self.distribution != uniform():
       parts.append(type(self.distribution).__name__)
     if self.scope != "layer":
-      parts.append(str(self.scope) if self.scope != "row" or self.axis == -2
+      parts.append(str(self.scope) if self.scope != "row" or self.axis in (None, -2)
+                   else "row by layout" if isinstance(self.axis, Mapping)
                    else f"row axis {self.axis}")
     if self.stacked:
       parts.append("per stacked layer")
@@ -141,7 +143,7 @@ class NM:
 
   n: int = dataclasses.field(metadata={"static": True})
   m: int = dataclasses.field(metadata={"static": True})
-  axis: int = dataclasses.field(default=-2, metadata={"static": True})
+  axis: Any = dataclasses.field(default=None, metadata={"static": True})
   score: Any = None  # ranked by |w| when None (a pytree leaf otherwise: e.g. Wanda's norms)
 
   @property
@@ -154,7 +156,9 @@ class NM:
 
   def __str__(self) -> str:
     scored = "" if self.score is None else f" {score_name(self.score)}"
-    return f"{self.n}:{self.m}" + ("" if self.axis == -2 else f" axis {self.axis}") + scored
+    along = ("" if self.axis in (None, -2) else " by layout" if isinstance(self.axis, Mapping)
+             else f" axis {self.axis}")
+    return f"{self.n}:{self.m}{along}{scored}"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

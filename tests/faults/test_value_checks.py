@@ -117,7 +117,7 @@ def test_a_gradual_schedule_may_return_an_n_m_string():
     ("abc", "schedule(0) = 'abc' is neither a sparsity (a number), 'n:m', nor a target"),
     ("0.5", "schedule(0) = '0.5' is neither a sparsity (a number), 'n:m', nor a target"),
     ("3:2", "schedule(0) = '3:2': an N:M pattern needs 0 < n < m, got n=3, m=2"),
-    (jaxprune.NM(3, 2), "schedule(0) = NM(n=3, m=2, axis=-2, score=None): an N:M pattern "
+    (jaxprune.NM(3, 2), "schedule(0) = NM(n=3, m=2, axis=None, score=None): an N:M pattern "
                         "needs 0 < n < m, got n=3, m=2"),
 ], ids=["abc", "'0.5'", "'3:2'", "NM(3, 2)"])
 def test_a_gradual_schedule_returning_a_bad_string_or_pattern_is_named(entry, message):

@@ -676,24 +676,25 @@ def test_one_shot_wanda_and_sparsegpt(model):
   calibration = [jnp.asarray(b[0]) for b in EVAL_BATCHES]
   stats = jaxprune.input_statistics(model.apply, model.params, calibration, model.where,
                                     gram=True)
-  # Convolutions are not attributed (named, with why); every dot_general's kernel is.
-  assert all("conv_general_dilated" in why for why in stats.unattributed.values())
+  # Every targeted kernel is attributed, convolutions included (their unfolded patches).
+  assert stats.unattributed == {}
   attributed = {p.removesuffix("/value") for p in stats.leaves}
-  assert attributed | set(stats.unattributed) == set(model.kernel_paths)
-  assert len(attributed) >= 2
-  flags = jaxprune.mask_tree.slots(model.where)
-  where = jaxprune.mask_tree.unflatten(model.where, [
-      None if f is None else bool(f) and jaxprune.mask_tree.canonical_path(p) in attributed
-      for p, f in zip(flags.paths, flags.leaves)])
-  wanda = jaxprune.Prune(0.5, score=jaxprune.wanda_score(stats), scope="row",
-                         axis=model.input_axis).masks(model.params, where)
+  assert attributed == set(model.kernel_paths)
+  where = model.where
+  # One Wanda call for every layout: a row is one output neuron over the input axes
+  # the statistics recorded for each leaf.
+  wanda = jaxprune.Prune(0.5, score=jaxprune.wanda_score(stats), scope="row").masks(
+      model.params, where)
   new_params, masks = jaxprune.sparsegpt(model.params, stats, 0.5, where, block=8)
   assert {p for p, _, _ in masked_pairs(model.params, masks)} == attributed
   for path, w, m in masked_pairs(new_params, masks):
     assert int((~m).sum()) == round(0.5 * w.size), path
     assert_bitwise_zero(w[~m], path)
+  inputs = {p.removesuffix("/value"): s.feature_axes for p, s in stats.leaves.items()}
   for path, _, m in masked_pairs(model.params, wanda):
-    rows = np.moveaxis(m, model.input_axis, -1)
+    axes = inputs[path.removesuffix("/value")]
+    rows = np.moveaxis(m, axes, range(-len(axes), 0)).reshape(
+        *[m.shape[d] for d in range(m.ndim) if d not in axes], -1)
     assert (rows.sum(axis=-1) == rows.shape[-1] - round(0.5 * rows.shape[-1])).all(), path
   # SparseGPT's reconstruction: on the calibration inputs, closer to the dense outputs
   # than magnitude pruning.

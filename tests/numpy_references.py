@@ -1,0 +1,42 @@
+"""NumPy references of the one-shot methods, written from the papers, shared by the
+tests that check jaxprune's results against them."""
+
+import numpy as np
+
+
+def sparsegpt_reference(w, gram, sparsity, nm=None, damp=0.01):
+  """SparseGPT of `w` `(rows, cols)` (rows the output neurons) from the `(cols, cols)`
+  Gram matrix of its inputs, in float64, no lazy blocks (they change no result).
+
+  `H = 2G + λI` (λ = damp · mean diag; an input that never fires: `H_jj = 1`, its
+  column zeroed); `U` the upper Cholesky factor of `H⁻¹`. Columns are visited left
+  to right: column j's pruned weights leave the error `e = (w_j - q_j) / U_jj`,
+  which the columns right of it absorb, `w_{j:} -= e U_{j, j:}` (the OBS update
+  with the inverse Hessian of the inputs not yet visited). The mask: the
+  `round(s · n)` smallest `w² / U_jj²` of the whole matrix (ties by position), or
+  for N:M, when the sweep reaches a group of m columns, the n largest of each row.
+  Returns `(weights, kept)`."""
+  w = np.array(w, np.float64)
+  rows, cols = w.shape
+  h = 2.0 * np.array(gram, np.float64)
+  dead = np.diag(h) == 0
+  h[dead, dead] = 1.0
+  w[:, dead] = 0.0
+  h += damp * np.mean(np.diag(h)) * np.eye(cols)
+  u = np.linalg.cholesky(np.linalg.inv(h)).T
+  d = np.diag(u)
+  kept = np.ones((rows, cols), bool)
+  if nm is None:
+    order = np.argsort((w ** 2 / d ** 2).ravel(), kind="stable")
+    kept.ravel()[order[:round(sparsity * w.size)]] = False
+  for j in range(cols):
+    if nm is not None and j % nm[1] == 0:
+      group = w[:, j:j + nm[1]] ** 2 / d[j:j + nm[1]] ** 2
+      best = np.argsort(-group, axis=1, kind="stable")[:, :nm[0]]
+      kept[:, j:j + nm[1]] = False
+      np.put_along_axis(kept[:, j:j + nm[1]], best, True, axis=1)
+    q = np.where(kept[:, j], w[:, j], 0.0)
+    e = (w[:, j] - q) / u[j, j]
+    w[:, j:] -= np.outer(e, u[j, j:])
+    w[:, j] = q   # exactly: w_j - e · U_jj is q_j up to rounding
+  return w, kept
