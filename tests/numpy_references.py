@@ -40,3 +40,18 @@ def sparsegpt_reference(w, gram, sparsity, nm=None, damp=0.01):
     w[:, j:] -= np.outer(e, u[j, j:])
     w[:, j] = q   # exactly: w_j - e · U_jj is q_j up to rounding
   return w, kept
+
+
+def reference_row_masks(w: np.ndarray, score: np.ndarray, inputs: tuple[int, ...],
+                        sparsity: float) -> np.ndarray:
+  """Per output neuron (index over the other axes), its `round(s * fan_in)` lowest
+  scores pruned, ties by the row-major position over `inputs`."""
+  rest = [d for d in range(w.ndim) if d not in inputs]
+  moved = np.transpose(score, (*rest, *inputs))
+  rows = moved.reshape(-1, int(np.prod([w.shape[d] for d in inputs])))
+  k = int(round(sparsity * rows.shape[1]))
+  kept = np.ones_like(rows, bool)
+  for r in range(rows.shape[0]):
+    kept[r, np.argsort(rows[r], kind="stable")[:k]] = False
+  back = kept.reshape(moved.shape)
+  return np.transpose(back, np.argsort([*rest, *inputs]))

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from numpy_references import reference_row_masks
 
 import jaxprune
 from jaxprune.layouts import weight_layouts
@@ -35,21 +36,6 @@ def apply_fn(p, x):
   g = jnp.einsum("td,chd->tch", x, p["gating"])
   x = x + (jax.nn.gelu(g[:, 0]) * g[:, 1]) @ p["linear"]
   return x @ p["eqx"].T
-
-
-def reference_row_masks(w: np.ndarray, score: np.ndarray, inputs: tuple[int, ...],
-                        sparsity: float) -> np.ndarray:
-  """Per output neuron (index over the other axes), its `round(s * fan_in)` lowest
-  scores pruned, ties by the row-major position over `inputs`."""
-  rest = [d for d in range(w.ndim) if d not in inputs]
-  moved = np.transpose(score, (*rest, *inputs))
-  rows = moved.reshape(-1, int(np.prod([w.shape[d] for d in inputs])))
-  k = int(round(sparsity * rows.shape[1]))
-  kept = np.ones_like(rows, bool)
-  for r in range(rows.shape[0]):
-    kept[r, np.argsort(rows[r], kind="stable")[:k]] = False
-  back = kept.reshape(moved.shape)
-  return np.transpose(back, np.argsort([*rest, *inputs]))
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from numpy_references import reference_row_masks
 from penzai import pz
 from penzai.models.transformer.variants import llamalike_common as llamalike
 
@@ -73,6 +74,12 @@ def test_one_wanda_call_ranks_each_output_neuron(llama):
   stats = jaxprune.input_statistics(apply_fn, params, batches, where)
   masks = jaxprune.Prune(0.5, score=jaxprune.wanda_score(stats), scope="row").masks(
       params, where)
+  for path, stat in stats.leaves.items():  # against NumPy, per output neuron
+    w = np.asarray(params[path])
+    others = tuple(d for d in range(w.ndim) if d not in stat.feature_axes)
+    norms = np.expand_dims(np.sqrt(np.asarray(stat.sq_norms)), others)
+    np.testing.assert_array_equal(np.asarray(masks[path]), reference_row_masks(
+        w, np.abs(w) * norms, stat.feature_axes, 0.5), err_msg=path)
   out = np.asarray(masks["lm/block_0/attention/output.weights"])  # (heads, proj, embed)
   np.testing.assert_array_equal((~out).sum(axis=(0, 1)), np.full(16, 8))
   q = np.asarray(masks["lm/block_0/attention/query.weights"])  # (embed, heads, proj)
@@ -86,5 +93,20 @@ def test_one_sparsegpt_call_beats_magnitude_on_the_outputs(llama):
   pruned, masks = jaxprune.sparsegpt(params, stats, 0.5, where)
   magnitude = jaxprune.apply_masks(params, jaxprune.magnitude_masks(params, 0.5, where))
   assert all(float((~m).mean()) == 0.5 for m in jax.tree.leaves(masks))
+  assert _logit_error(apply_fn, params, pruned, batches) < _logit_error(
+      apply_fn, params, magnitude, batches)
+
+
+def test_sparsegpt_two_four_along_each_kernels_last_input_axis(llama):
+  params, apply_fn, batches = llama
+  where = _kernels(params)
+  layouts = weight_layouts(apply_fn, params, batches[0])
+  stats = jaxprune.input_statistics(apply_fn, params, batches, where, gram=True)
+  pruned, masks = jaxprune.sparsegpt(params, stats, 0.0, where, nm=(2, 4))
+  for path, mask in masks.items():
+    if mask is not None:
+      axis = layouts[path].inputs[-1]
+      assert jaxprune.nm_violations({path: mask}, 2, 4, axis=axis)[path] == 0, path
+  magnitude = jaxprune.apply_masks(params, jaxprune.NM(2, 4, axis=layouts).masks(params, where))
   assert _logit_error(apply_fn, params, pruned, batches) < _logit_error(
       apply_fn, params, magnitude, batches)
