@@ -64,7 +64,7 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.layouts import ELEMENTWISE_OPS, INLINE_OPS, VIEW_OPS, source_line
+from jaxprune.layouts import ELEMENTWISE_OPS, INLINE_OPS, VIEW_OPS, array_forward, source_line
 from jaxprune.leaf_selection import Where, is_float_array
 from jaxprune.mask_tree import resolve_where, slots
 
@@ -616,10 +616,6 @@ def _groups(st: _State, leaves: list[tuple[int, str, int]]) -> list[Group]:
   return out
 
 
-def _is_array(x: Any) -> bool:
-  return hasattr(x, "shape") and hasattr(x, "dtype")
-
-
 def channel_groups(apply_fn: Callable[..., Any], params: PyTree, *example_args: Any,
                    where: Where | None = None) -> ChannelGroups:
   """The coupled channel groups of `apply_fn(params, *example_args)` (module docstring).
@@ -638,16 +634,9 @@ def channel_groups(apply_fn: Callable[..., Any], params: PyTree, *example_args: 
   theirs = slots(params)
   flags = ([is_float_array(x) for x in theirs.leaves] if where is None
            else resolve_where(where, params))
-  arrays = [i for i, x in enumerate(theirs.leaves) if x is not None and _is_array(x)]
-
-  def forward(arrs, *inputs):
-    leaves = list(theirs.leaves)
-    for slot, x in zip(arrays, arrs):
-      leaves[slot] = x
-    return apply_fn(jax.tree.unflatten(theirs.treedef, leaves), *inputs)
-
-  specs = [jax.ShapeDtypeStruct(theirs.leaves[i].shape, theirs.leaves[i].dtype) for i in arrays]
-  closed = jax.make_jaxpr(forward)(specs, *example_args)
+  traced = array_forward(apply_fn, params)
+  arrays = traced.slots
+  closed = jax.make_jaxpr(traced.forward)(traced.abstract(), *example_args)
   jaxpr, st = closed.jaxpr, _State()
   env = {v: st.new(v.aval.shape) for v in jaxpr.invars}
   targeted = []

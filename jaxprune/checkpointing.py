@@ -117,12 +117,8 @@ def save(manager: ocp.CheckpointManager, index: int, state: LoopState, meta: dic
   checks = _integrity(state)
   bad = integrity.unsound(checks["params"], checks["opt_state"])
   if bad:
-    shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
-    raise FloatingPointError(
-        f"not saved ({_position(meta)}): NaN or inf in {shown}. The loss was finite, so a "
-        "gradient or an update is not (a sqrt or log at 0, a float16 overflow); stopped. "
-        "The last good checkpoint is kept."
-    )
+    raise FloatingPointError(f"not saved ({_position(meta)}): {integrity.unsound_leaves(bad)}. "
+                             f"The loss was finite, so {integrity.FINITE_LOSS_CAUSE}")
   sums = {name: dict(zip(c.paths, c.sums)) for name, c in checks.items()}
   meta = {**meta, "integrity": sums}
   meta["digest"] = _meta_digest(meta)
@@ -191,7 +187,7 @@ def restore_state(manager: ocp.CheckpointManager, index: int, like: LoopState,
   _check_sums(checks, meta.get("integrity", {}))
   bad = integrity.unsound(checks["params"], checks["opt_state"])
   if bad:
-    raise DamagedCheckpointError(f"NaN or inf in {', '.join(bad[:4])}")
+    raise DamagedCheckpointError(integrity.unsound_leaves(bad))
   return state
 
 

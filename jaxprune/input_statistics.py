@@ -68,7 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxprune.layouts import INLINE_OPS, is_view_op, source_line, view_after
+from jaxprune.layouts import INLINE_OPS, array_forward, is_view_op, source_line, view_after
 from jaxprune.leaf_selection import Where
 from jaxprune.mask_tree import resolve_where, slots
 
@@ -545,29 +545,17 @@ def _while(eqn: Any, ins: list, in_tags: list, ctx: _Ctx, found: dict) -> tuple[
   return list(carry), [None] * len(carry)
 
 
-def _is_array(x: Any) -> bool:
-  return isinstance(x, (jax.Array, jax.core.Tracer)) or hasattr(x, "__jax_array__") or (
-      hasattr(x, "shape") and hasattr(x, "dtype"))
-
-
 def _collector(apply_fn: Callable, params: PyTree, chosen: list[int], gram: bool,
                notes: dict, meta: list) -> Callable:
   """A jitted `(arrays, batch) -> [(sq_norms, gram, rows)]`, one per statistic
   found (a leaf and the axes it is used along), over the array slots of `params`
   (the others, e.g. an Equinox module's functions, are closed over); `meta`
   receives their `(leaf, axes, n_stack)` when traced."""
-  theirs = slots(params)
-  arrays = [i for i, x in enumerate(theirs.leaves) if x is not None and _is_array(x)]
-  position = {slot: k for k, slot in enumerate(arrays)}
-
-  def forward(arrs, batch):
-    leaves = list(theirs.leaves)
-    for slot, x in zip(arrays, arrs):
-      leaves[slot] = x
-    return apply_fn(jax.tree.unflatten(theirs.treedef, leaves), batch)
+  traced = array_forward(apply_fn, params)
+  position = {slot: k for k, slot in enumerate(traced.slots)}
 
   def collect(arrs, batch):
-    closed = jax.make_jaxpr(forward)(arrs, batch)
+    closed = jax.make_jaxpr(traced.forward)(arrs, batch)
     invars = closed.jaxpr.invars
     views = {invars[position[slot]]: Tracked(j, tuple(range(invars[position[slot]].aval.ndim)))
              for j, slot in enumerate(chosen)}
@@ -578,7 +566,7 @@ def _collector(apply_fn: Callable, params: PyTree, chosen: list[int], gram: bool
     return list(found.values())
 
   jitted = jax.jit(collect)
-  return lambda batch: jitted([theirs.leaves[i] for i in arrays], batch)
+  return lambda batch: jitted(traced.arrays, batch)
 
 
 def input_statistics(apply_fn: Callable[[PyTree, Any], Any], params: PyTree,

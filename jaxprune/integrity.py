@@ -148,6 +148,17 @@ def unsound(params: Checksums, opt_state: Checksums) -> list[str]:
           + [f"opt_state/{p}" for p, n in zip(opt_state.paths, opt_state.nan) if n])
 
 
+def unsound_leaves(bad: list[str], limit: int = 4) -> str:
+  """`"NaN or inf in a, b, c, d and 3 more"`: the leaves `unsound` named, for a message."""
+  more = f" and {len(bad) - limit} more" if len(bad) > limit else ""
+  return f"NaN or inf in {', '.join(bad[:limit])}{more}"
+
+
+# Why a state goes unsound while every loss is finite: said wherever one is refused.
+FINITE_LOSS_CAUSE = ("a gradient or an update is not finite (a sqrt or log at 0, a float16 "
+                     "overflow); stopped. The last good checkpoint is kept.")
+
+
 def is_sound(params: PyTree, opt_state: PyTree) -> bool:
   """Whether a training state may be kept: every float leaf of `params` finite, no
   NaN in `opt_state` (an inf there may be a sentinel: optax's `reduce_on_plateau`

@@ -43,6 +43,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -169,7 +170,8 @@ def source_line(eqn: Any, own_only: bool = False) -> str:
     frames = list(source_info_util.user_frames(eqn.source_info.traceback))
   except Exception:  # pragma: no cover - a jax without it
     return ""
-  own = [f for f in frames if not any(part in f.file_name for part in _LIBRARY_PATHS)]
+  own = [f for f in frames if not (f.file_name.startswith(_OWN_DIR)
+                                   or any(part in f.file_name for part in _LIBRARY_PATHS))]
   frame = (own or ([] if own_only else frames) or [None])[0]
   if frame is None:
     return ""
@@ -177,7 +179,8 @@ def source_line(eqn: Any, own_only: bool = False) -> str:
 
 
 # Frames in these are not the user's model code.
-_LIBRARY_PATHS = ("site-packages", "dist-packages", "/jaxprune/jaxprune/", "/jaxprune/")
+_LIBRARY_PATHS = ("site-packages", "dist-packages")
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep  # jaxprune's own frames
 
 
 # ----------------------------------------------------------------------------- uses
@@ -517,8 +520,44 @@ class Layouts(Mapping):
                      for r in rows)
 
 
-def _is_array(x: Any) -> bool:
-  return hasattr(x, "shape") and hasattr(x, "dtype")
+def is_array_leaf(x: Any) -> bool:
+  """Is `x` an array (a jax or NumPy array, a tracer, anything `__jax_array__`)?"""
+  return isinstance(x, (jax.Array, jax.core.Tracer)) or hasattr(x, "__jax_array__") or (
+      hasattr(x, "shape") and hasattr(x, "dtype"))
+
+
+class ArrayForward(NamedTuple):
+  """`apply_fn` as a function of the array slots of `params`.
+
+  `forward(arrays, *args)` runs `apply_fn(params, *args)` with the leaves at
+  `slots` replaced by `arrays` (the other leaves, e.g. an Equinox module's
+  functions, closed over): a program whose first inputs are exactly the params'
+  arrays, in `slots`' order, which `jax.make_jaxpr` and `jax.jit` can take.
+  `arrays` holds their current values.
+  """
+
+  forward: Callable[..., Any]
+  slots: list[int]
+  arrays: list[Any]
+
+  def abstract(self) -> list[jax.ShapeDtypeStruct]:
+    """`arrays` as shape-and-dtype specs (tracing them computes nothing)."""
+    return [jax.ShapeDtypeStruct(jax.numpy.shape(x), jax.numpy.result_type(x))
+            for x in self.arrays]
+
+
+def array_forward(apply_fn: Callable[..., Any], params: PyTree) -> ArrayForward:
+  """`apply_fn` over the array slots of `params` (see `ArrayForward`)."""
+  theirs = slots(params)
+  arrays = [i for i, x in enumerate(theirs.leaves) if x is not None and is_array_leaf(x)]
+
+  def forward(arrs: list[Any], *args: Any) -> Any:
+    leaves = list(theirs.leaves)
+    for slot, x in zip(arrays, arrs):
+      leaves[slot] = x
+    return apply_fn(jax.tree.unflatten(theirs.treedef, leaves), *args)
+
+  return ArrayForward(forward, arrays, [theirs.leaves[i] for i in arrays])
 
 
 def weight_layouts(apply_fn: Callable[..., Any], params: PyTree, *args: Any,
@@ -540,16 +579,9 @@ def weight_layouts(apply_fn: Callable[..., Any], params: PyTree, *args: Any,
   theirs = slots(params)
   flags = ([is_float_array(x) for x in theirs.leaves] if where is None
            else resolve_where(where, params))
-  arrays = [i for i, x in enumerate(theirs.leaves) if x is not None and _is_array(x)]
-
-  def forward(arrs, *inputs):
-    leaves = list(theirs.leaves)
-    for slot, x in zip(arrays, arrs):
-      leaves[slot] = x
-    return apply_fn(jax.tree.unflatten(theirs.treedef, leaves), *inputs)
-
-  specs = [jax.ShapeDtypeStruct(theirs.leaves[i].shape, theirs.leaves[i].dtype) for i in arrays]
-  closed = jax.make_jaxpr(forward)(specs, *args)
+  traced = array_forward(apply_fn, params)
+  arrays = traced.slots
+  closed = jax.make_jaxpr(traced.forward)(traced.abstract(), *args)
   invars = closed.jaxpr.invars
   tags = {invars[k]: (View(slot, tuple(range(invars[k].aval.ndim))),)
           for k, slot in enumerate(arrays) if flags[slot]}
@@ -558,7 +590,8 @@ def weight_layouts(apply_fn: Callable[..., Any], params: PyTree, *args: Any,
   chosen = [slot for slot in arrays if flags[slot]]
   return Layouts({theirs.paths[slot]: _join([u.layout for u in state.uses if u.leaf == slot],
                                             state.notes.get(slot)) for slot in chosen},
-                 {theirs.paths[slot]: tuple(theirs.leaves[slot].shape) for slot in chosen})
+                 {theirs.paths[slot]: tuple(jax.numpy.shape(theirs.leaves[slot]))
+                  for slot in chosen})
 
 
 def input_axes_of(spec: Any, path: str, shape: tuple[int, ...], *, score: Any = None,

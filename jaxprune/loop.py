@@ -34,7 +34,15 @@ from jaxprune import checkpointing, run_settings
 from jaxprune.distillation import distillation_loss, teacher_logits_fn
 from jaxprune.drop_grow import DropAndGrow
 from jaxprune.leaf_selection import Where
-from jaxprune.mask_tree import all_kept, check_masks, float_part, resolve_where, slots, where_tree
+from jaxprune.mask_tree import (
+  all_kept,
+  check_masks,
+  check_selection,
+  float_part,
+  resolve_where,
+  slots,
+  where_tree,
+)
 from jaxprune.masks import Scope, check_count, check_scope, check_seed, is_count
 from jaxprune.metrics import Metric, check_metric, loss_metric
 from jaxprune.optax_wrapper import get_masks, pruned, pruned_states, replace_masks
@@ -79,11 +87,7 @@ def _check_given(targets: list[Target], params: PyTree, flags: list[bool]) -> No
   for i, target in enumerate(targets):
     if isinstance(target, GivenMasks):
       given = check_masks(target.given, params, f"schedule[{i}] (GivenMasks)")
-      for path, mask, flag in zip(slots(params).paths, slots(given).leaves, flags):
-        if (mask is None) == flag:
-          raise ValueError(f"schedule[{i}] = GivenMasks at {path}: "
-                           + ("no mask for a leaf `where` selects" if flag
-                              else "a mask for a leaf `where` does not select"))
+      check_selection(given, flags, params, f"schedule[{i}] = GivenMasks")
 
 
 def _check_schedule(schedule: Sequence[Any], scope: Scope) -> list[Target]:

@@ -207,6 +207,15 @@ def map_masked(fn: Callable[..., Any], masks: PyTree, params: PyTree, *rest: PyT
   return jax.tree.map(fn, masks, params, *rest, is_leaf=is_none)
 
 
+def check_selection(masks: PyTree, flags: list[bool], params: PyTree, name: str) -> None:
+  """`masks` (already in `params`' structure) hold a mask exactly where `flags`
+  select: a ValueError naming `name` and the first path that disagrees."""
+  for path, mask, flag in zip(slots(params).paths, slots(masks).leaves, flags):
+    if (mask is not None) != flag:
+      raise ValueError(f"{name} at {path}: " + ("no mask for a leaf `where` selects" if flag
+                                               else "a mask for a leaf `where` does not select"))
+
+
 def selected_masks(masks: PyTree) -> list[jax.Array]:
   """The arrays of a mask tree, in slot order."""
   return [m for m in jax.tree.leaves(masks, is_leaf=is_none) if m is not None]

@@ -24,6 +24,7 @@ from jaxprune.leaf_selection import Where
 from jaxprune.mask_tree import (
   all_kept,
   check_masks,
+  check_selection,
   map_masked,
   owned_copy,
   resolve_where,
@@ -51,17 +52,6 @@ class PrunedState(NamedTuple):
   inner_state: Any
   packed_masks: Any
   count: jax.Array
-
-
-def _check_selection(masks: PyTree, flags: list[bool], params: PyTree) -> None:
-  """Gradual mode with starting masks: they must hold a mask exactly where `where` selects."""
-  for path, mask, flag in zip(slots(params).paths, slots(masks).leaves, flags):
-    if (mask is not None) != flag:
-      raise ValueError(
-          f"`masks` at {path}: "
-          + ("a mask for a leaf `where` does not select" if flag is False
-             else "None for a leaf `where` selects")
-      )
 
 
 def _check_holds_a_mask(masks: PyTree) -> None:
@@ -107,6 +97,22 @@ def _check_gradual(where: Any, schedule: Any, update_every: Any, masks: Any) -> 
         f"jaxprune.Magnitude), got {first!r}; a schedule maps the update count to a sparsity"
     )
   return gradual
+
+
+def _check_pruned(masks: Any, where: Any, schedule: Any, update_every: Any,
+                  scope: Any) -> tuple[bool, _Gradual]:
+  """`pruned`'s arguments checked (before any compute): (gradual mode?, what its
+  schedule does)."""
+  gradual = schedule is not None or where is not None or update_every is not None
+  mode = _Gradual(False, False)
+  if gradual:
+    mode = _check_gradual(where, schedule, update_every, masks)
+  elif masks is None:
+    raise ValueError("pass `masks`, or `where` + `schedule` + `update_every` for gradual pruning")
+  if masks is not None:
+    _check_holds_a_mask(masks)
+  check_scope(scope)
+  return gradual, mode
 
 
 def target_at(schedule: Callable[[jax.Array], Any], count: jax.Array, scope: Scope) -> Target:
@@ -229,15 +235,7 @@ def pruned(
     >>> all(jax.tree.leaves(held))                       # pruned weights are exactly 0
     True
   """
-  gradual = schedule is not None or where is not None or update_every is not None
-  mode = _Gradual(False, False)
-  if gradual:
-    mode = _check_gradual(where, schedule, update_every, masks)
-  elif masks is None:
-    raise ValueError("pass `masks`, or `where` + `schedule` + `update_every` for gradual pruning")
-  if masks is not None:
-    _check_holds_a_mask(masks)
-  check_scope(scope)
+  gradual, mode = _check_pruned(masks, where, schedule, update_every, scope)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params: PyTree) -> PrunedState:
@@ -245,7 +243,8 @@ def pruned(
     if masks is not None:
       start = check_masks(owned_copy(masks), params)
       if where is not None:
-        _check_selection(start, resolve_where(where, params), params)
+        # Gradual mode with starting masks: a mask exactly where `where` selects.
+        check_selection(start, resolve_where(where, params), params, "`masks`")
     else:
       start = all_kept(params, resolve_where(where, params))
     return PrunedState(inner.init(params), pack_masks(start), jnp.zeros((), jnp.int32))

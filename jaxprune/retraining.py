@@ -94,13 +94,10 @@ def check_sound_state(report: StepReport) -> None:
   bad = integrity.unsound(integrity.checksums(params), integrity.checksums(opt_state))
   if not bad:
     return
-  shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
   raise FloatingPointError(
-      f"NaN or inf in {shown} after global step {report.global_step} (iteration "
-      f"{report.iteration}, step {report.step}), though every loss was finite: a gradient "
-      "or an update is not (a sqrt or log at 0, a float16 overflow); stopped. The last good "
-      "checkpoint is kept."
-  )
+      f"{integrity.unsound_leaves(bad)} after global step {report.global_step} (iteration "
+      f"{report.iteration}, step {report.step}), though every loss was finite: "
+      f"{integrity.FINITE_LOSS_CAUSE}")
 
 
 def log_losses(report: StepReport) -> None:
