@@ -329,13 +329,21 @@ def _members(st: State, leaves: list, parts: dict) -> tuple[dict, dict]:
     for d in range(len(st.shapes[tok])):
       r = st.find((tok, d))
       for unit, maps in parts.get(r, [(r, None)]):
-        for m in maps or [None]:
-          fit = (1, 0, 1) if m is None else _fit(m)
-          if fit is None:
+        for fit in _fits(maps):
+          if fit is None:  # kept as a member so the group shows, refused
             odd.setdefault(unit, []).append(f"{path} axis {d} maps to its units irregularly")
-            continue
+            fit = (1, 0, 1)
           found.setdefault(unit, []).append((slot, Member(path, d, *fit)))
   return found, odd
+
+
+def _fits(maps: list | None) -> list:
+  """Members' `(block, offset, outer)` for one leaf axis of a unit: one for the
+  whole map when it is regular (RoPE's pairs of halves), else one per piece."""
+  if maps is None:
+    return [(1, 0, 1)]
+  whole = _fit(np.concatenate(maps, axis=1))
+  return [whole] if whole is not None else [_fit(m) for m in maps]
 
 
 def _layers(st: State, members: list) -> int | None:

@@ -61,6 +61,7 @@ class State:
   #                                            free lhs, free rhs) nodes
   stacked: dict = field(default_factory=dict)  # leaf slot -> layers, when a scan steps it
   sums: dict = field(default_factory=dict)  # token of a reduce_sum -> the nodes it summed
+  positions: set = field(default_factory=set)  # iota nodes compared with indices (one_hot)
   frames: list = field(default_factory=list)  # (jaxpr, env, consts) per walked (sub-)jaxpr
   children: dict = field(default_factory=dict)  # (frame, eqn index) -> [child frames]
   here: tuple = (0, 0)
@@ -181,8 +182,16 @@ def _carry_origin(st: State, a: int, b: int) -> None:
   """A view of a leaf (a cast) is still that leaf; indices stay indices."""
   if a in st.origin:
     st.origin[b] = st.origin[a]
+  _follow(st, a, b)
+
+
+def _follow(st: State, a: int, b: int) -> None:
+  """Indices stay indices, and a sum stays a sum, through casts and reshapes
+  (`mean(keepdims=True)` broadcasts its sum before dividing it)."""
   if a in st.domain:
     st.domain[b] = st.domain[a]
+  if a in st.sums:
+    st.sums[b] = st.sums[a]
 
 
 def _elementwise(st: State, eqn: Any, ins: list[int], out: int) -> None:
@@ -201,11 +210,10 @@ def _elementwise(st: State, eqn: Any, ins: list[int], out: int) -> None:
     indexed = [st.domain[t] for t in ins if t in st.domain]
     if len(indexed) == 2:  # `indices == iota`: a one-hot over the axis indexed
       (a, routed_a), (b, routed_b) = indexed
+      st.positions.update((a, b))  # renumbered with the axis, not its original indices
       st.union(a, b, where)
       if routed_a or routed_b:
         st.flag(a, "routed")
-  elif name == "convert_element_type" and ins[0] in st.domain:
-    st.domain[out] = st.domain[ins[0]]
 
 
 def _dot_general(st: State, eqn: Any, ins: list[int], outs: list[int]) -> None:
@@ -254,16 +262,14 @@ def _broadcast(st: State, eqn: Any, ins: list[int], outs: list[int]) -> None:
   for i, d in enumerate(eqn.params["broadcast_dimensions"]):
     if st.shapes[ins[0]][i] == out_shape[int(d)]:
       st.union((ins[0], i), (outs[0], int(d)))
-  if ins[0] in st.domain:
-    st.domain[outs[0]] = st.domain[ins[0]]
+  _follow(st, ins[0], outs[0])
 
 
 def _squeeze(st: State, eqn: Any, ins: list[int], outs: list[int]) -> None:
   kept = [d for d in range(len(st.shapes[ins[0]])) if d not in eqn.params["dimensions"]]
   for k, d in enumerate(kept):
     st.union((ins[0], d), (outs[0], k))
-  if ins[0] in st.domain:
-    st.domain[outs[0]] = st.domain[ins[0]]
+  _follow(st, ins[0], outs[0])
 
 
 def reshape_chunks(old: tuple, new: tuple) -> list[tuple[list[int], list[int]]]:
@@ -309,8 +315,7 @@ def _reshape(st: State, eqn: Any, ins: list[int], outs: list[int]) -> None:
     else:
       for n in [(src, i) for i in a_idx] + [(dst, j) for j in b_idx]:
         st.mark(n, f"the reshape at {where} mixes several axes into several")
-  if src in st.domain:
-    st.domain[dst] = st.domain[src]
+  _follow(st, src, dst)
 
 
 def _reduce(st: State, eqn: Any, ins: list[int], outs: list[int]) -> None:

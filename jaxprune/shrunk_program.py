@@ -181,9 +181,22 @@ class _Runner:
       return self._while(eqn, invals, children)
     if name == "scan":
       return self._scan(eqn, invals, children[0], outs)
+    if name == "iota" and (outs[0], eqn.params["dimension"]) not in self.st.positions:
+      return [self._kept_iota(eqn, outs[0])]
     params, invals = _params(self.sizes, eqn, ins, outs, invals)
     result = eqn.primitive.bind(*invals, **params)
     return list(result) if eqn.primitive.multiple_results else [result]
+
+  def _kept_iota(self, eqn: Any, out: int) -> Any:
+    """An `iota` read as numbers (RoPE's frequencies): the kept original indices,
+    so the smaller program computes what the zeroed dense one does."""
+    p = eqn.params
+    kept = np.flatnonzero(self.sizes.mask((out, p["dimension"])))
+    if kept.size == p["shape"][p["dimension"]]:
+      return eqn.primitive.bind(**p)
+    shape = [1] * len(p["shape"])
+    shape[p["dimension"]] = kept.size
+    return jax.numpy.broadcast_to(kept.reshape(shape).astype(p["dtype"]), self.sizes.shape(out))
 
   def _inline(self, eqn: Any, invals: list, child: int) -> list:
     if eqn.primitive.name in ("checkpoint", "remat", "remat2"):
