@@ -5,10 +5,13 @@ with scores and distributions, `threshold_masks`, `apply_masks`,
 `sparsity_report`), pruning methods as values (`Magnitude`, `Prune`, `NM`),
 sparsity schedules, an optax
 wrapper that holds pruned weights at zero (`pruned`), and a jitted prune-retrain
-loop (`prune_retrain`). How `where` and mask trees line up with params (paths,
-`None` leaves, Equinox modules) is `jaxprune.mask_tree`.
+loop (`prune_retrain`); structural pruning to a physically smaller model
+(`channel_groups`, `keep_top`, `shrink`, `shrunk_program`). How `where` and mask
+trees line up with params (paths, `None` leaves, Equinox modules) is
+`jaxprune.mask_tree`.
 """
 
+from jaxprune.channel_groups import ChannelGroups, Group, Member, channel_groups
 from jaxprune.checkpointing import Checkpointer
 from jaxprune.distillation import distillation_loss, kl_to_teacher
 from jaxprune.distributions import Distribution, by_path, erk, uniform
@@ -72,6 +75,8 @@ from jaxprune.sharding import (
     place_batch,
     place_masks,
 )
+from jaxprune.shrinking import keep_top, shrink, unit_norms
+from jaxprune.shrunk_program import shrunk_program
 from jaxprune.sparsegpt import sparsegpt, sparsegpt_sequential
 from jaxprune.steps import make_eval_step, make_gradient_step, make_train_step, prune_step
 from jaxprune.straight_through import DenseWeights, dense_weights, straight_through
@@ -84,6 +89,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NM",
+    "ChannelGroups",
     "Checkpointer",
     "CompressedFormatError",
     "DenseWeights",
@@ -93,12 +99,14 @@ __all__ = [
     "ExportInfo",
     "ForwardMasks",
     "GivenMasks",
+    "Group",
     "InputStatistics",
     "IterationRecord",
     "LeafSparsity",
     "LeafStatistics",
     "LoopState",
     "Magnitude",
+    "Member",
     "Metric",
     "ProgressBar",
     "Prune",
@@ -115,6 +123,7 @@ __all__ = [
     "blocks",
     "by_path",
     "bytes_per_device",
+    "channel_groups",
     "channels",
     "check_finite_losses",
     "check_masks",
@@ -134,6 +143,7 @@ __all__ = [
     "gradient_score",
     "input_statistics",
     "is_nm_sparse",
+    "keep_top",
     "kl_to_teacher",
     "leaf_paths",
     "load_compressed",
@@ -171,6 +181,8 @@ __all__ = [
     "select",
     "set_masks",
     "set_schedule",
+    "shrink",
+    "shrunk_program",
     "sparsegpt",
     "sparsegpt_sequential",
     "sparsity_report",
@@ -180,6 +192,7 @@ __all__ = [
     "threshold_masks",
     "train",
     "uniform",
+    "unit_norms",
     "unpack_mask",
     "unpack_masks",
     "wanda_score",
