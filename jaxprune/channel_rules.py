@@ -235,7 +235,8 @@ def _dot_general(st: State, eqn: Any, ins: list[int], outs: list[int]) -> None:
     _role(st, tok, mine, "out")
   if lhs in st.active and rhs in st.active:  # attention: scores or the mix of values
     st.dots.append(([(out, k) for k in range(len(lb))], [(lhs, a) for a in lc], *free))
-  elif lb and (lhs in st.origin or rhs in st.origin):  # vmapped weights: experts
+  elif lb and lc and (lhs in st.origin or rhs in st.origin):  # vmapped weights: experts
+    # (a matmul: penzai multiplies a norm's scale by a dot_general with no contraction)
     for k in range(len(lb)):
       st.flag((out, k), "expert_batch")
 
@@ -408,7 +409,7 @@ def _gather(st: State, eqn: Any, ins: list[int], outs: list[int]) -> None:
   skipped = set(dims.collapsed_slice_dims)
   offset_axes = [d for d in range(len(shape)) if d not in skipped]
   for d, o in zip(offset_axes, dims.offset_dims):
-    if sizes[d] == shape[d] and d not in dims.start_index_map:
+    if sizes[d] == shape[d]:  # a full slice starts at 0 whatever the index (clamped)
       st.union((table, d), (out, o), where)
     else:
       st.mark((table, d), looked_up)

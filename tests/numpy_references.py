@@ -1,7 +1,10 @@
 """NumPy references of the one-shot methods, written from the papers, shared by the
 tests that check jaxprune's results against them."""
 
+import jax
 import numpy as np
+
+from jaxprune.mask_tree import slots
 
 
 def sparsegpt_reference(w, gram, sparsity, nm=None, damp=0.01):
@@ -55,3 +58,22 @@ def reference_row_masks(w: np.ndarray, score: np.ndarray, inputs: tuple[int, ...
     kept[r, np.argsort(rows[r], kind="stable")[:k]] = False
   back = kept.reshape(moved.shape)
   return np.transpose(back, np.argsort([*rest, *inputs]))
+
+
+def zeroed_units(params, groups, keep):
+  """`params` with every removed unit's member indices set to 0 (per layer too)."""
+  theirs = slots(params)
+  leaves = [np.array(x) for x in theirs.leaves]
+  where = {p: i for i, p in enumerate(theirs.paths)}
+  for key, units in keep.items():
+    group, units = groups[key], np.asarray(units)
+    rows = units if units.ndim == 2 else np.broadcast_to(units, (group.layers or 1, units.size))
+    for layer, row in enumerate(rows):
+      alive = np.isin(np.arange(group.size), row)
+      for m in group.members:
+        index = [slice(None)] * leaves[where[m.path]].ndim
+        index[m.axis] = m.indices(group.size)[~alive].ravel()
+        if group.layers:
+          index[0] = layer
+        leaves[where[m.path]][tuple(index)] = 0
+  return jax.tree.unflatten(theirs.treedef, leaves)

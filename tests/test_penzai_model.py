@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from numpy_references import reference_row_masks
+from numpy_references import reference_row_masks, zeroed_units
 from penzai import pz
 from penzai.models.transformer.variants import llamalike_common as llamalike
 
@@ -110,3 +110,71 @@ def test_sparsegpt_two_four_along_each_kernels_last_input_axis(llama):
   magnitude = jaxprune.apply_masks(params, jaxprune.NM(2, 4, axis=layouts).masks(params, where))
   assert _logit_error(apply_fn, params, pruned, batches) < _logit_error(
       apply_fn, params, magnitude, batches)
+
+
+@pytest.fixture(scope="module")
+def llama_gqa():
+  """Two query heads per KV head: grouped-query attention, penzai's way (the query
+  kernel `(embedding, kv_heads, query_heads, projection)`)."""
+  config = llamalike.LlamalikeTransformerConfig(
+      num_kv_heads=2, query_head_multiplier=2, embedding_dim=16, projection_dim=8,
+      mlp_hidden_dim=32, num_decoder_blocks=2, vocab_size=64, mlp_variant="swiglu",
+      tie_embedder_and_logits=False)
+  model = llamalike.build_llamalike_transformer(config, init_base_rng=jax.random.key(1),
+                                                name="lm")
+  unbound, parameters = pz.unbind_params(model)
+  named = {p.label: p.value for p in parameters}
+
+  def apply_fn(values, tokens):
+    bound = [pz.Parameter(value=dataclasses.replace(named[k], data_array=v), label=k)
+             for k, v in values.items()]
+    return pz.bind_variables(unbound, bound)(tokens).unwrap("batch", "seq", "vocabulary")
+
+  ids = pz.nx.wrap(jax.random.randint(jax.random.key(5), (2, 8), 0, 64)).tag("batch", "seq")
+  params = {label: value.data_array for label, value in named.items()}
+  return params, apply_fn, ids, jaxprune.channel_groups(apply_fn, params, ids)
+
+
+def _expected_block_groups(b: int) -> dict:
+  """Written from penzai's llamalike code: what each kind must hold in block b."""
+  M = jaxprune.Member
+  a, m = f"lm/block_{b}/attention/", f"lm/block_{b}/mlp/"
+  return {
+      ("kv_heads", 2): {M(a + "query.weights", 1), M(a + "key.weights", 1),
+                        M(a + "value.weights", 1), M(a + "output.weights", 0)},
+      ("heads", 2): {M(a + "query.weights", 2), M(a + "output.weights", 1)},
+      # RoPE rotates the two halves of q and k into each other: 4 pairs of 8.
+      ("head_dim", 4): {M(a + "query.weights", 3, 1, 0, 2), M(a + "key.weights", 2, 1, 0, 2)},
+      ("head_dim", 8): {M(a + "value.weights", 2), M(a + "output.weights", 2)},
+      ("mlp_hidden", 32): {M(m + "gating_linear.weights", 1), M(m + "value_linear.weights", 1),
+                           M(m + "out_linear.weights", 0)},
+  }
+
+
+def test_penzai_gqa_groups_match_the_hand_written_ones(llama_gqa):
+  *_, groups = llama_gqa
+  found = [((g.kind, g.size), set(g.members)) for g in groups if g.prunable]
+  expected = [item for b in range(2) for item in _expected_block_groups(b).items()]
+  residual = {jaxprune.Member("lm/embedder.embeddings", 1),
+              jaxprune.Member("lm/final_norm/scale.weights", 0),
+              jaxprune.Member("lm/lm_head.weights", 0)} | {
+      jaxprune.Member(f"lm/block_{b}/{name}", axis) for b in range(2) for name, axis in (
+          ("pre_attention_norm/scale.weights", 0), ("pre_ffw_norm/scale.weights", 0),
+          ("attention/query.weights", 0), ("attention/key.weights", 0),
+          ("attention/value.weights", 0), ("attention/output.weights", 3),
+          ("mlp/gating_linear.weights", 0), ("mlp/value_linear.weights", 0),
+          ("mlp/out_linear.weights", 1))}
+  expected.append((("residual", 16), residual))
+  assert sorted(found, key=str) == sorted(expected, key=str)
+  vocab = [g for g in groups if g.size == 64]
+  assert vocab and not any(g.prunable for g in vocab)
+
+
+@pytest.mark.parametrize("kind", ["kv_heads", "heads", "head_dim", "mlp_hidden"])
+def test_penzai_shrunk_program_equals_zeroing(llama_gqa, kind):
+  params, apply_fn, ids, groups = llama_gqa
+  keep = jaxprune.keep_top(groups, params, 0.5, kinds=(kind,))
+  small = jaxprune.shrink(params, groups, keep)
+  out = jaxprune.shrunk_program(groups, keep)(small, ids)
+  reference = apply_fn(zeroed_units(params, groups, keep), ids)
+  np.testing.assert_allclose(out, reference, atol=1e-4, rtol=1e-4)

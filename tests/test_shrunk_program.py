@@ -14,33 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental import pallas as pl
+from numpy_references import zeroed_units as zeroed
 
 from jaxprune.channel_groups import Member, channel_groups
-from jaxprune.mask_tree import slots
 from jaxprune.shrinking import keep_top, shrink
 from jaxprune.shrunk_program import shrunk_program
 
 D, KV, G, HD, LAYERS, F, T, VOCAB = 8, 2, 2, 4, 3, 16, 5, 11
 H = KV * G
-
-
-def zeroed(params, groups, keep):
-  """`params` with every removed unit's member indices set to 0 (per layer too)."""
-  theirs = slots(params)
-  leaves = [np.array(x) for x in theirs.leaves]
-  where = {p: i for i, p in enumerate(theirs.paths)}
-  for key, units in keep.items():
-    group, units = groups[key], np.asarray(units)
-    rows = units if units.ndim == 2 else np.broadcast_to(units, (group.layers or 1, units.size))
-    for layer, row in enumerate(rows):
-      alive = np.isin(np.arange(group.size), row)
-      for m in group.members:
-        index = [slice(None)] * leaves[where[m.path]].ndim
-        index[m.axis] = m.indices(group.size)[~alive].ravel()
-        if group.layers:
-          index[0] = layer
-        leaves[where[m.path]][tuple(index)] = 0
-  return jax.tree.unflatten(theirs.treedef, leaves)
 
 
 def _normal(key, *shape, scale=0.3):
