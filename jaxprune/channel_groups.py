@@ -307,12 +307,12 @@ def _kinds(st: State, found: dict, parts: dict) -> dict:
 
 def _kind_by_roles(st: State, flags: set, members: list) -> str:
   roles = [(m.path, st.roles.get((slot, m.axis), set())) for slot, m in members]
-  if any("conv" in r for _, r in roles):
-    return "conv_channels"
   ins = {p for p, r in roles if "in" in r}
   outs = {p for p, r in roles if "out" in r}
   if "add" in flags and (len(ins) >= 2 or "carry" in flags):
-    return "residual"  # activations added across layers: the residual stream
+    return "residual"  # activations added across layers: the residual stream (a ResNet's too)
+  if any("conv" in r for _, r in roles):
+    return "conv_channels"
   if ins and outs:
     return "mlp_hidden"
   return "other"
@@ -360,7 +360,9 @@ def _groups(st: State, leaves: list) -> tuple[list[Group], dict, dict]:
   kinds = _kinds(st, found, parts)
   out, roots = [], {}
   for root, members in found.items():
-    reasons = tuple(dict.fromkeys(st.reasons.get(root, []) + odd.get(root, [])))
+    single = ["it has one unit (a piece picked by an index, or a broadcast axis): removing "
+              "it removes the axis"] if st.size(root) == 1 else []
+    reasons = tuple(dict.fromkeys(st.reasons.get(root, []) + odd.get(root, []) + single))
     kind = kinds[root]
     roots[root] = len(out)
     out.append(Group(kind, st.size(root), tuple(dict.fromkeys(m for _, m in members)),
