@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -147,8 +148,29 @@ def shrink(params: PyTree, groups: Sequence[Group], keep: Keep) -> PyTree:
   _check_shapes(groups, shapes)
   leaves = list(theirs.leaves)
   for (path, axis), mask in _axis_masks(groups, keep, shapes).items():
-    leaves[where[path]] = _take(leaves[where[path]], mask, axis, path)
+    leaf = leaves[where[path]]
+    leaves[where[path]] = _keep_sharding(leaf, _take(leaf, mask, axis, path), path)
   return jax.tree.unflatten(theirs.treedef, leaves)
+
+
+def _keep_sharding(leaf: Any, small: Any, path: str) -> Any:
+  """`small` laid out as `leaf` was on its mesh; an axis whose new length the mesh
+  axes no longer divide is replicated instead, with a warning naming the leaf."""
+  sharding = getattr(leaf, "sharding", None)
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return small
+  spec = list(sharding.spec) + [None] * (small.ndim - len(sharding.spec))
+  for d, names in enumerate(spec):
+    parts = math.prod(sharding.mesh.shape[n] for n in (
+        names if isinstance(names, tuple) else (names,)) if n is not None)
+    if small.shape[d] % parts:
+      warnings.warn(f"{path}: axis {d} now has {small.shape[d]} entries, which the mesh "
+                    f"axes {names!r} ({parts} ways) do not divide; it is replicated (keep "
+                    f"widths that are multiples of {parts}: keep_top(..., round_to={parts}))",
+                    stacklevel=3)
+      spec[d] = None
+  return jax.device_put(small, jax.sharding.NamedSharding(
+      sharding.mesh, jax.sharding.PartitionSpec(*spec), memory_kind=sharding.memory_kind))
 
 
 def _check_shapes(groups: Sequence[Group], shapes: Mapping[str, tuple]) -> None:
@@ -177,7 +199,8 @@ def unit_norms(group: Group, tree: PyTree) -> np.ndarray:
 
 def keep_top(groups: Sequence[Group], scores_or_params: PyTree, fraction: float,
              round_to: int = 1, kinds: Sequence[str] | None = None) -> dict[int, np.ndarray]:
-  """Keep-indices for every prunable group (of `kinds`, default all but `layers`):
+  """Keep-indices for every prunable group of `kinds` (default: every kind but
+  `layers` and `other`):
   the units with the largest `unit_norms`, `ceil(fraction * size)` of them rounded
   up to a multiple of `round_to` (at most the whole group), in increasing order; a
   group with `layers` gets one row per layer.
@@ -204,5 +227,7 @@ def keep_top(groups: Sequence[Group], scores_or_params: PyTree, fraction: float,
   return out
 
 
+# `other` (an axis no rule names, e.g. an unused leaf's) and `layers` (depth) only
+# when asked for.
 _WIDTH_KINDS = ("mlp_hidden", "heads", "kv_heads", "head_dim", "residual", "conv_channels",
-                "experts", "other")
+                "experts")

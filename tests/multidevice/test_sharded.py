@@ -303,3 +303,30 @@ def test_sparse_training_on_fsdp_leaves_equals_one_device(method, axis_type):
                      jax.tree.leaves(sharded)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     assert a.sharding.is_equivalent_to(w.sharding, a.ndim)
+
+
+def test_shrink_keeps_each_leafs_sharding():
+  mesh = jaxprune.make_mesh("data=2,fsdp=4")
+  params = _params()["blocks"][0]
+  fsdp = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "fsdp"))
+  by_rank = {1: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp")), 2: fsdp}
+  sharded = jax.device_put(params, jax.tree.map(lambda x: by_rank[x.ndim], params))
+
+  def mlp(p, x):
+    return jax.nn.relu(x @ p["fc1"]["kernel"] + p["fc1"]["bias"]) @ p["fc2"]["kernel"]
+
+  groups = jaxprune.channel_groups(mlp, sharded, jax.ShapeDtypeStruct((4, 32), jnp.float32))
+  keep = jaxprune.keep_top(groups, sharded, 0.5, round_to=4)
+  small = jaxprune.shrink(sharded, groups, keep)
+  assert [groups[i].kind for i in keep] == ["mlp_hidden"]
+  assert small["fc1"]["kernel"].shape == (32, 64)
+  assert small["fc1"]["kernel"].sharding.is_equivalent_to(fsdp, 2)
+  assert small["fc2"]["kernel"].sharding.is_equivalent_to(fsdp, 2)
+  with pytest.warns(UserWarning) as record:
+    uneven = jaxprune.shrink(sharded, groups, {i: np.arange(63) for i in keep})
+  messages = sorted(str(w.message) for w in record)
+  assert [m.split(":")[0] for m in messages] == ["fc1/bias", "fc1/kernel"]
+  assert all("now has 63 entries" in m and "round_to=4" in m for m in messages)
+  assert uneven["fc1"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(None, None)
+  x = jnp.ones((4, 32))
+  np.testing.assert_allclose(mlp(small, x), mlp(jax.device_get(small), x), rtol=1e-5)
