@@ -24,28 +24,35 @@ import jaxprune
 from jaxprune.layouts import weight_layouts
 
 
-@pytest.fixture(scope="module")
-def llama():
+def _llamalike(query_head_multiplier: int, seed: int):
+  """penzai's model at a tiny config, its params as plain arrays by label, and
+  `apply_fn(params, tokens)` binding them back into the model."""
   config = llamalike.LlamalikeTransformerConfig(
-      num_kv_heads=2, query_head_multiplier=1, embedding_dim=16, projection_dim=8,
-      mlp_hidden_dim=32, num_decoder_blocks=2, vocab_size=64, mlp_variant="swiglu",
-      tie_embedder_and_logits=False)
-  model = llamalike.build_llamalike_transformer(config, init_base_rng=jax.random.key(0),
+      num_kv_heads=2, query_head_multiplier=query_head_multiplier, embedding_dim=16,
+      projection_dim=8, mlp_hidden_dim=32, num_decoder_blocks=2, vocab_size=64,
+      mlp_variant="swiglu", tie_embedder_and_logits=False)
+  model = llamalike.build_llamalike_transformer(config, init_base_rng=jax.random.key(seed),
                                                 name="lm")
   unbound, parameters = pz.unbind_params(model)
   named = {p.label: p.value for p in parameters}
-  params = {label: value.data_array for label, value in named.items()}
 
   def apply_fn(values, tokens):
     bound = [pz.Parameter(value=dataclasses.replace(named[k], data_array=v), label=k)
              for k, v in values.items()]
     return pz.bind_variables(unbound, bound)(tokens).unwrap("batch", "seq", "vocabulary")
 
-  def tokens(seed):
-    ids = jax.random.randint(jax.random.key(seed), (4, 16), 0, 64)
-    return pz.nx.wrap(ids).tag("batch", "seq")
+  return {label: value.data_array for label, value in named.items()}, apply_fn
 
-  return params, apply_fn, [tokens(s) for s in range(3)]
+
+def _tokens(seed: int, batch: int = 4, length: int = 16):
+  ids = jax.random.randint(jax.random.key(seed), (batch, length), 0, 64)
+  return pz.nx.wrap(ids).tag("batch", "seq")
+
+
+@pytest.fixture(scope="module")
+def llama():
+  params, apply_fn = _llamalike(query_head_multiplier=1, seed=0)
+  return params, apply_fn, [_tokens(s) for s in range(3)]
 
 
 def test_penzai_layouts_are_read_from_its_program(llama):
@@ -116,22 +123,8 @@ def test_sparsegpt_two_four_along_each_kernels_last_input_axis(llama):
 def llama_gqa():
   """Two query heads per KV head: grouped-query attention, penzai's way (the query
   kernel `(embedding, kv_heads, query_heads, projection)`)."""
-  config = llamalike.LlamalikeTransformerConfig(
-      num_kv_heads=2, query_head_multiplier=2, embedding_dim=16, projection_dim=8,
-      mlp_hidden_dim=32, num_decoder_blocks=2, vocab_size=64, mlp_variant="swiglu",
-      tie_embedder_and_logits=False)
-  model = llamalike.build_llamalike_transformer(config, init_base_rng=jax.random.key(1),
-                                                name="lm")
-  unbound, parameters = pz.unbind_params(model)
-  named = {p.label: p.value for p in parameters}
-
-  def apply_fn(values, tokens):
-    bound = [pz.Parameter(value=dataclasses.replace(named[k], data_array=v), label=k)
-             for k, v in values.items()]
-    return pz.bind_variables(unbound, bound)(tokens).unwrap("batch", "seq", "vocabulary")
-
-  ids = pz.nx.wrap(jax.random.randint(jax.random.key(5), (2, 8), 0, 64)).tag("batch", "seq")
-  params = {label: value.data_array for label, value in named.items()}
+  params, apply_fn = _llamalike(query_head_multiplier=2, seed=1)
+  ids = _tokens(5, batch=2, length=8)
   return params, apply_fn, ids, jaxprune.channel_groups(apply_fn, params, ids)
 
 

@@ -99,6 +99,10 @@ def test_shrunk_program_is_differentiable_and_exportable(gqa, tmp_path):
   keep = keep_top(groups, params, 0.5, kinds=("mlp_hidden", "kv_heads"))
   small = shrink(params, groups, keep)
   small_fn = shrunk_program(groups, keep)
+  jitted = jax.jit(small_fn)
+  for _ in range(3):
+    jitted(small, tokens).block_until_ready()
+  assert jitted._cache_size() == 1  # traced and compiled once
   grads = jax.grad(lambda p: small_fn(p, tokens).sum())(small)
   assert jax.tree.map(jnp.shape, grads) == jax.tree.map(jnp.shape, small)
   exported = jax.export.export(jax.jit(small_fn))(small, tokens)
