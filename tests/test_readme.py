@@ -19,13 +19,13 @@ def snippets() -> list[str]:
 
 def test_readme_has_a_snippet_per_framework():
   imports = snippets()
-  assert len(imports) == 4
+  assert len(imports) == 5
   assert "from flax import nnx" in imports[0]
   assert "import flax.linen as nn" in imports[1]
   assert "import equinox as eqx" in imports[2]
 
 
-@pytest.mark.parametrize("index", range(4), ids=["nnx", "linen", "equinox", "plain"])
+@pytest.mark.parametrize("index", range(5), ids=["nnx", "linen", "equinox", "plain", "shrink"])
 def test_readme_snippet_runs(index, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   code = snippets()[index]
