@@ -7,6 +7,7 @@ benchmark deterministic for a seed and sensitive to `--retrain-seed`). They use 
 they write themselves, never ../shared.
 """
 
+import itertools
 import json
 import math
 import os
@@ -213,3 +214,35 @@ def test_bench_checkpoint_times_checks_against_what_they_guard(tmp_path):
   # params, AdamW's mu and nu, the masks packed to a bit each, and two update counts
   weights = 2 * (4 * 64 * 64 + 2 * 4 * 64 * 64)
   assert out["values"] == 3 * weights + weights // 8 + 2
+
+
+def test_bench_shrink_reports_smaller_models_and_their_lowering(tmp_path):
+  report = run_benchmark("shrink", "--json", str(tmp_path / "shrink.json"))
+  assert report["fractions_removed"] == [0.25, 0.5, 0.75]
+  for name, model in report["models"].items():
+    rows = model["rows"]
+    assert [r["fraction_removed"] for r in rows] == [0.0, 0.25, 0.5, 0.75], name
+    dense, small = rows[0], rows[1:]
+    assert dense["kept_units"] == {} and dense["forward_flop_ratio"] == 1.0, name
+    params = [r["params"] for r in rows]
+    assert all(a > b for a, b in itertools.pairwise(params)), (name, params)
+    for what in ("forward", "train_step"):
+      ratios = [r[f"{what}_flop_ratio"] for r in small]
+      assert 1.0 < ratios[0] < ratios[1] < ratios[2], (name, what, ratios)
+      for r in rows:
+        assert len(r[f"{what}_round_ratios"]) == report["rounds"], (name, what)
+        assert r[f"{what}_time_ratio"] > 0 and r[f"{what}_compile_s"] > 0, (name, what)
+        assert math.isclose(r[f"{what}_time_over_flop_ratio"],
+                            r[f"{what}_time_ratio"] / r[f"{what}_flop_ratio"])
+    for r in small:  # 1 - f of every unit of the removed kinds is kept (ceil per group)
+      for kind, k in r["kept_units"].items():
+        assert k["kept"] < k["of"], (name, kind)
+        assert k["kept"] >= (1 - r["fraction_removed"]) * k["of"] - 1e-9, (name, kind)
+  assert set(report["models"]["lm"]["rows"][1]["kept_units"]) == {"mlp_hidden", "heads"}
+  assert set(report["models"]["cnn"]["rows"][1]["kept_units"]) == {"conv_channels"}
+  assert report["models"]["lm"]["keep_all_max_abs_diff"] < 1e-4
+  lowering = report["tpu_lowering"]
+  assert lowering["ok"] is True and lowering["heads_removed"] is True, lowering
+  assert len(lowering["checks"]) == 4, lowering  # d_ff and heads: small present, dense absent
+  trace = report["trace"]
+  assert trace["num_layers"] == 32 and trace["first_s"] > 0 and trace["groups"] > 32
