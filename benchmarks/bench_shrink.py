@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 import lm_model
 
-from jaxprune import channel_groups, keep_top, shrink, shrunk_program
+from jaxprune import channel_groups, keep_top, magnitude_importance, shrink, shrunk_program
 
 FRACTIONS = (0.25, 0.5, 0.75)  # of the units removed
 LM_KINDS = ("mlp_hidden", "heads")
@@ -212,7 +212,8 @@ def build_variants(problem: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if fraction == 0:
       keep, small, forward = {}, params, problem["dense_forward"]
     else:
-      keep = keep_top(groups, params, 1 - fraction, kinds=problem["kinds"])
+      importance = magnitude_importance(groups, params)
+      keep = keep_top(groups, importance, 1 - fraction, kinds=problem["kinds"])
       small, forward = shrink(params, groups, keep), problem["small_forward"](keep)
     kept: dict[str, list[int]] = {}
     for i, units in keep.items():
@@ -357,8 +358,8 @@ def keep_all_difference(problem: dict[str, Any]) -> float:
   """Largest |logit difference| between the model and `shrunk_program` keeping every
   unit of the groups the benchmark shrinks: the re-interpreted program is the model."""
   groups, params = problem["groups"], problem["params"]
-  every = {i: np.arange(groups[i].size) for i in keep_top(groups, params, 1.0,
-                                                          kinds=problem["kinds"])}
+  chosen = keep_top(groups, magnitude_importance(groups, params), 1.0, kinds=problem["kinds"])
+  every = {i: np.arange(groups[i].size) for i in chosen}
   same = jax.jit(problem["small_forward"](every))(shrink(params, groups, every), problem["inputs"])
   dense = jax.jit(problem["dense_forward"])(params, problem["inputs"])
   return float(jnp.max(jnp.abs(same - dense)))

@@ -24,7 +24,13 @@ from jaxprune.export import (
     load_compressed,
 )
 from jaxprune.forward_masks import ForwardMasks, straight_through_masks, straight_through_view
+from jaxprune.group_importance import (
+    activation_importance,
+    magnitude_importance,
+    taylor_importance,
+)
 from jaxprune.input_statistics import InputStatistics, LeafStatistics, input_statistics
+from jaxprune.layer_importance import block_influence, layer_importance
 from jaxprune.leaf_selection import leaf_paths, path_string, select
 from jaxprune.loop import prune_retrain
 from jaxprune.masks import apply_masks, check_masks, magnitude_masks, ranked_masks, threshold_masks
@@ -75,7 +81,7 @@ from jaxprune.sharding import (
     place_batch,
     place_masks,
 )
-from jaxprune.shrinking import keep_top, shrink, unit_norms
+from jaxprune.shrinking import keep_top, shrink
 from jaxprune.shrunk_program import shrunk_program
 from jaxprune.sparsegpt import sparsegpt, sparsegpt_sequential
 from jaxprune.steps import make_eval_step, make_gradient_step, make_train_step, prune_step
@@ -117,9 +123,11 @@ __all__ = [
     "StepReport",
     "Target",
     "TrainResult",
+    "activation_importance",
     "apply_masks",
     "as_target",
     "aux_metric",
+    "block_influence",
     "blocks",
     "by_path",
     "bytes_per_device",
@@ -145,10 +153,12 @@ __all__ = [
     "is_nm_sparse",
     "keep_top",
     "kl_to_teacher",
+    "layer_importance",
     "leaf_paths",
     "load_compressed",
     "log_losses",
     "loss_metric",
+    "magnitude_importance",
     "magnitude_masks",
     "magnitude_score",
     "make_eval_step",
@@ -189,10 +199,10 @@ __all__ = [
     "straight_through",
     "straight_through_masks",
     "straight_through_view",
+    "taylor_importance",
     "threshold_masks",
     "train",
     "uniform",
-    "unit_norms",
     "unpack_mask",
     "unpack_masks",
     "wanda_score",

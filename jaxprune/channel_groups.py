@@ -74,6 +74,12 @@ from jaxprune.mask_tree import resolve_where, slots
 PyTree = Any
 
 
+# The kinds a width is chosen for by default; `other` (an axis no rule names, e.g.
+# an unused leaf's) and `layers` (depth) only when asked for.
+WIDTH_KINDS = ("mlp_hidden", "heads", "kv_heads", "head_dim", "residual", "conv_channels",
+               "experts")
+
+
 class Member(NamedTuple):
   """Axis `axis` of leaf `path`: unit `u` of its group (of `size` units) covers the
   indices `offset + o * size * block + u * block + j`, `o < outer`, `j < block`

@@ -1,9 +1,10 @@
 """The smaller params: which units to keep per channel group, and the params sliced.
 
-`keep_top(groups, params, fraction)` picks, per prunable group, the units with the
-largest summed L2 norm over the group's members (a Minitron-style importance can
-be passed instead of params: any tree of the same shapes); `shrink(params, groups,
-keep)` slices every member axis to the kept units. A group of a scanned stack
+`keep_top(groups, importance, fraction)` picks, per prunable group, the units of
+highest importance (`jaxprune.group_importance`: magnitude, Taylor, Minitron's
+activations, layers' Block Influence), the same width in every layer or ranked
+across layers; `shrink(params, groups, keep)` slices every member axis to the
+kept units. A group of a scanned stack
 (`group.layers`) takes one row of indices per layer, shape `(layers, k)`, or one
 row shared by every layer.
 
@@ -11,11 +12,12 @@ Example::
 
   >>> import jax, jax.numpy as jnp
   >>> from jaxprune.channel_groups import channel_groups
+  >>> from jaxprune.group_importance import magnitude_importance
   >>> from jaxprune.shrinking import keep_top, shrink
   >>> params = {"w1": jnp.arange(32.).reshape(4, 8), "w2": jnp.ones((8, 3))}
   >>> apply_fn = lambda p, x: jax.nn.relu(x @ p["w1"]) @ p["w2"]
   >>> groups = channel_groups(apply_fn, params, jax.ShapeDtypeStruct((2, 4), jnp.float32))
-  >>> keep = keep_top(groups, params, 0.5)
+  >>> keep = keep_top(groups, magnitude_importance(groups, params), 0.5)
   >>> keep
   {1: array([4, 5, 6, 7])}
   >>> small = shrink(params, groups, keep)
@@ -34,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.channel_groups import Group
+from jaxprune.channel_groups import WIDTH_KINDS, Group
 from jaxprune.mask_tree import slots
 
 PyTree = Any
@@ -181,53 +183,112 @@ def _check_shapes(groups: Sequence[Group], shapes: Mapping[str, tuple]) -> None:
                        f"{tuple(traced[path])}")
 
 
-def unit_norms(group: Group, tree: PyTree) -> np.ndarray:
-  """Per unit of `group`, the L2 norm of each member's slice of `tree` (params or
-  scores with the same paths), summed over members: shape `(size,)`, or
-  `(layers, size)` for a group with `layers` (each layer's own)."""
-  theirs = slots(tree)
-  by_path = dict(zip(theirs.paths, theirs.leaves))
-  total = np.zeros((group.layers or 1, group.size))
-  for m in group.members:
-    arr = np.asarray(by_path[m.path], dtype=np.float64)
-    arr = np.moveaxis(arr, [0, m.axis], [0, 1]) if group.layers else np.moveaxis(
-        arr, m.axis, 0)[None]
-    picked = arr[:, m.indices(group.size)]  # (layers, size, per unit, rest...)
-    total += np.sqrt(np.sum(picked.reshape(*picked.shape[:2], -1) ** 2, axis=-1))
-  return total if group.layers else total[0]
+def _width(size: int, fraction: float, round_to: int) -> int:
+  width = math.ceil(fraction * size - 1e-9)  # 0.3 * 10 is 3.0000000000000004
+  return max(1, min(size, round_to * math.ceil(width / round_to)))
 
 
-def keep_top(groups: Sequence[Group], scores_or_params: PyTree, fraction: float,
-             round_to: int = 1, kinds: Sequence[str] | None = None) -> dict[int, np.ndarray]:
-  """Keep-indices for every prunable group of `kinds` (default: every kind but
-  `layers` and `other`):
-  the units with the largest `unit_norms`, `ceil(fraction * size)` of them rounded
-  up to a multiple of `round_to` (at most the whole group), in increasing order; a
-  group with `layers` gets one row per layer.
+def _fractions(groups: Sequence[Group], fraction: float | Mapping[str, float],
+               kinds: Sequence[str] | None) -> dict[int, float]:
+  """group index -> kept fraction, for the prunable groups asked for."""
+  if isinstance(fraction, Mapping):
+    if kinds is not None:
+      raise ValueError("give the kinds once: as the keys of `fraction`, or as `kinds`")
+    per_kind = dict(fraction)
+  else:
+    per_kind = {k: fraction for k in (kinds or WIDTH_KINDS)}
+  for kind, f in per_kind.items():
+    if not 0 < f <= 1:
+      raise ValueError(f"the kept fraction of {kind} must be in (0, 1], got {f}")
+  return {i: per_kind[g.kind] for i, g in enumerate(groups)
+          if g.prunable and g.kind in per_kind}
+
+
+def keep_top(groups: Sequence[Group], importance: Mapping[int, Any],
+             fraction: float | Mapping[str, float], *, round_to: int = 1,
+             kinds: Sequence[str] | None = None, scope: str = "layer") -> dict[int, np.ndarray]:
+  """Keep-indices: the most important units of every prunable group asked for.
+
+  Args:
+    groups: from `channel_groups`.
+    importance: group index -> per-unit importance, `(size,)` or `(layers, size)`
+      (`magnitude_importance`, `taylor_importance`, `activation_importance`,
+      `layer_importance`).
+    fraction: the share of units to keep, for every kind (default: every kind but
+      `layers` and `other`, or `kinds`), or per kind: `{"mlp_hidden": 0.5,
+      "heads": 0.75}`. `heads` of grouped-query attention are the query heads
+      within each KV group (kept evenly in every group); `kv_heads` whole groups.
+    round_to: widths rounded up to a multiple (64, 128: TPU tiles), at most the
+      whole group, at least one unit.
+    kinds: the kinds `fraction` applies to, when it is one number.
+    scope: `"layer"`: `ceil(fraction * size)` units in every group (and every
+      layer of a stack: Minitron's same width); `"global"`: per kind, one ranking
+      of all its groups' units, each group's importance divided by its mean first
+      (Torch-Pruning's global pruning), so layers keep different widths.
+
+  Returns:
+    group index -> sorted kept unit indices (`(layers, k)` for a group of a stack).
+
+  Raises:
+    ValueError: a fraction outside (0, 1], an importance missing or of the wrong
+      shape for a group asked for, `"global"` over a stacked group.
 
   Example::
 
     >>> import numpy as np
-    >>> from jaxprune.channel_groups import Group, Member
-    >>> from jaxprune.shrinking import keep_top
+    >>> from jaxprune import Group, Member, keep_top
     >>> g = Group("mlp_hidden", 5, (Member("w", 0),), True)
-    >>> keep_top([g], {"w": np.array([3., 1., 4., 1., 5.])}, 0.4)[0].tolist()
+    >>> keep_top([g], {0: np.array([3., 1., 4., 1., 5.])}, 0.4)[0].tolist()
     [2, 4]
   """
-  if not 0 < fraction <= 1 or round_to < 1:
-    raise ValueError(f"fraction must be in (0, 1] and round_to >= 1, got {fraction}, {round_to}")
+  if round_to < 1 or scope not in ("layer", "global"):
+    raise ValueError(f"round_to must be >= 1 and scope 'layer' or 'global'; got {round_to}, "
+                     f"{scope!r}")
+  kept = _fractions(groups, fraction, kinds)
+  scores = {i: _importance_of(groups, importance, i) for i in kept}
+  if scope == "global":
+    return _keep_global(groups, scores, kept, round_to)
   out = {}
-  for i, group in enumerate(groups):
-    if not group.prunable or group.kind not in (kinds or _WIDTH_KINDS):
-      continue
-    width = math.ceil(fraction * group.size - 1e-9)  # 0.3 * 10 is 3.0000000000000004
-    width = min(group.size, round_to * math.ceil(width / round_to))
-    order = np.argsort(-unit_norms(group, scores_or_params), axis=-1, kind="stable")
+  for i, f in kept.items():
+    width = _width(groups[i].size, f, round_to)
+    order = np.argsort(-scores[i], axis=-1, kind="stable")
     out[i] = np.sort(order[..., :width], axis=-1)
   return out
 
 
-# `other` (an axis no rule names, e.g. an unused leaf's) and `layers` (depth) only
-# when asked for.
-_WIDTH_KINDS = ("mlp_hidden", "heads", "kv_heads", "head_dim", "residual", "conv_channels",
-                "experts")
+def _importance_of(groups: Sequence[Group], importance: Mapping[int, Any], i: int) -> np.ndarray:
+  group = groups[i]
+  want = (group.layers, group.size) if group.layers else (group.size,)
+  if i not in importance:
+    raise ValueError(f"no importance for group {i} ({group.kind}, size {group.size}); score "
+                     "it, or leave its kind out of `fraction`")
+  values = np.asarray(importance[i], np.float64)
+  if values.shape != want:
+    raise ValueError(f"the importance of group {i} ({group.kind}) has shape {values.shape}; "
+                     f"it needs {want}")
+  if not np.all(np.isfinite(values)):
+    raise ValueError(f"the importance of group {i} ({group.kind}) is not finite")
+  return values
+
+
+def _keep_global(groups: Sequence[Group], scores: dict, kept: dict,
+                 round_to: int) -> dict[int, np.ndarray]:
+  """Per kind, the top units of all its groups together (importances over their
+  group's mean); each group keeps at least `round_to` units, widths rounded up."""
+  out = {}
+  for kind in dict.fromkeys(groups[i].kind for i in kept):
+    members = [i for i in kept if groups[i].kind == kind]
+    stacked = [i for i in members if groups[i].layers]
+    if stacked:
+      raise ValueError(f"scope='global' ranks across layers, but {kind} group {stacked[0]} is "
+                       "a scanned stack whose layers must keep equal widths; use scope='layer'")
+    pooled = np.concatenate([scores[i] / max(scores[i].mean(), 1e-30) for i in members])
+    owner = np.concatenate([np.full(groups[i].size, i) for i in members])
+    total = _width(pooled.size, kept[members[0]], 1)
+    top = np.argsort(-pooled, kind="stable")[:total]
+    for i in members:
+      width = _width(groups[i].size, max(np.sum(owner[top] == i), 1) / groups[i].size,
+                     round_to)
+      out[i] = np.sort(np.argsort(-scores[i], kind="stable")[:width])
+  return out
+

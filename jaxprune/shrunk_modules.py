@@ -52,6 +52,7 @@ read from the shrunk params) and apply the shrunk variables dict, or run
   >>> import jax, jax.numpy as jnp
   >>> import flax.linen as nn
   >>> from jaxprune.channel_groups import channel_groups
+  >>> from jaxprune.group_importance import magnitude_importance
   >>> from jaxprune.shrinking import keep_top, shrink
   >>> class MLP(nn.Module):
   ...   hidden: int = 8
@@ -62,7 +63,8 @@ read from the shrunk params) and apply the shrunk variables dict, or run
   >>> x = jnp.ones((2, 4))
   >>> variables = MLP().init(jax.random.key(0), x)
   >>> groups = channel_groups(MLP().apply, variables, x)
-  >>> small = shrink(variables, groups, keep_top(groups, variables, 0.5))
+  >>> keep = keep_top(groups, magnitude_importance(groups, variables), 0.5)
+  >>> small = shrink(variables, groups, keep)
   >>> smaller = MLP(hidden=small["params"]["fc1"]["kernel"].shape[1])
   >>> smaller.apply(small, x).shape
   (2, 3)
@@ -329,6 +331,7 @@ def nnx_module(graphdef_or_model: Any, small_state: PyTree, *rest: PyTree) -> An
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
     >>> from jaxprune.channel_groups import channel_groups
+    >>> from jaxprune.group_importance import magnitude_importance
     >>> from jaxprune.shrinking import keep_top, shrink
     >>> from jaxprune.shrunk_modules import nnx_module
     >>> model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu,
@@ -337,7 +340,8 @@ def nnx_module(graphdef_or_model: Any, small_state: PyTree, *rest: PyTree) -> An
     >>> apply_fn = lambda state, x: nnx.merge(graphdef, state)(x)
     >>> x = jnp.ones((2, 4))
     >>> groups = channel_groups(apply_fn, state, x)
-    >>> small = shrink(state, groups, keep_top(groups, state, 0.5))
+    >>> keep = keep_top(groups, magnitude_importance(groups, state), 0.5)
+    >>> small = shrink(state, groups, keep)
     >>> smaller = nnx_module(graphdef, small)
     >>> smaller.layers[0].out_features, smaller.layers[2].in_features
     (4, 4)
@@ -476,6 +480,7 @@ def equinox_module(module: Any, small_params: PyTree) -> Any:
     >>> import jax, jax.numpy as jnp
     >>> import equinox as eqx
     >>> from jaxprune.channel_groups import channel_groups
+    >>> from jaxprune.group_importance import magnitude_importance
     >>> from jaxprune.shrinking import keep_top, shrink
     >>> from jaxprune.shrunk_modules import equinox_module
     >>> mlp = eqx.nn.MLP(4, 3, width_size=8, depth=1, key=jax.random.key(0))
@@ -483,7 +488,8 @@ def equinox_module(module: Any, small_params: PyTree) -> Any:
     >>> apply_fn = lambda p, x: jax.vmap(eqx.combine(p, static))(x)
     >>> x = jnp.ones((2, 4))
     >>> groups = channel_groups(apply_fn, params, x)
-    >>> small = shrink(params, groups, keep_top(groups, params, 0.5))
+    >>> keep = keep_top(groups, magnitude_importance(groups, params), 0.5)
+    >>> small = shrink(params, groups, keep)
     >>> smaller = equinox_module(mlp, small)
     >>> smaller.layers[0].out_features, smaller.layers[1].in_features, smaller.width_size
     (4, 4, 4)

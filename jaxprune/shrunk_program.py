@@ -225,9 +225,14 @@ class _Runner:
 
     length = xs[0].shape[0] if xs else (
         self.sizes.shape(outs[nk])[0] if len(outs) > nk else p["length"])
-    carry, ys = jax.lax.scan(body, tuple(init), tuple(xs), length=length,
-                             reverse=p["reverse"], unroll=p["unroll"])
+    carry, ys = self._lax_scan(eqn, body, tuple(init), tuple(xs), length=length,
+                               reverse=p["reverse"], unroll=p["unroll"])
     return [*carry, *ys]
+
+  def _lax_scan(self, eqn: Any, body: Callable, init: tuple, xs: tuple, **kwargs: Any) -> tuple:
+    """`jax.lax.scan(body, init, xs, **kwargs)` for the scan `eqn`: a subclass may
+    watch the steps (`layer_importance` adds per-layer values as ys)."""
+    return jax.lax.scan(body, init, xs, **kwargs)
 
 
 def shrunk_program(groups: ChannelGroups, keep: Keep) -> Callable[..., Any]:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from jaxprune.channel_groups import Group, Member, channel_groups
+from jaxprune.group_importance import magnitude_importance
 from jaxprune.shrinking import keep_top, shrink
 
 S = jax.ShapeDtypeStruct
@@ -160,14 +161,16 @@ def test_shrink_equals_zeroing(model):
 
 def test_keep_top_rounds_up_and_picks_largest():
   group = Group("mlp_hidden", 10, (Member("a", 1), Member("b", 0)), True)
-  norms = np.arange(10.0)
-  tree = {"a": np.ones((3, 10)) * norms, "b": np.zeros((10, 2))}
-  assert keep_top([group], tree, 0.3)[0].tolist() == [7, 8, 9]
-  assert keep_top([group], tree, 0.3, round_to=4)[0].tolist() == [6, 7, 8, 9]
-  assert keep_top([group], tree, 0.5, round_to=8)[0].tolist() == list(range(2, 10))
-  assert keep_top([group], tree, 0.9, round_to=8)[0].tolist() == list(range(10))
+  norms = {0: np.arange(10.0)}
+  assert keep_top([group], norms, 0.3)[0].tolist() == [7, 8, 9]
+  assert keep_top([group], norms, 0.3, round_to=4)[0].tolist() == [6, 7, 8, 9]
+  assert keep_top([group], norms, 0.5, round_to=8)[0].tolist() == list(range(2, 10))
+  assert keep_top([group], norms, 0.9, round_to=8)[0].tolist() == list(range(10))
+  tree = {"a": np.ones((3, 10)) * np.arange(10.0), "b": np.zeros((10, 2))}
+  assert keep_top([group], magnitude_importance([group], tree), 0.3)[0].tolist() == [7, 8, 9]
   heads = Group("heads", 3, (Member("w", 0, 2),), True)
-  assert keep_top([heads], {"w": np.array([5., 5., 0., 1., 2., 0.])}, 0.5)[0].tolist() == [0, 2]
+  by_heads = magnitude_importance([heads], {"w": np.array([5., 5., 0., 1., 2., 0.])})
+  assert keep_top([heads], by_heads, 0.5)[0].tolist() == [0, 2]
   assert keep_top([Group("other", 4, (), False)], {}, 0.5) == {}
 
 

@@ -166,7 +166,8 @@ def test_penzai_gqa_groups_match_the_hand_written_ones(llama_gqa):
 @pytest.mark.parametrize("kind", ["kv_heads", "heads", "head_dim", "mlp_hidden"])
 def test_penzai_shrunk_program_equals_zeroing(llama_gqa, kind):
   params, apply_fn, ids, groups = llama_gqa
-  keep = jaxprune.keep_top(groups, params, 0.5, kinds=(kind,))
+  importance = jaxprune.magnitude_importance(groups, params)
+  keep = jaxprune.keep_top(groups, importance, 0.5, kinds=(kind,))
   small = jaxprune.shrink(params, groups, keep)
   out = jaxprune.shrunk_program(groups, keep)(small, ids)
   reference = apply_fn(zeroed_units(params, groups, keep), ids)

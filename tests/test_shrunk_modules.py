@@ -20,13 +20,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxprune.channel_groups import channel_groups
+from jaxprune.channel_groups import WIDTH_KINDS, channel_groups
+from jaxprune.group_importance import magnitude_importance
 from jaxprune.mask_tree import slots
 from jaxprune.shrinking import keep_top, shrink
 from jaxprune.shrunk_modules import equinox_module, nnx_module
 from jaxprune.shrunk_program import shrunk_program
 
 B = 3
+
+# The layers here are whatever the test builds: an axis no rule names (`other`) is
+# shrunk too.
+ANY = (*WIDTH_KINDS, "other")
 
 
 def _zeroed(params, groups, keep):
@@ -50,7 +55,7 @@ def _shrunk(apply_fn, params, x, exact_only=False):
   """groups, keep (half of every prunable group; only those without a reduction
   over them when `exact_only`) and the shrunk params."""
   groups = channel_groups(apply_fn, params, x)
-  keep = keep_top(groups, params, 0.5)
+  keep = keep_top(groups, magnitude_importance(groups, params, kinds=ANY), 0.5, kinds=ANY)
   if exact_only:
     keep = {i: k for i, k in keep.items() if not groups[i].notes}
   assert keep, str(groups)
@@ -250,7 +255,8 @@ def test_nnx_module_sizes_by_value():
   groups = channel_groups(apply_fn, state, x)
   kinds = {tuple((m.path, m.axis) for m in g.members): g.prunable for g in groups}
   assert not kinds[(("embed/embedding/value", 0),)]  # the vocabulary is looked up
-  smaller = nnx_module(graphdef, shrink(state, groups, keep_top(groups, state, 0.5)))
+  keep = keep_top(groups, magnitude_importance(groups, state, kinds=ANY), 0.5, kinds=ANY)
+  smaller = nnx_module(graphdef, shrink(state, groups, keep))
   assert (smaller.embed.num_embeddings, smaller.embed.features) == (10, 4)
   assert (smaller.proj.in_features, smaller.proj.out_features) == ((4,), (1, 2))
   assert smaller.mix.kernel_shape == (1, 2, 4) and smaller.mix.bias_shape == (4,)
@@ -304,7 +310,7 @@ def test_nnx_module_refuses_wrong_state():
   _, params, _ = nnx.split(model, nnx.Param, ...)
   stats = nnx.state(model, nnx.BatchStat)
   groups = channel_groups(lambda p, x: nnx.merge(graphdef, p, stats)(x), params, x)
-  small_params = shrink(params, groups, keep_top(groups, params, 0.5))
+  small_params = shrink(params, groups, keep_top(groups, magnitude_importance(groups, params), 0.5))
   with pytest.raises(ValueError, match=r"bn1 \(BatchNorm\).*`mean` \(8,\)"):
     nnx_module(model, small_params)
 

@@ -17,6 +17,7 @@ from jax.experimental import pallas as pl
 from numpy_references import zeroed_units as zeroed
 
 from jaxprune.channel_groups import Member, channel_groups
+from jaxprune.group_importance import magnitude_importance
 from jaxprune.shrinking import keep_top, shrink
 from jaxprune.shrunk_program import shrunk_program
 
@@ -85,7 +86,7 @@ def test_gqa_groups_in_a_scanned_stack(gqa):
                                    ("mlp_hidden", "heads", "head_dim")])
 def test_gqa_per_layer_shrink_equals_zeroing(gqa, kinds):
   params, tokens, groups = gqa
-  keep = keep_top(groups, params, 0.5, kinds=kinds)
+  keep = keep_top(groups, magnitude_importance(groups, params), 0.5, kinds=kinds)
   assert keep and all(np.asarray(v).ndim == 2 for v in keep.values())
   small = shrink(params, groups, keep)
   out = jax.jit(shrunk_program(groups, keep))(small, tokens)
@@ -96,7 +97,8 @@ def test_gqa_per_layer_shrink_equals_zeroing(gqa, kinds):
 
 def test_shrunk_program_is_differentiable_and_exportable(gqa, tmp_path):
   params, tokens, groups = gqa
-  keep = keep_top(groups, params, 0.5, kinds=("mlp_hidden", "kv_heads"))
+  importance = magnitude_importance(groups, params)
+  keep = keep_top(groups, importance, 0.5, kinds=("mlp_hidden", "kv_heads"))
   small = shrink(params, groups, keep)
   small_fn = shrunk_program(groups, keep)
   jitted = jax.jit(small_fn)
@@ -116,7 +118,7 @@ def test_shrunk_program_is_differentiable_and_exportable(gqa, tmp_path):
 
 def test_wrong_small_shapes_name_the_leaf(gqa):
   params, tokens, groups = gqa
-  keep = keep_top(groups, params, 0.5, kinds=("mlp_hidden",))
+  keep = keep_top(groups, magnitude_importance(groups, params), 0.5, kinds=("mlp_hidden",))
   with pytest.raises(ValueError, match="layers/w1 has shape"):
     shrunk_program(groups, keep)(params, tokens)
 

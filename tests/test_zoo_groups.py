@@ -39,7 +39,7 @@ from zoo import (
   nnx_gqa_lm,
 )
 
-from jaxprune import channel_groups, keep_top, shrink, shrunk_program
+from jaxprune import channel_groups, keep_top, magnitude_importance, shrink, shrunk_program
 from jaxprune.mask_tree import slots
 
 MODELS = {m.__name__.split(".")[-1]: m for m in (
@@ -459,7 +459,7 @@ def test_example_lm_trains_after_shrinking():
   loss."""
   _, params, (tokens,) = built("example_lm")
   groups = traced("example_lm")
-  keep = keep_top(groups, params, 0.5)
+  keep = keep_top(groups, magnitude_importance(groups, params), 0.5)
   assert {groups[i].kind for i in keep} >= {"heads", "head_dim", "mlp_hidden", "residual"}
   small = shrink(params, groups, keep)
   small_apply = shrunk_program(groups, keep)

@@ -316,7 +316,7 @@ def test_shrink_keeps_each_leafs_sharding():
     return jax.nn.relu(x @ p["fc1"]["kernel"] + p["fc1"]["bias"]) @ p["fc2"]["kernel"]
 
   groups = jaxprune.channel_groups(mlp, sharded, jax.ShapeDtypeStruct((4, 32), jnp.float32))
-  keep = jaxprune.keep_top(groups, sharded, 0.5, round_to=4)
+  keep = jaxprune.keep_top(groups, jaxprune.magnitude_importance(groups, sharded), 0.5, round_to=4)
   small = jaxprune.shrink(sharded, groups, keep)
   assert [groups[i].kind for i in keep] == ["mlp_hidden"]
   assert small["fc1"]["kernel"].shape == (32, 64)
