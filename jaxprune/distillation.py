@@ -9,6 +9,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxprune.layouts import array_forward
+from jaxprune.mask_tree import slots
+
 PyTree = Any
 ApplyFn = Callable[[PyTree, Any], jax.Array]
 
@@ -91,6 +94,29 @@ def distillation_loss(
 
 def teacher_logits_fn(apply_fn: ApplyFn) -> Callable[[PyTree, Any], jax.Array]:
   """A jitted `(teacher_params, batch) -> logits`: the teacher's forward pass, compiled once,
-  whose output feeds `distillation_loss` as data (it stays on the device)."""
-  return jax.jit(lambda teacher_params, batch: jax.lax.stop_gradient(
-      apply_fn(teacher_params, batch)))
+  whose output feeds `distillation_loss` as data (it stays on the device).
+
+  `teacher_params` may hold non-array leaves (an Equinox module's activation
+  functions): they are closed over, and the program is compiled once per structure
+  and per set of such leaves.
+  """
+  compiled: dict = {}
+
+  def logits(teacher_params: PyTree, batch: Any) -> jax.Array:
+    traced = array_forward(apply_fn, teacher_params)
+    others = tuple(_hashable(x) for i, x in enumerate(slots(teacher_params).leaves)
+                   if i not in set(traced.slots))
+    key = (jax.tree.structure(teacher_params), tuple(traced.slots), others)
+    if key not in compiled:
+      compiled[key] = jax.jit(lambda arrays, b: jax.lax.stop_gradient(traced.forward(arrays, b)))
+    return compiled[key]([slots(teacher_params).leaves[i] for i in traced.slots], batch)
+
+  return logits
+
+
+def _hashable(x: Any) -> Any:
+  try:
+    hash(x)
+    return x
+  except TypeError:
+    return id(x)

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import jaxprune
-from jaxprune.distillation import distillation_loss, kl_to_teacher
+from jaxprune.distillation import distillation_loss, kl_to_teacher, teacher_logits_fn
 
 
 def test_kl_is_zero_for_identical_outputs_and_positive_otherwise():
@@ -84,3 +84,14 @@ def test_distillation_changes_retraining_and_keeps_masks_exact():
   for m, w in zip(jax.tree.leaves(distilled.masks),
                   [distilled.params["fc1"]["kernel"], distilled.params["fc2"]["kernel"]]):
     assert not np.asarray(w)[~np.asarray(m)].any()
+
+
+def test_teacher_logits_of_an_equinox_module_with_non_array_leaves():
+  import equinox as eqx
+
+  mlp = eqx.nn.MLP(3, 2, width_size=4, depth=1, activation=jax.nn.gelu, key=jax.random.key(0))
+  apply_fn = lambda model, x: jax.vmap(model)(x)
+  x = jnp.ones((5, 3))
+  teacher = teacher_logits_fn(apply_fn)
+  np.testing.assert_allclose(teacher(mlp, x), apply_fn(mlp, x), rtol=1e-6)
+  np.testing.assert_allclose(teacher(mlp, x + 1.0), apply_fn(mlp, x + 1.0), rtol=1e-6)
