@@ -55,7 +55,15 @@ from jaxprune.results import (
   evaluate,
   pruned_fraction,
 )
-from jaxprune.retraining import Hook, LoopState, ProgressBar, check_hooks, log_losses, retrain
+from jaxprune.retraining import (
+    Hook,
+    LoopState,
+    ProgressBar,
+    check_array_leaves,
+    check_hooks,
+    log_losses,
+    retrain,
+)
 from jaxprune.sharding import (
   ParamLayout,
   onto_mesh,
@@ -470,6 +478,7 @@ def prune_retrain(
                               hooks, keep_checkpoints, seed, resume, checkpoint_dir)
   targets, budgets, checkpoint_every, log_every, hooks = settings[:5]
   metric = check_metric(metric)
+  check_array_leaves(params)
   _check_optimizer(optimizer, params)
   flags = resolve_where(where, params)
   where = where_tree(params, flags)

@@ -83,6 +83,22 @@ def check_finite_losses(report: StepReport) -> None:
     )
 
 
+def check_array_leaves(params: Any) -> None:
+  """Refuses params with a leaf that is neither an array, a number nor None (an
+  Equinox module's activation function): the loops jit and differentiate arrays.
+
+  Raises:
+    ValueError: naming the first such leaf, its type, and the way out.
+  """
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, bool, complex)):
+      raise ValueError(
+          f"params hold a non-array leaf at {jax.tree_util.keystr(path)} "
+          f"({type(leaf).__name__}); the training loops take arrays: pass the arrays (for "
+          "Equinox, `arrays, static = eqx.partition(model, eqx.is_array)`) and rebuild the "
+          "model inside loss_fn (`eqx.combine(arrays, static)`)")
+
+
 def check_sound_state(report: StepReport) -> None:
   """The guard behind the losses: raises `FloatingPointError` if the state of
   `report` is unsound (`integrity.is_sound`: a non-finite param, a NaN in the

@@ -27,7 +27,15 @@ from jaxprune.masks import check_count, check_seed
 from jaxprune.metrics import Metric, check_metric, loss_metric
 from jaxprune.optax_wrapper import pruned_states
 from jaxprune.results import Evaluation, check_evaluation, evaluate
-from jaxprune.retraining import Hook, LoopState, ProgressBar, check_hooks, log_losses, retrain
+from jaxprune.retraining import (
+    Hook,
+    LoopState,
+    ProgressBar,
+    check_array_leaves,
+    check_hooks,
+    log_losses,
+    retrain,
+)
 from jaxprune.steps import LossFn, make_eval_step, make_train_step
 
 PyTree = Any
@@ -135,6 +143,7 @@ def train(
     >>> float((result.params["fc1"]["kernel"] == 0).mean())
     0.5
   """
+  check_array_leaves(params)
   steps = check_count("steps", steps)
   every = None if checkpoint_every is None else check_count("checkpoint_every", checkpoint_every)
   log_every, hooks = check_count("log_every", log_every), check_hooks(hooks)

@@ -94,3 +94,15 @@ def test_numpy_integer_seeds_are_seeds():
   a = tiny_runs.train(seed=np.int64(3), steps=2, checkpoint_every=None)
   b = tiny_runs.train(seed=3, steps=2, checkpoint_every=None)
   tiny_runs.assert_bitwise_equal(a.params, b.params)
+
+
+@pytest.mark.parametrize("driver", [tiny_runs.train, tiny_runs.prune_retrain])
+def test_a_non_array_leaf_is_named_before_the_first_step(tmp_path, driver):
+  params = tiny_runs.make_params()
+  params["fc1"]["activation"] = np.tanh  # an Equinox module's function, say
+  batches = Batches()
+  extra = {} if driver is tiny_runs.train else {"where": jaxprune.select(tiny_runs.make_params())}
+  with pytest.raises(ValueError, match=r"non-array leaf at \['fc1'\]\['activation'\] "
+                     r"\(ufunc\).*eqx.partition"):
+    driver(params=params, train_batches=batches, checkpoint_dir=tmp_path / "c", **extra)
+  assert batches.steps == []
