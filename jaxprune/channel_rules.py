@@ -62,6 +62,8 @@ class State:
   stacked: dict = field(default_factory=dict)  # leaf slot -> layers, when a scan steps it
   sums: dict = field(default_factory=dict)  # token of a reduce_sum -> the nodes it summed
   positions: set = field(default_factory=set)  # iota nodes compared with indices (one_hot)
+  count_source: dict = field(default_factory=dict)  # scalar token -> (eqn, literal) of `n - x`
+  counts: dict = field(default_factory=dict)  # (frame, eqn) -> summed nodes: `n` is their size
   frames: list = field(default_factory=list)  # (jaxpr, env, consts) per walked (sub-)jaxpr
   children: dict = field(default_factory=dict)  # (frame, eqn index) -> [child frames]
   here: tuple = (0, 0)
@@ -202,6 +204,7 @@ def _elementwise(st: State, eqn: Any, ins: list[int], out: int) -> None:
       if n == shape[d]:  # a size-1 axis broadcast against a longer one stays apart
         st.union((t, d), (out, d), where)
   name = eqn.primitive.name
+  _note_counts(st, eqn, ins, out)
   # Two activations added: a residual connection (a bias add has one operand).
   if name in _ADDS and sum(t in st.active for t in joined) >= 2:
     for d in range(len(shape)):
@@ -214,6 +217,34 @@ def _elementwise(st: State, eqn: Any, ins: list[int], out: int) -> None:
       st.union(a, b, where)
       if routed_a or routed_b:
         st.flag(a, "routed")
+
+
+def _note_counts(st: State, eqn: Any, ins: list[int], out: int) -> None:
+  """`jnp.var` divides a sum by `n - ddof`: the `n` of that `sub` is the summed
+  axes' size, to be the kept count in the smaller program."""
+  name, first = eqn.primitive.name, eqn.invars[0]
+  if name == "sub" and isinstance(first, jcore.Literal) and not np.ndim(first.val):
+    st.count_source[out] = (st.here, float(first.val))
+  elif name == "div" and ins[0] in st.sums and ins[1] in st.count_source:
+    here, n = st.count_source[ins[1]]
+    nodes = st.sums[ins[0]]
+    if n == float(math.prod(st.size(node) for node in nodes)):
+      st.counts[here] = nodes
+
+
+def _reduce_window(st: State, eqn: Any, ins: list[int], outs: list[int]) -> None:
+  """Pooling: an axis the window does not touch (size 1, stride 1, no padding or
+  dilation: the channels) maps; a pooled axis is refused (spatial)."""
+  p = eqn.params
+  for d in range(len(st.shapes[ins[0]])):
+    untouched = (p["window_dimensions"][d] == 1 and p["window_strides"][d] == 1
+                 and tuple(p["padding"][d]) == (0, 0) and p["base_dilation"][d] == 1
+                 and p["window_dilation"][d] == 1)
+    if untouched:
+      st.union((ins[0], d), (outs[0], d))
+    else:
+      for t in (ins[0], outs[0]):
+        st.mark((t, d), f"it is pooled by `{eqn.primitive.name}` at {st.where(eqn)} (spatial)")
 
 
 def _dot_general(st: State, eqn: Any, ins: list[int], outs: list[int]) -> None:
@@ -452,6 +483,7 @@ _SIMPLE_RULES: dict[str, Callable[..., None]] = {
     "squeeze": _squeeze, "reshape": _reshape, "slice": _cut, "dynamic_slice": _cut,
     "concatenate": _joined_along, "split": _joined_along, "gather": _gather,
     "conv_general_dilated": _conv, "top_k": _top_k, "iota": _iota,
+    **{f"reduce_window_{op}": _reduce_window for op in ("sum", "max", "min")},
     **{name: _reduce for name in REDUCE_OPS}, **{name: _cumulative for name in CUMULATIVE_OPS},
 }
 

@@ -109,9 +109,13 @@ def _cut_start(sizes: _Sizes, tok: int, d: int, start: int) -> int:
   return int(sizes.mask((tok, d))[:start].sum())
 
 
-def _params(sizes: _Sizes, eqn: Any, ins: list[int], outs: list[int], invals: list) -> tuple:
+def _params(sizes: _Sizes, eqn: Any, ins: list[int], outs: list[int], invals: list,
+            here: tuple[int, int]) -> tuple:
   """`eqn`'s params (and operands) at the new sizes."""
   p, name = dict(eqn.params), eqn.primitive.name
+  if here in sizes.st.counts:  # the `n` of `jnp.var`'s `n - ddof`
+    n = np.prod([sizes.mask(node).sum() for node in sizes.st.counts[here]])
+    invals[0] = np.asarray(n, np.asarray(eqn.invars[0].val).dtype)
   new = [sizes.shape(t) for t in outs]
   if name == "reshape":
     p["new_sizes"], p["dimensions"] = new[0], None
@@ -166,11 +170,12 @@ class _Runner:
       children = self.st.children.get((frame, i), [])
       outs = self._eqn(eqn, invals, children, [env_tokens[v] for v in eqn.outvars],
                        [-1 if isinstance(v, jcore.Literal) else env_tokens[v]
-                        for v in eqn.invars])
+                        for v in eqn.invars], (frame, i))
       values.update(zip(eqn.outvars, outs))
     return [read(v) for v in jaxpr.outvars]
 
-  def _eqn(self, eqn: Any, invals: list, children: list, outs: list, ins: list) -> list:
+  def _eqn(self, eqn: Any, invals: list, children: list, outs: list, ins: list,
+           here: tuple[int, int]) -> list:
     name = eqn.primitive.name
     if name in INLINE_OPS:
       return self._inline(eqn, invals, children[0])
@@ -183,7 +188,7 @@ class _Runner:
       return self._scan(eqn, invals, children[0], outs)
     if name == "iota" and (outs[0], eqn.params["dimension"]) not in self.st.positions:
       return [self._kept_iota(eqn, outs[0])]
-    params, invals = _params(self.sizes, eqn, ins, outs, invals)
+    params, invals = _params(self.sizes, eqn, ins, outs, invals, here)
     result = eqn.primitive.bind(*invals, **params)
     return list(result) if eqn.primitive.multiple_results else [result]
 

@@ -235,3 +235,48 @@ def test_unknown_kernels_refuse_with_their_line(op):
   assert any(f"`{op}`" in r and any(f"test_shrunk_program.py:{n} " in r for n in (line, line + 1))
              for r in hidden[0].reasons), hidden[0].reasons  # the call spans two lines
   assert not groups.prunable()
+
+
+def _layer_norm(x, scale):  # as eqx.nn.LayerNorm: jnp.var divides by `n - ddof`
+  mean = x.mean(-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(jnp.var(x, -1, keepdims=True) + 1e-5) * scale
+
+
+def test_a_variance_over_residual_channels_is_over_the_kept():
+  params = {"embed": _normal(0, 3, D), "w1": _normal(1, D, F), "w2": _normal(2, F, D),
+            "norm": 1 + _normal(3, D), "head": _normal(4, D, 3)}
+
+  def net(p, x):
+    h = x @ p["embed"]
+    h = h + jax.nn.relu(_layer_norm(h, p["norm"]) @ p["w1"]) @ p["w2"]
+    return _layer_norm(h, p["norm"]) @ p["head"]
+
+  x = _normal(5, T, 3, scale=1.0)
+  groups = channel_groups(net, params, x)
+  (residual,) = [i for i, g in enumerate(groups) if g.kind == "residual"]
+  keep = {residual: [0, 2, 3, 5, 7]}
+  small = shrink(params, groups, keep)
+  np.testing.assert_allclose(shrunk_program(groups, keep)(small, x), net(small, x),
+                             atol=1e-5, rtol=1e-5)
+
+
+def _pooled_cnn(p, x):
+  dn = ("NHWC", "HWIO", "NHWC")
+  h = jax.nn.relu(jax.lax.conv_general_dilated(x, p["k1"], (1, 1), "SAME", dimension_numbers=dn))
+  h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+  h = jax.lax.conv_general_dilated(h, p["k2"], (1, 1), "SAME", dimension_numbers=dn)
+  h = jax.lax.reduce_window(h, 0.0, jax.lax.add, (1, 3, 3, 1), (1, 3, 3, 1), "VALID") / 9
+  return h.reshape(h.shape[0], -1) @ p["head"]
+
+
+def test_pooling_keeps_the_channels_prunable():
+  params = {"k1": _normal(0, 3, 3, 2, 6), "k2": _normal(1, 3, 3, 6, 4), "head": _normal(2, 4, 3)}
+  x = _normal(3, 2, 6, 6, 2, scale=1.0)
+  groups = channel_groups(_pooled_cnn, params, x)
+  found = {tuple(sorted(g.members)) for g in groups if g.prunable}
+  assert found == {(Member("k1", 3), Member("k2", 2)), (Member("head", 0), Member("k2", 3))}
+  for index in groups.prunable():
+    keep = {index: [0, 2, 3]}
+    out = shrunk_program(groups, keep)(shrink(params, groups, keep), x)
+    np.testing.assert_allclose(out, _pooled_cnn(zeroed(params, groups, keep), x),
+                               atol=1e-5, rtol=1e-5)
