@@ -2,37 +2,8 @@
 
 `channel_groups(apply_fn, params, *args)` traces `apply_fn(params, *args)` to a
 jaxpr (abstractly: `args` may be `jax.ShapeDtypeStruct`s) and joins every axis of
-every value and targeted leaf into groups (`jaxprune.channel_rules`): axes in one
-group must lose the same units together. The rules, by primitive:
-
-* `dot_general`: contracted axes of both operands are one; batch axes of both
-  operands are one with the output's batch axes; each free axis is one with its
-  output axis.
-* n-ary elementwise ops: equal axes of all operands and the output are one (an
-  axis broadcast from size 1 does not join). Casts are the identity, `transpose`
-  permutes, `broadcast_in_dim` and `squeeze` map.
-* `reshape`: an axis read as several (`d -> (heads, head_dim)`, or
-  `(kv_heads, groups, head_dim)`) is made of *parts*: unit `h` of `heads` is its
-  indices `h * head_dim ... (h + 1) * head_dim - 1`, unit `j` of `head_dim` the
-  indices `j, head_dim + j, ...`; merging is the same read backwards. A reshape
-  mixing several axes into several is refused.
-* `slice`, `dynamic_slice` at literal starts, `concatenate`, `split`: the whole
-  axis is made of its pieces at their offsets (a fused `qkv` kernel: the `q`,
-  `k`, `v` columns of head `h` are one unit). A strided or traced cut is refused.
-* `reduce_*`, `argmax`, `cumsum`...: the reduced axis is noted on its group (a
-  norm's mean, a softmax); `top_k` ranks an axis, and indices it returns that
-  `one_hot` compares with an `iota`, or that `gather` looks up, join that axis:
-  the router's expert axis is one with the experts'.
-* `gather` (an embedding lookup): the table's whole axes join the output's; the
-  looked-up axis (the vocabulary) is refused.
-* `conv_general_dilated`: batch and features map; spatial axes and grouped
-  (depthwise) convs are refused.
-* `pjit`, `custom_jvp_call`, `custom_vjp_call`, `remat`, `cond` branches are
-  walked inline; `scan` steps its xs (their leading axes are one group: the
-  layers), unites each carry's init, body input, body output and result.
-* Any other primitive refuses every axis it touches, naming the primitive and
-  the user's source line; so is an axis of the program's inputs or outputs, or
-  one reaching a leaf `where` leaves out. Never a guess.
+every value and targeted leaf into groups: axes in one group must lose the same
+units together. The rules, by primitive, are in `jaxprune.channel_rules`.
 
 A `Group` is a set of `Member(path, axis, block, offset, outer)`: unit `u` of the
 group covers the leaf indices `offset + o * size * block + u * block + j` for
@@ -163,10 +134,13 @@ class ChannelGroups(Sequence):
     lines = []
     for i, g in enumerate(self._groups):
       members = ", ".join(_describe(m) for m in g.members)
-      state = "prunable" if g.prunable else "unprunable: " + "; ".join(g.reasons[:2])
+      more = f" (+{len(g.reasons) - 2} more: group.reasons)" if len(g.reasons) > 2 else ""
+      state = "prunable" if g.prunable else "unprunable: " + "; ".join(g.reasons[:2]) + more
       layers = f" x {g.layers} layers" if g.layers else ""
       lines.append(f"{i}: {g.kind} size {g.size}{layers} ({members}) {state}")
       lines.extend(f"     note: {n}" for n in g.notes[:2])
+      if len(g.notes) > 2:
+        lines.append(f"     (+{len(g.notes) - 2} more notes: group.notes)")
     return "\n".join(lines)
 
 
@@ -364,11 +338,16 @@ def _groups(st: State, leaves: list) -> tuple[list[Group], dict, dict]:
   parts = _resolve_parts(st)
   found, odd = _members(st, leaves, parts)
   kinds = _kinds(st, found, parts)
+  unused = {path for _, path, tok in leaves if tok not in st.used}
   out, roots = [], {}
   for root, members in found.items():
     single = ["it has one unit (a piece picked by an index, or a broadcast axis): removing "
               "it removes the axis"] if st.size(root) == 1 else []
-    reasons = tuple(dict.fromkeys(st.reasons.get(root, []) + odd.get(root, []) + single))
+    idle = [f"the program never reads {', '.join(sorted({m.path for _, m in members}))} "
+            "(does apply_fn use its params argument?)"] if all(
+                m.path in unused for _, m in members) else []
+    reasons = tuple(dict.fromkeys(st.reasons.get(root, []) + odd.get(root, []) + single
+                                  + idle))
     kind = kinds[root]
     roots[root] = len(out)
     out.append(Group(kind, st.size(root), tuple(dict.fromkeys(m for _, m in members)),
@@ -385,7 +364,9 @@ def _joined(maps: list | None, size: int) -> np.ndarray:
 
 def channel_groups(apply_fn: Callable[..., Any], params: PyTree, *example_args: Any,
                    where: Where | None = None) -> ChannelGroups:
-  """The coupled channel groups of `apply_fn(params, *example_args)` (module docstring).
+  """The coupled channel groups of `apply_fn(params, *example_args)`: which leaf axes
+  must lose the same units together, read from the program (the rules per
+  primitive: `help(jaxprune.channel_rules)`; members and kinds: `help(jaxprune.Group)`).
 
   Args:
     apply_fn: the forward pass, `apply_fn(params, *args)`.

@@ -9,12 +9,43 @@ it is made of, with an index map: a reshape `d -> (heads, head_dim)` links `d` t
 link is `(target node, A)` with `A[u]` the indices of the linked axis that unit
 `u` of the target covers (shape `(target size, per unit)`).
 
-An op without a rule refuses every axis it touches, naming the primitive and the
-user's source line: never a guess. The walk also records what `shrunk_program`
-needs to run the program again at new sizes (each sub-jaxpr's frame, the divisors
-of means) and what the group kinds are read from (matmuls between two
-activations: attention; batch axes against weights: vmapped experts; indices
-from `top_k`/`argmax` compared with `iota`: routed experts).
+The rules, by primitive:
+
+* `dot_general`: contracted axes of both operands are one; batch axes of both
+  operands are one with the output's batch axes; each free axis is one with its
+  output axis.
+* n-ary elementwise ops: equal axes of all operands and the output are one (an
+  axis broadcast from size 1 does not join). Casts are the identity, `transpose`
+  permutes, `broadcast_in_dim` and `squeeze` map.
+* `reshape`: an axis read as several (`d -> (heads, head_dim)`, or
+  `(kv_heads, groups, head_dim)`) is made of *parts*: unit `h` of `heads` is its
+  indices `h * head_dim ... (h + 1) * head_dim - 1`, unit `j` of `head_dim` the
+  indices `j, head_dim + j, ...`; merging is the same read backwards. A reshape
+  mixing several axes into several is refused.
+* `slice`, `dynamic_slice` at literal starts, `concatenate`, `split`: the whole
+  axis is made of its pieces at their offsets (a fused `qkv` kernel: the `q`,
+  `k`, `v` columns of head `h` are one unit). A strided or traced cut is refused.
+* `reduce_*`, `argmax`, `cumsum`...: the reduced axis is noted on its group (a
+  norm's mean, a softmax); `top_k` ranks an axis, and indices it returns that
+  `one_hot` compares with an `iota`, or that `gather` looks up, join that axis:
+  the router's expert axis is one with the experts'.
+* `gather` (an embedding lookup): the table's whole axes join the output's; the
+  looked-up axis (the vocabulary) is refused.
+* `conv_general_dilated`: batch and features map; spatial axes and grouped
+  (depthwise) convs are refused. `reduce_window_*` (pooling) maps the axes its
+  window leaves alone (the channels) and refuses the pooled ones.
+* `pjit`, `custom_jvp_call`, `custom_vjp_call`, `remat`, `cond` branches are
+  walked inline; `scan` steps its xs (their leading axes are one group: the
+  layers), unites each carry's init, body input, body output and result.
+* Any other primitive refuses every axis it touches, naming the primitive and
+  the user's source line; so is an axis of the program's inputs or outputs, or
+  one reaching a leaf `where` leaves out. Never a guess.
+
+The walk also records what `shrunk_program` needs to run the program again at new
+sizes (each sub-jaxpr's frame, the divisors of means and variances) and what the
+group kinds are read from (matmuls between two activations: attention; batch
+axes against weights: vmapped experts; indices from `top_k`/`argmax` compared
+with `iota`: routed experts).
 """
 
 from __future__ import annotations
@@ -68,6 +99,7 @@ class State:
   children: dict = field(default_factory=dict)  # (frame, eqn index) -> [child frames]
   here: tuple = (0, 0)
   context: list = field(default_factory=list)
+  used: set = field(default_factory=set)  # tokens some equation or output reads
 
   def new(self, shape: tuple[int, ...]) -> int:
     self.shapes.append(tuple(shape))
@@ -151,6 +183,7 @@ def walk(st: State, jaxpr: Any, env: dict, consts: Sequence[Any] = ()) -> list[i
     token(st, env, v)
   for i, eqn in enumerate(jaxpr.eqns):
     ins = [token(st, env, v) for v in eqn.invars]
+    st.used.update(ins)
     outs = []
     for v in eqn.outvars:
       env[v] = st.new(v.aval.shape)
@@ -159,7 +192,9 @@ def walk(st: State, jaxpr: Any, env: dict, consts: Sequence[Any] = ()) -> list[i
       st.active.update(outs)
     st.here = (frame, i)
     _rule(st, eqn, ins, outs)
-  return [token(st, env, v) for v in jaxpr.outvars]
+  results = [token(st, env, v) for v in jaxpr.outvars]
+  st.used.update(results)
+  return results
 
 
 def _rule(st: State, eqn: Any, ins: list[int], outs: list[int]) -> None:

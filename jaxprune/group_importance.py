@@ -137,9 +137,14 @@ def activation_importance(groups: Sequence[Group], apply_fn: Callable[[PyTree, A
   """Per prunable group (of `kinds`), each unit's input activation norm (Minitron;
   module docstring), from `apply_fn(params, batch)` over the calibration `batches`.
 
+  Returns:
+    group index -> `(size,)` (or `(layers, size)`) importances. With `kinds`
+    left out, a group no matmul reads as an input (the queries' and keys'
+    `head_dim`: the scores read them, no weight does) is left out.
+
   Raises:
-    ValueError: a chosen group that no matmul reads as an input (nothing to
-      measure), naming it.
+    ValueError: a group of the given `kinds` that no matmul reads as an input
+      (nothing to measure), naming it.
   """
   chosen = _chosen(groups, kinds)
   paths = {m.path for i in chosen for m in groups[i].members}
@@ -155,6 +160,8 @@ def activation_importance(groups: Sequence[Group], apply_fn: Callable[[PyTree, A
         continue
       sq = _features_first(np.asarray(stat.sq_norms, np.float64), stat, m, group)
       total = sq if total is None else total + sq
+    if total is None and kinds is None:
+      continue  # asked for every kind: left out, and keep_top refuses it if asked for it
     if total is None:
       raise ValueError(f"group {i} ({group.kind}, size {group.size}) is read as an input by "
                        "no matmul of the model: activation_importance has nothing to measure; "

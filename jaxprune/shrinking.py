@@ -43,10 +43,36 @@ PyTree = Any
 Keep = Mapping[int, Any]
 
 
+def check_keep(groups: Sequence[Group], keep: Keep) -> dict[int, np.ndarray]:
+  """`keep` checked against `groups`: integer keys naming prunable groups, each
+  with valid unit indices (`kept_units`). Returns group index -> indices."""
+  if not isinstance(keep, Mapping):
+    raise ValueError(f"keep must map group indices to kept units, got {type(keep).__name__}")
+  out = {}
+  for key, indices in keep.items():
+    if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or not (
+        0 <= key < len(groups)):
+      raise ValueError(f"keep has the key {key!r}; its keys are group indices in [0, "
+                       f"{len(groups)}) (keep_top returns them; kinds go to keep_top)")
+    group = groups[key]
+    if not group.prunable:
+      raise ValueError(f"the {group.kind} group {key} of size {group.size} cannot be shrunk: "
+                       + "; ".join(group.reasons))
+    out[int(key)] = kept_units(group, indices)
+  return out
+
+
 def kept_units(group: Group, indices: Any) -> np.ndarray:
   """`indices` checked against `group`: a sorted, distinct row in `[0, size)`, or
   for a group of `layers` layers, `(layers, k)` rows. Returns them as int64."""
-  idx = np.asarray(indices, dtype=np.int64)
+  given = np.asarray(indices)
+  if given.size == 0:
+    raise ValueError(f"the {group.kind} group (size {group.size}) would keep no unit; drop "
+                     "the whole group by other means (a layer, the model's design)")
+  if given.dtype == bool or not np.issubdtype(given.dtype, np.integer):
+    raise ValueError(f"keep-indices of the {group.kind} group must be integers (unit "
+                     f"indices), got {given.dtype}: {given.tolist()}")
+  idx = given.astype(np.int64)
   if idx.ndim == 2 and group.layers is None:
     raise ValueError(f"per-layer keep-indices {idx.shape} given for the {group.kind} group, "
                      "which is not inside a scanned stack (group.layers is None)")
@@ -59,9 +85,6 @@ def kept_units(group: Group, indices: Any) -> np.ndarray:
     raise ValueError(f"keep-indices of the {group.kind} group (size {group.size}) must be "
                      f"sorted, distinct and in [0, {group.size}), one row or one per layer; "
                      f"got {idx.tolist()}")
-  if not rows.shape[-1]:
-    raise ValueError(f"the {group.kind} group (size {group.size}) would keep no unit; drop "
-                     "the whole group by other means (a layer, the model's design)")
   return idx
 
 
@@ -76,11 +99,8 @@ def unit_mask(group: Group, indices: Any) -> np.ndarray:
 def _axis_masks(groups: Sequence[Group], keep: Keep, shapes: Mapping[str, tuple]) -> dict:
   """(path, axis) -> kept leaf indices as booleans, `(n,)` or `(layers, n)`."""
   masks: dict = {}
-  for key, indices in keep.items():
+  for key, indices in check_keep(groups, keep).items():
     group = groups[key]
-    if not group.prunable:
-      raise ValueError(f"the {group.kind} group of size {group.size} cannot be shrunk: "
-                       + "; ".join(group.reasons))
     units = unit_mask(group, indices)
     for m in group.members:
       length = shapes[m.path][m.axis]
@@ -140,6 +160,7 @@ def shrink(params: PyTree, groups: Sequence[Group], keep: Keep) -> PyTree:
   """
   theirs = slots(params)
   where = {p: i for i, p in enumerate(theirs.paths)}
+  keep = check_keep(groups, keep)
   shapes = {}
   for key in keep:
     for m in groups[key].members:
@@ -197,7 +218,10 @@ def _fractions(groups: Sequence[Group], fraction: float | Mapping[str, float],
     per_kind = dict(fraction)
   else:
     per_kind = {k: fraction for k in (kinds or WIDTH_KINDS)}
+  known = {g.kind for g in groups} | set(WIDTH_KINDS) | {"layers", "other"}
   for kind, f in per_kind.items():
+    if kind not in known:
+      raise ValueError(f"no group kind {kind!r}; the kinds are {sorted(known)}")
     if not 0 < f <= 1:
       raise ValueError(f"the kept fraction of {kind} must be in (0, 1], got {f}")
   return {i: per_kind[g.kind] for i, g in enumerate(groups)

@@ -29,7 +29,9 @@ an error naming the layer. The sizes rewritten:
   `nn.ConvTranspose*` (`in_channels`, `out_channels`), `nn.LayerNorm` and
   `nn.RMSNorm` (`shape`), `nn.Embedding` (`num_embeddings`, `embedding_size`),
   `nn.MLP` (`in_size`, `out_size`; `width_size` when every hidden layer keeps one
-  width). A `"scalar"` size stays. `eqx.nn.BatchNorm`'s running statistics live in
+  width), `nn.MultiheadAttention` (`num_heads`, `qk_size`, `vo_size` and the four
+  feature sizes; refused when fewer heads and narrower heads would both explain
+  the projections' rows). A `"scalar"` size stays. `eqx.nn.BatchNorm`'s running statistics live in
   an `eqx.nn.State`, outside the module: they are not touched here.
 * A `GroupNorm` (NNX or Equinox) whose channel count changed is refused: its
   arrays are per channel and do not say whether whole groups or channels within
@@ -415,13 +417,36 @@ def _eqx_mlp(where: str, m: Any) -> Sizes:
           "width_size": widths.pop() if m.depth > 0 and len(widths) == 1 else None}
 
 
+def _eqx_attention(where: str, m: Any) -> Sizes:
+  """`nn.MultiheadAttention`: `num_heads`, `qk_size`, `vo_size` from the projections'
+  rows. Fewer heads and narrower heads can give the same rows (both q/k and v
+  narrowed by the ratio heads were cut by): then it refuses rather than guess."""
+  q, k, v = (m.query_proj.weight.shape[0], m.key_proj.weight.shape[0],
+             m.value_proj.weight.shape[0])
+  fits = set()
+  if q % m.qk_size == 0 and v % m.vo_size == 0 and q // m.qk_size == v // m.vo_size:
+    fits.add((q // m.qk_size, m.qk_size, m.vo_size))  # whole heads removed
+  if q % m.num_heads == 0 and v % m.num_heads == 0:
+    fits.add((m.num_heads, q // m.num_heads, v // m.num_heads))  # head sizes narrowed
+  if q != k or len(fits) != 1:
+    raise ValueError(f"{where} (MultiheadAttention): query/key/value projections with {q}, {k}, "
+                     f"{v} rows do not tell how many heads of which size remain (it had "
+                     f"{m.num_heads} heads, qk_size {m.qk_size}, vo_size {m.vo_size}); rebuild "
+                     "it with the sizes you chose, or run shrunk_program")
+  heads, qk, vo = fits.pop()
+  return {"num_heads": heads, "qk_size": qk, "vo_size": vo,
+          "query_size": m.query_proj.weight.shape[1], "key_size": m.key_proj.weight.shape[1],
+          "value_size": m.value_proj.weight.shape[1],
+          "output_size": m.output_proj.weight.shape[0]}
+
+
 def _eqx_rules(eqx: Any) -> list[tuple[type, Callable[[str, Any], Sizes]]]:
   """(layer class, its sizes from its arrays). `equinox_module` applies these
   first and `_eqx_mlp` in a second pass: an `MLP` reads its rewritten layers."""
   nn = eqx.nn
   return [(nn.Linear, _eqx_linear), (nn.Conv, _eqx_conv), (nn.ConvTranspose, _eqx_conv),
           (nn.LayerNorm, _eqx_norm), (nn.RMSNorm, _eqx_norm), (nn.Embedding, _eqx_embedding),
-          (nn.GroupNorm, _eqx_group_norm)]
+          (nn.GroupNorm, _eqx_group_norm), (nn.MultiheadAttention, _eqx_attention)]
 
 
 def _with_sizes(module: Any, sizes: Sizes) -> Any:

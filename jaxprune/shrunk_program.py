@@ -44,7 +44,7 @@ from jaxprune.channel_groups import ChannelGroups, Program
 from jaxprune.channel_rules import Node
 from jaxprune.layouts import INLINE_OPS
 from jaxprune.mask_tree import slots
-from jaxprune.shrinking import Keep, kept_units, unit_mask
+from jaxprune.shrinking import Keep, check_keep, unit_mask
 
 PyTree = Any
 
@@ -54,10 +54,8 @@ class _Sizes:
 
   def __init__(self, program: Program, groups: Sequence[Any], keep: Keep):
     self.program, self.st = program, program.state
-    self.units = {}
-    for key, indices in keep.items():
-      kept_units(groups[key], indices)
-      self.units[key] = unit_mask(groups[key], indices)
+    self.units = {key: unit_mask(groups[key], indices)
+                  for key, indices in check_keep(groups, keep).items()}
     self._memo: dict = {}
 
   def mask(self, node: Node) -> np.ndarray:

@@ -16,6 +16,7 @@ import pytest
 from jaxprune.channel_groups import Group, Member, channel_groups
 from jaxprune.group_importance import magnitude_importance
 from jaxprune.shrinking import keep_top, shrink
+from jaxprune.shrunk_program import shrunk_program
 
 S = jax.ShapeDtypeStruct
 D, HIDDEN, OUT, T = 4, 6, 3, 5
@@ -194,3 +195,31 @@ def test_conv_channels_through_cond_and_loop():
   small = shrink(params, groups, {index[0]: [0, 3]})
   np.testing.assert_allclose(_cnn(small, x), _cnn(_zeroed(params, groups[index[0]], [0, 3]), x),
                              atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("keep, message", [
+    ({99: [0]}, r"the key 99; its keys are group indices in \[0, "),
+    ({"mlp_hidden": [0]}, r"the key 'mlp_hidden'; its keys are group indices"),
+    ({0: []}, r"would keep no unit"),
+    ({0: [0.5, 2.7]}, r"must be integers \(unit indices\), got float64"),
+    ({0: [True, False, True, False, True, False]}, r"must be integers .* got bool"),
+    ({0: [3, 1]}, r"sorted, distinct"),
+    ({1: [0, 1]}, r"cannot be shrunk: it is an input/output axis"),
+])
+def test_bad_keep_is_named_by_shrink_and_shrunk_program(keep, message):
+  groups = channel_groups(_mlp, _mlp_params(), S((T, D), jnp.float32))
+  assert groups[0].kind == "mlp_hidden" and not groups[1].prunable
+  with pytest.raises(ValueError, match=message):
+    shrink(_mlp_params(), groups, keep)
+  with pytest.raises(ValueError, match=message):
+    shrunk_program(groups, keep)
+
+
+def test_unknown_kind_and_unused_leaves_are_named():
+  params = {**_mlp_params(), "spare": jnp.ones((3, 3))}
+  groups = channel_groups(_mlp, params, S((T, D), jnp.float32))
+  spare = [g for g in groups if g.members[0].path == "spare"]
+  assert spare and all(not g.prunable and "never reads spare" in g.reasons[0] for g in spare)
+  importance = magnitude_importance(groups, params)
+  with pytest.raises(ValueError, match=r"no group kind 'head'"):
+    keep_top(groups, importance, {"head": 0.5})

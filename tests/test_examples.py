@@ -6,10 +6,13 @@ Each runs end to end on CPU with a tiny configuration on the embedded corpus (no
 import json
 import math
 import os
+import subprocess
+import sys
 
 import nbformat
 import optax_chain
 import pytest
+import shrink_lm
 import train_lm
 from nbclient import NotebookClient
 
@@ -122,3 +125,68 @@ def test_train_lm_exports_quantizes_and_distills(tmp_path, capsys):
   # The reloaded pruned file evaluates exactly like the in-memory pruned model.
   assert rows["pruned"]["perplexity"] == pytest.approx(results["final_perplexity"], rel=1e-5)
   assert "end to end: export -> load -> evaluate" in capsys.readouterr().out
+
+
+def test_shrink_lm_help_lists_the_flags(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    shrink_lm.parse_args(["--help"])
+  assert exit_info.value.code == 0
+  text = capsys.readouterr().out
+  for flag in ("--params", "--importance", "--keep", "--drop-layers", "--round-to", "--scope",
+               "--recovery-steps", "--distill", "--out", "--resume"):
+    assert flag in text
+  assert shrink_lm.parse_keep("mlp_hidden=0.5,heads=0.75") == {"mlp_hidden": 0.5, "heads": 0.75}
+  assert shrink_lm.parse_keep("none") == {}
+
+
+def run_shrink_lm(*argv: str) -> tuple[str, dict]:
+  """`examples/shrink_lm.py` in a process of its own: (stdout, results.json)."""
+  out = argv[argv.index("--out") + 1]
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "shrink_lm.py"), *argv],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, f"shrink_lm.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+  with open(os.path.join(out, "results.json")) as f:
+    return proc.stdout, json.load(f)
+
+
+def test_shrink_lm_shrinks_distills_and_reloads(tmp_path):
+  tiny = TINY[:2] + ["--layers", "2"] + TINY[4:]  # two blocks: one to drop
+  out = str(tmp_path / "run")
+  printed, results = run_shrink_lm(*tiny, "--steps", "40", "--eval-every", "5",
+                                   "--drop-layers", "1", "--timing-rounds", "2", "--out", out)
+  assert "channel groups of the 1-block model:" in printed
+  assert "mlp_hidden size 128" in printed and "heads size 4" in printed
+  assert "Block Influence per block" in printed
+  assert "| shrunk, after recovery (10 steps) |" in printed
+  params, ppl = results["params"], results["perplexity"]
+  assert params["shrunk"] < params["dense"]
+  assert all(math.isfinite(v) and v > 1 for v in ppl.values())
+  # Recovery (a quarter of the 40 dense steps) lowers the shrunk model's validation loss.
+  assert ppl["after_recovery"] < ppl["before_recovery"]
+  history = results["recovery_history"]
+  assert [h["step"] for h in history] == [5, 10]
+  assert history[-1]["perplexity"] == ppl["after_recovery"]
+  assert results["args"]["recovery_steps"] == 10
+  # The block of higher Block Influence stays; per kept block 3 of 4 heads, half the MLP.
+  influence = {int(b): v for b, v in results["block_influence"].items()}
+  assert results["kept_blocks"] == [max(influence, key=influence.get)]
+  kept = results["kept_blocks"][0]
+  assert results["widths"]["heads"][str(kept)] == [3, 4]
+  assert results["widths"]["mlp_hidden"][str(kept)] == [64, 128]
+  assert results["widths"]["heads"][str(1 - kept)] == [0, 4]
+  assert results["forward_speedup"] > 0 and all(v > 0 for v in results["forward_ms"].values())
+  assert sorted(os.listdir(out)) == ["dense", "kept_widths.png", "recover", "recovery.png",
+                                     "results.json"]
+  for path in results["plots"]:
+    with open(path, "rb") as f:
+      assert f.read(8) == PNG_MAGIC
+
+  # The dense params it saved, reloaded, shrunk along the residual stream by Taylor.
+  other = str(tmp_path / "residual")
+  printed, again = run_shrink_lm(*tiny, "--steps", "40", "--params", os.path.join(out, "dense"),
+                                 "--importance", "taylor", "--keep", "residual=0.75",
+                                 "--timing-rounds", "1", "--no-plots", "--out", other)
+  assert again["perplexity"]["dense"] == ppl["dense"]
+  assert again["widths"]["residual"] == {"0": [24, 32], "1": [24, 32]}
+  assert again["params"]["shrunk"] < again["params"]["dense"] == params["dense"]
+  assert again["perplexity"]["after_recovery"] < again["perplexity"]["before_recovery"]

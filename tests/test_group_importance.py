@@ -139,13 +139,19 @@ def test_activation_importance_per_layer_and_of_the_residual_stream():
   assert np.all(got[kinds["residual"]] > np.sqrt(normed.sum(0)) - 1e-6)
 
 
-def test_activation_importance_refuses_a_group_nothing_reads():
-  params = {"w1": jnp.ones((D, F)), "w2": jnp.ones((F, D)), "unused": jnp.ones((3, 3))}
-  groups = channel_groups(lambda p, x: _mlp(dict(p, b1=0.0), x), params,
-                          jax.ShapeDtypeStruct((T, D), jnp.float32))
-  with pytest.raises(ValueError, match="read as an input by no matmul"):
-    activation_importance(groups, lambda p, x: _mlp(dict(p, b1=0.0), x), params, _batches(),
-                          kinds=("other",))
+def test_activation_importance_leaves_out_or_refuses_what_no_matmul_reads():
+  params = _gqa_params()
+  groups = channel_groups(_gqa, params, jax.ShapeDtypeStruct((T, D), jnp.float32))
+  head_dims = [i for i, g in enumerate(groups) if g.kind == "head_dim"]
+  measured = activation_importance(groups, _gqa, params, _batches())
+  # The values' head_dim is what the output projection reads; the queries' and keys'
+  # is read by the scores only: left out when every kind is asked for...
+  assert sum(i in measured for i in head_dims) == 1
+  with pytest.raises(ValueError, match=r"no importance for group \d+ \(head_dim"):
+    keep_top(groups, measured, {"head_dim": 0.5})
+  # ...and refused, naming it, when asked for by kind.
+  with pytest.raises(ValueError, match=r"\(head_dim, size 3\) is read as an input by no matmul"):
+    activation_importance(groups, _gqa, params, _batches(), kinds=("head_dim",))
 
 
 def _groups_of(sizes: dict[str, list[int]], layers: int | None = None) -> list[Group]:
@@ -199,13 +205,17 @@ def _gqa(p, x):
   return _attention_out(p, x).reshape(T, HEADS_KV * HEADS_G * HD) @ p["wo"]
 
 
-def test_gqa_query_heads_evenly_or_whole_kv_groups():
+def _gqa_params():
   k = jax.random.split(jax.random.key(4), 4)
   width = HEADS_KV * HEADS_G * HD
-  params = {"wq": jax.random.normal(k[0], (D, width)),
-            "wk": jax.random.normal(k[1], (D, HEADS_KV * HD)),
-            "wv": jax.random.normal(k[2], (D, HEADS_KV * HD)),
-            "wo": jax.random.normal(k[3], (width, D))}
+  return {"wq": jax.random.normal(k[0], (D, width)),
+          "wk": jax.random.normal(k[1], (D, HEADS_KV * HD)),
+          "wv": jax.random.normal(k[2], (D, HEADS_KV * HD)),
+          "wo": jax.random.normal(k[3], (width, D))}
+
+
+def test_gqa_query_heads_evenly_or_whole_kv_groups():
+  params = _gqa_params()
   groups = channel_groups(_gqa, params, jax.ShapeDtypeStruct((T, D), jnp.float32))
   importance = activation_importance(groups, _gqa, params, _batches(), kinds=("heads", "kv_heads"))
   by_kind = {groups[i].kind: i for i in importance}

@@ -473,3 +473,30 @@ def test_equinox_module_refuses_wrong_params():
   half = eqx.tree_at(lambda m: m.layers[1].bias, small, params.layers[1].bias)
   with pytest.raises(ValueError, match=r"layers/1 \(Linear\).*`bias` \(8,\)"):
     equinox_module(model, half)
+
+
+def test_equinox_attention_sizes_or_a_refusal_never_a_guess():
+  mha = eqx.nn.MultiheadAttention(4, 16, key=jax.random.key(0))  # 4 heads of 4
+  x = np.random.default_rng(0).normal(size=(5, 16)).astype(np.float32)
+  arrays, static = eqx.partition(mha, eqx.is_array)
+  apply_fn = lambda p, x: eqx.combine(p, static)(x, x, x)
+  groups = channel_groups(apply_fn, arrays, x)
+  kinds = {}
+  for i in groups.prunable():
+    kinds.setdefault(groups[i].kind, []).append(i)
+  # Half the heads, or every head half as wide: the same rows. Refused, not guessed.
+  with pytest.raises(ValueError, match=r"MultiheadAttention.*do not tell how many heads"):
+    equinox_module(mha, shrink(arrays, groups, {kinds["heads"][0]: [0, 2]}))
+  # Only the queries' and keys' head size narrowed: one reading.
+  (qk,) = [i for i in kinds["head_dim"] if any(m.path.startswith("query") for m in
+                                                 groups[i].members)]
+  keep = {qk: [0, 1]}
+  small = shrink(arrays, groups, keep)
+  smaller = equinox_module(mha, small)
+  assert (smaller.num_heads, smaller.qk_size, smaller.vo_size) == (4, 2, 4)
+  # The module scales its scores by 1/sqrt(new qk_size); the shrunk program keeps the
+  # dense 1/sqrt(4) (it equals zeroing): they differ by exactly that factor.
+  scaled = eqx.tree_at(lambda m: m.query_proj.weight, smaller,
+                       smaller.query_proj.weight * np.sqrt(2 / 4))
+  np.testing.assert_allclose(scaled(x, x, x), shrunk_program(groups, keep)(small, x),
+                             atol=1e-5, rtol=1e-5)
