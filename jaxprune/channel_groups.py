@@ -223,8 +223,21 @@ def _check_parts(st: State, r: Node, parts: list) -> bool:
   return False
 
 
+def _cover_rest(st: State) -> None:
+  """The indices of a flat axis that no piece covers (`h` read whole and `h[:, :4]`
+  read apart) are one more part of it: the rest, a group of their own."""
+  for r in {st.find(n) for n in st.links}:
+    covered = np.zeros(st.size(r), bool)
+    for _, index in st.links[r]:
+      covered[index.ravel()] = True
+    if not covered.all():
+      rest = np.flatnonzero(~covered)
+      st.link(r, (st.new((rest.size,)), 0), rest[:, None])
+
+
 def _resolve_parts(st: State) -> dict:
   """Every flat root's parts, after joining parts that are one group."""
+  _cover_rest(st)
   while True:
     memo: dict = {}
     flat = {st.find(n) for n in st.links}

@@ -280,3 +280,23 @@ def test_pooling_keeps_the_channels_prunable():
     out = shrunk_program(groups, keep)(shrink(params, groups, keep), x)
     np.testing.assert_allclose(out, _pooled_cnn(zeroed(params, groups, keep), x),
                                atol=1e-5, rtol=1e-5)
+
+
+def _side_read(p, x):
+  h = jax.nn.relu(x @ p["w1"])
+  return h @ p["w2"] + jnp.sum(h[:, :4], -1, keepdims=True)
+
+
+def test_an_axis_partly_read_apart_leaves_no_unit_out():
+  params = {"w1": _normal(0, D, F), "w2": _normal(1, F, D)}
+  x = _normal(2, T, D, scale=1.0)
+  groups = channel_groups(_side_read, params, x)
+  hidden = [g for g in groups if g.prunable]
+  assert sorted(g.size for g in hidden) == [4, F - 4]  # the piece read apart, and the rest
+  covered = sorted(i for g in hidden for m in g.members if m.path == "w1"
+                   for i in m.indices(g.size).ravel())
+  assert covered == list(range(F))
+  for index in groups.prunable():
+    keep = {index: [0, 1]}
+    out = shrunk_program(groups, keep)(shrink(params, groups, keep), x)
+    np.testing.assert_allclose(out, _side_read(zeroed(params, groups, keep), x), atol=1e-5)
