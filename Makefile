@@ -3,7 +3,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo shrink bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: lint
 
 demo: $(STAMP)
 	$(BIN)/python examples/train_lm.py --out runs/demo
+
+# Train the example LM, shrink it (half the MLP neurons, 3 of 4 heads) and distill it back.
+shrink: $(STAMP)
+	$(BIN)/python examples/shrink_lm.py --out runs/shrink
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_masks.py

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -255,6 +255,24 @@ def generate(
   out = _sample(apply_fn, params, jnp.asarray(window), jnp.int32(len(prompt)), key,
                 num_tokens=num_tokens, temperature=float(temperature))
   return np.asarray(out, np.uint8).tobytes()
+
+
+def keep_blocks(params: PyTree, kept: Sequence[int]) -> PyTree:
+  """`params` (from `split_model`) with only the blocks `kept`, renumbered `0..k-1` in
+  the order given (depth pruning): the params of `LMConfig(num_layers=len(kept))`.
+
+  The blocks are a Python loop (no scan), so dropping one is dropping its subtree;
+  the other leaves are shared, not copied.
+
+  Raises:
+    ValueError: `kept` is empty, repeats a block or names one the params lack.
+  """
+  blocks = params["blocks"]
+  kept = [int(k) for k in kept]
+  if not kept or len(set(kept)) != len(kept) or any(k not in blocks for k in kept):
+    raise ValueError(f"kept blocks must be distinct indices among {sorted(blocks)}, "
+                     f"at least one; got {kept}")
+  return {**params, "blocks": {i: blocks[k] for i, k in enumerate(kept)}}
 
 
 def param_count(params: PyTree) -> int:

@@ -1,4 +1,4 @@
-"""PNG plots of a prune-retrain run (matplotlib, headless)."""
+"""PNG plots of a prune-retrain run and of a shrunk model's recovery (matplotlib, headless)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,48 @@ def plot_perplexity(history: list, dense_perplexity: float, path: str) -> str:
   ax.set_xlabel("target sparsity of pruned layers (%)")
   ax.set_ylabel("validation perplexity")
   ax.set_title("perplexity across the schedule")
+  ax.legend()
+  return _save(fig, path)
+
+
+def plot_recovery(history: list, dense_perplexity: float, before_perplexity: float,
+                  path: str) -> str:
+  """Validation perplexity of a shrunk model while it recovers: `history` holds
+  `(step, perplexity)` pairs; step 0 is the model right after shrinking."""
+  fig, ax = plt.subplots(figsize=(7, 4))
+  steps = [0] + [s for s, _ in history]
+  values = [before_perplexity] + [p for _, p in history]
+  ax.plot(steps, values, "o-", color="tab:green", label="shrunk model")
+  ax.axhline(dense_perplexity, color="gray", ls=":", label=f"dense {dense_perplexity:.2f}")
+  ax.set_xlabel("recovery step (distillation from the dense model)")
+  ax.set_ylabel("validation perplexity")
+  ax.set_title("perplexity during recovery")
+  ax.legend()
+  return _save(fig, path)
+
+
+def plot_kept_widths(widths: dict, path: str) -> str:
+  """Grouped bars: the kept share of each kind's units per block of the dense model
+  (`widths[kind][block] = (kept, of)`; a dropped block keeps 0)."""
+  kinds = list(widths)
+  blocks = sorted({b for per in widths.values() for b in per})
+  fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(blocks) + 2), 4))
+  width = 0.8 / max(1, len(kinds))
+  for k, kind in enumerate(kinds):
+    shares = [100 * widths[kind][b][0] / widths[kind][b][1] if b in widths[kind] else 0.0
+              for b in blocks]
+    xs = np.arange(len(blocks)) + (k - (len(kinds) - 1) / 2) * width
+    bars = ax.bar(xs, shares, width, label=kind)
+    for x, b, bar in zip(xs, blocks, bars):
+      kept, of = widths[kind].get(b, (0, 0))
+      ax.annotate(f"{kept}/{of}", (x, bar.get_height()), ha="center", va="bottom",
+                  fontsize=7)
+  dropped = [b for b in blocks if all(per.get(b, (0, 1))[0] == 0 for per in widths.values())]
+  ax.set_xticks(np.arange(len(blocks)),
+                [f"block {b}" + (" (dropped)" if b in dropped else "") for b in blocks])
+  ax.set_ylabel("units kept (%)")
+  ax.set_ylim(0, 110)
+  ax.set_title("per-layer kept widths")
   ax.legend()
   return _save(fig, path)
 
