@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxprune.layouts import array_forward
+from jaxprune.layouts import array_forward, is_array_leaf
 from jaxprune.mask_tree import slots
 
 PyTree = Any
@@ -103,13 +103,14 @@ def teacher_logits_fn(apply_fn: ApplyFn) -> Callable[[PyTree, Any], jax.Array]:
   compiled: dict = {}
 
   def logits(teacher_params: PyTree, batch: Any) -> jax.Array:
-    traced = array_forward(apply_fn, teacher_params)
-    others = tuple(_hashable(x) for i, x in enumerate(slots(teacher_params).leaves)
-                   if i not in set(traced.slots))
-    key = (jax.tree.structure(teacher_params), tuple(traced.slots), others)
-    if key not in compiled:
-      compiled[key] = jax.jit(lambda arrays, b: jax.lax.stop_gradient(traced.forward(arrays, b)))
-    return compiled[key]([slots(teacher_params).leaves[i] for i in traced.slots], batch)
+    theirs = slots(teacher_params)
+    arrays = [i for i, x in enumerate(theirs.leaves) if x is not None and is_array_leaf(x)]
+    others = tuple(_hashable(x) for i, x in enumerate(theirs.leaves) if i not in set(arrays))
+    key = (theirs.treedef, tuple(arrays), others)
+    if key not in compiled:  # traced once per key, not per call
+      forward = array_forward(apply_fn, teacher_params).forward
+      compiled[key] = jax.jit(lambda xs, b: jax.lax.stop_gradient(forward(xs, b)))
+    return compiled[key]([theirs.leaves[i] for i in arrays], batch)
 
   return logits
 

@@ -88,18 +88,20 @@ def kept_units(group: Group, indices: Any) -> np.ndarray:
   return idx
 
 
-def unit_mask(group: Group, indices: Any) -> np.ndarray:
-  """Kept units as booleans: `(size,)`, or `(layers, size)` for per-layer rows."""
-  idx = kept_units(group, indices)
+def unit_mask(group: Group, idx: np.ndarray) -> np.ndarray:
+  """Kept units as booleans, `(size,)` or `(layers, size)` for per-layer rows, from
+  indices `check_keep` (or `kept_units`) returned."""
   mask = np.zeros(idx.shape[:-1] + (group.size,), bool)
   np.put_along_axis(mask, idx, True, axis=-1)
   return mask
 
 
-def _axis_masks(groups: Sequence[Group], keep: Keep, shapes: Mapping[str, tuple]) -> dict:
-  """(path, axis) -> kept leaf indices as booleans, `(n,)` or `(layers, n)`."""
+def _axis_masks(groups: Sequence[Group], keep: dict[int, np.ndarray],
+                shapes: Mapping[str, tuple]) -> dict:
+  """(path, axis) -> kept leaf indices as booleans, `(n,)` or `(layers, n)`; `keep`
+  as `check_keep` returned it."""
   masks: dict = {}
-  for key, indices in check_keep(groups, keep).items():
+  for key, indices in keep.items():
     group = groups[key]
     units = unit_mask(group, indices)
     for m in group.members:
