@@ -80,14 +80,22 @@ class Recipe:
   distill: float = 0.0  # weight of the KL term to the dense teacher (0: off)
   method: str = "magnitude"  # magnitude, erk, saliency, rows, channels (see `target`),
   # or sparsegpt (one-shot: `sparsegpt_start`)
+  ramp_end: float = 0.75  # gradual: the fraction of the budget where the ramp reaches `final`
 
   @property
   def name(self) -> str:
     return f"{self.label}@{self.final:g}"
 
+  def dense_twin(self) -> Recipe:
+    """This recipe with nothing pruned: every target 0, the same budgets, learning
+    rates, optimizer restarts and distillation."""
+    return dataclasses.replace(self, final=0.0, method="magnitude", initial=0.0)
+
   def targets(self) -> list[float]:
     if self.schedule in ("oneshot", "gradual"):
       return [self.final]
+    if self.final == 0.0:  # the dense twin of an iterative recipe
+      return [0.0] * self.iterations
     make = {
         "exponential": jaxprune.exponential_schedule,
         "geometric": jaxprune.geometric_keep_schedule,
@@ -126,8 +134,9 @@ class Recipe:
     if self.schedule == "oneshot":
       sched = "one-shot"
     elif self.schedule == "gradual":
-      sched = (f"in-graph gradual (pruned + polynomial_schedule to {GRADUAL_END:.0%} of the "
-               f"budget, every {GRADUAL_EVERY} steps)")
+      first = f"from {self.initial:g} (SparseGPT) " if self.method == "sparsegpt" else ""
+      sched = (f"in-graph gradual (pruned + polynomial_schedule {first}to {self.ramp_end:.0%} "
+               f"of the budget, every {GRADUAL_EVERY} steps)")
     else:
       sched = f"{self.schedule} s0={self.initial:g} N={self.iterations}"
     distill = f", distill {self.distill:g}" if self.distill else ""
@@ -182,13 +191,19 @@ _BASES["tuned-cubic"] = dict(TUNED, schedule="cubic")
 
 # In-graph gradual pruning (Zhu & Gupta): `pruned` recomputes the masks every
 # GRADUAL_EVERY steps along a cubic ramp from 0 to the final sparsity, reached at
-# GRADUAL_END of the budget; one optimizer state and one warmup-cosine over the budget.
+# the recipe's `ramp_end` of the budget; one optimizer state and one warmup-cosine over
+# the budget.
 GRADUAL_EVERY = 10
-GRADUAL_END = 0.75
 DISTILL_TEMPERATURE = 2.0  # as prune_retrain's default (gradual recipes with `distill`)
 _BASES["gradual"] = dict(schedule="gradual", lr=3e-3, lr_mode="global")
 _BASES["gradual-erk"] = dict(_BASES["gradual"], method="erk")
 _BASES["gradual-erk-distill"] = dict(_BASES["gradual-erk"], distill=0.5)
+# Toward 90% within 5% of the equal-budget dense model (issue 33): the ramp done by half
+# the budget (more steps at the final sparsity), and a SparseGPT start at 50% (nearly
+# free at this size) with the ramp from there.
+_BASES["gradual-erk-distill-ramp50"] = dict(_BASES["gradual-erk-distill"], ramp_end=0.5)
+_BASES["gradual-sparsegpt50-distill"] = dict(_BASES["gradual"], method="sparsegpt",
+                                             initial=0.5, distill=0.5)
 
 # One-shot SparseGPT (issue 16), then the whole budget retraining at the tuned lr.
 _BASES["oneshot-sparsegpt"] = dict(schedule="oneshot", lr=3e-3, method="sparsegpt")
@@ -212,7 +227,7 @@ GROUPS: dict[str, list[str]] = {
     # One row per code path (schedules, splits, learning-rate modes, scopes): --quick.
     "smoke": ["exponential@0.8", "tuned@0.9", "oneshot@0.8", "geometric-cyclic@0.8",
               "geometric-global@0.8", "geometric-globalscope@0.8", "tuned-rows@0.9",
-              "gradual@0.9", "oneshot-sparsegpt@0.8"],
+              "gradual@0.9", "oneshot-sparsegpt@0.8", "gradual-sparsegpt50-distill@0.9"],
 }
 
 
@@ -344,22 +359,26 @@ def optimizer_for(recipe: Recipe, budgets: list[int]) -> tuple[optax.GradientTra
 SPARSEGPT_CALIBRATION = 128  # sequences, from the training stream past the dense steps
 
 
-def sparsegpt_start(recipe: Recipe, params, graphdef, rest, batch_at, where) -> tuple:
-  """SparseGPT's pruned and updated params, and a one-entry schedule holding its masks."""
+def sparsegpt_start(sparsity: float, params, graphdef, rest, batch_at, where) -> tuple:
+  """SparseGPT's pruned and updated params at `sparsity`, and a one-entry schedule
+  holding its masks."""
   apply = lm_model.make_batch_apply_fn(graphdef, rest)
   calibration = [batch_at(10_000_000 + i)[:8] for i in range(SPARSEGPT_CALIBRATION // 8)]
   stats = jaxprune.input_statistics(apply, params, calibration, where, gram=True)
-  new_params, masks = jaxprune.sparsegpt(params, stats, recipe.final, where)
+  new_params, masks = jaxprune.sparsegpt(params, stats, sparsity, where)
   return new_params, [jaxprune.GivenMasks(masks)]
 
 
 def gradual_retrain(recipe: Recipe, params, loss_fn, batch_at, eval_batches, where,
-                    total: int, seed: int, apply_fn=None) -> dict:
+                    total: int, seed: int, apply_fn=None, start_params=None) -> dict:
   """`recipe` as in-graph gradual pruning: one `pruned(adamw)` run of `total` steps
-  (distilled from the dense params through `apply_fn` when `recipe.distill`)."""
-  end = max(GRADUAL_EVERY, round(GRADUAL_END * total) // GRADUAL_EVERY * GRADUAL_EVERY)
+  from `start_params` (default: the dense `params`), distilled from the dense params
+  through `apply_fn` when `recipe.distill`. The ramp starts at 0, or at
+  `recipe.initial` from a SparseGPT start (`method="sparsegpt"`)."""
+  end = max(GRADUAL_EVERY, round(recipe.ramp_end * total) // GRADUAL_EVERY * GRADUAL_EVERY)
   optimizer, _ = optimizer_for(recipe, [total])
-  ramp = jaxprune.polynomial_schedule(0.0, recipe.final, 0, end)
+  first = recipe.initial if recipe.method == "sparsegpt" else 0.0
+  ramp = jaxprune.polynomial_schedule(first, recipe.final, 0, end)
   # Another method ramps its target (an ERK `Prune` whose sparsity follows the ramp).
   schedule = ramp if recipe.method == "magnitude" else lambda c: recipe.target(ramp(c))
   tx = jaxprune.pruned(optimizer, where=where, update_every=GRADUAL_EVERY, schedule=schedule)
@@ -367,6 +386,7 @@ def gradual_retrain(recipe: Recipe, params, loss_fn, batch_at, eval_batches, whe
                                      (apply_fn, params) if recipe.distill else None,
                                      recipe.distill, DISTILL_TEMPERATURE)
   step = jaxprune.make_train_step(train_loss, tx)
+  params = params if start_params is None else start_params
   opt_state = tx.init(params)
   rng = jax.random.key_data(jax.random.key(seed))
   for i in range(total):
@@ -389,16 +409,22 @@ def perplexity(loss: float) -> float:
 
 
 def markdown_table(dense_ppl: float, rows: list[dict]) -> str:
-  head = ("| recipe | final sparsity | perplexity | degradation % | targeted sparsity "
-          "| whole-model sparsity | retrain steps |")
-  lines = [head, "|" + "---|" * 7,
-           f"| dense | 0.0 | {dense_ppl:.3f} | 0.0 | 0.00% | 0.00% | 0 |"]
+  """Each row against its equal-budget dense twin (mean over the retraining seeds, ±
+  half the range) and against the dense model it started from."""
+  head = ("| recipe | final sparsity | perplexity | equal-budget dense | vs equal-budget dense "
+          "| vs dense start | targeted sparsity | whole-model sparsity | retrain steps | seeds |")
+  lines = [head, "|" + "---|" * 10,
+           f"| dense start | 0.0 | {dense_ppl:.3f} | | | 0.0 | 0.00% | 0.00% | 0 | |"]
   for r in rows:
+    spread = (f" ± {r['perplexity_spread']:.3f}" if len(r["seeds"]) > 1 else "")
+    vs_spread = (f" ± {100 * r['vs_equal_budget_spread']:.1f}" if len(r["seeds"]) > 1 else "")
     lines.append(
         f"| {r['recipe']} ({r['description']}) | {r['final_sparsity']:g} | "
-        f"{r['perplexity']:.3f} | {100 * r['degradation']:+.1f} | "
+        f"{r['perplexity']:.3f}{spread} | {r['equal_budget_perplexity']:.3f} | "
+        f"{100 * r['vs_equal_budget']:+.1f}%{vs_spread} | {100 * r['degradation']:+.1f}% | "
         f"{100 * r['targeted_sparsity']:.2f}% | {100 * r['whole_model_sparsity']:.2f}% | "
-        f"{'+'.join(str(b) for b in r['retrain_steps'])} = {sum(r['retrain_steps'])} |"
+        f"{'+'.join(str(b) for b in r['retrain_steps'])} = {sum(r['retrain_steps'])} | "
+        f"{','.join(str(x) for x in r['seeds'])} |"
     )
   return "\n".join(lines)
 
@@ -406,18 +432,14 @@ def markdown_table(dense_ppl: float, rows: list[dict]) -> str:
 # ----------------------------------------------------------------------------- main
 
 
-def _row(recipe: Recipe, targets, budgets, measured: dict, dense_ppl: float,
-         seconds: float) -> dict:
-  return {"recipe": recipe.name, "description": recipe.describe(),
-          "config": dataclasses.asdict(recipe), "final_sparsity": recipe.final,
-          "targets": targets, "retrain_steps": budgets, **measured,
-          "degradation": measured["perplexity"] / dense_ppl - 1.0, "seconds": seconds}
-
-
-def _print_row(row: dict, extra: str) -> None:
-  print(f"  perplexity {row['perplexity']:.3f} ({100 * row['degradation']:+.1f}%), targeted "
+def _print_row(row: dict) -> None:
+  for r in row["per_seed"]:
+    print(f"  seed {r['seed']}: perplexity {r['perplexity']:.3f}, equal-budget dense "
+          f"{r['equal_budget_perplexity']:.3f} ({100 * r['vs_equal_budget']:+.1f}%)", flush=True)
+  print(f"  perplexity {row['perplexity']:.3f} ({100 * row['vs_equal_budget']:+.1f}% vs the "
+        f"equal-budget dense, {100 * row['degradation']:+.1f}% vs the dense start), targeted "
         f"{100 * row['targeted_sparsity']:.2f}%, whole model "
-        f"{100 * row['whole_model_sparsity']:.2f}%, {row['seconds']:.0f}s{extra}", flush=True)
+        f"{100 * row['whole_model_sparsity']:.2f}%, {row['seconds']:.0f}s", flush=True)
 
 
 def _write(path: str | None, out: dict) -> None:
@@ -437,13 +459,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--dense-steps", type=int, default=None, help="default 2000 (--quick: 40)")
   p.add_argument("--retrain-steps", type=int, default=None,
                  help="total retraining steps per recipe (default: half the dense steps)")
-  p.add_argument("--retrain-seed", type=int, default=0,
-                 help="retraining data stream and loop seed (the dense model stays the same); "
-                      "rerun a recipe with another value to see the run-to-run spread")
+  p.add_argument("--retrain-seeds", default="0",
+                 help="comma list of retraining data streams and loop seeds (the dense model "
+                      "stays the same): each row is the mean over them, ± half the range")
   p.add_argument("--json", default=None, help="write every row here (after each row)")
   p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
   p.add_argument("--list", action="store_true", help="print the recipes and exit")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  args.retrain_seeds = [int(x) for x in args.retrain_seeds.split(",") if x.strip()]
+  if not args.retrain_seeds or min(args.retrain_seeds) < 0:
+    p.error(f"--retrain-seeds: expected non-negative integers, got {args.retrain_seeds}")
+  return args
 
 
 class Problem(NamedTuple):
@@ -478,6 +504,106 @@ def load_problem(data_path: str, setup: Setup) -> Problem:
                  batch_at, eval_batches, data_bytes)
 
 
+class Run(NamedTuple):
+  """What every recipe of a run shares: the dense model, its data and the budget."""
+
+  problem: Problem
+  params: Any  # the dense (pretrained) params: the start of every recipe and the teacher
+  where: Any
+  total: int  # retraining steps per recipe
+  setup: Setup
+  cache: str
+  key: str  # the dense model's cache key
+
+  def batches(self, seed: int):
+    """Retraining stream `seed`: it starts after the pretraining steps (fresh batches,
+    the same for every recipe); another seed draws a disjoint stretch of the same
+    stream, far past any step the dense model saw."""
+    start = self.setup.dense_steps + RETRAIN_SEED_STRIDE * seed
+    return lambda step: self.problem.batch_at(start + step)
+
+
+def run_recipe(recipe: Recipe, run: Run, seed: int) -> dict:
+  """Retrain `recipe` from the dense params on retraining stream `seed`: the measured row
+  (perplexity, sparsities, per-iteration history)."""
+  p = run.problem
+  batches, loop_seed = run.batches(seed), run.setup.seed + seed
+  # Distilled rows return the student's logits beside the loss: one student forward.
+  loss_fn = lm_model.make_loss_fn(p.graphdef, p.rest, with_logits=bool(recipe.distill))
+  teacher_apply = lm_model.make_batch_apply_fn(p.graphdef, p.rest)
+  if recipe.schedule == "gradual":
+    start = None
+    if recipe.method == "sparsegpt":  # SparseGPT at the ramp's first sparsity
+      start, _ = sparsegpt_start(recipe.initial, run.params, p.graphdef, p.rest, p.batch_at,
+                                 run.where)
+    return gradual_retrain(recipe, run.params, loss_fn, batches, p.eval_batches, run.where,
+                           run.total, loop_seed, teacher_apply, start)
+  budgets = recipe.budgets(run.total)
+  optimizer, restart = optimizer_for(recipe, budgets)
+  start_params, schedule = run.params, recipe.schedule_entries()
+  if recipe.method == "sparsegpt":  # one-shot SparseGPT (weights updated), then retrain
+    start_params, schedule = sparsegpt_start(recipe.final, run.params, p.graphdef, p.rest,
+                                             p.batch_at, run.where)
+  result = jaxprune.prune_retrain(
+      start_params, loss_fn, batches, p.eval_batches, optimizer=optimizer, schedule=schedule,
+      where=run.where, retrain_steps=budgets, scope=recipe.scope, restart_optimizer=restart,
+      progress=False, checkpoint_dir=None, seed=loop_seed, metric=jaxprune.perplexity,
+      teacher=(teacher_apply, run.params) if recipe.distill else None,
+      distill_weight=recipe.distill,
+  )
+  return {"perplexity": result.final.metric, "targeted_sparsity": result.achieved_sparsity,
+          "whole_model_sparsity": result.overall_sparsity,
+          "history": [h.to_json() for h in result.history]}
+
+
+def equal_budget_dense(recipe: Recipe, run: Run, seed: int) -> float:
+  """The perplexity of `recipe`'s dense twin: the same steps, learning-rate schedule,
+  optimizer restarts, batches, seed and distillation (the dense model distilled from
+  itself), nothing pruned. Retraining is training too; this is the reference a pruned
+  row's degradation is honest against. Cached in the run's cache by what determines it."""
+  twin = recipe.dense_twin()
+  sig = {"dense": run.key, "total": run.total, "seed": seed, "budgets": twin.budgets(run.total),
+         "gradual": twin.schedule == "gradual", "lr": twin.lr, "lr_mode": twin.lr_mode,
+         "distill": twin.distill}
+  name = hashlib.sha1(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:16]
+  path = os.path.join(run.cache, f"baseline-{name}.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)["perplexity"]
+  print(f"  equal-budget dense baseline (seed {seed}): {twin.describe()}", flush=True)
+  ppl = run_recipe(twin, run, seed)["perplexity"]
+  os.makedirs(run.cache, exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump({"signature": sig, "perplexity": ppl}, f)
+  os.replace(path + ".tmp", path)
+  return ppl
+
+
+def measure(recipe: Recipe, run: Run, seeds: list[int], dense_ppl: float) -> dict:
+  """`recipe` on every retraining seed, each against its equal-budget dense twin: the row."""
+  per_seed, start = [], time.perf_counter()
+  for seed in seeds:
+    measured = run_recipe(recipe, run, seed)
+    baseline = equal_budget_dense(recipe, run, seed)
+    per_seed.append({"seed": seed, **measured, "equal_budget_perplexity": baseline,
+                     "vs_equal_budget": measured["perplexity"] / baseline - 1.0})
+  mean = lambda k: float(np.mean([r[k] for r in per_seed]))
+  half_range = lambda k: float(np.ptp([r[k] for r in per_seed]) / 2)
+  first = per_seed[0]
+  return {"recipe": recipe.name, "description": recipe.describe(),
+          "config": dataclasses.asdict(recipe), "final_sparsity": recipe.final,
+          "targets": recipe.targets(), "retrain_steps": recipe.budgets(run.total),
+          "seeds": seeds, "perplexity": mean("perplexity"),
+          "perplexity_spread": half_range("perplexity"),
+          "equal_budget_perplexity": mean("equal_budget_perplexity"),
+          "vs_equal_budget": mean("vs_equal_budget"),
+          "vs_equal_budget_spread": half_range("vs_equal_budget"),
+          "degradation": mean("perplexity") / dense_ppl - 1.0,
+          "targeted_sparsity": first["targeted_sparsity"],
+          "whole_model_sparsity": first["whole_model_sparsity"],
+          "per_seed": per_seed, "seconds": time.perf_counter() - start}
+
+
 def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
   if args.list:
@@ -498,72 +624,34 @@ def main(argv: list[str] | None = None) -> dict:
 
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
   problem = load_problem(args.data, setup)
-  config, graphdef, rest, loss_fn, batch_at, eval_batches = (
-      problem.config, problem.graphdef, problem.rest, problem.loss_fn, problem.batch_at,
-      problem.eval_batches)
-  template, data_bytes = problem.template, problem.data_bytes
-  key = cache_key(setup, args.data, data_bytes)
-  params, pretrain_seconds = dense_params(setup, template, loss_fn, batch_at, args.cache, key)
+  key = cache_key(setup, args.data, problem.data_bytes)
+  params, pretrain_seconds = dense_params(setup, problem.template, problem.loss_fn,
+                                          problem.batch_at, args.cache, key)
   where = jaxprune.select(params, include=lm_model.PRUNE_TARGETS)
-  eval_step = jaxprune.make_eval_step(loss_fn)
-  dense_loss = float(np.mean([float(eval_step(params, b)[0]) for b in eval_batches]))
+  eval_step = jaxprune.make_eval_step(problem.loss_fn)
+  dense_loss = float(np.mean([float(eval_step(params, b)[0]) for b in problem.eval_batches]))
   dense_ppl = perplexity(dense_loss)
   report = jaxprune.sparsity_report(params, where)
   print(f"model: {lm_model.param_count(params):,} parameters ({report.targeted_params:,} "
-        f"targeted: output_proj + fc*), {config}")
+        f"targeted: output_proj + fc*), {problem.config}")
   print(f"dense validation perplexity {dense_ppl:.3f} (loss {dense_loss:.4f}) on "
         f"{setup.eval_batches} batches of {setup.batch_size}x{setup.context}")
-  print(f"retraining budget: {total} steps per recipe; {len(recipes)} recipe(s)\n", flush=True)
-
-  # The retraining stream starts after the pretraining steps: fresh batches, the same
-  # for every recipe. Another --retrain-seed draws a disjoint stretch of the same stream,
-  # far past any step the dense model saw.
-  stream_start = setup.dense_steps + RETRAIN_SEED_STRIDE * args.retrain_seed
-  loop_seed = setup.seed + args.retrain_seed
-
-  def retrain_batch(step):
-    return batch_at(stream_start + step)
-
+  print(f"retraining budget: {total} steps per recipe; {len(recipes)} recipe(s) on "
+        f"retraining seed(s) {args.retrain_seeds}, each beside its equal-budget dense "
+        "twin\n", flush=True)
+  run = Run(problem, params, where, total, setup, args.cache, key)
   out: dict[str, Any] = {
       "setup": dataclasses.asdict(setup), "data": os.path.abspath(args.data),
       "cache_key": key, "dense_loss": dense_loss, "dense_perplexity": dense_ppl,
       "pretrain_seconds": pretrain_seconds, "retrain_total": total,
-      "retrain_seed": args.retrain_seed, "rows": [],
+      "retrain_seeds": args.retrain_seeds, "rows": [],
   }
   for recipe in recipes:
-    targets, budgets = recipe.targets(), recipe.budgets(total)
-    optimizer, restart = optimizer_for(recipe, budgets)
-    print(f"{recipe.name}: {recipe.describe()}; targets {[round(s, 3) for s in targets]}, "
-          f"budgets {budgets}", flush=True)
-    start = time.perf_counter()
-    if recipe.schedule == "gradual":
-      measured = gradual_retrain(recipe, params, loss_fn, retrain_batch, eval_batches, where,
-                                 total, loop_seed, lm_model.make_batch_apply_fn(graphdef, rest))
-      out["rows"].append(_row(recipe, targets, budgets, measured, dense_ppl,
-                              time.perf_counter() - start))
-      _print_row(out["rows"][-1], "")
-      _write(args.json, out)
-      continue
-    start_params, schedule = params, recipe.schedule_entries()
-    if recipe.method == "sparsegpt":  # one-shot SparseGPT (weights updated), then retrain
-      start_params, schedule = sparsegpt_start(recipe, params, graphdef, rest, batch_at, where)
-    result = jaxprune.prune_retrain(
-        start_params, loss_fn, retrain_batch, eval_batches, optimizer=optimizer,
-        schedule=schedule,
-        where=where, retrain_steps=budgets, scope=recipe.scope, restart_optimizer=restart,
-        progress=False, checkpoint_dir=None, seed=loop_seed, metric=jaxprune.perplexity,
-        teacher=(lm_model.make_batch_apply_fn(graphdef, rest), params) if recipe.distill
-        else None, distill_weight=recipe.distill,
-    )
-    measured = {"perplexity": result.final.metric,
-                "targeted_sparsity": result.achieved_sparsity,
-                "whole_model_sparsity": result.overall_sparsity,
-                "history": [h.to_json() for h in result.history]}
-    out["rows"].append(_row(recipe, targets, budgets, measured, dense_ppl,
-                            time.perf_counter() - start))
-    steps = " -> ".join(f"{h.after_prune.metric:.2f}/{h.after_retrain.metric:.2f}"
-                        for h in result.history)
-    _print_row(out["rows"][-1], f" [after prune/after retrain: {steps}]")
+    print(f"{recipe.name}: {recipe.describe()}; targets "
+          f"{[round(s, 3) for s in recipe.targets()]}, budgets {recipe.budgets(total)}",
+          flush=True)
+    out["rows"].append(measure(recipe, run, args.retrain_seeds, dense_ppl))
+    _print_row(out["rows"][-1])
     _write(args.json, out)
 
   print("\n" + markdown_table(dense_ppl, out["rows"]))

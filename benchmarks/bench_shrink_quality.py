@@ -166,7 +166,7 @@ def budget(setup: bench_quality.Setup, recovery: int, rows: list[str], seeds: in
 
 
 def perplexity_of(apply, params, eval_batches) -> float:
-  eval_step = jaxprune.make_eval_step(shrink_lm.ce_loss(apply), jaxprune.perplexity)
+  eval_step = jaxprune.make_eval_step(lm_model.next_token_loss(apply), jaxprune.perplexity)
   return jaxprune.evaluate(eval_step, params, eval_batches).metric
 
 
@@ -183,7 +183,7 @@ def scratch(problem: bench_quality.Problem, setup: bench_quality.Setup, recovery
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    optax.adamw(bench_quality.warmup_cosine(setup.dense_lr, steps),
                                weight_decay=0.01))
-  result = jaxprune.train(fresh, shrink_lm.ce_loss(shrunk.apply), problem.batch_at,
+  result = jaxprune.train(fresh, lm_model.next_token_loss(shrunk.apply), problem.batch_at,
                           optimizer=tx, steps=steps, seed=0, log_every=steps, progress=False)
   return perplexity_of(shrunk.apply, result.params, problem.eval_batches)
 
@@ -305,7 +305,7 @@ def time_models(models: dict, batch: jax.Array, rounds: int) -> dict[str, dict[s
   for name, (apply, params) in models.items():
     fwd, _ = bench_shrink.compiled_with_time(apply, params, batch)
     step, _ = bench_shrink.compiled_with_time(
-        bench_shrink.make_train_step(shrink_lm.ce_loss(apply)), params, batch, donate=(0,))
+        bench_shrink.make_train_step(lm_model.next_token_loss(apply)), params, batch, donate=(0,))
     variants[name] = {"params": params, "forward": fwd, "step": step,
                       "report": {"forward_flops": bench_shrink.flops(fwd),
                                  "train_step_flops": bench_shrink.flops(step)}}

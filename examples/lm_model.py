@@ -195,18 +195,28 @@ def make_stages(graphdef: nnx.GraphDef, rest: PyTree,
   return [embed] + [block(k) for k in range(num_layers)]
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, rest: PyTree) -> Callable[[PyTree, jax.Array], jax.Array]:
-  """`loss(params, batch [B, T+1]) -> scalar`: mean next-token cross-entropy, nats/token.
+def next_token_loss(batch_apply: ApplyFn, *, with_logits: bool = False) -> Callable[..., Any]:
+  """`loss(params, batch [B, T+1])`: mean next-token cross-entropy (nats/token) of
+  `batch_apply(params, batch) -> logits [B, T, vocab]` against `batch[:, 1:]`.
 
-  Inputs are `batch[:, :-1]`, targets `batch[:, 1:]`. Pure and jittable.
+  `with_logits`: the loss returns `(loss, {"logits": logits})`, so that
+  `jaxprune.distillation_loss` reuses the student's forward pass instead of running it
+  twice. Pure and jittable.
   """
-  apply = make_apply_fn(graphdef, rest)
-
-  def loss_fn(params: PyTree, batch: jax.Array) -> jax.Array:
-    logits = apply(params, batch[:, :-1]).astype(jnp.float32)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+  def loss_fn(params: PyTree, batch: jax.Array) -> Any:
+    logits = batch_apply(params, batch)
+    loss = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), batch[:, 1:]).mean()
+    return (loss, {"logits": logits}) if with_logits else loss
 
   return loss_fn
+
+
+def make_loss_fn(graphdef: nnx.GraphDef, rest: PyTree, *,
+                 with_logits: bool = False) -> Callable[..., Any]:
+  """`next_token_loss` of the model `(graphdef, rest)`: inputs `batch[:, :-1]`, targets
+  `batch[:, 1:]`."""
+  return next_token_loss(make_batch_apply_fn(graphdef, rest), with_logits=with_logits)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "num_tokens", "temperature"))

@@ -83,19 +83,6 @@ def parse_keep(spec: str) -> dict[str, float]:
   return out
 
 
-def ce_loss(apply: Callable[[PyTree, jax.Array], jax.Array], *,
-            with_logits: bool = False) -> Callable:
-  """Mean next-token cross-entropy of `apply(params, batch [B, T+1]) -> logits [B, T, V]`;
-  `with_logits`: `(loss, {"logits": logits})`, so that `distillation_loss` reuses the
-  student's forward pass instead of running it twice."""
-  def loss_fn(params: PyTree, batch: jax.Array) -> Any:
-    logits = apply(params, batch)
-    loss = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), batch[:, 1:]).mean()
-    return (loss, {"logits": logits}) if with_logits else loss
-  return loss_fn
-
-
 def lm_of(config: lm_model.LMConfig) -> tuple[Any, PyTree]:
   """(graphdef, rest) of the example LM at `config`, without initializing its arrays."""
   abstract = nnx.eval_shape(lambda: lm_model.TransformerLM(config, rngs=nnx.Rngs(0)))
@@ -129,7 +116,7 @@ def width_importance(name: str, groups: Any, apply: Callable, params: PyTree,
   if name == "magnitude":
     return jaxprune.magnitude_importance(groups, params)
   if name == "taylor":
-    grads = jaxprune.mean_gradients(ce_loss(apply), params, batches)
+    grads = jaxprune.mean_gradients(lm_model.next_token_loss(apply), params, batches)
     return jaxprune.taylor_importance(groups, params, grads)
   if name == "activation":
     return jaxprune.activation_importance(groups, apply, params, batches)
@@ -242,7 +229,7 @@ def recover(small: PyTree, small_apply: Callable, inputs_at: Callable[[int], Any
   """`small` distilled for `steps` steps (`jaxprune.train` + `distillation_loss` with
   the teacher logits `inputs_at(step)` carries): (params, [(step, validation
   perplexity)] every `eval_every` steps and after the last)."""
-  loss_fn = ce_loss(small_apply)
+  loss_fn = lm_model.next_token_loss(small_apply)
   eval_step = jaxprune.make_eval_step(loss_fn, jaxprune.perplexity)
   history: dict[int, float] = {}
 
@@ -251,8 +238,9 @@ def recover(small: PyTree, small_apply: Callable, inputs_at: Callable[[int], Any
     if eval_every and (step % eval_every == 0 or report.final) and step not in history:
       history[step] = jaxprune.evaluate(eval_step, report.state.params, eval_batches).metric
 
-  train_loss = jaxprune.distillation_loss(ce_loss(small_apply, with_logits=True), small_apply,
-                                          weight=weight, temperature=temperature)
+  student_loss = lm_model.next_token_loss(small_apply, with_logits=True)
+  train_loss = jaxprune.distillation_loss(student_loss, small_apply, weight=weight,
+                                          temperature=temperature)
   result = jaxprune.train(
       small, train_loss, inputs_at, optimizer=optimizer or recovery_optimizer(lr, steps),
       steps=steps, checkpoint_dir=checkpoint_dir, checkpoint_every=eval_every or None,
@@ -264,7 +252,7 @@ def recover(small: PyTree, small_apply: Callable, inputs_at: Callable[[int], Any
 
 
 def validation_perplexity(apply: Callable, params: PyTree, eval_batches: Sequence) -> float:
-  eval_step = jaxprune.make_eval_step(ce_loss(apply), jaxprune.perplexity)
+  eval_step = jaxprune.make_eval_step(lm_model.next_token_loss(apply), jaxprune.perplexity)
   return jaxprune.evaluate(eval_step, params, eval_batches).metric
 
 

@@ -60,7 +60,7 @@ from jaxprune.channel_groups import ChannelGroups, Program
 from jaxprune.channel_rules import Node
 from jaxprune.layouts import source_line
 from jaxprune.mask_tree import slots
-from jaxprune.shrunk_program import _Runner, _Sizes
+from jaxprune.shrunk_program import KeptSizes, ProgramRunner
 
 PyTree = Any
 EPS = 1e-12  # the floor of ‖x‖‖y‖: a zero vector has cos 0
@@ -139,10 +139,10 @@ def _layer_scans(groups: ChannelGroups) -> dict[tuple[int, int], tuple[int, int,
   return found
 
 
-class _Watcher(_Runner):
+class _Watcher(ProgramRunner):
   """The dense program, each watched scan also returning its steps' `mean_cos`."""
 
-  def __init__(self, sizes: _Sizes, watch: dict):
+  def __init__(self, sizes: KeptSizes, watch: dict):
     super().__init__(sizes)
     self.watch, self.frames, self.collected = watch, [], {}
 
@@ -153,10 +153,10 @@ class _Watcher(_Runner):
     finally:
       self.frames.pop()
 
-  def _lax_scan(self, eqn: Any, body: Callable, init: tuple, xs: tuple, **kwargs: Any) -> tuple:
+  def lax_scan(self, eqn: Any, body: Callable, init: tuple, xs: tuple, **kwargs: Any) -> tuple:
     key = (self.frames[-1], id(eqn))
     if key not in self.watch:
-      return super()._lax_scan(eqn, body, init, xs, **kwargs)
+      return super().lax_scan(eqn, body, init, xs, **kwargs)
     group, k, axis = self.watch[key]
 
     def watched(carry: tuple, x: tuple) -> tuple:
@@ -215,7 +215,7 @@ def layer_importance(groups: ChannelGroups, params: PyTree,
   if not watch:
     raise ValueError("no `layers` group: the model scans no stacked params (for a Python "
                      "loop over layers, cut it into stages and use block_influence)")
-  runner = _Watcher(_Sizes(groups.program, groups, {}), watch)
+  runner = _Watcher(KeptSizes(groups.program, groups, {}), watch)
 
   def collect(flat: list) -> dict:
     runner.collected = {}

@@ -49,8 +49,9 @@ from jaxprune.shrinking import Keep, check_keep, unit_mask
 PyTree = Any
 
 
-class _Sizes:
-  """Kept indices of every axis of the program, from the kept units per group."""
+class KeptSizes:
+  """Kept indices of every axis of the traced program, from the kept units per group
+  (`keep={}`: the traced sizes)."""
 
   def __init__(self, program: Program, groups: Sequence[Any], keep: Keep):
     self.program, self.st = program, program.state
@@ -103,11 +104,11 @@ class _Sizes:
     return value
 
 
-def _cut_start(sizes: _Sizes, tok: int, d: int, start: int) -> int:
+def _cut_start(sizes: KeptSizes, tok: int, d: int, start: int) -> int:
   return int(sizes.mask((tok, d))[:start].sum())
 
 
-def _params(sizes: _Sizes, eqn: Any, ins: list[int], outs: list[int], invals: list,
+def _params(sizes: KeptSizes, eqn: Any, ins: list[int], outs: list[int], invals: list,
             here: tuple[int, int]) -> tuple:
   """`eqn`'s params (and operands) at the new sizes."""
   p, name = dict(eqn.params), eqn.primitive.name
@@ -141,7 +142,7 @@ def _params(sizes: _Sizes, eqn: Any, ins: list[int], outs: list[int], invals: li
   return p, invals
 
 
-def _is_mean(sizes: _Sizes, eqn: Any, ins: list[int]) -> bool:
+def _is_mean(sizes: KeptSizes, eqn: Any, ins: list[int]) -> bool:
   """`sum / n` with `n` the summed axes' traced size: a mean, kept a mean."""
   nodes = sizes.st.sums.get(ins[0])
   divisor = eqn.invars[1]
@@ -150,10 +151,14 @@ def _is_mean(sizes: _Sizes, eqn: Any, ins: list[int]) -> bool:
   return float(divisor.val) == float(np.prod([sizes.st.size(n) for n in nodes]))
 
 
-class _Runner:
-  """Evaluates the walked frames with the new sizes."""
+class ProgramRunner:
+  """Evaluates the traced program's frames (`run(0, flat_inputs)`) at `sizes`.
 
-  def __init__(self, sizes: _Sizes):
+  The interpreter behind `shrunk_program`, and the seam for a pass that watches the
+  program as it runs: a subclass overrides `lax_scan` (as `layer_importance` does to
+  collect per-layer values). Internal to jaxprune (not exported)."""
+
+  def __init__(self, sizes: KeptSizes):
     self.sizes, self.st = sizes, sizes.st
 
   def run(self, frame: int, args: Sequence[Any]) -> list[Any]:
@@ -228,13 +233,13 @@ class _Runner:
 
     length = xs[0].shape[0] if xs else (
         self.sizes.shape(outs[nk])[0] if len(outs) > nk else p["length"])
-    carry, ys = self._lax_scan(eqn, body, tuple(init), tuple(xs), length=length,
+    carry, ys = self.lax_scan(eqn, body, tuple(init), tuple(xs), length=length,
                                reverse=p["reverse"], unroll=p["unroll"])
     return [*carry, *ys]
 
-  def _lax_scan(self, eqn: Any, body: Callable, init: tuple, xs: tuple, **kwargs: Any) -> tuple:
-    """`jax.lax.scan(body, init, xs, **kwargs)` for the scan `eqn`: a subclass may
-    watch the steps (`layer_importance` adds per-layer values as ys)."""
+  def lax_scan(self, eqn: Any, body: Callable, init: tuple, xs: tuple, **kwargs: Any) -> tuple:
+    """`jax.lax.scan(body, init, xs, **kwargs)` for the scan `eqn`: the hook where a
+    subclass watches the steps (`layer_importance` adds per-layer values as ys)."""
     return jax.lax.scan(body, init, xs, **kwargs)
 
 
@@ -259,8 +264,8 @@ def shrunk_program(groups: ChannelGroups, keep: Keep) -> Callable[..., Any]:
   program = groups.program
   if program is None:
     raise ValueError("these groups carry no traced program; build them with channel_groups")
-  sizes = _Sizes(program, groups, keep)
-  runner = _Runner(sizes)
+  sizes = KeptSizes(program, groups, keep)
+  runner = ProgramRunner(sizes)
   forward, st = program.forward, program.state
   expected = [sizes.shape(st.frames[0][1][v]) for v in program.closed.jaxpr.invars]
 

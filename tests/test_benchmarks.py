@@ -3,7 +3,8 @@
 The figures in the README come from full runs on tinyshakespeare; these tests only keep
 the scripts from rotting and check the invariants their reports rest on (masks identical
 to the sort reference, optimizer state growing by exactly the masks, the quality
-benchmark deterministic for a seed and sensitive to `--retrain-seed`). They use a text
+benchmark deterministic for a seed and sensitive to `--retrain-seeds`, each row beside
+its equal-budget dense twin). They use a text
 they write themselves, never ../shared.
 """
 
@@ -107,11 +108,11 @@ def test_bench_sharding_keeps_per_device_memory_below_replicated(tmp_path):
   assert many["per_device_bytes"] < one["per_device_bytes"]
 
 
-def test_bench_quality_is_deterministic_and_honours_retrain_seed(tmp_path, text_file):
+def test_bench_quality_is_deterministic_and_honours_retrain_seeds(tmp_path, text_file):
   cache = str(tmp_path / "cache")
   common = ["--data", text_file, "--cache", cache]
   full = run_benchmark("quality", *common, "--json", str(tmp_path / "q.json"))
-  assert full["retrain_seed"] == 0 and len(full["rows"]) >= 4
+  assert full["retrain_seeds"] == [0] and len(full["rows"]) >= 4
   for row in full["rows"]:
     assert sum(row["retrain_steps"]) == full["retrain_total"], row["recipe"]
     # Row scope loses round(s * L) of every row of length L: within a row's rounding.
@@ -119,17 +120,33 @@ def test_bench_quality_is_deterministic_and_honours_retrain_seed(tmp_path, text_
     assert abs(row["targeted_sparsity"] - row["final_sparsity"]) < tolerance, row["recipe"]
     assert row["whole_model_sparsity"] < row["targeted_sparsity"]
     assert math.isclose(row["degradation"], row["perplexity"] / full["dense_perplexity"] - 1)
-  oneshot = {r["recipe"]: r for r in full["rows"]}["oneshot@0.8"]
+    (seed,) = row["per_seed"]
+    assert math.isclose(row["vs_equal_budget"],
+                        seed["perplexity"] / seed["equal_budget_perplexity"] - 1)
+    # The dense twin retrains too: it is not the dense start.
+    assert row["equal_budget_perplexity"] != full["dense_perplexity"], row["recipe"]
+  rows = {r["recipe"]: r for r in full["rows"]}
+  oneshot = rows["oneshot@0.8"]
+  # Twins depend on the budgets, learning rate and restarts, not on the final sparsity.
+  assert rows["tuned@0.9"]["equal_budget_perplexity"] != oneshot["equal_budget_perplexity"]
+  baselines = sorted(os.listdir(cache))
+  assert sum(name.startswith("baseline-") for name in baselines) < len(full["rows"])
 
   again = run_benchmark("quality", *common, "--recipes", "oneshot@0.8",
                         "--json", str(tmp_path / "again.json"))
-  other = run_benchmark("quality", *common, "--recipes", "oneshot@0.8", "--retrain-seed", "1",
-                        "--json", str(tmp_path / "other.json"))
+  assert sorted(os.listdir(cache)) == baselines  # the twins came from the cache
+  two = run_benchmark("quality", *common, "--recipes", "oneshot@0.8", "--retrain-seeds", "0,1",
+                      "--json", str(tmp_path / "two.json"))
   # The dense model comes from the cache: the same in all three runs.
-  assert again["dense_perplexity"] == other["dense_perplexity"] == full["dense_perplexity"]
+  assert again["dense_perplexity"] == two["dense_perplexity"] == full["dense_perplexity"]
   assert again["rows"][0]["perplexity"] == oneshot["perplexity"]
-  assert other["retrain_seed"] == 1
-  assert other["rows"][0]["perplexity"] != oneshot["perplexity"]
+  assert again["rows"][0]["equal_budget_perplexity"] == oneshot["equal_budget_perplexity"]
+  seed0, seed1 = two["rows"][0]["per_seed"]
+  assert seed0["perplexity"] == oneshot["perplexity"]
+  assert seed1["perplexity"] != oneshot["perplexity"]
+  assert seed1["equal_budget_perplexity"] != seed0["equal_budget_perplexity"]
+  assert math.isclose(two["rows"][0]["perplexity_spread"],
+                      abs(seed1["perplexity"] - seed0["perplexity"]) / 2)
 
 
 def test_bench_compile_reports_both_scopes_and_the_unrolled_baseline(tmp_path):
