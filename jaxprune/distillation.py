@@ -73,7 +73,7 @@ def distillation_loss(
     ValueError: `weight` outside [0, 1] or `temperature <= 0`.
   """
   if not 0.0 <= weight <= 1.0:
-    raise ValueError(f"distill_weight must be in [0, 1], got {weight!r}")
+    raise ValueError(f"weight must be in [0, 1], got {weight!r}")
   if temperature <= 0:
     raise ValueError(f"temperature must be > 0, got {temperature!r}")
 

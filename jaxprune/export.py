@@ -1,8 +1,8 @@
 """Export a pruned model as one compressed, self-describing file, and load it back.
 
 Each targeted leaf (mask not None) is stored as a bitmask (1 bit per weight,
-`np.packbits` of the row-major flattened mask, big-endian bits, as in
-`checkpointing.pack_masks`) plus its kept values only, in mask order: by default
+`np.packbits` of the row-major flattened mask, big-endian bits: `mask_tree.pack_bits`,
+the order checkpoints use) plus its kept values only, in mask order: by default
 at the leaf's own dtype (bitwise, and exactly the bytes `sparsity_report` counts),
 or as float32, bfloat16, or int8 with one float32 scale per output channel: per
 index over the leaf's output and stack axes read from the program with

@@ -249,22 +249,6 @@ def unpack_bits(bits: Any, size: int) -> Any:
   return xp.unpackbits(bits, count=size).astype(bool)
 
 
-def pack_masks(masks: PyTree) -> dict[str, jax.Array]:
-  """Masks as `{slot index: pack_bits(mask)}`, for checkpoints."""
-  return {str(i): pack_bits(m) for i, m in enumerate(slots(masks).leaves) if m is not None}
-
-
-def unpack_masks(packed: dict[str, jax.Array], like: PyTree) -> PyTree:
-  """Inverse of `pack_masks`, laid out (and sharded) like the mask tree `like`."""
-  def unpack(i: int, m: Any) -> Any:
-    if m is None:
-      return None
-    mask = unpack_bits(jnp.asarray(packed[str(i)]), m.size).reshape(m.shape)
-    sharding = getattr(m, "sharding", None)
-    return mask if sharding is None else jax.device_put(mask, sharding)
-
-  return unflatten(like, [unpack(i, m) for i, m in enumerate(slots(like).leaves)])
-
 
 def selected_leaves(
     params: PyTree, where: Any, previous: PyTree | None = None

@@ -236,7 +236,10 @@ def magnitude_masks(
     >>> m1 = jaxprune.magnitude_masks(params, 0.5, where)
     >>> m2 = jaxprune.magnitude_masks(params, 0.8, where, previous=m1)
   """
-  return ranked_masks(params, sparsity, where, scope=scope, previous=previous, stacked=stacked)
+  # ranked_masks also takes "row" and granularities; this entry point documents only
+  # the two scopes that rank by plain magnitude.
+  return ranked_masks(params, sparsity, where, scope=check_scope(scope), previous=previous,
+                      stacked=stacked)
 
 
 def ranked_masks(

@@ -9,8 +9,8 @@ a random key, a user's tree) are leaves, so a target holding one can be traced.
 * `saliency_score(grads)`: `|w * g|` (first-order Taylor, JaxPruner's saliency), `grads`
   a pytree of `params`' structure (e.g. from `mean_gradients`). `saliency_score()`
   (no grads) takes the gradients of the step that prunes: in `pruned`'s gradual
-  mode the step's gradient (one batch); in `prune_retrain`, the mean gradient
-  over `saliency_batches` training batches before each prune.
+  mode the step's gradient (one batch); in `prune_retrain`, the gradient of the
+  iteration's first retraining batch, before each prune.
 * `gradient_score(grads)`: `|g|`, what RigL regrows by (`jaxprune.drop_grow`);
   `gradient_score()` takes the step's gradients in `pruned`, as `saliency_score()`.
 * `random_score(seed)`: uniform in [0, 1), independent per leaf and reproducible

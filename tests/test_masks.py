@@ -751,3 +751,12 @@ def test_threshold_prunes_subnormal_magnitudes_below_it():
   params = {"fc1": jnp.asarray([[0.0, 1e-39, 1.0, -3e-39]], jnp.float32)}
   masks = jaxprune.threshold_masks(params, 5e-39, {"fc1": True})
   np.testing.assert_array_equal(np.asarray(masks["fc1"]), [[False, False, True, False]])
+
+
+@pytest.mark.parametrize("scope", ["row", jaxprune.channels(-1), "Layer"])
+def test_magnitude_masks_takes_only_its_two_scopes(scope):
+  # "row" and granularities rank through a target (Prune(s, scope=...)); magnitude_masks
+  # documents "layer" and "global" only, and used to accept "row" silently.
+  params = {"w": jnp.arange(12.0).reshape(3, 4)}
+  with pytest.raises(ValueError, match=r"scope must be 'layer' or 'global' here"):
+    jaxprune.magnitude_masks(params, 0.5, {"w": True}, scope=scope)
