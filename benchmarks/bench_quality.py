@@ -457,8 +457,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="comma list of LABEL@SPARSITY row ids and groups (table, sweep, all); "
                       "default: table (--quick: the smoke group)")
   p.add_argument("--dense-steps", type=int, default=None, help="default 2000 (--quick: 40)")
-  p.add_argument("--retrain-steps", type=int, default=None,
-                 help="total retraining steps per recipe (default: half the dense steps)")
+  p.add_argument("--retrain-steps", default=None,
+                 help="total retraining steps per recipe (default: half the dense steps); a "
+                      "comma list runs every recipe at each and reports the curve against "
+                      "the budget")
   p.add_argument("--retrain-seeds", default="0",
                  help="comma list of retraining data streams and loop seeds (the dense model "
                       "stays the same): each row is the mean over them, ± half the range")
@@ -466,6 +468,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
   p.add_argument("--list", action="store_true", help="print the recipes and exit")
   args = p.parse_args(argv)
+  if args.retrain_steps is not None:
+    args.retrain_steps = sorted({int(x) for x in args.retrain_steps.split(",") if x.strip()})
+    if not args.retrain_steps or min(args.retrain_steps) < 1:
+      p.error(f"--retrain-steps: expected positive integers, got {args.retrain_steps}")
   args.retrain_seeds = [int(x) for x in args.retrain_seeds.split(",") if x.strip()]
   if not args.retrain_seeds or min(args.retrain_seeds) < 0:
     p.error(f"--retrain-seeds: expected non-negative integers, got {args.retrain_seeds}")
@@ -604,6 +610,62 @@ def measure(recipe: Recipe, run: Run, seeds: list[int], dense_ppl: float) -> dic
           "per_seed": per_seed, "seconds": time.perf_counter() - start}
 
 
+GOAL = 0.05  # the curve reports where a recipe comes within 5% of its equal-budget twin
+
+
+def crossing(points: list[tuple[int, float]], goal: float = GOAL) -> dict:
+  """Where `vs_equal_budget` (per budget, ascending) first reaches `goal`: the first
+  measured budget at or below it, and the budget interpolated linearly in
+  log2(budget) between the two points around the crossing (None when no measured
+  budget reaches it)."""
+  for k, (budget, value) in enumerate(points):
+    if value <= goal:
+      if k == 0:
+        return {"first_measured": budget, "interpolated": float(budget)}
+      (b0, v0), (b1, v1) = points[k - 1], points[k]
+      t = (v0 - goal) / (v0 - v1)
+      return {"first_measured": budget,
+              "interpolated": float(2 ** (math.log2(b0) + t * (math.log2(b1) - math.log2(b0))))}
+  return {"first_measured": None, "interpolated": None}
+
+
+def curve(rows: list[dict]) -> dict[str, dict]:
+  """Per recipe over the retraining budgets: degradation against the equal-budget dense
+  twin at each budget, and where it crosses `GOAL`."""
+  out: dict[str, dict] = {}
+  for r in rows:
+    out.setdefault(r["recipe"], {"points": []})["points"].append(
+        (r["retrain_total"], r["vs_equal_budget"]))
+  for entry in out.values():
+    entry["points"].sort()
+    entry["crossing"] = crossing(entry["points"])
+  return out
+
+
+def curve_table(curves: dict[str, dict]) -> str:
+  lines = ["| recipe | " + " | ".join(f"{b} steps" for b, _ in next(iter(curves.values()))[
+      "points"]) + f" | within {GOAL:.0%} from |", "|---" * (len(next(iter(
+          curves.values()))["points"]) + 2) + "|"]
+  for name, entry in curves.items():
+    cells = " | ".join(f"{100 * v:+.1f}%" for _, v in entry["points"])
+    at = entry["crossing"]["interpolated"]
+    lines.append(f"| {name} | {cells} | {'not reached' if at is None else f'~{at:,.0f} steps'} |")
+  return "\n".join(lines)
+
+
+def dense_start(args: argparse.Namespace, setup: Setup) -> tuple[Problem, Any, str, float,
+                                                                   float, float]:
+  """The problem, the dense params (cached), their cache key, loss, perplexity, and the
+  seconds their pretraining took (0 from the cache)."""
+  problem = load_problem(args.data, setup)
+  key = cache_key(setup, args.data, problem.data_bytes)
+  params, seconds = dense_params(setup, problem.template, problem.loss_fn, problem.batch_at,
+                                 args.cache, key)
+  eval_step = jaxprune.make_eval_step(problem.loss_fn)
+  loss = float(np.mean([float(eval_step(params, b)[0]) for b in problem.eval_batches]))
+  return problem, params, key, loss, perplexity(loss), seconds
+
+
 def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
   if args.list:
@@ -614,47 +676,45 @@ def main(argv: list[str] | None = None) -> dict:
   setup = QUICK if args.quick else Setup()
   if args.dense_steps is not None:
     setup = dataclasses.replace(setup, dense_steps=args.dense_steps)
-  total = args.retrain_steps if args.retrain_steps is not None else setup.dense_steps // 2
-  if total > setup.dense_steps // 2:
-    print(f"warning: {total} retraining steps exceed half the dense steps "
-          f"({setup.dense_steps})")
+  totals = args.retrain_steps or [setup.dense_steps // 2]
   recipes = expand(args.recipes or ("smoke" if args.quick else "table"))
   if args.quick:  # Shorter schedules: a smoke run of the code paths.
     recipes = [dataclasses.replace(r, iterations=min(r.iterations, 3)) for r in recipes]
 
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
-  problem = load_problem(args.data, setup)
-  key = cache_key(setup, args.data, problem.data_bytes)
-  params, pretrain_seconds = dense_params(setup, problem.template, problem.loss_fn,
-                                          problem.batch_at, args.cache, key)
+  problem, params, key, dense_loss, dense_ppl, pretrain_seconds = dense_start(args, setup)
   where = jaxprune.select(params, include=lm_model.PRUNE_TARGETS)
-  eval_step = jaxprune.make_eval_step(problem.loss_fn)
-  dense_loss = float(np.mean([float(eval_step(params, b)[0]) for b in problem.eval_batches]))
-  dense_ppl = perplexity(dense_loss)
   report = jaxprune.sparsity_report(params, where)
   print(f"model: {lm_model.param_count(params):,} parameters ({report.targeted_params:,} "
         f"targeted: output_proj + fc*), {problem.config}")
   print(f"dense validation perplexity {dense_ppl:.3f} (loss {dense_loss:.4f}) on "
         f"{setup.eval_batches} batches of {setup.batch_size}x{setup.context}")
-  print(f"retraining budget: {total} steps per recipe; {len(recipes)} recipe(s) on "
+  print(f"retraining budget(s): {totals} steps per recipe; {len(recipes)} recipe(s) on "
         f"retraining seed(s) {args.retrain_seeds}, each beside its equal-budget dense "
         "twin\n", flush=True)
-  run = Run(problem, params, where, total, setup, args.cache, key)
   out: dict[str, Any] = {
       "setup": dataclasses.asdict(setup), "data": os.path.abspath(args.data),
       "cache_key": key, "dense_loss": dense_loss, "dense_perplexity": dense_ppl,
-      "pretrain_seconds": pretrain_seconds, "retrain_total": total,
+      "pretrain_seconds": pretrain_seconds, "retrain_totals": totals,
       "retrain_seeds": args.retrain_seeds, "rows": [],
   }
-  for recipe in recipes:
-    print(f"{recipe.name}: {recipe.describe()}; targets "
-          f"{[round(s, 3) for s in recipe.targets()]}, budgets {recipe.budgets(total)}",
-          flush=True)
-    out["rows"].append(measure(recipe, run, args.retrain_seeds, dense_ppl))
-    _print_row(out["rows"][-1])
-    _write(args.json, out)
+  for total in totals:
+    run = Run(problem, params, where, total, setup, args.cache, key)
+    for recipe in recipes:
+      print(f"{recipe.name}, {total} steps: {recipe.describe()}; targets "
+            f"{[round(s, 3) for s in recipe.targets()]}, budgets {recipe.budgets(total)}",
+            flush=True)
+      out["rows"].append({**measure(recipe, run, args.retrain_seeds, dense_ppl),
+                          "retrain_total": total})
+      _print_row(out["rows"][-1])
+      _write(args.json, out)
 
   print("\n" + markdown_table(dense_ppl, out["rows"]))
+  if len(totals) > 1:
+    out["curve"] = curve(out["rows"])
+    _write(args.json, out)
+    print(f"\nvs the equal-budget dense model, by retraining budget:\n"
+          f"{curve_table(out['curve'])}")
   return out
 
 

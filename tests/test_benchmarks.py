@@ -114,7 +114,7 @@ def test_bench_quality_is_deterministic_and_honours_retrain_seeds(tmp_path, text
   full = run_benchmark("quality", *common, "--json", str(tmp_path / "q.json"))
   assert full["retrain_seeds"] == [0] and len(full["rows"]) >= 4
   for row in full["rows"]:
-    assert sum(row["retrain_steps"]) == full["retrain_total"], row["recipe"]
+    assert sum(row["retrain_steps"]) == row["retrain_total"] == full["retrain_totals"][0]
     # Row scope loses round(s * L) of every row of length L: within a row's rounding.
     tolerance = 0.02 if "rows" in row["recipe"] else 1e-3
     assert abs(row["targeted_sparsity"] - row["final_sparsity"]) < tolerance, row["recipe"]
@@ -147,6 +147,29 @@ def test_bench_quality_is_deterministic_and_honours_retrain_seeds(tmp_path, text
   assert seed1["equal_budget_perplexity"] != seed0["equal_budget_perplexity"]
   assert math.isclose(two["rows"][0]["perplexity_spread"],
                       abs(seed1["perplexity"] - seed0["perplexity"]) / 2)
+
+
+def test_bench_quality_curve_over_budgets(tmp_path, text_file):
+  report = run_benchmark("quality", "--data", text_file, "--cache", str(tmp_path / "cache"),
+                         "--recipes", "oneshot@0.8", "--retrain-steps", "12,6",
+                         "--json", str(tmp_path / "curve.json"))
+  assert report["retrain_totals"] == [6, 12]
+  assert [r["retrain_total"] for r in report["rows"]] == [6, 12]
+  points = report["curve"]["oneshot@0.8"]["points"]
+  assert points == [[r["retrain_total"], r["vs_equal_budget"]] for r in report["rows"]]
+
+
+def test_crossing_of_the_goal_is_interpolated_in_log_budget():
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import bench_quality
+
+  # +9% at 1000 steps, +3% at 4000: 5% lies two thirds of the way, in log2(budget).
+  at = bench_quality.crossing([(1000, 0.09), (4000, 0.03)], goal=0.05)
+  assert at["first_measured"] == 4000
+  assert math.isclose(at["interpolated"], 2 ** (math.log2(1000) + 2 / 3 * 2))
+  assert bench_quality.crossing([(500, 0.04)])["interpolated"] == 500.0
+  assert bench_quality.crossing([(500, 0.2), (1000, 0.1)]) == {"first_measured": None,
+                                                              "interpolated": None}
 
 
 def test_bench_compile_reports_both_scopes_and_the_unrolled_baseline(tmp_path):
