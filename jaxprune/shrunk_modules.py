@@ -9,8 +9,10 @@ module around the smaller arrays and rewrite those sizes from the arrays:
 
 * `nnx_module(graphdef, small_state, *rest)` or `nnx_module(model, small_state)`:
   `nnx.merge`, then the sizes of the standard NNX layers.
-* `equinox_module(module, small_params)`: the module's arrays replaced, then the
-  sizes of the standard Equinox layers.
+* `equinox_module(module, small_params, groups=None, keep=None)`: the module's
+  arrays replaced, then the sizes of the standard Equinox layers (`groups` and
+  `keep`, what `shrink` was given, tell an attention's removed heads from narrowed
+  ones).
 
 Each size is read from the layer's own arrays, counted from their last axis (so a
 stack of layers made by `vmap`/`nnx.vmap` is read per layer); arrays of one layer
@@ -30,9 +32,11 @@ an error naming the layer. The sizes rewritten:
   `nn.RMSNorm` (`shape`), `nn.Embedding` (`num_embeddings`, `embedding_size`),
   `nn.MLP` (`in_size`, `out_size`; `width_size` when every hidden layer keeps one
   width), `nn.MultiheadAttention` (`num_heads`, `qk_size`, `vo_size` and the four
-  feature sizes; refused when fewer heads and narrower heads would both explain
-  the projections' rows). A `"scalar"` size stays. `eqx.nn.BatchNorm`'s running statistics live in
-  an `eqx.nn.State`, outside the module: they are not touched here.
+  feature sizes; the head count from `groups` and `keep` where given, else from
+  the rows, refused when fewer heads and narrower heads would both explain them,
+  as halving the heads and halving every head do). A `"scalar"` size stays.
+  `eqx.nn.BatchNorm`'s running statistics live in an `eqx.nn.State`, outside the
+  module: they are not touched here.
 * A `GroupNorm` (NNX or Equinox) whose channel count changed is refused: its
   arrays are per channel and do not say whether whole groups or channels within
   groups were removed.
@@ -75,8 +79,9 @@ read from the shrunk params) and apply the shrunk variables dict, or run
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -85,12 +90,17 @@ from jaxprune.layouts import is_array_leaf
 from jaxprune.leaf_selection import path_string
 from jaxprune.mask_tree import canonical_path, slots
 
+if TYPE_CHECKING:
+  from jaxprune.channel_groups import ChannelGroups
+  from jaxprune.shrinking import Keep
+
 PyTree = Any
 Sizes = dict[str, Any]  # attribute name -> its new value
 
 _FIX = ("shrink every array of a layer together: trace `channel_groups` over all of the "
         "model's arrays (for NNX the whole `nnx.split(model)` state, batch statistics "
         "included) and `shrink` that same tree")
+_ROOT = "the root module"  # how a layer at the top of the tree is named in errors
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -417,12 +427,11 @@ def _eqx_mlp(where: str, m: Any) -> Sizes:
           "width_size": widths.pop() if m.depth > 0 and len(widths) == 1 else None}
 
 
-def _eqx_attention(where: str, m: Any) -> Sizes:
-  """`nn.MultiheadAttention`: `num_heads`, `qk_size`, `vo_size` from the projections'
-  rows. Fewer heads and narrower heads can give the same rows (both q/k and v
-  narrowed by the ratio heads were cut by): then it refuses rather than guess."""
-  q, k, v = (m.query_proj.weight.shape[0], m.key_proj.weight.shape[0],
-             m.value_proj.weight.shape[0])
+def _eqx_heads_from_rows(where: str, m: Any, rows: tuple[int, int, int]) -> tuple[int, int, int]:
+  """(heads, qk_size, vo_size) read from the rows alone. Fewer heads and narrower heads
+  can give the same rows (both q/k and v narrowed by the ratio heads were cut by): then
+  it refuses rather than guess."""
+  q, k, v = rows
   fits = set()
   if q % m.qk_size == 0 and v % m.vo_size == 0 and q // m.qk_size == v // m.vo_size:
     fits.add((q // m.qk_size, m.qk_size, m.vo_size))  # whole heads removed
@@ -432,21 +441,75 @@ def _eqx_attention(where: str, m: Any) -> Sizes:
     raise ValueError(f"{where} (MultiheadAttention): query/key/value projections with {q}, {k}, "
                      f"{v} rows do not tell how many heads of which size remain (it had "
                      f"{m.num_heads} heads, qk_size {m.qk_size}, vo_size {m.vo_size}); rebuild "
-                     "it with the sizes you chose, or run shrunk_program")
-  heads, qk, vo = fits.pop()
+                     "it with the sizes you chose, run shrunk_program, or pass groups= and "
+                     "keep= (what you gave shrink)")
+  return fits.pop()
+
+
+def _kept_heads(groups: ChannelGroups, keep: Keep, path: str, ndim: int) -> int | None:
+  """The heads left of the layer whose query projection weight is leaf `path` (`ndim`
+  axes, rows second to last): the kept units of the heads group on its rows, all of
+  them where `keep` leaves it whole; None where no heads group is on them."""
+  for index, group in enumerate(groups):
+    if group.kind in ("heads", "kv_heads") and any(
+        m.path == path and m.axis % ndim == ndim - 2 for m in group.members):
+      if index not in keep:
+        return group.size
+      kept = np.asarray(keep[index])  # (k,), or (layers, k) for a stack: k in every layer
+      return kept.shape[-1] if kept.ndim else 1
+  return None
+
+
+def _eqx_heads_given(where: str, m: Any, rows: tuple[int, int, int], groups: ChannelGroups,
+                     keep: Keep) -> tuple[int, int, int]:
+  """(heads, qk_size, vo_size) with the head count from the groups and keep that `shrink`
+  took, so rows that fewer or narrower heads would both explain are read as they were
+  cut; the head sizes then follow from the rows."""
+  q, k, v = rows
+  base = "" if where == _ROOT else f"{where}/"
+  path = f"{base}query_proj/weight"
+  heads = _kept_heads(groups, keep, path, m.query_proj.weight.ndim)
+  # No group on this layer's arrays while its rows changed: `groups` was traced over
+  # another tree (params wrapped in a dict), so "heads unchanged" would be a guess.
+  own = {f"{base}{name}_proj/weight" for name in ("query", "key", "value")}
+  named = any(mb.path in own for g in groups for mb in g.members)
+  if heads is None and not named and (q, v) != (m.num_heads * m.qk_size,
+                                                 m.num_heads * m.vo_size):
+    raise ValueError(f"{where} (MultiheadAttention): no group of `groups` holds {path}; pass "
+                     "the groups channel_groups traced over this module's arrays")
+  heads = m.num_heads if heads is None else heads
+  if q != k or q % heads or v % heads:
+    raise ValueError(f"{where} (MultiheadAttention): query/key/value projections with {q}, {k}, "
+                     f"{v} rows do not split into the {heads} heads that groups= and keep= "
+                     "leave; pass the groups and keep that shrink was given")
+  return heads, q // heads, v // heads
+
+
+def _eqx_attention(where: str, m: Any, groups: ChannelGroups | None = None,
+                   keep: Keep | None = None) -> Sizes:
+  """`nn.MultiheadAttention`: `num_heads`, `qk_size`, `vo_size` from the projections'
+  rows (from `groups` and `keep` where given), and the four feature sizes."""
+  weights = [getattr(m, f"{name}_proj").weight for name in ("query", "key", "value", "output")]
+  rows = tuple(w.shape[-2] for w in weights[:3])  # counted from the end: a stack reads per layer
+  if groups is None:
+    heads, qk, vo = _eqx_heads_from_rows(where, m, rows)
+  else:
+    heads, qk, vo = _eqx_heads_given(where, m, rows, groups, keep)
   return {"num_heads": heads, "qk_size": qk, "vo_size": vo,
-          "query_size": m.query_proj.weight.shape[1], "key_size": m.key_proj.weight.shape[1],
-          "value_size": m.value_proj.weight.shape[1],
-          "output_size": m.output_proj.weight.shape[0]}
+          "query_size": weights[0].shape[-1], "key_size": weights[1].shape[-1],
+          "value_size": weights[2].shape[-1], "output_size": weights[3].shape[-2]}
 
 
-def _eqx_rules(eqx: Any) -> list[tuple[type, Callable[[str, Any], Sizes]]]:
-  """(layer class, its sizes from its arrays). `equinox_module` applies these
-  first and `_eqx_mlp` in a second pass: an `MLP` reads its rewritten layers."""
+def _eqx_rules(eqx: Any, groups: ChannelGroups | None = None,
+               keep: Keep | None = None) -> list[tuple[type, Callable[[str, Any], Sizes]]]:
+  """(layer class, its sizes from its arrays; attention's heads from `groups` and
+  `keep` where given). `equinox_module` applies these first and `_eqx_mlp` in a
+  second pass: an `MLP` reads its rewritten layers."""
   nn = eqx.nn
+  attention = functools.partial(_eqx_attention, groups=groups, keep=keep)
   return [(nn.Linear, _eqx_linear), (nn.Conv, _eqx_conv), (nn.ConvTranspose, _eqx_conv),
           (nn.LayerNorm, _eqx_norm), (nn.RMSNorm, _eqx_norm), (nn.Embedding, _eqx_embedding),
-          (nn.GroupNorm, _eqx_group_norm), (nn.MultiheadAttention, _eqx_attention)]
+          (nn.GroupNorm, _eqx_group_norm), (nn.MultiheadAttention, attention)]
 
 
 def _with_sizes(module: Any, sizes: Sizes) -> Any:
@@ -466,14 +529,15 @@ def _eqx_fix_sizes(module: Any, rules: Sequence[tuple[type, Callable]]) -> Any:
   def fix(path: tuple, node: Any) -> Any:
     if not isinstance(node, classes):
       return node
-    where = path_string(path) or "the root module"
+    where = path_string(path) or _ROOT
     rule = next(r for cls, r in rules if isinstance(node, cls))
     return _with_sizes(node, _known(rule(where, node)))
 
   return jax.tree_util.tree_map_with_path(fix, module, is_leaf=lambda x: isinstance(x, classes))
 
 
-def equinox_module(module: Any, small_params: PyTree) -> Any:
+def equinox_module(module: Any, small_params: PyTree, *, groups: ChannelGroups | None = None,
+                   keep: Keep | None = None) -> Any:
   """`module` holding the arrays of `small_params`, with its standard layers' sizes
   rewritten.
 
@@ -484,21 +548,34 @@ def equinox_module(module: Any, small_params: PyTree) -> Any:
   gets its size fields from its arrays. After it, `new(x)` runs the smaller model
   and equals `apply_fn(small_params, x)` for the `apply_fn` that `channel_groups`
   traced, wherever that runs (a stale `eqx.nn.LayerNorm` refuses its smaller
-  input). Sizes your own modules hold as plain ints are not rewritten (module
-  docstring).
+  input), and `shrunk_program(groups, keep)(small_params, x)` where heads of an
+  `nn.MultiheadAttention` were removed (the stale module runs, but splits the rows
+  into its old head count). Sizes your own modules hold as plain ints are not
+  rewritten (module docstring).
 
   Args:
     module: the dense Equinox module the params were taken from.
     small_params: the shrunk arrays: a tree with `module`'s paths holding an array
       wherever `module` holds one (`None`, or the same non-array leaf, elsewhere).
+    groups: the `channel_groups` that `shrink` was given (traced over the tree
+      `small_params` shrinks), with `keep`: each `nn.MultiheadAttention` keeps as
+      many heads as its `heads` group (the one on its `query_proj.weight` rows)
+      keeps, all where there is none or `keep` leaves it whole; `qk_size` and
+      `vo_size` follow from the rows. Without them the heads are read from the rows
+      alone, and rows that fewer heads and narrower heads would both give (half of
+      the heads removed, or every head halved) are refused.
+    keep: the keep-indices `shrink` was given (group index -> kept units).
 
   Returns:
     A new module; `module` is not changed.
 
   Raises:
-    ValueError: `small_params` whose paths are not the module's, or with no array
-      where the module has one (the path named); one layer's arrays that disagree
-      on a size, or a `GroupNorm` whose channel count changed (the layer named).
+    ValueError: `groups` without `keep` or the reverse; `small_params` whose paths
+      are not the module's, or with no array where the module has one (the path
+      named); one layer's arrays that disagree on a size, a `GroupNorm` whose
+      channel count changed, or a `MultiheadAttention` whose rows do not tell its
+      heads, or do not split into the heads `groups` and `keep` leave (the layer
+      named).
 
   Example::
 
@@ -523,6 +600,10 @@ def equinox_module(module: Any, small_params: PyTree) -> Any:
   """
   import equinox as eqx
 
+  if (groups is None) != (keep is None):
+    missing = "keep" if keep is None else "groups"
+    raise ValueError(f"equinox_module: `{missing}` is missing; pass both groups= and keep= "
+                     "(what you gave shrink), or neither")
   theirs, mine = slots(module), slots(small_params)
   _check_paths([canonical_path(p) for p in mine.paths],
                [canonical_path(p) for p in theirs.paths], "`small_params`",
@@ -536,5 +617,5 @@ def equinox_module(module: Any, small_params: PyTree) -> Any:
                        "eqx.filter(module, eqx.is_array)")
     leaves.append(new if eqx.is_array(old) else old)
   merged = jax.tree.unflatten(theirs.treedef, leaves)
-  merged = _eqx_fix_sizes(merged, _eqx_rules(eqx))
+  merged = _eqx_fix_sizes(merged, _eqx_rules(eqx, groups, keep))
   return _eqx_fix_sizes(merged, [(eqx.nn.MLP, _eqx_mlp)])

@@ -43,11 +43,12 @@ def _zeroed(params, groups, keep):
     group = groups[index]
     alive = np.isin(np.arange(group.size), kept)
     for m in group.members:
-      assert m.offset == 0 and m.outer == 1, m  # the repeat below reads `block` only
       leaf = leaves[at[m.path]]
+      mask = np.ones(leaf.shape[m.axis], leaf.dtype)
+      mask[m.indices(group.size)[~alive].ravel()] = 0  # blocks, offsets, every outer copy
       shape = [1] * leaf.ndim
       shape[m.axis] = -1
-      leaves[at[m.path]] = leaf * np.repeat(alive, m.block).reshape(shape)
+      leaves[at[m.path]] = leaf * mask.reshape(shape)
   return jax.tree.unflatten(theirs.treedef, leaves)
 
 
@@ -484,8 +485,10 @@ def test_equinox_attention_sizes_or_a_refusal_never_a_guess():
   kinds = {}
   for i in groups.prunable():
     kinds.setdefault(groups[i].kind, []).append(i)
-  # Half the heads, or every head half as wide: the same rows. Refused, not guessed.
-  with pytest.raises(ValueError, match=r"MultiheadAttention.*do not tell how many heads"):
+  # Half the heads, or every head half as wide: the same rows. Refused, not guessed,
+  # with the way out named.
+  with pytest.raises(ValueError, match=r"MultiheadAttention.*do not tell how many heads.*"
+                                       r"pass groups= and keep= \(what you gave shrink\)"):
     equinox_module(mha, shrink(arrays, groups, {kinds["heads"][0]: [0, 2]}))
   # Only the queries' and keys' head size narrowed: one reading.
   (qk,) = [i for i in kinds["head_dim"] if any(m.path.startswith("query") for m in
@@ -500,3 +503,110 @@ def test_equinox_attention_sizes_or_a_refusal_never_a_guess():
                        smaller.query_proj.weight * np.sqrt(2 / 4))
   np.testing.assert_allclose(scaled(x, x, x), shrunk_program(groups, keep)(small, x),
                              atol=1e-5, rtol=1e-5)
+
+
+_mha_run = eqx.filter_jit(lambda mha, x: mha(x, x, x))
+
+
+@functools.cache
+def _eqx_mha(nested: bool):
+  """A 4-head `eqx.nn.MultiheadAttention` (heads of 4) at the root, or at
+  `blocks/0` of a dict: (module, x, arrays, apply_fn, groups, prunable groups by
+  kind)."""
+  mha = _eqx_filled(lambda key: eqx.nn.MultiheadAttention(4, 16, key=key))
+  module = {"blocks": [mha]} if nested else mha
+  x = np.random.default_rng(0).normal(size=(5, 16)).astype(np.float32)
+  arrays, static = eqx.partition(module, eqx.is_array)
+  apply_fn = lambda p, x: _mha_run(_attn(eqx.combine(p, static)), x)
+  groups = channel_groups(apply_fn, arrays, x)
+  kinds = {}
+  for i in groups.prunable():
+    kinds.setdefault(groups[i].kind, []).append(i)
+  return module, x, arrays, apply_fn, groups, kinds
+
+
+def _attn(module):
+  return module["blocks"][0] if isinstance(module, dict) else module
+
+
+def test_equinox_attention_groups_of_eqx_mha():
+  """What the tests below rely on: one heads group on q, k, v rows and the output's
+  columns, one head_dim group on q and k rows, one on v rows and output columns."""
+  *_, groups, kinds = _eqx_mha(False)
+  paths = {i: sorted((m.path, m.axis, m.block, m.outer) for m in groups[i].members)
+           for ids in kinds.values() for i in ids}
+  assert sorted(kinds) == ["head_dim", "heads"] and len(kinds["heads"]) == 1
+  assert paths[kinds["heads"][0]] == [("key_proj/weight", 0, 4, 1), (
+      "output_proj/weight", 1, 4, 1), ("query_proj/weight", 0, 4, 1), (
+      "value_proj/weight", 0, 4, 1)]
+  assert sorted(paths[i] for i in kinds["head_dim"]) == [
+      [("key_proj/weight", 0, 1, 4), ("query_proj/weight", 0, 1, 4)],
+      [("output_proj/weight", 1, 1, 4), ("value_proj/weight", 0, 1, 4)]]
+
+
+def _head_dims(groups, kinds):
+  """The head_dim groups: (the queries' and keys', the values' and output's)."""
+  on_q = lambda i: any(m.path.endswith("query_proj/weight") for m in groups[i].members)
+  (qk,), (vo,) = ([i for i in kinds["head_dim"] if on_q(i) == want] for want in (True, False))
+  return qk, vo
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_equinox_attention_heads_removed(nested):
+  module, x, arrays, apply_fn, groups, kinds = _eqx_mha(nested)
+  keep = keep_top(groups, magnitude_importance(groups, arrays), {"heads": 0.5})
+  assert list(keep) == kinds["heads"] and len(keep[kinds["heads"][0]]) == 2
+  small = shrink(arrays, groups, keep)
+  with pytest.raises(ValueError, match="do not tell how many heads"):
+    equinox_module(module, small)  # 8 rows: 2 heads of 4, or 4 of 2
+  attn = _attn(equinox_module(module, small, groups=groups, keep=keep))
+  assert (attn.num_heads, attn.qk_size, attn.vo_size) == (2, 4, 4)
+  assert (attn.query_size, attn.key_size, attn.value_size, attn.output_size) == (16,) * 4
+  out = _mha_run(attn, x)
+  _close(out, shrunk_program(groups, keep)(small, x))
+  # Removing a head is zeroing its rows and the output's columns it feeds.
+  _close(out, apply_fn(_zeroed(arrays, groups, keep), x))
+  # The stale module runs on the small arrays, but as 4 heads of 2: another function.
+  assert not np.allclose(apply_fn(small, x), out, atol=1e-3)
+
+
+@pytest.mark.parametrize(("heads", "sizes"), [(None, (4, 2, 3)), ([1, 3], (2, 2, 3))])
+def test_equinox_attention_head_dim_narrowed(heads, sizes):
+  module, x, arrays, apply_fn, groups, kinds = _eqx_mha(True)
+  qk, vo = _head_dims(groups, kinds)
+  keep = {qk: [0, 2], vo: [0, 1, 3]} | ({} if heads is None else {kinds["heads"][0]: heads})
+  small = shrink(arrays, groups, keep)
+  attn = _attn(equinox_module(module, small, groups=groups, keep=keep))
+  assert (attn.num_heads, attn.qk_size, attn.vo_size) == sizes
+  out = _mha_run(attn, x)
+  if heads is None:  # the stale module splits the rows into its 4 heads: it is right
+    _close(out, apply_fn(small, x))
+  # The module scales scores by 1/sqrt(new qk_size); the shrunk program (and zeroing)
+  # keep the dense 1/sqrt(4): folding the ratio into the queries makes them equal.
+  scaled = eqx.tree_at(lambda m: m.query_proj.weight, attn,
+                       attn.query_proj.weight * np.sqrt(2 / 4))
+  program = shrunk_program(groups, keep)(small, x)
+  _close(_mha_run(scaled, x), program)
+  _close(program, apply_fn(_zeroed(arrays, groups, keep), x))
+  assert not np.allclose(out, program, atol=1e-3)  # the scale is not a no-op here
+
+
+def test_equinox_module_groups_and_keep_errors():
+  module, x, arrays, apply_fn, groups, kinds = _eqx_mha(True)
+  keep = {kinds["heads"][0]: [0, 2]}
+  small = shrink(arrays, groups, keep)
+  with pytest.raises(ValueError, match="`keep` is missing"):
+    equinox_module(module, small, groups=groups)
+  with pytest.raises(ValueError, match="`groups` is missing"):
+    equinox_module(module, small, keep=keep)
+  # A keep that is not the one shrink took: 8 rows do not split into 3 heads.
+  with pytest.raises(ValueError, match=r"blocks/0 \(MultiheadAttention\).*not split into the 3"):
+    equinox_module(module, small, groups=groups, keep={kinds["heads"][0]: [0, 1, 2]})
+  # Groups traced over another tree (the arrays under "m") name none of this layer's
+  # arrays: the heads are not assumed unchanged.
+  wrapped = channel_groups(lambda p, x: apply_fn(p["m"], x), {"m": arrays}, x)
+  (head,) = [i for i in wrapped.prunable() if wrapped[i].kind == "heads"]
+  other = shrink({"m": arrays}, wrapped, {head: [0, 2]})["m"]
+  with pytest.raises(ValueError, match=r"blocks/0 \(MultiheadAttention\): no group .* holds "
+                                       r"blocks/0/query_proj/weight"):
+    equinox_module(module, other, groups=wrapped, keep={head: [0, 2]})
