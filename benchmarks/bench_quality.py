@@ -110,6 +110,9 @@ class Recipe:
   def target(self, sparsity: float) -> Any:
     if self.method in ("magnitude", "sparsegpt"):  # sparsegpt's masks: `sparsegpt_start`
       return sparsity
+    if self.method == "owl":
+      raise SystemExit(f"{self.name}: OWL's distribution comes from the model's statistics; "
+                       "only gradual recipes run it")
     return {
         "erk": lambda s: jaxprune.Prune(s, distribution=jaxprune.erk()),
         "saliency": lambda s: jaxprune.Prune(s, score=jaxprune.saliency_score()),
@@ -204,6 +207,10 @@ _BASES["gradual-erk-distill"] = dict(_BASES["gradual-erk"], distill=0.5)
 _BASES["gradual-erk-distill-ramp50"] = dict(_BASES["gradual-erk-distill"], ramp_end=0.5)
 _BASES["gradual-sparsegpt50-distill"] = dict(_BASES["gradual"], method="sparsegpt",
                                              initial=0.5, distill=0.5)
+# OWL's outlier-weighted per-leaf sparsities (`jaxprune.owl` from Wanda outlier ratios)
+# in place of ERK.
+_BASES["gradual-owl-distill"] = dict(_BASES["gradual"], method="owl", distill=0.5)
+OWL_SPREAD = 0.1  # OWL's lambda 0.08 at 70% is ~0.11 of the target; 0.09 at 90%
 
 # One-shot SparseGPT (issue 16), then the whole budget retraining at the tuned lr.
 _BASES["oneshot-sparsegpt"] = dict(schedule="oneshot", lr=3e-3, method="sparsegpt")
@@ -227,7 +234,8 @@ GROUPS: dict[str, list[str]] = {
     # One row per code path (schedules, splits, learning-rate modes, scopes): --quick.
     "smoke": ["exponential@0.8", "tuned@0.9", "oneshot@0.8", "geometric-cyclic@0.8",
               "geometric-global@0.8", "geometric-globalscope@0.8", "tuned-rows@0.9",
-              "gradual@0.9", "oneshot-sparsegpt@0.8", "gradual-sparsegpt50-distill@0.9"],
+              "gradual@0.9", "oneshot-sparsegpt@0.8", "gradual-sparsegpt50-distill@0.9",
+              "gradual-owl-distill@0.9"],
 }
 
 
@@ -369,8 +377,20 @@ def sparsegpt_start(sparsity: float, params, graphdef, rest, batch_at, where) ->
   return new_params, [jaxprune.GivenMasks(masks)]
 
 
+def owl_distribution(params, graphdef, rest, batch_at, where) -> Any:
+  """`jaxprune.owl` from the dense model's Wanda outlier ratios (m = 5) on the same
+  calibration sequences as `sparsegpt_start`, `spread` OWL_SPREAD."""
+  apply = lm_model.make_batch_apply_fn(graphdef, rest)
+  calibration = [batch_at(10_000_000 + i)[:8] for i in range(SPARSEGPT_CALIBRATION // 8)]
+  stats = jaxprune.input_statistics(apply, params, calibration, where)
+  ratios = jaxprune.outlier_ratios(params, where, jaxprune.wanda_score(stats), m=5.0)
+  print("  OWL outlier ratios: " + ", ".join(f"{p} {r:.4f}" for p, r in ratios.items()))
+  return jaxprune.owl(ratios, spread=OWL_SPREAD)
+
+
 def gradual_retrain(recipe: Recipe, params, loss_fn, batch_at, eval_batches, where,
-                    total: int, seed: int, apply_fn=None, start_params=None) -> dict:
+                    total: int, seed: int, apply_fn=None, start_params=None,
+                    distribution=None) -> dict:
   """`recipe` as in-graph gradual pruning: one `pruned(adamw)` run of `total` steps
   from `start_params` (default: the dense `params`), distilled from the dense params
   through `apply_fn` when `recipe.distill`. The ramp starts at 0, or at
@@ -381,6 +401,8 @@ def gradual_retrain(recipe: Recipe, params, loss_fn, batch_at, eval_batches, whe
   ramp = jaxprune.polynomial_schedule(first, recipe.final, 0, end)
   # Another method ramps its target (an ERK `Prune` whose sparsity follows the ramp).
   schedule = ramp if recipe.method == "magnitude" else lambda c: recipe.target(ramp(c))
+  if distribution is not None:  # one computed from the model (OWL)
+    schedule = lambda c: jaxprune.Prune(ramp(c), distribution=distribution)
   tx = jaxprune.pruned(optimizer, where=where, update_every=GRADUAL_EVERY, schedule=schedule)
   train_loss, inputs_at = distilling(loss_fn, batch_at,
                                      (apply_fn, params) if recipe.distill else None,
@@ -542,8 +564,10 @@ def run_recipe(recipe: Recipe, run: Run, seed: int) -> dict:
     if recipe.method == "sparsegpt":  # SparseGPT at the ramp's first sparsity
       start, _ = sparsegpt_start(recipe.initial, run.params, p.graphdef, p.rest, p.batch_at,
                                  run.where)
+    owl = (owl_distribution(run.params, p.graphdef, p.rest, p.batch_at, run.where)
+           if recipe.method == "owl" else None)
     return gradual_retrain(recipe, run.params, loss_fn, batches, p.eval_batches, run.where,
-                           run.total, loop_seed, teacher_apply, start)
+                           run.total, loop_seed, teacher_apply, start, owl)
   budgets = recipe.budgets(run.total)
   optimizer, restart = optimizer_for(recipe, budgets)
   start_params, schedule = run.params, recipe.schedule_entries()

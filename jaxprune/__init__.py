@@ -14,7 +14,7 @@ trees line up with params (paths, `None` leaves, Equinox modules) is
 from jaxprune.channel_groups import ChannelGroups, Group, Member, channel_groups
 from jaxprune.checkpointing import Checkpointer
 from jaxprune.distillation import distillation_loss, kl_to_teacher
-from jaxprune.distributions import Distribution, by_path, erk, uniform
+from jaxprune.distributions import Distribution, by_path, erk, owl, uniform
 from jaxprune.drop_grow import DropAndGrow, rigl_schedule, set_schedule
 from jaxprune.export import (
     CompressedFormatError,
@@ -68,6 +68,7 @@ from jaxprune.scores import (
     magnitude_score,
     mean_gradients,
     normalized_score,
+    outlier_ratios,
     random_score,
     saliency_score,
     wanda_score,
@@ -171,6 +172,8 @@ __all__ = [
     "nm_violations",
     "normalized_score",
     "onto_mesh",
+    "outlier_ratios",
+    "owl",
     "pack_mask",
     "pack_masks",
     "param_shardings",

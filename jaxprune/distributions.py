@@ -39,6 +39,14 @@ others' sums (JaxPruner's `custom_sparsity_map`). A pattern that matches no
 selected leaf is refused (a typo would leave its leaves at the target).
 
 * `by_path(fn)`: leaf i's sparsity is `fn(path_i, shape_i, s)`, any rule of your own.
+* `owl(ratios, spread=0.1)`: outlier-weighted (OWL, Yin et al. 2024): a leaf with more
+  outlier scores (`jaxprune.outlier_ratios`, Wanda's scores above 5 means) is pruned
+  less. With `c_i` the ratios scaled to [0, 1] (min to max) and centred so that
+  `sum n_i c_i = 0`, leaf i's sparsity is `s * (1 - 2 * spread * c_i)`: the leaves
+  spread about `s` by a fraction of it (OWL's `lambda` = 0.08 at 70% is `spread`
+  0.11), proportionally, so a schedule ramping `s` from 0 ramps every leaf from 0.
+  A share past 1 is held at 1 and the others move up alike to keep the total; the
+  counts sum to exactly `round(s * N)` (largest remainder, as ERK's).
 
 Example::
 
@@ -206,6 +214,99 @@ def by_path(fn: Callable[[str, Shape, Any], Any]) -> ByPath:
   if not callable(fn):
     raise ValueError(f"by_path takes a function (path, shape, s) -> sparsity, got {fn!r}")
   return ByPath(fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class OWL:
+  """Outlier-weighted per-leaf sparsities (see the module docstring)."""
+
+  ratios: tuple[tuple[str, float], ...]
+  spread: float = 0.1
+
+  def centred(self, paths: Sequence[str], shapes: Sequence[Shape]) -> np.ndarray:
+    """`c_i`: the leaves' ratios scaled to [0, 1] and centred, weighted by size."""
+    known = dict(self.ratios)
+    missing = [p for p in paths if canonical_path(p) not in known]
+    if missing:
+      raise ValueError(f"owl: no outlier ratio for {', '.join(missing[:4])} (ratios hold "
+                       f"{', '.join(sorted(known)[:6]) or 'none'}); compute them with "
+                       "outlier_ratios over the same selection")
+    d = np.array([known[canonical_path(p)] for p in paths], np.float64)
+    width = d.max() - d.min()
+    c = (d - d.min()) / width if width > 0 else np.zeros_like(d)
+    sizes = np.array([int(np.prod(s)) for s in shapes], np.float64)
+    return c - float((c * sizes).sum() / sizes.sum())
+
+  def _fractions(self, paths, shapes, sparsity) -> jax.Array:
+    c = self.centred(paths, shapes)
+    sizes = np.array([int(np.prod(s)) for s in shapes], np.float64)
+    return _owl_fractions(c, sizes, _total_fraction(sparsity), self.spread)
+
+  def sparsities(self, paths, shapes, sparsity):
+    fractions = self._fractions(paths, shapes, sparsity)
+    return [fractions[i] for i in range(len(paths))]
+
+  def prune_counts(self, paths, shapes, sparsity):
+    sizes = [int(np.prod(s)) for s in shapes]
+    return _apportion(1.0 - self._fractions(paths, shapes, sparsity), sizes, sparsity)
+
+
+def _owl_fractions(c: np.ndarray, sizes: np.ndarray, s: jax.Array,
+                   spread: float) -> jax.Array:
+  """float32 sparsities `s * (1 - 2 * spread * c_i)` (in leaf order), where those past 1
+  are held at 1 and the rest shifted up alike so that the total stays `s * N`.
+
+  With the leaves in order of increasing `c` (decreasing share) and the first `d`
+  fully pruned, the rest move by `delta_d = (s N - size_d - sum_rest n_i r_i) /
+  sum_rest n_i`; the answer is the smallest `d` with every remaining share at most 1.
+  Every `d` is evaluated at once, so a traced `s` needs no Python loop (as ERK's).
+  """
+  order = np.argsort(c, kind="stable")
+  n_o = jnp.asarray(sizes[order], jnp.float32)
+  raw_o = s * (1.0 - 2.0 * spread * jnp.asarray(c[order], jnp.float32))
+  pruned_d = jnp.concatenate([jnp.zeros(1), jnp.cumsum(n_o)])  # the first d, fully pruned
+  rest_n = n_o.sum() - pruned_d
+  rest_mass = jnp.concatenate([jnp.cumsum((n_o * raw_o)[::-1])[::-1], jnp.zeros(1)])
+  delta = jnp.where(rest_n > 0, (s * n_o.sum() - pruned_d - rest_mass)
+                    / jnp.where(rest_n > 0, rest_n, 1.0), 0.0)
+  largest_rest = jnp.concatenate([raw_o, jnp.full(1, -jnp.inf)])
+  chosen = jnp.argmax(largest_rest + delta <= 1.0)  # d = all always qualifies
+  fractions_o = jnp.where(jnp.arange(len(c)) < chosen, 1.0, raw_o + delta[chosen])
+  return jnp.clip(fractions_o, 0.0, 1.0)[np.argsort(order)]
+
+
+def owl(ratios: Mapping[str, float], spread: float = 0.1) -> OWL:
+  """Outlier-weighted per-leaf sparsities (see the module docstring).
+
+  Args:
+    ratios: `{path: outlier ratio}` of the selected leaves, from
+      `jaxprune.outlier_ratios(params, where, wanda_score(stats))`.
+    spread: how far leaves move from the target, as a fraction of it, in [0, 0.5].
+
+  Raises:
+    ValueError: `spread` outside [0, 0.5]; `ratios` empty, or holding a non-string
+      path or a ratio outside [0, 1] (named); when the counts are computed, a
+      selected leaf with no ratio (named).
+
+  Example::
+
+    >>> d = jaxprune.owl({"a": 0.0, "b": 0.02}, spread=0.1)
+    >>> [int(c) for c in d.prune_counts(["a", "b"], [(10, 10), (10, 10)], 0.5)]
+    [55, 45]
+  """
+  if isinstance(spread, bool) or not isinstance(spread, (int, float)) or not (
+      0.0 <= spread <= 0.5):
+    raise ValueError(f"owl spread must be a number in [0, 0.5], got {spread!r}")
+  if not isinstance(ratios, Mapping) or not ratios:
+    raise ValueError(f"owl takes a non-empty {{path: outlier ratio}} mapping (from "
+                     f"jaxprune.outlier_ratios), got {ratios!r}")
+  for path, r in ratios.items():
+    if not isinstance(path, str) or isinstance(r, bool) or not isinstance(
+        r, (int, float)) or not 0.0 <= r <= 1.0:
+      raise ValueError(f"owl: the outlier ratio of {path!r} must be a number in [0, 1], "
+                       f"got {r!r}")
+  return OWL(tuple(sorted((canonical_path(p), float(r)) for p, r in ratios.items())),
+             float(spread))
 
 
 @dataclasses.dataclass(frozen=True)

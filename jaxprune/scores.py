@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.input_statistics import LeafStatistics, check_leaf_statistics
-from jaxprune.mask_tree import canonical_path, float_part, merge_float_part, slots
+from jaxprune.mask_tree import canonical_path, float_part, merge_float_part, resolve_where, slots
 
 PyTree = Any
 
@@ -354,3 +354,46 @@ def wanda_score(stats: Any) -> Wanda:
                tuple((p, (len(s.stack_axes), _static_rows(s.rows))) for p, s in ordered),
                tuple(sorted((canonical_path(p), why)
                             for p, why in getattr(stats, "unattributed", {}).items())))
+
+
+def outlier_ratios(params: PyTree, where: Any, score: Score,
+                   m: float = 5.0) -> dict[str, float]:
+  """Per selected leaf, the fraction of its scores above `m` times their mean: OWL's
+  layerwise outlier distribution (Yin et al. 2024, with `score=wanda_score(stats)` and
+  `m` = 5), what `jaxprune.owl` turns into per-leaf sparsities.
+
+  `D_i = #{a in A_i : a > m * mean(A_i)} / |A_i|`, `A_i` leaf i's scores (`|w|` for
+  `magnitude_score()`). A stacked leaf (scanned layers) gets one ratio.
+
+  Args:
+    params: the parameter pytree.
+    where: bool pytree from `select` (or a callable building one).
+    score: any score (`wanda_score(stats)` for OWL).
+    m: the outlier threshold, in means (> 0).
+
+  Returns:
+    `{path: ratio}` for every selected leaf, ratios in [0, 1].
+
+  Raises:
+    ValueError: `m` not a positive number; `where` not matching params; the score's
+      own errors (a leaf without statistics, named).
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> import jaxprune
+    >>> params = {"a": jnp.array([[1.0, 1.0], [1.0, 20.0]]), "b": jnp.ones((2, 2))}
+    >>> jaxprune.outlier_ratios(params, {"a": True, "b": True}, jaxprune.magnitude_score(),
+    ...                         m=2.0)
+    {'a': 0.25, 'b': 0.0}
+  """
+  if isinstance(m, bool) or not isinstance(m, numbers.Real) or not m > 0:
+    raise ValueError(f"outlier_ratios: m must be a positive number, got {m!r}")
+  flags = resolve_where(where, params)
+  theirs = slots(params)
+  chosen = [i for i, f in enumerate(flags) if f]
+  out = {}
+  for i, a in zip(chosen, score.scores(params, chosen)):
+    a = jnp.abs(theirs.leaves[i].astype(jnp.float32)) if a is None else a
+    out[canonical_path(theirs.paths[i])] = float(jnp.mean(a > m * jnp.mean(a)))
+  return out

@@ -176,3 +176,94 @@ def test_by_path_gives_each_leaf_its_own_exact_sparsity():
         ["body/kernel", "head/kernel"], [(16, 8), (8, 4)], 0.5)
   with pytest.raises(ValueError, match="takes a function"):
     jaxprune.by_path(0.5)
+
+
+# ----------------------------------------------------------------------------- OWL
+
+
+def owl_reference(ratios: list[float], sizes: list[int], s: float, spread: float) -> np.ndarray:
+  """OWL's per-leaf sparsities in NumPy (float64), written from the formula: ratios
+  scaled to [0, 1], centred by size, `s * (1 - 2 * spread * c)`; then, one at a time,
+  shares past 1 held at 1 and the others shifted up alike to keep `s * N`."""
+  d = np.asarray(ratios, np.float64)
+  n = np.asarray(sizes, np.float64)
+  c = (d - d.min()) / (d.max() - d.min()) if d.max() > d.min() else np.zeros_like(d)
+  c = c - (c * n).sum() / n.sum()
+  out = s * (1 - 2 * spread * c)
+  full = np.zeros(len(d), bool)
+  while (out[~full] > 1 + 1e-12).any():
+    full |= out > 1 + 1e-12
+    out[full] = 1.0
+    rest = ~full
+    if rest.any():
+      out[rest] += (s * n.sum() - (out * n).sum()) / n[rest].sum()
+  return np.clip(out, 0.0, 1.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(leaves=st.lists(st.tuples(st.integers(1, 60), st.floats(0, 0.2)), min_size=1,
+                       max_size=6),
+       sparsity=st.floats(0, 0.95), spread=st.floats(0, 0.5))
+def test_owl_matches_the_numpy_reference_and_totals_exactly(leaves, sparsity, spread):
+  paths = [f"l{i}" for i in range(len(leaves))]
+  shapes = [(n,) for n, _ in leaves]
+  d = jaxprune.owl({p: r for p, (_, r) in zip(paths, leaves)}, spread)
+  want = owl_reference([r for _, r in leaves], [n for n, _ in leaves], sparsity, spread)
+  got = np.array([float(x) for x in d.sparsities(paths, shapes, sparsity)])
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  counts = [int(c) for c in d.prune_counts(paths, shapes, sparsity)]
+  assert sum(counts) == round(sparsity * sum(n for n, _ in leaves))
+  for c, (n, _), s in zip(counts, leaves, want):
+    assert abs(c - s * n) <= 1 + 1e-4 * n  # each within one weight (largest remainder)
+
+
+def test_owl_prunes_outlier_rich_leaves_less_and_ramps_from_zero():
+  ratios = {"quiet/kernel": 0.001, "loud/kernel": 0.05, "mid/kernel": 0.02}
+  paths, shapes = list(ratios), [(32, 32)] * 3
+  d = jaxprune.owl(ratios, spread=0.1)
+  quiet, loud, mid = (float(x) for x in d.sparsities(paths, shapes, 0.8))
+  # Scaled ratios 0, 1, 19/49; centred (equal sizes), quiet's is -(1 + 19/49) / 3.
+  assert loud < mid < quiet
+  assert quiet == pytest.approx(0.8 * (1 + 0.2 * (1 + 19 / 49) / 3), abs=1e-6)
+  # Under jit (a gradual ramp's traced sparsity): the same; at 0 every leaf stays dense.
+  traced = jax.jit(lambda s: d.prune_counts(paths, shapes, s))
+  assert [int(c) for c in traced(0.0)] == [0, 0, 0]
+  assert [int(c) for c in traced(0.8)] == [int(c) for c in d.prune_counts(paths, shapes, 0.8)]
+
+
+def test_outlier_ratios_from_wanda_scores_feed_owl_masks():
+  k1, k2, kx = jax.random.split(jax.random.key(3), 3)
+  params = {"fc1": {"kernel": jax.random.normal(k1, (16, 32))},
+            "fc2": {"kernel": jax.random.normal(k2, (32, 8))}}
+  # Two input features of fc1 ten times louder: its Wanda scores have outliers.
+  x = jax.random.normal(kx, (64, 16)).at[:, :2].multiply(10.0)
+
+  def apply_fn(p, x):
+    return jnp.tanh(x @ p["fc1"]["kernel"]) @ p["fc2"]["kernel"]
+
+  where = jaxprune.select(params)
+  stats = jaxprune.input_statistics(apply_fn, params, [x], where)
+  ratios = jaxprune.outlier_ratios(params, where, jaxprune.wanda_score(stats), m=5.0)
+  # The reference: |w| * ||x_j|| per weight, the fraction above 5 means.
+  norms = np.sqrt((np.asarray(x, np.float64) ** 2).sum(0))
+  a = np.abs(np.asarray(params["fc1"]["kernel"])) * norms[:, None]
+  assert ratios["fc1/kernel"] == pytest.approx(float((a > 5 * a.mean()).mean()), abs=1e-6)
+  assert ratios["fc1/kernel"] > ratios["fc2/kernel"]
+  masks = jaxprune.Prune(0.7, distribution=jaxprune.owl(ratios)).masks(params, where)
+  kept = {k: float(np.mean(masks[k]["kernel"])) for k in masks}
+  assert kept["fc1"] > kept["fc2"]  # the outlier-rich leaf keeps more
+  total = sum(int(np.sum(~masks[k]["kernel"])) for k in masks)
+  assert total == round(0.7 * (16 * 32 + 32 * 8))
+
+
+@pytest.mark.parametrize("call, named", [
+    (lambda: jaxprune.owl({"a": 0.1}, spread=0.6), "spread"),
+    (lambda: jaxprune.owl({}), "non-empty"),
+    (lambda: jaxprune.owl({"a": 1.5}), "'a'"),
+    (lambda: jaxprune.owl({"a": 0.1}).prune_counts(["b"], [(4,)], 0.5), "no outlier ratio for b"),
+    (lambda: jaxprune.outlier_ratios({"a": jnp.ones(4)}, {"a": True},
+                                     jaxprune.magnitude_score(), m=0), "m must be"),
+])
+def test_bad_owl_settings_are_refused_by_name(call, named):
+  with pytest.raises(ValueError, match=named):
+    call()
