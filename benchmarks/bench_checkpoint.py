@@ -39,8 +39,8 @@ import optax
 import orbax.checkpoint as ocp
 
 import jaxprune
-from jaxprune import checkpointing, integrity
-from jaxprune.retraining import LoopState
+from jaxprune._src.training import checkpointing, integrity
+from jaxprune._src.training.retraining import LoopState
 
 
 def make_state(layers: int, width: int) -> tuple[LoopState, optax.GradientTransformation]:

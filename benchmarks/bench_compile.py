@@ -41,7 +41,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jaxprune
-from jaxprune import leaf_groups, magnitude_rank
+from jaxprune._src.engine import leaf_groups, magnitude_rank
 
 
 def abstract_tree(n_leaves: int, shape: tuple[int, ...]) -> dict[str, Any]:

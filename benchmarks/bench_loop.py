@@ -39,7 +39,7 @@ function, the same one in every loop) and `make_eval_batches`; AdamW; the
    (`--eval-batches` batches, a checkpoint every `--steps // 2` steps and at the end
    of each iteration), timed end to end (compilation included) and split into
    retraining phases (timed as above, iteration 0 included), checkpoint saves (the
-   synchronous `jaxprune.checkpointing.save` calls, timed) and the rest (evaluation,
+   synchronous `jaxprune._src.training.checkpointing.save` calls, timed) and the rest (evaluation,
    pruning, compilation, setup). It is compared with the retraining steps alone: the
    hand `pruned(adamw)` loop's median step time (from part 1) times the run's total
    step count.
@@ -75,8 +75,8 @@ import lm_data  # noqa: E402
 import lm_model  # noqa: E402
 
 import jaxprune  # noqa: E402
-from jaxprune import checkpointing  # noqa: E402
-from jaxprune.optax_wrapper import replace_masks  # noqa: E402
+from jaxprune._src.training import checkpointing  # noqa: E402
+from jaxprune._src.transforms.optax_wrapper import replace_masks  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 FULL = {"d_model": 128, "num_layers": 2, "num_heads": 4, "d_ff": 512, "context": 64}
@@ -152,7 +152,7 @@ class Timeline:
 
 
 class TimedSaves:
-  """Times `jaxprune.checkpointing.save` (synchronous: the save is done on return)."""
+  """Times `jaxprune._src.training.checkpointing.save` (synchronous: the save is done on return)."""
 
   def __init__(self):
     self.seconds: list[float] = []

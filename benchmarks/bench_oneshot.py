@@ -42,7 +42,7 @@ import lm_data
 import lm_model
 
 import jaxprune
-from jaxprune.sparsegpt import sparsegpt_matrix
+from jaxprune._src.oneshot.sparsegpt import sparsegpt_matrix
 
 SPARSITIES = ("0.5", "0.6", "0.7", "2:4")
 
@@ -132,7 +132,7 @@ def feature_norm_spread(stats) -> dict[str, float]:
   out = {}
   for path, st in sorted(stats.leaves.items()):
     norms = np.sqrt(np.asarray(st.sq_norms, np.float64)).reshape(-1)
-    out[jaxprune.mask_tree.canonical_path(path)] = float(norms.max() / np.median(norms))
+    out[jaxprune._src.tree.mask_tree.canonical_path(path)] = float(norms.max() / np.median(norms))
   return out
 
 
@@ -155,12 +155,12 @@ def _compiled_cost(fn, *args) -> dict:
 def per_layer(params, stats, tokens: int) -> list[dict]:
   """For each targeted kernel shape: SparseGPT at 50% on it (from its Gram matrix)
   against that layer's dense forward over the calibration tokens, in the same run."""
-  by_path = {jaxprune.mask_tree.canonical_path(p): st for p, st in stats.leaves.items()}
-  leaves = dict(zip(jaxprune.mask_tree.slots(params).paths,
-                    jaxprune.mask_tree.slots(params).leaves))
+  by_path = {jaxprune._src.tree.mask_tree.canonical_path(p): st for p, st in stats.leaves.items()}
+  leaves = dict(zip(jaxprune._src.tree.mask_tree.slots(params).paths,
+                    jaxprune._src.tree.mask_tree.slots(params).leaves))
   seen, out = set(), []
   for path, st in sorted(by_path.items()):
-    w = next(v for p, v in leaves.items() if jaxprune.mask_tree.canonical_path(p) == path)
+    w = next(v for p, v in leaves.items() if jaxprune._src.tree.mask_tree.canonical_path(p) == path)
     if w.shape in seen:
       continue
     seen.add(w.shape)

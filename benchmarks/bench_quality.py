@@ -43,7 +43,7 @@ import lm_data  # noqa: E402
 import lm_model  # noqa: E402
 
 import jaxprune  # noqa: E402
-from jaxprune.loop import distilling  # noqa: E402
+from jaxprune._src.training.loop import distilling  # noqa: E402
 
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
 DEFAULT_CACHE = "/tmp/jaxprune_quality_cache"

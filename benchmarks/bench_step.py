@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import lm_model
 
 import jaxprune
-from jaxprune.optax_wrapper import map_pruned_states
+from jaxprune._src.transforms.optax_wrapper import map_pruned_states
 
 SPARSITY = 0.8
 FULL = {"d_model": 256, "num_layers": 6, "num_heads": 8, "d_ff": 1024, "context": 128}

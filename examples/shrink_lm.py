@@ -55,7 +55,7 @@ import lm_model
 import train_lm
 
 import jaxprune
-from jaxprune.distillation import teacher_logits_fn
+from jaxprune.training import teacher_logits_fn
 
 PyTree = Any
 IMPORTANCES = ("magnitude", "taylor", "activation")

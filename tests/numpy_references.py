@@ -4,7 +4,7 @@ tests that check jaxprune's results against them."""
 import jax
 import numpy as np
 
-from jaxprune.mask_tree import slots
+from jaxprune._src.tree.mask_tree import slots
 
 
 def sparsegpt_reference(w, gram, sparsity, nm=None, damp=0.01):

@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprune.channel_groups import Group, Member, channel_groups
-from jaxprune.group_importance import magnitude_importance
-from jaxprune.shrinking import keep_top, shrink
-from jaxprune.shrunk_program import shrunk_program
+from jaxprune._src.structural.channel_groups import Group, Member, channel_groups
+from jaxprune._src.structural.group_importance import magnitude_importance
+from jaxprune._src.structural.shrinking import keep_top, shrink
+from jaxprune._src.structural.shrunk_program import shrunk_program
 
 S = jax.ShapeDtypeStruct
 D, HIDDEN, OUT, T = 4, 6, 3, 5

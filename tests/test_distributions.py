@@ -68,7 +68,7 @@ def test_erk_counts_are_exact_in_total_and_bounded_per_leaf(shapes, sparsity, po
   shares = [float(s) * n for s, n in zip(d.sparsities(paths, shapes, sparsity), sizes)]
   assert max(abs(c - s) for c, s in zip(counts, shares)) <= 1.0 + 1e-3
   traced = jax.jit(lambda s: d.prune_counts(paths, shapes, s))(jnp.float32(sparsity))
-  assert sum(int(c) for c in traced) == int(jaxprune.magnitude_rank.round_fraction_of(
+  assert sum(int(c) for c in traced) == int(jaxprune._src.engine.magnitude_rank.round_fraction_of(
       jnp.float32(sparsity), sum(sizes)))
 
 

@@ -18,8 +18,10 @@ import pytest
 
 import jaxprune
 
+# Every module, the private implementation's included (its docstrings are the API
+# reference's text).
 MODULES = sorted(
-    f"jaxprune.{m.name}" for m in pkgutil.iter_modules(jaxprune.__path__) if not m.ispkg
+    m.name for m in pkgutil.walk_packages(jaxprune.__path__, "jaxprune.") if not m.ispkg
 )
 OPTIONS = doctest.ELLIPSIS
 

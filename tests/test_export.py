@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import jaxprune
-from jaxprune.export import (
+from jaxprune._src.io.export import (
     FORMAT_VERSION,
     MAGIC,
     CompressedFormatError,

@@ -78,7 +78,7 @@ def test_statistics_are_the_inputs_each_kernel_multiplies(build):
   stats = jaxprune.input_statistics(apply, params, [jnp.asarray(X), jnp.asarray(X)], where,
                                     gram=True)
   assert stats.unattributed == {}
-  got = {jaxprune.mask_tree.canonical_path(p).removeprefix("params/"): s
+  got = {jaxprune._src.tree.mask_tree.canonical_path(p).removeprefix("params/"): s
          for p, s in stats.leaves.items()}
   assert set(got) == set(want)
   for path, (axes, sq) in want.items():

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxprune.channel_groups import channel_groups
-from jaxprune.layer_importance import block_influence, layer_importance
-from jaxprune.shrinking import keep_top, shrink
-from jaxprune.shrunk_program import shrunk_program
+from jaxprune._src.structural.channel_groups import channel_groups
+from jaxprune._src.structural.layer_importance import block_influence, layer_importance
+from jaxprune._src.structural.shrinking import keep_top, shrink
+from jaxprune._src.structural.shrunk_program import shrunk_program
 
 B, T, D, F, LAYERS, VOCAB = 2, 5, 8, 16, 4, 11
 IDENTITY = 2  # the layer whose output projection is zero

@@ -27,9 +27,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 import jaxprune
-from jaxprune import checkpointing
-from jaxprune import loop as loop_module
-from jaxprune.optax_wrapper import PrunedState
+from jaxprune._src.training import checkpointing
+from jaxprune._src.training import loop as loop_module
+from jaxprune._src.transforms.optax_wrapper import PrunedState
 
 SCHEDULE = (0.5, 0.75, 0.875)
 TRAIN_SIZE, EVAL_SIZE = 8, 16

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import jaxprune
-from jaxprune.mask_tree import float_part
+from jaxprune._src.tree.mask_tree import float_part
 
 
 def make_params():
@@ -219,5 +219,5 @@ def test_a_hook_that_stops_the_run_keeps_the_checkpoint_due_at_that_step(tmp_pat
     _run_loop(checkpoint_dir=str(tmp_path), checkpoint_every=4, hooks=[stop_at_4])
   with jaxprune.Checkpointer(tmp_path, {}) as ckpt:
     manager = ckpt._manager
-    meta = jaxprune.checkpointing.read_meta(manager, manager.latest_step())
+    meta = jaxprune._src.training.checkpointing.read_meta(manager, manager.latest_step())
   assert (meta["phase"], meta["iteration"], meta["step"]) == ("retrain", 0, 4)

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jaxprune
-from jaxprune.magnitude_rank import round_fraction_of, smallest_k, smallest_magnitudes
+from jaxprune._src.engine.magnitude_rank import round_fraction_of, smallest_k, smallest_magnitudes
 
 SETTINGS = settings(max_examples=20, deadline=None)
 LAYER_SHAPES = [(1, 1), (1, 2), (3, 4), (2, 3, 5)]

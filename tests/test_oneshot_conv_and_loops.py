@@ -20,7 +20,7 @@ from jax import lax
 from numpy_references import sparsegpt_reference
 
 import jaxprune
-from jaxprune.mask_tree import canonical_path, slots
+from jaxprune._src.tree.mask_tree import canonical_path, slots
 
 # ----------------------------------------------------------------------------- references
 
@@ -132,7 +132,7 @@ def _where(params, path):
   theirs = slots(params)
   flags = [None if x is None else canonical_path(p).removesuffix("/value") == path
            for p, x in zip(theirs.paths, theirs.leaves)]
-  return jaxprune.mask_tree.unflatten(params, flags)
+  return jaxprune._src.tree.mask_tree.unflatten(params, flags)
 
 
 @pytest.mark.parametrize("padding", list(PADDINGS))

@@ -23,7 +23,7 @@ from flax import nnx
 from flax.training.train_state import TrainState
 
 import jaxprune
-from jaxprune.masks import map_masked
+from jaxprune._src.methods.masks import map_masked
 
 # Random values from NumPy: jax.random would compile a sampler per leaf shape.
 X = jnp.asarray(np.random.default_rng(1).standard_normal((16, 6)), jnp.float32)
@@ -314,7 +314,7 @@ def test_pruned_wrapping_the_chain_clips_by_the_kept_norm_only():
   masks = masks_at(params, 0.5)
   # Gradients of pruned weights are huge: a norm that counted them would shrink the rest.
   grads = jax.tree.map(lambda w: jnp.full(w.shape, 0.01, w.dtype), params)
-  grads = jaxprune.mask_tree.map_masked(
+  grads = jaxprune._src.tree.mask_tree.map_masked(
       lambda m, g: g if m is None else jnp.where(m, g, jnp.asarray(1e3, g.dtype)), masks, grads)
   kept = mask_grads(grads, masks)
   kept_norm = float(optax.global_norm(kept))

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 
 import jaxprune
-from jaxprune import packed_masks
+from jaxprune._src.tree import packed_masks
 
 
 @st.composite
@@ -132,8 +132,8 @@ def test_the_gradual_update_selects_on_the_held_masks_like_on_bool_ones(scope, c
   # `pruned`'s gradual update ranks with the packed masks as they are held; it
   # must give the bool selection's masks exactly, packed and unpackable leaves
   # (a last axis of 5) alike, counted whole or in chunks.
-  from jaxprune import chunked_reads
-  from jaxprune.masks import magnitude_masks_held
+  from jaxprune._src.engine import chunked_reads
+  from jaxprune._src.methods.masks import magnitude_masks_held
 
   monkeypatch.setattr(chunked_reads, "CHUNK_ENTRIES", chunk)
   jax.clear_caches()
@@ -157,7 +157,7 @@ def test_the_gradual_update_writes_out_no_bool_mask():
   # new masks as its results (1.86 B/weight of scratch for these shapes): on a
   # 7.3M MLP that put a gradual step that does not update its masks at 1.43x a
   # plain AdamW step, against 1.01x now.
-  from jaxprune.masks import magnitude_masks_held
+  from jaxprune._src.methods.masks import magnitude_masks_held
 
   shapes = {"fc1": (1024, 2048), "fc2": (2048, 2048), "fc3": (2048, 512)}
   params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}

@@ -75,13 +75,13 @@ SCRIPT = textwrap.dedent(
             time.sleep(600)
         return make_batch(step, 8)
 
-    save = jaxprune.checkpointing.save
+    save = jaxprune._src.training.checkpointing.save
 
     def announced_save(manager, index, state, meta):
         print(f"saving {{meta['phase']}} {{meta['iteration']}} {{meta['step']}}", flush=True)
         save(manager, index, state, meta)
 
-    jaxprune.checkpointing.save = announced_save  # the loop calls checkpointing.save
+    jaxprune._src.training.checkpointing.save = announced_save  # the loop calls checkpointing.save
     eval_batches = [make_batch(10_000 + i, 16) for i in range(2)]
     lr = optax.linear_schedule(1e-2, 1e-3, transition_steps=36)
     result = jaxprune.prune_retrain(

@@ -37,7 +37,7 @@ def _lowest(values: np.ndarray, k: int) -> np.ndarray:
 
 def _count(fraction: float, n: int) -> int:
   """`round(fraction * n)` as the library counts a traced float32 fraction (halves up)."""
-  return int(jaxprune.magnitude_rank.round_fraction_of(jnp.float32(fraction), n))
+  return int(jaxprune._src.engine.magnitude_rank.round_fraction_of(jnp.float32(fraction), n))
 
 
 def _reference(values: np.ndarray, granularity: str, fraction: float) -> np.ndarray:

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxprune
-from jaxprune.leaf_selection import path_components
-from jaxprune.mask_tree import resolve_where
+from jaxprune._src.tree.leaf_selection import path_components
+from jaxprune._src.tree.mask_tree import resolve_where
 
 
 def f32(*shape):

@@ -18,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxprune
-from jaxprune import chunked_reads, radix_histogram
-from jaxprune import magnitude_rank as mr
+from jaxprune._src.engine import chunked_reads, radix_histogram
+from jaxprune._src.engine import magnitude_rank as mr
 
 SHAPES = [[(7,)], [(3, 5)], [(4, 4), (9,), (2, 3, 2)]]
 JITTED = {
@@ -128,7 +128,7 @@ def test_leaves_of_equal_shape_share_a_loop_and_stay_exact(scope, stack_limit, m
   # Rounded weights: many ties, within and across grouped leaves, in an order that
   # interleaves the groups (ties are broken by leaf order, not group order). A group
   # over the stack limit picks its members by `lax.switch` instead of from a stack.
-  from jaxprune import leaf_groups
+  from jaxprune._src.engine import leaf_groups
 
   monkeypatch.setattr(leaf_groups, "STACK_MIN_MEMBERS", 2)
   monkeypatch.setattr(leaf_groups, "STACK_LIMIT_BYTES", stack_limit)
@@ -143,7 +143,7 @@ def test_leaves_of_equal_shape_share_a_loop_and_stay_exact(scope, stack_limit, m
 
 
 def test_a_group_is_stacked_within_its_limits_only(monkeypatch):
-  from jaxprune import leaf_groups
+  from jaxprune._src.engine import leaf_groups
 
   monkeypatch.setattr(leaf_groups, "STACK_MIN_MEMBERS", 2)
   sources = [(jnp.ones((4, 4)), None), (jnp.zeros((4, 4)), None), (jnp.ones(3), None)]
@@ -205,7 +205,7 @@ def test_no_leaf_is_cut_out_of_a_stacked_result(scope, counts):
 
 
 def test_map_scalars_gives_each_member_its_own_result_in_order(monkeypatch):
-  from jaxprune import leaf_groups
+  from jaxprune._src.engine import leaf_groups
 
   monkeypatch.setattr(leaf_groups, "STACK_MIN_MEMBERS", 3)
   # Interleaved groups: four stacked members, a switched pair and a lone member.

@@ -14,7 +14,7 @@ import pytest
 from zoo import eqx_mlp, linen_resnet, nnx_gqa_lm
 
 import jaxprune
-from jaxprune.distillation import teacher_logits_fn
+from jaxprune._src.training.distillation import teacher_logits_fn
 
 MODELS = {"equinox": eqx_mlp, "linen": linen_resnet, "nnx_scan": nnx_gqa_lm}
 STEPS = 6

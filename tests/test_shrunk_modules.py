@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxprune.channel_groups import WIDTH_KINDS, channel_groups
-from jaxprune.group_importance import magnitude_importance
-from jaxprune.mask_tree import slots
-from jaxprune.shrinking import keep_top, shrink
-from jaxprune.shrunk_modules import equinox_module, nnx_module
-from jaxprune.shrunk_program import shrunk_program
+from jaxprune._src.structural.channel_groups import WIDTH_KINDS, channel_groups
+from jaxprune._src.structural.group_importance import magnitude_importance
+from jaxprune._src.structural.shrinking import keep_top, shrink
+from jaxprune._src.structural.shrunk_modules import equinox_module, nnx_module
+from jaxprune._src.structural.shrunk_program import shrunk_program
+from jaxprune._src.tree.mask_tree import slots
 
 B = 3
 

@@ -16,10 +16,10 @@ import pytest
 from jax.experimental import pallas as pl
 from numpy_references import zeroed_units as zeroed
 
-from jaxprune.channel_groups import Member, channel_groups
-from jaxprune.group_importance import magnitude_importance
-from jaxprune.shrinking import keep_top, shrink
-from jaxprune.shrunk_program import shrunk_program
+from jaxprune._src.structural.channel_groups import Member, channel_groups
+from jaxprune._src.structural.group_importance import magnitude_importance
+from jaxprune._src.structural.shrinking import keep_top, shrink
+from jaxprune._src.structural.shrunk_program import shrunk_program
 
 D, KV, G, HD, LAYERS, F, T, VOCAB = 8, 2, 2, 4, 3, 16, 5, 11
 H = KV * G

@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxprune
-from jaxprune.drop_grow import reset_grown
-from jaxprune.optax_wrapper import map_pruned_states
+from jaxprune._src.transforms.drop_grow import reset_grown
+from jaxprune._src.transforms.optax_wrapper import map_pruned_states
 
 # ----------------------------------------------------------------------------- the rule
 

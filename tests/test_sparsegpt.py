@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import jaxprune
-from jaxprune.sparsegpt import sparsegpt_matrix
+from jaxprune._src.oneshot.sparsegpt import sparsegpt_matrix
 
 
 def reference(w, gram, sparsity, block, damp=0.01, nm=None):
@@ -179,7 +179,7 @@ def test_accelerator_lowerings_of_one_shot_pruning():
   norms = jnp.ones(64)  # per input feature of the (in, out) kernel
 
   def wanda(p, sq, pattern):
-    score = jaxprune.scores.Wanda({"k": sq}, (("k", (0,)),))
+    score = jaxprune._src.methods.scores.Wanda({"k": sq}, (("k", (0,)),))
     target = (jaxprune.NM(2, 4, score=score) if pattern else
               jaxprune.Prune(0.5, score=score, scope="row"))
     return target.masks(p, {"k": True})

@@ -115,12 +115,12 @@ class KeepFirstRows:
     return 0.5
 
   def masks(self, params, where, previous=None):
-    flags = jaxprune.mask_tree.resolve_where(where, params)
-    leaves = jaxprune.mask_tree.slots(params).leaves
+    flags = jaxprune._src.tree.mask_tree.resolve_where(where, params)
+    leaves = jaxprune._src.tree.mask_tree.slots(params).leaves
     out = [jnp.arange(w.shape[0])[:, None] < self.rows if f else None
            for w, f in zip(leaves, flags)]
     out = [None if m is None else jnp.broadcast_to(m, w.shape) for m, w in zip(out, leaves)]
-    masks = jaxprune.mask_tree.unflatten(params, out)
+    masks = jaxprune._src.tree.mask_tree.unflatten(params, out)
     if previous is not None:
       masks = jax.tree.map(lambda a, b: a & b, masks, previous)
     return masks

@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent("""
     from fractions import Fraction
     import jax.numpy as jnp, numpy as np
     import jaxprune
-    from jaxprune import magnitude_rank as mr
+    from jaxprune._src.engine import magnitude_rank as mr
 
     # The exact count of a traced fraction, beyond int32: round half up, as Python.
     rng = np.random.default_rng(0)

@@ -40,7 +40,7 @@ from zoo import (
 )
 
 from jaxprune import channel_groups, keep_top, magnitude_importance, shrink, shrunk_program
-from jaxprune.mask_tree import slots
+from jaxprune._src.tree.mask_tree import slots
 
 MODELS = {m.__name__.split(".")[-1]: m for m in (
     nnx_gqa_lm, linen_resnet, eqx_mlp, eqx_convnet, dict_moe, example_lm, gemma_attention,

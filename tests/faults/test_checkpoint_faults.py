@@ -21,8 +21,8 @@ import pytest
 import tiny_runs
 from tiny_runs import Batches, assert_bitwise_equal, checkpoint_indices
 
-from jaxprune import checkpointing
-from jaxprune.retraining import LoopState
+from jaxprune._src.training import checkpointing
+from jaxprune._src.training.retraining import LoopState
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_prune_retrain_stops_at_a_nan_update_and_resumes_exactly(tmp_path,
 
 
 def test_a_save_refuses_an_unsound_state_and_names_the_leaf(tmp_path):
-  from jaxprune import integrity
+  from jaxprune._src.training import integrity
 
   params = tiny_runs.make_params()
   params["fc2"]["kernel"] = params["fc2"]["kernel"].at[0, 0].set(jnp.inf)
@@ -89,7 +89,7 @@ def test_a_save_refuses_an_unsound_state_and_names_the_leaf(tmp_path):
 def test_resume_skips_a_checkpoint_whose_state_is_not_sound(tmp_path, clean_train):
   """A NaN state that reached the disk anyway (written around the check, with
   correct checksums) is skipped like a damaged one."""
-  from jaxprune import integrity
+  from jaxprune._src.training import integrity
 
   ckpt = tmp_path / "ckpt"
   tiny_runs.train(checkpoint_dir=ckpt, steps=8)

@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent(
     import numpy as np
     import optax
     import jaxprune
-    from jaxprune import checkpointing
+    from jaxprune._src.training import checkpointing
 
     ckpt, out = sys.argv[1], sys.argv[2]
     rng = np.random.default_rng(0)

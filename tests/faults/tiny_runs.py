@@ -100,7 +100,7 @@ def flip_a_bit_in_saved_params(directory: pathlib.Path, index: int, leaf: str) -
 
   import orbax.checkpoint as ocp
 
-  from jaxprune import checkpointing
+  from jaxprune._src.training import checkpointing
 
   manager = checkpointing.open_manager(directory, keep=10)
   restored = manager.restore(index, args=ocp.args.Composite(

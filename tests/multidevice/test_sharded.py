@@ -151,7 +151,7 @@ def test_sharded_prune_retrain_matches_single_device(layout):
 
 
 def test_checkpoint_restores_onto_smaller_meshes(tmp_path):
-  from jaxprune import checkpointing
+  from jaxprune._src.training import checkpointing
 
   result = _run(jaxprune.make_mesh("fsdp=8"), "fsdp", checkpoint_dir=str(tmp_path))
   manager = checkpointing.open_manager(str(tmp_path))

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.leaf_selection import path_components
+from jaxprune._src.tree.leaf_selection import path_components
 
 
 def fill(abstract, seed: int, weight_std: float = 0.4):

@@ -1,0 +1,2 @@
+"""jaxprune's implementation: private; the public names live in `jaxprune` and its
+namespaces (`jaxprune.scores`, `jaxprune.structural`, ...)."""

@@ -1,0 +1,537 @@
+"""The prune-retrain loop: prune to each target of a schedule, retrain with masks held.
+
+For each iteration `i` of the schedule:
+
+1. evaluate (iteration 0: the dense baseline; later ones reuse the previous
+   after-retrain figure, the params being the same);
+2. `prune_step` to `schedule[i]` (previous masks respected) and evaluate;
+3. `retrain` for `retrain_steps[i]` steps with `pruned(optimizer)` holding the
+   masks (their one home is its state);
+4. evaluate, append an `IterationRecord`, checkpoint.
+
+`prune_retrain` is built from public pieces (`jaxprune.steps`,
+`jaxprune.retraining`, `Checkpointer`, `distillation_loss`), which a user can
+run by hand in a loop of their own. The train step and the eval step are each
+compiled once for the whole run; the Python loop only dispatches them, and reads
+the device at report points, at checkpoints and at the end of each phase.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from jaxprune._src.io.sharding import (
+  ParamLayout,
+  onto_mesh,
+  param_shardings,
+  place_batch,
+  place_masks,
+)
+from jaxprune._src.methods.masks import Scope, check_count, check_scope, check_seed, is_count
+from jaxprune._src.methods.targets import (
+  GivenMasks,
+  Target,
+  as_target,
+  needs_step_gradients,
+  with_gradients,
+)
+from jaxprune._src.training import checkpointing, run_settings
+from jaxprune._src.training.distillation import distillation_loss, teacher_logits_fn
+from jaxprune._src.training.metrics import Metric, check_metric, loss_metric
+from jaxprune._src.training.reporting import sparsity_report
+from jaxprune._src.training.results import (
+  Evaluation,
+  IterationRecord,
+  PruneRetrainResult,
+  check_evaluation,
+  evaluate,
+  pruned_fraction,
+)
+from jaxprune._src.training.retraining import (
+  Hook,
+  LoopState,
+  ProgressBar,
+  check_array_leaves,
+  check_hooks,
+  log_losses,
+  retrain,
+)
+from jaxprune._src.training.steps import (
+  LossFn,
+  make_eval_step,
+  make_gradient_step,
+  make_train_step,
+  prune_step,
+)
+from jaxprune._src.transforms.drop_grow import DropAndGrow
+from jaxprune._src.transforms.optax_wrapper import get_masks, pruned, pruned_states, replace_masks
+from jaxprune._src.tree.leaf_selection import Where
+from jaxprune._src.tree.mask_tree import (
+  all_kept,
+  check_masks,
+  check_selection,
+  float_part,
+  resolve_where,
+  slots,
+  where_tree,
+)
+
+PyTree = Any
+logger = logging.getLogger("jaxprune")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _check_entry(entry: Any, scope: Scope, name: str) -> Target:
+  if isinstance(entry, DropAndGrow):
+    raise ValueError(
+        f"{name} = {entry}: drop and grow moves kept weights and prunes none; it is sparse "
+        "training, run with jaxprune.train(optimizer=jaxprune.pruned(opt, masks, "
+        "schedule=jaxprune.rigl_schedule(...), update_every=...))")
+  return as_target(entry, scope, name)
+
+
+def _check_given(targets: list[Target], params: PyTree, flags: list[bool]) -> None:
+  """`GivenMasks` entries must be masks of `params` exactly where `where` selects."""
+  for i, target in enumerate(targets):
+    if isinstance(target, GivenMasks):
+      given = check_masks(target.given, params, f"schedule[{i}] (GivenMasks)")
+      check_selection(given, flags, params, f"schedule[{i}] = GivenMasks")
+
+
+def _check_schedule(schedule: Sequence[Any], scope: Scope) -> list[Target]:
+  if isinstance(schedule, (str, bytes)) or not hasattr(schedule, "__iter__"):
+    raise TypeError(f"schedule must be a finite sequence of sparsities, got {schedule!r}")
+  schedule = list(schedule)
+  targets = [_check_entry(entry, scope, f"schedule[{i}]") for i, entry in enumerate(schedule)]
+  if not targets:
+    raise ValueError("schedule is empty: give at least one target sparsity")
+  for i in range(1, len(targets)):
+    if targets[i].sparsity < targets[i - 1].sparsity:
+      raise ValueError(
+          f"schedule must not decrease: schedule[{i}] = {schedule[i]!r} comes after "
+          f"schedule[{i - 1}] = {schedule[i - 1]!r}, and masks never revive a pruned weight"
+      )
+  return targets
+
+
+def _run_prune(prune, closed: dict, params, opt_state, target: Target):
+  """`prune(params, opt_state, target)` compiled once per kind of target.
+
+  A pytree target goes in as an argument with its Python floats as float32 (one
+  compilation for every sparsity); a target that is not a pytree is closed over,
+  one compilation per distinct (hashable) target of the run, kept in `closed`.
+  """
+  if jax.tree.leaves(target) == [target]:  # not a pytree (an NM, with no leaves, is one)
+    def compile_it():
+      return jax.jit(functools.partial(prune.__wrapped__, target=target))
+
+    try:
+      compiled = closed.get(target)
+    except TypeError:  # unhashable: compiled for this call
+      return compile_it()(params, opt_state)
+    if compiled is None:
+      compiled = closed[target] = compile_it()
+    return compiled(params, opt_state)
+  target = jax.tree.map(lambda x: jnp.float32(x) if isinstance(x, float) else x, target)
+  return prune(params, opt_state, target)
+
+
+def _check_budgets(retrain_steps: int | Sequence[int], n: int) -> list[int]:
+  if is_count(retrain_steps):
+    budgets = [retrain_steps] * n
+  elif isinstance(retrain_steps, (Sequence, np.ndarray)) and not isinstance(retrain_steps, str):
+    budgets = [b.item() if isinstance(b, np.generic) else b for b in retrain_steps]
+  else:
+    raise TypeError(
+        f"retrain_steps must be an int or a sequence of ints (one per iteration), "
+        f"got {retrain_steps!r}"
+    )
+  if len(budgets) != n:
+    raise ValueError(f"retrain_steps has {len(budgets)} entries for {n} schedule iterations")
+  for i, b in enumerate(budgets):
+    if not is_count(b) or b < 0:
+      raise ValueError(f"retrain_steps[{i}] = {b!r}: must be an integer >= 0")
+  return [int(b) for b in budgets]
+
+
+def eval_source(eval_batches) -> Callable[[], Iterable]:
+  """`eval_batches` as a callable returning an iterable (checked re-iterable, non-empty)."""
+  source = eval_batches if callable(eval_batches) else (lambda: eval_batches)
+  first = source()
+  if not callable(eval_batches) and iter(first) is first:
+    raise TypeError(
+        "eval_batches must be re-iterable (a list) or a callable returning an iterable; "
+        "a one-shot iterator would be empty at the second evaluation"
+    )
+  if next(iter(first), None) is None:
+    raise ValueError("eval_batches is empty: evaluation needs at least one batch")
+  return source
+
+
+def train_source(train_batches) -> tuple[Callable[[int], Any], bool]:
+  """(step -> batch, whether a resumed run gets the same batches)."""
+  if callable(train_batches):
+    return train_batches, True
+  iterator = iter(train_batches)
+
+  def next_batch(step: int):
+    try:
+      return next(iterator)
+    except StopIteration:
+      raise ValueError(f"train_batches ran out at global step {step}") from None
+
+  return next_batch, False
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class _Run(NamedTuple):
+  """What every iteration of `prune_retrain` needs, built once."""
+
+  tx: optax.GradientTransformation
+  train_step: Callable[..., Any]
+  evaluate: Callable[[PyTree], Evaluation]
+  prune: Callable[..., Any]
+  batch_at: Callable[[int], Any]
+  targets: list[Target]
+  budgets: list[int]
+  restart_optimizer: bool
+  mesh: Mesh | None
+  log_every: int
+  progress: bool
+  hooks: tuple[Hook, ...]
+  closed: dict  # target -> its compiled prune, for targets that are not pytrees
+  gradients: Callable[..., PyTree]  # for targets scoring by the gradients at the prune
+
+
+class _Settings(NamedTuple):
+  targets: list[Target]
+  budgets: list[int]
+  checkpoint_every: int | None
+  log_every: int
+  hooks: tuple[Hook, ...]
+  keep: int
+  seed: int
+  resume: bool | str
+  checkpoint_dir: str | None
+
+
+def _check_loop_args(schedule, retrain_steps, scope, checkpoint_every, log_every,
+                     hooks, keep_checkpoints, seed, resume, checkpoint_dir) -> _Settings:
+  """Every scalar setting of the loop, checked (and made plain Python values); the
+  checkpoint directory created and checked writable."""
+  check_scope(scope)
+  targets = _check_schedule(schedule, scope)
+  budgets = _check_budgets(retrain_steps, len(targets))
+  if checkpoint_every is not None:
+    checkpoint_every = check_count("checkpoint_every", checkpoint_every)
+  return _Settings(targets, budgets, checkpoint_every, check_count("log_every", log_every),
+                   check_hooks(hooks), check_count("keep_checkpoints", keep_checkpoints),
+                   check_seed(seed), checkpointing.check_resume(resume),
+                   checkpointing.check_directory(checkpoint_dir))
+
+
+def _check_optimizer(optimizer: Any, params: PyTree) -> None:
+  """Refuses an optimizer that is already `pruned`: the loop wraps it, and a second
+  set of masks inside would prune on its own, unreported."""
+  if not hasattr(optimizer, "init") or not hasattr(optimizer, "update"):
+    raise TypeError(f"optimizer must be an optax GradientTransformation, got {optimizer!r}")
+  if pruned_states(jax.eval_shape(optimizer.init, float_part(params))):
+    raise ValueError(
+        "optimizer already holds a jaxprune.pruned state; pass the plain optimizer "
+        "(prune_retrain wraps it in pruned itself, and its masks are the only ones)"
+    )
+
+
+def _placed_sources(params, train_batches, eval_batches, mesh, layout):
+  """(params, step -> batch, eval source, exact?) with params and batches on `mesh`."""
+  evaluations = eval_source(eval_batches)
+  batch_at, exact = train_source(train_batches)
+  if mesh is None:
+    return params, batch_at, evaluations, exact
+  params = jax.device_put(params, param_shardings(params, mesh, layout))
+  return (params, lambda step: place_batch(batch_at(step), mesh),
+          lambda: (place_batch(b, mesh) for b in evaluations()), exact)
+
+
+def distilling(loss_fn, batch_at, teacher, weight, temperature, mesh=None,
+               layout="replicated"):
+  """(train loss, step -> batch): with a teacher `(apply_fn, params)`, its logits join
+  every batch and the loss is `distillation_loss`; without, both unchanged."""
+  if teacher is None:
+    return loss_fn, batch_at
+  apply_fn, teacher_params = teacher
+  train_loss = distillation_loss(loss_fn, apply_fn, weight=weight, temperature=temperature)
+  if mesh is not None:
+    teacher_params = jax.device_put(teacher_params,
+                                    param_shardings(teacher_params, mesh, layout))
+  forward = teacher_logits_fn(apply_fn)
+
+  def with_logits(step: int) -> dict:
+    batch = batch_at(step)
+    return {"batch": batch, "teacher_logits": forward(teacher_params, batch)}
+
+  return train_loss, with_logits
+
+
+def _prune_phase(run: _Run, state, i: int, history: list[dict]) -> tuple[Any, dict]:
+  """Prune to `targets[i]` and evaluate: (state, the iteration's record so far, as JSON)."""
+  params, opt_state, rng = state
+  before = (Evaluation(**history[-1]["after_retrain"]) if history
+            else run.evaluate(params))
+  target = run.targets[i]
+  if needs_step_gradients(target):
+    # The gradient of the batch of the iteration's first retraining step: a pure
+    # function of the run's state, so a resumed run prunes alike.
+    first = sum(run.budgets[:i])
+    target = with_gradients(target, run.gradients(params, run.batch_at(first), rng, first))
+  params, opt_state = _run_prune(run.prune, run.closed, params, opt_state, target)
+  masks = get_masks(opt_state)
+  if run.mesh is not None:  # Keep masks exactly on their params' shardings.
+    masks = place_masks(masks, params)
+  if run.restart_optimizer:
+    opt_state = run.tx.init(float_part(params))
+    if run.mesh is not None:  # its scalars on the mesh too, as every array of the state
+      opt_state = onto_mesh(opt_state, run.mesh)
+  opt_state = replace_masks(opt_state, masks)
+  row = {"iteration": i, "target": str(target), "target_sparsity": float(target.sparsity),
+         "achieved_sparsity": pruned_fraction(masks), "before_prune": before._asdict(),
+         "after_prune": run.evaluate(params)._asdict()}
+  return LoopState(params, opt_state, rng), row
+
+
+def _phase_hooks(run: _Run, ckpt, save: Callable[[Any, int], None], bar: Hook) -> list[Hook]:
+  """After `retrain`'s NaN guard (nothing bad is saved): a checkpoint when one is due
+  before the phase's end (which saves anyway), so a user hook that stops the run
+  loses nothing; then the user's hooks, logging and the bar."""
+  def checkpoint(report) -> None:
+    if ckpt.due(report.step) and not report.final:
+      save(report.state, report.step)
+
+  return [checkpoint, *run.hooks, log_losses, bar]
+
+
+def _iteration(run: _Run, state, meta: dict, i: int, ckpt: checkpointing.Checkpointer):
+  """Iteration `i`: prune (unless resuming inside its retraining), retrain, evaluate,
+  record and checkpoint. Returns the state after it; `meta` is updated in place."""
+  resuming = meta["phase"] == "retrain" and meta["iteration"] == i
+  row = dict(meta["row"]) if resuming else {}
+  started = time.perf_counter() - row.get("wall_seconds", 0.0)
+  if not resuming:
+    state, row = _prune_phase(run, state, i, meta["history"])
+
+  def save_mid_phase(mid_state, step: int) -> None:
+    row["wall_seconds"] = time.perf_counter() - started
+    meta.update(phase="retrain", iteration=i, step=step, row=row)
+    ckpt.save(mid_state, meta)
+
+  first, j0 = sum(run.budgets[:i]), meta["step"] if resuming else 0
+  desc = f"retrain {i + 1}/{len(run.targets)} @ {run.targets[i]}"
+  cadences = (run.log_every,) + ((ckpt.every,) if ckpt.active and ckpt.every else ())
+  with ProgressBar(run.budgets[i], initial=j0, desc=desc, enabled=run.progress) as bar:
+    state = retrain(run.train_step, state, run.batch_at, range(j0, run.budgets[i]),
+                    first_step=first, iteration=i, report_every=cadences,
+                    hooks=_phase_hooks(run, ckpt, save_mid_phase, bar))
+  row.update(after_retrain=run.evaluate(state.params)._asdict(), retrain_steps=run.budgets[i],
+             wall_seconds=time.perf_counter() - started)
+  record = IterationRecord.from_json(row)
+  meta["history"].append(record.to_json())
+  logger.info("iteration %d: sparsity %.2f%% (target %s), %s %.4f -> %.4f (pruned) -> "
+              "%.4f (retrained)", i, 100 * record.achieved_sparsity, record.target,
+              ckpt.config["metric"], record.before_prune.metric, record.after_prune.metric,
+              record.after_retrain.metric)
+  meta.update(phase="prune", iteration=i + 1, step=0, row={})
+  ckpt.save(state, meta)
+  return state
+
+
+def _log_resumed(meta: dict, iterations: int, directory: str, exact_batches: bool) -> None:
+  if meta["iteration"] >= iterations:
+    logger.warning("%s holds this run finished (%d iterations): returned as saved, nothing "
+                   "retrained; use another checkpoint_dir to run again", directory, iterations)
+    return
+  logger.info("resumed: iteration %d, phase %s, step %d",
+              meta["iteration"], meta["phase"], meta["step"])
+  if not exact_batches:
+    logger.warning("train_batches is an iterable: resume restarts it (approximate)")
+
+
+def prune_retrain(
+    params: PyTree,
+    loss_fn: LossFn,
+    train_batches: Callable[[int], Any] | Iterable,
+    eval_batches: Iterable | Callable[[], Iterable],
+    *,
+    optimizer: optax.GradientTransformation,
+    schedule: Sequence[float | str | Target],
+    where: Where,
+    retrain_steps: int | Sequence[int],
+    scope: Scope = "layer",
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool | str = True,
+    progress: bool = True,
+    seed: int = 0,
+    restart_optimizer: bool = True,
+    keep_checkpoints: int = 3,
+    log_every: int = 50,
+    mesh: Mesh | None = None,
+    param_layout: ParamLayout = "replicated",
+    teacher: tuple[Callable[[PyTree, Any], jax.Array], PyTree] | None = None,
+    distill_weight: float = 0.5,
+    temperature: float = 2.0,
+    metric: Metric = loss_metric,
+    hooks: Sequence[Hook] = (),
+) -> PruneRetrainResult:
+  """Runs a whole prune-retrain schedule and returns the pruned model with its figures.
+
+  Args:
+    params: trained dense params (any pytree).
+    loss_fn: `loss_fn(params, batch) -> scalar` mean loss (or `(loss, aux)`); an
+      `rng` keyword, if it has one, gets a per-step key.
+    train_batches: `step -> batch`, a pure function of the global retraining step
+      (0, 1, ... across the whole run), which makes resume exact. An iterable is
+      accepted too; resume then continues from wherever a fresh iterator starts
+      (approximate).
+    eval_batches: a finite re-iterable of batches, or a callable returning one.
+    optimizer: the optax optimizer to retrain with; it is wrapped in `pruned`.
+    schedule: one pruning target per iteration, never decreasing in sparsity: a
+      sparsity in [0, 1) (`Magnitude(s, scope)`; `exponential_schedule(...)`, a
+      list, ...), an N:M pattern `"2:4"` (`NM(2, 4)`, along axis -2), or any
+      `Target` (`NM(2, 4, axis=-1)`, `Magnitude(0.9, "global")`, `Prune(0.9,
+      score=..., distribution=...)`, your own): `[0.25, "2:4"]` ends in 2:4
+      sparsity, previous masks respected. A `Prune(s,
+      score=saliency_score())` ranks `|w * g|` by the gradient of the retraining
+      loss on the batch of the iteration's first retraining step.
+    where: the targeted leaves (bool pytree from `select`, or a callable).
+    retrain_steps: steps per iteration: an int, or one budget per iteration.
+    scope: `"layer"` or `"global"` magnitude ranking.
+    checkpoint_dir: orbax checkpoints go here (None: no checkpoints); checked
+      writable before any compute.
+    checkpoint_every: also checkpoint every this many retraining steps.
+    resume: continue from the newest intact checkpoint in `checkpoint_dir` (True;
+      damaged newer ones are skipped, named), refuse a directory holding checkpoints
+      (False), or `"with_changes"`: continue although the settings changed (the
+      schedule, budgets, seed...: compared by value), the changes logged.
+    progress: a tqdm bar per retrain phase (process 0 only).
+    seed: seeds the RNG handed to `loss_fn(..., rng=...)` (an integer >= 0).
+    restart_optimizer: re-initialise the optimizer state after every prune, so
+      moments and the learning-rate schedule restart each iteration (learning-rate
+      rewinding). False keeps one state, and one schedule, across the whole run.
+    keep_checkpoints: how many checkpoints orbax keeps (>= 1).
+    log_every: steps between report points: the NaN guard, progress (the bar
+      advances there), logging and `hooks` (each one reads the losses from the
+      device).
+    mesh: a device mesh (`jaxprune.make_mesh("data=2,fsdp=4")`): batches are split
+      along their leading axis over all mesh axes; params, optimizer state and masks
+      are replicated or FSDP-sharded per `param_layout`, masks always sharded like
+      their params. With several processes, `train_batches` and `eval_batches` give
+      each process its own slice of the global batch.
+    param_layout: `"replicated"` or `"fsdp"` (see `jaxprune.param_shardings`).
+    teacher: `(apply_fn, teacher_params)` to distill from while retraining, with
+      `apply_fn(params, batch) -> logits` aligned with `loss_fn`'s targets (usually
+      the dense model: `(apply_fn, params)`). The retraining loss becomes
+      `(1 - distill_weight) * loss_fn + distill_weight * T^2 KL(teacher || student)`
+      at temperature `T`; evaluation still reports `loss_fn` alone.
+    distill_weight: weight of the distillation term, in [0, 1].
+    temperature: softmax temperature of the distillation term.
+    metric: the figure evaluations report beside the loss (`jaxprune.perplexity`
+      for a language model, `jaxprune.aux_metric("accuracy")`, your own `Metric`);
+      the default is the loss itself.
+    hooks: extra `retrain` hooks, each `hook(StepReport)` at every report point
+      (every `log_every` steps, every `checkpoint_every` steps when checkpointing,
+      and at each phase's end), after the NaN guard and any checkpoint due: a
+      logger, an early stop (raise), a metrics sink.
+
+  Returns:
+    A `PruneRetrainResult`.
+
+  Raises:
+    ValueError: before any compute for an empty or out-of-range schedule, a
+      schedule entry the loop cannot run (drop and grow, given masks that do not fit
+      the params), negative budgets, a bad seed or checkpoint directory, empty
+      `eval_batches` or an evaluation that fails or holds NaN, a `where` selecting
+      nothing, a checkpoint of another configuration, or no checkpoint that reads
+      back intact (naming each); FloatingPointError when a retraining loss is
+      NaN/inf, or the params/optimizer state are behind a finite loss (naming
+      iteration, step and leaves; the last good checkpoint is kept).
+
+  Example::
+
+    >>> result = jaxprune.prune_retrain(
+    ...     params, loss_fn, batch_at_step, eval_batches,
+    ...     optimizer=optax.adamw(1e-3), schedule=jaxprune.exponential_schedule(0.2, 0.8, 3),
+    ...     where=jaxprune.select(params), retrain_steps=2, checkpoint_dir="ckpt")
+    >>> print(result.summary())
+    iter        target  achieved     loss before  after prune  after retrain   steps   seconds
+    ------------------------------------------------------------------------------------------
+       0        20.00%    19.79%  ...       2  ...
+       1        40.00%    40.62%  ...       2  ...
+       2        80.00%    80.21%  ...       2  ...
+    <BLANKLINE>
+    dense loss ... -> final ...
+    sparsity: targeted leaves 80.21%, whole model 74.04%
+    compression (bitmask + nonzeros): targeted 4.36x, whole model 3.47x bytes; ...
+  """
+  settings = _check_loop_args(schedule, retrain_steps, scope, checkpoint_every, log_every,
+                              hooks, keep_checkpoints, seed, resume, checkpoint_dir)
+  targets, budgets, checkpoint_every, log_every, hooks = settings[:5]
+  metric = check_metric(metric)
+  check_array_leaves(params)
+  _check_optimizer(optimizer, params)
+  flags = resolve_where(where, params)
+  where = where_tree(params, flags)
+  _check_given(targets, params, flags)
+  params, batch_at, evaluations, exact_batches = _placed_sources(
+      params, train_batches, eval_batches, mesh, param_layout)
+  eval_step = make_eval_step(loss_fn, metric)
+  train_loss, batch_at = distilling(loss_fn, batch_at, teacher, distill_weight, temperature,
+                                    mesh, param_layout)
+  start = all_kept(params, flags)
+  tx = pruned(optimizer, start if mesh is None else place_masks(start, params))
+  # Targets are pytrees: a Magnitude's sparsity is traced, so magnitude iterations
+  # share one compilation; each distinct static target (an NM pattern) gets its own.
+  run = _Run(tx, make_train_step(train_loss, tx),
+             lambda p: evaluate(eval_step, p, evaluations(), metric),
+             jax.jit(functools.partial(prune_step, where=where)), batch_at, targets, budgets,
+             restart_optimizer, mesh, log_every, progress, hooks, {},
+             make_gradient_step(train_loss))
+  state = LoopState(
+      params, tx.init(float_part(params)), jax.random.key_data(jax.random.key(settings.seed)))
+  if mesh is not None:  # every array of the state global, also with several processes
+    state = onto_mesh(state, mesh)
+  config = run_settings.fingerprint(
+      params, schedule=targets, retrain_steps=budgets, scope=scope,
+      selected=[p for p, flag in zip(slots(params).paths, flags) if flag],
+      restart_optimizer=restart_optimizer, seed=settings.seed, metric=metric.name,
+      distillation=None if teacher is None else [distill_weight, temperature, teacher[1]],
+      optimizer_state=run_settings.describe_state(state.opt_state))
+  # Where the run stands: what a checkpoint's `meta` records.
+  meta: dict[str, Any] = {"iteration": 0, "phase": "prune", "step": 0, "history": [], "row": {}}
+  with checkpointing.Checkpointer(settings.checkpoint_dir, config, keep=settings.keep,
+                                  resume=settings.resume, every=checkpoint_every) as ckpt:
+    resumed = ckpt.resume(state)
+    if resumed is not None:
+      state, meta = resumed
+      _log_resumed(meta, len(targets), ckpt.directory, exact_batches)
+    if meta["iteration"] < len(targets):  # before any compute of the run
+      check_evaluation(eval_step, params, evaluations())
+    for i in range(meta["iteration"], len(targets)):
+      state = _iteration(run, state, meta, i, ckpt)
+  return PruneRetrainResult(
+      params=state.params, opt_state=state.opt_state, metric=metric,
+      history=[IterationRecord.from_json(row) for row in meta["history"]],
+      report=sparsity_report(state.params, where))

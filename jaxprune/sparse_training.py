@@ -1,0 +1,23 @@
+"""Sparse training: masks that move during training (SET, RigL) and straight-through
+estimators (a dense copy trained through a sparse forward pass).
+"""
+
+from jaxprune._src.transforms.drop_grow import DropAndGrow, rigl_schedule, set_schedule
+from jaxprune._src.transforms.forward_masks import (
+    ForwardMasks,
+    straight_through_masks,
+    straight_through_view,
+)
+from jaxprune._src.transforms.straight_through import DenseWeights, dense_weights, straight_through
+
+__all__ = [
+    "DenseWeights",
+    "DropAndGrow",
+    "ForwardMasks",
+    "dense_weights",
+    "rigl_schedule",
+    "set_schedule",
+    "straight_through",
+    "straight_through_masks",
+    "straight_through_view",
+]
