@@ -53,8 +53,8 @@ from jaxprune._src.tree.mask_tree import (
   unflatten,
   unpack_bits,
 )
+from jaxprune._src.types import PyTree
 
-PyTree = Any
 # A `values` argument; None stores each leaf's kept values at the leaf's own dtype.
 Values = Literal["float32", "bfloat16", "int8"]
 

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-PyTree = Any
+from jaxprune._src.types import PyTree
+
 ParamLayout = Literal["replicated", "fsdp"]
 
 

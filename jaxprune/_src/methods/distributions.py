@@ -86,8 +86,7 @@ from jaxprune._src.engine.magnitude_rank import count_dtype, round_fraction_of
 from jaxprune._src.oneshot.layouts import Layout, Layouts
 from jaxprune._src.tree.leaf_selection import matches_pattern
 from jaxprune._src.tree.mask_tree import canonical_path
-
-Shape = tuple[int, ...]
+from jaxprune._src.types import Shape
 
 
 @runtime_checkable

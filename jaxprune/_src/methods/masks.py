@@ -39,8 +39,8 @@ from jaxprune._src.tree.mask_tree import (
   unflatten,
 )
 from jaxprune._src.tree.packed_masks import zero_unkept
+from jaxprune._src.types import PyTree
 
-PyTree = Any
 Scope = Literal["layer", "global"]
 
 __all__ = [

@@ -44,8 +44,7 @@ from jaxprune._src.tree.mask_tree import (
   resolve_where,
   slots,
 )
-
-PyTree = Any
+from jaxprune._src.types import PyTree
 
 
 @runtime_checkable

@@ -29,8 +29,7 @@ from jaxprune._src.methods.scores import ranks_by
 from jaxprune._src.oneshot.layouts import input_axes_of
 from jaxprune._src.tree.leaf_selection import Where, select
 from jaxprune._src.tree.mask_tree import masks_from, resolve_where, selected_leaves, slots
-
-PyTree = Any
+from jaxprune._src.types import PyTree
 
 
 def check_nm(n: Any, m: Any) -> tuple[int, int]:

@@ -49,8 +49,7 @@ from jaxprune._src.methods.scores import (
   with_step_gradients,
 )
 from jaxprune._src.methods.structured import check_nm, nm_masks
-
-PyTree = Any
+from jaxprune._src.types import PyTree
 
 
 @runtime_checkable

@@ -77,8 +77,8 @@ from jaxprune._src.oneshot.layouts import (
 )
 from jaxprune._src.tree.leaf_selection import Where
 from jaxprune._src.tree.mask_tree import resolve_where, slots
+from jaxprune._src.types import PyTree
 
-PyTree = Any
 
 class Tracked(NamedTuple):
   """A value that is a view of targeted leaf `leaf` (`layouts.View`'s fields:

@@ -52,8 +52,7 @@ import jax.extend.core as jcore
 
 from jaxprune._src.tree.leaf_selection import Where, is_float_array
 from jaxprune._src.tree.mask_tree import canonical_path, resolve_where, slots
-
-PyTree = Any
+from jaxprune._src.types import PyTree
 
 
 class Layout(NamedTuple):

@@ -70,8 +70,7 @@ from jaxprune._src.tree.mask_tree import (
   unflatten,
   where_tree,
 )
-
-PyTree = Any
+from jaxprune._src.types import PyTree
 
 
 def _inverse_factor(gram: jax.Array, damp: float) -> tuple[jax.Array, jax.Array]:

@@ -41,9 +41,7 @@ from jaxprune._src.structural import channel_rules as rules
 from jaxprune._src.structural.channel_rules import Node, State
 from jaxprune._src.tree.leaf_selection import Where, is_float_array
 from jaxprune._src.tree.mask_tree import resolve_where, slots
-
-PyTree = Any
-
+from jaxprune._src.types import PyTree
 
 # The kinds a width is chosen for by default; `other` (an axis no rule names, e.g.
 # an unused leaf's) and `layers` (depth) only when asked for.

@@ -43,8 +43,8 @@ import numpy as np
 from jaxprune._src.oneshot.input_statistics import input_statistics
 from jaxprune._src.structural.channel_groups import WIDTH_KINDS, Group, Member
 from jaxprune._src.tree.mask_tree import slots
+from jaxprune._src.types import PyTree
 
-PyTree = Any
 Importance = dict[int, np.ndarray]
 _ACROSS = {"sum": np.sum, "mean": np.mean, "max": np.max}
 

@@ -61,8 +61,8 @@ from jaxprune._src.structural.channel_groups import ChannelGroups, Program
 from jaxprune._src.structural.channel_rules import Node
 from jaxprune._src.structural.shrunk_program import KeptSizes, ProgramRunner
 from jaxprune._src.tree.mask_tree import slots
+from jaxprune._src.types import PyTree
 
-PyTree = Any
 EPS = 1e-12  # the floor of ‖x‖‖y‖: a zero vector has cos 0
 _NOT_WATCHABLE = {"checkpoint", "remat", "remat2", "cond", "while", "scan"}
 

@@ -36,8 +36,8 @@ import numpy as np
 
 from jaxprune._src.structural.channel_groups import WIDTH_KINDS, Group
 from jaxprune._src.tree.mask_tree import slots
+from jaxprune._src.types import PyTree
 
-PyTree = Any
 Keep = Mapping[int, Any]
 
 

@@ -87,12 +87,12 @@ import numpy as np
 from jaxprune._src.oneshot.layouts import is_array_leaf
 from jaxprune._src.tree.leaf_selection import path_string
 from jaxprune._src.tree.mask_tree import canonical_path, slots
+from jaxprune._src.types import PyTree
 
 if TYPE_CHECKING:
   from jaxprune._src.structural.channel_groups import ChannelGroups
   from jaxprune._src.structural.shrinking import Keep
 
-PyTree = Any
 Sizes = dict[str, Any]  # attribute name -> its new value
 
 _FIX = ("shrink every array of a layer together: trace `channel_groups` over all of the "

@@ -43,8 +43,7 @@ from jaxprune._src.structural.channel_groups import ChannelGroups, Program
 from jaxprune._src.structural.channel_rules import Node
 from jaxprune._src.structural.shrinking import Keep, check_keep, unit_mask
 from jaxprune._src.tree.mask_tree import slots
-
-PyTree = Any
+from jaxprune._src.types import PyTree
 
 
 class KeptSizes:

@@ -35,8 +35,8 @@ import orbax.checkpoint as ocp
 from jaxprune._src.methods.masks import check_count
 from jaxprune._src.training import integrity, run_settings
 from jaxprune._src.training.retraining import LoopState
+from jaxprune._src.types import PyTree
 
-PyTree = Any
 logger = logging.getLogger("jaxprune")
 
 RESUME_VALUES = (True, False, "with_changes")

@@ -11,9 +11,7 @@ import jax.numpy as jnp
 
 from jaxprune._src.oneshot.layouts import array_forward, is_array_leaf
 from jaxprune._src.tree.mask_tree import slots
-
-PyTree = Any
-ApplyFn = Callable[[PyTree, Any], jax.Array]
+from jaxprune._src.types import ApplyFn, PyTree
 
 
 def kl_to_teacher(

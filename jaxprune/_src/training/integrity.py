@@ -31,7 +31,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +39,7 @@ import numpy as np
 from jax import lax
 
 from jaxprune._src.tree.leaf_selection import leaf_paths
-
-PyTree = Any
+from jaxprune._src.types import PyTree
 
 
 class Checksums(NamedTuple):

@@ -85,8 +85,8 @@ from jaxprune._src.tree.mask_tree import (
   slots,
   where_tree,
 )
+from jaxprune._src.types import PyTree
 
-PyTree = Any
 logger = logging.getLogger("jaxprune")
 
 

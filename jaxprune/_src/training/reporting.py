@@ -15,8 +15,7 @@ import numpy as np
 from jaxprune._src.engine.stacked_layers import check_stacked, check_used, stacked_axes
 from jaxprune._src.tree.leaf_selection import Where, select
 from jaxprune._src.tree.mask_tree import resolve_where, slots
-
-PyTree = Any
+from jaxprune._src.types import PyTree
 
 
 class LeafSparsity(NamedTuple):

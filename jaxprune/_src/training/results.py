@@ -21,8 +21,7 @@ from jaxprune._src.training.metrics import Metric, loss_metric
 from jaxprune._src.training.reporting import SparsityReport
 from jaxprune._src.transforms.optax_wrapper import get_masks
 from jaxprune._src.tree.mask_tree import selected_masks
-
-PyTree = Any
+from jaxprune._src.types import PyTree
 
 
 class Evaluation(NamedTuple):

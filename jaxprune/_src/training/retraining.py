@@ -27,8 +27,8 @@ import numpy as np
 
 from jaxprune._src.methods.masks import is_count
 from jaxprune._src.training import integrity
+from jaxprune._src.types import PyTree
 
-PyTree = Any
 logger = logging.getLogger("jaxprune")
 
 

@@ -47,8 +47,7 @@ import numpy as np
 
 from jaxprune._src.training.integrity import checksums
 from jaxprune._src.tree.leaf_selection import leaf_paths
-
-PyTree = Any
+from jaxprune._src.types import PyTree
 
 # 2: masks stored inside the optimizer state (their one home), not beside it.
 # 3: masks packed along each leaf's last axis (`packed_masks`), as `pruned` holds them.

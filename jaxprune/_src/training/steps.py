@@ -26,9 +26,7 @@ from jaxprune._src.transforms.forward_masks import straight_through_view
 from jaxprune._src.transforms.optax_wrapper import get_masks, replace_masks
 from jaxprune._src.tree.leaf_selection import Where
 from jaxprune._src.tree.mask_tree import float_part, merge_float_part
-
-PyTree = Any
-LossFn = Callable[..., Any]
+from jaxprune._src.types import LossFn, PyTree
 
 
 def _loss_and_aux(loss_fn: LossFn, params, batch, rng):

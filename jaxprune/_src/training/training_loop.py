@@ -37,8 +37,8 @@ from jaxprune._src.training.steps import LossFn, make_eval_step, make_train_step
 from jaxprune._src.transforms.forward_masks import straight_through_view
 from jaxprune._src.transforms.optax_wrapper import pruned_states
 from jaxprune._src.tree.mask_tree import float_part
+from jaxprune._src.types import PyTree
 
-PyTree = Any
 logger = logging.getLogger("jaxprune")
 
 

@@ -52,8 +52,7 @@ from jaxprune._src.methods.scores import (
   score_name,
 )
 from jaxprune._src.tree.mask_tree import masks_from, selected_leaves, slots, unflatten
-
-PyTree = Any
+from jaxprune._src.types import PyTree
 
 
 def _check_drop_fraction(value: Any) -> Any:

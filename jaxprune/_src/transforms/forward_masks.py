@@ -35,8 +35,7 @@ from jaxprune._src.transforms.straight_through import check_arguments, masks_aft
 from jaxprune._src.tree.leaf_selection import Where
 from jaxprune._src.tree.mask_tree import check_masks, map_masked, slots, unflatten
 from jaxprune._src.tree.packed_masks import kept_or_zero, pack_masks, unpack_masks
-
-PyTree = Any
+from jaxprune._src.types import PyTree
 
 
 class ForwardMasks(NamedTuple):

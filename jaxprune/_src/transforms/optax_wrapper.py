@@ -46,8 +46,7 @@ from jaxprune._src.tree.packed_masks import (
   unpack_masks,
   zero_unkept,
 )
-
-PyTree = Any
+from jaxprune._src.types import PyTree
 
 
 class PrunedState(NamedTuple):

@@ -46,8 +46,7 @@ from jaxprune._src.tree.mask_tree import (
   unflatten,
 )
 from jaxprune._src.tree.packed_masks import pack_like, pack_masks, unpack_masks
-
-PyTree = Any
+from jaxprune._src.types import PyTree
 
 
 class DenseWeights(NamedTuple):

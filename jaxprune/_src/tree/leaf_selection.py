@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any, Union
 import jax
 import jax.numpy as jnp
 
+from jaxprune._src.types import PyTree
+
 if TYPE_CHECKING:  # jaxprune.layouts imports this module
   from jaxprune._src.oneshot.layouts import Layouts
 
-PyTree = Any
 IncludeSpec = Union[str, Sequence[str], Callable[[str, Any], bool]]
 # A `where` argument: a bool pytree from `select`, or a function building one from params.
 Where = Union[PyTree, Callable[[PyTree], PyTree]]

@@ -29,8 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune._src.tree.leaf_selection import is_float_array, path_string
-
-PyTree = Any
+from jaxprune._src.types import PyTree
 
 
 def is_none(x: Any) -> bool:

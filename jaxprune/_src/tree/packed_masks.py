@@ -33,8 +33,7 @@ import numpy as np
 from jax import lax
 
 from jaxprune._src.tree.mask_tree import is_none, slots, unflatten
-
-PyTree = Any
+from jaxprune._src.types import PyTree
 
 
 def _bit_shifts() -> jax.Array:
