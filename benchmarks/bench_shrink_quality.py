@@ -7,9 +7,9 @@
 The example LM of `bench_quality.py` (d_model 128, 4 layers, 4 heads, d_ff 512,
 context 128, batch 32; its data, AdamW warmup-cosine recipe, validation batches and
 dense-params cache) is pretrained densely per seed (the seed draws its init and its
-training stream) for 400 steps, not bench_quality's 2000: with the from-scratch
-baselines and two seeds, 2000 would take hours on 2 CPU cores. Then it is shrunk three
-ways, each with every estimator side by side:
+training stream) for bench_quality's 2000 steps (`--dense-steps 400`: a quick look at
+a model still improving fast). Then it is shrunk three ways, each with every
+estimator side by side:
 
 * `mlp50+heads25`: 50% of every block's MLP neurons and 75% of its heads kept (the
   same widths in every block), ranked by magnitude, Taylor (|w * grad|) or Minitron's
@@ -40,10 +40,11 @@ dense perplexity after recovery and better than (b); activations at least as goo
 magnitude; recovery at most 25% of the dense steps.
 
 `--quick`: a 2-block model (d_model 32), 40 dense steps, 10 recovery steps; its
-`layers25` drops 1 of the 2 blocks. Deterministic for a seed. The default run is sized
-for at most 35 minutes on a 2-core CPU (it prints its budget and a projection from a
-measured dense step); the dense params are cached in `--cache`, and XLA's programs in
-`--xla-cache`, so a rerun pays less.
+`layers25` drops 1 of the 2 blocks. Deterministic for a seed. On a 2-core CPU one row
+with two seeds took 95 minutes (`--rows mlp50+heads25`), all three rows take about
+4.5 hours (it prints its budget and a projection from a measured dense step); the
+dense params are cached in `--cache`, and XLA's programs in `--xla-cache`, so a rerun
+pays less.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ import shrink_lm
 
 import jaxprune
 
-# bench_quality's model, data and recipe; fewer dense steps (the budget: module docstring).
-FULL = dataclasses.replace(bench_quality.Setup(), dense_steps=400)
+# bench_quality's model, data, recipe and dense budget.
+FULL = bench_quality.Setup()
 QUICK = bench_quality.Setup(d_model=32, layers=2, heads=4, d_ff=64, context=32, batch_size=8,
                             dense_steps=40, eval_batches=2)
 ROWS = {
