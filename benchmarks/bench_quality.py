@@ -367,12 +367,18 @@ def optimizer_for(recipe: Recipe, budgets: list[int]) -> tuple[optax.GradientTra
 SPARSEGPT_CALIBRATION = 128  # sequences, from the training stream past the dense steps
 
 
+def calibration_statistics(params, graphdef, rest, batch_at, where, gram: bool = False) -> Any:
+  """The dense model's input statistics on SPARSEGPT_CALIBRATION sequences of the
+  training stream far past the dense steps: what SparseGPT and OWL calibrate on."""
+  apply = lm_model.make_batch_apply_fn(graphdef, rest)
+  calibration = [batch_at(10_000_000 + i)[:8] for i in range(SPARSEGPT_CALIBRATION // 8)]
+  return jaxprune.input_statistics(apply, params, calibration, where, gram=gram)
+
+
 def sparsegpt_start(sparsity: float, params, graphdef, rest, batch_at, where) -> tuple:
   """SparseGPT's pruned and updated params at `sparsity`, and a one-entry schedule
   holding its masks."""
-  apply = lm_model.make_batch_apply_fn(graphdef, rest)
-  calibration = [batch_at(10_000_000 + i)[:8] for i in range(SPARSEGPT_CALIBRATION // 8)]
-  stats = jaxprune.input_statistics(apply, params, calibration, where, gram=True)
+  stats = calibration_statistics(params, graphdef, rest, batch_at, where, gram=True)
   new_params, masks = jaxprune.sparsegpt(params, stats, sparsity, where)
   return new_params, [jaxprune.GivenMasks(masks)]
 
@@ -380,9 +386,7 @@ def sparsegpt_start(sparsity: float, params, graphdef, rest, batch_at, where) ->
 def owl_distribution(params, graphdef, rest, batch_at, where) -> Any:
   """`jaxprune.owl` from the dense model's Wanda outlier ratios (m = 5) on the same
   calibration sequences as `sparsegpt_start`, `spread` OWL_SPREAD."""
-  apply = lm_model.make_batch_apply_fn(graphdef, rest)
-  calibration = [batch_at(10_000_000 + i)[:8] for i in range(SPARSEGPT_CALIBRATION // 8)]
-  stats = jaxprune.input_statistics(apply, params, calibration, where)
+  stats = calibration_statistics(params, graphdef, rest, batch_at, where)
   ratios = jaxprune.outlier_ratios(params, where, jaxprune.wanda_score(stats), m=5.0)
   print("  OWL outlier ratios: " + ", ".join(f"{p} {r:.4f}" for p, r in ratios.items()))
   return jaxprune.owl(ratios, spread=OWL_SPREAD)
