@@ -50,7 +50,7 @@ def make_state(layers: int, width: int) -> tuple[LoopState, optax.GradientTransf
             "o": (width, width), "fc1": (width, 4 * width), "fc2": (4 * width, width)}
   params = {f"layer{i}": {name: {"kernel": 0.02 * jax.random.normal(next(keys), shape)}
                           for name, shape in shapes.items()} for i in range(layers)}
-  masks = jaxprune.magnitude_masks(params, 0.5, jaxprune.select(params))
+  masks = jaxprune.ranked_masks(params, 0.5, jaxprune.select(params))
   tx = jaxprune.pruned(optax.adamw(1e-3), masks)
   return LoopState(params, tx.init(params), jnp.zeros(2, jnp.uint32)), tx
 

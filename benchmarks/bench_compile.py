@@ -1,4 +1,4 @@
-"""Compile time and scratch memory of `magnitude_masks` on trees of many leaves.
+"""Compile time and scratch memory of `ranked_masks` on trees of many leaves.
 
     python benchmarks/bench_compile.py                  # 16..512 leaves, 64x64 and 1024x1024
     python benchmarks/bench_compile.py --quick          # 4 and 16 leaves of 64x64
@@ -7,7 +7,7 @@
 A model with hundreds of targeted leaves has a few distinct shapes. `magnitude_rank`
 runs the leaves of one shape as one loop (`jaxprune.leaf_groups`), so the program
 holds one selection per distinct shape. This benchmark lowers and compiles
-`jax.jit(lambda p: magnitude_masks(p, 0.8, where, scope=...))` on trees of `--leaves`
+`jax.jit(lambda p: ranked_masks(p, 0.8, where, scope=...))` on trees of `--leaves`
 leaves of each `--shapes` (abstract `jax.ShapeDtypeStruct`s: nothing is allocated, so
 billion-parameter trees compile on a laptop) and reports, per tree and scope:
 
@@ -85,7 +85,7 @@ def measure(params: Any, scope: str, method: str) -> dict[str, float | None]:
     if method == "argsort":
       fn = jax.jit(lambda p: argsort_masks(p, scope))
     else:
-      fn = jax.jit(lambda p: jaxprune.magnitude_masks(p, 0.8, where, scope=scope))
+      fn = jax.jit(lambda p: jaxprune.ranked_masks(p, 0.8, where, scope=scope))
     start = time.perf_counter()
     lowered = fn.lower(params)
     lowered_at = time.perf_counter()

@@ -43,7 +43,7 @@ def methods() -> dict[str, Any]:
   return {
       "layer": jaxprune.Prune(SPARSITY),
       "global": jaxprune.Prune(SPARSITY, scope="global"),
-      "ERK (layer)": jaxprune.Prune(SPARSITY, distribution=jaxprune.erk()),
+      "ERK (layer)": jaxprune.Prune(SPARSITY, distribution=jaxprune.distributions.erk()),
       "row (axis -2)": jaxprune.Prune(SPARSITY, scope="row"),
       "blocks 4x4 mean": jaxprune.Prune(SPARSITY, scope=jaxprune.blocks((4, 4))),
       "channels (axis -1, l2)": jaxprune.Prune(SPARSITY, scope=jaxprune.channels(-1)),
@@ -113,7 +113,7 @@ def _time(fn: Callable, arg: Any) -> float:
 def run_case(case: str, params: Any, rounds: int) -> list[dict]:
   rows = []
   leaves_all, treedef = jax.tree.flatten(params)
-  paths = [jaxprune.path_string(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  paths = [jaxprune.tree.path_string(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   for name, target in methods().items():
     where = jax.tree.unflatten(treedef, [supported(name, w.shape) for w in leaves_all])
     chosen = [i for i, w in enumerate(leaves_all) if supported(name, w.shape)]

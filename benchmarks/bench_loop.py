@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return optax.adamw(1e-3, weight_decay=0.1)
 
   # The hand loops: compiled and warmed up once, outside the rounds.
-  masks = jaxprune.magnitude_masks(params, targets[-1], where)
+  masks = jaxprune.ranked_masks(params, targets[-1], where)
   pruned_params = jaxprune.apply_masks(params, masks)
   hand = {}
   for name, tx in (("pruned(adamw)", jaxprune.pruned(adamw(), masks)), ("adamw", adamw())):
@@ -250,7 +250,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     timeline = Timeline(batch_fn, tiny_eval, first_steps, after_phase)
     jaxprune.prune_retrain(
-        params, loss_fn, timeline.train, timeline.eval, optimizer=adamw(), schedule=targets,
+        params, loss_fn, timeline.train, timeline.eval, optimizer=adamw(), targets=targets,
         where=where, retrain_steps=n, progress=False,
     )
     assert len(timeline.windows) == k
@@ -275,7 +275,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       start = time.perf_counter()
       result = jaxprune.prune_retrain(
           params, loss_fn, timeline.train, timeline.eval, optimizer=adamw(),
-          schedule=targets, where=where, retrain_steps=n, progress=False,
+          targets=targets, where=where, retrain_steps=n, progress=False,
           checkpoint_dir=str(tmp / "ckpt"), checkpoint_every=max(1, n // 2),
       )
       whole = time.perf_counter() - start

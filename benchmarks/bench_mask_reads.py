@@ -52,9 +52,10 @@ def zeroings() -> dict[str, tuple[Any, bool]]:
   return {
       "no mask": (lambda held, g: g, False),
       "where, bool mask": (lambda m, g: jnp.where(m, g, 0.0), False),
-      "where, packed": (lambda held, g: jnp.where(jaxprune.unpack_mask(held), g, 0.0), True),
+      "where, packed": (lambda held, g: jnp.where(jaxprune.tree.unpack_mask(held), g, 0.0), True),
       "AND, packed": (kept_or_zero, True),
-      "multiply, packed": (lambda held, g: g * jaxprune.unpack_mask(held).astype(g.dtype), True),
+      "multiply, packed": (lambda held, g: g * jaxprune.tree.unpack_mask(held).astype(g.dtype),
+                           True),
   }
 
 
@@ -66,7 +67,7 @@ def run(size: int, rounds: int, calls: int) -> dict[str, Any]:
   k = jax.random.split(jax.random.key(0), 3)
   mu0, g = jax.random.normal(k[0], (size, size)), jax.random.normal(k[1], (size, size))
   mask = jax.random.uniform(k[2], (size, size)) > 0.8
-  held = jaxprune.pack_mask(mask)
+  held = jaxprune.tree.pack_mask(mask)
   variants = {n: (moment_update(z), held if packed else mask)
               for n, (z, packed) in zeroings().items()}
   reference = variants["where, bool mask"][0](mask, jnp.copy(mu0), g)

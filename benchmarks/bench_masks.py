@@ -1,4 +1,4 @@
-"""Speed and memory of `jaxprune.magnitude_masks` against sort, top_k and np.partition.
+"""Speed and memory of `jaxprune.ranked_masks` against sort, top_k and np.partition.
 
     python benchmarks/bench_masks.py                  # 4096x4096 leaf + ~50M-param tree
     python benchmarks/bench_masks.py --quick          # 1024x1024 leaf + ~3M-param tree
@@ -13,7 +13,7 @@ Cases, all at sparsity 0.8 on float32 standard-normal weights:
 
 Methods (each jitted, timed to `block_until_ready`):
 
-* `jaxprune`: `magnitude_masks(params, 0.8, where, scope=...)` (two-pass radix select);
+* `jaxprune`: `ranked_masks(params, 0.8, where, scope=...)` (two-pass radix select);
 * `sort`: the textbook reference: `jnp.sort(|w|)` (of the concatenation, for global
   scope), threshold `t` at the k-th smallest, prune `|w| < t` and then ties at `t`
   in index order (a cumsum) until exactly k;
@@ -108,7 +108,7 @@ def prune_count(n: int) -> int:
 
 
 def jaxprune_fn(where: Any, scope: str) -> Callable:
-  return jax.jit(lambda p: jaxprune.magnitude_masks(p, SPARSITY, where, scope=scope))
+  return jax.jit(lambda p: jaxprune.ranked_masks(p, SPARSITY, where, scope=scope))
 
 
 def split_like(flat: Any, leaves: list[Any]) -> list[Any]:

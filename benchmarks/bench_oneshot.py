@@ -48,7 +48,7 @@ SPARSITIES = ("0.5", "0.6", "0.7", "2:4")
 
 
 def methods(stats, stages, calibration) -> dict:
-  wanda = jaxprune.wanda_score(stats)
+  wanda = jaxprune.scores.wanda_score(stats)
 
   def magnitude(params, where, s):
     target = jaxprune.NM(2, 4) if s == "2:4" else jaxprune.Prune(float(s))
@@ -63,13 +63,14 @@ def methods(stats, stages, calibration) -> dict:
 
   def sparsegpt(params, where, s):
     if s == "2:4":
-      return jaxprune.sparsegpt(params, stats, 0.0, where, nm=(2, 4))
-    return jaxprune.sparsegpt(params, stats, float(s), where)
+      return jaxprune.oneshot.sparsegpt(params, stats, 0.0, where, nm=(2, 4))
+    return jaxprune.oneshot.sparsegpt(params, stats, float(s), where)
 
   def sequential(params, where, s):
     if s == "2:4":
-      return jaxprune.sparsegpt_sequential(stages, params, calibration, 0.0, where, nm=(2, 4))
-    return jaxprune.sparsegpt_sequential(stages, params, calibration, float(s), where)
+      return jaxprune.oneshot.sparsegpt_sequential(stages, params, calibration, 0.0, where, nm=(2,
+                                                                                                4))
+    return jaxprune.oneshot.sparsegpt_sequential(stages, params, calibration, float(s), where)
 
   return {"magnitude": magnitude, "wanda": wanda_fn, "sparsegpt": sparsegpt,
           "sparsegpt-seq": sequential}
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
   setup = bq.QUICK if args.quick else bq.Setup()
   n_cal = args.calibration or (8 if args.quick else 128)
   params, graphdef, rest, loss_fn, batch_at, eval_batches = load_dense(args, setup)
-  eval_step = jaxprune.make_eval_step(loss_fn)
+  eval_step = jaxprune.training.make_eval_step(loss_fn)
 
   def ppl(p) -> float:
     return bq.perplexity(float(np.mean([float(eval_step(p, b)[0]) for b in eval_batches])))
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
   forward = jax.jit(apply)
   forward_s = _seconds(lambda: [jax.block_until_ready(forward(params, b)) for b in calibration])
   start = time.perf_counter()
-  stats = jaxprune.input_statistics(apply, params, calibration, where, gram=True)
+  stats = jaxprune.oneshot.input_statistics(apply, params, calibration, where, gram=True)
   calibration_s = time.perf_counter() - start
   dense = ppl(params)
   print(f"dense perplexity {dense:.3f}; calibration {len(calibration) * cal_batch} sequences: "

@@ -97,9 +97,9 @@ class Recipe:
     if self.final == 0.0:  # the dense twin of an iterative recipe
       return [0.0] * self.iterations
     make = {
-        "exponential": jaxprune.exponential_schedule,
-        "geometric": jaxprune.geometric_keep_schedule,
-        "cubic": jaxprune.cubic_schedule,
+        "exponential": jaxprune.schedules.exponential_targets,
+        "geometric": jaxprune.schedules.geometric_keep_targets,
+        "cubic": jaxprune.schedules.polynomial_targets,
     }[self.schedule]
     return [float(s) for s in make(self.initial, self.final, self.iterations)]
 
@@ -109,13 +109,13 @@ class Recipe:
 
   def target(self, sparsity: float) -> Any:
     if self.method in ("magnitude", "sparsegpt"):  # sparsegpt's masks: `sparsegpt_start`
-      return sparsity
+      return sparsity if self.scope == "layer" else jaxprune.Prune(sparsity, scope=self.scope)
     if self.method == "owl":
       raise SystemExit(f"{self.name}: OWL's distribution comes from the model's statistics; "
                        "only gradual recipes run it")
     return {
-        "erk": lambda s: jaxprune.Prune(s, distribution=jaxprune.erk()),
-        "saliency": lambda s: jaxprune.Prune(s, score=jaxprune.saliency_score()),
+        "erk": lambda s: jaxprune.Prune(s, distribution=jaxprune.distributions.erk()),
+        "saliency": lambda s: jaxprune.Prune(s, score=jaxprune.scores.saliency_score()),
         "rows": lambda s: jaxprune.Prune(s, scope="row"),  # each output neuron alike
         "channels": lambda s: jaxprune.Prune(s, scope=jaxprune.channels(-1)),
     }[self.method](sparsity)
@@ -207,7 +207,8 @@ _BASES["gradual-erk-distill"] = dict(_BASES["gradual-erk"], distill=0.5)
 _BASES["gradual-erk-distill-ramp50"] = dict(_BASES["gradual-erk-distill"], ramp_end=0.5)
 _BASES["gradual-sparsegpt50-distill"] = dict(_BASES["gradual"], method="sparsegpt",
                                              initial=0.5, distill=0.5)
-# OWL's outlier-weighted per-leaf sparsities (`jaxprune.owl` from Wanda outlier ratios)
+# OWL's outlier-weighted per-leaf sparsities (`jaxprune.distributions.owl` from Wanda's
+# outlier ratios)
 # in place of ERK.
 _BASES["gradual-owl-distill"] = dict(_BASES["gradual"], method="owl", distill=0.5)
 OWL_SPREAD = 0.1  # OWL's lambda 0.08 at 70% is ~0.11 of the target; 0.09 at 90%
@@ -372,24 +373,24 @@ def calibration_statistics(params, graphdef, rest, batch_at, where, gram: bool =
   training stream far past the dense steps: what SparseGPT and OWL calibrate on."""
   apply = lm_model.make_batch_apply_fn(graphdef, rest)
   calibration = [batch_at(10_000_000 + i)[:8] for i in range(SPARSEGPT_CALIBRATION // 8)]
-  return jaxprune.input_statistics(apply, params, calibration, where, gram=gram)
+  return jaxprune.oneshot.input_statistics(apply, params, calibration, where, gram=gram)
 
 
 def sparsegpt_start(sparsity: float, params, graphdef, rest, batch_at, where) -> tuple:
   """SparseGPT's pruned and updated params at `sparsity`, and a one-entry schedule
   holding its masks."""
   stats = calibration_statistics(params, graphdef, rest, batch_at, where, gram=True)
-  new_params, masks = jaxprune.sparsegpt(params, stats, sparsity, where)
+  new_params, masks = jaxprune.oneshot.sparsegpt(params, stats, sparsity, where)
   return new_params, [jaxprune.GivenMasks(masks)]
 
 
 def owl_distribution(params, graphdef, rest, batch_at, where) -> Any:
-  """`jaxprune.owl` from the dense model's Wanda outlier ratios (m = 5) on the same
+  """`jaxprune.distributions.owl` from the dense model's Wanda outlier ratios (m = 5) on the same
   calibration sequences as `sparsegpt_start`, `spread` OWL_SPREAD."""
   stats = calibration_statistics(params, graphdef, rest, batch_at, where)
-  ratios = jaxprune.outlier_ratios(params, where, jaxprune.wanda_score(stats), m=5.0)
+  ratios = jaxprune.scores.outlier_ratios(params, where, jaxprune.scores.wanda_score(stats), m=5.0)
   print("  OWL outlier ratios: " + ", ".join(f"{p} {r:.4f}" for p, r in ratios.items()))
-  return jaxprune.owl(ratios, spread=OWL_SPREAD)
+  return jaxprune.distributions.owl(ratios, spread=OWL_SPREAD)
 
 
 def gradual_retrain(recipe: Recipe, params, loss_fn, batch_at, eval_batches, where,
@@ -402,7 +403,8 @@ def gradual_retrain(recipe: Recipe, params, loss_fn, batch_at, eval_batches, whe
   end = max(GRADUAL_EVERY, round(recipe.ramp_end * total) // GRADUAL_EVERY * GRADUAL_EVERY)
   optimizer, _ = optimizer_for(recipe, [total])
   first = recipe.initial if recipe.method == "sparsegpt" else 0.0
-  ramp = jaxprune.polynomial_schedule(first, recipe.final, 0, end)
+  ramp = optax.polynomial_schedule(init_value=first, end_value=recipe.final, power=3,
+                                   transition_steps=end)
   # Another method ramps its target (an ERK `Prune` whose sparsity follows the ramp).
   schedule = ramp if recipe.method == "magnitude" else lambda c: recipe.target(ramp(c))
   if distribution is not None:  # one computed from the model (OWL)
@@ -419,7 +421,7 @@ def gradual_retrain(recipe: Recipe, params, loss_fn, batch_at, eval_batches, whe
     params, opt_state, _ = step(params, opt_state, inputs_at(i), rng, i)
   # The last recompute was at the last multiple of GRADUAL_EVERY below `total`: its
   # masks hold (the final sparsity, reached at `end`).
-  eval_step = jaxprune.make_eval_step(loss_fn)
+  eval_step = jaxprune.training.make_eval_step(loss_fn)
   loss = float(np.mean([float(eval_step(params, b)[0]) for b in eval_batches]))
   report = jaxprune.sparsity_report(params, where)
   return {"perplexity": perplexity(loss), "targeted_sparsity": report.targeted_sparsity,
@@ -579,9 +581,9 @@ def run_recipe(recipe: Recipe, run: Run, seed: int) -> dict:
     start_params, schedule = sparsegpt_start(recipe.final, run.params, p.graphdef, p.rest,
                                              p.batch_at, run.where)
   result = jaxprune.prune_retrain(
-      start_params, loss_fn, batches, p.eval_batches, optimizer=optimizer, schedule=schedule,
-      where=run.where, retrain_steps=budgets, scope=recipe.scope, restart_optimizer=restart,
-      progress=False, checkpoint_dir=None, seed=loop_seed, metric=jaxprune.perplexity,
+      start_params, loss_fn, batches, p.eval_batches, optimizer=optimizer, targets=schedule,
+      where=run.where, retrain_steps=budgets, restart_optimizer=restart,
+      progress=False, checkpoint_dir=None, seed=loop_seed, metric=jaxprune.training.perplexity,
       teacher=(teacher_apply, run.params) if recipe.distill else None,
       distill_weight=recipe.distill,
   )
@@ -689,7 +691,7 @@ def dense_start(args: argparse.Namespace, setup: Setup) -> tuple[Problem, Any, s
   key = cache_key(setup, args.data, problem.data_bytes)
   params, seconds = dense_params(setup, problem.template, problem.loss_fn, problem.batch_at,
                                  args.cache, key)
-  eval_step = jaxprune.make_eval_step(problem.loss_fn)
+  eval_step = jaxprune.training.make_eval_step(problem.loss_fn)
   loss = float(np.mean([float(eval_step(params, b)[0]) for b in problem.eval_batches]))
   return problem, params, key, loss, perplexity(loss), seconds
 

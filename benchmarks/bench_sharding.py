@@ -3,7 +3,7 @@
     python benchmarks/bench_sharding.py [--quick] [--json PATH]
 
 Each device count runs in its own subprocess (XLA's host device count is fixed when
-jax starts). The tree is FSDP-sharded over all devices; `magnitude_masks` in global
+jax starts). The tree is FSDP-sharded over all devices; `ranked_masks` in global
 scope runs under jit. Reported: median time over rounds (block_until_ready), the ratio
 8-device / 1-device, and the per-device memory of the compiled program (arguments +
 outputs + temporaries from `memory_analysis`, which XLA reports per device for SPMD
@@ -40,10 +40,10 @@ def measure(quick: bool, rounds: int) -> dict:
   keys = jax.random.split(jax.random.key(0), len(shapes))
   params = {f"fc{i}": {"kernel": jax.random.normal(k, s)} for i, (k, s) in enumerate(
       zip(keys, shapes))}
-  mesh = jaxprune.make_mesh({"fsdp": jax.device_count()})
-  params = jax.device_put(params, jaxprune.param_shardings(params, mesh, "fsdp"))
+  mesh = jaxprune.sharding.make_mesh({"fsdp": jax.device_count()})
+  params = jax.device_put(params, jaxprune.sharding.param_shardings(params, mesh, "fsdp"))
   where = jaxprune.select(params)
-  fn = jax.jit(lambda p, s: jaxprune.magnitude_masks(p, s, where, scope="global"))
+  fn = jax.jit(lambda p, s: jaxprune.ranked_masks(p, s, where, scope="global"))
   compiled = fn.lower(params, jnp.float32(0.8)).compile()
   mem = compiled.memory_analysis()
   jax.block_until_ready(fn(params, jnp.float32(0.8)))
@@ -79,7 +79,7 @@ def main() -> None:
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     results.append(json.loads(out.strip().splitlines()[-1]))
   one = results[0]
-  print(f"magnitude_masks, global scope, {one['params'] / 1e6:.1f}M parameters, "
+  print(f"ranked_masks, global scope, {one['params'] / 1e6:.1f}M parameters, "
         f"FSDP over all devices, median of {args.rounds}\n")
   print("| devices | median time | time vs 1 device | per-device memory | per-device / 1-device |")
   print("|---:|---:|---:|---:|---:|")

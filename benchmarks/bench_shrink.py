@@ -55,7 +55,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 import lm_model
 
-from jaxprune import channel_groups, keep_top, magnitude_importance, shrink, shrunk_program
+from jaxprune.structural import (
+  channel_groups,
+  keep_top,
+  magnitude_importance,
+  shrink,
+  shrunk_program,
+)
 
 FRACTIONS = (0.25, 0.5, 0.75)  # of the units removed
 LM_KINDS = ("mlp_hidden", "heads")

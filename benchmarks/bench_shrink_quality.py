@@ -26,7 +26,7 @@ stream past the dense steps. Beside each row:
 * (b) the same small architecture trained from scratch for dense + recovery steps (the
   same batches the dense model and its recovery saw, the dense recipe), from a fresh
   dense init shrunk to the same sizes;
-* (c) unstructured magnitude masks (`jaxprune.magnitude_masks`, global over the
+* (c) unstructured magnitude masks (`jaxprune.ranked_masks`, global over the
   kernels `jaxprune.select` takes: qkv, output_proj, fc1, fc2, lm_head) leaving as many
   nonzero parameters as the shrunk model has, retrained by the same distillation for the
   same budget with the masks held: its dense kernels run at the dense cost.
@@ -167,8 +167,9 @@ def budget(setup: bench_quality.Setup, recovery: int, rows: list[str], seeds: in
 
 
 def perplexity_of(apply, params, eval_batches) -> float:
-  eval_step = jaxprune.make_eval_step(lm_model.next_token_loss(apply), jaxprune.perplexity)
-  return jaxprune.evaluate(eval_step, params, eval_batches).metric
+  eval_step = jaxprune.training.make_eval_step(lm_model.next_token_loss(apply),
+                                               jaxprune.training.perplexity)
+  return jaxprune.training.evaluate(eval_step, params, eval_batches).metric
 
 
 def scratch(problem: bench_quality.Problem, setup: bench_quality.Setup, recovery: int,
@@ -179,7 +180,7 @@ def scratch(problem: bench_quality.Problem, setup: bench_quality.Setup, recovery
       problem.config, rngs=nnx.Rngs(setup.seed + SCRATCH_INIT_OFFSET)))[1]
   fresh = lm_model.keep_blocks(fresh, shrunk.kept_blocks)
   if shrunk.keep:
-    fresh = jaxprune.shrink(fresh, shrunk.groups, shrunk.keep)
+    fresh = jaxprune.structural.shrink(fresh, shrunk.groups, shrunk.keep)
   steps = setup.dense_steps + recovery
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    optax.adamw(bench_quality.warmup_cosine(setup.dense_lr, steps),
@@ -201,7 +202,7 @@ def unstructured(params, apply, n_kept: int, inputs_at, recovery: int, seed: int
   removed = total - n_kept
   if not 0 <= removed <= targeted:
     raise ValueError(f"cannot remove {removed} of the {targeted} targeted weights")
-  masks = jaxprune.magnitude_masks(params, removed / targeted, where, scope="global")
+  masks = jaxprune.ranked_masks(params, removed / targeted, where, scope="global")
   masked = jaxprune.apply_masks(params, masks)
   pruned = sum(int(np.size(m) - np.sum(m)) for m in jax.tree.leaves(masks))
   before = perplexity_of(apply, masked, eval_batches)

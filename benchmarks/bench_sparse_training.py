@@ -54,14 +54,17 @@ def optimizer_for(method: str, params: Any, where: Any, sparsity: float, steps: 
   inner = optax.chain(optax.clip_by_global_norm(1.0),
                       optax.adamw(bench_quality.warmup_cosine(lr, steps), weight_decay=0.01))
   if method == "ste":
-    return jaxprune.straight_through(inner, where=where, update_every=every,
-                                     schedule=jaxprune.constant_schedule(sparsity))
-  start = jaxprune.ranked_masks(params, sparsity, where, score=jaxprune.random_score(0),
-                                distribution=jaxprune.erk())
+    return jaxprune.sparse_training.straight_through(inner, where=where, update_every=every,
+                                     schedule=optax.constant_schedule(sparsity))
+  start = jaxprune.ranked_masks(params, sparsity, where, score=jaxprune.scores.random_score(0),
+                                distribution=jaxprune.distributions.erk())
   if method == "static":
     return jaxprune.pruned(inner, start)
-  schedule = (jaxprune.set_schedule(DROP_FRACTION, seed=0) if method == "set" else
-              jaxprune.rigl_schedule(DROP_FRACTION, end=max(1, round(RIGL_END * steps))))
+  if method == "set":
+    schedule = jaxprune.sparse_training.set_schedule(DROP_FRACTION, seed=0)
+  else:
+    end = max(1, round(RIGL_END * steps))
+    schedule = jaxprune.sparse_training.rigl_schedule(DROP_FRACTION, end=end)
   return jaxprune.pruned(inner, start, schedule=schedule, update_every=every)
 
 
@@ -101,13 +104,14 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     result = jaxprune.train(params, problem.loss_fn, problem.batch_at, optimizer=tx,
                             steps=steps, eval_batches=problem.eval_batches,
-                            metric=jaxprune.perplexity, log_every=max(1, steps // 6),
+                            metric=jaxprune.training.perplexity, log_every=max(1, steps // 6),
                             progress=False, seed=setup.seed)
     # The masks' count (a kept weight may sit at 0: grown ones start there).
     report = jaxprune.sparsity_report(result.params, where)
     row = {"method": method, "perplexity": result.evaluation.metric,
            "loss": result.evaluation.loss,
-           "targeted_sparsity": jaxprune.pruned_fraction(jaxprune.get_masks(result.opt_state)),
+           "targeted_sparsity": jaxprune.training.pruned_fraction(
+               jaxprune.get_masks(result.opt_state)),
            "zeros_in_targeted": report.targeted_sparsity,
            "whole_model_sparsity": report.overall_sparsity,
            "seconds": time.perf_counter() - start}

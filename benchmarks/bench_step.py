@@ -111,7 +111,8 @@ def make_step(loss_fn, tx: optax.GradientTransformation):
   def step(params, opt_state, batch):
     # The forward's weights: params, or for straight_through_masks their masked view.
     loss, grads = jax.value_and_grad(
-        lambda p: loss_fn(jaxprune.straight_through_view(p, opt_state), batch))(params)
+        lambda p: loss_fn(jaxprune.sparse_training.straight_through_view(p, opt_state),
+                          batch))(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -173,8 +174,8 @@ def adamw() -> optax.GradientTransformation:
 
 
 def optimizers(params: Any, where: Any) -> dict[str, optax.GradientTransformation]:
-  masks = jaxprune.magnitude_masks(params, SPARSITY, where)
-  schedule = jaxprune.constant_schedule(SPARSITY)
+  masks = jaxprune.ranked_masks(params, SPARSITY, where)
+  schedule = optax.constant_schedule(SPARSITY)
   return {
       BASE: adamw(),
       FIXED: jaxprune.pruned(adamw(), masks),
@@ -186,19 +187,20 @@ def optimizers(params: Any, where: Any) -> dict[str, optax.GradientTransformatio
 def sparse_training_optimizers(params: Any, where: Any) -> dict[str, optax.GradientTransformation]:
   """SET, RigL and STE, each with masks updated every step (`, update`) and never after
   the warm-up (`, no update`: update_every=10**9, the cost of carrying the mode)."""
-  start = jaxprune.ranked_masks(params, SPARSITY, where, score=jaxprune.random_score(0),
-                                distribution=jaxprune.erk())
+  start = jaxprune.ranked_masks(params, SPARSITY, where, score=jaxprune.scores.random_score(0),
+                                distribution=jaxprune.distributions.erk())
   out = {}
   for every, label in ((10**9, "no update"), (1, "update")):
-    out[f"SET, {label}"] = jaxprune.pruned(adamw(), start, schedule=jaxprune.set_schedule(0.3),
+    out[f"SET, {label}"] = jaxprune.pruned(adamw(), start,
+                                           schedule=jaxprune.sparse_training.set_schedule(0.3),
                                            update_every=every)
     out[f"RigL, {label}"] = jaxprune.pruned(adamw(), start,
-                                            schedule=jaxprune.rigl_schedule(0.3),
+                                            schedule=jaxprune.sparse_training.rigl_schedule(0.3),
                                             update_every=every)
-    out[f"STE, {label}"] = jaxprune.straight_through(
-        adamw(), where=where, schedule=jaxprune.constant_schedule(SPARSITY), update_every=every)
-    out[f"STE masks in forward, {label}"] = jaxprune.straight_through_masks(
-        adamw(), where=where, schedule=jaxprune.constant_schedule(SPARSITY), update_every=every)
+    out[f"STE, {label}"] = jaxprune.sparse_training.straight_through(
+        adamw(), where=where, schedule=optax.constant_schedule(SPARSITY), update_every=every)
+    out[f"STE masks in forward, {label}"] = jaxprune.sparse_training.straight_through_masks(
+        adamw(), where=where, schedule=optax.constant_schedule(SPARSITY), update_every=every)
   return out
 
 
@@ -221,7 +223,7 @@ def timed_rounds(steps: dict[str, Any], states: dict[str, Any], batch: Any,
 
 def held_at_zero(params: Any, opt_state: Any) -> bool:
   """Pruned weights exactly 0 in what the forward runs on."""
-  params = jaxprune.straight_through_view(params, opt_state)
+  params = jaxprune.sparse_training.straight_through_view(params, opt_state)
   masks = jaxprune.get_masks(opt_state)
   return all(bool(jnp.all(jnp.where(m, True, w == 0)))
              for m, w in zip(jax.tree.leaves(masks, is_leaf=lambda x: x is None),
@@ -255,7 +257,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
   masks = jaxprune.get_masks(states[FIXED][1])
   targeted = sum(int(m.size) for m in jax.tree.leaves(masks))
-  held = jaxprune.pack_masks(masks)
+  held = jaxprune.tree.pack_masks(masks)
   return {
       "device": f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
                 f"{jax.device_count()} device(s)",

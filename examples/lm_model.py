@@ -180,7 +180,7 @@ def make_batch_apply_fn(graphdef: nnx.GraphDef, rest: PyTree) -> ApplyFn:
 def make_stages(graphdef: nnx.GraphDef, rest: PyTree,
                 num_layers: int) -> list[Callable[[PyTree, jax.Array], jax.Array]]:
   """The model cut into `stage(params, x) -> x'` pieces for
-  `jaxprune.sparsegpt_sequential`: the embedding (of `batch[:, :-1]`, as
+  `jaxprune.oneshot.sparsegpt_sequential`: the embedding (of `batch[:, :-1]`, as
   `make_loss_fn` reads a batch [B, T+1]), then each block; the head (`ln_f`,
   `lm_head`) is not a stage, as the example prunes none of its kernels.
   """

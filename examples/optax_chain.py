@@ -75,12 +75,14 @@ def main(argv: list[str] | None = None) -> dict:
                                           end_value=args.lr * 0.05)
   # `pruned` wraps the whole chain: it zeroes pruned gradients before the clipping
   # norm is taken, so the norm counts kept weights only.
+  # Zhu & Gupta's cubic ramp from `begin` to `end`; the target carries the scope.
+  sparsity = optax.polynomial_schedule(init_value=0.0, end_value=args.final_sparsity, power=3,
+                                       transition_steps=end - begin, transition_begin=begin)
   tx = jaxprune.pruned(
       optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.01)),
       where=where,
-      schedule=jaxprune.polynomial_schedule(0.0, args.final_sparsity, begin, end),
+      schedule=lambda step: jaxprune.Prune(sparsity(step), scope=args.scope),
       update_every=args.update_every,
-      scope=args.scope,
   )
   opt_state = tx.init(params)
 

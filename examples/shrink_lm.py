@@ -9,10 +9,10 @@ The dense model is trained as `examples/train_lm.py` trains it (or loaded with
 `--params`: an orbax checkpoint such as `make demo`'s `runs/demo/dense`, or an `.npz`
 of `bench_quality.py`'s cache, for a model of the same flags). Then:
 
-1. `jaxprune.channel_groups` reads the model's coupled axes from its program (MLP
+1. `jaxprune.structural.channel_groups` reads the model's coupled axes from its program (MLP
    neurons, heads, head_dim, the residual stream) and prints them;
 2. `--drop-layers N` removes the N blocks of lowest Block Influence
-   (`jaxprune.block_influence` over the model cut into stages) first;
+   (`jaxprune.structural.block_influence` over the model cut into stages) first;
 3. the chosen importance (`--importance magnitude|taylor|activation`, Minitron's
    activations by default, from calibration batches of the training stream) ranks
    every group's units and `keep_top` keeps `--keep` of them (`mlp_hidden=0.5,heads=0.75`:
@@ -99,7 +99,7 @@ def blocks_to_keep(params: PyTree, config: lm_model.LMConfig, drop: int, batches
   graphdef, rest = lm_of(config)
   stages = lm_model.make_stages(graphdef, rest, config.num_layers)
   influence = {stage - 1: bi for stage, bi in
-               jaxprune.block_influence(stages, params, batches).items()}
+               jaxprune.structural.block_influence(stages, params, batches).items()}
   if how == "last":
     kept = list(range(config.num_layers - drop))
   elif how == "influence":
@@ -114,12 +114,12 @@ def width_importance(name: str, groups: Any, apply: Callable, params: PyTree,
                      batches: Sequence) -> dict[int, np.ndarray]:
   """The units' importance by `name` (`IMPORTANCES`), over the calibration `batches`."""
   if name == "magnitude":
-    return jaxprune.magnitude_importance(groups, params)
+    return jaxprune.structural.magnitude_importance(groups, params)
   if name == "taylor":
-    grads = jaxprune.mean_gradients(lm_model.next_token_loss(apply), params, batches)
-    return jaxprune.taylor_importance(groups, params, grads)
+    grads = jaxprune.scores.mean_gradients(lm_model.next_token_loss(apply), params, batches)
+    return jaxprune.structural.taylor_importance(groups, params, grads)
   if name == "activation":
-    return jaxprune.activation_importance(groups, apply, params, batches)
+    return jaxprune.structural.activation_importance(groups, apply, params, batches)
   raise ValueError(f"importance must be one of {IMPORTANCES}, got {name!r}")
 
 
@@ -154,18 +154,18 @@ def shrink_lm(params: PyTree, config: lm_model.LMConfig, fractions: dict[str, fl
   graphdef, rest = lm_of(config)
   apply = lm_model.make_batch_apply_fn(graphdef, rest)
   example = jax.ShapeDtypeStruct(np.shape(batches[0]), jnp.int32)
-  groups = jaxprune.channel_groups(apply, params, example)
+  groups = jaxprune.structural.channel_groups(apply, params, example)
   keep: dict[int, np.ndarray] = {}
   if fractions:
     cache = {} if importances is None else importances
     if importance not in cache:
       cache[importance] = width_importance(importance, groups, apply, params, batches)
-    keep = jaxprune.keep_top(groups, cache[importance], fractions, round_to=round_to,
+    keep = jaxprune.structural.keep_top(groups, cache[importance], fractions, round_to=round_to,
                              scope=scope)
   small, small_apply = params, apply
   if keep:
-    small = jaxprune.shrink(params, groups, keep)
-    small_apply = jaxprune.shrunk_program(groups, keep)
+    small = jaxprune.structural.shrink(params, groups, keep)
+    small_apply = jaxprune.structural.shrunk_program(groups, keep)
   return Shrunk(small, small_apply, config, kept_blocks, influence, groups, keep,
                 kept_widths(groups, keep, kept_blocks, config.num_layers + drop_layers))
 
@@ -230,13 +230,14 @@ def recover(small: PyTree, small_apply: Callable, inputs_at: Callable[[int], Any
   the teacher logits `inputs_at(step)` carries): (params, [(step, validation
   perplexity)] every `eval_every` steps and after the last)."""
   loss_fn = lm_model.next_token_loss(small_apply)
-  eval_step = jaxprune.make_eval_step(loss_fn, jaxprune.perplexity)
+  eval_step = jaxprune.training.make_eval_step(loss_fn, jaxprune.training.perplexity)
   history: dict[int, float] = {}
 
   def evaluate(report) -> None:
     step = report.global_step + 1
     if eval_every and (step % eval_every == 0 or report.final) and step not in history:
-      history[step] = jaxprune.evaluate(eval_step, report.state.params, eval_batches).metric
+      history[step] = jaxprune.training.evaluate(eval_step, report.state.params,
+                                                 eval_batches).metric
 
   student_loss = lm_model.next_token_loss(small_apply, with_logits=True)
   train_loss = jaxprune.distillation_loss(student_loss, small_apply, weight=weight,
@@ -247,13 +248,14 @@ def recover(small: PyTree, small_apply: Callable, inputs_at: Callable[[int], Any
       resume=resume, seed=seed, log_every=eval_every or steps, hooks=[evaluate],
       progress=progress)
   if not history or max(history) < steps:
-    history[steps] = jaxprune.evaluate(eval_step, result.params, eval_batches).metric
+    history[steps] = jaxprune.training.evaluate(eval_step, result.params, eval_batches).metric
   return result.params, sorted(history.items())
 
 
 def validation_perplexity(apply: Callable, params: PyTree, eval_batches: Sequence) -> float:
-  eval_step = jaxprune.make_eval_step(lm_model.next_token_loss(apply), jaxprune.perplexity)
-  return jaxprune.evaluate(eval_step, params, eval_batches).metric
+  eval_step = jaxprune.training.make_eval_step(lm_model.next_token_loss(apply),
+                                               jaxprune.training.perplexity)
+  return jaxprune.training.evaluate(eval_step, params, eval_batches).metric
 
 
 def forward_times(models: dict[str, tuple[Callable, PyTree]], batch: jax.Array,

@@ -94,11 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_schedule(name: str, initial: float, final: float, iterations: int):
   """A schedule by name (see SCHEDULES), or explicit targets from a comma list."""
   if name == "exponential":
-    return jaxprune.exponential_schedule(initial, final, iterations)
+    return jaxprune.schedules.exponential_targets(initial, final, iterations)
   if name == "geometric":
-    return jaxprune.geometric_keep_schedule(initial, final, iterations)
+    return jaxprune.schedules.geometric_keep_targets(initial, final, iterations)
   if name == "cubic":
-    return jaxprune.cubic_schedule(initial, final, iterations)
+    return jaxprune.schedules.polynomial_targets(initial, final, iterations)
   if name == "oneshot":
     return [final]
   try:
@@ -177,31 +177,33 @@ def dense_baseline(params, loss_fn, batch_at, steps: int, lr: float, eval_batche
   gap to it is what pruning itself costs.
   """
   trained, _ = pretrain(params, loss_fn, batch_at, steps, lr, progress=False)
-  eval_step = jaxprune.make_eval_step(loss_fn, jaxprune.perplexity)
-  return jaxprune.evaluate(eval_step, trained, eval_batches, jaxprune.perplexity).metric
+  eval_step = jaxprune.training.make_eval_step(loss_fn, jaxprune.training.perplexity)
+  return jaxprune.training.evaluate(eval_step, trained, eval_batches,
+                                    jaxprune.training.perplexity).metric
 
 
 def first_targeted(where) -> str:
-  paths = jaxprune.leaf_paths(where)
+  paths = jaxprune.tree.leaf_paths(where)
   return next(p for p, s in zip(paths, jax.tree.leaves(where)) if s)
 
 
 def leaf_at(params, path: str):
-  return dict(zip(jaxprune.leaf_paths(params), jax.tree.leaves(params)))[path]
+  return dict(zip(jaxprune.tree.leaf_paths(params), jax.tree.leaves(params)))[path]
 
 
 def export_table(args, dense, result, loss_fn, eval_batches) -> list[dict]:
   """Exports dense / pruned / pruned+quantized files, reloads each, and evaluates it."""
-  eval_step = jaxprune.make_eval_step(loss_fn, jaxprune.perplexity)
+  eval_step = jaxprune.training.make_eval_step(loss_fn, jaxprune.training.perplexity)
   variants = [("dense", dense, None, "float32"), ("pruned", result.params, result.masks, "float32")]
   if args.quantize != "none":
     variants.append((f"pruned + {args.quantize}", result.params, result.masks, args.quantize))
   rows = []
   for name, tree, masks, values in variants:
     path = os.path.join(args.out, name.replace(" + ", "_") + ".jxp")
-    info = jaxprune.export_compressed(path, tree, masks, values)
-    loaded = jaxprune.load_compressed(path)
-    ppl = jaxprune.evaluate(eval_step, loaded, eval_batches, jaxprune.perplexity).metric
+    info = jaxprune.export.export_compressed(path, tree, masks, values)
+    loaded = jaxprune.export.load_compressed(path)
+    ppl = jaxprune.training.evaluate(eval_step, loaded, eval_batches,
+                                     jaxprune.training.perplexity).metric
     rows.append({"model": name, "path": path, "file_bytes": info.file_bytes,
                  "compression": info.compression, "perplexity": ppl})
   dense_ppl = rows[0]["perplexity"]
@@ -237,10 +239,10 @@ def main(argv: list[str] | None = None) -> dict:
   batch_at = host_batch_at  # what pretraining uses; prune_retrain places batches itself
   mesh, layout = None, "replicated"
   if args.mesh:
-    mesh = jaxprune.make_mesh(args.mesh)
+    mesh = jaxprune.sharding.make_mesh(args.mesh)
     layout = "fsdp" if "fsdp" in mesh.shape else "replicated"
-    params = jax.device_put(params, jaxprune.param_shardings(params, mesh, layout))
-    batch_at = lambda step: jaxprune.place_batch(host_batch_at(step), mesh)
+    params = jax.device_put(params, jaxprune.sharding.param_shardings(params, mesh, layout))
+    batch_at = lambda step: jaxprune.sharding.place_batch(host_batch_at(step), mesh)
     print(f"mesh {dict(mesh.shape)}: params {layout}, batches split over all axes")
   eval_batches = lm_data.make_eval_batches(val_tokens, args.batch_size, args.context,
                                            args.eval_batches)
@@ -263,11 +265,13 @@ def main(argv: list[str] | None = None) -> dict:
   result = jaxprune.prune_retrain(
       params, loss_fn, retrain_batch, eval_batches,
       optimizer=optax.adamw(warmup_cosine(args.retrain_lr, per_iteration), weight_decay=0.01),
-      schedule=schedule, where=where, retrain_steps=budgets, scope=args.scope,
+      targets=[jaxprune.Prune(float(s), scope=args.scope) for s in schedule], where=where,
+      retrain_steps=budgets,
       checkpoint_dir=os.path.join(args.out, "prune"), checkpoint_every=50,
       resume=args.resume, seed=args.seed, mesh=mesh, param_layout=layout,
       teacher=(lm_model.make_batch_apply_fn(graphdef, rest), params) if args.distill else None,
-      distill_weight=args.distill, temperature=args.temperature, metric=jaxprune.perplexity,
+      distill_weight=args.distill, temperature=args.temperature,
+      metric=jaxprune.training.perplexity,
   )
   prune_seconds = time.perf_counter() - start
 

@@ -1,19 +1,20 @@
-"""Sparsity schedules: lists of per-iteration targets for `prune_retrain`, and
-step -> sparsity functions for `pruned`.
+"""Target sequences for `prune_retrain`: the sparsity of each iteration, by a formula.
+
+A sparsity that moves with the training step (gradual pruning in `pruned`,
+straight-through training) is an optax schedule (`optax.schedules`):
+`optax.polynomial_schedule(init_value=0.0, end_value=0.9, power=3,
+transition_steps=1000)` is Zhu & Gupta's cubic ramp, `optax.constant_schedule(0.9)`
+a fixed sparsity.
 """
 
 from jaxprune._src.methods.schedules import (
-    constant_schedule,
-    cubic_schedule,
-    exponential_schedule,
-    geometric_keep_schedule,
-    polynomial_schedule,
+    exponential_targets,
+    geometric_keep_targets,
+    polynomial_targets,
 )
 
 __all__ = [
-    "constant_schedule",
-    "cubic_schedule",
-    "exponential_schedule",
-    "geometric_keep_schedule",
-    "polynomial_schedule",
+    "exponential_targets",
+    "geometric_keep_targets",
+    "polynomial_targets",
 ]

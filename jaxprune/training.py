@@ -1,5 +1,5 @@
 """Training: the jitted steps, the prune-retrain loop and `train`, their hooks,
-results, metrics, checkpoints and distillation.
+results, sparsity reports, metrics, checkpoints and distillation.
 """
 
 from jaxprune._src.training.checkpointing import Checkpointer
@@ -11,6 +11,7 @@ from jaxprune._src.training.metrics import (
     loss_metric,
     perplexity,
 )
+from jaxprune._src.training.reporting import LeafSparsity, SparsityReport, sparsity_report
 from jaxprune._src.training.results import (
     Evaluation,
     IterationRecord,
@@ -39,10 +40,12 @@ __all__ = [
     "Checkpointer",
     "Evaluation",
     "IterationRecord",
+    "LeafSparsity",
     "LoopState",
     "Metric",
     "ProgressBar",
     "PruneRetrainResult",
+    "SparsityReport",
     "StepReport",
     "TrainResult",
     "aux_metric",
@@ -61,6 +64,7 @@ __all__ = [
     "prune_step",
     "pruned_fraction",
     "retrain",
+    "sparsity_report",
     "teacher_logits_fn",
     "train",
 ]

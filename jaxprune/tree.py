@@ -2,7 +2,6 @@
 weight's layout read from the program.
 """
 
-from jaxprune._src.methods.masks import check_masks
 from jaxprune._src.oneshot.layouts import Layout, Layouts, weight_layouts
 from jaxprune._src.tree.leaf_selection import leaf_paths, path_string
 from jaxprune._src.tree.packed_masks import (
@@ -15,7 +14,6 @@ from jaxprune._src.tree.packed_masks import (
 __all__ = [
     "Layout",
     "Layouts",
-    "check_masks",
     "leaf_paths",
     "pack_mask",
     "pack_masks",

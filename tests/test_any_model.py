@@ -39,7 +39,7 @@ def test_equinox_selection_tree_is_not_called_as_a_builder():
   params = eqx_params()
   where = jaxprune.select(params, include="weight")
   assert callable(where)  # an eqx.Module: callable *and* a pytree
-  masks = jaxprune.magnitude_masks(params, 0.5, where)
+  masks = jaxprune.ranked_masks(params, 0.5, where)
   assert isinstance(masks, eqx.nn.MLP)
   weights = [layer.weight for layer in params.layers]
   assert pruned_counts(masks) == [w.size // 2 for w in weights]
@@ -51,7 +51,7 @@ def test_equinox_selection_tree_is_not_called_as_a_builder():
 def test_equinox_gradual_pruned_with_a_where_builder():
   params = eqx_params()
   tx = jaxprune.pruned(optax.adam(1e-2), where=lambda p: jaxprune.select(p, include="weight"),
-                       schedule=jaxprune.constant_schedule(0.5), update_every=1)
+                       schedule=optax.constant_schedule(0.5), update_every=1)
   state = tx.init(params)
   grads = jax.tree.map(jnp.ones_like, params)
   updates, state = jax.jit(tx.update)(grads, state, params)
@@ -68,8 +68,8 @@ def test_previous_on_a_tree_with_none_leaves():
   params = {"a": None, "fc": {"kernel": jax.random.normal(jax.random.key(1), (8, 8))},
             "z": None, "out": {"kernel": jax.random.normal(jax.random.key(2), (8, 4))}}
   where = jaxprune.select(params)
-  first = jaxprune.magnitude_masks(params, 0.5, where)
-  second = jaxprune.magnitude_masks(params, 0.75, where, previous=first)
+  first = jaxprune.ranked_masks(params, 0.5, where)
+  second = jaxprune.ranked_masks(params, 0.75, where, previous=first)
   assert first["a"] is None and second["z"] is None
   assert pruned_counts(second) == [48, 24]  # fc (8x8), out (8x4), in key order
   for m1, m2 in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
@@ -79,7 +79,7 @@ def test_previous_on_a_tree_with_none_leaves():
 def test_gradual_pruned_on_a_tree_with_none_leaves():
   params = {"w": jnp.arange(1.0, 17.0).reshape(4, 4), "skip": None}
   tx = jaxprune.pruned(optax.sgd(0.0), where=jaxprune.select(params),
-                       schedule=jaxprune.constant_schedule(0.25), update_every=1)
+                       schedule=optax.constant_schedule(0.25), update_every=1)
   state = tx.init(params)
   updates, state = tx.update({"w": jnp.zeros((4, 4)), "skip": None}, state, params)
   new = optax.apply_updates(params, updates)
@@ -91,7 +91,7 @@ def test_gradual_pruned_on_a_tree_with_none_leaves():
 def test_where_selecting_a_none_leaf_is_an_error():
   params = {"w": jnp.ones((2, 2)), "b": None}
   with pytest.raises(ValueError, match="selects b, which is None"):
-    jaxprune.magnitude_masks(params, 0.5, {"w": True, "b": True})
+    jaxprune.ranked_masks(params, 0.5, {"w": True, "b": True})
 
 
 # ----------------------------------------------------------------------------- 3-4. jit
@@ -99,7 +99,7 @@ def test_where_selecting_a_none_leaf_is_an_error():
 
 def test_jit_with_params_closed_over():
   q = {"fc": {"kernel": jnp.arange(16.0).reshape(4, 4)}}
-  masks = jax.jit(lambda s: jaxprune.magnitude_masks(q, s, jaxprune.select(q)))(0.5)
+  masks = jax.jit(lambda s: jaxprune.ranked_masks(q, s, jaxprune.select(q)))(0.5)
   np.testing.assert_array_equal(masks["fc"]["kernel"].reshape(-1), np.arange(16) >= 8)
   thr = jax.jit(lambda t: jaxprune.threshold_masks(q, t, jaxprune.select(q)))(3.0)
   np.testing.assert_array_equal(thr["fc"]["kernel"].reshape(-1), np.arange(16) >= 3)
@@ -112,7 +112,7 @@ def test_traced_sparsity_out_of_range_is_read_the_same_for_every_leaf(sparsity, 
             "b": jax.random.normal(jax.random.key(1), (3, 7))}
   where = jaxprune.select(params)
   for scope in ("layer", "global"):
-    masks = jax.jit(lambda p, s, scope=scope: jaxprune.magnitude_masks(p, s, where, scope=scope))(
+    masks = jax.jit(lambda p, s, scope=scope: jaxprune.ranked_masks(p, s, where, scope=scope))(
         params, jnp.float32(sparsity))
     assert pruned_counts(masks) == [round(pruned * 320), round(pruned * 21)]
 
@@ -120,8 +120,8 @@ def test_traced_sparsity_out_of_range_is_read_the_same_for_every_leaf(sparsity, 
 def test_traced_nan_sparsity_keeps_previous_masks():
   params = {"a": jax.random.normal(jax.random.key(0), (16, 20))}
   where = jaxprune.select(params)
-  first = jaxprune.magnitude_masks(params, 0.3, where)
-  again = jax.jit(lambda p, s, m: jaxprune.magnitude_masks(p, s, where, previous=m))(
+  first = jaxprune.ranked_masks(params, 0.3, where)
+  again = jax.jit(lambda p, s, m: jaxprune.ranked_masks(p, s, where, previous=m))(
       params, jnp.float32(jnp.nan), first)
   np.testing.assert_array_equal(again["a"], first["a"])
 
@@ -156,7 +156,7 @@ def test_distillation_hands_rng_to_a_loss_that_requires_it():
 
   result = jaxprune.prune_retrain(
       params, loss_fn, lambda step: batch, [batch], optimizer=optax.adam(1e-3),
-      schedule=[0.5], where=jaxprune.select(params), retrain_steps=3, progress=False,
+      targets=[0.5], where=jaxprune.select(params), retrain_steps=3, progress=False,
       teacher=(apply, params))
   assert np.isfinite(result.final_loss)
   assert True in seen  # the training trace got a key
@@ -169,7 +169,7 @@ def test_resume_with_another_optimizer_names_the_optimizer_state(tmp_path):
   def loss_fn(p, b):
     return optax.softmax_cross_entropy_with_integer_labels(apply(p, b), b[1]).mean()
 
-  common = dict(schedule=[0.5], where=jaxprune.select(params), retrain_steps=2,
+  common = dict(targets=[0.5], where=jaxprune.select(params), retrain_steps=2,
                 progress=False, checkpoint_dir=str(tmp_path))
   jaxprune.prune_retrain(params, loss_fn, lambda s: batch, [batch], optimizer=optax.adam(1e-3),
                          **common)
@@ -181,9 +181,9 @@ def test_resume_with_another_optimizer_names_the_optimizer_state(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, error, message", [
-    (dict(schedule=[0.8, 0.5]), ValueError, r"must not decrease: schedule\[1\] = 0.5"),
-    (dict(schedule=["0.5"]), ValueError, r"schedule\[0\] = '0.5' is neither"),
-    (dict(schedule=[True]), ValueError, r"schedule\[0\] = True is neither"),
+    (dict(targets=[0.8, 0.5]), ValueError, r"must not decrease: targets\[1\] = 0.5"),
+    (dict(targets=["0.5"]), ValueError, r"targets\[0\] = '0.5' is neither"),
+    (dict(targets=[True]), ValueError, r"targets\[0\] = True is neither"),
     (dict(retrain_steps=2.5), TypeError, r"retrain_steps must be an int or a sequence.*2.5"),
     (dict(retrain_steps=[2.5]), ValueError, r"retrain_steps\[0\] = 2.5"),
     (dict(retrain_steps=True), TypeError, r"retrain_steps must be an int"),
@@ -196,7 +196,7 @@ def test_loop_refuses_bad_inputs_before_any_compute(overrides, error, message):
     calls.append(1)
     return jnp.mean(apply(p, b) ** 2)
 
-  kwargs = dict(optimizer=optax.adam(1e-3), schedule=[0.5], where=jaxprune.select(params),
+  kwargs = dict(optimizer=optax.adam(1e-3), targets=[0.5], where=jaxprune.select(params),
                 retrain_steps=2, progress=False)
   kwargs.update(overrides)
   with pytest.raises(error, match=message):
@@ -213,12 +213,12 @@ def test_loop_refuses_bad_inputs_before_any_compute(overrides, error, message):
 def test_bad_concrete_sparsity_is_refused(sparsity, error):
   params = {"w": jnp.ones((4, 4))}
   with pytest.raises(error, match=r"sparsity must be"):
-    jaxprune.magnitude_masks(params, sparsity, {"w": True})
+    jaxprune.ranked_masks(params, sparsity, {"w": True})
 
 
 def test_where_true_on_an_int_leaf_is_refused():
   params = {"w": jnp.ones((4, 4)), "step": jnp.zeros((2, 2), jnp.int32)}
-  for fn in (lambda: jaxprune.magnitude_masks(params, 0.5, {"w": True, "step": True}),
+  for fn in (lambda: jaxprune.ranked_masks(params, 0.5, {"w": True, "step": True}),
              lambda: jaxprune.threshold_masks(params, 0.5, {"w": True, "step": True}),
              lambda: jaxprune.nm_masks(params, 2, 4, {"w": True, "step": True})):
     with pytest.raises(ValueError, match="selects step, a int32 leaf"):
@@ -228,11 +228,11 @@ def test_where_true_on_an_int_leaf_is_refused():
 def test_all_false_where_is_refused():
   params = {"w": jnp.ones((4, 4))}
   nothing = {"w": False}
-  for fn in (lambda: jaxprune.magnitude_masks(params, 0.5, nothing),
+  for fn in (lambda: jaxprune.ranked_masks(params, 0.5, nothing),
              lambda: jaxprune.threshold_masks(params, 0.5, nothing),
              lambda: jaxprune.nm_masks(params, 2, 4, nothing),
              lambda: jaxprune.pruned(optax.adam(1e-3), where=nothing,
-                                     schedule=jaxprune.constant_schedule(0.5),
+                                     schedule=optax.constant_schedule(0.5),
                                      update_every=1).init(params)):
     with pytest.raises(ValueError, match="selects no leaf"):
       fn()
@@ -254,7 +254,7 @@ def test_pruned_checks_its_schedule_when_called(schedule, error, message):
 def test_update_every_must_be_a_positive_int():
   for bad in (0, 2.5, True):
     with pytest.raises(ValueError, match="update_every must be an integer"):
-      jaxprune.pruned(optax.adam(1e-3), where=lambda p: p, schedule=jaxprune.constant_schedule(0.5),
+      jaxprune.pruned(optax.adam(1e-3), where=lambda p: p, schedule=optax.constant_schedule(0.5),
                       update_every=bad)
 
 
@@ -262,12 +262,12 @@ def test_threshold_and_magnitude_agree_on_nan_weights():
   params = {"w": jnp.array([[jnp.nan, 1.0], [0.5, 2.0]])}
   where = {"w": True}
   for fn in (lambda: jaxprune.threshold_masks(params, 0.0, where),
-             lambda: jaxprune.magnitude_masks(params, 0.5, where)):
+             lambda: jaxprune.ranked_masks(params, 0.5, where)):
     with pytest.raises(ValueError, match="w contains NaN or inf"):
       fn()
   # Under jit neither can raise: NaN counts as the largest magnitude, kept by both.
   thr = jax.jit(lambda p: jaxprune.threshold_masks(p, 0.0, where))(params)["w"]
-  mag = jax.jit(lambda p: jaxprune.magnitude_masks(p, 0.25, where))(params)["w"]
+  mag = jax.jit(lambda p: jaxprune.ranked_masks(p, 0.25, where))(params)["w"]
   assert bool(thr[0, 0]) and bool(mag[0, 0])
   assert not bool(mag[1, 0])
 
@@ -317,7 +317,7 @@ def test_patterns_with_a_slash_match_trailing_whole_components(pattern, expected
       jaxprune.select(params, include=pattern)
     return
   where = jaxprune.select(params, include=pattern)
-  chosen = [p for p, s in zip(jaxprune.leaf_paths(params), jax.tree.leaves(where)) if s]
+  chosen = [p for p, s in zip(jaxprune.tree.leaf_paths(params), jax.tree.leaves(where)) if s]
   assert chosen == expected
 
 
@@ -332,11 +332,11 @@ def test_slash_patterns_ignore_the_nnx_value_suffix_and_work_in_exclude():
 
 def test_load_compressed_like_restores_the_structure_and_order(tmp_path):
   params = eqx_params()
-  masks = jaxprune.magnitude_masks(params, 0.5, jaxprune.select(params))
+  masks = jaxprune.ranked_masks(params, 0.5, jaxprune.select(params))
   pruned = jaxprune.apply_masks(params, masks)
   path = tmp_path / "m.jxp"
-  jaxprune.export_compressed(path, pruned, masks)
-  loaded, loaded_masks = jaxprune.load_compressed(path, like=params, with_masks=True)
+  jaxprune.export.export_compressed(path, pruned, masks)
+  loaded, loaded_masks = jaxprune.export.load_compressed(path, like=params, with_masks=True)
   assert jax.tree.structure(loaded) == jax.tree.structure(params)
   for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(pruned)):
     assert isinstance(a, jax.Array)
@@ -348,13 +348,14 @@ def test_load_compressed_like_restores_the_structure_and_order(tmp_path):
 def test_load_compressed_like_names_mismatches(tmp_path):
   params = {"a": jnp.ones((2, 2)), "b": jnp.ones(3)}
   path = tmp_path / "m.jxp"
-  jaxprune.export_compressed(path, params)
+  jaxprune.export.export_compressed(path, params)
   with pytest.raises(ValueError, match=r"c of `like` is not in"):
-    jaxprune.load_compressed(path, like={"a": params["a"], "b": params["b"], "c": params["b"]})
+    jaxprune.export.load_compressed(path, like={"a": params["a"], "b": params["b"],
+                                                "c": params["b"]})
   with pytest.raises(ValueError, match=r"holds b, which `like` lacks"):
-    jaxprune.load_compressed(path, like={"a": params["a"]})
+    jaxprune.export.load_compressed(path, like={"a": params["a"]})
   with pytest.raises(ValueError, match=r"b is float32\[3\] in .* but float32\[4\] in `like`"):
-    jaxprune.load_compressed(path, like={"a": params["a"], "b": jnp.ones(4)})
+    jaxprune.export.load_compressed(path, like={"a": params["a"], "b": jnp.ones(4)})
 
 
 def test_the_library_runs_without_flax_or_equinox_installed():
@@ -367,7 +368,7 @@ def test_the_library_runs_without_flax_or_equinox_installed():
       "sys.meta_path.insert(0, Block())\n"
       "import jax.numpy as jnp, jaxprune\n"
       "p = {'w': jnp.arange(8.0).reshape(2, 4)}\n"
-      "m = jaxprune.magnitude_masks(p, 0.5, jaxprune.select(p))\n"
+      "m = jaxprune.ranked_masks(p, 0.5, jaxprune.select(p))\n"
       "assert int(m['w'].sum()) == 4\n"
       "assert not any(k.split('.')[0] in ('flax', 'equinox') for k in sys.modules)\n"
       "print('ok')\n"
@@ -378,18 +379,18 @@ def test_the_library_runs_without_flax_or_equinox_installed():
 
 def test_bool_leaves_in_params_pass_through_masking():
   params = {"w": jnp.arange(16.0).reshape(4, 4), "flag": jnp.array([True, False])}
-  masks = jaxprune.magnitude_masks(params, 0.5, jaxprune.select(params))
+  masks = jaxprune.ranked_masks(params, 0.5, jaxprune.select(params))
   pruned = jaxprune.apply_masks(params, masks)
   np.testing.assert_array_equal(pruned["flag"], params["flag"])
-  again = jaxprune.magnitude_masks(params, 0.75, jaxprune.select(params), previous=masks)
+  again = jaxprune.ranked_masks(params, 0.75, jaxprune.select(params), previous=masks)
   assert int((~again["w"]).sum()) == 12
 
 
 def test_load_compressed_like_shape_dtype_structs_and_non_arrays(tmp_path):
   params = {"a": jnp.ones((2, 2)), "b": jnp.ones(3)}
   path = tmp_path / "m.jxp"
-  jaxprune.export_compressed(path, params)
-  loaded = jaxprune.load_compressed(path, like=jax.eval_shape(lambda: params))
+  jaxprune.export.export_compressed(path, params)
+  loaded = jaxprune.export.load_compressed(path, like=jax.eval_shape(lambda: params))
   assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(loaded))
   with pytest.raises(ValueError, match=r"b of `like` is 3, not an array"):
-    jaxprune.load_compressed(path, like={"a": params["a"], "b": 3})
+    jaxprune.export.load_compressed(path, like={"a": params["a"], "b": 3})

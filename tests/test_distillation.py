@@ -65,7 +65,7 @@ def _problem():
 def _run(teacher=None, weight=0.5):
   params, apply_fn, loss_fn, batch_at, evals = _problem()
   return jaxprune.prune_retrain(
-      params, loss_fn, batch_at, evals, optimizer=optax.adam(1e-2), schedule=[0.5, 0.8],
+      params, loss_fn, batch_at, evals, optimizer=optax.adam(1e-2), targets=[0.5, 0.8],
       where=jaxprune.select(params), retrain_steps=15, progress=False,
       teacher=None if teacher is None else (apply_fn, params), distill_weight=weight)
 

@@ -30,7 +30,7 @@ ERK_CASES = [
 
 @pytest.mark.parametrize("shapes, sparsity, kernel, power, want", ERK_CASES)
 def test_erk_sparsities_match_jaxpruner(shapes, sparsity, kernel, power, want):
-  d = jaxprune.erk(power, kernel=kernel)
+  d = jaxprune.distributions.erk(power, kernel=kernel)
   got = d.sparsities(list(shapes), list(shapes.values()), sparsity)
   for name, s in zip(shapes, got):
     assert float(s) == pytest.approx(want[name], abs=0.006), name
@@ -42,10 +42,10 @@ def test_erk_sparsities_match_jaxpruner(shapes, sparsity, kernel, power, want):
 def test_fixed_leaves_keep_their_sparsity_and_leave_the_erk_sums():
   # JaxPruner's testERKSparsityMapGeneratorWithCustomMap: b/d fixed at 0.1, c gets 0.53.
   shapes = {"a": (2, 4), "b/c": (3, 6, 7), "b/d": (7, 4)}
-  d = jaxprune.erk(fixed={"b/d": 0.1})
+  d = jaxprune.distributions.erk(fixed={"b/d": 0.1})
   got = dict(zip(shapes, d.sparsities(list(shapes), list(shapes.values()), 0.5)))
   assert got["b/d"] == 0.1 and float(got["b/c"]) == pytest.approx(0.53, abs=0.006)
-  u = jaxprune.uniform(fixed={"b/d": 0.1})
+  u = jaxprune.distributions.uniform(fixed={"b/d": 0.1})
   assert u.sparsities(list(shapes), list(shapes.values()), 0.5) == [0.5, 0.5, 0.1]
   counts = d.prune_counts(list(shapes), list(shapes.values()), 0.5)
   assert int(counts[2]) == round(0.1 * 28)
@@ -60,7 +60,7 @@ def test_fixed_leaves_keep_their_sparsity_and_leave_the_erk_sums():
 def test_erk_counts_are_exact_in_total_and_bounded_per_leaf(shapes, sparsity, power):
   paths = [f"l{i}" for i in range(len(shapes))]
   sizes = [int(np.prod(s)) for s in shapes]
-  d = jaxprune.erk(power)
+  d = jaxprune.distributions.erk(power)
   counts = [int(c) for c in d.prune_counts(paths, shapes, sparsity)]
   assert sum(counts) == round(sparsity * sum(sizes))
   assert all(0 <= c <= n for c, n in zip(counts, sizes))
@@ -76,24 +76,25 @@ def test_erk_at_sparsity_zero_keeps_every_leaf_dense():
   # Distinct raw densities: the last boundary's eps * raw lands a float32 ulp above
   # 1, which once fell back to d = 0 and pruned 12% of a leaf at sparsity 0.
   shapes = [(2, 36), (2, 17, 36), (4, 7, 18)]
-  d = jaxprune.erk(0.5)
+  d = jaxprune.distributions.erk(0.5)
   assert [float(s) for s in d.sparsities(["a", "b", "c"], shapes, 0.0)] == [0.0] * 3
   assert [int(c) for c in d.prune_counts(["a", "b", "c"], shapes, 0.0)] == [0] * 3
 
 
 def test_erk_total_rounds_like_prune_count():
   # One weight at sparsity 0.5: Python's round (half to even) says 0, as `uniform`.
-  assert [int(c) for c in jaxprune.erk(0.5).prune_counts(["a"], [(1,)], 0.5)] == [0]
+  assert [int(c) for c in jaxprune.distributions.erk(0.5).prune_counts(["a"], [(1,)], 0.5)] == [0]
 
 
 def test_bad_distributions_are_refused_by_name():
   with pytest.raises(ValueError, match="power"):
-    jaxprune.erk(0)
+    jaxprune.distributions.erk(0)
   with pytest.raises(ValueError, match="fixed sparsity of 'fc1'"):
-    jaxprune.erk(fixed={"fc1": 1.5})
+    jaxprune.distributions.erk(fixed={"fc1": 1.5})
   params = {"w": jnp.ones((4, 4))}
   with pytest.raises(ValueError, match="global"):
-    jaxprune.ranked_masks(params, 0.5, {"w": True}, scope="global", distribution=jaxprune.erk())
+    jaxprune.ranked_masks(params, 0.5, {"w": True}, scope="global",
+                          distribution=jaxprune.distributions.erk())
   with pytest.raises(TypeError, match="distribution"):
     jaxprune.ranked_masks(params, 0.5, {"w": True}, distribution={"w": 0.5})
 
@@ -108,7 +109,7 @@ def _params():
 def test_erk_masks_prune_the_exact_total_and_keep_thin_leaves_denser():
   params = _params()
   where = jaxprune.select(params)
-  masks = jaxprune.ranked_masks(params, 0.9, where, distribution=jaxprune.erk())
+  masks = jaxprune.ranked_masks(params, 0.9, where, distribution=jaxprune.distributions.erk())
   sizes = {k: params[k]["kernel"].size for k in ("conv", "fc1", "head")}
   pruned = {k: int((~masks[k]["kernel"]).sum()) for k in sizes}
   assert sum(pruned.values()) == round(0.9 * sum(sizes.values()))
@@ -126,12 +127,13 @@ def test_erk_masks_prune_the_exact_total_and_keep_thin_leaves_denser():
 def test_prune_targets_run_in_pruned_and_in_prune_retrain():
   params = _params()
   where = jaxprune.select(params)
-  target = jaxprune.Prune(0.8, distribution=jaxprune.erk())
+  target = jaxprune.Prune(0.8, distribution=jaxprune.distributions.erk())
   assert str(target) == "80.00% ERK"
   want = target.masks(params, where)
   # As the schedule of `pruned`'s gradual mode (traced sparsity inside the update).
   tx = jaxprune.pruned(optax.sgd(0.0), where=where, update_every=1,
-                       schedule=lambda count: jaxprune.Prune(0.8, distribution=jaxprune.erk()))
+                       schedule=lambda count: jaxprune.Prune(0.8,
+                                                             distribution=jaxprune.distributions.erk()))
   state = tx.init(params)
   grads = jax.tree.map(jnp.zeros_like, params)
   _, state = jax.jit(tx.update)(grads, state, params)
@@ -139,7 +141,7 @@ def test_prune_targets_run_in_pruned_and_in_prune_retrain():
   for k in ("conv", "fc1", "head"):
     np.testing.assert_array_equal(got[k]["kernel"], want[k]["kernel"], err_msg=k)
   # As a schedule entry of the loop's prune step (its sparsity traced).
-  opt_state = jaxprune.pruned(optax.sgd(0.0), jaxprune.magnitude_masks(params, 0.0, where)).init(
+  opt_state = jaxprune.pruned(optax.sgd(0.0), jaxprune.ranked_masks(params, 0.0, where)).init(
       params)
   step = jax.jit(lambda p, o, t: jaxprune.prune_step(p, o, t, where))
   _, opt_state = step(params, opt_state, target)
@@ -152,7 +154,7 @@ def test_a_schedule_of_erk_targets_compiles_one_prune_step():
   from test_targets import make_params, prune_retrain_counting_compiles
 
   params = make_params()
-  schedule = [jaxprune.Prune(s, distribution=jaxprune.erk()) for s in (0.3, 0.6, 0.8)]
+  schedule = [jaxprune.Prune(s, distribution=jaxprune.distributions.erk()) for s in (0.3, 0.6, 0.8)]
   result, compiled = prune_retrain_counting_compiles(params, schedule)
   assert compiled.count("jit(prune_step)") == 1
   # ERK's exact total after every prune, and the thin fc2 (16 x 4) kept denser.
@@ -166,16 +168,17 @@ def test_by_path_gives_each_leaf_its_own_exact_sparsity():
   k = jax.random.split(jax.random.key(2), 2)
   params = {"body": {"kernel": jax.random.normal(k[0], (16, 8))},
             "head": {"kernel": jax.random.normal(k[1], (8, 4))}}
-  d = jaxprune.by_path(lambda path, shape, s: s / 2 if "head" in path else s)
+  d = jaxprune.distributions.by_path(lambda path, shape, s: s / 2 if "head" in path else s)
   masks = jax.jit(lambda p, s: jaxprune.Prune(s, distribution=d).masks(
       p, jaxprune.select(p)))(params, 0.5)
   assert int((~masks["body"]["kernel"]).sum()) == 64
   assert int((~masks["head"]["kernel"]).sum()) == 8          # round(0.25 * 32)
   with pytest.raises(ValueError, match=r"the sparsity of head/kernel is 1\.5"):
-    jaxprune.by_path(lambda path, shape, s: 1.5 if "head" in path else s).prune_counts(
+    jaxprune.distributions.by_path(lambda path, shape,
+                                   s: 1.5 if "head" in path else s).prune_counts(
         ["body/kernel", "head/kernel"], [(16, 8), (8, 4)], 0.5)
   with pytest.raises(ValueError, match="takes a function"):
-    jaxprune.by_path(0.5)
+    jaxprune.distributions.by_path(0.5)
 
 
 # ----------------------------------------------------------------------------- OWL
@@ -207,7 +210,7 @@ def owl_reference(ratios: list[float], sizes: list[int], s: float, spread: float
 def test_owl_matches_the_numpy_reference_and_totals_exactly(leaves, sparsity, spread):
   paths = [f"l{i}" for i in range(len(leaves))]
   shapes = [(n,) for n, _ in leaves]
-  d = jaxprune.owl({p: r for p, (_, r) in zip(paths, leaves)}, spread)
+  d = jaxprune.distributions.owl({p: r for p, (_, r) in zip(paths, leaves)}, spread)
   want = owl_reference([r for _, r in leaves], [n for n, _ in leaves], sparsity, spread)
   got = np.array([float(x) for x in d.sparsities(paths, shapes, sparsity)])
   np.testing.assert_allclose(got, want, atol=1e-6)
@@ -220,7 +223,7 @@ def test_owl_matches_the_numpy_reference_and_totals_exactly(leaves, sparsity, sp
 def test_owl_prunes_outlier_rich_leaves_less_and_ramps_from_zero():
   ratios = {"quiet/kernel": 0.001, "loud/kernel": 0.05, "mid/kernel": 0.02}
   paths, shapes = list(ratios), [(32, 32)] * 3
-  d = jaxprune.owl(ratios, spread=0.1)
+  d = jaxprune.distributions.owl(ratios, spread=0.1)
   quiet, loud, mid = (float(x) for x in d.sparsities(paths, shapes, 0.8))
   # Scaled ratios 0, 1, 19/49; centred (equal sizes), quiet's is -(1 + 19/49) / 3.
   assert loud < mid < quiet
@@ -242,14 +245,14 @@ def test_outlier_ratios_from_wanda_scores_feed_owl_masks():
     return jnp.tanh(x @ p["fc1"]["kernel"]) @ p["fc2"]["kernel"]
 
   where = jaxprune.select(params)
-  stats = jaxprune.input_statistics(apply_fn, params, [x], where)
-  ratios = jaxprune.outlier_ratios(params, where, jaxprune.wanda_score(stats), m=5.0)
+  stats = jaxprune.oneshot.input_statistics(apply_fn, params, [x], where)
+  ratios = jaxprune.scores.outlier_ratios(params, where, jaxprune.scores.wanda_score(stats), m=5.0)
   # The reference: |w| * ||x_j|| per weight, the fraction above 5 means.
   norms = np.sqrt((np.asarray(x, np.float64) ** 2).sum(0))
   a = np.abs(np.asarray(params["fc1"]["kernel"])) * norms[:, None]
   assert ratios["fc1/kernel"] == pytest.approx(float((a > 5 * a.mean()).mean()), abs=1e-6)
   assert ratios["fc1/kernel"] > ratios["fc2/kernel"]
-  masks = jaxprune.Prune(0.7, distribution=jaxprune.owl(ratios)).masks(params, where)
+  masks = jaxprune.Prune(0.7, distribution=jaxprune.distributions.owl(ratios)).masks(params, where)
   kept = {k: float(np.mean(masks[k]["kernel"])) for k in masks}
   assert kept["fc1"] > kept["fc2"]  # the outlier-rich leaf keeps more
   total = sum(int(np.sum(~masks[k]["kernel"])) for k in masks)
@@ -257,12 +260,13 @@ def test_outlier_ratios_from_wanda_scores_feed_owl_masks():
 
 
 @pytest.mark.parametrize("call, named", [
-    (lambda: jaxprune.owl({"a": 0.1}, spread=0.6), "spread"),
-    (lambda: jaxprune.owl({}), "non-empty"),
-    (lambda: jaxprune.owl({"a": 1.5}), "'a'"),
-    (lambda: jaxprune.owl({"a": 0.1}).prune_counts(["b"], [(4,)], 0.5), "no outlier ratio for b"),
-    (lambda: jaxprune.outlier_ratios({"a": jnp.ones(4)}, {"a": True},
-                                     jaxprune.magnitude_score(), m=0), "m must be"),
+    (lambda: jaxprune.distributions.owl({"a": 0.1}, spread=0.6), "spread"),
+    (lambda: jaxprune.distributions.owl({}), "non-empty"),
+    (lambda: jaxprune.distributions.owl({"a": 1.5}), "'a'"),
+    (lambda: jaxprune.distributions.owl({"a": 0.1}).prune_counts(["b"], [(4,)], 0.5),
+     "no outlier ratio for b"),
+    (lambda: jaxprune.scores.outlier_ratios({"a": jnp.ones(4)}, {"a": True},
+                                     jaxprune.scores.magnitude_score(), m=0), "m must be"),
 ])
 def test_bad_owl_settings_are_refused_by_name(call, named):
   with pytest.raises(ValueError, match=named):

@@ -44,7 +44,7 @@ def make_globs() -> dict:
     return batch
 
   where = jaxprune.select(params)
-  masks = jaxprune.magnitude_masks(params, 0.5, where)
+  masks = jaxprune.ranked_masks(params, 0.5, where)
   opt_state = jaxprune.pruned(optax.adam(1e-3), masks).init(params)
   return {
       "jax": jax,

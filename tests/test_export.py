@@ -87,7 +87,7 @@ def aligned(params, masks, loaded):
   with_path = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_none)[0]
   out = zip(with_path, jax.tree.leaves(masks, is_leaf=is_none),
             jax.tree.leaves(loaded, is_leaf=is_none))
-  return [(jaxprune.path_string(p), w, m, got) for (p, w), m, got in out if w is not None]
+  return [(jaxprune.tree.path_string(p), w, m, got) for (p, w), m, got in out if w is not None]
 
 
 def assert_bitwise_equal(a, b):
@@ -164,7 +164,7 @@ def test_other_pytree_nodes_load_as_dicts_keyed_by_path(tmp_path):
   loaded, loaded_masks = load_compressed(tmp_path / "m", with_masks=True)
   assert isinstance(loaded["fc1"], dict) and set(loaded["fc1"]) == {"kernel", "bias"}
   # Same path strings; a dict's leaves come in sorted key order, a NamedTuple's in field order.
-  assert sorted(jaxprune.leaf_paths(loaded)) == sorted(jaxprune.leaf_paths(params))
+  assert sorted(jaxprune.tree.leaf_paths(loaded)) == sorted(jaxprune.tree.leaf_paths(params))
   jaxprune.check_masks(loaded_masks, loaded)
   assert loaded_masks["fc1"]["bias"] is None
   np.testing.assert_array_equal(loaded_masks["fc1"]["kernel"], masks["fc1"].kernel)

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxprune import (
+from jaxprune.structural import (
     Group,
     Member,
     activation_importance,

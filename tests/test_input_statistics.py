@@ -75,7 +75,7 @@ def _equinox():
 def test_statistics_are_the_inputs_each_kernel_multiplies(build):
   params, apply, want = build()
   where = jaxprune.select(params, include=["kernel", "weight"])
-  stats = jaxprune.input_statistics(apply, params, [jnp.asarray(X), jnp.asarray(X)], where,
+  stats = jaxprune.oneshot.input_statistics(apply, params, [jnp.asarray(X), jnp.asarray(X)], where,
                                     gram=True)
   assert stats.unattributed == {}
   got = {jaxprune._src.tree.mask_tree.canonical_path(p).removeprefix("params/"): s
@@ -97,7 +97,7 @@ def test_scanned_layers_get_one_statistic_per_layer_and_remat_is_seen_through():
       return jnp.tanh(h @ w), None
     return jax.lax.scan(body, x, p["stack"])[0]
 
-  stats = jaxprune.input_statistics(apply, {"stack": ws}, [jnp.asarray(X)], {"stack": True})
+  stats = jaxprune.oneshot.input_statistics(apply, {"stack": ws}, [jnp.asarray(X)], {"stack": True})
   s = stats.leaves["stack"]
   assert s.stack_axes == (0,) and s.feature_axes == (1,) and s.sq_norms.shape == (3, 8)
   h, want = X, []
@@ -118,7 +118,7 @@ def test_attention_kernels_reshaped_into_heads_and_vmapped_experts():
     return heads.sum() + per_expert.sum()
 
   params = {"qkv": qkv, "experts": experts}
-  stats = jaxprune.input_statistics(apply, params, [jnp.asarray(X)],
+  stats = jaxprune.oneshot.input_statistics(apply, params, [jnp.asarray(X)],
                                     {"qkv": True, "experts": True})
   assert stats.leaves["qkv"].feature_axes == (0,)
   np.testing.assert_allclose(np.asarray(stats.leaves["qkv"].sq_norms), _sq(X), rtol=1e-5)
@@ -133,13 +133,14 @@ def test_leaves_no_product_reaches_are_named_and_bad_input_refused():
   def apply(p, x):
     return (x @ p["fc"]) * p["scale"].sum()
 
-  stats = jaxprune.input_statistics(apply, params, [jnp.asarray(X)], {"scale": True, "fc": True})
+  stats = jaxprune.oneshot.input_statistics(apply, params, [jnp.asarray(X)], {"scale": True,
+                                                                              "fc": True})
   assert set(stats.leaves) == {"fc"}
   assert "reduce_sum" in stats.unattributed["scale"]
   with pytest.raises(ValueError, match="at least one calibration batch"):
-    jaxprune.input_statistics(apply, params, [], {"scale": True, "fc": True})
+    jaxprune.oneshot.input_statistics(apply, params, [], {"scale": True, "fc": True})
   with pytest.raises(ValueError, match="inputs of fc hold NaN"):
-    jaxprune.input_statistics(apply, params, [jnp.full((2, 8), jnp.nan)],
+    jaxprune.oneshot.input_statistics(apply, params, [jnp.full((2, 8), jnp.nan)],
                               {"scale": False, "fc": True})
 
 
@@ -147,8 +148,8 @@ def test_wanda_ranks_weight_times_input_norm_per_output_row():
   params, apply, _ = _plain()
   where = jaxprune.select(params)
   x = jnp.asarray(X) * jnp.arange(1.0, 9.0)        # input features of unequal scale
-  stats = jaxprune.input_statistics(apply, params, [x], where)
-  target = jaxprune.Prune(0.5, score=jaxprune.wanda_score(stats), scope="row")
+  stats = jaxprune.oneshot.input_statistics(apply, params, [x], where)
+  target = jaxprune.Prune(0.5, score=jaxprune.scores.wanda_score(stats), scope="row")
   masks = jax.jit(lambda p, t: t.masks(p, where))(params, target)
   for name, inputs in (("fc1", np.asarray(x)),
                        ("fc2", np.tanh(np.asarray(x) @ np.asarray(params["fc1"]["kernel"])))):
@@ -161,17 +162,17 @@ def test_wanda_ranks_weight_times_input_norm_per_output_row():
   assert not np.array_equal(np.asarray(masks["fc1"]["kernel"]),
                             np.asarray(magnitude["fc1"]["kernel"]))
   with pytest.raises(ValueError, match="no input statistics for fc2/kernel"):
-    only_fc1 = jaxprune.input_statistics(apply, params, [x], {
+    only_fc1 = jaxprune.oneshot.input_statistics(apply, params, [x], {
         "fc1": {"kernel": True, "bias": False}, "fc2": {"kernel": False}})
-    jaxprune.Prune(0.5, score=jaxprune.wanda_score(only_fc1)).masks(params, where)
+    jaxprune.Prune(0.5, score=jaxprune.scores.wanda_score(only_fc1)).masks(params, where)
 
 
 def test_wanda_two_four_keeps_the_best_two_of_every_four_inputs_by_score():
   params, apply, _ = _plain()
   where = {"fc1": {"kernel": True, "bias": False}, "fc2": {"kernel": False}}
   x = jnp.asarray(X) * jnp.arange(1.0, 9.0)
-  stats = jaxprune.input_statistics(apply, params, [x], where)
-  target = jaxprune.NM(2, 4, score=jaxprune.wanda_score(stats))
+  stats = jaxprune.oneshot.input_statistics(apply, params, [x], where)
+  target = jaxprune.NM(2, 4, score=jaxprune.scores.wanda_score(stats))
   assert str(target) == "2:4 wanda"
   kept = np.asarray(jax.jit(lambda p, t: t.masks(p, where))(params, target)["fc1"]["kernel"])
   score = np.abs(np.asarray(params["fc1"]["kernel"])) * np.sqrt(_sq(np.asarray(x)))[:, None]

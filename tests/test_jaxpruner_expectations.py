@@ -41,7 +41,7 @@ SCORE_5 = [SCORE_4, SCORE_4]
 def _ranked(score, sparsity, **kw):
   params = {"w": jnp.asarray(score, jnp.float32)}
   return np.asarray(jaxprune.ranked_masks(params, sparsity, {"w": True},
-                                          score=jaxprune.given_score(params), **kw)["w"])
+                                          score=jaxprune.scores.given_score(params), **kw)["w"])
 
 
 def test_unstructured_top_k():
@@ -99,27 +99,27 @@ def test_magnitude_and_saliency_scores():
   params = {"w": jnp.array([0.1, 0.9, -0.2, 0.5])}
   grads = {"w": jnp.array([5.0, 1.0, 3.0, 0.5])}
   np.testing.assert_allclose(np.asarray(jnp.abs(params["w"])), [0.1, 0.9, 0.2, 0.5])
-  (saliency,) = jaxprune.saliency_score(grads).scores(params, [0])
+  (saliency,) = jaxprune.scores.saliency_score(grads).scores(params, [0])
   np.testing.assert_allclose(np.asarray(saliency), [0.5, 0.9, 0.6, 0.25], rtol=1e-6)
   # Their ranking: at 0.5, magnitude keeps 0.9 and 0.5, saliency 0.9 and 0.6.
   kept = jaxprune.ranked_masks(params, 0.5, {"w": True})["w"]
   np.testing.assert_array_equal(np.asarray(kept), [0, 1, 0, 1])
   kept = jaxprune.ranked_masks(params, 0.5, {"w": True},
-                               score=jaxprune.saliency_score(grads))["w"]
+                               score=jaxprune.scores.saliency_score(grads))["w"]
   np.testing.assert_array_equal(np.asarray(kept), [0, 1, 1, 0])
 
 
 def test_random_scores_differ_by_seed_and_prune_exactly_half():
   # pruners_test.testRandomPruning: two seeds, different scores; 50% sparsity exactly.
   params = {"w": jax.random.normal(jax.random.key(0), (10, 10))}
-  (a,) = jaxprune.random_score(0).scores(params, [0])
-  (b,) = jaxprune.random_score(5).scores(params, [0])
+  (a,) = jaxprune.scores.random_score(0).scores(params, [0])
+  (b,) = jaxprune.scores.random_score(5).scores(params, [0])
   assert not np.array_equal(np.asarray(a), np.asarray(b))
-  mask = jaxprune.ranked_masks(params, 0.5, {"w": True}, score=jaxprune.random_score(0))["w"]
+  mask = jaxprune.ranked_masks(params, 0.5, {"w": True}, score=jaxprune.scores.random_score(0))["w"]
   assert float((~mask).mean()) == 0.5
 
 
-@pytest.mark.parametrize("score", [None, jaxprune.normalized_score()],
+@pytest.mark.parametrize("score", [None, jaxprune.scores.normalized_score()],
                          ids=["raw", "normalized"])
 def test_global_pruning(score):
   # global_pruners_test.testGlobalPruning (JaxPruner normalizes per leaf by default:
@@ -140,7 +140,7 @@ def test_normalized_global_scope_balances_leaves_of_different_scales():
   raw = jaxprune.ranked_masks(tree, 0.5, where, scope="global")
   assert int(raw["a"].sum()) == 0 and int(raw["b"].sum()) == 8
   norm = jaxprune.ranked_masks(tree, 0.5, where, scope="global",
-                               score=jaxprune.normalized_score())
+                               score=jaxprune.scores.normalized_score())
   scores = np.concatenate([small / np.linalg.norm(small), big / np.linalg.norm(big)])
   kept = np.ones(16, bool)
   kept[np.argsort(scores, kind="stable")[:8]] = False

@@ -49,8 +49,8 @@ def model():
 @pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.75])
 def test_wanda_rows_are_one_output_neuron_of_every_layout(model, sparsity):
   params, batches, where = model
-  stats = jaxprune.input_statistics(apply_fn, params, batches, where)
-  masks = jaxprune.Prune(sparsity, score=jaxprune.wanda_score(stats), scope="row").masks(
+  stats = jaxprune.oneshot.input_statistics(apply_fn, params, batches, where)
+  masks = jaxprune.Prune(sparsity, score=jaxprune.scores.wanda_score(stats), scope="row").masks(
       params, where)
   for name, inputs in INPUTS.items():
     assert stats.leaves[name].feature_axes == inputs
@@ -108,9 +108,9 @@ LAST_INPUT = {"q": 0, "o": 1, "gating": 2, "linear": 0, "eqx": 1}
 def test_nm_groups_run_along_each_leafs_last_input_axis(model):
   params, batches, where = model
   layouts = weight_layouts(apply_fn, params, batches[0])
-  stats = jaxprune.input_statistics(apply_fn, params, batches, where)
+  stats = jaxprune.oneshot.input_statistics(apply_fn, params, batches, where)
   by_layout = jaxprune.NM(2, 4, axis=layouts).masks(params, where)
-  by_wanda = jaxprune.NM(2, 4, score=jaxprune.wanda_score(stats)).masks(params, where)
+  by_wanda = jaxprune.NM(2, 4, score=jaxprune.scores.wanda_score(stats)).masks(params, where)
   for name, axis in LAST_INPUT.items():
     w = np.asarray(params[name])
     np.testing.assert_array_equal(np.asarray(by_layout[name]),

@@ -88,9 +88,9 @@ def erk_reference(raw: list[float], sizes: list[int], sparsity: float) -> np.nda
 
 
 def _selected(params, where):
-  flags = dict(zip(jaxprune.leaf_paths(params), jax.tree.leaves(where)))
-  paths = [p for p in jaxprune.leaf_paths(params) if flags[p]]
-  shapes = [x.shape for p, x in zip(jaxprune.leaf_paths(params), jax.tree.leaves(params))
+  flags = dict(zip(jaxprune.tree.leaf_paths(params), jax.tree.leaves(where)))
+  paths = [p for p in jaxprune.tree.leaf_paths(params) if flags[p]]
+  shapes = [x.shape for p, x in zip(jaxprune.tree.leaf_paths(params), jax.tree.leaves(params))
             if flags[p]]
   return paths, shapes
 
@@ -101,14 +101,15 @@ def test_erk_fans_from_layouts_unfreeze_gemma_kv_einsum():
   paths, shapes = _selected(params, where)
   assert paths == list(GEMMA_FANS)
   # The failure: every axis counted as a fan leaves kv_einsum fully dense at 50%.
-  old = [1 - float(s) for s in jaxprune.erk().sparsities(paths, shapes, 0.5)]
+  old = [1 - float(s) for s in jaxprune.distributions.erk().sparsities(paths, shapes, 0.5)]
   old_reference = erk_reference([sum(s) / math.prod(s) for s in shapes],
                                 [math.prod(s) for s in shapes], 0.5)
   np.testing.assert_allclose(old, old_reference, atol=1e-6)
   assert old[paths.index("layer_0/attn/kv_einsum/w")] == 1.0
 
   layouts = _layouts(_gemma_apply, params, S((1, 5), jnp.int32))
-  new = [1 - float(s) for s in jaxprune.erk(layouts=layouts).sparsities(paths, shapes, 0.5)]
+  new = [1 - float(s) for s in jaxprune.distributions.erk(layouts=layouts).sparsities(paths,
+                                                                                      shapes, 0.5)]
   reference = erk_reference([(i + o) / (i * o) for i, o in GEMMA_FANS.values()],
                             [math.prod(s) for s in shapes], 0.5)
   np.testing.assert_allclose(new, reference, atol=1e-6)
@@ -116,7 +117,7 @@ def test_erk_fans_from_layouts_unfreeze_gemma_kv_einsum():
   assert max(new) < 1.0
 
   # As a static setting of a compiled Prune: the counts are the reference shares.
-  target = jaxprune.Prune(0.5, distribution=jaxprune.erk(layouts=layouts))
+  target = jaxprune.Prune(0.5, distribution=jaxprune.distributions.erk(layouts=layouts))
   masks = jax.jit(lambda t, p: t.masks(p, where))(target, params)
   kept = [int(m.sum()) for m in jax.tree.leaves(masks)]
   shares = reference * np.array([math.prod(s) for s in shapes])
@@ -140,7 +141,7 @@ def test_erk_layouts_keep_jaxpruner_figures_on_dense_and_conv(kernel, want):
   layouts = _layouts(_three_apply, params, S((1, 2), jnp.float32), S((1, 3), jnp.float32),
                      S((1, 5, 4), jnp.float32))
   assert layouts["c"].use == "conv" and layouts["c"].inputs == (0, 1)
-  got = jaxprune.erk(kernel=kernel, layouts=layouts).sparsities(
+  got = jaxprune.distributions.erk(kernel=kernel, layouts=layouts).sparsities(
       list(params), [x.shape for x in params.values()], 0.5)
   for name, s in zip(params, got):
     assert float(s) == pytest.approx(want[name], abs=0.006), name
@@ -157,14 +158,14 @@ def test_erk_layouts_leave_stack_axes_out_and_follow_stacked():
   layouts = _layouts(_stacked_apply, params, S((2, 8), jnp.float32))
   # Each of the three stacked layers is an (8, 8) layer, not a (3, 8, 8) kernel.
   reference = erk_reference([16 / 64, 40 / 256], [192, 256], 0.6)
-  old = [1 - float(s) for s in jaxprune.erk().sparsities(list(params), shapes, 0.6)]
+  old = [1 - float(s) for s in jaxprune.distributions.erk().sparsities(list(params), shapes, 0.6)]
   assert not np.allclose(old, reference, atol=1e-3)
   new = [1 - float(s) for s in
-         jaxprune.erk(layouts=layouts).sparsities(list(params), shapes, 0.6)]
+         jaxprune.distributions.erk(layouts=layouts).sparsities(list(params), shapes, 0.6)]
   np.testing.assert_allclose(new, reference, atol=1e-6)
   # With `stacked=` the distribution sees (8, 8) slices; the layouts still apply.
   masks = jaxprune.ranked_masks(params, 0.6, jaxprune.select(params),
-                                distribution=jaxprune.erk(layouts=layouts),
+                                distribution=jaxprune.distributions.erk(layouts=layouts),
                                 stacked={"layers": 1})
   per_layer = [int(m.sum()) for m in masks["layers"]]
   assert all(abs(k - reference[0] * 64) <= 1 for k in per_layer)
@@ -173,10 +174,10 @@ def test_erk_layouts_leave_stack_axes_out_and_follow_stacked():
 def test_erk_layouts_refuse_a_leaf_without_fans_unless_fixed():
   params = {"w": jnp.ones((4, 4)), "gain": jnp.ones((2, 4))}
   layouts = _layouts(lambda p, x: (x @ p["w"]) * p["gain"], params, S((2, 4), jnp.float32))
-  d = jaxprune.erk(layouts=layouts)
+  d = jaxprune.distributions.erk(layouts=layouts)
   with pytest.raises(ValueError, match="gain as 'elementwise'"):
     d.sparsities(["w", "gain"], [(4, 4), (2, 4)], 0.5)
-  fixed = jaxprune.erk(layouts=layouts, fixed={"gain": 0.0})
+  fixed = jaxprune.distributions.erk(layouts=layouts, fixed={"gain": 0.0})
   assert [float(s) for s in fixed.sparsities(["w", "gain"], [(4, 4), (2, 4)], 0.5)] == [0.5, 0.0]
   with pytest.raises(ValueError, match="no entry for other"):
     d.sparsities(["other"], [(4, 4)], 0.5)
@@ -227,21 +228,21 @@ def _header(path) -> tuple[int, dict]:
 def test_int8_scales_per_output_channel_from_layouts(tmp_path):
   params = _export_params()
   masks = jaxprune.ranked_masks(params, 0.5, jaxprune.select(params),
-                                score=jaxprune.random_score(0))
+                                score=jaxprune.scores.random_score(0))
   host = {k: np.asarray(v) for k, v in params.items()}
   host_masks = {k: np.asarray(m) for k, m in masks.items()}
   # The failure: per last axis, the gating kernel's scales run along its input axis d,
   # so its small output neuron shares scales with large ones and loses its weights.
-  jaxprune.export_compressed(tmp_path / "old", params, masks, values="int8")
-  old = np.asarray(jaxprune.load_compressed(tmp_path / "old")["gating"])
+  jaxprune.export.export_compressed(tmp_path / "old", params, masks, values="int8")
+  old = np.asarray(jaxprune.export.load_compressed(tmp_path / "old")["gating"])
   small = np.abs(np.where(host_masks["gating"], host["gating"], 0)[0, 3]).max()
   assert np.abs(old[0, 3] - np.where(host_masks["gating"][0, 3], host["gating"][0, 3], 0)).max() \
       > small / 4
 
   layouts = _layouts(_export_apply, params, S((5, 8), jnp.float32), S((1, 5, 5, 4), jnp.float32))
-  info = jaxprune.export_compressed(tmp_path / "new", params, masks, values="int8",
+  info = jaxprune.export.export_compressed(tmp_path / "new", params, masks, values="int8",
                                     layouts=layouts)
-  loaded, loaded_masks = jaxprune.load_compressed(tmp_path / "new", with_masks=True)
+  loaded, loaded_masks = jaxprune.export.load_compressed(tmp_path / "new", with_masks=True)
   for name, reduce in INPUT_AXES.items():
     want = int8_reference(host[name], host_masks[name], reduce)
     np.testing.assert_allclose(loaded[name], want, rtol=0, atol=1e-7, err_msg=name)
@@ -266,9 +267,9 @@ def test_int8_layouts_refuse_a_leaf_without_output_channels(tmp_path):
   layouts = _layouts(lambda p, ids: p["embed"][ids] @ p["w"], params, S((3,), jnp.int32))
   masks = {"embed": jnp.ones((10, 4), bool), "w": jnp.ones((4, 4), bool)}
   with pytest.raises(ValueError, match="embed as 'gather'"):
-    jaxprune.export_compressed(tmp_path / "m", params, masks, values="int8", layouts=layouts)
+    jaxprune.export.export_compressed(tmp_path / "m", params, masks, values="int8", layouts=layouts)
   # Other encodings do not read the layouts.
-  jaxprune.export_compressed(tmp_path / "m", params, masks, layouts=layouts)
+  jaxprune.export.export_compressed(tmp_path / "m", params, masks, layouts=layouts)
 
 
 # ----------------------------------------------------------------------------- selection
@@ -304,13 +305,14 @@ def test_select_by_role_skips_penzai_norm_scales_named_weights():
   layouts = _layouts(_penzai_apply, params, S((5,), jnp.int32))
   new = jaxprune.select(params, layouts=layouts)
   by_use = {p: layouts[p].use in ("dot_general", "conv") for p in layouts}
-  assert dict(zip(jaxprune.leaf_paths(params), jax.tree.leaves(new))) == by_use
+  assert dict(zip(jaxprune.tree.leaf_paths(params), jax.tree.leaves(new))) == by_use
   assert by_use == {"blocks/attention/output/weights": True, "blocks/attention/query/weights": True,
                     "blocks/mlp/weights": True, "blocks/norm/weights": False,
                     "embedding/embeddings": False, "final_norm/weights": False}
   # Patterns still apply on top of the role.
   only_attention = jaxprune.select(params, include="attention/*", layouts=layouts)
-  assert [p for p, f in zip(jaxprune.leaf_paths(params), jax.tree.leaves(only_attention)) if f] \
+  assert [p for p, f in zip(jaxprune.tree.leaf_paths(params),
+                            jax.tree.leaves(only_attention)) if f] \
       == ["blocks/attention/output/weights", "blocks/attention/query/weights"]
   no_mlp = jaxprune.select(params, exclude="mlp", layouts=layouts)
   assert no_mlp["blocks"]["mlp"]["weights"] is False

@@ -103,7 +103,7 @@ def run(**overrides):
   batches = overrides.pop("train_batches", None) or Batches()
   params = overrides.pop("params", None) or make_params()
   kwargs = dict(
-      optimizer=optax.adam(1e-2), schedule=SCHEDULE, where=jaxprune.select(params),
+      optimizer=optax.adam(1e-2), targets=SCHEDULE, where=jaxprune.select(params),
       retrain_steps=4, progress=False,
   )
   kwargs.update(overrides)
@@ -177,7 +177,7 @@ def test_history_rows_and_result_values(base):
   assert batches.steps == list(range(12))
   assert len(result.history) == 3
   for i, (row, target) in enumerate(zip(result.history, SCHEDULE)):
-    assert isinstance(row, jaxprune.IterationRecord)
+    assert isinstance(row, jaxprune.training.IterationRecord)
     assert row.iteration == i
     assert row.target_sparsity == target
     assert row.target == f"{target:.2%}"
@@ -195,20 +195,20 @@ def test_history_rows_and_result_values(base):
   # The figures are evaluations of the right params.
   first = result.history[0]
   assert first.before_prune.loss == pytest.approx(reference_eval(params0), rel=1e-5)
-  pruned0 = jaxprune.apply_masks(params0, jaxprune.magnitude_masks(params0, 0.5, where))
+  pruned0 = jaxprune.apply_masks(params0, jaxprune.ranked_masks(params0, 0.5, where))
   assert first.after_prune.loss == pytest.approx(reference_eval(pruned0), rel=1e-5)
   assert result.final.loss == pytest.approx(reference_eval(result.params), rel=1e-5)
 
   assert result.dense == first.before_prune
   assert result.final == result.history[-1].after_retrain
-  assert result.metric is jaxprune.loss_metric
+  assert result.metric is jaxprune.training.loss_metric
   assert result.degradation == pytest.approx(
       result.final.loss / result.dense.loss - 1.0, rel=1e-12, abs=1e-15)
   assert result.achieved_sparsity == 0.875
   # Over the whole model, zeros count wherever they are (a bias can be exactly 0 too).
   zero_biases = sum(int((np.asarray(result.params[k]["bias"]) == 0).sum()) for k in ("fc1", "fc2"))
   assert result.overall_sparsity == (112 + 56 + zero_biases) / (128 + 16 + 64 + 4)
-  assert isinstance(result.report, jaxprune.SparsityReport)
+  assert isinstance(result.report, jaxprune.training.SparsityReport)
 
   # Masks: the final ones, held in the optimizer state, zero exactly the pruned weights.
   masks = result.masks
@@ -436,10 +436,10 @@ def _nothing_selected(params):
 
 
 ERROR_CASES = {
-    "empty schedule": (dict(schedule=[]), ValueError, "schedule is empty"),
-    "empty schedule array": (dict(schedule=np.zeros((0,))), ValueError, "schedule is empty"),
-    "sparsity 1": (dict(schedule=[0.5, 1.0]), ValueError, r"schedule\[1\]"),
-    "negative sparsity": (dict(schedule=[-0.1]), ValueError, r"schedule\[0\]"),
+    "empty schedule": (dict(targets=[]), ValueError, "targets is empty"),
+    "empty schedule array": (dict(targets=np.zeros((0,))), ValueError, "targets is empty"),
+    "sparsity 1": (dict(targets=[0.5, 1.0]), ValueError, r"targets\[1\]"),
+    "negative sparsity": (dict(targets=[-0.1]), ValueError, r"targets\[0\]"),
     "negative steps": (dict(retrain_steps=-1), ValueError, "retrain_steps"),
     "negative budget": (dict(retrain_steps=[1, -2, 1]), ValueError, r"retrain_steps\[1\]"),
     "fractional budget": (dict(retrain_steps=[1, 2.5, 1]), ValueError, r"retrain_steps\[1\]"),
@@ -465,7 +465,7 @@ def test_errors_before_any_compute(case, tmp_path):
   overrides, error, message = ERROR_CASES[case]
   loss, batches = CountedLoss(), Batches()
   params = make_params()
-  kwargs = dict(optimizer=optax.adam(1e-2), schedule=SCHEDULE, where=jaxprune.select(params),
+  kwargs = dict(optimizer=optax.adam(1e-2), targets=SCHEDULE, where=jaxprune.select(params),
                 retrain_steps=2, progress=False, checkpoint_dir=str(tmp_path / "ckpt"))
   kwargs.update(overrides)
   eval_batches = kwargs.pop("eval_batches", EVAL_BATCHES)
@@ -603,7 +603,7 @@ def _extra_leaf_params():
 
 
 MISMATCHES = {
-    "schedule": (dict(schedule=(0.5, 0.75, 0.9)), "schedule"),
+    "targets": (dict(targets=(0.5, 0.75, 0.9)), "targets"),
     "budgets": (dict(retrain_steps=[2, 3, 3]), "retrain_steps"),
     "restart_optimizer": (dict(restart_optimizer=False), "restart_optimizer"),
     "seed": (dict(seed=1), "seed"),
@@ -650,7 +650,7 @@ def test_checkpoint_contents(finished_run):
   _, meta, state, steps = latest_checkpoint(ckpt)
   assert len(steps) == 3  # keep_checkpoints=3 of the 3 saves
   assert (meta["phase"], meta["iteration"], meta["step"]) == ("prune", 3, 0)
-  assert [jaxprune.IterationRecord.from_json(r) for r in meta["history"]] == first.history
+  assert [jaxprune.training.IterationRecord.from_json(r) for r in meta["history"]] == first.history
   # Masks have one home, the pruned state inside opt_state, stored 1 bit per weight
   # where the last axis is a multiple of 8: fc1 (8, 16) packs to (8, 2); fc2 (16, 4)
   # stays bool.
@@ -659,7 +659,7 @@ def test_checkpoint_contents(finished_run):
           if np.asarray(x).dtype in (np.uint8, np.bool_)]
   assert [(m.dtype.name, m.shape) for m in held] == [("uint8", (8, 2)), ("bool", (16, 4))]
   for h, m in zip(held, jax.tree.leaves(first.masks), strict=True):
-    np.testing.assert_array_equal(jaxprune.unpack_mask(jnp.asarray(h)), m)
+    np.testing.assert_array_equal(jaxprune.tree.unpack_mask(jnp.asarray(h)), m)
   assert_trees_bitwise_equal(state["params"], first.params)
 
 
@@ -672,13 +672,13 @@ def test_achieved_sparsity_means_the_fraction_the_masks_prune(base):
   # A kept weight that is exactly zero is a zero in the report, not a pruned weight.
   params = {"fc": {"kernel": jnp.array([[0.0, 2.0], [3.0, 4.0]])}}
   masks = {"fc": {"kernel": jnp.array([[True, False], [True, True]])}}
-  assert jaxprune.pruned_fraction(masks) == 0.25
+  assert jaxprune.training.pruned_fraction(masks) == 0.25
   report = jaxprune.sparsity_report(jaxprune.apply_masks(params, masks), {"fc": {"kernel": True}})
   assert report.targeted_sparsity == 0.5
 
 
 def test_the_iteration_log_names_the_metric(caplog):
   with caplog.at_level(logging.INFO, logger="jaxprune"):
-    run(schedule=[0.5], retrain_steps=2, metric=jaxprune.perplexity)
+    run(targets=[0.5], retrain_steps=2, metric=jaxprune.training.perplexity)
   lines = [r.getMessage() for r in caplog.records if "iteration 0:" in r.getMessage()]
   assert len(lines) == 1 and "perplexity" in lines[0] and "metric" not in lines[0], lines

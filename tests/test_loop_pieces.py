@@ -34,17 +34,18 @@ def test_pieces_by_hand_match_prune_retrain(tmp_path):
   schedule = [0.5, jaxprune.NM(1, 4)]
   result = jaxprune.prune_retrain(
       params, loss_fn, batch_at, [batch_at(10_000)], optimizer=optax.adam(1e-2),
-      schedule=schedule, where=where, retrain_steps=6, progress=False, seed=3)
+      targets=schedule, where=where, retrain_steps=6, progress=False, seed=3)
 
-  tx = jaxprune.pruned(optax.adam(1e-2), jaxprune.magnitude_masks(params, 0.0, where))
+  tx = jaxprune.pruned(optax.adam(1e-2), jaxprune.ranked_masks(params, 0.0, where))
   train_step = jaxprune.make_train_step(loss_fn, tx)
-  state = jaxprune.LoopState(params, tx.init(params), jax.random.key_data(jax.random.key(3)))
+  state = jaxprune.training.LoopState(params, tx.init(params),
+                                      jax.random.key_data(jax.random.key(3)))
   with jaxprune.Checkpointer(tmp_path / "ckpt", {"by": "hand"}) as ckpt:
     for i, target in enumerate(schedule):
       p, pruned_state = jaxprune.prune_step(state.params, state.opt_state, target, where)
       # Learning-rate rewinding: a fresh optimizer state holding the new masks.
       opt_state = jaxprune.set_masks(tx.init(float_part(p)), jaxprune.get_masks(pruned_state))
-      state = jaxprune.retrain(train_step, state._replace(params=p, opt_state=opt_state),
+      state = jaxprune.training.retrain(train_step, state._replace(params=p, opt_state=opt_state),
                                batch_at, range(6), first_step=6 * i, iteration=i)
       ckpt.save(state, {"iteration": i + 1})
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(result.params)):
@@ -57,11 +58,12 @@ def test_pieces_by_hand_match_prune_retrain(tmp_path):
 def test_retrain_reports_to_hooks_in_order_and_guards_against_nan():
   params = make_params()
   where = jaxprune.select(params)
-  tx = jaxprune.pruned(optax.sgd(1e-2), jaxprune.magnitude_masks(params, 0.5, where))
+  tx = jaxprune.pruned(optax.sgd(1e-2), jaxprune.ranked_masks(params, 0.5, where))
   step = jaxprune.make_train_step(loss_fn, tx)
-  state = jaxprune.LoopState(params, tx.init(params), jax.random.key_data(jax.random.key(0)))
+  state = jaxprune.training.LoopState(params, tx.init(params),
+                                      jax.random.key_data(jax.random.key(0)))
   seen = []
-  end = jaxprune.retrain(step, state, batch_at, range(2, 7), first_step=10, iteration=4,
+  end = jaxprune.training.retrain(step, state, batch_at, range(2, 7), first_step=10, iteration=4,
                          report_every=(2, 3), hooks=[seen.append, lambda r: seen.append(r.step)])
   # Reports after local steps 3, 4, 6 (multiples of 2 or 3) and at the end (7).
   assert [r.step for r in seen[::2]] == [3, 4, 6, 7] and seen[1::2] == [3, 4, 6, 7]
@@ -82,15 +84,15 @@ def test_retrain_reports_to_hooks_in_order_and_guards_against_nan():
     return jnp.full((8, 8), jnp.nan) if g == 13 else batch_at(g)
 
   with pytest.raises(FloatingPointError, match=r"iteration 2, step 3 \(global step 13\)"):
-    jaxprune.retrain(step, state, bad_batch, range(0, 5), first_step=10, iteration=2,
+    jaxprune.training.retrain(step, state, bad_batch, range(0, 5), first_step=10, iteration=2,
                      report_every=2)
   # With the guard switched off, a NaN does not stop the phase.
-  quiet = jaxprune.retrain(step, state, bad_batch, range(0, 5), first_step=10,
+  quiet = jaxprune.training.retrain(step, state, bad_batch, range(0, 5), first_step=10,
                            check_finite=False)
   assert not np.isfinite(np.asarray(quiet.params["fc1"]["kernel"])).all()
   with pytest.raises(ValueError, match="report_every must be an integer >= 1 or a tuple of "
                                        "them, got 0"):
-    jaxprune.retrain(step, state, batch_at, range(2), report_every=0)
+    jaxprune.training.retrain(step, state, batch_at, range(2), report_every=0)
 
 
 def test_user_hooks_see_every_report_of_the_loop_after_the_nan_guard():
@@ -98,7 +100,7 @@ def test_user_hooks_see_every_report_of_the_loop_after_the_nan_guard():
   reports = []
   result = jaxprune.prune_retrain(
       params, loss_fn, batch_at, [batch_at(10_000)], optimizer=optax.adam(1e-2),
-      schedule=[0.5, 0.75], where=jaxprune.select(params), retrain_steps=5, log_every=2,
+      targets=[0.5, 0.75], where=jaxprune.select(params), retrain_steps=5, log_every=2,
       progress=False, hooks=[reports.append])
   assert [(r.iteration, r.step, r.final) for r in reports] == [
       (0, 2, False), (0, 4, False), (0, 5, True), (1, 2, False), (1, 4, False), (1, 5, True)]
@@ -112,17 +114,17 @@ def test_user_hooks_see_every_report_of_the_loop_after_the_nan_guard():
   with pytest.raises(FloatingPointError, match=r"global step 3"):
     jaxprune.prune_retrain(
         params, loss_fn, nan_after, [batch_at(10_000)], optimizer=optax.adam(1e-2),
-        schedule=[0.5], where=jaxprune.select(params), retrain_steps=5, log_every=2,
+        targets=[0.5], where=jaxprune.select(params), retrain_steps=5, log_every=2,
         progress=False, hooks=[seen.append])
   assert [r.step for r in seen] == [2]  # the bad report raised before the user hook
   with pytest.raises(TypeError, match=r"hooks\[0\] = 3 is not callable"):
     jaxprune.prune_retrain(
-        params, loss_fn, batch_at, [batch_at(0)], optimizer=optax.adam(1e-2), schedule=[0.5],
+        params, loss_fn, batch_at, [batch_at(0)], optimizer=optax.adam(1e-2), targets=[0.5],
         where=jaxprune.select(params), retrain_steps=1, hooks=[3])
 
 
 def test_checkpointer_never_writes_over_an_existing_checkpoint(tmp_path):
-  state = jaxprune.LoopState({"w": jnp.ones(3)}, (), jnp.zeros(2, jnp.uint32))
+  state = jaxprune.training.LoopState({"w": jnp.ones(3)}, (), jnp.zeros(2, jnp.uint32))
   with jaxprune.Checkpointer(tmp_path, {"k": 1}) as ckpt:
     ckpt.save(state, {"iteration": 0})
   with jaxprune.Checkpointer(tmp_path, {"k": 1}) as ckpt:  # saves without resuming first
@@ -143,7 +145,7 @@ def test_checkpointer_never_writes_over_an_existing_checkpoint(tmp_path):
 
 def _run_loop(train_batches=batch_at, **kwargs):
   params = make_params()
-  args = dict(optimizer=optax.adam(1e-2), schedule=[0.5], where=jaxprune.select(params),
+  args = dict(optimizer=optax.adam(1e-2), targets=[0.5], where=jaxprune.select(params),
               retrain_steps=6, progress=False)
   args.update(kwargs)
   return jaxprune.prune_retrain(params, loss_fn, train_batches, [batch_at(10_000)], **args)
@@ -151,7 +153,7 @@ def _run_loop(train_batches=batch_at, **kwargs):
 
 def test_an_optimizer_that_is_already_pruned_is_refused_before_compute():
   params = make_params()
-  inner = jaxprune.pruned(optax.adam(1e-2), jaxprune.magnitude_masks(params, 0.3,
+  inner = jaxprune.pruned(optax.adam(1e-2), jaxprune.ranked_masks(params, 0.3,
                                                                      jaxprune.select(params)))
   calls = []
 
@@ -163,7 +165,7 @@ def test_an_optimizer_that_is_already_pruned_is_refused_before_compute():
     _run_loop(optimizer=optax.chain(optax.clip(1.0), inner), train_batches=counted)
   assert calls == []
   # Nested states are found (and refused by get_masks) wherever they are.
-  nested = jaxprune.pruned(inner, jaxprune.magnitude_masks(params, 0.0, jaxprune.select(params)))
+  nested = jaxprune.pruned(inner, jaxprune.ranked_masks(params, 0.0, jaxprune.select(params)))
   with pytest.raises(ValueError, match=r"exactly one jaxprune\.pruned state.*found 2"):
     jaxprune.get_masks(nested.init(params))
 
@@ -172,26 +174,27 @@ def test_numpy_counts_are_settings_and_reports_follow_log_every_alone():
   reports = []
   _run_loop(log_every=np.int64(4), checkpoint_every=np.int64(3), hooks=[reports.append])
   assert [r.step for r in reports] == [4, 6]  # no checkpoint_dir: no checkpoint cadence
-  state = jaxprune.LoopState(make_params(), optax.sgd(0.1).init(make_params()),
+  state = jaxprune.training.LoopState(make_params(), optax.sgd(0.1).init(make_params()),
                              jax.random.key_data(jax.random.key(0)))
   step = jaxprune.make_train_step(loss_fn, optax.sgd(0.1))
   seen = []
-  jaxprune.retrain(step, state, batch_at, range(4), report_every=np.int64(2), hooks=[seen.append])
+  jaxprune.training.retrain(step, state, batch_at, range(4), report_every=np.int64(2),
+                            hooks=[seen.append])
   assert [r.step for r in seen] == [2, 4]
   for bad in (2.0, True, (), (2, 0)):
     with pytest.raises(ValueError, match="report_every must be an integer >= 1"):
-      jaxprune.retrain(step, state, batch_at, range(4), report_every=bad)
+      jaxprune.training.retrain(step, state, batch_at, range(4), report_every=bad)
   with pytest.raises(ValueError, match="steps must be a range of consecutive"):
-    jaxprune.retrain(step, state, batch_at, range(0, 6, 2))
+    jaxprune.training.retrain(step, state, batch_at, range(0, 6, 2))
   with pytest.raises(ValueError, match="steps must be a range"):
-    jaxprune.retrain(step, state, batch_at, [0, 1])
+    jaxprune.training.retrain(step, state, batch_at, [0, 1])
   with pytest.raises(TypeError, match="hooks must be a list"):
-    jaxprune.retrain(step, state, batch_at, range(2), hooks=seen.append)
+    jaxprune.training.retrain(step, state, batch_at, range(2), hooks=seen.append)
 
 
 def test_the_nan_guard_runs_before_given_hooks_unless_switched_off():
   params = make_params()
-  state = jaxprune.LoopState(params, optax.sgd(0.1).init(params),
+  state = jaxprune.training.LoopState(params, optax.sgd(0.1).init(params),
                              jax.random.key_data(jax.random.key(0)))
   step = jaxprune.make_train_step(loss_fn, optax.sgd(0.1))
 
@@ -200,9 +203,10 @@ def test_the_nan_guard_runs_before_given_hooks_unless_switched_off():
 
   seen = []
   with pytest.raises(FloatingPointError):
-    jaxprune.retrain(step, state, nan_batch, range(2), hooks=[seen.append])
+    jaxprune.training.retrain(step, state, nan_batch, range(2), hooks=[seen.append])
   assert seen == []
-  jaxprune.retrain(step, state, nan_batch, range(2), hooks=[seen.append], check_finite=False)
+  jaxprune.training.retrain(step, state, nan_batch, range(2), hooks=[seen.append],
+                            check_finite=False)
   assert len(seen) == 1 and np.isnan(seen[0].losses).all()
 
 

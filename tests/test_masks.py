@@ -1,4 +1,4 @@
-"""Tests of `magnitude_masks`, `threshold_masks`, `apply_masks`, `check_masks`.
+"""Tests of `ranked_masks`, `threshold_masks`, `apply_masks`, `check_masks`.
 
 Every mask is compared with a NumPy reference: a stable argsort of |w| (as float32,
 exact for float32 and bfloat16 leaves) with previously pruned weights first, ties
@@ -138,7 +138,7 @@ def single(w, name="fc1"):
 @given(w=layer_case(), s=any_sparsity)
 def test_layer_exact_count_matches_reference(w, s):
   params = single(w)
-  masks = jaxprune.magnitude_masks(params, s, {"fc1": {"kernel": True}})
+  masks = jaxprune.ranked_masks(params, s, {"fc1": {"kernel": True}})
   k = round(s * w.size)
   expected = ref_kept([w], k)
   assert_masks_equal(masks, expected)
@@ -149,7 +149,7 @@ def test_layer_exact_count_matches_reference(w, s):
 @given(tree=global_tree(), s=any_sparsity)
 def test_layer_scope_ranks_each_leaf_alone(tree, s):
   where = jax.tree.map(lambda _: True, tree)
-  masks = jaxprune.magnitude_masks(tree, s, where, scope="layer")
+  masks = jaxprune.ranked_masks(tree, s, where, scope="layer")
   for name, w in tree.items():
     k = round(s * w.size)
     assert_masks_equal([masks[name]], ref_kept([w], k))
@@ -159,7 +159,7 @@ def test_layer_scope_ranks_each_leaf_alone(tree, s):
 @given(tree=global_tree(), s=any_sparsity)
 def test_global_scope_ranks_leaves_together(tree, s):
   where = jax.tree.map(lambda _: True, tree)
-  masks = jaxprune.magnitude_masks(tree, s, where, scope="global")
+  masks = jaxprune.ranked_masks(tree, s, where, scope="global")
   leaves = jax.tree.leaves(tree)
   n = sum(w.size for w in leaves)
   k = round(s * n)
@@ -172,8 +172,8 @@ def test_global_scope_ranks_leaves_together(tree, s):
 def test_previous_is_respected(w, s1, s2, scope):
   params = single(w)
   where = {"fc1": {"kernel": True}}
-  m1 = jaxprune.magnitude_masks(params, s1, where, scope=scope)
-  m2 = jaxprune.magnitude_masks(params, s2, where, scope=scope, previous=m1)
+  m1 = jaxprune.ranked_masks(params, s1, where, scope=scope)
+  m2 = jaxprune.ranked_masks(params, s2, where, scope=scope, previous=m1)
   prev, new = np.asarray(m1["fc1"]["kernel"]), np.asarray(m2["fc1"]["kernel"])
   # Never revives: everything pruned before stays pruned.
   assert not np.any(new & ~prev)
@@ -187,13 +187,13 @@ def test_previous_is_respected(w, s1, s2, scope):
 @SETTINGS
 @given(tree=global_tree(), s=any_sparsity, data=st.data())
 def test_previous_arbitrary_masks_global(tree, s, data):
-  # `previous` need not come from magnitude_masks: any mask is respected.
+  # `previous` need not come from ranked_masks: any mask is respected.
   previous = {
       name: jnp.asarray(data.draw(hnp.arrays(np.bool_, w.shape)))
       for name, w in tree.items()
   }
   where = jax.tree.map(lambda _: True, tree)
-  masks = jaxprune.magnitude_masks(tree, s, where, scope="global", previous=previous)
+  masks = jaxprune.ranked_masks(tree, s, where, scope="global", previous=previous)
   leaves = jax.tree.leaves(tree)
   prev = [np.asarray(p) for p in jax.tree.leaves(previous)]
   k = round(s * sum(w.size for w in leaves))
@@ -206,10 +206,10 @@ def test_previous_arbitrary_masks_global(tree, s, data):
 # ----------------------------------------------------------------------------- jit
 
 _jit_layer = jax.jit(
-    lambda p, s: jaxprune.magnitude_masks(p, s, {"fc1": {"kernel": True}}, scope="layer")
+    lambda p, s: jaxprune.ranked_masks(p, s, {"fc1": {"kernel": True}}, scope="layer")
 )
 _jit_global = jax.jit(
-    lambda p, s: jaxprune.magnitude_masks(
+    lambda p, s: jaxprune.ranked_masks(
         p, s, jax.tree.map(lambda _: True, p), scope="global"
     )
 )
@@ -228,7 +228,7 @@ def test_jit_traced_sparsity_matches_eager(w, s):
   assert k in allowed, (k, allowed)
   # Whatever the count, the choice is the reference's for that count.
   assert_masks_equal([got], ref_kept([w], k))
-  eager = np.asarray(jaxprune.magnitude_masks(single(w), float(s32), {"fc1": {"kernel": True}})
+  eager = np.asarray(jaxprune.ranked_masks(single(w), float(s32), {"fc1": {"kernel": True}})
                      ["fc1"]["kernel"])
   if len(allowed) == 1:
     np.testing.assert_array_equal(got, eager)
@@ -253,15 +253,15 @@ def test_jit_with_python_float_sparsity_is_exact():
   where = {"fc1": {"kernel": True}}
   for s, k in [(0.375, 4), (0.125, 2)]:  # 4.5 and 1.5: halves to even
     assert round(s * 12) == k
-    got = jax.jit(lambda p, s=s: jaxprune.magnitude_masks(p, s, where))(single(w))
+    got = jax.jit(lambda p, s=s: jaxprune.ranked_masks(p, s, where))(single(w))
     assert int((~got["fc1"]["kernel"]).sum()) == k
 
 
 def test_jit_with_previous_and_traced_sparsity():
   w = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 5)), jnp.float32)
   where = {"fc1": {"kernel": True}}
-  f = jax.jit(lambda p, s, prev: jaxprune.magnitude_masks(p, s, where, previous=prev))
-  m1 = jaxprune.magnitude_masks(single(w), 0.25, where)
+  f = jax.jit(lambda p, s, prev: jaxprune.ranked_masks(p, s, where, previous=prev))
+  m1 = jaxprune.ranked_masks(single(w), 0.25, where)
   m2 = f(single(w), jnp.float32(0.5), m1)
   m3 = f(single(w), jnp.float32(0.25), m2)
   assert int((~m1["fc1"]["kernel"]).sum()) == 8  # round(7.5)
@@ -321,7 +321,7 @@ def test_round_fraction_of_halves_and_large_n():
 @pytest.mark.parametrize("s", [0.0, 0.1, 0.5, 0.9, 0.99])
 def test_all_equal_weights(s):
   w = jnp.full((2, 3, 5), -0.25, jnp.float32)
-  masks = jaxprune.magnitude_masks(single(w), s, {"fc1": {"kernel": True}})
+  masks = jaxprune.ranked_masks(single(w), s, {"fc1": {"kernel": True}})
   k = round(s * 30)
   kept = np.asarray(masks["fc1"]["kernel"])
   assert int((~kept).sum()) == k
@@ -335,11 +335,11 @@ def test_many_zeros_then_values():
   w = jnp.asarray(w)
   where = {"fc1": {"kernel": True}}
   for s, k in [(0.2, 6), (0.5, 15), (0.9, 27)]:
-    kept = np.asarray(jaxprune.magnitude_masks(single(w), s, where)["fc1"]["kernel"])
+    kept = np.asarray(jaxprune.ranked_masks(single(w), s, where)["fc1"]["kernel"])
     assert int((~kept).sum()) == k == round(s * 30)
     assert_masks_equal([kept], ref_kept([w], k))
   # 15 zeros; 20% prunes 6 of them, in index order.
-  kept = np.asarray(jaxprune.magnitude_masks(single(w), 0.2, where)["fc1"]["kernel"])
+  kept = np.asarray(jaxprune.ranked_masks(single(w), 0.2, where)["fc1"]["kernel"])
   np.testing.assert_array_equal(kept.ravel()[:15], np.arange(15) >= 6)
   np.testing.assert_array_equal(kept.ravel()[15:], True)
 
@@ -353,7 +353,7 @@ def test_tiny_leaves_python_rounding(shape, s, k):
   # Python's round: half to even (0.5 -> 0, 1.5 -> 2, 2.5 -> 2).
   assert round(s * np.prod(shape)) == k
   w = jnp.asarray(np.arange(1, np.prod(shape) + 1, dtype=np.float32).reshape(shape))
-  kept = np.asarray(jaxprune.magnitude_masks(single(w), s, {"fc1": {"kernel": True}})
+  kept = np.asarray(jaxprune.ranked_masks(single(w), s, {"fc1": {"kernel": True}})
                     ["fc1"]["kernel"])
   assert int((~kept).sum()) == k
 
@@ -369,7 +369,7 @@ def test_low_bits_only_differences():
   w = jnp.asarray((rng.permutation(values) * signs).reshape(2, 3, 5))
   for s in [0.1, 0.35, 0.5, 0.8]:
     k = round(s * 30)
-    masks = jaxprune.magnitude_masks(single(w), s, {"fc1": {"kernel": True}})
+    masks = jaxprune.ranked_masks(single(w), s, {"fc1": {"kernel": True}})
     assert_masks_equal(masks, ref_kept([w], k))
 
 
@@ -402,7 +402,7 @@ def test_mask_selection_peak_memory_at_most_8_bytes_per_param(scope, shapes):
   tree = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
   where = {k: True for k in shapes}
   compiled = jax.jit(
-      lambda t: jaxprune.magnitude_masks(t, 0.8, where, scope=scope)
+      lambda t: jaxprune.ranked_masks(t, 0.8, where, scope=scope)
   ).lower(tree).compile()
   stats = compiled.memory_analysis()
   assert stats is not None, "this backend reports no memory analysis"
@@ -413,7 +413,7 @@ def test_mask_selection_peak_memory_at_most_8_bytes_per_param(scope, shapes):
 def test_global_ties_broken_in_leaf_order():
   tree = {"a": jnp.ones((1, 2)), "b": -jnp.ones((1, 2))}
   where = {"a": True, "b": True}
-  masks = jaxprune.magnitude_masks(tree, 0.75, where, scope="global")
+  masks = jaxprune.ranked_masks(tree, 0.75, where, scope="global")
   np.testing.assert_array_equal(masks["a"], [[False, False]])
   np.testing.assert_array_equal(masks["b"], [[False, True]])
 
@@ -423,8 +423,8 @@ def test_global_vs_layer_scope():
   large = -jnp.asarray(np.linspace(1.0, 2.0, 12).reshape(3, 4), jnp.float32)
   tree = {"fc1": small, "fc2": large}
   where = {"fc1": True, "fc2": True}
-  layer = jaxprune.magnitude_masks(tree, 0.5, where, scope="layer")
-  glob = jaxprune.magnitude_masks(tree, 0.5, where, scope="global")
+  layer = jaxprune.ranked_masks(tree, 0.5, where, scope="layer")
+  glob = jaxprune.ranked_masks(tree, 0.5, where, scope="global")
   assert int((~layer["fc1"]).sum()) == int((~layer["fc2"]).sum()) == 6
   # Globally the 12 smallest are all in fc1.
   assert int((~glob["fc1"]).sum()) == 12
@@ -434,19 +434,19 @@ def test_global_vs_layer_scope():
 def test_deterministic():
   w = jnp.asarray(np.random.default_rng(2).integers(-2, 3, size=(2, 3, 5)), jnp.float32)
   where = {"fc1": {"kernel": True}}
-  a = jaxprune.magnitude_masks(single(w), 0.37, where)
-  b = jaxprune.magnitude_masks(single(w), 0.37, where)
+  a = jaxprune.ranked_masks(single(w), 0.37, where)
+  b = jaxprune.ranked_masks(single(w), 0.37, where)
   np.testing.assert_array_equal(a["fc1"]["kernel"], b["fc1"]["kernel"])
 
 
 def test_empty_and_scalar_like_leaves():
   tree = {"fc0": jnp.zeros((0, 3)), "fc1": jnp.asarray([[3.0, 1.0]]), "fc2": jnp.ones((1, 1))}
   where = {"fc0": True, "fc1": True, "fc2": True}
-  masks = jaxprune.magnitude_masks(tree, 0.5, where, scope="layer")
+  masks = jaxprune.ranked_masks(tree, 0.5, where, scope="layer")
   assert masks["fc0"].shape == (0, 3)
   np.testing.assert_array_equal(masks["fc1"], [[True, False]])
   np.testing.assert_array_equal(masks["fc2"], [[True]])  # round(0.5) == 0
-  masks = jaxprune.magnitude_masks(tree, 0.6, where, scope="global")  # round(1.8) == 2
+  masks = jaxprune.ranked_masks(tree, 0.6, where, scope="global")  # round(1.8) == 2
   assert masks["fc0"].shape == (0, 3)
   np.testing.assert_array_equal(masks["fc1"], [[True, False]])
   np.testing.assert_array_equal(masks["fc2"], [[False]])
@@ -456,7 +456,7 @@ def test_bfloat16_leaf():
   rng = np.random.default_rng(3)
   w = jnp.asarray(rng.normal(size=(3, 4)) * 0.01 + 1.0, jnp.bfloat16)  # bf16: many ties
   for scope in ["layer", "global"]:
-    masks = jaxprune.magnitude_masks(single(w), 0.6, {"fc1": {"kernel": True}}, scope=scope)
+    masks = jaxprune.ranked_masks(single(w), 0.6, {"fc1": {"kernel": True}}, scope=scope)
     kept = masks["fc1"]["kernel"]
     assert kept.dtype == jnp.bool_ and kept.shape == (3, 4)
     assert_masks_equal(masks, ref_kept([w], round(0.6 * 12)))
@@ -467,7 +467,7 @@ def test_bfloat16_leaf():
 def test_where_callable_and_unselected_leaves_are_none():
   params = {"fc1": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)},
             "embed": {"embedding": jnp.ones((5, 4))}}
-  masks = jaxprune.magnitude_masks(params, 0.5, jaxprune.select)
+  masks = jaxprune.ranked_masks(params, 0.5, jaxprune.select)
   assert masks["fc1"]["bias"] is None
   assert masks["embed"]["embedding"] is None
   assert masks["fc1"]["kernel"].shape == (3, 4)
@@ -494,7 +494,7 @@ def test_nested_lists_tuples_namedtuples():
   where = jaxprune.select(params, include=("fc", "head"))
   assert where["fc"][1][1].bias is False and where["head"].kernel is True
   for scope in ["layer", "global"]:
-    masks = jaxprune.magnitude_masks(params, 0.5, where, scope=scope)
+    masks = jaxprune.ranked_masks(params, 0.5, where, scope=scope)
     assert jax.tree.structure(masks, is_leaf=is_none) == jax.tree.structure(params)
     assert isinstance(masks["head"], Dense) and isinstance(masks["fc"][1], tuple)
     assert masks["head"].bias is None and masks["steps"] is None
@@ -533,13 +533,13 @@ def test_linen_params():
       "norm": {"scale": False, "bias": False},
       "output_proj": {"kernel": True, "bias": False},
   }
-  masks = jaxprune.magnitude_masks(params, 0.75, where)
+  masks = jaxprune.ranked_masks(params, 0.75, where)
   assert masks["norm"]["scale"] is None and masks["fc1"]["bias"] is None
   for name in ["fc1", "output_proj"]:
     w = params[name]["kernel"]
     assert_masks_equal([masks[name]["kernel"]], ref_kept([w], round(0.75 * w.size)))
   # The whole variables dict works too, with paths through "params".
-  masks_v = jaxprune.magnitude_masks(variables, 0.75, jaxprune.select(variables))
+  masks_v = jaxprune.ranked_masks(variables, 0.75, jaxprune.select(variables))
   np.testing.assert_array_equal(masks_v["params"]["fc1"]["kernel"], masks["fc1"]["kernel"])
   pruned = jaxprune.apply_masks(params, masks)
   assert jax.tree.structure(pruned) == jax.tree.structure(params)
@@ -565,11 +565,11 @@ def test_nnx_state():
   assert isinstance(state, nnx.State)
   where = jaxprune.select(state)
   assert jax.tree.structure(where) == jax.tree.structure(state)
-  chosen = [p for p, sel in zip(jaxprune.leaf_paths(state), jax.tree.leaves(where)) if sel]
+  chosen = [p for p, sel in zip(jaxprune.tree.leaf_paths(state), jax.tree.leaves(where)) if sel]
   assert chosen == ["fc1/kernel/value", "output_proj/kernel/value"]
   kernels = [model.fc1.kernel[...], model.output_proj.kernel[...]]
   for scope in ["layer", "global"]:
-    masks = jaxprune.magnitude_masks(state, 0.5, where, scope=scope)
+    masks = jaxprune.ranked_masks(state, 0.5, where, scope=scope)
     assert jax.tree.structure(masks, is_leaf=is_none) == jax.tree.structure(state)
     if scope == "layer":
       expected = [ref_kept([w], round(0.5 * w.size))[0] for w in kernels]
@@ -582,7 +582,7 @@ def test_nnx_state():
   np.testing.assert_array_equal(model.fc1.kernel[...] != 0, expected[0])
   np.testing.assert_array_equal(model.output_proj.kernel[...] != 0, expected[1])
   # `previous` as an nnx mask tree.
-  m2 = jaxprune.magnitude_masks(state, 0.8, where, previous=masks, scope="global")
+  m2 = jaxprune.ranked_masks(state, 0.8, where, previous=masks, scope="global")
   n = sum(w.size for w in kernels)
   assert sum(int((~m).sum()) for m in selected_masks(m2)) == round(0.8 * n)
   assert all(not np.any(np.asarray(b) & ~np.asarray(a))
@@ -645,7 +645,7 @@ def test_threshold_nan_is_an_error():
 @given(w=layer_case(), s=sparsities)
 def test_apply_masks_zeroes_exactly_the_pruned(w, s):
   params = {"fc1": {"kernel": w, "bias": jnp.arange(3.0)}}
-  masks = jaxprune.magnitude_masks(params, s, jaxprune.select(params))
+  masks = jaxprune.ranked_masks(params, s, jaxprune.select(params))
   out = jaxprune.apply_masks(params, masks)
   kept = np.asarray(masks["fc1"]["kernel"])
   got = np.asarray(out["fc1"]["kernel"].astype(jnp.float32))
@@ -697,12 +697,12 @@ def test_check_masks_accepts_valid_tree():
 @pytest.mark.parametrize("s", [1.0, -0.1, 1.5, float("nan"), float("inf")])
 def test_bad_sparsity(s):
   with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\), got " + re.escape(repr(s))):
-    jaxprune.magnitude_masks(single(jnp.ones((2, 2))), s, {"fc1": {"kernel": True}})
+    jaxprune.ranked_masks(single(jnp.ones((2, 2))), s, {"fc1": {"kernel": True}})
 
 
 def test_bad_scope():
   with pytest.raises(ValueError, match=r"scope.*'model'"):
-    jaxprune.magnitude_masks(single(jnp.ones((2, 2))), 0.5, {"fc1": {"kernel": True}},
+    jaxprune.ranked_masks(single(jnp.ones((2, 2))), 0.5, {"fc1": {"kernel": True}},
                              scope="model")
 
 
@@ -715,34 +715,34 @@ def test_non_finite_leaf_names_path(bad, dtype):
             "fc1": {"kernel": jnp.ones((2, 2))}}
   where = jaxprune.select(params)
   with pytest.raises(ValueError, match=re.escape("blocks/0/attn/output_proj/kernel") + ".*NaN"):
-    jaxprune.magnitude_masks(params, 0.5, where)
+    jaxprune.ranked_masks(params, 0.5, where)
 
 
 def test_previous_of_another_structure():
   params = {"fc1": jnp.ones((2, 2)), "fc2": jnp.ones((2, 2))}
   where = {"fc1": True, "fc2": True}
   with pytest.raises(ValueError, match=r"`previous` has 1 slots but params have 2"):
-    jaxprune.magnitude_masks(params, 0.5, where, previous={"fc1": jnp.ones((2, 2), bool)})
+    jaxprune.ranked_masks(params, 0.5, where, previous={"fc1": jnp.ones((2, 2), bool)})
   other = {"fc1": jnp.ones((2, 2), bool), "out": jnp.ones((2, 2), bool)}
   with pytest.raises(ValueError, match=r"`previous` has a leaf at out where params have fc2"):
-    jaxprune.magnitude_masks(params, 0.5, where, previous=other)
+    jaxprune.ranked_masks(params, 0.5, where, previous=other)
   with pytest.raises(ValueError, match="`previous` at fc2: mask shape \\(4,\\)"):
-    jaxprune.magnitude_masks(
+    jaxprune.ranked_masks(
         params, 0.5, where, previous={"fc1": jnp.ones((2, 2), bool), "fc2": jnp.ones(4, bool)}
     )
 
 
 def test_previous_missing_mask_for_selected_leaf():
   params = {"fc1": jnp.ones((2, 2)), "fc2": jnp.ones((2, 2))}
-  previous = jaxprune.magnitude_masks(params, 0.5, {"fc1": True, "fc2": False})
+  previous = jaxprune.ranked_masks(params, 0.5, {"fc1": True, "fc2": False})
   with pytest.raises(ValueError, match="no mask for selected leaf fc2"):
-    jaxprune.magnitude_masks(params, 0.5, {"fc1": True, "fc2": True}, previous=previous)
+    jaxprune.ranked_masks(params, 0.5, {"fc1": True, "fc2": True}, previous=previous)
 
 
 def test_where_of_another_structure():
   params = {"fc1": jnp.ones((2, 2)), "fc2": jnp.ones((2, 2))}
   with pytest.raises(ValueError, match="`where` has 1 slots but params have 2"):
-    jaxprune.magnitude_masks(params, 0.5, {"fc1": True})
+    jaxprune.ranked_masks(params, 0.5, {"fc1": True})
   with pytest.raises(ValueError, match="`where` has 1 slots but params have 2"):
     jaxprune.threshold_masks(params, 0.5, {"fc1": True})
 
@@ -753,10 +753,9 @@ def test_threshold_prunes_subnormal_magnitudes_below_it():
   np.testing.assert_array_equal(np.asarray(masks["fc1"]), [[False, False, True, False]])
 
 
-@pytest.mark.parametrize("scope", ["row", jaxprune.channels(-1), "Layer"])
-def test_magnitude_masks_takes_only_its_two_scopes(scope):
-  # "row" and granularities rank through a target (Prune(s, scope=...)); magnitude_masks
-  # documents "layer" and "global" only, and used to accept "row" silently.
+@pytest.mark.parametrize("scope", ["Layer", "rows", "model"])
+def test_ranked_masks_refuses_an_unknown_scope_listing_the_scopes(scope):
   params = {"w": jnp.arange(12.0).reshape(3, 4)}
-  with pytest.raises(ValueError, match=r"scope must be 'layer' or 'global' here"):
-    jaxprune.magnitude_masks(params, 0.5, {"w": True}, scope=scope)
+  with pytest.raises(ValueError, match=r"scope must be 'layer', 'global', 'row', "
+                                       r"jaxprune.blocks\(\(b0, b1\)\) or .*" + repr(scope)):
+    jaxprune.ranked_masks(params, 0.5, {"w": True}, scope=scope)

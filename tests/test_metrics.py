@@ -46,13 +46,13 @@ def numpy_accuracy(params, batches):
 def run(metric, **kwargs):
   return jaxprune.prune_retrain(
       make_params(), classifier_loss, batch_at, EVAL, optimizer=optax.adam(1e-2),
-      schedule=[0.5, 0.9], where=jaxprune.select(make_params()), retrain_steps=15,
+      targets=[0.5, 0.9], where=jaxprune.select(make_params()), retrain_steps=15,
       progress=False, metric=metric, **kwargs)
 
 
 @pytest.fixture(scope="module")
 def accuracy_run():
-  return run(jaxprune.aux_metric("accuracy"))
+  return run(jaxprune.training.aux_metric("accuracy"))
 
 
 def test_accuracy_is_the_mean_of_what_the_loss_computes(accuracy_run):
@@ -72,7 +72,7 @@ def test_accuracy_is_the_mean_of_what_the_loss_computes(accuracy_run):
 
 
 def test_perplexity_is_exp_of_the_mean_loss_and_lower_is_better():
-  result = run(jaxprune.perplexity)
+  result = run(jaxprune.training.perplexity)
   for row in result.history:
     for phase in (row.before_prune, row.after_prune, row.after_retrain):
       assert phase.metric == math.exp(phase.loss)
@@ -81,43 +81,43 @@ def test_perplexity_is_exp_of_the_mean_loss_and_lower_is_better():
 
 
 def test_the_default_metric_is_the_loss_and_records_round_trip_json(accuracy_run):
-  result = run(jaxprune.loss_metric)
+  result = run(jaxprune.training.loss_metric)
   assert all(r.after_retrain.metric == r.after_retrain.loss for r in result.history)
   # Same params, same data: the loss figures agree with the accuracy run's.
   assert [r.after_retrain.loss for r in result.history] == [
       r.after_retrain.loss for r in accuracy_run.history]
   for row in accuracy_run.history:
-    assert jaxprune.IterationRecord.from_json(row.to_json()) == row
+    assert jaxprune.training.IterationRecord.from_json(row.to_json()) == row
 
 
 def test_bad_metrics_are_named():
   with pytest.raises(TypeError, match=r"metric must be a jaxprune\.Metric.*'perplexity'"):
     run("perplexity")
   with pytest.raises(ValueError, match=r"aux\['recall'\].*keys \['accuracy'\]"):
-    run(jaxprune.aux_metric("recall"))
+    run(jaxprune.training.aux_metric("recall"))
 
 
 def test_resume_with_another_metric_is_refused(tmp_path):
-  run(jaxprune.loss_metric, checkpoint_dir=str(tmp_path))
+  run(jaxprune.training.loss_metric, checkpoint_dir=str(tmp_path))
   with pytest.raises(ValueError, match='metric is "loss" there and "perplexity" now'):
-    run(jaxprune.perplexity, checkpoint_dir=str(tmp_path))
+    run(jaxprune.training.perplexity, checkpoint_dir=str(tmp_path))
 
 
 def _result(metric, dense, final):
-  record = jaxprune.IterationRecord(
-      0, "50.00%", 0.5, 0.5, jaxprune.Evaluation(dense, dense), jaxprune.Evaluation(dense, dense),
-      jaxprune.Evaluation(final, final), 1, 0.0)
-  return jaxprune.PruneRetrainResult(None, None, [record], metric, None)
+  before = jaxprune.training.Evaluation(dense, dense)
+  record = jaxprune.training.IterationRecord(
+      0, "50.00%", 0.5, 0.5, before, before, jaxprune.training.Evaluation(final, final), 1, 0.0)
+  return jaxprune.training.PruneRetrainResult(None, None, [record], metric, None)
 
 
 @pytest.mark.parametrize("metric, dense, final, expected", [
-    (jaxprune.loss_metric, 2.0, 2.5, 0.25),
-    (jaxprune.loss_metric, -2.0, -2.5, -0.25),  # a negative loss that fell: better
-    (jaxprune.loss_metric, -2.0, -1.5, 0.25),
-    (jaxprune.loss_metric, 0.0, 0.0, 0.0),
-    (jaxprune.loss_metric, 0.0, 0.1, math.inf),
-    (jaxprune.aux_metric("accuracy"), 0.8, 0.6, 0.25),
-    (jaxprune.aux_metric("accuracy"), 0.0, 0.1, -math.inf),
+    (jaxprune.training.loss_metric, 2.0, 2.5, 0.25),
+    (jaxprune.training.loss_metric, -2.0, -2.5, -0.25),  # a negative loss that fell: better
+    (jaxprune.training.loss_metric, -2.0, -1.5, 0.25),
+    (jaxprune.training.loss_metric, 0.0, 0.0, 0.0),
+    (jaxprune.training.loss_metric, 0.0, 0.1, math.inf),
+    (jaxprune.training.aux_metric("accuracy"), 0.8, 0.6, 0.25),
+    (jaxprune.training.aux_metric("accuracy"), 0.0, 0.1, -math.inf),
 ])
 def test_degradation_is_the_relative_change_for_the_worse(metric, dense, final, expected):
   assert _result(metric, dense, final).degradation == pytest.approx(expected)
@@ -125,19 +125,20 @@ def test_degradation_is_the_relative_change_for_the_worse(metric, dense, final, 
 
 def test_eval_step_checks_its_metric_and_evaluate_uses_it():
   params = make_params()
-  vector = jaxprune.Metric("per example", of_batch=lambda loss, aux: aux["accuracy"] * jnp.ones(3))
+  vector = jaxprune.training.Metric("per example", of_batch=lambda loss,
+                                    aux: aux["accuracy"] * jnp.ones(3))
   with pytest.raises(ValueError, match="metric 'per example' gave a value of shape \\(3,\\)"):
-    jaxprune.make_eval_step(classifier_loss, vector)(params, EVAL[0])
-  accuracy = jaxprune.aux_metric("accuracy")
-  eval_step = jaxprune.make_eval_step(classifier_loss, accuracy)
-  assert jaxprune.evaluate(eval_step, params, EVAL).metric == pytest.approx(
+    jaxprune.training.make_eval_step(classifier_loss, vector)(params, EVAL[0])
+  accuracy = jaxprune.training.aux_metric("accuracy")
+  eval_step = jaxprune.training.make_eval_step(classifier_loss, accuracy)
+  assert jaxprune.training.evaluate(eval_step, params, EVAL).metric == pytest.approx(
       numpy_accuracy(params, EVAL), abs=1e-6)
   with pytest.raises(ValueError, match="computes metric 'accuracy', not 'perplexity'"):
-    jaxprune.evaluate(eval_step, params, EVAL, jaxprune.perplexity)
+    jaxprune.training.evaluate(eval_step, params, EVAL, jaxprune.training.perplexity)
   with pytest.raises(ValueError, match="no batches"):
-    jaxprune.evaluate(eval_step, params, [])
+    jaxprune.training.evaluate(eval_step, params, [])
 
 
 def test_aux_metric_reads_any_mapping():
   frozen = types.MappingProxyType({"accuracy": jnp.float32(0.5)})
-  assert float(jaxprune.aux_metric("accuracy").of_batch(jnp.float32(1.0), frozen)) == 0.5
+  assert float(jaxprune.training.aux_metric("accuracy").of_batch(jnp.float32(1.0), frozen)) == 0.5

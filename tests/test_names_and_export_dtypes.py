@@ -49,7 +49,7 @@ def nested(flat):
 
 
 def chosen(where):
-  return sorted(p for p, s in zip(jaxprune.leaf_paths(where), jax.tree.leaves(where)) if s)
+  return sorted(p for p, s in zip(jaxprune.tree.leaf_paths(where), jax.tree.leaves(where)) if s)
 
 
 KERNELS = ["block_0/attention/output/kernel", "block_0/attention/query/kernel",
@@ -85,7 +85,7 @@ def test_include_and_exclude_patterns_see_components_inside_keys():
 
 def test_erk_fixed_pattern_on_a_slashed_key_matches_the_nested_model():
   flat = keras_flat()
-  d = jaxprune.erk(fixed={"query/kernel": 0.25})
+  d = jaxprune.distributions.erk(fixed={"query/kernel": 0.25})
   masks = jaxprune.ranked_masks(flat, 0.5, jaxprune.select(flat), distribution=d)
   query = masks["block_0/attention/query/kernel"]
   assert int((~query).sum()) == round(0.25 * query.size)
@@ -106,7 +106,7 @@ def pruned_model(dtype, sparsity=0.5):
   """A 256x256 kernel of `dtype` (131,072 dense bytes in bf16: the issue's model)
   and a float32 bias, magnitude-pruned to `sparsity`."""
   params = {"fc": {"kernel": normal(6, (256, 256), dtype), "bias": normal(7, (256,))}}
-  return params, jaxprune.magnitude_masks(params, sparsity, jaxprune.select(params))
+  return params, jaxprune.ranked_masks(params, sparsity, jaxprune.select(params))
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -130,7 +130,7 @@ def test_half_precision_export_is_smaller_than_dense_and_as_the_report_says(tmp_
 def test_default_export_keeps_each_leaf_dtype_bitwise(tmp_path):
   params = {"bf16": normal(8, (16, 24), jnp.bfloat16), "f16": normal(9, (24, 8), jnp.float16),
             "f32": normal(10, (8, 8)), "f64": np.asarray(normal(11, (4, 4)), np.float64)}
-  masks = jaxprune.magnitude_masks(params, 0.5, jaxprune.select(params))
+  masks = jaxprune.ranked_masks(params, 0.5, jaxprune.select(params))
   export_compressed(tmp_path / "m", params, masks)
   loaded, loaded_masks = load_compressed(tmp_path / "m", with_masks=True)
   for name, w in params.items():
@@ -141,7 +141,7 @@ def test_default_export_keeps_each_leaf_dtype_bitwise(tmp_path):
     width = f"u{got.dtype.itemsize}"
     np.testing.assert_array_equal(got.view(width), x.view(width), err_msg=name)
     np.testing.assert_array_equal(loaded_masks[name], masks[name])
-  info = jaxprune.export_info(tmp_path / "m")
+  info = jaxprune.export.export_info(tmp_path / "m")
   assert info.targeted_bytes == info.analytic_targeted_bytes  # kept values at their own itemsize
 
 

@@ -142,7 +142,7 @@ def test_conv_kernels_get_their_unfolded_patches_and_prune_per_output_channel(la
   model = CONVS[layout](pad, dilation)
   params, path, x = model["params"], model["path"], model["x"]
   where = _where(params, path)
-  stats = jaxprune.input_statistics(model["apply"], params, [x], where, gram=True)
+  stats = jaxprune.oneshot.input_statistics(model["apply"], params, [x], where, gram=True)
   assert stats.unattributed == {}
   (s,) = stats.leaves.values()
   kernel = by_path(params)[path]
@@ -158,7 +158,7 @@ def test_conv_kernels_get_their_unfolded_patches_and_prune_per_output_channel(la
   np.testing.assert_allclose(np.asarray(s.gram), flat.T @ flat, rtol=1e-5, atol=1e-4)
 
   # Wanda: each output channel keeps the best half of its (ky, kx, c) inputs.
-  score = jaxprune.wanda_score(stats)
+  score = jaxprune.scores.wanda_score(stats)
   wanda = by_path(jaxprune.Prune(0.5, score=score, scope="row").masks(params, where))[path]
   sq = flat.T.dot(flat).diagonal()
   np.testing.assert_array_equal(model["rows"](wanda), wanda_reference(w_rows, sq, 0.5))
@@ -169,7 +169,7 @@ def test_conv_kernels_get_their_unfolded_patches_and_prune_per_output_channel(la
 
   # SparseGPT per output channel over the flattened patch, against the paper.
   for sparsity, pattern in ((0.5, None), (0.0, (2, 4))):
-    new, masks = jaxprune.sparsegpt(params, stats, sparsity, where, nm=pattern)
+    new, masks = jaxprune.oneshot.sparsegpt(params, stats, sparsity, where, nm=pattern)
     want_w, want_kept = sparsegpt_reference(w_rows, flat.T @ flat, sparsity, pattern)
     np.testing.assert_array_equal(model["rows"](by_path(masks)[path]), want_kept)
     np.testing.assert_allclose(model["rows"](by_path(new)[path]), want_w, atol=2e-3)
@@ -194,12 +194,12 @@ def test_sparsegpt_beats_magnitude_on_a_tiny_conv_net():
   calibration = [jnp.asarray(rng.standard_normal((8, 12, 12, 3)), jnp.float32)
                  for _ in range(2)]
   where = jaxprune.select(state, include="kernel")
-  stats = jaxprune.input_statistics(apply, state, calibration, where, gram=True)
+  stats = jaxprune.oneshot.input_statistics(apply, state, calibration, where, gram=True)
   assert stats.unattributed == {} and len(stats.leaves) == 3
-  new, masks = jaxprune.sparsegpt(state, stats, 0.5, where, block=16)
-  magnitude = jaxprune.apply_masks(state, jaxprune.magnitude_masks(state, 0.5, where))
+  new, masks = jaxprune.oneshot.sparsegpt(state, stats, 0.5, where, block=16)
+  magnitude = jaxprune.apply_masks(state, jaxprune.ranked_masks(state, 0.5, where))
   wanda = jaxprune.apply_masks(state, jaxprune.Prune(
-      0.5, score=jaxprune.wanda_score(stats), scope="row").masks(state, where))
+      0.5, score=jaxprune.scores.wanda_score(stats), scope="row").masks(state, where))
   for kept in by_path(masks).values():
     if kept.dtype == bool:
       assert int((~kept).sum()) == kept.size // 2
@@ -215,14 +215,14 @@ def test_a_grouped_conv_is_refused_naming_the_primitive_and_the_line():
   graphdef, state = nnx.split(conv)
   apply = lambda s, x: nnx.merge(graphdef, s)(x)
   where = jaxprune.select(state, include="kernel")
-  stats = jaxprune.input_statistics(apply, state, [jnp.asarray(X_NHWC)], where, gram=True)
+  stats = jaxprune.oneshot.input_statistics(apply, state, [jnp.asarray(X_NHWC)], where, gram=True)
   (why,) = stats.unattributed.values()
   assert "conv_general_dilated" in why and "feature_group_count=2" in why
   assert ".py:" in why                                       # the source line
   with pytest.raises(ValueError, match="feature_group_count=2"):
-    jaxprune.sparsegpt(state, stats, 0.5, where)
+    jaxprune.oneshot.sparsegpt(state, stats, 0.5, where)
   with pytest.raises(ValueError, match="feature_group_count=2"):
-    jaxprune.Prune(0.5, score=jaxprune.wanda_score(stats), scope="row").masks(state, where)
+    jaxprune.Prune(0.5, score=jaxprune.scores.wanda_score(stats), scope="row").masks(state, where)
 
 
 # ----------------------------------------------------------------------------- w[i] in loops
@@ -270,7 +270,7 @@ def _layer_inputs():
 @pytest.mark.parametrize("loop", list(LOOPS))
 def test_each_stacked_layer_indexed_in_a_loop_gets_its_own_statistics(loop):
   params, where = {"w": STACK}, {"w": True}
-  stats = jaxprune.input_statistics(LOOPS[loop], params, [jnp.asarray(X)], where, gram=True)
+  stats = jaxprune.oneshot.input_statistics(LOOPS[loop], params, [jnp.asarray(X)], where, gram=True)
   assert stats.unattributed == {}
   s = stats.leaves["w"]
   assert s.stack_axes == (0,) and s.feature_axes == (1,) and s.rows == 30
@@ -280,14 +280,14 @@ def test_each_stacked_layer_indexed_in_a_loop_gets_its_own_statistics(loop):
   np.testing.assert_allclose(np.asarray(s.gram), np.stack([h.T @ h for h in inputs]),
                              rtol=1e-4, atol=1e-4)
   # Wanda: per layer, each output neuron (column) keeps its best half.
-  wanda = np.asarray(jaxprune.Prune(0.5, score=jaxprune.wanda_score(stats), scope="row")
+  wanda = np.asarray(jaxprune.Prune(0.5, score=jaxprune.scores.wanda_score(stats), scope="row")
                      .masks(params, where)["w"])
   for i, h in enumerate(inputs):
     w_rows = np.asarray(STACK[i]).T                          # (out, in)
     np.testing.assert_array_equal(wanda[i].T, wanda_reference(w_rows, (h * h).sum(0), 0.5))
   # SparseGPT: each layer from its own Gram matrix.
   for sparsity, pattern in ((0.5, None), (0.0, (2, 4))):
-    new, masks = jaxprune.sparsegpt(params, stats, sparsity, where, nm=pattern)
+    new, masks = jaxprune.oneshot.sparsegpt(params, stats, sparsity, where, nm=pattern)
     for i, h in enumerate(inputs):
       want_w, want_kept = sparsegpt_reference(np.asarray(STACK[i]).T, h.T @ h, sparsity,
                                               pattern)
@@ -303,14 +303,14 @@ def test_a_layer_the_loop_never_reaches_and_a_gather_of_layers_are_named():
       x = jnp.tanh(x @ p["w"][i])
     return x
 
-  stats = jaxprune.input_statistics(skips_last, params, [jnp.asarray(X)], where, gram=True)
+  stats = jaxprune.oneshot.input_statistics(skips_last, params, [jnp.asarray(X)], where, gram=True)
   with pytest.raises(ValueError, match=rf"inputs of w\[{LAYERS - 1}\] are all zero"):
-    jaxprune.sparsegpt(params, stats, 0.5, where)
+    jaxprune.oneshot.sparsegpt(params, stats, 0.5, where)
 
   def two_layers_at_once(p, x):
     return jnp.einsum("btd,lde->lbte", x, jnp.take(p["w"], jnp.array([0, 2]), axis=0))
 
-  stats = jaxprune.input_statistics(two_layers_at_once, params, [jnp.asarray(X)], where)
+  stats = jaxprune.oneshot.input_statistics(two_layers_at_once, params, [jnp.asarray(X)], where)
   assert "gather" in stats.unattributed["w"] and ".py:" in stats.unattributed["w"]
   with pytest.raises(ValueError, match=r"no input statistics for w: .*gather"):
-    jaxprune.Prune(0.5, score=jaxprune.wanda_score(stats), scope="row").masks(params, where)
+    jaxprune.Prune(0.5, score=jaxprune.scores.wanda_score(stats), scope="row").masks(params, where)

@@ -63,7 +63,7 @@ grad_fn = jax.jit(jax.grad(loss_fn))
 
 
 def masks_at(params, sparsity, previous=None):
-  return jaxprune.magnitude_masks(params, sparsity, jaxprune.select(params), previous=previous)
+  return jaxprune.ranked_masks(params, sparsity, jaxprune.select(params), previous=previous)
 
 
 def mask_grads(grads, masks):
@@ -479,7 +479,7 @@ def test_nnx_optimizer():
   model = NnxMLP(nnx.Rngs(0))
   ref_model = nnx.clone(model)
   param_state = nnx.state(model, nnx.Param)
-  masks = jaxprune.magnitude_masks(param_state, 0.5, jaxprune.select(param_state))
+  masks = jaxprune.ranked_masks(param_state, 0.5, jaxprune.select(param_state))
   opt = nnx.Optimizer(model, jaxprune.pruned(optax.adam(1e-2), masks), wrt=nnx.Param)
   ref_opt = nnx.Optimizer(ref_model, optax.adam(1e-2), wrt=nnx.Param)
 
@@ -506,7 +506,7 @@ def test_nnx_optimizer():
   np.testing.assert_array_equal(held["fc1"]["kernel"][...], masks["fc1"]["kernel"][...])
 
   param_state = nnx.state(model, nnx.Param)
-  masks1 = jaxprune.magnitude_masks(param_state, 0.75, jaxprune.select(param_state),
+  masks1 = jaxprune.ranked_masks(param_state, 0.75, jaxprune.select(param_state),
                                     previous=masks)
   opt.opt_state = jaxprune.set_masks(opt.opt_state, masks1)
   step(model, opt, ref_model, ref_opt, masks1)
@@ -566,11 +566,13 @@ def make_gradual_step(tx):
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_gradual_follows_schedule_monotone_compiled_once(scope):
   every, begin, end, final = 3, 2, 12, 0.8
-  schedule = jaxprune.polynomial_schedule(0.0, final, begin_step=begin, end_step=end)
+  schedule = optax.polynomial_schedule(init_value=0.0, end_value=final, power=3,
+                                       transition_steps=end - begin, transition_begin=begin)
   params = make_params()
   where = jaxprune.select(params)
-  tx = jaxprune.pruned(optax.adamw(1e-2, weight_decay=0.1), where=where, schedule=schedule,
-                       update_every=every, scope=scope)
+  tx = jaxprune.pruned(optax.adamw(1e-2, weight_decay=0.1), where=where,
+                       schedule=lambda c: jaxprune.Prune(schedule(c), scope=scope),
+                       update_every=every)
   step = make_gradual_step(tx)
   state = tx.init(params)
   masks = jaxprune.get_masks(state)
@@ -583,7 +585,7 @@ def test_gradual_follows_schedule_monotone_compiled_once(scope):
     new = jaxprune.get_masks(state)
     if count % every == 0:
       # Recomputed from the params the update saw, previous masks respected.
-      expected = jaxprune.magnitude_masks(before, float(schedule(count)), where, scope=scope,
+      expected = jaxprune.ranked_masks(before, float(schedule(count)), where, scope=scope,
                                           previous=masks)
       jax.tree.map(np.testing.assert_array_equal, new, expected)
       recomputed += 1
@@ -619,7 +621,7 @@ def test_gradual_never_revives_weights_pruned_by_starting_masks():
   where = jaxprune.select(params)
   start = jax.tree.map(lambda w, sel: (jnp.abs(w) < 1.0) if sel else None, params, where)
   tx = jaxprune.pruned(optax.adam(1e-2), start, where=where,
-                       schedule=jaxprune.constant_schedule(0.3), update_every=2)
+                       schedule=optax.constant_schedule(0.3), update_every=2)
   step = make_gradual_step(tx)
   state = tx.init(params)
   for _ in range(6):
@@ -635,7 +637,7 @@ def test_gradual_never_revives_weights_pruned_by_starting_masks():
 
 
 def test_gradual_inside_multisteps_counts_emitted_updates():
-  schedule = jaxprune.polynomial_schedule(0.0, 0.5, begin_step=0, end_step=2, power=1)
+  schedule = optax.polynomial_schedule(init_value=0.0, end_value=0.5, power=1, transition_steps=2)
   params = make_params()
   tx = optax.MultiSteps(jaxprune.pruned(optax.adam(1e-2), where=jaxprune.select(params),
                                         schedule=schedule, update_every=1), 2)
@@ -656,7 +658,7 @@ def test_gradual_update_outside_jit_matches_jitted():
   masks too, and gives what the jitted update gives."""
   params = make_params()
   tx = jaxprune.pruned(optax.adam(1e-2), where=jaxprune.select(params),
-                       schedule=jaxprune.constant_schedule(0.5), update_every=2)
+                       schedule=optax.constant_schedule(0.5), update_every=2)
   grads = grad_fn(params)
   state = tx.init(params)
   eager_out, eager_state = tx.update(grads, state, params)
@@ -673,7 +675,7 @@ def test_gradual_with_nnx_optimizer_and_bool_where():
   `update` pure arrays; the selection must carry over."""
   model = NnxMLP(nnx.Rngs(0))
   where = jaxprune.select(nnx.state(model, nnx.Param))
-  schedule = jaxprune.polynomial_schedule(0.0, 0.5, begin_step=0, end_step=2, power=1)
+  schedule = optax.polynomial_schedule(init_value=0.0, end_value=0.5, power=1, transition_steps=2)
   opt = nnx.Optimizer(model, jaxprune.pruned(optax.adam(1e-2), where=where, schedule=schedule,
                                              update_every=1), wrt=nnx.Param)
   @nnx.jit
@@ -728,7 +730,7 @@ def test_extra_args_pass_through_in_gradual_mode():
   tx = optax.chain(
       optax.clip_by_global_norm(1e6),
       jaxprune.pruned(needs_factor(), where=jaxprune.select(params),
-                      schedule=jaxprune.constant_schedule(0.5), update_every=1))
+                      schedule=optax.constant_schedule(0.5), update_every=1))
   state, grads = tx.init(params), grad_fn(params)
   shapes, _ = jax.eval_shape(functools.partial(tx.update, factor=jnp.float32(0.5)),
                              grads, state, params)
@@ -780,14 +782,14 @@ def test_get_and_set_masks_need_exactly_one_pruned_state():
 def test_constructor_errors():
   params = make_params()
   where = jaxprune.select(params)
-  schedule = jaxprune.constant_schedule(0.5)
+  schedule = optax.constant_schedule(0.5)
   with pytest.raises(ValueError, match="pass `masks`"):
     jaxprune.pruned(optax.adam(1e-3))
   with pytest.raises(ValueError, match="gradual pruning needs"):
     jaxprune.pruned(optax.adam(1e-3), schedule=schedule, update_every=2)
   with pytest.raises(ValueError, match="update_every"):
     jaxprune.pruned(optax.adam(1e-3), where=where, schedule=schedule, update_every=0)
-  with pytest.raises(ValueError, match="scope"):
+  with pytest.raises(TypeError, match="scope"):   # the scope goes with the target now
     jaxprune.pruned(optax.adam(1e-3), masks_at(params, 0.5), scope="row")
   # Starting masks that disagree with `where` in gradual mode.
   only_fc1 = jaxprune.select(params, include="fc1")
@@ -806,7 +808,7 @@ def test_nnx_optimizer_accepts_masks_from_a_pure_dict_and_survives_donation():
 
   model = Tiny(nnx.Rngs(0))
   pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  masks = jaxprune.magnitude_masks(pure, 0.5, jaxprune.select(pure))
+  masks = jaxprune.ranked_masks(pure, 0.5, jaxprune.select(pure))
   tx = jaxprune.pruned(optax.adam(1e-3), masks)
   opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
   held = jaxprune.get_masks(opt.opt_state)["fc1"]["kernel"]

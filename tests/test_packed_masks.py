@@ -28,15 +28,15 @@ def masks(draw):
 @settings(max_examples=60, deadline=None)
 @given(masks())
 def test_packing_round_trips_exactly_in_numpy_packbits_order(mask):
-  held = jaxprune.pack_mask(mask)
+  held = jaxprune.tree.pack_mask(mask)
   if mask.ndim and mask.shape[-1] % 8 == 0:
     assert held.dtype == jnp.uint8 and held.shape == (*mask.shape[:-1], mask.shape[-1] // 8)
     np.testing.assert_array_equal(held, np.packbits(mask, axis=-1))
   else:
     assert held.dtype == jnp.bool_ and held.shape == mask.shape
   assert packed_masks.mask_shape(held) == mask.shape
-  np.testing.assert_array_equal(jaxprune.unpack_mask(held), mask)
-  np.testing.assert_array_equal(jax.jit(jaxprune.unpack_mask)(held), mask)
+  np.testing.assert_array_equal(jaxprune.tree.unpack_mask(held), mask)
+  np.testing.assert_array_equal(jax.jit(jaxprune.tree.unpack_mask)(held), mask)
 
 
 def _params():
@@ -49,7 +49,7 @@ def _params():
 def test_pruned_state_holds_bits_and_get_and_set_masks_speak_bool():
   params = _params()
   where = jaxprune.select(params, include="*kernel")
-  masks = jaxprune.magnitude_masks(params, 0.75, where)
+  masks = jaxprune.ranked_masks(params, 0.75, where)
   state = jaxprune.pruned(optax.adam(1e-2), masks).init(params)
   held = state.packed_masks
   assert held["fc1"]["kernel"].dtype == jnp.uint8 and held["fc1"]["kernel"].shape == (16, 8)
@@ -59,7 +59,7 @@ def test_pruned_state_holds_bits_and_get_and_set_masks_speak_bool():
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(masks), strict=True):
     assert a.dtype == jnp.bool_
     np.testing.assert_array_equal(a, b)
-  fewer = jaxprune.magnitude_masks(params, 0.9, where, previous=masks)
+  fewer = jaxprune.ranked_masks(params, 0.9, where, previous=masks)
   state = jaxprune.set_masks(state, fewer)
   assert state.packed_masks["fc1"]["kernel"].dtype == jnp.uint8
   np.testing.assert_array_equal(jaxprune.get_masks(state)["fc1"]["kernel"], fewer["fc1"]["kernel"])
@@ -72,7 +72,8 @@ def test_gradual_masks_stay_packed_through_the_cond():
   params = _params()
   where = jaxprune.select(params, include="*kernel")
   tx = jaxprune.pruned(optax.adam(1e-2), where=where, update_every=2,
-                       schedule=jaxprune.polynomial_schedule(0.0, 0.8, 0, 4))
+                       schedule=optax.polynomial_schedule(init_value=0.0, end_value=0.8, power=3,
+                                                          transition_steps=4))
   state = tx.init(params)
   step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(
       *tx.update(jax.tree.map(jnp.ones_like, p), s, p)))
@@ -110,7 +111,7 @@ def test_a_fixed_mask_adamw_step_reads_under_one_percent_more_than_adamw():
   # Bool masks read three times (twice in the moments, once in the final where) cost
   # ~3 of AdamW's ~40 bytes per weight here (1.075x); packed bits cost 3/8 of a byte.
   params = _mlp()
-  masks = jaxprune.magnitude_masks(params, 0.8, jaxprune.select(params))
+  masks = jaxprune.ranked_masks(params, 0.8, jaxprune.select(params))
   adamw = lambda: optax.adamw(1e-3, weight_decay=0.1)
   plain = _bytes(_compiled_update(adamw(), params))
   pruned = _compiled_update(jaxprune.pruned(adamw(), masks), params)
@@ -142,14 +143,14 @@ def test_the_gradual_update_selects_on_the_held_masks_like_on_bool_ones(scope, c
             "b": jnp.asarray(rng.integers(0, 4, (6, 5)) / 2, jnp.float32),
             "c": jnp.ones(3)}
   where = {"a": True, "b": True, "c": False}
-  previous = jaxprune.magnitude_masks(params, 0.3, where, scope=scope)
-  held = jaxprune.pack_masks(previous)
+  previous = jaxprune.ranked_masks(params, 0.3, where, scope=scope)
+  held = jaxprune.tree.pack_masks(previous)
   assert held["a"].dtype == jnp.uint8 and held["b"].dtype == jnp.bool_
   got = jax.jit(lambda p, h: magnitude_masks_held(p, 0.7, h, scope))(params, held)
-  want = jaxprune.magnitude_masks(params, 0.7, where, scope=scope, previous=previous)
+  want = jaxprune.ranked_masks(params, 0.7, where, scope=scope, previous=previous)
   assert got["c"] is None and got["a"].dtype == jnp.uint8
   for name in ("a", "b"):
-    np.testing.assert_array_equal(jaxprune.unpack_mask(got[name]), want[name])
+    np.testing.assert_array_equal(jaxprune.tree.unpack_mask(got[name]), want[name])
 
 
 def test_the_gradual_update_writes_out_no_bool_mask():
@@ -182,7 +183,7 @@ def test_kept_or_zero_is_where_bit_for_bit(mask, dtype, seed):
     x = jnp.asarray(rng.integers(-9, 9, mask.shape), jnp.int32)
   else:
     x = jnp.asarray(rng.choice(SPECIALS, mask.shape)).astype(dtype)
-  held = jaxprune.pack_mask(mask)
+  held = jaxprune.tree.pack_mask(mask)
   expected = jnp.where(mask, x, jnp.zeros((), x.dtype))
   unsigned = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
   bits = lambda a: np.asarray(jax.lax.bitcast_convert_type(a, unsigned))
@@ -194,7 +195,7 @@ def test_kept_or_zero_is_where_bit_for_bit(mask, dtype, seed):
 def test_kept_or_zero_differentiates_as_where():
   # A bitcast alone has no derivative: JAX would give 0 silently.
   mask = np.array([[True, False, True, True, False, False, True, False]] * 2)
-  held, x = jaxprune.pack_mask(mask), jnp.arange(16.0).reshape(2, 8)
+  held, x = jaxprune.tree.pack_mask(mask), jnp.arange(16.0).reshape(2, 8)
   f = lambda x: jnp.sum(packed_masks.kept_or_zero(held, x) ** 2)
   g = lambda x: jnp.sum(jnp.where(mask, x, 0.0) ** 2)
   np.testing.assert_array_equal(jax.grad(f)(x), jax.grad(g)(x))
@@ -205,7 +206,7 @@ def test_kept_or_zero_differentiates_as_where():
 
 def test_kept_or_zero_names_a_shape_mismatch():
   with pytest.raises(ValueError, match=r"shape \(2, 8\) cannot select an array of shape \(2, 16\)"):
-    packed_masks.kept_or_zero(jaxprune.pack_mask(np.ones((2, 8), bool)), jnp.ones((2, 16)))
+    packed_masks.kept_or_zero(jaxprune.tree.pack_mask(np.ones((2, 8), bool)), jnp.ones((2, 16)))
 
 
 def _primitives(jaxpr) -> list[str]:
@@ -222,7 +223,7 @@ def test_pruned_zeroes_gradients_with_an_and_not_a_select():
   # A select on the unpacked bits ran XLA:CPU's streaming moment updates 1.4-1.8x
   # slower; the step keeps one `where` per leaf (the final one) and no more.
   params = _params()
-  masks = jaxprune.magnitude_masks(params, 0.75, jaxprune.select(params, include="*kernel"))
+  masks = jaxprune.ranked_masks(params, 0.75, jaxprune.select(params, include="*kernel"))
   def update_primitives(tx):
     update = lambda g, s, p: tx.update(g, s, p)
     return _primitives(jax.make_jaxpr(update)(params, tx.init(params), params).jaxpr)

@@ -78,8 +78,8 @@ def _logit_error(apply_fn, dense, pruned, batches):
 def test_one_wanda_call_ranks_each_output_neuron(llama):
   params, apply_fn, batches = llama
   where = _kernels(params)
-  stats = jaxprune.input_statistics(apply_fn, params, batches, where)
-  masks = jaxprune.Prune(0.5, score=jaxprune.wanda_score(stats), scope="row").masks(
+  stats = jaxprune.oneshot.input_statistics(apply_fn, params, batches, where)
+  masks = jaxprune.Prune(0.5, score=jaxprune.scores.wanda_score(stats), scope="row").masks(
       params, where)
   for path, stat in stats.leaves.items():  # against NumPy, per output neuron
     w = np.asarray(params[path])
@@ -96,9 +96,9 @@ def test_one_wanda_call_ranks_each_output_neuron(llama):
 def test_one_sparsegpt_call_beats_magnitude_on_the_outputs(llama):
   params, apply_fn, batches = llama
   where = _kernels(params)
-  stats = jaxprune.input_statistics(apply_fn, params, batches, where, gram=True)
-  pruned, masks = jaxprune.sparsegpt(params, stats, 0.5, where)
-  magnitude = jaxprune.apply_masks(params, jaxprune.magnitude_masks(params, 0.5, where))
+  stats = jaxprune.oneshot.input_statistics(apply_fn, params, batches, where, gram=True)
+  pruned, masks = jaxprune.oneshot.sparsegpt(params, stats, 0.5, where)
+  magnitude = jaxprune.apply_masks(params, jaxprune.ranked_masks(params, 0.5, where))
   assert all(float((~m).mean()) == 0.5 for m in jax.tree.leaves(masks))
   assert _logit_error(apply_fn, params, pruned, batches) < _logit_error(
       apply_fn, params, magnitude, batches)
@@ -108,8 +108,8 @@ def test_sparsegpt_two_four_along_each_kernels_last_input_axis(llama):
   params, apply_fn, batches = llama
   where = _kernels(params)
   layouts = weight_layouts(apply_fn, params, batches[0])
-  stats = jaxprune.input_statistics(apply_fn, params, batches, where, gram=True)
-  pruned, masks = jaxprune.sparsegpt(params, stats, 0.0, where, nm=(2, 4))
+  stats = jaxprune.oneshot.input_statistics(apply_fn, params, batches, where, gram=True)
+  pruned, masks = jaxprune.oneshot.sparsegpt(params, stats, 0.0, where, nm=(2, 4))
   for path, mask in masks.items():
     if mask is not None:
       axis = layouts[path].inputs[-1]
@@ -125,12 +125,12 @@ def llama_gqa():
   kernel `(embedding, kv_heads, query_heads, projection)`)."""
   params, apply_fn = _llamalike(query_head_multiplier=2, seed=1)
   ids = _tokens(5, batch=2, length=8)
-  return params, apply_fn, ids, jaxprune.channel_groups(apply_fn, params, ids)
+  return params, apply_fn, ids, jaxprune.structural.channel_groups(apply_fn, params, ids)
 
 
 def _expected_block_groups(b: int) -> dict:
   """Written from penzai's llamalike code: what each kind must hold in block b."""
-  M = jaxprune.Member
+  M = jaxprune.structural.Member
   a, m = f"lm/block_{b}/attention/", f"lm/block_{b}/mlp/"
   return {
       ("kv_heads", 2): {M(a + "query.weights", 1), M(a + "key.weights", 1),
@@ -148,10 +148,10 @@ def test_penzai_gqa_groups_match_the_hand_written_ones(llama_gqa):
   *_, groups = llama_gqa
   found = [((g.kind, g.size), set(g.members)) for g in groups if g.prunable]
   expected = [item for b in range(2) for item in _expected_block_groups(b).items()]
-  residual = {jaxprune.Member("lm/embedder.embeddings", 1),
-              jaxprune.Member("lm/final_norm/scale.weights", 0),
-              jaxprune.Member("lm/lm_head.weights", 0)} | {
-      jaxprune.Member(f"lm/block_{b}/{name}", axis) for b in range(2) for name, axis in (
+  residual = {jaxprune.structural.Member("lm/embedder.embeddings", 1),
+              jaxprune.structural.Member("lm/final_norm/scale.weights", 0),
+              jaxprune.structural.Member("lm/lm_head.weights", 0)} | {
+      jaxprune.structural.Member(f"lm/block_{b}/{name}", axis) for b in range(2) for name, axis in (
           ("pre_attention_norm/scale.weights", 0), ("pre_ffw_norm/scale.weights", 0),
           ("attention/query.weights", 0), ("attention/key.weights", 0),
           ("attention/value.weights", 0), ("attention/output.weights", 3),
@@ -166,9 +166,9 @@ def test_penzai_gqa_groups_match_the_hand_written_ones(llama_gqa):
 @pytest.mark.parametrize("kind", ["kv_heads", "heads", "head_dim", "mlp_hidden"])
 def test_penzai_shrunk_program_equals_zeroing(llama_gqa, kind):
   params, apply_fn, ids, groups = llama_gqa
-  importance = jaxprune.magnitude_importance(groups, params)
-  keep = jaxprune.keep_top(groups, importance, 0.5, kinds=(kind,))
-  small = jaxprune.shrink(params, groups, keep)
-  out = jaxprune.shrunk_program(groups, keep)(small, ids)
+  importance = jaxprune.structural.magnitude_importance(groups, params)
+  keep = jaxprune.structural.keep_top(groups, importance, 0.5, kinds=(kind,))
+  small = jaxprune.structural.shrink(params, groups, keep)
+  out = jaxprune.structural.shrunk_program(groups, keep)(small, ids)
   reference = apply_fn(zeroed_units(params, groups, keep), ids)
   np.testing.assert_allclose(out, reference, atol=1e-4, rtol=1e-4)

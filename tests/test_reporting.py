@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jaxprune
-from jaxprune import LeafSparsity, SparsityReport
+from jaxprune.training import LeafSparsity, SparsityReport
 
 
 def model_params():
@@ -105,7 +105,7 @@ def test_after_magnitude_masks():
                     "bias": jnp.asarray(rng.normal(size=9), jnp.float32)},
             "output_proj": {"kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)}}
   where = jaxprune.select(params)
-  pruned = jaxprune.apply_masks(params, jaxprune.magnitude_masks(params, 0.5, where))
+  pruned = jaxprune.apply_masks(params, jaxprune.ranked_masks(params, 0.5, where))
   report = jaxprune.sparsity_report(pruned, where)
   rows = {r.path: r for r in report.leaves}
   assert rows["fc1/kernel"].zeros == round(0.5 * 30) == 15
@@ -172,7 +172,7 @@ def test_nnx_state_report():
   graphdef, state = nnx.split(nnx.eval_shape(lambda: Model(nnx.Rngs(0))))
   model = nnx.merge(graphdef, jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), state))
   params = nnx.state(model, nnx.Param)
-  masks = jaxprune.magnitude_masks(params, 0.5, jaxprune.select(params))
+  masks = jaxprune.ranked_masks(params, 0.5, jaxprune.select(params))
   report = jaxprune.sparsity_report(jaxprune.apply_masks(params, masks))
   rows = {r.path: r for r in report.leaves}
   assert rows["fc1/kernel/value"].zeros == 6 and rows["fc1/kernel/value"].targeted

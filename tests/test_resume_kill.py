@@ -87,7 +87,7 @@ SCRIPT = textwrap.dedent(
     result = jaxprune.prune_retrain(
         params, loss_fn, train_batches, eval_batches,
         optimizer=optax.inject_hyperparams(optax.adamw)(learning_rate=lr),
-        schedule=[0.5, 0.75, 0.875], where=jaxprune.select(params),
+        targets=[0.5, 0.75, 0.875], where=jaxprune.select(params),
         retrain_steps={budgets!r}, checkpoint_dir=ckpt, checkpoint_every={every!r},
         restart_optimizer=False, progress=False, seed=3, log_every=5,
     )
@@ -280,15 +280,16 @@ TRAIN_SCRIPT = textwrap.dedent(
     params = {{"fc1": {{"kernel": jnp.asarray(rng.normal(size=(8, 32)).astype(np.float32))}},
                "fc2": {{"kernel": jnp.asarray(rng.normal(size=(32, 4)).astype(np.float32))}}}}
     where = jaxprune.select(params)
-    start = jaxprune.ranked_masks(params, 0.8, where, score=jaxprune.random_score(0),
-                                  distribution=jaxprune.erk())
+    start = jaxprune.ranked_masks(params, 0.8, where, score=jaxprune.scores.random_score(0),
+                                  distribution=jaxprune.distributions.erk())
     method = os.environ["METHOD"]
     if method == "ste":
-        tx = jaxprune.straight_through(optax.adam(1e-2), where=where, update_every=3,
-                                       schedule=jaxprune.constant_schedule(0.8))
+        tx = jaxprune.sparse_training.straight_through(optax.adam(1e-2), where=where,
+                                                       update_every=3,
+                                       schedule=optax.constant_schedule(0.8))
     else:
-        schedule = (jaxprune.rigl_schedule(0.3, end=15) if method == "rigl"
-                    else jaxprune.set_schedule(0.3, seed=1))
+        schedule = (jaxprune.sparse_training.rigl_schedule(0.3, end=15) if method == "rigl"
+                    else jaxprune.sparse_training.set_schedule(0.3, seed=1))
         tx = jaxprune.pruned(optax.adam(1e-2), start, schedule=schedule, update_every=3)
 
     def loss_fn(params, batch, rng=None):

@@ -49,7 +49,7 @@ def test_rows_with_erk_shares_and_the_prune_target():
   params = {"fc1": {"kernel": jax.random.normal(k[0], (32, 64))},
             "fc2": {"kernel": jax.random.normal(k[1], (64, 8))}}
   where = jaxprune.select(params)
-  erk = jaxprune.erk()
+  erk = jaxprune.distributions.erk()
   target = jaxprune.Prune(0.75, scope="row", distribution=erk)
   assert str(target) == "75.00% ERK row"
   masks = target.masks(params, where)

@@ -16,15 +16,15 @@ def _score(kind: str, rng: np.random.Generator, w: np.ndarray):
   """The score object, and the values the selection ranks (signed for `given`)."""
   if kind == "saliency":
     g = (rng.integers(-3, 4, size=w.shape) / 4).astype(np.float32)
-    return jaxprune.saliency_score({"w": jnp.asarray(g)}), np.abs(w * g)
+    return jaxprune.scores.saliency_score({"w": jnp.asarray(g)}), np.abs(w * g)
   if kind == "random":
-    score = jaxprune.random_score(int(rng.integers(0, 2**31)))
+    score = jaxprune.scores.random_score(int(rng.integers(0, 2**31)))
     (values,) = score.scores({"w": jnp.asarray(w)}, [0])
     return score, np.asarray(values)
   if kind == "given":
     s = (rng.integers(-6, 7, size=w.shape) / 4).astype(np.float32)
-    return jaxprune.given_score({"w": jnp.asarray(s)}), s
-  score = jaxprune.normalized_score()
+    return jaxprune.scores.given_score({"w": jnp.asarray(s)}), s
+  score = jaxprune.scores.normalized_score()
   (values,) = score.scores({"w": jnp.asarray(w)}, [0])
   return score, np.asarray(values)
 

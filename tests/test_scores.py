@@ -42,7 +42,7 @@ def test_saliency_ranks_w_times_g(seed, fraction, scope, levels):
   grads = {k: {"kernel": jnp.asarray(rng.integers(-levels, levels, v["kernel"].shape) / 4,
                                      v["kernel"].dtype)} for k, v in PARAMS.items()}
   got = jaxprune.ranked_masks(PARAMS, fraction, WHERE, scope=scope,
-                              score=jaxprune.saliency_score(grads))
+                              score=jaxprune.scores.saliency_score(grads))
   values = [np.abs(np.asarray(PARAMS[k]["kernel"], np.float32)
                    * np.asarray(grads[k]["kernel"], np.float32)) for k in ("a", "b")]
   for g, w in zip([got["a"]["kernel"], got["b"]["kernel"]], _reference(values, fraction, scope)):
@@ -59,7 +59,8 @@ def test_given_scores_rank_by_value_negative_first(seed, fraction, scope):
   tree["a"]["kernel"] = tree["a"]["kernel"].at[0, 0].set(-0.0).at[0, 1].set(-jnp.inf)
   # -inf is refused outside jit (not finite); under jit it ranks first.
   masks = jax.jit(lambda p, t: jaxprune.ranked_masks(p, fraction, WHERE, scope=scope,
-                                                     score=jaxprune.given_score(t)))(PARAMS, tree)
+                                                     score=jaxprune.scores.given_score(t)))(PARAMS,
+                                                                                            tree)
   values = [np.asarray(tree[k]["kernel"]) + 0.0 for k in ("a", "b")]  # -0.0 as 0.0
   for g, w in zip([masks["a"]["kernel"], masks["b"]["kernel"]],
                   _reference(values, fraction, scope)):
@@ -67,31 +68,31 @@ def test_given_scores_rank_by_value_negative_first(seed, fraction, scope):
 
 
 def test_random_scores_are_reproducible_exact_and_seeded():
-  a = jaxprune.ranked_masks(PARAMS, 0.5, WHERE, score=jaxprune.random_score(7))
-  b = jaxprune.ranked_masks(PARAMS, 0.5, WHERE, score=jaxprune.random_score(7))
-  c = jaxprune.ranked_masks(PARAMS, 0.5, WHERE, score=jaxprune.random_score(8))
+  a = jaxprune.ranked_masks(PARAMS, 0.5, WHERE, score=jaxprune.scores.random_score(7))
+  b = jaxprune.ranked_masks(PARAMS, 0.5, WHERE, score=jaxprune.scores.random_score(7))
+  c = jaxprune.ranked_masks(PARAMS, 0.5, WHERE, score=jaxprune.scores.random_score(8))
   for k in ("a", "b"):
     np.testing.assert_array_equal(a[k]["kernel"], b[k]["kernel"])
     assert int((~a[k]["kernel"]).sum()) == round(0.5 * PARAMS[k]["kernel"].size)
   assert any(not np.array_equal(a[k]["kernel"], c[k]["kernel"]) for k in ("a", "b"))
   # Not the magnitude ranking.
-  m = jaxprune.magnitude_masks(PARAMS, 0.5, WHERE)
+  m = jaxprune.ranked_masks(PARAMS, 0.5, WHERE)
   assert any(not np.array_equal(a[k]["kernel"], m[k]["kernel"]) for k in ("a", "b"))
 
 
 def test_mean_gradients_and_score_errors_name_the_leaf():
   def loss(p, x):
     return jnp.sum(p["a"]["kernel"] * x) + jnp.sum(p["b"]["kernel"].astype(jnp.float32))
-  grads = jaxprune.mean_gradients(loss, PARAMS, [jnp.ones((6, 8)), 3 * jnp.ones((6, 8))])
+  grads = jaxprune.scores.mean_gradients(loss, PARAMS, [jnp.ones((6, 8)), 3 * jnp.ones((6, 8))])
   np.testing.assert_allclose(grads["a"]["kernel"], 2.0)
   with pytest.raises(ValueError, match="at least one batch"):
-    jaxprune.mean_gradients(loss, PARAMS, [])
+    jaxprune.scores.mean_gradients(loss, PARAMS, [])
   bad = {"a": {"kernel": jnp.ones((6, 8))}, "b": {"kernel": jnp.ones((3, 5))}}
   with pytest.raises(ValueError, match="b/kernel"):
-    jaxprune.ranked_masks(PARAMS, 0.5, WHERE, score=jaxprune.saliency_score(bad))
+    jaxprune.ranked_masks(PARAMS, 0.5, WHERE, score=jaxprune.scores.saliency_score(bad))
   nan = {"a": {"kernel": jnp.full((6, 8), jnp.nan)}, "b": {"kernel": jnp.ones((5, 3))}}
   with pytest.raises(ValueError, match="the score of a/kernel"):
-    jaxprune.ranked_masks(PARAMS, 0.5, WHERE, score=jaxprune.given_score(nan))
+    jaxprune.ranked_masks(PARAMS, 0.5, WHERE, score=jaxprune.scores.given_score(nan))
   with pytest.raises(TypeError, match="score must be"):
     jaxprune.ranked_masks(PARAMS, 0.5, WHERE, score="saliency")
 
@@ -114,17 +115,18 @@ def test_saliency_without_grads_uses_the_gradual_steps_gradient():
   params, loss_fn, batch = _mlp()
   where = jaxprune.select(params)
   tx = jaxprune.pruned(optax.sgd(0.0), where=where, update_every=1,
-                       schedule=lambda c: jaxprune.Prune(0.5, score=jaxprune.saliency_score()))
+                       schedule=lambda c: jaxprune.Prune(0.5,
+                                                         score=jaxprune.scores.saliency_score()))
   state = tx.init(params)
   grads = jax.grad(loss_fn)(params, batch)
   _, state = jax.jit(tx.update)(grads, state, params)
-  want = jaxprune.Prune(0.5, score=jaxprune.saliency_score(grads)).masks(params, where)
+  want = jaxprune.Prune(0.5, score=jaxprune.scores.saliency_score(grads)).masks(params, where)
   got = jaxprune.get_masks(state)
   for name in ("fc1", "fc2"):
     np.testing.assert_array_equal(np.asarray(got[name]["kernel"]),
                                   np.asarray(want[name]["kernel"]))
   # Not what magnitude alone keeps: the gradient really entered the ranking.
-  by_magnitude = jaxprune.magnitude_masks(params, 0.5, where)
+  by_magnitude = jaxprune.ranked_masks(params, 0.5, where)
   assert not np.array_equal(np.asarray(got["fc1"]["kernel"]),
                             np.asarray(by_magnitude["fc1"]["kernel"]))
 
@@ -138,11 +140,11 @@ def test_saliency_without_grads_in_prune_retrain_uses_the_first_retraining_batch
     seen.append(step)
     return batch
 
-  target = jaxprune.Prune(0.6, score=jaxprune.saliency_score())
+  target = jaxprune.Prune(0.6, score=jaxprune.scores.saliency_score())
   result = jaxprune.prune_retrain(
-      params, loss_fn, batch_at, [batch], optimizer=optax.sgd(0.0), schedule=[target],
+      params, loss_fn, batch_at, [batch], optimizer=optax.sgd(0.0), targets=[target],
       where=where, retrain_steps=1, progress=False)
-  want = jaxprune.Prune(0.6, score=jaxprune.saliency_score(
+  want = jaxprune.Prune(0.6, score=jaxprune.scores.saliency_score(
       jax.grad(loss_fn)(params, batch))).masks(params, where)
   got = jaxprune.get_masks(result.opt_state)
   for name in ("fc1", "fc2"):
@@ -154,4 +156,5 @@ def test_saliency_without_grads_in_prune_retrain_uses_the_first_retraining_batch
 def test_saliency_without_grads_elsewhere_says_where_it_works():
   params, _, _ = _mlp()
   with pytest.raises(ValueError, match="gradients of the step that prunes"):
-    jaxprune.Prune(0.5, score=jaxprune.saliency_score()).masks(params, jaxprune.select(params))
+    jaxprune.Prune(0.5, score=jaxprune.scores.saliency_score()).masks(params,
+                                                                      jaxprune.select(params))

@@ -40,7 +40,7 @@ def transformer_params():
 
 
 def chosen_paths(tree, where):
-  return [p for p, sel in zip(jaxprune.leaf_paths(tree), jax.tree.leaves(where)) if sel]
+  return [p for p, sel in zip(jaxprune.tree.leaf_paths(tree), jax.tree.leaves(where)) if sel]
 
 
 def test_default_selects_every_matrix_but_embeddings():
@@ -102,7 +102,7 @@ def test_sequence_index_is_a_component():
   assert chosen_paths(params, jaxprune.select(params, include=("0", "2"))) == ["layers/0",
                                                                               "layers/2"]
   params = {"stack": (f32(2, 2), [f32(2, 2), f32(2, 2)])}
-  assert jaxprune.leaf_paths(params) == ["stack/0", "stack/1/0", "stack/1/1"]
+  assert jaxprune.tree.leaf_paths(params) == ["stack/0", "stack/1/0", "stack/1/1"]
   where = jaxprune.select(params, include="stack", exclude="0")
   assert chosen_paths(params, where) == ["stack/1/1"]
 
@@ -166,9 +166,9 @@ def test_nothing_selected_lists_patterns_and_paths():
   with pytest.raises(ValueError, match=r"select: no leaf matched include=\('nope\*',\)") as err:
     jaxprune.select(params, include=("nope*",))
   msg = str(err.value)
-  assert ", ".join(jaxprune.leaf_paths(params)[:8]) in msg  # the first paths that exist
+  assert ", ".join(jaxprune.tree.leaf_paths(params)[:8]) in msg  # the first paths that exist
   assert "exclude=()" in msg and "min_ndim=2" in msg
-  assert f"{len(jaxprune.leaf_paths(params))} leaves" in msg
+  assert f"{len(jaxprune.tree.leaf_paths(params))} leaves" in msg
   assert msg.endswith(", ...")  # more than 8 leaves: the list is cut
   excluded = r"exclude=\('\*embed\*', 'bias', 'scale', 'fc\*'\).*fc1/kernel"
   with pytest.raises(ValueError, match=excluded):
@@ -193,7 +193,7 @@ class Dense(NamedTuple):
 
 def test_namedtuple_fields_are_components():
   params = {"fc": Dense(kernel=f32(2, 3), bias=f32(3)), "out": [Dense(f32(3, 3), f32(3))]}
-  assert jaxprune.leaf_paths(params) == ["fc/kernel", "fc/bias", "out/0/kernel", "out/0/bias"]
+  assert jaxprune.tree.leaf_paths(params) == ["fc/kernel", "fc/bias", "out/0/kernel", "out/0/bias"]
   where = jaxprune.select(params, include="kernel")
   assert isinstance(where["fc"], Dense) and isinstance(where["out"][0], Dense)
   assert chosen_paths(params, where) == ["fc/kernel", "out/0/kernel"]
@@ -209,7 +209,7 @@ def test_nnx_state_paths_and_selection():
   graphdef, state = nnx.split(nnx.eval_shape(lambda: Model(nnx.Rngs(0))))
   state = nnx.state(nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                                                     state)), nnx.Param)
-  paths = jaxprune.leaf_paths(state)
+  paths = jaxprune.tree.leaf_paths(state)
   assert "fc1/kernel/value" in paths and "blocks/0/kernel/value" in paths
   where = jaxprune.select(state, include=("fc*", "output_proj"))
   assert jax.tree.structure(where) == jax.tree.structure(state)
@@ -222,10 +222,10 @@ def test_path_components_of_key_types():
   path = (jax.tree_util.DictKey("blocks"), jax.tree_util.SequenceKey(0),
           jax.tree_util.GetAttrKey("kernel"), jax.tree_util.FlattenedIndexKey(2))
   assert path_components(path) == ("blocks", "0", "kernel", "2")
-  assert jaxprune.path_string(path) == "blocks/0/kernel/2"
+  assert jaxprune.tree.path_string(path) == "blocks/0/kernel/2"
   # Non-string dict keys become strings.
   params = {"fc": {1: f32(2, 2), 2: f32(2, 2)}}
-  assert jaxprune.leaf_paths(params) == ["fc/1", "fc/2"]
+  assert jaxprune.tree.leaf_paths(params) == ["fc/1", "fc/2"]
   assert chosen_paths(params, jaxprune.select(params, include="2")) == ["fc/2"]
 
 

@@ -69,13 +69,14 @@ PARAMS = {"fc1": {"kernel": jnp.ones((64, 32)), "bias": jnp.ones(32)},
           "fc2": {"kernel": jnp.ones((32, 16))}, "out": {"kernel": jnp.ones((16, 3, 8))}}
 WHERE = jaxprune.select(PARAMS)
 GRADUAL = jaxprune.pruned(optax.adam(1e-3), where=WHERE, update_every=2,
-                          schedule=jaxprune.polynomial_schedule(0.0, 0.8, 0, 10))
+                          schedule=optax.polynomial_schedule(init_value=0.0, end_value=0.8,
+                                                             power=3, transition_steps=10))
 CASES = {
-    "magnitude layer": (lambda p: jaxprune.magnitude_masks(p, 0.7, WHERE), (PARAMS,)),
-    "magnitude global": (lambda p: jaxprune.magnitude_masks(p, 0.7, WHERE, scope="global"),
+    "magnitude layer": (lambda p: jaxprune.ranked_masks(p, 0.7, WHERE), (PARAMS,)),
+    "magnitude global": (lambda p: jaxprune.ranked_masks(p, 0.7, WHERE, scope="global"),
                          (PARAMS,)),
-    "magnitude previous": (lambda p, m: jaxprune.magnitude_masks(p, 0.9, WHERE, previous=m),
-                           (PARAMS, jaxprune.magnitude_masks(PARAMS, 0.5, WHERE))),
+    "magnitude previous": (lambda p, m: jaxprune.ranked_masks(p, 0.9, WHERE, previous=m),
+                           (PARAMS, jaxprune.ranked_masks(PARAMS, 0.5, WHERE))),
     "nm": (lambda p: jaxprune.nm_masks(p, 2, 4, jaxprune.select(p, exclude=("out",))),
            (PARAMS,)),
     "gradual pruned update": (lambda g, s, p: GRADUAL.update(g, s, p),
@@ -136,7 +137,7 @@ def test_leaves_of_equal_shape_share_a_loop_and_stay_exact(scope, stack_limit, m
   params = {f"l{i:02d}": {"kernel": jnp.round(2 * jax.random.normal(jax.random.key(i), s))}
             for i, s in enumerate(SHAPE_CYCLE * 3)}
   where = jaxprune.select(params)
-  got = jax.jit(lambda p: jaxprune.magnitude_masks(p, 0.55, where, scope=scope))(params)
+  got = jax.jit(lambda p: jaxprune.ranked_masks(p, 0.55, where, scope=scope))(params)
   want = sort_reference_masks(params, 0.55, scope)
   for name in params:
     np.testing.assert_array_equal(np.asarray(got[name]["kernel"]), want[name], err_msg=name)
@@ -171,7 +172,7 @@ def _program_size(n_leaves: int, scope: str, shapes=((16, 8),)) -> dict[str, int
   params = {f"l{i:03d}": {"kernel": jnp.ones(shapes[i % len(shapes)])} for i in range(n_leaves)}
   where = jaxprune.select(params)
   # The optimized HLO, after XLA has inlined every call: what is compiled.
-  hlo = jax.jit(lambda p: jaxprune.magnitude_masks(p, 0.7, where, scope=scope)).lower(
+  hlo = jax.jit(lambda p: jaxprune.ranked_masks(p, 0.7, where, scope=scope)).lower(
       params).compile().as_text()
   return {op: hlo.count(op) for op in (" scatter(", " while(")}
 
@@ -189,7 +190,7 @@ def test_the_program_grows_with_distinct_shapes_not_with_leaves(scope):
 
 def _slice_count(n_leaves: int, scope: str) -> int:
   ws = [jax.ShapeDtypeStruct((16, 8), jnp.float32) for _ in range(n_leaves)]
-  hlo = jax.jit(lambda ws: jaxprune.magnitude_masks(ws, 0.7, [True] * n_leaves,
+  hlo = jax.jit(lambda ws: jaxprune.ranked_masks(ws, 0.7, [True] * n_leaves,
                                                     scope=scope)).lower(ws).compile().as_text()
   return hlo.count(" slice(")
 
@@ -229,10 +230,10 @@ def test_zero_dimensional_leaves_and_shard_map():
   params = {"a": jnp.float32(-0.5), "b": jnp.array([[3.0, 0.1], [0.2, 4.0]])}
   where = {"a": True, "b": True}
   for scope in ("layer", "global"):
-    masks = jaxprune.magnitude_masks(params, 0.6, where, scope=scope)
+    masks = jaxprune.ranked_masks(params, 0.6, where, scope=scope)
     assert masks["a"].shape == ()
   # 3 of 5 pruned globally: 0.1, 0.2 and |-0.5|.
-  masks = jaxprune.magnitude_masks(params, 0.6, where, scope="global")
+  masks = jaxprune.ranked_masks(params, 0.6, where, scope="global")
   assert not bool(masks["a"]) and int(masks["b"].sum()) == 2
   # Inside shard_map (each shard selects on its own), the loops' carries are typed
   # like the data: one device is enough to check the types.
@@ -240,12 +241,12 @@ def test_zero_dimensional_leaves_and_shard_map():
   w = jax.random.normal(jax.random.key(0), (16, 8))
   for scope in ("layer", "global"):
     local = jax.shard_map(
-        lambda w, s=scope: jaxprune.magnitude_masks({"k": w, "j": w + 1}, 0.5,
+        lambda w, s=scope: jaxprune.ranked_masks({"k": w, "j": w + 1}, 0.5,
                                                     {"k": True, "j": True}, scope=s)["k"],
         mesh=mesh, in_specs=jax.sharding.PartitionSpec("x"),
         out_specs=jax.sharding.PartitionSpec("x"))
     got = jax.jit(local)(w)
-    want = jaxprune.magnitude_masks({"k": w, "j": w + 1}, 0.5, {"k": True, "j": True},
+    want = jaxprune.ranked_masks({"k": w, "j": w + 1}, 0.5, {"k": True, "j": True},
                                     scope=scope)["k"]
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 

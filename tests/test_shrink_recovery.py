@@ -41,11 +41,12 @@ def _arrays_only(name):
 @pytest.fixture(scope="module", params=sorted(MODELS))
 def recovery(request):
   apply_fn, params, example = _arrays_only(request.param)
-  groups = jaxprune.channel_groups(apply_fn, params, example)
-  keep = jaxprune.keep_top(groups, jaxprune.magnitude_importance(groups, params), 0.5,
+  groups = jaxprune.structural.channel_groups(apply_fn, params, example)
+  keep = jaxprune.structural.keep_top(groups, jaxprune.structural.magnitude_importance(groups,
+                                                                                       params), 0.5,
                            kinds=("mlp_hidden", "heads", "conv_channels"))
   assert keep, str(groups)
-  student = jaxprune.shrunk_program(groups, keep)
+  student = jaxprune.structural.shrunk_program(groups, keep)
   teacher = teacher_logits_fn(apply_fn)
 
   def batch_at(step):
@@ -55,7 +56,7 @@ def recovery(request):
   # No labels here: the loss is the KL to the teacher alone (weight 1).
   loss = jaxprune.distillation_loss(lambda p, x: (jnp.float32(0.0), {"logits": student(p, x)}),
                                     student, weight=1.0, temperature=2.0)
-  return jaxprune.shrink(params, groups, keep), loss, batch_at
+  return jaxprune.structural.shrink(params, groups, keep), loss, batch_at
 
 
 def _train(recovery, steps, **kwargs):

@@ -34,8 +34,9 @@ def test_drop_and_grow_matches_jaxpruner_rigl_update_mask(drop_fraction, expecte
   # JaxPruner's testRigLUpdateMask drops by the signed value and grows by |w|.
   w = jnp.array([-9, 1, 4, -1, 5, 8, -2, 3], jnp.float32)
   old = jnp.array([0, 1, 0, 1, 0, 1, 1, 0], bool)
-  target = jaxprune.DropAndGrow(drop_fraction, jaxprune.given_score({"w": jnp.abs(w)}),
-                                drop=jaxprune.given_score({"w": w}))
+  target = jaxprune.sparse_training.DropAndGrow(drop_fraction,
+                                                jaxprune.scores.given_score({"w": jnp.abs(w)}),
+                                drop=jaxprune.scores.given_score({"w": w}))
   got = target.masks({"w": w}, {"w": True}, previous={"w": old})["w"]
   np.testing.assert_array_equal(np.asarray(got), np.array(expected, bool))
 
@@ -71,7 +72,8 @@ def test_drop_and_grow_against_the_numpy_reference(shape, density, drop_fraction
   w = (rng.integers(-levels, levels, size=shape) / 4).astype(np.float32)  # ties
   grow = (rng.integers(0, levels, size=shape) / 4).astype(np.float32)
   kept = rng.random(shape) < density
-  target = jaxprune.DropAndGrow(drop_fraction, jaxprune.given_score({"w": jnp.asarray(grow)}))
+  regrow = jaxprune.scores.given_score({"w": jnp.asarray(grow)})
+  target = jaxprune.sparse_training.DropAndGrow(drop_fraction, regrow)
   got = _moved(target, {"w": jnp.asarray(w)}, {"w": jnp.asarray(kept)})["w"]
   np.testing.assert_array_equal(np.asarray(got), drop_and_grow_reference(w, kept, grow,
                                                                          drop_fraction))
@@ -83,7 +85,8 @@ def test_a_traced_drop_fraction_is_clipped_to_zero_and_one():
   old = {"w": w > 4}
   for fraction, moved in ((-0.5, 0), (2.0, 4)):
     # Built under jit: a concrete fraction out of [0, 1] is refused (tests/faults).
-    got = jax.jit(lambda d: jaxprune.DropAndGrow(d, jaxprune.given_score({"w": -w})).masks(
+    regrow = jaxprune.scores.given_score({"w": -w})
+    got = jax.jit(lambda d, regrow=regrow: jaxprune.sparse_training.DropAndGrow(d, regrow).masks(
         {"w": w}, {"w": True}, previous=old))(jnp.float32(fraction))["w"]
     assert int((got & ~old["w"]).sum()) == moved and int(got.sum()) == 4
 
@@ -118,14 +121,14 @@ def kernels(masks):
   return {k: v["kernel"] for k, v in masks.items()}
 
 
-@pytest.mark.parametrize("schedule", [jaxprune.set_schedule(0.3, seed=1),
-                                      jaxprune.rigl_schedule(0.5, end=30)],
+@pytest.mark.parametrize("schedule", [jaxprune.sparse_training.set_schedule(0.3, seed=1),
+                                      jaxprune.sparse_training.rigl_schedule(0.5, end=30)],
                          ids=["set", "rigl"])
 def test_drop_and_grow_training_keeps_counts_zeros_and_compiles_once(schedule):
   params = mlp_params()
   where = jaxprune.select(params)
-  start = jaxprune.ranked_masks(params, 0.75, where, score=jaxprune.random_score(0),
-                                distribution=jaxprune.erk())
+  start = jaxprune.ranked_masks(params, 0.75, where, score=jaxprune.scores.random_score(0),
+                                distribution=jaxprune.distributions.erk())
   tx = jaxprune.pruned(optax.adamw(1e-2, weight_decay=0.1), start, schedule=schedule,
                        update_every=3)
   step, state, p = None, tx.init(params), params
@@ -156,8 +159,9 @@ def test_grown_weights_restart_their_moments(inner, names, shape):
   # JaxPruner's testDynamicSparseUpdateStateInnerReset: moments set to ones, then
   # one drop-and-grow update: the new connections' moments are 0, the others not.
   params = {"w": jax.random.normal(jax.random.key(0), shape)}
-  start = jaxprune.ranked_masks(params, 0.5, {"w": True}, score=jaxprune.random_score(3))
-  tx = jaxprune.pruned(inner, start, schedule=jaxprune.rigl_schedule(0.3), update_every=1)
+  start = jaxprune.ranked_masks(params, 0.5, {"w": True}, score=jaxprune.scores.random_score(3))
+  tx = jaxprune.pruned(inner, start, schedule=jaxprune.sparse_training.rigl_schedule(0.3),
+                       update_every=1)
   state = tx.init(params)
   ones = jax.tree.map(jnp.ones_like, state.inner_state[0])
   state = state._replace(inner_state=(state.inner_state[0]._replace(
@@ -173,14 +177,15 @@ def test_grown_weights_restart_their_moments(inner, names, shape):
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95])
-@pytest.mark.parametrize("schedule", [jaxprune.rigl_schedule(0.3), jaxprune.set_schedule(0.3)],
+@pytest.mark.parametrize("schedule", [jaxprune.sparse_training.rigl_schedule(0.3),
+                                      jaxprune.sparse_training.set_schedule(0.3)],
                          ids=["rigl", "set"])
 def test_counts_stay_constant_on_every_shape(schedule, sparsity):
   # JaxPruner's testDynamicSparseUpdateStateConstantSparsity, every shape at once.
   shapes = [(1,), (5,), (4, 5), (2, 9, 1), (2, 2, 4, 4)]
   params = {f"w{i}": jax.random.normal(jax.random.key(i), s) for i, s in enumerate(shapes)}
   where = {k: True for k in params}
-  start = jaxprune.ranked_masks(params, sparsity, where, score=jaxprune.random_score(0))
+  start = jaxprune.ranked_masks(params, sparsity, where, score=jaxprune.scores.random_score(0))
   tx = jaxprune.pruned(optax.sgd(0.1), start, schedule=schedule, update_every=1)
   grads = {k: jax.random.normal(jax.random.key(8), v.shape) for k, v in params.items()}
   _, state = tx.update(grads, tx.init(params), params)
@@ -202,22 +207,23 @@ def test_drop_and_grow_errors_name_the_problem():
   params = mlp_params()
   with pytest.raises(ValueError, match="starting `masks`"):
     jaxprune.pruned(optax.sgd(0.1), where=jaxprune.select(params),
-                    schedule=jaxprune.rigl_schedule(), update_every=10)
+                    schedule=jaxprune.sparse_training.rigl_schedule(), update_every=10)
   with pytest.raises(ValueError, match=r"drop_fraction = 1\.5"):
-    jaxprune.rigl_schedule(1.5)
+    jaxprune.sparse_training.rigl_schedule(1.5)
   with pytest.raises(ValueError, match=r"drop_fraction = -0\.1"):
-    jaxprune.set_schedule(lambda c: -0.1)
+    jaxprune.sparse_training.set_schedule(lambda c: -0.1)
   with pytest.raises(ValueError, match="end = 0"):
-    jaxprune.rigl_schedule(0.3, end=0)
+    jaxprune.sparse_training.rigl_schedule(0.3, end=0)
   with pytest.raises(TypeError, match="grow must be a score"):
-    jaxprune.DropAndGrow(0.3, grow=0.5)
+    jaxprune.sparse_training.DropAndGrow(0.3, grow=0.5)
   with pytest.raises(ValueError, match="previous"):
-    jaxprune.DropAndGrow(0.3, jaxprune.random_score(0)).masks(params, jaxprune.select(params))
+    jaxprune.sparse_training.DropAndGrow(0.3, jaxprune.scores.random_score(0)).masks(params,
+                                                                                     jaxprune.select(params))
   with pytest.raises(ValueError, match=r"belongs in jaxprune\.pruned"):
-    jaxprune.straight_through(optax.sgd(0.1), where=jaxprune.select(params),
-                              schedule=jaxprune.set_schedule(), update_every=1)
+    jaxprune.sparse_training.straight_through(optax.sgd(0.1), where=jaxprune.select(params),
+                              schedule=jaxprune.sparse_training.set_schedule(), update_every=1)
   with pytest.raises(ValueError, match="gradient_score"):
-    jaxprune.gradient_score().scores(params, [0])
+    jaxprune.scores.gradient_score().scores(params, [0])
 
 
 def test_rigl_regrows_where_the_dense_gradient_is_largest():
@@ -225,7 +231,7 @@ def test_rigl_regrows_where_the_dense_gradient_is_largest():
   # |g| among the rest comes back, though its weight is 0.
   params = {"w": jnp.array([[0.0, 0.0, 0.5, 0.0]])}
   start = {"w": jnp.array([[False, False, True, False]])}
-  tx = jaxprune.pruned(optax.sgd(0.0), start, schedule=jaxprune.rigl_schedule(1.0),
+  tx = jaxprune.pruned(optax.sgd(0.0), start, schedule=jaxprune.sparse_training.rigl_schedule(1.0),
                        update_every=1)
   grads = {"w": jnp.array([[0.1, -3.0, 0.2, 1.0]])}
   _, state = tx.update(grads, tx.init(params), params)
@@ -235,8 +241,9 @@ def test_rigl_regrows_where_the_dense_gradient_is_largest():
 
 def test_set_draws_differ_per_update_and_repeat_per_seed():
   params = {"w": jnp.ones((1, 64))}
-  start = jaxprune.ranked_masks(params, 0.5, {"w": True}, score=jaxprune.random_score(0))
-  targets = [jaxprune.set_schedule(0.5, seed=s)(c) for s, c in ((0, 0), (0, 1), (0, 0), (1, 0))]
+  start = jaxprune.ranked_masks(params, 0.5, {"w": True}, score=jaxprune.scores.random_score(0))
+  targets = [jaxprune.sparse_training.set_schedule(0.5, seed=s)(c)
+             for s, c in ((0, 0), (0, 1), (0, 0), (1, 0))]
   got = [np.asarray(t.masks(params, {"w": True}, previous=start)["w"]) for t in targets]
   assert (got[0] == got[2]).all() and not (got[0] == got[1]).all()
   assert not (got[0] == got[3]).all()
@@ -244,8 +251,9 @@ def test_set_draws_differ_per_update_and_repeat_per_seed():
 
 def test_accelerator_lowerings_of_a_rigl_step_hold_no_sort():
   params = mlp_params()
-  start = jaxprune.magnitude_masks(params, 0.75, jaxprune.select(params))
-  tx = jaxprune.pruned(optax.adam(1e-3), start, schedule=jaxprune.rigl_schedule(0.3),
+  start = jaxprune.ranked_masks(params, 0.75, jaxprune.select(params))
+  tx = jaxprune.pruned(optax.adam(1e-3), start,
+                       schedule=jaxprune.sparse_training.rigl_schedule(0.3),
                        update_every=10)
 
   def step(p, state, x):
@@ -271,10 +279,11 @@ def test_ste_sparse_forward_dense_weights_every_iteration(score):
   def schedule(count):
     if score is None:
       return 0.5
-    return jaxprune.Prune(0.5, score=jaxprune.random_score(jax.random.fold_in(
+    return jaxprune.Prune(0.5, score=jaxprune.scores.random_score(jax.random.fold_in(
         jax.random.key(0), count)))
 
-  tx = jaxprune.straight_through(optax.adam(1e-4), where={"w": True}, schedule=schedule,
+  tx = jaxprune.sparse_training.straight_through(optax.adam(1e-4), where={"w": True},
+                                                 schedule=schedule,
                                  update_every=1)
   step = make_step(tx, loss=lambda p, x: -jnp.abs(p["w"]).sum())
   p, state = params, tx.init(params)
@@ -282,7 +291,7 @@ def test_ste_sparse_forward_dense_weights_every_iteration(score):
   for _ in range(10):
     p, state = step(p, state, None)
     assert float((p["w"] == 0).mean()) == 0.5                       # sparse forward
-    dense = jaxprune.dense_weights(state, p)["w"]
+    dense = jaxprune.sparse_training.dense_weights(state, p)["w"]
     assert float((dense == 0).mean()) == 0.0                        # dense weights
     m = jaxprune.get_masks(state)["w"]
     assert bool((dense[m] == p["w"][m]).all())
@@ -297,8 +306,8 @@ def test_ste_magnitude_first_step_prunes_like_jaxpruner_instant_sparsify():
                  [-0.95, 0.47, -1.3, 0.87], [1.96, 3.02, 0.3, -0.92]])
   expected = jnp.array([[0.0, -1.08, -1.6, 0.0], [0.0, 1.03, 0.0, 0.0],
                         [-0.95, 0.0, -1.3, 0.0], [1.96, 3.02, 0.0, -0.92]])
-  tx = jaxprune.straight_through(optax.sgd(0.0), where={"w": True},
-                                 schedule=jaxprune.constant_schedule(0.5), update_every=1)
+  tx = jaxprune.sparse_training.straight_through(optax.sgd(0.0), where={"w": True},
+                                 schedule=optax.constant_schedule(0.5), update_every=1)
   updates, _ = tx.update({"w": jnp.ones_like(w)}, tx.init({"w": w}), {"w": w})
   np.testing.assert_array_equal(np.asarray(optax.apply_updates({"w": w}, updates)["w"]),
                                 np.asarray(expected))
@@ -308,8 +317,8 @@ def test_ste_pruned_weights_keep_learning_and_come_back():
   # The loss pulls w[0, 0] (pruned at first: the smallest) up; its dense value grows
   # until the recompute keeps it, and it lands on that dense value.
   params = {"w": jnp.array([[0.01, 1.0, -1.0, 2.0]])}
-  tx = jaxprune.straight_through(optax.sgd(1.0), where={"w": True},
-                                 schedule=jaxprune.constant_schedule(0.25), update_every=2)
+  tx = jaxprune.sparse_training.straight_through(optax.sgd(1.0), where={"w": True},
+                                 schedule=optax.constant_schedule(0.25), update_every=2)
   step = make_step(tx, loss=lambda p, x: -5.0 * p["w"][0, 0])
   p, state = params, tx.init(params)
   for _ in range(4):
@@ -321,7 +330,7 @@ def test_ste_pruned_weights_keep_learning_and_come_back():
 
 def test_ste_nm_training_stays_two_of_four():
   params = mlp_params()
-  tx = jaxprune.straight_through(optax.adam(1e-2), where=jaxprune.select(params),
+  tx = jaxprune.sparse_training.straight_through(optax.adam(1e-2), where=jaxprune.select(params),
                                  schedule=lambda c: jaxprune.NM(2, 4), update_every=2)
   step = make_step(tx)
   p, state = params, tx.init(params)
@@ -341,8 +350,8 @@ def test_ste_nm_training_stays_two_of_four():
 
 def test_ste_lowering_holds_no_sort_on_accelerators():
   params = mlp_params()
-  tx = jaxprune.straight_through(optax.adam(1e-3), where=jaxprune.select(params),
-                                 schedule=jaxprune.constant_schedule(0.8), update_every=10)
+  tx = jaxprune.sparse_training.straight_through(optax.adam(1e-3), where=jaxprune.select(params),
+                                 schedule=optax.constant_schedule(0.8), update_every=10)
 
   def step(p, state, x):
     updates, state = tx.update(jax.grad(mlp_loss)(p, x), state, p)
@@ -360,20 +369,20 @@ def view_step(tx, loss=mlp_loss):
   """A hand-written step that runs the forward on the straight-through view."""
   @jax.jit
   def step(p, state, x):
-    grads = jax.grad(lambda q: loss(jaxprune.straight_through_view(q, state), x))(p)
+    grads = jax.grad(lambda q: loss(jaxprune.sparse_training.straight_through_view(q, state), x))(p)
     updates, state = tx.update(grads, state, p)
     return optax.apply_updates(p, updates), state
   return step
 
 
-@pytest.mark.parametrize("schedule", [jaxprune.constant_schedule(0.75),
+@pytest.mark.parametrize("schedule", [optax.constant_schedule(0.75),
                                       lambda c: jaxprune.NM(2, 4)])
 def test_straight_through_masks_trains_what_straight_through_trains(schedule):
   params = mlp_params()
   where = jaxprune.select(params, include="*kernel")
   kwargs = dict(where=where, schedule=schedule, update_every=3)
-  held = jaxprune.straight_through(optax.adam(1e-2), **kwargs)
-  viewed = jaxprune.straight_through_masks(optax.adam(1e-2), **kwargs)
+  held = jaxprune.sparse_training.straight_through(optax.adam(1e-2), **kwargs)
+  viewed = jaxprune.sparse_training.straight_through_masks(optax.adam(1e-2), **kwargs)
   a, a_state = params, held.init(params)
   b, b_state = params, viewed.init(params)
   rng = jax.random.key_data(jax.random.key(0))
@@ -387,9 +396,10 @@ def test_straight_through_masks_trains_what_straight_through_trains(schedule):
     np.testing.assert_equal(jax.tree.map(np.asarray, masks),
                             jax.tree.map(np.asarray, jaxprune.get_masks(a_state)))
     # Dense weights: params here, the state's copy there; the sparse model alike.
-    for x, y in zip(jax.tree.leaves(b), jax.tree.leaves(jaxprune.dense_weights(a_state, a))):
+    for x, y in zip(jax.tree.leaves(b),
+                    jax.tree.leaves(jaxprune.sparse_training.dense_weights(a_state, a))):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
-    view = jaxprune.straight_through_view(b, b_state)
+    view = jaxprune.sparse_training.straight_through_view(b, b_state)
     assert all(bool((v == 0).sum() == (~m).sum()) for v, m in
                zip(jax.tree.leaves(kernels(view)), jax.tree.leaves(kernels(masks))))
     assert float((b["fc1"]["kernel"] == 0).mean()) == 0.0  # the params stay dense
@@ -399,18 +409,18 @@ def test_straight_through_masks_trains_what_straight_through_trains(schedule):
 def test_straight_through_view_is_exact_with_the_identity_gradient():
   w = jnp.array([[0.5, -2.0, jnp.inf], [0.0, 3.0, -0.25]])
   masks = {"w": jnp.array([[True, False, False], [True, True, False]])}
-  tx = jaxprune.straight_through_masks(optax.sgd(0.1), masks=masks,
-                                       schedule=jaxprune.constant_schedule(0.5),
+  tx = jaxprune.sparse_training.straight_through_masks(optax.sgd(0.1), masks=masks,
+                                       schedule=optax.constant_schedule(0.5),
                                        update_every=10)
   state = tx.init({"w": w})
-  view = jaxprune.straight_through_view({"w": w}, state)["w"]
+  view = jaxprune.sparse_training.straight_through_view({"w": w}, state)["w"]
   np.testing.assert_array_equal(np.asarray(view), [[0.5, 0.0, 0.0], [0.0, 3.0, 0.0]])
-  grad = jax.grad(lambda p: jnp.sum(jaxprune.straight_through_view(p, state)["w"] *
+  grad = jax.grad(lambda p: jnp.sum(jaxprune.sparse_training.straight_through_view(p, state)["w"] *
                                     jnp.arange(6.0).reshape(2, 3)))({"w": w})["w"]
   np.testing.assert_array_equal(np.asarray(grad), np.arange(6.0).reshape(2, 3))
   # No straight_through_masks state: the params themselves.
   plain = optax.adam(1e-3).init({"w": w})
-  assert jaxprune.straight_through_view({"w": w}, plain)["w"] is w
+  assert jaxprune.sparse_training.straight_through_view({"w": w}, plain)["w"] is w
 
 
 def test_straight_through_masks_first_step_prunes_like_jaxpruner_instant_sparsify():
@@ -418,12 +428,13 @@ def test_straight_through_masks_first_step_prunes_like_jaxpruner_instant_sparsif
                  [-0.95, 0.47, -1.3, 0.87], [1.96, 3.02, 0.3, -0.92]])
   expected = jnp.array([[0.0, -1.08, -1.6, 0.0], [0.0, 1.03, 0.0, 0.0],
                         [-0.95, 0.0, -1.3, 0.0], [1.96, 3.02, 0.0, -0.92]])
-  tx = jaxprune.straight_through_masks(optax.sgd(0.0), where={"w": True},
-                                       schedule=jaxprune.constant_schedule(0.5),
+  tx = jaxprune.sparse_training.straight_through_masks(optax.sgd(0.0), where={"w": True},
+                                       schedule=optax.constant_schedule(0.5),
                                        update_every=1)
   updates, state = tx.update({"w": jnp.ones_like(w)}, tx.init({"w": w}), {"w": w})
   np.testing.assert_array_equal(np.asarray(updates["w"]), 0.0)  # updates pass through
-  np.testing.assert_array_equal(np.asarray(jaxprune.straight_through_view({"w": w}, state)["w"]),
+  np.testing.assert_array_equal(np.asarray(jaxprune.sparse_training.straight_through_view({"w": w},
+                                                                                          state)["w"]),
                                 np.asarray(expected))
 
 
@@ -448,16 +459,17 @@ def test_straight_through_masks_step_costs_what_a_plain_step_costs():
   def step_bytes(tx):
     def step(p, state, x):
       state = map_pruned_states(lambda s: s._replace(count=jnp.ones((), jnp.int32)), state)
-      grads = jax.grad(lambda q: loss(jaxprune.straight_through_view(q, state), x))(p)
+      grads = jax.grad(lambda q: loss(jaxprune.sparse_training.straight_through_view(q, state),
+                                      x))(p)
       updates, state = tx.update(grads, state, p)
       return optax.apply_updates(p, updates), state
     return _bytes(step, params, tx.init(params), x)
 
-  kwargs = dict(where=jaxprune.select(params), schedule=jaxprune.constant_schedule(0.8),
+  kwargs = dict(where=jaxprune.select(params), schedule=optax.constant_schedule(0.8),
                 update_every=100)
   base = step_bytes(optax.adamw(1e-3))
-  view = step_bytes(jaxprune.straight_through_masks(optax.adamw(1e-3), **kwargs))
-  held = step_bytes(jaxprune.straight_through(optax.adamw(1e-3), **kwargs))
+  view = step_bytes(jaxprune.sparse_training.straight_through_masks(optax.adamw(1e-3), **kwargs))
+  held = step_bytes(jaxprune.sparse_training.straight_through(optax.adamw(1e-3), **kwargs))
   # At most one masked copy of the weights (read w, write where(m, w, 0)) beyond the
   # plain step (on the example LM XLA copies the weights anyway: 1.0002x there).
   weights = sum(w.size * 4 for w in jax.tree.leaves(params))
@@ -468,22 +480,23 @@ def test_straight_through_masks_step_costs_what_a_plain_step_costs():
 def test_straight_through_masks_lowering_holds_no_sort_and_refuses_bad_input():
   params = mlp_params()
   where = jaxprune.select(params)
-  tx = jaxprune.straight_through_masks(optax.adam(1e-3), where=where,
-                                       schedule=jaxprune.constant_schedule(0.8), update_every=10)
+  tx = jaxprune.sparse_training.straight_through_masks(optax.adam(1e-3), where=where,
+                                       schedule=optax.constant_schedule(0.8), update_every=10)
   module = jax.export.export(view_step(tx), platforms=["tpu"])(
       params, tx.init(params), batch(0)).mlir_module()
   assert "stablehlo.sort" not in module and "stablehlo.scatter" not in module
   with pytest.raises(ValueError, match="straight_through_masks needs `where`"):
-    jaxprune.straight_through_masks(optax.sgd(0.1), schedule=jaxprune.constant_schedule(0.5),
+    jaxprune.sparse_training.straight_through_masks(optax.sgd(0.1),
+                                                    schedule=optax.constant_schedule(0.5),
                                     update_every=1)
   with pytest.raises(ValueError, match="straight_through_masks recomputes masks"):
-    jaxprune.straight_through_masks(optax.sgd(0.1), where=where, update_every=1,
-                                    schedule=jaxprune.rigl_schedule(0.3))
+    jaxprune.sparse_training.straight_through_masks(optax.sgd(0.1), where=where, update_every=1,
+                                    schedule=jaxprune.sparse_training.rigl_schedule(0.3))
   with pytest.raises(ValueError, match="needs the current params"):
     tx.update(params, tx.init(params))
   both = optax.chain(tx, tx).init(params)
   with pytest.raises(ValueError, match=r"at most one jaxprune\.straight_through_masks state"):
-    jaxprune.straight_through_view(params, both)
+    jaxprune.sparse_training.straight_through_view(params, both)
 
 
 # ----------------------------------------------------------------------------- train
@@ -493,14 +506,17 @@ def test_straight_through_masks_lowering_holds_no_sort_and_refuses_bad_input():
 def test_train_interrupted_and_resumed_is_bitwise_exact(tmp_path, method):
   params = mlp_params()
   start = jaxprune.ranked_masks(params, 0.8, jaxprune.select(params),
-                                score=jaxprune.random_score(0), distribution=jaxprune.erk())
+                                score=jaxprune.scores.random_score(0),
+                                distribution=jaxprune.distributions.erk())
 
   def make_tx():
     if method == "straight_through_masks":
-      return jaxprune.straight_through_masks(optax.adam(1e-2), where=jaxprune.select(params),
-                                             schedule=jaxprune.constant_schedule(0.8),
+      return jaxprune.sparse_training.straight_through_masks(optax.adam(1e-2),
+                                                             where=jaxprune.select(params),
+                                             schedule=optax.constant_schedule(0.8),
                                              update_every=4)
-    return jaxprune.pruned(optax.adam(1e-2), start, schedule=jaxprune.rigl_schedule(0.3, 12),
+    return jaxprune.pruned(optax.adam(1e-2), start,
+                           schedule=jaxprune.sparse_training.rigl_schedule(0.3, 12),
                            update_every=4)
 
   def loss(p, b):

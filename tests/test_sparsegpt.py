@@ -76,13 +76,13 @@ def test_reconstructs_better_than_magnitude_at_the_same_count():
     return b @ p["fc"]["kernel"]
 
   where = jaxprune.select(params)
-  stats = jaxprune.input_statistics(apply, params, [jnp.asarray(x)], where, gram=True)
-  new, masks = jaxprune.sparsegpt(params, stats, 0.6, where, block=16)
+  stats = jaxprune.oneshot.input_statistics(apply, params, [jnp.asarray(x)], where, gram=True)
+  new, masks = jaxprune.oneshot.sparsegpt(params, stats, 0.6, where, block=16)
   kept = np.asarray(masks["fc"]["kernel"])
   assert int((~kept).sum()) == round(0.6 * w.size)
   assert (np.asarray(new["fc"]["kernel"])[~kept] == 0).all()
   dense = x @ w.T
-  magnitude = jaxprune.apply_masks(params, jaxprune.magnitude_masks(params, 0.6, where))
+  magnitude = jaxprune.apply_masks(params, jaxprune.ranked_masks(params, 0.6, where))
   err_sgpt = np.linalg.norm(x @ np.asarray(new["fc"]["kernel"]) - dense)
   err_mag = np.linalg.norm(x @ np.asarray(magnitude["fc"]["kernel"]) - dense)
   assert err_sgpt < 0.9 * err_mag, (err_sgpt, err_mag)   # 0.87 here
@@ -97,17 +97,17 @@ def test_stacked_layers_are_pruned_slice_by_slice_and_bad_input_is_refused():
 
   params = {"stack": ws}
   x = jnp.asarray(rng.standard_normal((32, 8)), jnp.float32)
-  stats = jaxprune.input_statistics(apply, params, [x], {"stack": True}, gram=True)
-  new, masks = jaxprune.sparsegpt(params, stats, 0.5, {"stack": True}, block=4)
+  stats = jaxprune.oneshot.input_statistics(apply, params, [x], {"stack": True}, gram=True)
+  new, masks = jaxprune.oneshot.sparsegpt(params, stats, 0.5, {"stack": True}, block=4)
   assert [int((~m).sum()) for m in masks["stack"]] == [32, 32]
   assert (np.asarray(new["stack"])[~np.asarray(masks["stack"])] == 0).all()
-  without_gram = jaxprune.input_statistics(apply, params, [x], {"stack": True})
+  without_gram = jaxprune.oneshot.input_statistics(apply, params, [x], {"stack": True})
   with pytest.raises(ValueError, match="Gram matrix of stack"):
-    jaxprune.sparsegpt(params, without_gram, 0.5, {"stack": True})
+    jaxprune.oneshot.sparsegpt(params, without_gram, 0.5, {"stack": True})
   with pytest.raises(ValueError, match=r"has 8 inputs .* not a multiple of 3"):
-    jaxprune.sparsegpt(params, stats, 0.5, {"stack": True}, block=6, nm=(2, 3))
+    jaxprune.oneshot.sparsegpt(params, stats, 0.5, {"stack": True}, block=6, nm=(2, 3))
   with pytest.raises(ValueError, match=r"block \(6\) must be a multiple of m \(4\)"):
-    jaxprune.sparsegpt(params, stats, 0.5, {"stack": True}, block=6, nm=(2, 4))
+    jaxprune.oneshot.sparsegpt(params, stats, 0.5, {"stack": True}, block=6, nm=(2, 4))
 
 
 def test_sequential_mode_calibrates_each_stage_on_the_pruned_stages_before_it():
@@ -118,13 +118,13 @@ def test_sequential_mode_calibrates_each_stage_on_the_pruned_stages_before_it():
   mix = rng.standard_normal((16, 16)) * 0.7 + np.eye(16)
   batches = [jnp.asarray(rng.standard_normal((64, 16)) @ mix, jnp.float32) for _ in range(2)]
   where = jaxprune.select(params)
-  got, masks = jaxprune.sparsegpt_sequential(stages, params, batches, 0.5, where, block=8)
+  got, masks = jaxprune.oneshot.sparsegpt_sequential(stages, params, batches, 0.5, where, block=8)
   # By hand: stage k's statistics from the outputs of the pruned stages before it.
   want, xs = dict(params), list(batches)
   for i, stage in enumerate(stages):
     only = {f"l{j}": {"kernel": j == i} for j in range(3)}
-    stats = jaxprune.input_statistics(stage, want, xs, only, gram=True)
-    want, _ = jaxprune.sparsegpt(want, stats, 0.5, only, block=8)
+    stats = jaxprune.oneshot.input_statistics(stage, want, xs, only, gram=True)
+    want, _ = jaxprune.oneshot.sparsegpt(want, stats, 0.5, only, block=8)
     xs = [stage(want, x) for x in xs]
   for i in range(3):
     np.testing.assert_allclose(np.asarray(got[f"l{i}"]["kernel"]),
@@ -136,13 +136,13 @@ def test_sequential_mode_calibrates_each_stage_on_the_pruned_stages_before_it():
     for stage in stages:
       x = stage(p, x)
     return x
-  magnitude = jaxprune.apply_masks(params, jaxprune.magnitude_masks(params, 0.5, where))
+  magnitude = jaxprune.apply_masks(params, jaxprune.ranked_masks(params, 0.5, where))
   dense_out = np.concatenate([np.asarray(model(params, x)) for x in batches])
   err = [np.linalg.norm(np.concatenate([np.asarray(model(p, x)) for x in batches]) - dense_out)
          for p in (got, magnitude)]
   assert err[0] < err[1], err           # 9.60 against 10.23 here
   with pytest.raises(ValueError, match="no stage multiplies l2/kernel"):
-    jaxprune.sparsegpt_sequential(stages[:2], params, batches, 0.5, where, block=8)
+    jaxprune.oneshot.sparsegpt_sequential(stages[:2], params, batches, 0.5, where, block=8)
 
 
 def test_sparsegpt_masks_go_into_prune_retrain_and_a_bad_hessian_is_named():
@@ -154,20 +154,21 @@ def test_sparsegpt_masks_go_into_prune_retrain_and_a_bad_hessian_is_named():
 
   where = jaxprune.select(params)
   batch = jnp.asarray(x)
-  stats = jaxprune.input_statistics(lambda p, b: b @ p["fc"]["kernel"], params, [batch], where,
+  stats = jaxprune.oneshot.input_statistics(lambda p, b: b @ p["fc"]["kernel"], params, [batch],
+                                            where,
                                     gram=True)
-  new, masks = jaxprune.sparsegpt(params, stats, 0.75, where, block=8)
+  new, masks = jaxprune.oneshot.sparsegpt(params, stats, 0.75, where, block=8)
   target = jaxprune.GivenMasks(masks)
   assert target.sparsity == 0.75 and str(target) == "75.00% given masks"
   result = jaxprune.prune_retrain(new, loss_fn, lambda step: batch, [batch],
-                                  optimizer=optax.sgd(1e-2), schedule=[target],
+                                  optimizer=optax.sgd(1e-2), targets=[target],
                                   where=where, retrain_steps=5, progress=False)
   np.testing.assert_array_equal(np.asarray(jaxprune.get_masks(result.opt_state)["fc"]["kernel"]),
                                 np.asarray(masks["fc"]["kernel"]))
   assert result.history[0].before_prune.loss == result.history[0].after_prune.loss  # held as is
   bad = stats._replace(leaves={k: s._replace(gram=-jnp.eye(16)) for k, s in stats.leaves.items()})
   with pytest.raises(ValueError, match="Hessian of fc/kernel's inputs is not positive definite"):
-    jaxprune.sparsegpt(params, bad, 0.5, where, block=8)
+    jaxprune.oneshot.sparsegpt(params, bad, 0.5, where, block=8)
 
 
 def test_accelerator_lowerings_of_one_shot_pruning():

@@ -1,7 +1,7 @@
 """SparseGPT on kernels of any layout (issue 28, item 1): stack axes, any number of
 input-feature axes, output axes anywhere. Each kernel is checked against a NumPy
 SparseGPT of the flattened `(outputs, inputs)` matrix the model really multiplies,
-written here from the paper, independently of `jaxprune.sparsegpt`."""
+written here from the paper, independently of `jaxprune.oneshot.sparsegpt`."""
 
 import jax
 import jax.numpy as jnp
@@ -102,12 +102,12 @@ def test_each_layout_equals_the_reference_on_its_flattened_matrix(name, nm):
   want_y = np.tanh(want_y) if "stack" in layout else want_y
   np.testing.assert_allclose(want_y, layout["out"](np.asarray(apply(params, x))),
                              rtol=1e-4, atol=1e-4)
-  stats = jaxprune.input_statistics(apply, params, [jnp.asarray(x)], {"k": True}, gram=True)
+  stats = jaxprune.oneshot.input_statistics(apply, params, [jnp.asarray(x)], {"k": True}, gram=True)
   s = stats.leaves["k"]
   assert (s.stack_axes, s.feature_axes) == (layout.get("stack", ()), layout["axes"])
   # 2:4 with 4-column lazy blocks (the library's blocked sweep equals the plain one);
   # unstructured in one block (the reference picks the mask over the whole matrix).
-  new, masks = jaxprune.sparsegpt(params, stats, 0.5, {"k": True}, block=4 if nm else 128,
+  new, masks = jaxprune.oneshot.sparsegpt(params, stats, 0.5, {"k": True}, block=4 if nm else 128,
                                   nm=nm)
   got_w, got_kept = layout["mats"](np.asarray(new["k"])), layout["mats"](np.asarray(masks["k"]))
   assert new["k"].shape == kernel.shape and masks["k"].shape == kernel.shape
@@ -159,12 +159,12 @@ def _loss(params, dense, batches):
 def test_attention_model_prunes_better_than_magnitude():
   params, batches = _model_and_data()
   where = jaxprune.select(params)
-  stats = jaxprune.input_statistics(_model, params, batches, where, gram=True)
+  stats = jaxprune.oneshot.input_statistics(_model, params, batches, where, gram=True)
   assert stats.leaves["o"].feature_axes == (0, 1) and not stats.unattributed
-  new, masks = jaxprune.sparsegpt(params, stats, 0.5, where, block=16)
+  new, masks = jaxprune.oneshot.sparsegpt(params, stats, 0.5, where, block=16)
   for name, m in masks.items():
     assert int((~m).sum()) == m.size // 2, name
-  magnitude = jaxprune.apply_masks(params, jaxprune.magnitude_masks(params, 0.5, where))
+  magnitude = jaxprune.apply_masks(params, jaxprune.ranked_masks(params, 0.5, where))
   sgpt, mag = _loss(new, params, batches), _loss(magnitude, params, batches)
   assert sgpt <= mag, (sgpt, mag)   # 0.121 against 0.255 here (seeds 0-7: 0.47-0.89x)
 
@@ -174,10 +174,10 @@ def test_multi_axis_kernels_are_not_refused_in_either_mode(nm):
   params, batches = _model_and_data(1)
   where = jaxprune.select(params)
   stages = [_attention, _mlp]
-  stats = jaxprune.input_statistics(_model, params, batches, where, gram=True)
+  stats = jaxprune.oneshot.input_statistics(_model, params, batches, where, gram=True)
   try:
-    results = [jaxprune.sparsegpt(params, stats, 0.5, where, block=16, nm=nm),
-               jaxprune.sparsegpt_sequential(stages, params, batches, 0.5, where, block=16,
+    results = [jaxprune.oneshot.sparsegpt(params, stats, 0.5, where, block=16, nm=nm),
+               jaxprune.oneshot.sparsegpt_sequential(stages, params, batches, 0.5, where, block=16,
                                              nm=nm)]
   except ValueError as e:  # was: "... multiplies its inputs along axes (0, 1); one input axis"
     pytest.fail(f"refused: {e}")
@@ -188,10 +188,11 @@ def test_multi_axis_kernels_are_not_refused_in_either_mode(nm):
       assert (kept.reshape(2, 2, 4, 16).sum(axis=2) == 2).all()
   # An N:M that does not fit is refused for its flattened input count.
   odd = {"o": jnp.ones((2, 3, 4))}
-  odd_stats = jaxprune.input_statistics(lambda p, x: jnp.einsum("nhk,hkd->nd", x, p["o"]), odd,
+  odd_stats = jaxprune.oneshot.input_statistics(lambda p, x: jnp.einsum("nhk,hkd->nd", x, p["o"]),
+                                                odd,
                                         [jnp.asarray(np.random.default_rng(2).normal(
                                             size=(16, 2, 3)), jnp.float32)], {"o": True},
                                         gram=True)
   with pytest.raises(ValueError, match=r"has 6 inputs \(axes \(0, 1\): 2x3 flattened\), not a "
                                        r"multiple of 4"):
-    jaxprune.sparsegpt(odd, odd_stats, 0.0, {"o": True}, block=4, nm=(2, 4))
+    jaxprune.oneshot.sparsegpt(odd, odd_stats, 0.0, {"o": True}, block=4, nm=(2, 4))

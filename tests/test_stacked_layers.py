@@ -65,8 +65,8 @@ def _as_split(masks) -> dict:
 
 @pytest.mark.parametrize("target", [
     jaxprune.Prune(0.7),
-    jaxprune.Prune(0.7, distribution=jaxprune.erk()),
-    jaxprune.Prune(0.7, distribution=jaxprune.erk(kernel=False)),
+    jaxprune.Prune(0.7, distribution=jaxprune.distributions.erk()),
+    jaxprune.Prune(0.7, distribution=jaxprune.distributions.erk(kernel=False)),
     jaxprune.Prune(0.5, scope=jaxprune.channels(-1)),
     jaxprune.Prune(0.5, scope=jaxprune.blocks((4, 2), pool="max")),
     jaxprune.Prune(0.6, scope="row"),
@@ -93,10 +93,11 @@ def test_moe_experts_keep_per_expert_per_output_row():
   k = jax.random.split(jax.random.key(3), 2)
   params = {"moe": {"experts": jax.random.normal(k[0], (4, 16, 8))},
             "dense": {"kernel": jax.random.normal(k[1], (16, 64))}}
-  target = jaxprune.Prune(0.75, scope="row", distribution=jaxprune.erk(),
+  target = jaxprune.Prune(0.75, scope="row", distribution=jaxprune.distributions.erk(),
                           stacked={"experts": 1})
   masks = target.masks(params, jaxprune.select(params))
-  shares = jaxprune.erk().sparsities(["e"] * 4 + ["d"], [(16, 8)] * 4 + [(16, 64)], 0.75)
+  shares = jaxprune.distributions.erk().sparsities(["e"] * 4 + ["d"], [(16, 8)] * 4 + [(16, 64)],
+                                                   0.75)
   pruned_per_row = (~masks["moe"]["experts"]).sum(axis=1)          # (E, out)
   assert (pruned_per_row == round(float(shares[0]) * 16)).all()
   assert ((~masks["dense"]["kernel"]).sum(axis=0) == round(float(shares[4]) * 16)).all()
@@ -121,7 +122,7 @@ def test_report_shows_each_stacked_layer():
 def test_stacked_in_gradual_pruned_and_under_jit_compiles_once():
   stacked, _ = _split_model()
   where = jaxprune.select(stacked)
-  schedule = jaxprune.polynomial_schedule(0.0, 0.8, 0, 4)
+  schedule = optax.polynomial_schedule(init_value=0.0, end_value=0.8, power=3, transition_steps=4)
   tx = jaxprune.pruned(optax.sgd(0.0), where=where, update_every=2,
                        schedule=lambda c: jaxprune.Prune(schedule(c),
                                                          stacked={"blocks/kernel": 1}))
@@ -183,7 +184,8 @@ def _nnx_scanned():
 def test_scanned_models_prune_each_layer_exactly(build):
   params, apply = build()
   where = jaxprune.select(params, include=["kernel"])
-  target = jaxprune.Prune(0.75, distribution=jaxprune.erk(), stacked={"blocks/*kernel": 1})
+  target = jaxprune.Prune(0.75, distribution=jaxprune.distributions.erk(),
+                          stacked={"blocks/*kernel": 1})
   masks = jax.jit(lambda p: target.masks(p, where))(params)
   pruned_params = jaxprune.apply_masks(params, masks)
   report = jaxprune.sparsity_report(pruned_params, where, stacked={"blocks/*kernel": 1})

@@ -1,4 +1,4 @@
-"""Pruning methods as values: `Magnitude`, `NM`, the `Target` protocol, `as_target`."""
+"""Pruning methods as values: `Prune`, `NM`, the `Target` protocol, `as_target`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import jaxprune
+from jaxprune._src.methods.targets import as_target
 
 
 def make_params():
@@ -42,7 +43,7 @@ def prune_retrain_counting_compiles(params, schedule):
   jax.monitoring.register_event_duration_secs_listener(listen)
   try:
     result = jaxprune.prune_retrain(
-        params, mlp_loss, lambda step: x, [x], optimizer=optax.adam(1e-3), schedule=schedule,
+        params, mlp_loss, lambda step: x, [x], optimizer=optax.adam(1e-3), targets=schedule,
         where=jaxprune.select(params), retrain_steps=1, progress=False)
   finally:
     jax.monitoring.unregister_event_duration_listener(listen)
@@ -53,9 +54,9 @@ def test_targets_compute_what_the_pure_functions_compute():
   params = make_params()
   where = jaxprune.select(params)
   for scope in ("layer", "global"):
-    assert_masks_equal(jaxprune.Magnitude(0.6, scope).masks(params, where),
-                       jaxprune.magnitude_masks(params, 0.6, where, scope=scope))
-  first = jaxprune.magnitude_masks(params, 0.3, where)
+    assert_masks_equal(jaxprune.Prune(0.6, scope=scope).masks(params, where),
+                       jaxprune.ranked_masks(params, 0.6, where, scope=scope))
+  first = jaxprune.ranked_masks(params, 0.3, where)
   assert_masks_equal(jaxprune.NM(2, 4).masks(params, where, previous=first),
                      jaxprune.nm_masks(params, 2, 4, where, previous=first))
   assert_masks_equal(jaxprune.NM(1, 4, axis=-1).masks(params, where),
@@ -64,27 +65,27 @@ def test_targets_compute_what_the_pure_functions_compute():
 
 
 @pytest.mark.parametrize("entry, expected", [
-    (0.5, jaxprune.Magnitude(0.5, "layer")),
-    (np.float32(0.25), jaxprune.Magnitude(0.25, "layer")),
-    (0, jaxprune.Magnitude(0.0, "layer")),
+    (0.5, jaxprune.Prune(0.5)),
+    (np.float32(0.25), jaxprune.Prune(0.25)),
+    (0, jaxprune.Prune(0.0)),
     ("2:4", jaxprune.NM(2, 4)),
     (jaxprune.NM(1, 4, axis=-1), jaxprune.NM(1, 4, axis=-1)),
-    (jaxprune.Magnitude(0.9, "global"), jaxprune.Magnitude(0.9, "global")),
+    (jaxprune.Prune(0.9, scope="global"), jaxprune.Prune(0.9, scope="global")),
 ])
 def test_as_target(entry, expected):
-  assert jaxprune.as_target(entry) == expected
+  assert as_target(entry) == expected
 
 
 @pytest.mark.parametrize("entry, message", [
     ("0.5", "neither a sparsity"), (True, "neither a sparsity"), (None, "neither a sparsity"),
     (1.0, r"outside \[0, 1\)"), (-0.1, r"outside \[0, 1\)"), ("4:2", "0 < n < m"),
     ("2-4", "neither a sparsity"), ("a:b", "looks like '2:4'"),
-    (jaxprune.Magnitude(1.5), r"outside \[0, 1\)"), (jaxprune.Magnitude("0.5"), "real number"),
-    (jaxprune.NM(4, 4), "0 < n < m"), (jaxprune.Magnitude(0.5, "row"), "scope"),
+    (jaxprune.Prune(1.5), r"outside \[0, 1\)"), (jaxprune.Prune("0.5"), "real number"),
+    (jaxprune.NM(4, 4), "0 < n < m"),
 ])
 def test_as_target_refuses_bad_entries_naming_them(entry, message):
   with pytest.raises(ValueError, match=message):
-    jaxprune.as_target(entry, name="schedule[3]")
+    as_target(entry, name="schedule[3]")
 
 
 def test_targets_are_pytrees_with_the_sparsity_traced():
@@ -98,8 +99,8 @@ def test_targets_are_pytrees_with_the_sparsity_traced():
     return target.masks(params, where)
 
   for s in (0.25, 0.5, 0.75):
-    got = masks_for(jaxprune.Magnitude(jnp.float32(s)))
-    assert_masks_equal(got, jaxprune.magnitude_masks(params, s, where))
+    got = masks_for(jaxprune.Prune(jnp.float32(s)))
+    assert_masks_equal(got, jaxprune.ranked_masks(params, s, where))
   assert len(traces) == 1
   assert jax.tree.leaves(jaxprune.NM(2, 4)) == []
 
@@ -130,7 +131,7 @@ def test_a_users_target_plugs_into_prune_step_and_the_loop():
   params = make_params()
   where = jaxprune.select(params)
   assert isinstance(KeepFirstRows(4), jaxprune.Target)
-  opt_state = jaxprune.pruned(optax.sgd(0.1), jaxprune.magnitude_masks(params, 0.0, where)).init(
+  opt_state = jaxprune.pruned(optax.sgd(0.1), jaxprune.ranked_masks(params, 0.0, where)).init(
       params)
   new, opt_state = jaxprune.prune_step(params, opt_state, KeepFirstRows(4), where)
   masks = jaxprune.get_masks(opt_state)
@@ -140,7 +141,7 @@ def test_a_users_target_plugs_into_prune_step_and_the_loop():
   x = jax.random.normal(jax.random.key(5), (8, 8))
   result = jaxprune.prune_retrain(
       params, mlp_loss, lambda step: x, [x], optimizer=optax.adam(1e-3),
-      schedule=[0.25, KeepFirstRows(4)], where=where, retrain_steps=2, progress=False)
+      targets=[0.25, KeepFirstRows(4)], where=where, retrain_steps=2, progress=False)
   assert [r.target for r in result.history] == ["25.00%", str(KeepFirstRows(4))]
   kernel = np.asarray(result.params["fc1"]["kernel"])
   np.testing.assert_array_equal(kernel[4:], 0.0)
@@ -148,7 +149,7 @@ def test_a_users_target_plugs_into_prune_step_and_the_loop():
 
 def test_loop_compiles_one_prune_step_for_every_magnitude_sparsity():
   result, compiled = prune_retrain_counting_compiles(
-      make_params(), [0.2, jaxprune.Magnitude(0.4), 0.6, "1:4"])
+      make_params(), [0.2, jaxprune.Prune(0.4), 0.6, "1:4"])
   # One program for all three magnitude targets, one for the 1:4 pattern.
   assert compiled.count("jit(prune_step)") == 2
   assert compiled.count("jit(step)") == 1
@@ -159,16 +160,16 @@ def test_loop_compiles_one_prune_step_for_every_magnitude_sparsity():
 def test_gradual_pruned_takes_targets_from_its_schedule():
   params = make_params()
   where = jaxprune.select(params)
-  poly = jaxprune.polynomial_schedule(0.0, 0.75, 0, 4)
+  poly = optax.polynomial_schedule(init_value=0.0, end_value=0.75, power=3, transition_steps=4)
   tx = jaxprune.pruned(optax.sgd(0.0), where=where, update_every=2,
-                       schedule=lambda c: jaxprune.Magnitude(poly(c), "global"))
+                       schedule=lambda c: jaxprune.Prune(poly(c), scope="global"))
   state = tx.init(params)
   zeros = jax.tree.map(jnp.zeros_like, params)
   update = jax.jit(tx.update)
   for _ in range(5):
     _, state = update(zeros, state, params)
   masks = jaxprune.get_masks(state)
-  assert_masks_equal(masks, jaxprune.magnitude_masks(params, 0.75, where, scope="global"))
+  assert_masks_equal(masks, jaxprune.ranked_masks(params, 0.75, where, scope="global"))
 
   nm = jaxprune.pruned(optax.sgd(0.0), where=where, update_every=1,
                        schedule=lambda c: jaxprune.NM(2, 4))
@@ -179,16 +180,16 @@ def test_gradual_pruned_takes_targets_from_its_schedule():
 def test_prune_step_under_jit_takes_a_traced_float_sparsity():
   params = make_params()
   where = jaxprune.select(params)
-  state = jaxprune.pruned(optax.sgd(0.1), jaxprune.magnitude_masks(params, 0.0, where)).init(
+  state = jaxprune.pruned(optax.sgd(0.1), jaxprune.ranked_masks(params, 0.0, where)).init(
       params)
   step = jax.jit(lambda p, s, o: jaxprune.prune_step(p, o, s, where))
   for s in (0.25, 0.5):
     _, pruned_state = step(params, jnp.float32(s), state)
     assert_masks_equal(jaxprune.get_masks(pruned_state),
-                       jaxprune.magnitude_masks(params, s, where))
-  assert jaxprune.as_target(jnp.float32(0.5)) == jaxprune.Magnitude(0.5)
+                       jaxprune.ranked_masks(params, s, where))
+  assert as_target(jnp.float32(0.5)) == jaxprune.Prune(0.5)
   # Concrete sparsities are stored as Python floats (JSON-able history, exact fingerprints).
-  assert type(jaxprune.as_target(jaxprune.Magnitude(np.float32(0.5))).sparsity) is float
+  assert type(as_target(jaxprune.Prune(np.float32(0.5))).sparsity) is float
 
 
 def test_nm_targets_compile_once_across_iterations():
@@ -197,9 +198,15 @@ def test_nm_targets_compile_once_across_iterations():
 
 
 def test_target_names_say_what_ranks():
-  assert str(jaxprune.Prune(0.5, score=jaxprune.random_score(0))) == "50.00% random"
-  normalized = jaxprune.Prune(0.5, score=jaxprune.normalized_score())
+  assert str(jaxprune.Prune(0.5, score=jaxprune.scores.random_score(0))) == "50.00% random"
+  normalized = jaxprune.Prune(0.5, score=jaxprune.scores.normalized_score())
   assert str(normalized) == "50.00% normalized magnitude"
-  assert str(jaxprune.NM(2, 4, score=jaxprune.given_score({}))) == "2:4 given scores"
-  assert str(jaxprune.DropAndGrow(0.3, jaxprune.gradient_score())) == \
+  assert str(jaxprune.NM(2, 4, score=jaxprune.scores.given_score({}))) == "2:4 given scores"
+  assert str(jaxprune.sparse_training.DropAndGrow(0.3, jaxprune.scores.gradient_score())) == \
       "drop and grow 30%, regrown by |grad|"
+
+
+def test_a_scope_where_the_score_goes_is_refused_naming_the_keyword():
+  # `Magnitude(s, "global")` took the scope second; `Prune`'s second field is the score.
+  with pytest.raises(TypeError, match=r"got 'global'; a scope is a keyword: Prune\(s, scope=...\)"):
+    jaxprune.Prune(0.5, "global")

@@ -80,12 +80,13 @@ def test_units_as_targets_with_erk_and_refusals():
   params = {"fc1": {"kernel": jax.random.normal(k[0], (16, 32))},
             "fc2": {"kernel": jax.random.normal(k[1], (32, 8))}}
   where = jaxprune.select(params)
-  target = jaxprune.Prune(0.5, scope=jaxprune.channels(), distribution=jaxprune.erk())
-  tx = jaxprune.pruned(optax.sgd(0.0), jaxprune.magnitude_masks(params, 0.0, where))
+  target = jaxprune.Prune(0.5, scope=jaxprune.channels(), distribution=jaxprune.distributions.erk())
+  tx = jaxprune.pruned(optax.sgd(0.0), jaxprune.ranked_masks(params, 0.0, where))
   _, opt_state = jax.jit(lambda p, o, t: jaxprune.prune_step(p, o, t, where))(
       params, tx.init(params), target)
   got = jaxprune.get_masks(opt_state)
-  shares = jaxprune.erk().sparsities(["fc1/kernel", "fc2/kernel"], [(16, 32), (32, 8)], 0.5)
+  shares = jaxprune.distributions.erk().sparsities(["fc1/kernel", "fc2/kernel"],
+                                                   [(16, 32), (32, 8)], 0.5)
   for name, s in zip(("fc1", "fc2"), shares):
     m = np.asarray(got[name]["kernel"])
     columns = m.all(axis=0)

@@ -22,9 +22,9 @@ BIG = {f"l{i}": {"kernel": jax.ShapeDtypeStruct((32768, 16384), jnp.float32)} fo
 def test_without_64_bit_types_a_ranking_beyond_int32_is_refused_by_name():
   where = jax.tree.map(lambda _: True, BIG)
   with pytest.raises(ValueError, match=r"ranking 2,684,354,560 weights together needs 64-bit"):
-    jax.jit(lambda p: jaxprune.magnitude_masks(p, 0.8, where, scope="global")).lower(BIG)
+    jax.jit(lambda p: jaxprune.ranked_masks(p, 0.8, where, scope="global")).lower(BIG)
   # Per leaf (536M weights each) int32 suffices.
-  jax.jit(lambda p: jaxprune.magnitude_masks(p, 0.8, where)).lower(BIG)
+  jax.jit(lambda p: jaxprune.ranked_masks(p, 0.8, where)).lower(BIG)
 
 
 SCRIPT = textwrap.dedent("""
@@ -50,9 +50,9 @@ SCRIPT = textwrap.dedent("""
               for i in range(5)}
     where = jaxprune.select(params)
     for scope in ("layer", "global"):
-      narrow = jaxprune.magnitude_masks(params, 0.55, where, scope=scope)
+      narrow = jaxprune.ranked_masks(params, 0.55, where, scope=scope)
       mr._WIDE_FROM = 10
-      wide = jax.jit(lambda p, s: jaxprune.magnitude_masks(p, s, where, scope=scope))(
+      wide = jax.jit(lambda p, s: jaxprune.ranked_masks(p, s, where, scope=scope))(
           params, jnp.float32(0.55))
       mr._WIDE_FROM = 2**31
       for a, b in zip(jax.tree.leaves(narrow), jax.tree.leaves(wide), strict=True):
@@ -63,7 +63,7 @@ SCRIPT = textwrap.dedent("""
     big = {f"l{i}": {"kernel": jax.ShapeDtypeStruct((32768, 16384), jnp.float32)}
            for i in range(5)}
     where = jax.tree.map(lambda _: True, big)
-    prune = jax.jit(lambda p, s: jaxprune.magnitude_masks(p, s, where, scope="global"))
+    prune = jax.jit(lambda p, s: jaxprune.ranked_masks(p, s, where, scope="global"))
     sparsity = jax.ShapeDtypeStruct((), jnp.float32)
     module = jax.export.export(prune, platforms=["tpu"])(big, sparsity).mlir_module()
     assert "i64" in module and "stablehlo.scatter" not in module

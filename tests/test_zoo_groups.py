@@ -39,8 +39,14 @@ from zoo import (
   nnx_gqa_lm,
 )
 
-from jaxprune import channel_groups, keep_top, magnitude_importance, shrink, shrunk_program
 from jaxprune._src.tree.mask_tree import slots
+from jaxprune.structural import (
+  channel_groups,
+  keep_top,
+  magnitude_importance,
+  shrink,
+  shrunk_program,
+)
 
 MODELS = {m.__name__.split(".")[-1]: m for m in (
     nnx_gqa_lm, linen_resnet, eqx_mlp, eqx_convnet, dict_moe, example_lm, gemma_attention,

@@ -28,19 +28,20 @@ def _scanned(p, x):
 
 
 def _stats(x):
-  return jaxprune.input_statistics(_apply, PARAMS, [x], WHERE, gram=True)
+  return jaxprune.oneshot.input_statistics(_apply, PARAMS, [x], WHERE, gram=True)
 
 
 def _sparsegpt(params, stats, where):
-  return jaxprune.sparsegpt(params, stats, 0.5, where, block=4)
+  return jaxprune.oneshot.sparsegpt(params, stats, 0.5, where, block=4)
 
 
 def _wanda(params, stats, where):
-  return jaxprune.Prune(0.5, score=jaxprune.wanda_score(stats), scope="row").masks(params, where)
+  return jaxprune.Prune(0.5, score=jaxprune.scores.wanda_score(stats), scope="row").masks(params,
+                                                                                          where)
 
 
 def _wanda_jit(params, stats, where):
-  target = jaxprune.Prune(0.5, score=jaxprune.wanda_score(stats), scope="row")
+  target = jaxprune.Prune(0.5, score=jaxprune.scores.wanda_score(stats), scope="row")
   return jax.jit(lambda p, t: t.masks(p, where))(params, target)
 
 
@@ -64,7 +65,7 @@ def test_all_zero_inputs_are_refused_naming_the_leaf(method):
   with pytest.raises(ValueError, match=r"inputs of fc/kernel are all zero on the calibration "
                                        r"data \(sq_norms all 0\.0\)"):
     if method == "sparsegpt_sequential":
-      jaxprune.sparsegpt_sequential([lambda p, x: jnp.tanh(_apply(p, x))], PARAMS, [zeros],
+      jaxprune.oneshot.sparsegpt_sequential([lambda p, x: jnp.tanh(_apply(p, x))], PARAMS, [zeros],
                                     0.5, WHERE, block=4)
     else:
       METHODS[method](PARAMS, _stats(zeros), WHERE)
@@ -84,7 +85,7 @@ def test_a_batch_of_zero_rows_is_refused_naming_the_leaf(method):
 def test_statistics_of_another_stack_length_are_refused(method, layers):
   # Before: 3 layers of statistics on 4 reused layer 2's Gram for layer 3 (an index
   # clamp), and 1 layer was broadcast to all 4.
-  stats = jaxprune.input_statistics(_scanned, {"stack": LAYERS["stack"][:layers]}, [X],
+  stats = jaxprune.oneshot.input_statistics(_scanned, {"stack": LAYERS["stack"][:layers]}, [X],
                                     {"stack": True}, gram=True)
   run = {**METHODS, "wanda under jit": _wanda_jit}[method]
   with pytest.raises(ValueError, match=rf"input statistics of stack are of {layers} stacked "
@@ -117,7 +118,7 @@ def test_statistics_of_another_shape_are_refused_naming_the_leaf(method, field, 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
 def test_one_stacked_layer_with_all_zero_inputs_is_named(method):
-  stats = jaxprune.input_statistics(_scanned, LAYERS, [X], {"stack": True}, gram=True)
+  stats = jaxprune.oneshot.input_statistics(_scanned, LAYERS, [X], {"stack": True}, gram=True)
   s = stats.leaves["stack"]
   dead = _with(stats, "stack", sq_norms=s.sq_norms.at[2].set(0.0), gram=s.gram.at[2].set(0.0))
   with pytest.raises(ValueError, match=r"inputs of stack\[2\] are all zero"):

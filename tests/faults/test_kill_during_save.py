@@ -41,8 +41,9 @@ SCRIPT = textwrap.dedent(
     params = {{"fc1": {{"kernel": jnp.asarray(rng.normal(size=(8, 32)).astype(np.float32))}},
                "fc2": {{"kernel": jnp.asarray(rng.normal(size=(32, 4)).astype(np.float32))}}}}
     where = jaxprune.select(params)
-    start = jaxprune.ranked_masks(params, 0.8, where, score=jaxprune.random_score(0))
-    tx = jaxprune.pruned(optax.adam(1e-2), start, schedule=jaxprune.rigl_schedule(0.3),
+    start = jaxprune.ranked_masks(params, 0.8, where, score=jaxprune.scores.random_score(0))
+    tx = jaxprune.pruned(optax.adam(1e-2), start,
+                         schedule=jaxprune.sparse_training.rigl_schedule(0.3),
                          update_every=4)
 
     def loss_fn(params, batch):

@@ -14,7 +14,7 @@ from tiny_runs import Batches
 
 import jaxprune
 
-ACCURACY = jaxprune.aux_metric("accuracy")  # needs an aux the tiny loss does not return
+ACCURACY = jaxprune.training.aux_metric("accuracy")  # needs an aux the tiny loss does not return
 
 
 def _bad_shape():
@@ -52,24 +52,25 @@ def test_an_evaluation_that_would_fail_fails_before_the_first_step(tmp_path, cas
 
 
 def test_a_non_finite_evaluation_names_the_batch():
-  eval_step = jaxprune.make_eval_step(lambda p, b: np.float32(1.0) / b["d"])
+  eval_step = jaxprune.training.make_eval_step(lambda p, b: np.float32(1.0) / b["d"])
   with pytest.raises(FloatingPointError, match=r"the loss of eval batch 1 is inf"):
-    jaxprune.evaluate(eval_step, {}, [{"d": np.float32(1.0)}, {"d": np.float32(0.0)}])
+    jaxprune.training.evaluate(eval_step, {}, [{"d": np.float32(1.0)}, {"d": np.float32(0.0)}])
 
 
 PARAMS = tiny_runs.make_params()
 WHERE = jaxprune.select(PARAMS)
-WRONG_SHAPE = jaxprune.magnitude_masks(PARAMS, 0.5, WHERE)
+WRONG_SHAPE = jaxprune.ranked_masks(PARAMS, 0.5, WHERE)
 WRONG_SHAPE["fc1"]["kernel"] = np.ones((8, 15), bool)
-UNSELECTED = jaxprune.magnitude_masks(PARAMS, 0.5, jaxprune.select(PARAMS, include="fc1"))
+UNSELECTED = jaxprune.ranked_masks(PARAMS, 0.5, jaxprune.select(PARAMS, include="fc1"))
 
 SCHEDULES = {
-    "drop and grow": ([0.5, jaxprune.DropAndGrow(0.3, jaxprune.random_score(0))],
-                      r"schedule\[1\] = .*drop and grow moves kept weights.*jaxprune.train"),
+    "drop and grow": ([0.5, jaxprune.sparse_training.DropAndGrow(0.3,
+                                                                 jaxprune.scores.random_score(0))],
+                      r"targets\[1\] = .*drop and grow moves kept weights.*jaxprune.train"),
     "given masks of the wrong shape": ([jaxprune.GivenMasks(WRONG_SHAPE)],
-                                       r"schedule\[0\] \(GivenMasks\).*fc1/kernel"),
+                                       r"targets\[0\] \(GivenMasks\).*fc1/kernel"),
     "given masks missing a selected leaf": ([jaxprune.GivenMasks(UNSELECTED)],
-                                            r"schedule\[0\] = GivenMasks at fc2/kernel: no "
+                                            r"targets\[0\] = GivenMasks at fc2/kernel: no "
                                             r"mask for a leaf `where` selects"),
 }
 
@@ -79,7 +80,7 @@ def test_a_schedule_entry_prune_retrain_cannot_run_is_refused_before_compute(cas
   schedule, message = SCHEDULES[case]
   batches = Batches()
   with pytest.raises(ValueError, match=message):
-    tiny_runs.prune_retrain(schedule=schedule, train_batches=batches)
+    tiny_runs.prune_retrain(targets=schedule, train_batches=batches)
   assert batches.steps == []
 
 

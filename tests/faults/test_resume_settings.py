@@ -24,22 +24,23 @@ WHERE = jaxprune.select(PARAMS)
 
 
 def masks(sparsity: float, seed: int = 0):
-  return jaxprune.ranked_masks(PARAMS, sparsity, WHERE, score=jaxprune.random_score(seed))
+  return jaxprune.ranked_masks(PARAMS, sparsity, WHERE, score=jaxprune.scores.random_score(seed))
 
 
 def gradual(final: float = 0.9, every: int = 2):
   return jaxprune.pruned(optax.adam(1e-2), where=WHERE, update_every=every,
-                         schedule=jaxprune.polynomial_schedule(0.5, final, 0, 8))
+                         schedule=optax.polynomial_schedule(init_value=0.5, end_value=final,
+                                                            power=3, transition_steps=8))
 
 
 def rigl(fraction: float = 0.3, every: int = 2):
   return jaxprune.pruned(optax.adam(1e-2), masks(0.5), update_every=every,
-                         schedule=jaxprune.rigl_schedule(fraction))
+                         schedule=jaxprune.sparse_training.rigl_schedule(fraction))
 
 
 def set_(fraction: float = 0.3):
   return jaxprune.pruned(optax.adam(1e-2), masks(0.5), update_every=2,
-                         schedule=jaxprune.set_schedule(fraction, seed=0))
+                         schedule=jaxprune.sparse_training.set_schedule(fraction, seed=0))
 
 
 # name: (the first run's optimizer, the second run's, the setting named)
@@ -54,10 +55,10 @@ TRAIN_CHANGES = {
                                        jaxprune.pruned(optax.adam(1e-2), masks(0.5, seed=1)),
                                        "masks"),
     "a global scope": (jaxprune.pruned(optax.adam(1e-2), where=WHERE, update_every=2,
-                                       schedule=jaxprune.constant_schedule(0.5)),
+                                       schedule=optax.constant_schedule(0.5)),
                        jaxprune.pruned(optax.adam(1e-2), where=WHERE, update_every=2,
-                                       schedule=jaxprune.constant_schedule(0.5),
-                                       scope="global"), "training"),
+                                       schedule=lambda c: jaxprune.Prune(0.5, scope="global")),
+                       "training"),
 }
 
 
@@ -103,7 +104,7 @@ def test_a_finished_run_resumed_says_so(tmp_path, caplog):
 
 
 def erk_target(**kwargs):
-  return jaxprune.Prune(0.5, distribution=jaxprune.erk(**kwargs))
+  return jaxprune.Prune(0.5, distribution=jaxprune.distributions.erk(**kwargs))
 
 
 def teacher_of(scale: float):
@@ -114,17 +115,17 @@ def teacher_of(scale: float):
 # name: (the first run's settings, the second's, the setting named)
 LOOP_CHANGES = {
     "random_score(0) -> random_score(1)": (
-        dict(schedule=[jaxprune.Prune(0.5, score=jaxprune.random_score(0))]),
-        dict(schedule=[jaxprune.Prune(0.5, score=jaxprune.random_score(1))]), "schedule"),
+        dict(targets=[jaxprune.Prune(0.5, score=jaxprune.scores.random_score(0))]),
+        dict(targets=[jaxprune.Prune(0.5, score=jaxprune.scores.random_score(1))]), "targets"),
     "erk() -> erk(0.3, fixed=...)": (
-        dict(schedule=[erk_target()]),
-        dict(schedule=[erk_target(power=0.3, fixed={"fc2/kernel": 0.2})]), "schedule"),
+        dict(targets=[erk_target()]),
+        dict(targets=[erk_target(power=0.3, fixed={"fc2/kernel": 0.2})]), "targets"),
     "the teacher's params": (
-        dict(schedule=[0.5], teacher=teacher_of(1.0)),
-        dict(schedule=[0.5], teacher=teacher_of(1.01)), "distillation"),
+        dict(targets=[0.5], teacher=teacher_of(1.0)),
+        dict(targets=[0.5], teacher=teacher_of(1.01)), "distillation"),
     "a GivenMasks target": (
-        dict(schedule=[jaxprune.GivenMasks(masks(0.5, seed=0))]),
-        dict(schedule=[jaxprune.GivenMasks(masks(0.5, seed=1))]), "schedule"),
+        dict(targets=[jaxprune.GivenMasks(masks(0.5, seed=0))]),
+        dict(targets=[jaxprune.GivenMasks(masks(0.5, seed=1))]), "targets"),
 }
 
 
@@ -144,11 +145,12 @@ def test_the_same_settings_built_again_resume(tmp_path):
   """By value, not identity: new but equal objects (a score, a distribution, masks,
   a schedule) match the checkpoint."""
   ckpt = tmp_path / "ckpt"
-  target = lambda: jaxprune.Prune(0.5, score=jaxprune.random_score(0),
-                                  distribution=jaxprune.erk(fixed={"fc2/kernel": 0.2}))
-  tiny_runs.prune_retrain(checkpoint_dir=ckpt, schedule=[target()], retrain_steps=2)
+  target = lambda: jaxprune.Prune(0.5, score=jaxprune.scores.random_score(0),
+                                  distribution=jaxprune.distributions.erk(
+                                      fixed={"fc2/kernel": 0.2}))
+  tiny_runs.prune_retrain(checkpoint_dir=ckpt, targets=[target()], retrain_steps=2)
   batches = Batches()
-  tiny_runs.prune_retrain(checkpoint_dir=ckpt, schedule=[target()], retrain_steps=2,
+  tiny_runs.prune_retrain(checkpoint_dir=ckpt, targets=[target()], retrain_steps=2,
                           train_batches=batches)
   assert batches.steps == []
   tiny_runs.train(optimizer=rigl(), steps=4, checkpoint_dir=tmp_path / "t")

@@ -28,7 +28,8 @@ def _pruned_counts(masks):
 
 # Case 8: patterns and values that match nothing or are out of range.
 
-@pytest.mark.parametrize("make", [jaxprune.erk, jaxprune.uniform], ids=["erk", "uniform"])
+@pytest.mark.parametrize("make", [jaxprune.distributions.erk, jaxprune.distributions.uniform],
+                         ids=["erk", "uniform"])
 def test_a_fixed_pattern_matching_no_leaf_is_refused(make):
   # Before: the typo was ignored and every leaf pruned to the target.
   target = jaxprune.Prune(0.5, distribution=make(fixed={"fc3/kernel": 0.0}))
@@ -44,7 +45,8 @@ def test_a_fixed_pattern_matching_no_leaf_is_refused(make):
 def test_a_by_path_rule_returning_a_concrete_array_or_numpy_scalar_is_range_checked(value,
                                                                                    shown):
   # Before: a JAX array passed unchecked (1.5 pruned all, NaN none).
-  target = jaxprune.Prune(0.5, distribution=jaxprune.by_path(lambda path, shape, s: value))
+  target = jaxprune.Prune(0.5, distribution=jaxprune.distributions.by_path(lambda path, shape,
+                                                                           s: value))
   with pytest.raises(ValueError, match=rf"by_path: the sparsity of fc1/kernel is {shown}\S*, "
                                        r"not in \[0, 1\]"):
     target.masks(PARAMS, WHERE)
@@ -53,7 +55,7 @@ def test_a_by_path_rule_returning_a_concrete_array_or_numpy_scalar_is_range_chec
 def test_a_by_path_rule_returning_a_numpy_scalar_prunes_as_a_float():
   # Before: np.float32(0.5) was refused as "not a number".
   for value in (np.float32(0.5), np.int64(0), jnp.array(0.5), 0.5):
-    rule = jaxprune.by_path(lambda path, shape, s, value=value: value)
+    rule = jaxprune.distributions.by_path(lambda path, shape, s, value=value: value)
     target = jaxprune.Prune(0.5, distribution=rule)
     half = float(value) == 0.5
     assert _pruned_counts(target.masks(PARAMS, WHERE)) == (
@@ -64,17 +66,18 @@ def test_a_by_path_rule_returning_a_numpy_scalar_prunes_as_a_float():
 def test_drop_and_grow_refuses_a_concrete_array_out_of_range(value):
   # Before: DropAndGrow(jnp.array(1.5)) was accepted. A traced fraction, or a
   # concrete one in range, still moves weights.
-  start = jaxprune.magnitude_masks(PARAMS, 0.5, WHERE)
+  start = jaxprune.ranked_masks(PARAMS, 0.5, WHERE)
 
   def kept(d):
-    moved = jaxprune.DropAndGrow(d, jaxprune.random_score(1)).masks(PARAMS, WHERE, start)
+    target = jaxprune.sparse_training.DropAndGrow(d, jaxprune.scores.random_score(1))
+    moved = target.masks(PARAMS, WHERE, start)
     return jnp.sum(moved["fc1"]["kernel"])
 
   assert int(jax.jit(kept)(value)) == 64
   assert int(kept(jnp.array(0.25))) == int(kept(np.float32(0.25))) == 64
   with pytest.raises(ValueError, match=r"drop_fraction = Array\(.*: a fraction of the kept "
                                        r"weights in \[0, 1\]"):
-    jaxprune.DropAndGrow(value, jaxprune.random_score(0))
+    jaxprune.sparse_training.DropAndGrow(value, jaxprune.scores.random_score(0))
 
 
 # Case 9: messages that name the argument and its valid values.
@@ -97,10 +100,12 @@ def test_sparsegpt_names_a_bad_block_or_damp_before_any_compute(kwargs, message,
 
   with pytest.raises(ValueError, match=re.escape(f"sparsegpt {message}")):
     if sequential:
-      jaxprune.sparsegpt_sequential([stage], PARAMS, [jnp.ones((4, 8))], 0.5, WHERE, **kwargs)
+      jaxprune.oneshot.sparsegpt_sequential([stage], PARAMS, [jnp.ones((4, 8))], 0.5, WHERE,
+                                            **kwargs)
     else:
-      stats = jaxprune.input_statistics(_apply, PARAMS, [jnp.ones((4, 8))], WHERE, gram=True)
-      jaxprune.sparsegpt(PARAMS, stats, 0.5, WHERE, **kwargs)
+      stats = jaxprune.oneshot.input_statistics(_apply, PARAMS, [jnp.ones((4, 8))], WHERE,
+                                                gram=True)
+      jaxprune.oneshot.sparsegpt(PARAMS, stats, 0.5, WHERE, **kwargs)
 
 
 def test_a_gradual_schedule_may_return_an_n_m_string():
@@ -133,10 +138,9 @@ STRUCTURED = ("scope must be 'layer', 'global', 'row', jaxprune.blocks((b0, b1))
 @pytest.mark.parametrize("call, message", [
     (lambda: jaxprune.Prune(0.5, scope="rows"), STRUCTURED + "'rows'"),
     (lambda: jaxprune.ranked_masks(PARAMS, 0.5, WHERE, scope="glob"), STRUCTURED + "'glob'"),
-    (lambda: jaxprune.pruned(optax.sgd(0.1), where=WHERE, schedule=lambda c: 0.5,
-                             update_every=1, scope="rows"),
-     "scope must be 'layer' or 'global' here, got 'rows' ('row', jaxprune.blocks(...) and "
-     "jaxprune.channels(...) rank through a target: jaxprune.Prune(sparsity, scope=...))"),
+    (lambda: jaxprune.pruned(optax.sgd(0.1), where=WHERE, update_every=1,
+                             schedule=lambda c: jaxprune.Prune(0.5, scope="rows")),
+     STRUCTURED + "'rows'"),
 ], ids=["Prune", "ranked_masks", "pruned"])
 def test_a_scope_typo_lists_the_scopes_of_its_entry_point(call, message):
   # Before: "scope must be 'layer' or 'global'" everywhere (Prune only when ranking).
@@ -150,12 +154,12 @@ def test_a_scope_typo_lists_the_scopes_of_its_entry_point(call, message):
 def test_random_score_refuses_a_seed_that_is_not_an_integer(seed, shown):
   # Before: "PRNG key seed must be an integer; got JitTracer(~float32[])". Integer
   # seeds (NumPy, JAX, traced) and keys are still taken.
-  want = jax.random.key_data(jaxprune.random_score(3).key)
+  want = jax.random.key_data(jaxprune.scores.random_score(3).key)
   for good in (np.int32(3), jnp.array(3), jax.random.key(3)):
-    np.testing.assert_array_equal(jax.random.key_data(jaxprune.random_score(good).key), want)
-  traced = jax.jit(lambda s: jax.random.key_data(jaxprune.random_score(s).key))(jnp.int32(3))
+    np.testing.assert_array_equal(jax.random.key_data(jaxprune.scores.random_score(good).key), want)
+  traced = jax.jit(lambda s: jax.random.key_data(jaxprune.scores.random_score(s).key))(jnp.int32(3))
   np.testing.assert_array_equal(traced, want)
   with pytest.raises(ValueError, match=re.escape(
       f"random_score's seed must be an integer or a PRNG key (jax.random.key(0)), got {shown}")):
-    jaxprune.random_score(seed)
+    jaxprune.scores.random_score(seed)
 

@@ -55,7 +55,7 @@ class Batches:
 EVAL_BATCHES = [make_batch(10_000 + i, 16) for i in range(2)]
 
 
-def train(**overrides) -> jaxprune.TrainResult:
+def train(**overrides) -> jaxprune.training.TrainResult:
   """`jaxprune.train` of the MLP: 8 steps of Adam, saved every 2, unless overridden."""
   params = overrides.pop("params", None) or make_params()
   loss = overrides.pop("loss_fn", loss_fn)
@@ -66,13 +66,13 @@ def train(**overrides) -> jaxprune.TrainResult:
   return jaxprune.train(params, loss, batches, **kwargs)
 
 
-def prune_retrain(**overrides) -> jaxprune.PruneRetrainResult:
+def prune_retrain(**overrides) -> jaxprune.training.PruneRetrainResult:
   """`jaxprune.prune_retrain` of the MLP: 0.5, 0.75 with 4 steps each, unless overridden."""
   params = overrides.pop("params", None) or make_params()
   loss = overrides.pop("loss_fn", loss_fn)
   batches = overrides.pop("train_batches", None) or Batches()
   eval_batches = overrides.pop("eval_batches", EVAL_BATCHES)
-  kwargs = dict(optimizer=optax.adam(1e-2), schedule=[0.5, 0.75], where=jaxprune.select(params),
+  kwargs = dict(optimizer=optax.adam(1e-2), targets=[0.5, 0.75], where=jaxprune.select(params),
                 retrain_steps=4, checkpoint_every=2, log_every=2, progress=False)
   kwargs.update(overrides)
   return jaxprune.prune_retrain(params, loss, batches, eval_batches, **kwargs)

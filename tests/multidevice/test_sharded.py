@@ -30,12 +30,12 @@ def _host(tree):
 @pytest.mark.parametrize("layout", ["replicated", "fsdp"])
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_sharded_masks_equal_single_device_masks(layout, scope):
-  mesh = jaxprune.make_mesh("data=2,fsdp=4")
+  mesh = jaxprune.sharding.make_mesh("data=2,fsdp=4")
   params = _params()
   where = jaxprune.select(params)
-  expected = jaxprune.magnitude_masks(params, 0.7, where, scope=scope)
-  sharded = jax.device_put(params, jaxprune.param_shardings(params, mesh, layout))
-  got = jax.jit(lambda p, s: jaxprune.magnitude_masks(p, s, where, scope=scope))(
+  expected = jaxprune.ranked_masks(params, 0.7, where, scope=scope)
+  sharded = jax.device_put(params, jaxprune.sharding.param_shardings(params, mesh, layout))
+  got = jax.jit(lambda p, s: jaxprune.ranked_masks(p, s, where, scope=scope))(
       sharded, jnp.float32(0.7))
   selected = [w for w, s in zip(jax.tree.leaves(sharded), jax.tree.leaves(where)) if s]
   for g, e, w in zip(jax.tree.leaves(got), jax.tree.leaves(expected), selected, strict=True):
@@ -57,18 +57,18 @@ def test_masks_on_explicit_and_auto_meshes(axis_type, scope):
   params["blocks"][0]["q"] = {"kernel": jnp.round(4 * jax.random.normal(k[0], (32, 32)))}
   params["blocks"][0]["k"] = {"kernel": jax.random.normal(k[1], (32, 32))}
   where = jaxprune.select(params)
-  shardings = jaxprune.param_shardings(params, mesh, "fsdp")
+  shardings = jaxprune.sharding.param_shardings(params, mesh, "fsdp")
   shardings["blocks"][0]["k"]["kernel"] = jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec(None, "fsdp"))
   sharded = jax.device_put(params, shardings)
-  previous = jaxprune.magnitude_masks(params, 0.3, where, scope=scope)
+  previous = jaxprune.ranked_masks(params, 0.3, where, scope=scope)
   with jax.set_mesh(mesh):
-    prune = jax.jit(lambda p, m: jaxprune.magnitude_masks(p, 0.7, where, scope=scope,
+    prune = jax.jit(lambda p, m: jaxprune.ranked_masks(p, 0.7, where, scope=scope,
                                                            previous=m))
-    got = prune(sharded, jaxprune.place_masks(previous, sharded))
-    hlo = prune.lower(sharded, jaxprune.place_masks(previous, sharded)).compile().as_text()
+    got = prune(sharded, jaxprune.sharding.place_masks(previous, sharded))
+    hlo = prune.lower(sharded, jaxprune.sharding.place_masks(previous, sharded)).compile().as_text()
   selected = [w for w, s in zip(jax.tree.leaves(sharded), jax.tree.leaves(where)) if s]
-  expected = jaxprune.magnitude_masks(params, 0.7, where, scope=scope, previous=previous)
+  expected = jaxprune.ranked_masks(params, 0.7, where, scope=scope, previous=previous)
   for g, e, w in zip(jax.tree.leaves(got), jax.tree.leaves(expected), selected, strict=True):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(e))
     assert g.sharding.is_equivalent_to(w.sharding, g.ndim)
@@ -82,11 +82,11 @@ def test_masks_on_explicit_and_auto_meshes(axis_type, scope):
 
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_mask_selection_never_gathers_a_whole_leaf(scope):
-  mesh = jaxprune.make_mesh("fsdp=8")
+  mesh = jaxprune.sharding.make_mesh("fsdp=8")
   params = {"fc1": {"kernel": jnp.ones((512, 256))}, "fc2": {"kernel": jnp.ones((256, 512))}}
-  params = jax.device_put(params, jaxprune.param_shardings(params, mesh, "fsdp"))
+  params = jax.device_put(params, jaxprune.sharding.param_shardings(params, mesh, "fsdp"))
   where = jaxprune.select(params)
-  hlo = jax.jit(lambda p: jaxprune.magnitude_masks(p, 0.8, where, scope=scope)).lower(
+  hlo = jax.jit(lambda p: jaxprune.ranked_masks(p, 0.8, where, scope=scope)).lower(
       params).compile().as_text()
   leaf_elements = 256 * 512
   for line in re.findall(r"^.*all-gather.*$", hlo, flags=re.M):
@@ -98,13 +98,13 @@ def test_mask_selection_never_gathers_a_whole_leaf(scope):
 
 
 def test_fsdp_params_and_masks_take_an_eighth_per_device():
-  mesh = jaxprune.make_mesh("fsdp=8")
+  mesh = jaxprune.sharding.make_mesh("fsdp=8")
   params = {f"fc{i}": {"kernel": jnp.ones((256, 512))} for i in range(4)}
-  params = jax.device_put(params, jaxprune.param_shardings(params, mesh, "fsdp"))
-  masks = jaxprune.magnitude_masks(params, 0.5, jaxprune.select(params))
+  params = jax.device_put(params, jaxprune.sharding.param_shardings(params, mesh, "fsdp"))
+  masks = jaxprune.ranked_masks(params, 0.5, jaxprune.select(params))
   tree = {"params": params, "masks": masks}
   total = sum(x.nbytes for x in jax.tree.leaves(tree))
-  per_device = jaxprune.bytes_per_device(tree)
+  per_device = jaxprune.sharding.bytes_per_device(tree)
   assert len(per_device) == 8
   assert max(per_device.values()) == pytest.approx(total / 8, rel=0.01)
 
@@ -129,7 +129,7 @@ def _toy_problem():
 def _run(mesh, layout, checkpoint_dir=None):
   params, loss_fn, batch_at, evals = _toy_problem()
   return jaxprune.prune_retrain(
-      params, loss_fn, batch_at, evals, optimizer=optax.adam(1e-2), schedule=[0.3, 0.6],
+      params, loss_fn, batch_at, evals, optimizer=optax.adam(1e-2), targets=[0.3, 0.6],
       where=jaxprune.select(params), retrain_steps=12, progress=False, mesh=mesh,
       param_layout=layout, checkpoint_dir=checkpoint_dir)
 
@@ -137,7 +137,7 @@ def _run(mesh, layout, checkpoint_dir=None):
 @pytest.mark.parametrize("layout", ["replicated", "fsdp"])
 def test_sharded_prune_retrain_matches_single_device(layout):
   single = _run(None, "replicated")
-  sharded = _run(jaxprune.make_mesh("data=2,fsdp=4"), layout)
+  sharded = _run(jaxprune.sharding.make_mesh("data=2,fsdp=4"), layout)
   for a, b in zip(jax.tree.leaves(_host(single.masks)), jax.tree.leaves(_host(sharded.masks))):
     np.testing.assert_array_equal(a, b)
   for a, b in zip(jax.tree.leaves(_host(single.params)), jax.tree.leaves(_host(sharded.params))):
@@ -153,14 +153,14 @@ def test_sharded_prune_retrain_matches_single_device(layout):
 def test_checkpoint_restores_onto_smaller_meshes(tmp_path):
   from jaxprune._src.training import checkpointing
 
-  result = _run(jaxprune.make_mesh("fsdp=8"), "fsdp", checkpoint_dir=str(tmp_path))
+  result = _run(jaxprune.sharding.make_mesh("fsdp=8"), "fsdp", checkpoint_dir=str(tmp_path))
   manager = checkpointing.open_manager(str(tmp_path))
   index = manager.latest_step()
   for devices in (jax.devices()[:4], jax.devices()[:1]):
-    mesh = jaxprune.make_mesh({"fsdp": len(devices)}, devices)
+    mesh = jaxprune.sharding.make_mesh({"fsdp": len(devices)}, devices)
     params = jax.device_put(result.params,
-                            jaxprune.param_shardings(result.params, mesh, "fsdp"))
-    masks = jaxprune.place_masks(jax.device_get(result.masks), params)
+                            jaxprune.sharding.param_shardings(result.params, mesh, "fsdp"))
+    masks = jaxprune.sharding.place_masks(jax.device_get(result.masks), params)
     tx = jaxprune.pruned(optax.adam(1e-2), masks)
     like = checkpointing.LoopState(params, tx.init(params), jnp.zeros(2, jnp.uint32))
     restored = checkpointing.restore_state(manager, index, like)
@@ -186,13 +186,13 @@ def test_training_script_runs_on_an_fsdp_mesh(tmp_path):
 
 
 GRANULARITIES = [
-    jaxprune.Prune(0.7, distribution=jaxprune.erk()),
+    jaxprune.Prune(0.7, distribution=jaxprune.distributions.erk()),
     jaxprune.Prune(0.7, scope="row"),
     jaxprune.Prune(0.6, scope="row", axis=-1),
     jaxprune.Prune(0.5, scope=jaxprune.blocks((4, 4))),
     jaxprune.Prune(0.5, scope=jaxprune.channels(-1)),
-    jaxprune.Prune(0.7, score=jaxprune.random_score(3)),
-    jaxprune.Prune(0.7, distribution=jaxprune.erk(), stacked={"stack/kernel": 1}),
+    jaxprune.Prune(0.7, score=jaxprune.scores.random_score(3)),
+    jaxprune.Prune(0.7, distribution=jaxprune.distributions.erk(), stacked={"stack/kernel": 1}),
     jaxprune.NM(2, 4),
 ]
 
@@ -210,12 +210,12 @@ def test_every_granularity_on_fsdp_leaves_equals_one_device(target, axis_type):
   params = _params()
   params["stack"] = {"kernel": jnp.round(4 * jax.random.normal(jax.random.key(9), (4, 32, 64)))}
   where = jaxprune.select(params)
-  sharded = jax.device_put(params, jaxprune.param_shardings(params, mesh, "fsdp"))
-  previous = jaxprune.magnitude_masks(params, 0.2, where)
+  sharded = jax.device_put(params, jaxprune.sharding.param_shardings(params, mesh, "fsdp"))
+  previous = jaxprune.ranked_masks(params, 0.2, where)
   expected = target.masks(params, where, previous=previous)
   with jax.set_mesh(mesh):
     got = jax.jit(lambda p, m, t: t.masks(p, where, previous=m))(
-        sharded, jaxprune.place_masks(previous, sharded), target)
+        sharded, jaxprune.sharding.place_masks(previous, sharded), target)
   selected = [w for w, s in zip(jax.tree.leaves(sharded), jax.tree.leaves(where)) if s]
   for g, e, w in zip(jax.tree.leaves(got), jax.tree.leaves(expected), selected, strict=True):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(e))
@@ -223,7 +223,7 @@ def test_every_granularity_on_fsdp_leaves_equals_one_device(target, axis_type):
 
 
 def test_calibration_statistics_wanda_and_sparsegpt_on_fsdp_params_equal_one_device():
-  mesh = jaxprune.make_mesh("fsdp=8")
+  mesh = jaxprune.sharding.make_mesh("fsdp=8")
   params = _params()
   where = jaxprune.select(params)
 
@@ -233,19 +233,19 @@ def test_calibration_statistics_wanda_and_sparsegpt_on_fsdp_params_equal_one_dev
     return h @ block["output_proj"]["kernel"]
 
   x = jax.random.normal(jax.random.key(5), (64, 32))
-  want = jaxprune.input_statistics(apply, params, [x], where, gram=True)
-  sharded = jax.device_put(params, jaxprune.param_shardings(params, mesh, "fsdp"))
-  got = jaxprune.input_statistics(apply, sharded, [x], where, gram=True)
+  want = jaxprune.oneshot.input_statistics(apply, params, [x], where, gram=True)
+  sharded = jax.device_put(params, jaxprune.sharding.param_shardings(params, mesh, "fsdp"))
+  got = jaxprune.oneshot.input_statistics(apply, sharded, [x], where, gram=True)
   assert set(got.leaves) == set(want.leaves) and got.unattributed == want.unattributed
   for path, s in want.leaves.items():
     np.testing.assert_allclose(np.asarray(got.leaves[path].sq_norms), np.asarray(s.sq_norms),
                                rtol=1e-5, err_msg=path)
-  target = jaxprune.Prune(0.5, score=jaxprune.wanda_score(got), scope="row")
+  target = jaxprune.Prune(0.5, score=jaxprune.scores.wanda_score(got), scope="row")
   np.testing.assert_equal(_host(target.masks(sharded, where)),
-                          _host(jaxprune.Prune(0.5, score=jaxprune.wanda_score(want),
+                          _host(jaxprune.Prune(0.5, score=jaxprune.scores.wanda_score(want),
                                                scope="row").masks(params, where)))
-  new_sharded, masks_sharded = jaxprune.sparsegpt(sharded, got, 0.5, where, block=16)
-  new, masks = jaxprune.sparsegpt(params, want, 0.5, where, block=16)
+  new_sharded, masks_sharded = jaxprune.oneshot.sparsegpt(sharded, got, 0.5, where, block=16)
+  new, masks = jaxprune.oneshot.sparsegpt(params, want, 0.5, where, block=16)
   np.testing.assert_equal(_host(masks_sharded), _host(masks))
   for a, b in zip(jax.tree.leaves(new_sharded), jax.tree.leaves(new)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
@@ -261,7 +261,7 @@ def _sparse_steps(tx, params, steps=6, gather=False):
 
   @jax.jit
   def step(p, state, x):
-    grads = jax.grad(lambda q: loss(jaxprune.straight_through_view(q, state), x))(p)
+    grads = jax.grad(lambda q: loss(jaxprune.sparse_training.straight_through_view(q, state), x))(p)
     updates, state = tx.update(grads, state, p)
     return optax.apply_updates(p, updates), state
 
@@ -280,22 +280,25 @@ def test_sparse_training_on_fsdp_leaves_equals_one_device(method, axis_type):
   mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(kind,))
   params = _params()
   where = jaxprune.select(params)
-  start = jaxprune.ranked_masks(params, 0.75, where, score=jaxprune.random_score(0))
+  start = jaxprune.ranked_masks(params, 0.75, where, score=jaxprune.scores.random_score(0))
 
   def make_tx(masks):
     if method == "ste":
-      return jaxprune.straight_through(optax.adam(1e-2), where=where, update_every=2,
-                                       schedule=jaxprune.constant_schedule(0.75))
+      return jaxprune.sparse_training.straight_through(optax.adam(1e-2), where=where,
+                                                       update_every=2,
+                                       schedule=optax.constant_schedule(0.75))
     if method == "ste-view":
-      return jaxprune.straight_through_masks(optax.adam(1e-2), where=where, update_every=2,
-                                             schedule=jaxprune.constant_schedule(0.75))
-    schedule = jaxprune.rigl_schedule(0.3) if method == "rigl" else jaxprune.set_schedule(0.3)
+      return jaxprune.sparse_training.straight_through_masks(optax.adam(1e-2), where=where,
+                                                             update_every=2,
+                                             schedule=optax.constant_schedule(0.75))
+    schedule = (jaxprune.sparse_training.rigl_schedule(0.3) if method == "rigl"
+                else jaxprune.sparse_training.set_schedule(0.3))
     return jaxprune.pruned(optax.adam(1e-2), masks, schedule=schedule, update_every=2)
 
   want_params, want_state = _sparse_steps(make_tx(start), params)
-  sharded = jax.device_put(params, jaxprune.param_shardings(params, mesh, "fsdp"))
+  sharded = jax.device_put(params, jaxprune.sharding.param_shardings(params, mesh, "fsdp"))
   with jax.set_mesh(mesh):
-    got_params, got_state = _sparse_steps(make_tx(jaxprune.place_masks(start, sharded)),
+    got_params, got_state = _sparse_steps(make_tx(jaxprune.sharding.place_masks(start, sharded)),
                                           sharded, gather=axis_type == "Explicit")
   np.testing.assert_equal(_host(jaxprune.get_masks(got_state)),
                           _host(jaxprune.get_masks(want_state)))
@@ -306,7 +309,7 @@ def test_sparse_training_on_fsdp_leaves_equals_one_device(method, axis_type):
 
 
 def test_shrink_keeps_each_leafs_sharding():
-  mesh = jaxprune.make_mesh("data=2,fsdp=4")
+  mesh = jaxprune.sharding.make_mesh("data=2,fsdp=4")
   params = _params()["blocks"][0]
   fsdp = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "fsdp"))
   by_rank = {1: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp")), 2: fsdp}
@@ -315,15 +318,17 @@ def test_shrink_keeps_each_leafs_sharding():
   def mlp(p, x):
     return jax.nn.relu(x @ p["fc1"]["kernel"] + p["fc1"]["bias"]) @ p["fc2"]["kernel"]
 
-  groups = jaxprune.channel_groups(mlp, sharded, jax.ShapeDtypeStruct((4, 32), jnp.float32))
-  keep = jaxprune.keep_top(groups, jaxprune.magnitude_importance(groups, sharded), 0.5, round_to=4)
-  small = jaxprune.shrink(sharded, groups, keep)
+  groups = jaxprune.structural.channel_groups(mlp, sharded, jax.ShapeDtypeStruct((4, 32),
+                                                                                 jnp.float32))
+  importance = jaxprune.structural.magnitude_importance(groups, sharded)
+  keep = jaxprune.structural.keep_top(groups, importance, 0.5, round_to=4)
+  small = jaxprune.structural.shrink(sharded, groups, keep)
   assert [groups[i].kind for i in keep] == ["mlp_hidden"]
   assert small["fc1"]["kernel"].shape == (32, 64)
   assert small["fc1"]["kernel"].sharding.is_equivalent_to(fsdp, 2)
   assert small["fc2"]["kernel"].sharding.is_equivalent_to(fsdp, 2)
   with pytest.warns(UserWarning) as record:
-    uneven = jaxprune.shrink(sharded, groups, {i: np.arange(63) for i in keep})
+    uneven = jaxprune.structural.shrink(sharded, groups, {i: np.arange(63) for i in keep})
   messages = sorted(str(w.message) for w in record)
   assert [m.split(":")[0] for m in messages] == ["fc1/bias", "fc1/kernel"]
   assert all("now has 63 entries" in m and "round_to=4" in m for m in messages)

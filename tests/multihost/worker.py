@@ -62,15 +62,15 @@ def main():
   assert jax.process_count() == 2 and jax.device_count() == 8, jax.devices()
   params = make_params()
   where = jaxprune.select(params)
-  mesh = jaxprune.make_mesh("fsdp=8")
-  sharded = jax.device_put(params, jaxprune.param_shardings(params, mesh, "fsdp"))
-  got = jax.jit(lambda p: jaxprune.magnitude_masks(p, 0.7, where, scope="global"))(sharded)
-  want = jaxprune.magnitude_masks(params, 0.7, where, scope="global")
+  mesh = jaxprune.sharding.make_mesh("fsdp=8")
+  sharded = jax.device_put(params, jaxprune.sharding.param_shardings(params, mesh, "fsdp"))
+  got = jax.jit(lambda p: jaxprune.ranked_masks(p, 0.7, where, scope="global"))(sharded)
+  want = jaxprune.ranked_masks(params, 0.7, where, scope="global")
   for a, b in zip(jax.tree.leaves(gathered(got)), jax.tree.leaves(want), strict=True):
     assert np.array_equal(a, np.asarray(b))
 
-  common = dict(optimizer=optax.adam(1e-2), schedule=[0.5, 0.8], where=where,
-                retrain_steps=6, progress=False, scope="global")
+  common = dict(optimizer=optax.adam(1e-2), where=where, retrain_steps=6, progress=False,
+                targets=[jaxprune.Prune(s, scope="global") for s in (0.5, 0.8)])
   evals = [global_batch(10_000)]
   multi = jaxprune.prune_retrain(
       params, loss_fn, local_batch, [local_batch(10_000)], mesh=mesh, param_layout="fsdp",

@@ -232,7 +232,7 @@ def test_threshold_masks(model):
 
 @pytest.mark.parametrize("sparsity", [0.5, 0.3])
 def test_magnitude_masks_layer(model, sparsity):
-  masks = jaxprune.magnitude_masks(model.params, sparsity, model.where, scope="layer")
+  masks = jaxprune.ranked_masks(model.params, sparsity, model.where, scope="layer")
   assert_check_masks_hold(model, masks)
   for path, w, m in masked_pairs(model.params, masks):
     k = round(sparsity * w.size)
@@ -242,7 +242,7 @@ def test_magnitude_masks_layer(model, sparsity):
 
 def test_magnitude_masks_global(model):
   sparsity = 0.6
-  masks = jaxprune.magnitude_masks(model.params, sparsity, model.where, scope="global")
+  masks = jaxprune.ranked_masks(model.params, sparsity, model.where, scope="global")
   assert_check_masks_hold(model, masks)
   chosen = masked_pairs(model.params, masks)
   total = sum(w.size for _, w, _ in chosen)
@@ -255,9 +255,9 @@ def test_magnitude_masks_global(model):
 
 
 def test_magnitude_masks_previous(model):
-  first = jaxprune.magnitude_masks(model.params, 0.5, model.where)
+  first = jaxprune.ranked_masks(model.params, 0.5, model.where)
   moved = perturbed(model.params)
-  second = jaxprune.magnitude_masks(moved, 0.75, model.where, previous=first)
+  second = jaxprune.ranked_masks(moved, 0.75, model.where, previous=first)
   assert_check_masks_hold(model, second)
   prev = {p: m for p, _, m in masked_pairs(model.params, first)}
   revived_anywhere = False
@@ -273,13 +273,13 @@ def test_magnitude_masks_previous(model):
 
 def test_magnitude_masks_jit(model):
   params, where = model.params, model.where
-  eager = jaxprune.magnitude_masks(params, 0.5, where)
-  traced = jax.jit(lambda p, s: jaxprune.magnitude_masks(p, s, where))(params, 0.5)
+  eager = jaxprune.ranked_masks(params, 0.5, where)
+  traced = jax.jit(lambda p, s: jaxprune.ranked_masks(p, s, where))(params, 0.5)
   assert_same_masks(traced, eager)
-  closed = jax.jit(lambda s: jaxprune.magnitude_masks(params, s, where))(0.5)
+  closed = jax.jit(lambda s: jaxprune.ranked_masks(params, s, where))(0.5)
   assert_same_masks(closed, eager)
-  eager_25 = jaxprune.magnitude_masks(params, 0.25, where)
-  assert_same_masks(jax.jit(lambda s: jaxprune.magnitude_masks(params, s, where))(0.25), eager_25)
+  eager_25 = jaxprune.ranked_masks(params, 0.25, where)
+  assert_same_masks(jax.jit(lambda s: jaxprune.ranked_masks(params, s, where))(0.25), eager_25)
 
 
 # ----------------------------------------------------------------------------- N:M
@@ -317,7 +317,7 @@ def path_of_string(path: str) -> str:
 
 
 def test_apply_masks(model):
-  masks = jaxprune.magnitude_masks(model.params, 0.5, model.where)
+  masks = jaxprune.ranked_masks(model.params, 0.5, model.where)
   pruned = jaxprune.apply_masks(model.params, masks)
   assert slot_structure(pruned) == slot_structure(model.params)
   for (path, w), (_, m), (_, p) in zip(slots(model.params), slots(masks), slots(pruned)):
@@ -335,7 +335,7 @@ def test_apply_masks(model):
 
 
 def test_sparsity_report(model):
-  masks = jaxprune.magnitude_masks(model.params, 0.5, model.where)
+  masks = jaxprune.ranked_masks(model.params, 0.5, model.where)
   pruned = jaxprune.apply_masks(model.params, masks)
   report = jaxprune.sparsity_report(pruned, model.where)
   arrays = [(p, np.asarray(x)) for p, x in slots(pruned) if x is not None]
@@ -357,7 +357,7 @@ def test_sparsity_report(model):
 
 
 def test_pruned_fixed_masks_training(model):
-  masks = jaxprune.magnitude_masks(model.params, 0.5, model.where)
+  masks = jaxprune.ranked_masks(model.params, 0.5, model.where)
   tx = jaxprune.pruned(optax.adamw(1e-2, weight_decay=0.1), masks)
   seen = []
 
@@ -380,7 +380,8 @@ def test_pruned_fixed_masks_training(model):
 
 def test_pruned_gradual_training(model):
   final_target = 0.75
-  schedule = jaxprune.polynomial_schedule(0.0, final_target, begin_step=0, end_step=100)
+  schedule = optax.polynomial_schedule(init_value=0.0, end_value=final_target, power=3,
+                                       transition_steps=100)
   tx = jaxprune.pruned(optax.adamw(1e-2, weight_decay=0.1), where=model.where,
                        schedule=schedule, update_every=10)
   zeros_seen = []
@@ -409,7 +410,7 @@ def _prune_retrain(model, params, tmp_path, **kwargs):
   batches = kwargs.pop("train_batches", lambda step: batch_at(step))
   return jaxprune.prune_retrain(
       params, loss, train_batches=batches, eval_batches=EVAL_BATCHES,
-      optimizer=optax.adam(1e-3), schedule=[0.5, 0.75], where=model.where, retrain_steps=5,
+      optimizer=optax.adam(1e-3), targets=[0.5, 0.75], where=model.where, retrain_steps=5,
       checkpoint_dir=str(tmp_path / "ckpt"), progress=False, **kwargs)
 
 
@@ -490,13 +491,13 @@ def test_prune_retrain_distillation_with_rng(model, tmp_path):
 
 
 def test_export_load_compressed(model, tmp_path):
-  masks = jaxprune.magnitude_masks(model.params, 0.5, model.where)
+  masks = jaxprune.ranked_masks(model.params, 0.5, model.where)
   pruned = jaxprune.apply_masks(model.params, masks)
   path = str(tmp_path / "model.jxp")
-  info = jaxprune.export_compressed(path, pruned, masks)
+  info = jaxprune.export.export_compressed(path, pruned, masks)
   assert info.kept == sum(int(m.sum()) for _, _, m in masked_pairs(pruned, masks))
 
-  loaded = jaxprune.load_compressed(path, like=model.params)
+  loaded = jaxprune.export.load_compressed(path, like=model.params)
   assert slot_structure(loaded) == slot_structure(model.params)
   for (p, a), (_, b) in zip(slots(loaded), slots(pruned)):
     assert (a is None) == (b is None), p
@@ -507,7 +508,7 @@ def test_export_load_compressed(model, tmp_path):
   # The outputs do depend on the pruning: a dense reload would differ.
   assert not np.array_equal(model.put_back(model.params), model.put_back(pruned))
 
-  loaded2, loaded_masks = jaxprune.load_compressed(path, like=model.params, with_masks=True)
+  loaded2, loaded_masks = jaxprune.export.load_compressed(path, like=model.params, with_masks=True)
   assert slot_structure(loaded2) == slot_structure(model.params)
   assert_same_masks(loaded_masks, masks)
 
@@ -517,7 +518,7 @@ def test_export_load_compressed(model, tmp_path):
 
 def test_ranked_masks_erk(model):
   params, where = model.params, model.where
-  erk = jaxprune.erk()
+  erk = jaxprune.distributions.erk()
   masks = jaxprune.ranked_masks(params, 0.7, where, distribution=erk)
   assert_check_masks_hold(model, masks)
   chosen = masked_pairs(params, masks)
@@ -532,25 +533,25 @@ def test_ranked_masks_erk(model):
 
 def test_ranked_masks_saliency_random_and_given(model):
   params, where = model.params, model.where
-  grads = jaxprune.mean_gradients(model.loss, params, [batch_at(0), batch_at(1)])
+  grads = jaxprune.scores.mean_gradients(model.loss, params, [batch_at(0), batch_at(1)])
   masks = jax.jit(lambda p, g: jaxprune.ranked_masks(
-      p, 0.5, where, score=jaxprune.saliency_score(g)))(params, grads)
+      p, 0.5, where, score=jaxprune.scores.saliency_score(g)))(params, grads)
   assert_check_masks_hold(model, masks)
   g_of = {p: g for p, g in slots(grads)}
   for path, w, m in masked_pairs(params, masks):
     k = round(0.5 * w.size)
     score = np.abs(f32(w) * f32(g_of[path]))
     np.testing.assert_array_equal(m, layer_reference(score, k), err_msg=path)
-  random = jaxprune.ranked_masks(params, 0.5, where, score=jaxprune.random_score(3))
+  random = jaxprune.ranked_masks(params, 0.5, where, score=jaxprune.scores.random_score(3))
   assert_same_masks(random, jaxprune.ranked_masks(params, 0.5, where,
-                                                  score=jaxprune.random_score(3)))
+                                                  score=jaxprune.scores.random_score(3)))
   for path, w, m in masked_pairs(params, random):
     assert int((~m).sum()) == round(0.5 * w.size), path
   # A user's scores: the weights' negatives rank the largest magnitudes of positive
   # weights first, a ranking no magnitude criterion gives.
   flipped = jax.tree.map(lambda x: -x if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
                          else x, params)
-  given = jaxprune.ranked_masks(params, 0.5, where, score=jaxprune.given_score(flipped),
+  given = jaxprune.ranked_masks(params, 0.5, where, score=jaxprune.scores.given_score(flipped),
                                 scope="global")
   chosen = masked_pairs(params, given)
   values = np.concatenate([-f32(w).reshape(-1) for _, w, _ in chosen])
@@ -595,9 +596,11 @@ def test_ranked_masks_channels_and_blocks(model):
 
 
 def test_rigl_sparse_training(model):
-  start = jaxprune.ranked_masks(model.params, 0.75, model.where, score=jaxprune.random_score(0),
-                                distribution=jaxprune.erk())
-  tx = jaxprune.pruned(optax.adam(1e-2), start, schedule=jaxprune.rigl_schedule(0.3, end=75),
+  start = jaxprune.ranked_masks(model.params, 0.75, model.where,
+                                score=jaxprune.scores.random_score(0),
+                                distribution=jaxprune.distributions.erk())
+  tx = jaxprune.pruned(optax.adam(1e-2), start,
+                       schedule=jaxprune.sparse_training.rigl_schedule(0.3, end=75),
                        update_every=20)
   kept_total = sum(int(m.sum()) for _, _, m in masked_pairs(model.params, start))
   nonzero_seen = []
@@ -621,12 +624,12 @@ def test_rigl_sparse_training(model):
 
 
 def test_straight_through_training(model):
-  tx = jaxprune.straight_through(optax.adam(1e-2), where=model.where,
-                                 schedule=jaxprune.constant_schedule(0.75), update_every=20)
+  tx = jaxprune.sparse_training.straight_through(optax.adam(1e-2), where=model.where,
+                                 schedule=optax.constant_schedule(0.75), update_every=20)
   final, opt_state = model.train(tx, model.params, STEPS // 2, lambda step, params: None)
   masks = jaxprune.get_masks(opt_state)
   assert_check_masks_hold(model, masks)
-  dense = jaxprune.dense_weights(opt_state, final)
+  dense = jaxprune.sparse_training.dense_weights(opt_state, final)
   dense_by_path = {p: np.asarray(v) for p, v, m in pairs(dense, masks) if m is not None}
   for path, w, m in masked_pairs(final, masks):
     assert int((~m).sum()) == round(0.75 * w.size), path
@@ -634,19 +637,19 @@ def test_straight_through_training(model):
     assert (f32(dense_by_path[path][m]) == f32(w[m])).all(), path
     assert np.count_nonzero(dense_by_path[path][~m]) > 0, path  # pruned weights kept learning
   masked_start = jaxprune.apply_masks(model.params,
-                                      jaxprune.magnitude_masks(model.params, 0.75, model.where))
+                                      jaxprune.ranked_masks(model.params, 0.75, model.where))
   assert eval_loss(model, final) < eval_loss(model, masked_start)
 
 
 def test_straight_through_masks_in_each_native_loop(model):
   # Dense params, masks applied by straight_through_view inside each framework's loop.
-  tx = jaxprune.straight_through_masks(optax.adam(1e-2), where=model.where,
-                                       schedule=jaxprune.constant_schedule(0.75),
+  tx = jaxprune.sparse_training.straight_through_masks(optax.adam(1e-2), where=model.where,
+                                       schedule=optax.constant_schedule(0.75),
                                        update_every=20)
   final, opt_state = model.train(tx, model.params, STEPS // 2, lambda step, params: None)
   masks = jaxprune.get_masks(opt_state)
   assert_check_masks_hold(model, masks)
-  view = jaxprune.straight_through_view(final, opt_state)
+  view = jaxprune.sparse_training.straight_through_view(final, opt_state)
   view_by_path = {p: np.asarray(v) for p, v, m in pairs(view, masks) if m is not None}
   for path, w, m in masked_pairs(final, masks):
     assert int((~m).sum()) == round(0.75 * w.size), path
@@ -655,11 +658,11 @@ def test_straight_through_masks_in_each_native_loop(model):
     assert np.count_nonzero(w[~m]) > 0, path  # the params stay dense: pruned ones learn
   # The same training as straight_through's (dense weights in its state): same masks,
   # same dense weights, so the loop did run its forward on the view.
-  other = jaxprune.straight_through(optax.adam(1e-2), where=model.where,
-                                    schedule=jaxprune.constant_schedule(0.75), update_every=20)
+  other = jaxprune.sparse_training.straight_through(optax.adam(1e-2), where=model.where,
+                                    schedule=optax.constant_schedule(0.75), update_every=20)
   other_final, other_state = model.train(other, model.params, STEPS // 2,
                                          lambda step, params: None)
-  dense = jaxprune.dense_weights(other_state, other_final)
+  dense = jaxprune.sparse_training.dense_weights(other_state, other_final)
   for (path, a, _), (_, b, _) in zip(masked_pairs(final, masks), masked_pairs(dense, masks)):
     # (compared at the stored dtype: the plain model keeps float16/bfloat16 leaves)
     np.testing.assert_allclose(f32(a), f32(np.asarray(b).astype(np.asarray(a).dtype)),
@@ -674,7 +677,7 @@ def test_straight_through_masks_in_each_native_loop(model):
 def test_one_shot_wanda_and_sparsegpt(model):
   # Calibration through the unmodified forward pass: every targeted kernel attributed.
   calibration = [jnp.asarray(b[0]) for b in EVAL_BATCHES]
-  stats = jaxprune.input_statistics(model.apply, model.params, calibration, model.where,
+  stats = jaxprune.oneshot.input_statistics(model.apply, model.params, calibration, model.where,
                                     gram=True)
   # Every targeted kernel is attributed, convolutions included (their unfolded patches).
   assert stats.unattributed == {}
@@ -683,9 +686,9 @@ def test_one_shot_wanda_and_sparsegpt(model):
   where = model.where
   # One Wanda call for every layout: a row is one output neuron over the input axes
   # the statistics recorded for each leaf.
-  wanda = jaxprune.Prune(0.5, score=jaxprune.wanda_score(stats), scope="row").masks(
+  wanda = jaxprune.Prune(0.5, score=jaxprune.scores.wanda_score(stats), scope="row").masks(
       model.params, where)
-  new_params, masks = jaxprune.sparsegpt(model.params, stats, 0.5, where, block=8)
+  new_params, masks = jaxprune.oneshot.sparsegpt(model.params, stats, 0.5, where, block=8)
   assert {p for p, _, _ in masked_pairs(model.params, masks)} == attributed
   for path, w, m in masked_pairs(new_params, masks):
     assert int((~m).sum()) == round(0.5 * w.size), path
@@ -701,6 +704,6 @@ def test_one_shot_wanda_and_sparsegpt(model):
   x = jnp.concatenate(calibration)
   dense = np.asarray(model.apply(model.params, x))
   magnitude = jaxprune.apply_masks(model.params,
-                                   jaxprune.magnitude_masks(model.params, 0.5, where))
+                                   jaxprune.ranked_masks(model.params, 0.5, where))
   error = lambda p: float(np.mean((np.asarray(model.apply(p, x)) - dense) ** 2))
   assert error(new_params) < error(magnitude)

@@ -63,7 +63,7 @@ def magnitude_keys(w: jax.Array, kept: jax.Array | None = None) -> jax.Array:
 
   `kept=False` entries (already pruned) get key 0, below every kept weight (kept
   keys are `bits(|w|) + 1`), so they are chosen first; `kept` is a bool mask of
-  `w`'s shape or the same packed (`jaxprune.pack_mask`), unpacked where it is
+  `w`'s shape or the same packed (`jaxprune.tree.pack_mask`), unpacked where it is
   read. Any float dtype is ranked through float32 (exact for bfloat16/float16;
   float64 is ranked at float32 precision, ties then broken by index). NaN ranks
   above +inf.
@@ -405,7 +405,7 @@ def smallest_magnitudes(
   Args:
     weights: float arrays of any shapes, ranked together.
     kept: per weight, a bool mask of its shape, the same packed
-      (`jaxprune.pack_mask`), or None.
+      (`jaxprune.tree.pack_mask`), or None.
     k: number of entries to mark, `0 <= k <= total size`; may be traced.
     as_kept: return, instead of the marks, the kept masks once the marked are
       pruned (`kept & ~marked`, in `kept`'s layout: packed stays packed), computed

@@ -63,7 +63,7 @@ def smallest_in_rows_each(
 
   Args:
     weights: float arrays (at least 1-d), each ranked within its rows.
-    kept: per weight, a bool mask of its shape (or packed, `jaxprune.pack_mask`),
+    kept: per weight, a bool mask of its shape (or packed, `jaxprune.tree.pack_mask`),
       or None: pruned entries rank first.
     counts: per weight, how many each of its rows loses, `0 <= k <= rows' length`.
     axis: the ranking axis (negative counts from the end).

@@ -392,7 +392,7 @@ def export_compressed(
     path: the file to write (replaced atomically if it exists).
     params: the parameter pytree (dict/list/tuple containers and any JAX pytree
       node; numeric array or scalar leaves).
-    masks: a mask tree of `params` (from `magnitude_masks`, `nm_masks`, ...), or
+    masks: a mask tree of `params` (from `ranked_masks`, `nm_masks`, ...), or
       None to store every leaf dense.
     values: None (each leaf's own dtype), `"float32"`, `"bfloat16"` or `"int8"`:
       how kept values are stored.
@@ -412,15 +412,15 @@ def export_compressed(
 
   Example::
 
-    >>> info = jaxprune.export_compressed("model.jxp", params, masks)  # own dtypes: f32
+    >>> info = jaxprune.export.export_compressed("model.jxp", params, masks)  # own dtypes: f32
     >>> report = jaxprune.sparsity_report(jaxprune.apply_masks(params, masks))
     >>> info.file_bytes - info.header_bytes == report.to_dict()["total_compressed_bytes"]
     True
     >>> masks = jaxprune.nm_masks(params, 2, 4)
-    >>> info = jaxprune.export_compressed("model.jxp", params, masks, values="int8")
+    >>> info = jaxprune.export.export_compressed("model.jxp", params, masks, values="int8")
     >>> info.file_bytes, round(info.targeted_compression, 2)   # bytes; x smaller on targets
     (827, 3.56)
-    >>> params2 = jaxprune.load_compressed("model.jxp")
+    >>> params2 = jaxprune.export.load_compressed("model.jxp")
     >>> float(jnp.mean(params2["fc1"]["kernel"] == 0))           # 2 of every 4 zeroed
     0.5
 
@@ -431,11 +431,11 @@ def export_compressed(
     >>> w = {"w": jnp.array([[1.0, -2.0], [0.03, 0.01]])}      # rows: output neurons
     >>> layouts = weight_layouts(lambda p, x: x @ p["w"].T, w, jnp.ones((1, 2)))
     >>> m = {"w": jnp.ones((2, 2), bool)}
-    >>> _ = jaxprune.export_compressed("w.jxp", w, m, values="int8", layouts=layouts)
-    >>> np.asarray(jaxprune.load_compressed("w.jxp")["w"][1], np.float64).round(3).tolist()
+    >>> _ = jaxprune.export.export_compressed("w.jxp", w, m, values="int8", layouts=layouts)
+    >>> np.asarray(jaxprune.export.load_compressed("w.jxp")["w"][1], np.float64).round(3).tolist()
     [0.03, 0.01]
-    >>> _ = jaxprune.export_compressed("w.jxp", w, m, values="int8")   # per last axis
-    >>> np.asarray(jaxprune.load_compressed("w.jxp")["w"][1], np.float64).round(3).tolist()
+    >>> _ = jaxprune.export.export_compressed("w.jxp", w, m, values="int8")   # per last axis
+    >>> np.asarray(jaxprune.export.load_compressed("w.jxp")["w"][1], np.float64).round(3).tolist()
     [0.031, 0.016]
   """
   if layouts is not None and not isinstance(layouts, Layouts):
@@ -631,8 +631,8 @@ def export_info(path: str | os.PathLike) -> ExportInfo:
 
   Example::
 
-    >>> _ = jaxprune.export_compressed("model.jxp", params, masks, values="int8")
-    >>> info = jaxprune.export_info("model.jxp")
+    >>> _ = jaxprune.export.export_compressed("model.jxp", params, masks, values="int8")
+    >>> info = jaxprune.export.export_info("model.jxp")
     >>> print(f"{info.compression:.2f}x on disk, "          # a tiny model: the header dominates
     ...       f"{info.targeted_compression:.2f}x on targeted leaves "
     ...       f"(analytic {info.analytic_targeted_compression:.2f}x)")

@@ -33,7 +33,7 @@ def make_mesh(spec: str | dict[str, int], devices: Sequence[Any] | None = None) 
 
   Example::
 
-    >>> mesh = jaxprune.make_mesh(f"data={jax.device_count()}")
+    >>> mesh = jaxprune.sharding.make_mesh(f"data={jax.device_count()}")
     >>> mesh.axis_names, mesh.devices.size == jax.device_count()
     (('data',), True)
   """
@@ -131,8 +131,9 @@ def onto_mesh(tree: PyTree, mesh: Mesh) -> PyTree:
 
   Example::
 
-    >>> mesh = jaxprune.make_mesh(f"data={jax.device_count()}")
-    >>> jaxprune.onto_mesh({"count": jnp.zeros((), jnp.int32)}, mesh)["count"].sharding.spec
+    >>> mesh = jaxprune.sharding.make_mesh(f"data={jax.device_count()}")
+    >>> placed = jaxprune.sharding.onto_mesh({"count": jnp.zeros((), jnp.int32)}, mesh)
+    >>> placed["count"].sharding.spec
     P()
   """
   devices = set(mesh.devices.flat)

@@ -7,7 +7,7 @@ the real-valued sparsities they round, `sparsities(paths, shapes, s)`.
 then traced int32/int64 scalars, computed exactly in integers.
 
 * `uniform()`: `round(s * n_i)` for every leaf, each leaf exact on its own
-  (what `Magnitude(s, scope="layer")` has always done).
+  (what `Prune(s)` does by default).
 * `erk(power=1.0)`: Erdős–Rényi-kernel (Evci et al. 2020, as JaxPruner's `erk`):
   leaf i keeps a density `eps * r_i ** power`, `r_i` the sum of its fans over
   their product, so small and thin leaves stay denser; `eps` is solved so that the
@@ -40,7 +40,7 @@ selected leaf is refused (a typo would leave its leaves at the target).
 
 * `by_path(fn)`: leaf i's sparsity is `fn(path_i, shape_i, s)`, any rule of your own.
 * `owl(ratios, spread=0.1)`: outlier-weighted (OWL, Yin et al. 2024): a leaf with more
-  outlier scores (`jaxprune.outlier_ratios`, Wanda's scores above 5 means) is pruned
+  outlier scores (`jaxprune.scores.outlier_ratios`, Wanda's scores above 5 means) is pruned
   less. With `c_i` the ratios scaled to [0, 1] (min to max) and centred so that
   `sum n_i c_i = 0`, leaf i's sparsity is `s * (1 - 2 * spread * c_i)`: the leaves
   spread about `s` by a fraction of it (OWL's `lambda` = 0.08 at 70% is `spread`
@@ -50,7 +50,7 @@ selected leaf is refused (a typo would leave its leaves at the target).
 
 Example::
 
-  >>> d = jaxprune.erk()
+  >>> d = jaxprune.distributions.erk()
   >>> [int(c) for c in d.prune_counts(["a", "b", "c"], [(2, 4), (3, 6), (2, 4, 6)], 0.5)]
   [0, 6, 31]
 
@@ -64,10 +64,11 @@ keeps more than with every axis a fan (`sum(shape) / prod(shape)`)::
   ...   return jnp.einsum("thk,hkd->td", h, p["o"]) @ p["up"]
   >>> layouts = weight_layouts(apply_fn, params, jnp.ones((3, 16)))
   >>> shapes = [params[k].shape for k in params]
-  >>> [round(float(s), 3) for s in jaxprune.erk().sparsities(list(params), shapes, 0.5)]
+  >>> erk = jaxprune.distributions.erk()
+  >>> [round(float(s), 3) for s in erk.sparsities(list(params), shapes, 0.5)]
   [0.409, 0.409, 0.545]
   >>> [round(float(s), 3) for s in
-  ...  jaxprune.erk(layouts=layouts).sparsities(list(params), shapes, 0.5)]
+  ...  jaxprune.distributions.erk(layouts=layouts).sparsities(list(params), shapes, 0.5)]
   [0.333, 0.333, 0.583]
 """
 
@@ -206,7 +207,7 @@ def by_path(fn: Callable[[str, Shape, Any], Any]) -> ByPath:
 
   Example::
 
-    >>> d = jaxprune.by_path(lambda path, shape, s: 0.0 if "head" in path else s)
+    >>> d = jaxprune.distributions.by_path(lambda path, shape, s: 0.0 if "head" in path else s)
     >>> [int(c) for c in d.prune_counts(["body/kernel", "head/kernel"], [(4, 4), (4, 2)], 0.5)]
     [8, 0]
   """
@@ -279,7 +280,7 @@ def owl(ratios: Mapping[str, float], spread: float = 0.1) -> OWL:
 
   Args:
     ratios: `{path: outlier ratio}` of the selected leaves, from
-      `jaxprune.outlier_ratios(params, where, wanda_score(stats))`.
+      `jaxprune.scores.outlier_ratios(params, where, wanda_score(stats))`.
     spread: how far leaves move from the target, as a fraction of it, in [0, 0.5].
 
   Raises:
@@ -289,7 +290,7 @@ def owl(ratios: Mapping[str, float], spread: float = 0.1) -> OWL:
 
   Example::
 
-    >>> d = jaxprune.owl({"a": 0.0, "b": 0.02}, spread=0.1)
+    >>> d = jaxprune.distributions.owl({"a": 0.0, "b": 0.02}, spread=0.1)
     >>> [int(c) for c in d.prune_counts(["a", "b"], [(10, 10), (10, 10)], 0.5)]
     [55, 45]
   """
@@ -298,7 +299,7 @@ def owl(ratios: Mapping[str, float], spread: float = 0.1) -> OWL:
     raise ValueError(f"owl spread must be a number in [0, 0.5], got {spread!r}")
   if not isinstance(ratios, Mapping) or not ratios:
     raise ValueError(f"owl takes a non-empty {{path: outlier ratio}} mapping (from "
-                     f"jaxprune.outlier_ratios), got {ratios!r}")
+                     f"jaxprune.scores.outlier_ratios), got {ratios!r}")
   for path, r in ratios.items():
     if not isinstance(path, str) or isinstance(r, bool) or not isinstance(
         r, (int, float)) or not 0.0 <= r <= 1.0:

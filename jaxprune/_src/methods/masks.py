@@ -1,4 +1,4 @@
-"""Magnitude masks over a parameter pytree: compute them, check them, apply them.
+"""Masks over a parameter pytree: rank and compute them, check them, apply them.
 
 A *mask tree* has the structure of `params`. A selected leaf holds a bool array of
 the leaf's shape (`True` = kept); an unselected leaf, and a `None` leaf of params,
@@ -44,7 +44,7 @@ from jaxprune._src.types import PyTree
 Scope = Literal["layer", "global"]
 
 __all__ = [
-    "apply_masks", "check_masks", "magnitude_masks", "map_masked", "ranked_masks",
+    "apply_masks", "check_masks", "map_masked", "ranked_masks",
     "threshold_masks",
 ]
 
@@ -65,7 +65,7 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
 
   Example::
 
-    >>> masks = jaxprune.magnitude_masks(params, 0.5, jaxprune.select(params))
+    >>> masks = jaxprune.ranked_masks(params, 0.5, jaxprune.select(params))
     >>> pruned = jaxprune.apply_masks(params, masks)
   """
   return zero_unkept(check_masks(masks, params), params)
@@ -128,7 +128,7 @@ def check_finite(w: jax.Array, path: str) -> None:
 def threshold_masks(params: PyTree, threshold: float | jax.Array, where: Where) -> PyTree:
   """Keeps a weight iff `|w| >= threshold`: "prune weights with |w| < threshold".
 
-  Weights are checked as in `magnitude_masks`: outside jit a selected leaf holding
+  Weights are checked as in `ranked_masks`: outside jit a selected leaf holding
   NaN or inf is an error; under jit NaN and inf count as the largest magnitudes
   (kept), in both functions.
 
@@ -183,71 +183,6 @@ def _at_least(w: jax.Array, threshold: Any) -> jax.Array:
   return ~(jnp.abs(w).astype(dtype) < t_rounded)
 
 
-def magnitude_masks(
-    params: PyTree,
-    sparsity: float | jax.Array,
-    where: Where,
-    *,
-    scope: Scope = "layer",
-    previous: PyTree | None = None,
-    stacked: Mapping[str, int] | None = None,
-) -> PyTree:
-  """Prunes exactly `round(sparsity * n)` smallest-magnitude weights.
-
-  With `scope="layer"`, `n` is the size of each selected leaf and each leaf is
-  ranked alone; with `scope="global"`, `n` is the total size of the selected
-  leaves and they are ranked together (so layers end with different sparsities).
-
-  Ties (equal magnitudes, many zeros) are broken by position (leaf order, then
-  row-major index), so the count is exact and the result deterministic. Weights
-  pruned in `previous` stay pruned and are counted first; if `previous` already
-  prunes more than the target, the result equals `previous`. Masks never revive
-  a weight.
-
-  Selection counts over the float bit patterns (`jaxprune.magnitude_rank`): a
-  radix histogram on CPU, a bisection of comparison counts on TPU/GPU; no sort, a
-  few extra bytes per weight, leaves of equal shape sharing one compiled loop, and
-  in global scope no concatenation of leaves.
-
-  Args:
-    params: the parameter pytree.
-    sparsity: target fraction in [0, 1), a real number (not a string). A Python
-      float gives an exact count; a traced scalar (under `jax.jit`) gives
-      `round(sparsity * n)` computed exactly in integers from its float32 value,
-      which may differ by one from Python's round-half-even at exact halves only.
-      A traced value cannot raise, so it is read totally, for every leaf alike:
-      NaN as 0 (nothing newly pruned: `previous`, or all kept), values below 0 as
-      0, and values from 1 up as 1 (every targeted weight pruned). A Python
-      float passed through `jit` becomes float32 first (0.3 -> 0.30000001),
-      which can move the count by one on leaves of tens of millions of weights.
-    where: bool pytree from `select` (or a callable building one from params).
-    scope: `"layer"` or `"global"`.
-    previous: an earlier mask tree of the same `where`, or None.
-    stacked: `{path pattern: k}`: leading axes of stacked layers, each slice
-      ranked on its own in layer scope (see `ranked_masks`).
-
-  Returns:
-    A mask tree: bool arrays (`True` = kept) for selected leaves, `None` elsewhere.
-
-  Raises:
-    TypeError / ValueError: a concrete sparsity that is not a number or outside
-      [0, 1); an unknown scope (the message lists the valid ones); `where` not
-      matching params, selecting a non-float or `None` leaf, or selecting
-      nothing; `previous` not matching params or `where`; (outside jit) NaN/inf
-      in a selected leaf, naming its path.
-
-  Example::
-
-    >>> where = jaxprune.select(params)                   # output_proj, fc*
-    >>> m1 = jaxprune.magnitude_masks(params, 0.5, where)
-    >>> m2 = jaxprune.magnitude_masks(params, 0.8, where, previous=m1)
-  """
-  # ranked_masks also takes "row" and granularities; this entry point documents only
-  # the two scopes that rank by plain magnitude.
-  return ranked_masks(params, sparsity, where, scope=check_scope(scope), previous=previous,
-                      stacked=stacked)
-
-
 def ranked_masks(
     params: PyTree,
     sparsity: float | jax.Array,
@@ -260,24 +195,41 @@ def ranked_masks(
     axis: int | Mapping[str, Any] | None = None,
     stacked: Mapping[str, int] | None = None,
 ) -> PyTree:
-  """Prunes exactly the lowest-`score` weights: `magnitude_masks` for any score,
-  any per-leaf distribution of the counts, and per-row comparison groups.
+  """Prunes exactly the `round(sparsity * n)` lowest-`score` weights (`|w|` by default).
 
   With `scope="layer"`, leaf i loses exactly `distribution.prune_counts(...)[i]`
   weights (`uniform()`: `round(sparsity * n_i)`; `erk()`: Erdős–Rényi-kernel
   shares summing to `round(sparsity * N)`); with `scope="global"`, exactly
-  `round(sparsity * N)` lowest scores over all selected leaves; with
-  `scope="row"`, every row along `axis` (the weights sharing all other indices:
-  one output neuron's inputs for `axis=-2` on a Flax `(in, out)` kernel, `-1` on
-  an Equinox `(out, in)` weight, each leaf's input axes for a `Layouts`) loses
-  exactly `round(s_i * L)` of its `L`, `s_i` the leaf's sparsity from the
-  distribution; with `scope=blocks(...)` or
-  `channels(...)`, each leaf loses exactly `round(s_i * units)` whole units.
-  Ties (by position), `previous` and traced sparsities as in `magnitude_masks`.
+  `round(sparsity * N)` lowest scores over all selected leaves, ranked together
+  (so layers end with different sparsities); with `scope="row"`, every row along
+  `axis` (the weights sharing all other indices: one output neuron's inputs for
+  `axis=-2` on a Flax `(in, out)` kernel, `-1` on an Equinox `(out, in)` weight,
+  each leaf's input axes for a `Layouts`) loses exactly `round(s_i * L)` of its
+  `L`, `s_i` the leaf's sparsity from the distribution; with `scope=blocks(...)`
+  or `channels(...)`, each leaf loses exactly `round(s_i * units)` whole units.
+
+  Ties (equal scores, many zeros) are broken by position (leaf order, then
+  row-major index), so the count is exact and the result deterministic. Weights
+  pruned in `previous` stay pruned and are counted first; if `previous` already
+  prunes more than the target, the result equals `previous`. Masks never revive
+  a weight.
+
+  Selection counts over the float bit patterns: a radix histogram on CPU, a
+  bisection of comparison counts on TPU/GPU; no sort, a few extra bytes per
+  weight, leaves of equal shape sharing one compiled loop, and in global scope no
+  concatenation of leaves.
 
   Args:
     params: the parameter pytree.
-    sparsity: target fraction in [0, 1) (see `magnitude_masks`).
+    sparsity: target fraction in [0, 1), a real number (not a string). A Python
+      float gives an exact count; a traced scalar (under `jax.jit`) gives
+      `round(sparsity * n)` computed exactly in integers from its float32 value,
+      which may differ by one from Python's round-half-even at exact halves only.
+      A traced value cannot raise, so it is read totally, for every leaf alike:
+      NaN as 0 (nothing newly pruned: `previous`, or all kept), values below 0 as
+      0, and values from 1 up as 1 (every targeted weight pruned). A Python
+      float passed through `jit` becomes float32 first (0.3 -> 0.30000001),
+      which can move the count by one on leaves of tens of millions of weights.
     where: bool pytree from `select` (or a callable building one from params).
     score: what a weight is worth (`jaxprune.scores`): `magnitude_score()` (the
       default, `|w|`), `saliency_score(grads)`, `random_score(seed)`,
@@ -300,16 +252,22 @@ def ranked_masks(
     A mask tree: bool arrays (`True` = kept) for selected leaves, `None` elsewhere.
 
   Raises:
-    TypeError / ValueError: as `magnitude_masks`; a score or distribution that is
-      not one; a distribution other than a plain `uniform()` in global scope; in
+    TypeError / ValueError: a concrete sparsity that is not a number or outside
+      [0, 1); an unknown scope (the message lists the valid ones); `where` not
+      matching params, selecting a non-float or `None` leaf, or selecting
+      nothing; `previous` not matching params or `where`; a score or distribution
+      that is not one; a distribution other than a plain `uniform()` in global scope; in
       row scope, a selected leaf without `axis`; a `stacked` pattern matching no
       selected leaf, or leaving a leaf no layer axes; (outside jit) NaN/inf in a
       selected leaf's score, naming its path.
 
   Example::
 
-    >>> masks = jaxprune.ranked_masks(params, 0.5, where, distribution=jaxprune.erk())
-    >>> masks = jaxprune.ranked_masks(params, 0.5, where, score=jaxprune.random_score(0))
+    >>> m1 = jaxprune.ranked_masks(params, 0.5, where)                 # |w|, per leaf
+    >>> m2 = jaxprune.ranked_masks(params, 0.8, where, previous=m1)   # never revives
+    >>> masks = jaxprune.ranked_masks(params, 0.5, where, scope="global")
+    >>> masks = jaxprune.ranked_masks(params, 0.5, where, distribution=jaxprune.distributions.erk())
+    >>> masks = jaxprune.ranked_masks(params, 0.5, where, score=jaxprune.scores.random_score(0))
     >>> masks = jaxprune.ranked_masks(params, 0.5, where, scope="row")   # per output neuron
     >>> int((~masks["fc2"]["kernel"]).sum(axis=0)[0])                     # 4 of its 8 inputs
     4
@@ -382,10 +340,12 @@ def _checked_method(score: Any, distribution: Any, scope: Scope) -> tuple[Score,
   score = magnitude_score() if score is None else score
   distribution = uniform() if distribution is None else distribution
   if not isinstance(score, Score):
-    raise TypeError(f"score must be a score (jaxprune.magnitude_score(), saliency_score(grads), "
+    raise TypeError(f"score must be a score (jaxprune.scores.magnitude_score(), "
+                    f"saliency_score(grads), "
                     f"...), got {score!r}")
   if not isinstance(distribution, Distribution):
-    raise TypeError(f"distribution must be one (jaxprune.uniform(), jaxprune.erk()), "
+    raise TypeError(f"distribution must be one (jaxprune.distributions.uniform(), "
+                    f"jaxprune.distributions.erk()), "
                     f"got {distribution!r}")
   if scope == "global" and distribution != uniform():
     raise ValueError(f"scope='global' ranks all leaves together: it takes no distribution "
@@ -427,7 +387,7 @@ def _kept_by_rank(values: list, previous: list, paths: list[str], sparsity: Any,
 
 def magnitude_masks_held(params: PyTree, sparsity: Any, held: PyTree,
                          scope: Scope = "layer") -> PyTree:
-  """`magnitude_masks(params, sparsity, where, scope=scope, previous=unpack_masks(held))`
+  """`ranked_masks(params, sparsity, where, scope=scope, previous=unpack_masks(held))`
   packed like `held` (masks as `pruned` holds them), without unpacking `held` or
   writing out a bool mask: the selection reads and writes the held layout.
 

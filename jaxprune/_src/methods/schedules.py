@@ -1,20 +1,21 @@
-"""Sparsity schedules: per-iteration targets for prune-retrain, per-step for gradual pruning.
+"""Target sequences: the sparsities of `prune_retrain`'s iterations, by a formula.
 
-Iteration schedules (`exponential_schedule`, `geometric_keep_schedule`,
-`cubic_schedule`) are finite sequences: `len()` is the number of prune steps,
-iterating gives the targets, and calling with `i` gives `s(i)` (also for a traced
-`i`). Step schedules (`polynomial_schedule`, `constant_schedule`) map a training
-step to a sparsity and are jittable, like optax's learning-rate schedules.
+`exponential_targets`, `geometric_keep_targets` and `polynomial_targets` are finite
+sequences: `len()` is the number of prune steps, iterating gives the targets, and
+calling with `i` gives `s(i)` (also for a traced `i`).
+
+A sparsity that moves with the training step (gradual pruning in `pruned`, straight-
+through training) is an optax schedule: `optax.polynomial_schedule(init_value=0.0,
+end_value=0.9, power=3, transition_steps=1000)` is Zhu & Gupta's cubic ramp,
+`optax.constant_schedule(0.9)` a fixed sparsity.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax.numpy as jnp
-
-StepSchedule = Callable[[Any], Any]
 
 
 def _check_target(name: str, value: float, allow_zero: bool = True) -> float:
@@ -26,7 +27,7 @@ def _check_target(name: str, value: float, allow_zero: bool = True) -> float:
   return value
 
 
-class IterationSchedule(Sequence):
+class TargetSequence(Sequence):
   """A finite sequence of target sparsities `s(0), ..., s(N-1)` given by a formula.
 
   Subclasses define `_value(i)`, which must work for a Python int and a traced one.
@@ -77,7 +78,7 @@ def _pow(base: float, exponent: Any) -> Any:
   return base**exponent if isinstance(exponent, (int, float)) else jnp.power(base, exponent)
 
 
-class ExponentialSchedule(IterationSchedule):
+class ExponentialTargets(TargetSequence):
   """`s(i) = initial * (final / initial) ** (i / (N - 1))`."""
 
   def _value(self, i):
@@ -89,7 +90,7 @@ class ExponentialSchedule(IterationSchedule):
     return jnp.clip(value, self.initial, self.final)
 
 
-class GeometricKeepSchedule(IterationSchedule):
+class GeometricKeepTargets(TargetSequence):
   """The kept fraction decays geometrically: `1 - s(i) = (1-s0) * ((1-sf)/(1-s0)) ** (i/(N-1))`."""
 
   def _value(self, i):
@@ -97,11 +98,16 @@ class GeometricKeepSchedule(IterationSchedule):
     return 1.0 - keep0 * _pow(keepf / keep0, i / (self.num_iterations - 1))
 
 
-class CubicSchedule(IterationSchedule):
-  """Zhu & Gupta's cubic ramp per iteration: `s(i) = sf + (s0 - sf) * (1 - i/(N-1)) ** 3`."""
+class PolynomialTargets(TargetSequence):
+  """`s(i) = sf + (s0 - sf) * (1 - i/(N-1)) ** power` (power 3: Zhu & Gupta's ramp)."""
+
+  def __init__(self, initial: float, final: float, num_iterations: int, power: float = 3):
+    super().__init__(initial, final, num_iterations)
+    self.power = power
 
   def _value(self, i):
-    return self.final + (self.initial - self.final) * (1 - i / (self.num_iterations - 1)) ** 3
+    progress = i / (self.num_iterations - 1)
+    return self.final + (self.initial - self.final) * (1 - progress) ** self.power
 
 
 def _iteration_args(initial: float, final: float, allow_zero: bool) -> tuple[float, float]:
@@ -112,7 +118,7 @@ def _iteration_args(initial: float, final: float, allow_zero: bool) -> tuple[flo
   return initial, final
 
 
-def exponential_schedule(initial: float, final: float, num_iterations: int) -> ExponentialSchedule:
+def exponential_targets(initial: float, final: float, num_iterations: int) -> ExponentialTargets:
   """Exponential-in-sparsity targets: `s(i) = initial * (final/initial) ** (i/(N-1))`.
 
   For `i = 0..N-1`; `N = 1` gives `[final]`. The ratio between consecutive targets is
@@ -128,16 +134,17 @@ def exponential_schedule(initial: float, final: float, num_iterations: int) -> E
 
   Example::
 
-    >>> list(jaxprune.exponential_schedule(0.2, 0.8, 3))
+    >>> from jaxprune.schedules import exponential_targets
+    >>> list(exponential_targets(0.2, 0.8, 3))
     [0.2, 0.4, 0.8]
   """
   initial, final = _iteration_args(initial, final, allow_zero=False)
-  return ExponentialSchedule(initial, final, num_iterations)
+  return ExponentialTargets(initial, final, num_iterations)
 
 
-def geometric_keep_schedule(
+def geometric_keep_targets(
     initial: float, final: float, num_iterations: int
-) -> GeometricKeepSchedule:
+) -> GeometricKeepTargets:
   """Targets whose *kept* fraction shrinks by a constant factor each iteration.
 
   `s(i) = 1 - (1 - initial) * ((1 - final) / (1 - initial)) ** (i / (N - 1))`, the
@@ -146,56 +153,28 @@ def geometric_keep_schedule(
 
   Example::
 
-    >>> [round(s, 3) for s in jaxprune.geometric_keep_schedule(0.2, 0.8, 3)]
+    >>> from jaxprune.schedules import geometric_keep_targets
+    >>> [round(s, 3) for s in geometric_keep_targets(0.2, 0.8, 3)]
     [0.2, 0.6, 0.8]
   """
   initial, final = _iteration_args(initial, final, allow_zero=True)
-  return GeometricKeepSchedule(initial, final, num_iterations)
+  return GeometricKeepTargets(initial, final, num_iterations)
 
 
-def cubic_schedule(initial: float, final: float, num_iterations: int) -> CubicSchedule:
-  """Zhu & Gupta's cubic ramp over iterations: `s(i) = sf + (s0 - sf) (1 - i/(N-1))**3`.
+def polynomial_targets(initial: float, final: float, num_iterations: int,
+                       power: float = 3) -> PolynomialTargets:
+  """A polynomial ramp over iterations: `s(i) = sf + (s0 - sf) (1 - i/(N-1)) ** power`.
+
+  `power=3` is Zhu & Gupta's cubic ramp, fast early and slow late, per iteration
+  of `prune_retrain` (per training step it is `optax.polynomial_schedule`).
 
   Example::
 
-    >>> [round(s, 3) for s in jaxprune.cubic_schedule(0.0, 0.8, 3)]
+    >>> from jaxprune.schedules import polynomial_targets
+    >>> [round(s, 3) for s in polynomial_targets(0.0, 0.8, 3)]
     [0.0, 0.7, 0.8]
   """
   initial, final = _iteration_args(initial, final, allow_zero=True)
-  return CubicSchedule(initial, final, num_iterations)
-
-
-def polynomial_schedule(
-    initial: float, final: float, begin_step: int, end_step: int, power: float = 3
-) -> StepSchedule:
-  """Gradual pruning (Zhu & Gupta, 2017): step -> sparsity, jittable.
-
-  `s(t) = final + (initial - final) * (1 - p) ** power` with
-  `p = clip((t - begin_step) / (end_step - begin_step), 0, 1)`: `initial` before
-  `begin_step`, `final` from `end_step` on, fast early and slow late.
-
-  Example::
-
-    >>> s = jaxprune.polynomial_schedule(0.0, 0.9, begin_step=100, end_step=1100)
-    >>> round(float(s(600)), 4)                # a float32 array: 0.78749996
-    0.7875
-  """
-  initial, final = _iteration_args(initial, final, allow_zero=True)
-  if begin_step < 0 or end_step <= begin_step:
-    raise ValueError(
-        f"need 0 <= begin_step < end_step, got begin_step={begin_step}, end_step={end_step}"
-    )
-  if power <= 0:
-    raise ValueError(f"power must be > 0, got {power!r}")
-
-  def schedule(step):
-    progress = jnp.clip((step - begin_step) / (end_step - begin_step), 0.0, 1.0)
-    return final + (initial - final) * (1.0 - progress) ** power
-
-  return schedule
-
-
-def constant_schedule(sparsity: float) -> StepSchedule:
-  """Step -> the same `sparsity` at every step (jittable)."""
-  sparsity = _check_target("sparsity", sparsity)
-  return lambda step: jnp.full((), sparsity, jnp.float32)
+  if isinstance(power, bool) or not isinstance(power, (int, float)) or not power > 0:
+    raise ValueError(f"power must be a number > 0, got {power!r}")
+  return PolynomialTargets(initial, final, num_iterations, power)

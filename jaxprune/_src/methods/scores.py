@@ -96,7 +96,7 @@ class Saliency:
       raise ValueError(
           "saliency_score() without grads reads the gradients of the step that prunes: use it "
           "in `pruned`'s gradual schedule or a `prune_retrain` schedule entry, or pass grads "
-          "(e.g. jaxprune.mean_gradients(loss_fn, params, batches))")
+          "(e.g. jaxprune.scores.mean_gradients(loss_fn, params, batches))")
     weights = [slots(params).leaves[i] for i in chosen]
     grads = _leaves_at(self.grads, params, chosen, "saliency grads")
     return [jnp.abs(w.astype(jnp.float32) * g.astype(jnp.float32))
@@ -122,7 +122,8 @@ class GradientMagnitude:
     if self.grads is None:
       raise ValueError(
           "gradient_score() without grads reads the gradients of the step that updates the "
-          "masks: use it in `pruned`'s schedule (jaxprune.rigl_schedule), or pass grads")
+          "masks: use it in `pruned`'s schedule (jaxprune.sparse_training.rigl_schedule), "
+          "or pass grads")
     return [jnp.abs(g.astype(jnp.float32))
             for g in _leaves_at(self.grads, params, chosen, "gradient_score grads")]
 
@@ -215,7 +216,7 @@ def normalized_score(inner: Score | None = None, eps: float = 1e-8) -> Normalize
   leaves of different scales compete on relative terms in global scope."""
   inner = magnitude_score() if inner is None else inner
   if not isinstance(inner, Score):
-    raise TypeError(f"normalized_score wraps a score (jaxprune.magnitude_score(), ...), "
+    raise TypeError(f"normalized_score wraps a score (jaxprune.scores.magnitude_score(), ...), "
                     f"got {inner!r}")
   return Normalized(inner, float(eps))
 
@@ -249,8 +250,8 @@ def mean_gradients(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
 
   Example::
 
-    >>> grads = jaxprune.mean_gradients(loss_fn, params, [batch, batch])
-    >>> target = jaxprune.Prune(0.5, score=jaxprune.saliency_score(grads))
+    >>> grads = jaxprune.scores.mean_gradients(loss_fn, params, [batch, batch])
+    >>> target = jaxprune.Prune(0.5, score=jaxprune.scores.saliency_score(grads))
   """
   floats = float_part(params)
   # Only floating-point leaves are differentiated (int counters, tables and None
@@ -328,7 +329,7 @@ def _static_rows(rows: Any) -> int | None:
 
 
 def wanda_score(stats: Any) -> Wanda:
-  """Wanda's score from `jaxprune.input_statistics(...)`: `|w_ij| * ||x_j||_2`.
+  """Wanda's score from `jaxprune.oneshot.input_statistics(...)`: `|w_ij| * ||x_j||_2`.
 
   Rank it per output neuron, as Wanda does: `Prune(s, score=wanda_score(stats),
   scope="row")`. A row is then, in every leaf, the weights of one output neuron
@@ -348,8 +349,8 @@ def wanda_score(stats: Any) -> Wanda:
 
     >>> def apply_fn(p, b):
     ...   return jnp.tanh(b["x"] @ p["fc1"]["kernel"]) @ p["fc2"]["kernel"]
-    >>> stats = jaxprune.input_statistics(apply_fn, params, [batch], where)
-    >>> target = jaxprune.Prune(0.5, score=jaxprune.wanda_score(stats), scope="row")
+    >>> stats = jaxprune.oneshot.input_statistics(apply_fn, params, [batch], where)
+    >>> target = jaxprune.Prune(0.5, score=jaxprune.scores.wanda_score(stats), scope="row")
     >>> masks = target.masks(params, where)
   """
   leaves = {canonical_path(p): s for p, s in stats.leaves.items()}
@@ -365,7 +366,7 @@ def outlier_ratios(params: PyTree, where: Any, score: Score,
                    m: float = 5.0) -> dict[str, float]:
   """Per selected leaf, the fraction of its scores above `m` times their mean: OWL's
   layerwise outlier distribution (Yin et al. 2024, with `score=wanda_score(stats)` and
-  `m` = 5), what `jaxprune.owl` turns into per-leaf sparsities.
+  `m` = 5), what `jaxprune.distributions.owl` turns into per-leaf sparsities.
 
   `D_i = #{a in A_i : a > m * mean(A_i)} / |A_i|`, `A_i` leaf i's scores (`|w|` for
   `magnitude_score()`). A stacked leaf (scanned layers) gets one ratio.
@@ -388,8 +389,8 @@ def outlier_ratios(params: PyTree, where: Any, score: Score,
     >>> import jax.numpy as jnp
     >>> import jaxprune
     >>> params = {"a": jnp.array([[1.0, 1.0], [1.0, 20.0]]), "b": jnp.ones((2, 2))}
-    >>> jaxprune.outlier_ratios(params, {"a": True, "b": True}, jaxprune.magnitude_score(),
-    ...                         m=2.0)
+    >>> jaxprune.scores.outlier_ratios(params, {"a": True, "b": True},
+    ...                                jaxprune.scores.magnitude_score(), m=2.0)
     {'a': 0.25, 'b': 0.0}
   """
   if isinstance(m, bool) or not isinstance(m, numbers.Real) or not m > 0:

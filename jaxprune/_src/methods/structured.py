@@ -127,7 +127,7 @@ def nm_masks(
   sparsity is exactly `1 - n/m` per group.
 
   Ties are broken by position: of equal magnitudes the earlier member (lower index
-  along `axis`) is kept. Magnitudes are ranked as in `magnitude_masks` (through
+  along `axis`) is kept. Magnitudes are ranked as in `ranked_masks` (through
   float32; NaN ranks above +inf).
 
   With `previous`, a weight pruned there stays pruned: each group keeps the `n`

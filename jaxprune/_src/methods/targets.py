@@ -5,20 +5,21 @@ A *target* is any object with a nominal `sparsity` and a method
 entries of `prune_retrain`, `prune_step`, and the schedule of `pruned`'s gradual
 mode all take targets, so a new criterion is a new value, not a new keyword:
 
-* `Magnitude(sparsity, scope="layer")`: exactly `round(sparsity * n)` smallest
-  magnitudes per leaf (`"layer"`) or over all selected leaves (`"global"`);
+* `Prune(sparsity, score=..., scope="layer", distribution=...)`: exactly
+  `round(sparsity * n)` lowest scores (`|w|` by default) per leaf (`"layer"`), over
+  all selected leaves (`"global"`), per row, block or channel;
 * `NM(n, m, axis=-2)`: the `n` largest magnitudes of every `m` consecutive weights
   along `axis` (the input axis: -2 for Flax kernels, -1 for Equinox weights).
 
-A float is shorthand for `Magnitude(float)` and a string `"n:m"` for `NM(n, m)`
-(`as_target`). Targets are pytrees: `Magnitude`'s sparsity is a leaf, so one
+A float is shorthand for `Prune(float)` and a string `"n:m"` for `NM(n, m)`
+(`as_target`). Targets are pytrees: `Prune`'s sparsity is a leaf, so one
 compiled prune step serves every sparsity of a schedule; everything else is
 static.
 
 Example::
 
   >>> where = jaxprune.select(params)
-  >>> masks = jaxprune.Magnitude(0.5, scope="global").masks(params, where)
+  >>> masks = jaxprune.Prune(0.5, scope="global").masks(params, where)
   >>> masks = jaxprune.NM(2, 4).masks(params, where, previous=masks)
 """
 
@@ -35,14 +36,13 @@ import numpy as np
 from jaxprune._src.engine.stacked_layers import check_stacked
 from jaxprune._src.methods.distributions import uniform
 from jaxprune._src.methods.masks import (
-  Scope,
   check_fraction,
   check_scope,
-  magnitude_masks,
   ranked_masks,
 )
 from jaxprune._src.methods.scores import (
   MagnitudeScore,
+  Score,
   magnitude_score,
   needs_gradients,
   score_name,
@@ -69,26 +69,6 @@ class Target(Protocol):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Magnitude:
-  """Prune exactly `round(sparsity * n)` smallest `|w|` (see `magnitude_masks`).
-
-  `sparsity` is a pytree leaf (may be traced); `scope` is static.
-  """
-
-  sparsity: Any
-  scope: Scope = dataclasses.field(default="layer", metadata={"static": True})
-
-  def masks(self, params: PyTree, where: Any, previous: PyTree | None = None) -> PyTree:
-    return magnitude_masks(params, self.sparsity, where, scope=self.scope, previous=previous)
-
-  def __str__(self) -> str:
-    s = self.sparsity
-    shown = f"{s:.2%}" if isinstance(s, float) else "traced"
-    return shown if self.scope == "layer" else f"{shown} global"
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
 class Prune:
   """Prune exactly the lowest-`score` weights (see `ranked_masks`).
 
@@ -97,12 +77,12 @@ class Prune:
   "global", "row", `blocks(...)`, `channels(...)`), `distribution`, `axis` (row
   scope's) and `stacked` (`{pattern: k}`: leading axes of stacked layers, see
   `jaxprune.stacked_layers`) are static.
-  `Prune(s)` is `Magnitude(s)`. A scope other than those is refused when the target
-  is made (ValueError listing them).
+  A scope other than those is refused when the target is made (ValueError listing
+  them).
 
   Example::
 
-    >>> target = jaxprune.Prune(0.8, distribution=jaxprune.erk())
+    >>> target = jaxprune.Prune(0.8, distribution=jaxprune.distributions.erk())
     >>> masks = target.masks(params, where)
   """
 
@@ -114,8 +94,13 @@ class Prune:
   stacked: Any = dataclasses.field(default=(), metadata={"static": True})
 
   def __post_init__(self):
-    # A scope typo is refused here, before any compute, with the scopes a Prune takes.
+    # A scope typo, or a scope given where the score goes (`Prune(s, "global")`), is
+    # refused here, before any compute.
     check_scope(self.scope, structured=True)
+    if not isinstance(self.score, Score):
+      raise TypeError(f"Prune's score must be a score (jaxprune.scores.magnitude_score(), "
+                      f"saliency_score(), ...), got {self.score!r}; a scope is a keyword: "
+                      f"Prune(s, scope=...)")
     # A dict is accepted but held as a tuple: static fields must hash.
     object.__setattr__(self, "stacked", check_stacked(self.stacked))
 
@@ -174,7 +159,7 @@ class GivenMasks:
 
   Example::
 
-    >>> target = jaxprune.GivenMasks(jaxprune.magnitude_masks(params, 0.5, where))
+    >>> target = jaxprune.GivenMasks(jaxprune.ranked_masks(params, 0.5, where))
     >>> round(target.sparsity, 2)
     0.5
   """
@@ -201,6 +186,14 @@ class GivenMasks:
 _SCORE_FIELDS = ("score", "grow")
 
 
+def ranks_plain_magnitude(target: Any) -> bool:
+  """Is `target` a `Prune` by `|w|` over whole leaves or all of them (uniform, no
+  rows, blocks, channels or stacks), the case the held-mask selection computes?"""
+  return (type(target) is Prune and isinstance(target.score, MagnitudeScore)
+          and target.scope in ("layer", "global") and target.distribution == uniform()
+          and target.axis is None and not target.stacked)
+
+
 def with_gradients(target: Target, grads: PyTree) -> Target:
   """`target` scoring by `grads` where a score of it waits for the step's gradients
   (`Prune(s, score=saliency_score())`, RigL's `gradient_score()`), else `target`."""
@@ -217,8 +210,8 @@ def needs_step_gradients(target: Any) -> bool:
       needs_gradients(getattr(target, f, None)) for f in _SCORE_FIELDS)
 
 
-def as_target(entry: Any, scope: Scope = "layer", name: str = "target") -> Target:
-  """`entry` as a target: a `Target` as is, a real number as `Magnitude(entry, scope)`,
+def as_target(entry: Any, name: str = "target") -> Target:
+  """`entry` as a target: a `Target` as is, a real number as `Prune(entry)`,
   `"n:m"` as `NM(n, m)`.
 
   Concrete values are checked here (before any compute): a sparsity must be a real
@@ -228,8 +221,8 @@ def as_target(entry: Any, scope: Scope = "layer", name: str = "target") -> Targe
     ValueError, naming `name` and the value.
   """
   if isinstance(entry, Target) and not isinstance(entry, (str, numbers.Real)):
-    if isinstance(entry, (Magnitude, Prune)):
-      check_scope(entry.scope, structured=isinstance(entry, Prune))
+    if isinstance(entry, Prune):
+      check_scope(entry.scope, structured=True)
       return dataclasses.replace(entry, sparsity=_checked_sparsity(entry.sparsity, name))
     if isinstance(entry, NM):
       _check_pattern(entry.n, entry.m, name, entry)
@@ -245,10 +238,9 @@ def as_target(entry: Any, scope: Scope = "layer", name: str = "target") -> Targe
   if isinstance(entry, (bool, str)) or not (isinstance(entry, numbers.Real) or scalar_array):
     raise ValueError(
         f"{name} = {entry!r} is neither a sparsity (a number), 'n:m', nor a target "
-        "(jaxprune.Magnitude, jaxprune.NM, ...)"
+        "(jaxprune.Prune, jaxprune.NM, ...)"
     )
-  check_scope(scope)
-  return Magnitude(_checked_sparsity(entry, name), scope)
+  return Prune(_checked_sparsity(entry, name))
 
 
 def _checked_sparsity(value: Any, name: str) -> Any:

@@ -51,7 +51,7 @@ Example::
 
   >>> def apply_fn(params, batch):
   ...   return jnp.tanh(batch["x"] @ params["fc1"]["kernel"]) @ params["fc2"]["kernel"]
-  >>> stats = jaxprune.input_statistics(apply_fn, params, [batch], where)
+  >>> stats = jaxprune.oneshot.input_statistics(apply_fn, params, [batch], where)
   >>> stats.leaves["fc1/kernel"].sq_norms.shape, stats.leaves["fc1/kernel"].rows
   ((8,), 16)
 """

@@ -33,10 +33,10 @@ Ties in the block scores go by position, as everywhere in jaxprune.
 
 Example::
 
-  >>> stats = jaxprune.input_statistics(
+  >>> stats = jaxprune.oneshot.input_statistics(
   ...     lambda p, b: jnp.tanh(b["x"] @ p["fc1"]["kernel"]) @ p["fc2"]["kernel"],
   ...     params, [batch], where, gram=True)
-  >>> new_params, masks = jaxprune.sparsegpt(params, stats, 0.5, where)
+  >>> new_params, masks = jaxprune.oneshot.sparsegpt(params, stats, 0.5, where)
   >>> int((~masks["fc1"]["kernel"]).sum())      # exactly half of 64
   32
 """

@@ -377,7 +377,7 @@ def channel_groups(apply_fn: Callable[..., Any], params: PyTree, *example_args: 
                    where: Where | None = None) -> ChannelGroups:
   """The coupled channel groups of `apply_fn(params, *example_args)`: which leaf axes
   must lose the same units together, read from the program (the rules per
-  primitive: `help(jaxprune.channel_rules)`; members and kinds: `help(jaxprune.Group)`).
+  primitive: `help(jaxprune.channel_rules)`; members and kinds: `help(jaxprune.structural.Group)`).
 
   Args:
     apply_fn: the forward pass, `apply_fn(params, *args)`.

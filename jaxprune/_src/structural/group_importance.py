@@ -9,7 +9,7 @@ covers (`Member.indices`: a neuron's column, a head's block of columns):
   max) over the members; the norms of a unit's every weight, as Torch-Pruning's
   default.
 * `taylor_importance`: `Σ_m Σ |w ⊙ g|` over `S_m(u)`, with `g` the loss gradient
-  (e.g. `jaxprune.mean_gradients` over a few batches): the first-order change in
+  (e.g. `jaxprune.scores.mean_gradients` over a few batches): the first-order change in
   the loss when the unit's weights go to zero (LLM-Pruner's element-wise Taylor).
 * `activation_importance`: NVIDIA Minitron's estimators, from the inputs the
   model's own matmuls read over calibration batches (`input_statistics`, on the
@@ -23,7 +23,7 @@ covers (`Member.indices`: a neuron's column, a head's block of columns):
 Example::
 
   >>> import jax, jax.numpy as jnp
-  >>> from jaxprune import channel_groups, keep_top, magnitude_importance
+  >>> from jaxprune.structural import channel_groups, keep_top, magnitude_importance
   >>> params = {"w1": jnp.arange(24.).reshape(3, 8), "w2": jnp.ones((8, 2))}
   >>> mlp = lambda p, x: jax.nn.relu(x @ p["w1"]) @ p["w2"]
   >>> groups = channel_groups(mlp, params, jax.ShapeDtypeStruct((5, 3), jnp.float32))
@@ -116,12 +116,12 @@ def taylor_importance(groups: Sequence[Group], params: PyTree, grads: PyTree, *,
                       kinds: Sequence[str] | None = None) -> Importance:
   """Per prunable group (of `kinds`), each unit's `Σ |w ⊙ g|` over its weights in
   every member (module docstring); `grads` has the params' paths (e.g.
-  `jaxprune.mean_gradients(loss_fn, params, batches)`).
+  `jaxprune.scores.mean_gradients(loss_fn, params, batches)`).
 
   Example::
 
     >>> import numpy as np
-    >>> from jaxprune import Group, Member, taylor_importance
+    >>> from jaxprune.structural import Group, Member, taylor_importance
     >>> g = Group("mlp_hidden", 2, (Member("w", 1),), True)
     >>> w, grad = np.array([[1., 2.], [3., 4.]]), np.array([[1., 0.], [-1., 1.]])
     >>> taylor_importance([g], {"w": w}, {"w": grad})[0].tolist()

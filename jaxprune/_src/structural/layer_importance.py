@@ -28,7 +28,7 @@ but the feature axis):
 Example::
 
   >>> import jax, jax.numpy as jnp
-  >>> from jaxprune import channel_groups, keep_top
+  >>> from jaxprune.structural import channel_groups, keep_top
   >>> from jaxprune.structural import layer_importance
   >>> def model(p, x):
   ...   step = lambda h, w: (h + jnp.tanh(h @ w["a"]) @ w["b"], None)

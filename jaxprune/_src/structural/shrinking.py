@@ -259,7 +259,7 @@ def keep_top(groups: Sequence[Group], importance: Mapping[int, Any],
   Example::
 
     >>> import numpy as np
-    >>> from jaxprune import Group, Member, keep_top
+    >>> from jaxprune.structural import Group, Member, keep_top
     >>> g = Group("mlp_hidden", 5, (Member("w", 0),), True)
     >>> keep_top([g], {0: np.array([3., 1., 4., 1., 5.])}, 0.4)[0].tolist()
     [2, 4]

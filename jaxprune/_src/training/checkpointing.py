@@ -216,7 +216,7 @@ class Checkpointer:
 
   Example::
 
-    >>> state = jaxprune.LoopState(params, opt_state, rng_data)
+    >>> state = jaxprune.training.LoopState(params, opt_state, rng_data)
     >>> with jaxprune.Checkpointer("ckpt", {"seed": 0}) as ckpt:
     ...   print(ckpt.resume(state))
     ...   ckpt.save(state, {"iteration": 0})

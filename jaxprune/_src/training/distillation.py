@@ -32,7 +32,7 @@ def kl_to_teacher(
 
   Example::
 
-    >>> jaxprune.kl_to_teacher(jnp.zeros((2, 5)), jnp.zeros((2, 5)))   # same outputs -> 0
+    >>> jaxprune.training.kl_to_teacher(jnp.zeros((2, 5)), jnp.zeros((2, 5)))   # same outputs -> 0
     Array(0., dtype=float32)
   """
   t = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature

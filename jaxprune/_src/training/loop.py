@@ -1,10 +1,10 @@
-"""The prune-retrain loop: prune to each target of a schedule, retrain with masks held.
+"""The prune-retrain loop: prune to each of a list of targets, retrain with masks held.
 
-For each iteration `i` of the schedule:
+For each iteration `i`:
 
 1. evaluate (iteration 0: the dense baseline; later ones reuse the previous
    after-retrain figure, the params being the same);
-2. `prune_step` to `schedule[i]` (previous masks respected) and evaluate;
+2. `prune_step` to `targets[i]` (previous masks respected) and evaluate;
 3. `retrain` for `retrain_steps[i]` steps with `pruned(optimizer)` holding the
    masks (their one home is its state);
 4. evaluate, append an `IterationRecord`, checkpoint.
@@ -37,7 +37,7 @@ from jaxprune._src.io.sharding import (
   place_batch,
   place_masks,
 )
-from jaxprune._src.methods.masks import Scope, check_count, check_scope, check_seed, is_count
+from jaxprune._src.methods.masks import check_count, check_seed, is_count
 from jaxprune._src.methods.targets import (
   GivenMasks,
   Target,
@@ -93,35 +93,35 @@ logger = logging.getLogger("jaxprune")
 # ----------------------------------------------------------------------------- inputs
 
 
-def _check_entry(entry: Any, scope: Scope, name: str) -> Target:
+def _check_entry(entry: Any, name: str) -> Target:
   if isinstance(entry, DropAndGrow):
     raise ValueError(
         f"{name} = {entry}: drop and grow moves kept weights and prunes none; it is sparse "
         "training, run with jaxprune.train(optimizer=jaxprune.pruned(opt, masks, "
-        "schedule=jaxprune.rigl_schedule(...), update_every=...))")
-  return as_target(entry, scope, name)
+        "schedule=jaxprune.sparse_training.rigl_schedule(...), update_every=...))")
+  return as_target(entry, name)
 
 
 def _check_given(targets: list[Target], params: PyTree, flags: list[bool]) -> None:
   """`GivenMasks` entries must be masks of `params` exactly where `where` selects."""
   for i, target in enumerate(targets):
     if isinstance(target, GivenMasks):
-      given = check_masks(target.given, params, f"schedule[{i}] (GivenMasks)")
-      check_selection(given, flags, params, f"schedule[{i}] = GivenMasks")
+      given = check_masks(target.given, params, f"targets[{i}] (GivenMasks)")
+      check_selection(given, flags, params, f"targets[{i}] = GivenMasks")
 
 
-def _check_schedule(schedule: Sequence[Any], scope: Scope) -> list[Target]:
-  if isinstance(schedule, (str, bytes)) or not hasattr(schedule, "__iter__"):
-    raise TypeError(f"schedule must be a finite sequence of sparsities, got {schedule!r}")
-  schedule = list(schedule)
-  targets = [_check_entry(entry, scope, f"schedule[{i}]") for i, entry in enumerate(schedule)]
+def _check_targets(entries: Sequence[Any]) -> list[Target]:
+  if isinstance(entries, (str, bytes)) or not hasattr(entries, "__iter__"):
+    raise TypeError(f"targets must be a finite sequence of sparsities, got {entries!r}")
+  entries = list(entries)
+  targets = [_check_entry(entry, f"targets[{i}]") for i, entry in enumerate(entries)]
   if not targets:
-    raise ValueError("schedule is empty: give at least one target sparsity")
+    raise ValueError("targets is empty: give at least one target sparsity")
   for i in range(1, len(targets)):
     if targets[i].sparsity < targets[i - 1].sparsity:
       raise ValueError(
-          f"schedule must not decrease: schedule[{i}] = {schedule[i]!r} comes after "
-          f"schedule[{i - 1}] = {schedule[i - 1]!r}, and masks never revive a pruned weight"
+          f"targets must not decrease: targets[{i}] = {entries[i]!r} comes after "
+          f"targets[{i - 1}] = {entries[i - 1]!r}, and masks never revive a pruned weight"
       )
   return targets
 
@@ -159,7 +159,7 @@ def _check_budgets(retrain_steps: int | Sequence[int], n: int) -> list[int]:
         f"got {retrain_steps!r}"
     )
   if len(budgets) != n:
-    raise ValueError(f"retrain_steps has {len(budgets)} entries for {n} schedule iterations")
+    raise ValueError(f"retrain_steps has {len(budgets)} entries for {n} targets")
   for i, b in enumerate(budgets):
     if not is_count(b) or b < 0:
       raise ValueError(f"retrain_steps[{i}] = {b!r}: must be an integer >= 0")
@@ -229,12 +229,11 @@ class _Settings(NamedTuple):
   checkpoint_dir: str | None
 
 
-def _check_loop_args(schedule, retrain_steps, scope, checkpoint_every, log_every,
+def _check_loop_args(targets, retrain_steps, checkpoint_every, log_every,
                      hooks, keep_checkpoints, seed, resume, checkpoint_dir) -> _Settings:
   """Every scalar setting of the loop, checked (and made plain Python values); the
   checkpoint directory created and checked writable."""
-  check_scope(scope)
-  targets = _check_schedule(schedule, scope)
+  targets = _check_targets(targets)
   budgets = _check_budgets(retrain_steps, len(targets))
   if checkpoint_every is not None:
     checkpoint_every = check_count("checkpoint_every", checkpoint_every)
@@ -376,10 +375,9 @@ def prune_retrain(
     eval_batches: Iterable | Callable[[], Iterable],
     *,
     optimizer: optax.GradientTransformation,
-    schedule: Sequence[float | str | Target],
+    targets: Sequence[float | str | Target],
     where: Where,
     retrain_steps: int | Sequence[int],
-    scope: Scope = "layer",
     checkpoint_dir: str | None = None,
     checkpoint_every: int | None = None,
     resume: bool | str = True,
@@ -396,7 +394,8 @@ def prune_retrain(
     metric: Metric = loss_metric,
     hooks: Sequence[Hook] = (),
 ) -> PruneRetrainResult:
-  """Runs a whole prune-retrain schedule and returns the pruned model with its figures.
+  """Prunes to each of `targets` in turn, retraining after each, and returns the
+  pruned model with its figures.
 
   Args:
     params: trained dense params (any pytree).
@@ -408,24 +407,23 @@ def prune_retrain(
       (approximate).
     eval_batches: a finite re-iterable of batches, or a callable returning one.
     optimizer: the optax optimizer to retrain with; it is wrapped in `pruned`.
-    schedule: one pruning target per iteration, never decreasing in sparsity: a
-      sparsity in [0, 1) (`Magnitude(s, scope)`; `exponential_schedule(...)`, a
-      list, ...), an N:M pattern `"2:4"` (`NM(2, 4)`, along axis -2), or any
-      `Target` (`NM(2, 4, axis=-1)`, `Magnitude(0.9, "global")`, `Prune(0.9,
-      score=..., distribution=...)`, your own): `[0.25, "2:4"]` ends in 2:4
-      sparsity, previous masks respected. A `Prune(s,
+    targets: one pruning target per iteration, never decreasing in sparsity: a
+      sparsity in [0, 1) (`Prune(s)`: per leaf by `|w|`; a list, or
+      `jaxprune.schedules.exponential_targets(...)`), an N:M pattern `"2:4"`
+      (`NM(2, 4)`, along axis -2), or any `Target` (`NM(2, 4, axis=-1)`,
+      `Prune(0.9, scope="global")`, `Prune(0.9, score=..., distribution=...)`,
+      your own): `[0.25, "2:4"]` ends in 2:4 sparsity, previous masks respected. A `Prune(s,
       score=saliency_score())` ranks `|w * g|` by the gradient of the retraining
       loss on the batch of the iteration's first retraining step.
     where: the targeted leaves (bool pytree from `select`, or a callable).
     retrain_steps: steps per iteration: an int, or one budget per iteration.
-    scope: `"layer"` or `"global"` magnitude ranking.
     checkpoint_dir: orbax checkpoints go here (None: no checkpoints); checked
       writable before any compute.
     checkpoint_every: also checkpoint every this many retraining steps.
     resume: continue from the newest intact checkpoint in `checkpoint_dir` (True;
       damaged newer ones are skipped, named), refuse a directory holding checkpoints
       (False), or `"with_changes"`: continue although the settings changed (the
-      schedule, budgets, seed...: compared by value), the changes logged.
+      targets, budgets, seed...: compared by value), the changes logged.
     progress: a tqdm bar per retrain phase (process 0 only).
     seed: seeds the RNG handed to `loss_fn(..., rng=...)` (an integer >= 0).
     restart_optimizer: re-initialise the optimizer state after every prune, so
@@ -435,12 +433,12 @@ def prune_retrain(
     log_every: steps between report points: the NaN guard, progress (the bar
       advances there), logging and `hooks` (each one reads the losses from the
       device).
-    mesh: a device mesh (`jaxprune.make_mesh("data=2,fsdp=4")`): batches are split
+    mesh: a device mesh (`jaxprune.sharding.make_mesh("data=2,fsdp=4")`): batches are split
       along their leading axis over all mesh axes; params, optimizer state and masks
       are replicated or FSDP-sharded per `param_layout`, masks always sharded like
       their params. With several processes, `train_batches` and `eval_batches` give
       each process its own slice of the global batch.
-    param_layout: `"replicated"` or `"fsdp"` (see `jaxprune.param_shardings`).
+    param_layout: `"replicated"` or `"fsdp"` (see `jaxprune.sharding.param_shardings`).
     teacher: `(apply_fn, teacher_params)` to distill from while retraining, with
       `apply_fn(params, batch) -> logits` aligned with `loss_fn`'s targets (usually
       the dense model: `(apply_fn, params)`). The retraining loss becomes
@@ -448,8 +446,8 @@ def prune_retrain(
       at temperature `T`; evaluation still reports `loss_fn` alone.
     distill_weight: weight of the distillation term, in [0, 1].
     temperature: softmax temperature of the distillation term.
-    metric: the figure evaluations report beside the loss (`jaxprune.perplexity`
-      for a language model, `jaxprune.aux_metric("accuracy")`, your own `Metric`);
+    metric: the figure evaluations report beside the loss (`jaxprune.training.perplexity`
+      for a language model, `jaxprune.training.aux_metric("accuracy")`, your own `Metric`);
       the default is the loss itself.
     hooks: extra `retrain` hooks, each `hook(StepReport)` at every report point
       (every `log_every` steps, every `checkpoint_every` steps when checkpointing,
@@ -460,8 +458,8 @@ def prune_retrain(
     A `PruneRetrainResult`.
 
   Raises:
-    ValueError: before any compute for an empty or out-of-range schedule, a
-      schedule entry the loop cannot run (drop and grow, given masks that do not fit
+    ValueError: before any compute for empty or out-of-range targets, a
+      target the loop cannot run (drop and grow, given masks that do not fit
       the params), negative budgets, a bad seed or checkpoint directory, empty
       `eval_batches` or an evaluation that fails or holds NaN, a `where` selecting
       nothing, a checkpoint of another configuration, or no checkpoint that reads
@@ -473,7 +471,8 @@ def prune_retrain(
 
     >>> result = jaxprune.prune_retrain(
     ...     params, loss_fn, batch_at_step, eval_batches,
-    ...     optimizer=optax.adamw(1e-3), schedule=jaxprune.exponential_schedule(0.2, 0.8, 3),
+    ...     optimizer=optax.adamw(1e-3),
+    ...     targets=jaxprune.schedules.exponential_targets(0.2, 0.8, 3),
     ...     where=jaxprune.select(params), retrain_steps=2, checkpoint_dir="ckpt")
     >>> print(result.summary())
     iter        target  achieved     loss before  after prune  after retrain   steps   seconds
@@ -486,7 +485,7 @@ def prune_retrain(
     sparsity: targeted leaves 80.21%, whole model 74.04%
     compression (bitmask + nonzeros): targeted 4.36x, whole model 3.47x bytes; ...
   """
-  settings = _check_loop_args(schedule, retrain_steps, scope, checkpoint_every, log_every,
+  settings = _check_loop_args(targets, retrain_steps, checkpoint_every, log_every,
                               hooks, keep_checkpoints, seed, resume, checkpoint_dir)
   targets, budgets, checkpoint_every, log_every, hooks = settings[:5]
   metric = check_metric(metric)
@@ -502,7 +501,7 @@ def prune_retrain(
                                     mesh, param_layout)
   start = all_kept(params, flags)
   tx = pruned(optimizer, start if mesh is None else place_masks(start, params))
-  # Targets are pytrees: a Magnitude's sparsity is traced, so magnitude iterations
+  # Targets are pytrees: a Prune's sparsity is traced, so its iterations
   # share one compilation; each distinct static target (an NM pattern) gets its own.
   run = _Run(tx, make_train_step(train_loss, tx),
              lambda p: evaluate(eval_step, p, evaluations(), metric),
@@ -514,7 +513,7 @@ def prune_retrain(
   if mesh is not None:  # every array of the state global, also with several processes
     state = onto_mesh(state, mesh)
   config = run_settings.fingerprint(
-      params, schedule=targets, retrain_steps=budgets, scope=scope,
+      params, targets=targets, retrain_steps=budgets,
       selected=[p for p, flag in zip(slots(params).paths, flags) if flag],
       restart_optimizer=restart_optimizer, seed=settings.seed, metric=metric.name,
       distillation=None if teacher is None else [distill_weight, temperature, teacher[1]],

@@ -12,9 +12,9 @@ the loss function computes, e.g. a classifier's accuracy.
 
 Example::
 
-  >>> jaxprune.perplexity.of_mean(0.0), jaxprune.perplexity.name
+  >>> jaxprune.training.perplexity.of_mean(0.0), jaxprune.training.perplexity.name
   (1.0, 'perplexity')
-  >>> acc = jaxprune.aux_metric("accuracy")
+  >>> acc = jaxprune.training.aux_metric("accuracy")
   >>> float(acc.of_batch(jnp.float32(0.3), {"accuracy": jnp.float32(0.75)}))
   0.75
 """
@@ -86,7 +86,8 @@ def check_metric(metric: Any) -> Metric:
   """`metric` if it is a `Metric`; else a TypeError naming it."""
   if not isinstance(metric, Metric):
     raise TypeError(
-        f"metric must be a jaxprune.Metric (jaxprune.loss_metric, jaxprune.perplexity, "
-        f"jaxprune.aux_metric('accuracy')), got {metric!r}"
+        f"metric must be a jaxprune.training.Metric (jaxprune.training.loss_metric, "
+        f"jaxprune.training.perplexity, "
+        f"jaxprune.training.aux_metric('accuracy')), got {metric!r}"
     )
   return metric

@@ -207,7 +207,7 @@ def sparsity_report(params: PyTree, where: Where | None = None, *,
 
   Example::
 
-    >>> masks = jaxprune.magnitude_masks(params, 0.5, jaxprune.select(params))
+    >>> masks = jaxprune.ranked_masks(params, 0.5, jaxprune.select(params))
     >>> print(jaxprune.sparsity_report(jaxprune.apply_masks(params, masks)))
     leaf                 shape        size       zeros  sparsity
     fc1/bias                 8           8           0     0.00%  (not targeted)

@@ -1,8 +1,8 @@
 """What a prune-retrain run reports: typed history records and the result.
 
 Losses are the mean of `loss_fn` over the eval batches; the *metric* is the
-run's `Metric` (the loss itself by default, `jaxprune.perplexity` for a language
-model, `jaxprune.aux_metric("accuracy")` for a classifier). `achieved_sparsity`
+run's `Metric` (the loss itself by default, `jaxprune.training.perplexity` for a language
+model, `jaxprune.training.aux_metric("accuracy")` for a classifier). `achieved_sparsity`
 means one thing everywhere: the exact fraction of targeted weights the masks
 prune (integer counts per leaf, `pruned_fraction`).
 """
@@ -46,8 +46,8 @@ def evaluate(eval_step: Callable[[PyTree, Any], tuple[jax.Array, jax.Array]], pa
 
   Example::
 
-    >>> eval_step = jaxprune.make_eval_step(loss_fn, jaxprune.perplexity)
-    >>> e = jaxprune.evaluate(eval_step, params, [batch, batch])
+    >>> eval_step = jaxprune.training.make_eval_step(loss_fn, jaxprune.training.perplexity)
+    >>> e = jaxprune.training.evaluate(eval_step, params, [batch, batch])
     >>> bool(abs(e.metric - np.exp(e.loss)) < 1e-4 * e.metric)
     True
   """

@@ -216,10 +216,11 @@ def retrain(
   Example::
 
     >>> tx = jaxprune.pruned(optax.adam(1e-3), masks)
-    >>> state = jaxprune.LoopState(params, tx.init(params), rng_data)
+    >>> state = jaxprune.training.LoopState(params, tx.init(params), rng_data)
     >>> seen = []
-    >>> state = jaxprune.retrain(jaxprune.make_train_step(loss_fn, tx), state, batch_at_step,
-    ...                          range(5), report_every=2, hooks=[seen.append])
+    >>> state = jaxprune.training.retrain(jaxprune.make_train_step(loss_fn, tx), state,
+    ...                                   batch_at_step, range(5), report_every=2,
+    ...                                   hooks=[seen.append])
     >>> [(r.step, len(r.losses), r.final) for r in seen]
     [(2, 2, False), (4, 2, False), (5, 1, True)]
   """

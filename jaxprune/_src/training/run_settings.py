@@ -19,11 +19,12 @@ Example::
 
   >>> import jaxprune
   >>> from jaxprune._src.training.run_settings import describe
-  >>> describe(jaxprune.random_score(0)) == describe(jaxprune.random_score(0))
+  >>> describe(jaxprune.scores.random_score(0)) == describe(jaxprune.scores.random_score(0))
   True
-  >>> describe(jaxprune.random_score(0)) == describe(jaxprune.random_score(1))
+  >>> describe(jaxprune.scores.random_score(0)) == describe(jaxprune.scores.random_score(1))
   False
-  >>> describe(jaxprune.Prune(0.5, distribution=jaxprune.erk()))["distribution"]["power"]
+  >>> erk = jaxprune.distributions.erk()
+  >>> describe(jaxprune.Prune(0.5, distribution=erk))["distribution"]["power"]
   1.0
 """
 

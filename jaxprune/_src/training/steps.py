@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxprune._src.methods.masks import Scope, apply_masks
+from jaxprune._src.methods.masks import apply_masks
 from jaxprune._src.methods.targets import Target, as_target
 from jaxprune._src.training.distillation import takes_rng
 from jaxprune._src.training.metrics import Metric, loss_metric
@@ -88,8 +88,8 @@ def make_gradient_step(loss_fn: LossFn) -> Callable[..., PyTree]:
 
   Example::
 
-    >>> grads = jaxprune.make_gradient_step(loss_fn)(params, batch, rng_data, 0)
-    >>> target = jaxprune.Prune(0.5, score=jaxprune.saliency_score(grads))
+    >>> grads = jaxprune.training.make_gradient_step(loss_fn)(params, batch, rng_data, 0)
+    >>> target = jaxprune.Prune(0.5, score=jaxprune.scores.saliency_score(grads))
   """
   wants_rng = takes_rng(loss_fn)
 
@@ -110,14 +110,14 @@ def make_eval_step(
 
   Evaluation is deterministic: a `loss_fn` with an `rng` parameter gets `rng=None`
   (switch dropout off on None). One forward pass gives both figures. The step
-  records its metric (`eval_step.metric`), which `jaxprune.evaluate` reads.
+  records its metric (`eval_step.metric`), which `jaxprune.training.evaluate` reads.
 
   Raises (when first traced):
     ValueError: the metric's value of a batch is not a scalar.
 
   Example::
 
-    >>> eval_step = jaxprune.make_eval_step(loss_fn)
+    >>> eval_step = jaxprune.training.make_eval_step(loss_fn)
     >>> loss, value = eval_step(params, batch)   # the default metric is the loss
     >>> bool(loss == value)
     True
@@ -143,26 +143,25 @@ def prune_step(
     opt_state: PyTree,
     target: Target | float | str,
     where: Where,
-    scope: Scope = "layer",
 ) -> tuple[PyTree, PyTree]:
   """One prune: new masks from `target`, held in the `pruned` state, params zeroed.
 
   The masks live in `opt_state` (the state of a `jaxprune.pruned` optimizer,
   anywhere inside it): the masks held there are `previous` (no pruned weight is
   revived) and the new ones replace them; read them with `get_masks(opt_state)`.
-  `target` is a pruning method (`Magnitude(0.5)`, `NM(2, 4)`, any `Target`), or a
-  float (`Magnitude(target, scope)`) or `"n:m"`. Jittable: a `Magnitude`'s
-  sparsity may be traced, so one compilation serves a whole schedule.
+  `target` is a pruning method (`Prune(0.5, scope="global")`, `NM(2, 4)`, any
+  `Target`), a float (`Prune(target)`: per leaf by `|w|`) or `"n:m"`. Jittable: a
+  `Prune`'s sparsity may be traced, so one compilation serves a whole schedule.
 
   Returns:
     `(params, opt_state)`.
 
   Example::
 
-    >>> tx = jaxprune.pruned(optax.adam(1e-3), jaxprune.magnitude_masks(params, 0.0, where))
+    >>> tx = jaxprune.pruned(optax.adam(1e-3), jaxprune.ranked_masks(params, 0.0, where))
     >>> params, opt_state = jaxprune.prune_step(params, tx.init(params), 0.75, where)
     >>> float(jaxprune.get_masks(opt_state)["fc1"]["kernel"].mean())   # 48 of 64 pruned
     0.25
   """
-  masks = as_target(target, scope).masks(params, where, previous=get_masks(opt_state))
+  masks = as_target(target).masks(params, where, previous=get_masks(opt_state))
   return apply_masks(params, masks), replace_masks(opt_state, masks)

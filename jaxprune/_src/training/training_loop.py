@@ -135,8 +135,9 @@ def train(
 
   Example::
 
-    >>> start = jaxprune.ranked_masks(params, 0.5, where, score=jaxprune.random_score(0))
-    >>> tx = jaxprune.pruned(optax.adam(1e-2), start, schedule=jaxprune.rigl_schedule(0.3),
+    >>> start = jaxprune.ranked_masks(params, 0.5, where, score=jaxprune.scores.random_score(0))
+    >>> tx = jaxprune.pruned(optax.adam(1e-2), start,
+    ...                      schedule=jaxprune.sparse_training.rigl_schedule(0.3),
     ...                      update_every=2)
     >>> result = jaxprune.train(params, loss_fn, batch_at_step, optimizer=tx, steps=4,
     ...                         checkpoint_dir="ckpt_rigl", progress=False)

@@ -22,8 +22,8 @@ fresh weights, at exactly 0) and trains only the weights kept before and after.
 
 Example::
 
-  >>> start = jaxprune.ranked_masks(params, 0.75, where, score=jaxprune.random_score(0))
-  >>> target = jaxprune.DropAndGrow(0.5, jaxprune.random_score(1))
+  >>> start = jaxprune.ranked_masks(params, 0.75, where, score=jaxprune.scores.random_score(0))
+  >>> target = jaxprune.sparse_training.DropAndGrow(0.5, jaxprune.scores.random_score(1))
   >>> moved = target.masks(params, where, previous=start)
   >>> int(moved["fc1"]["kernel"].sum()) == int(start["fc1"]["kernel"].sum())
   True
@@ -95,8 +95,8 @@ class DropAndGrow:
     object.__setattr__(self, "drop_fraction", _check_drop_fraction(self.drop_fraction))
     for name in ("grow", "drop"):
       if not isinstance(getattr(self, name), Score):
-        raise TypeError(f"{name} must be a score (jaxprune.random_score(seed), "
-                        f"jaxprune.gradient_score(), ...), got {getattr(self, name)!r}")
+        raise TypeError(f"{name} must be a score (jaxprune.scores.random_score(seed), "
+                        f"jaxprune.scores.gradient_score(), ...), got {getattr(self, name)!r}")
 
   @property
   def sparsity(self) -> None:
@@ -183,7 +183,8 @@ def set_schedule(drop_fraction: float | Callable[[Any], Any] = 0.3,
 
   Example::
 
-    >>> tx = jaxprune.pruned(optax.sgd(0.1), masks, schedule=jaxprune.set_schedule(0.3),
+    >>> tx = jaxprune.pruned(optax.sgd(0.1), masks,
+    ...                      schedule=jaxprune.sparse_training.set_schedule(0.3),
     ...                      update_every=100)
   """
   key = random_score(seed).key
@@ -203,7 +204,8 @@ def rigl_schedule(drop_fraction: float = 0.3, end: int | None = None) -> Callabl
   Example::
 
     >>> tx = jaxprune.pruned(optax.adam(1e-3), masks,
-    ...                      schedule=jaxprune.rigl_schedule(0.3, end=7500), update_every=100)
+    ...                      schedule=jaxprune.sparse_training.rigl_schedule(0.3, end=7500),
+    ...                      update_every=100)
   """
   _check_drop_fraction(drop_fraction)
   if end is not None and (isinstance(end, bool) or not isinstance(end, int) or end < 1):

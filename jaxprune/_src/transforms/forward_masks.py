@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxprune._src.methods.masks import Scope, check_scope
 from jaxprune._src.training.run_settings import note_settings
 from jaxprune._src.transforms.optax_wrapper import PrunedState, pruned_states
 from jaxprune._src.transforms.straight_through import check_arguments, masks_after, starting_masks
@@ -72,13 +71,13 @@ def straight_through_view(params: PyTree, opt_state: PyTree) -> PyTree:
 
   Shapes: as `params`. Example::
 
-    >>> tx = jaxprune.straight_through_masks(optax.adam(1e-3), where=where,
-    ...                                      schedule=jaxprune.constant_schedule(0.5),
+    >>> tx = jaxprune.sparse_training.straight_through_masks(optax.adam(1e-3), where=where,
+    ...                                      schedule=optax.constant_schedule(0.5),
     ...                                      update_every=1)
     >>> state = tx.init(params)
     >>> updates, state = tx.update(grads, state, params)   # masks from params, count 0
     >>> params = optax.apply_updates(params, updates)      # still dense
-    >>> view = jaxprune.straight_through_view(params, state)
+    >>> view = jaxprune.sparse_training.straight_through_view(params, state)
     >>> float((view["fc1"]["kernel"] == 0).mean()), float((params["fc1"]["kernel"] == 0).mean())
     (0.5, 0.0)
 
@@ -90,7 +89,8 @@ def straight_through_view(params: PyTree, opt_state: PyTree) -> PyTree:
   if not found:
     return params
   if len(found) > 1:
-    raise ValueError(f"expected at most one jaxprune.straight_through_masks state inside "
+    raise ValueError(f"expected at most one jaxprune.sparse_training.straight_through_masks "
+                     f"state inside "
                      f"the optimizer state, found {len(found)}")
   held = found[0].packed_masks
   check_masks(unpack_masks(held), params)  # the check only: XLA drops the unpacked masks
@@ -105,7 +105,6 @@ def straight_through_masks(
     update_every: int,
     where: Where | None = None,
     masks: PyTree | None = None,
-    scope: Scope = "layer",
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps `inner` for straight-through training on dense params (module docstring).
 
@@ -120,28 +119,25 @@ def straight_through_masks(
     update_every: recompute the masks every this many updates.
     where: the targeted leaves (or give `masks`).
     masks: starting masks (default: all kept until the first recompute, at count 0).
-    scope: `"layer"` or `"global"` when `schedule` returns a float.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `PrunedState`
     (`get_masks` reads it) holding `ForwardMasks`.
   """
   check_arguments(schedule, update_every, where, masks, "straight_through_masks")
-  check_scope(scope)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params: PyTree) -> PrunedState:
-    note_settings("straight_through_masks", schedule=schedule, update_every=update_every,
-                  scope=scope)
+    note_settings("straight_through_masks", schedule=schedule, update_every=update_every)
     return PrunedState(ForwardMasks(inner.init(params)),
                        pack_masks(starting_masks(params, where, masks)),
                        jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state: PrunedState, params=None, **extra_args):
     if params is None:
-      raise ValueError("jaxprune.straight_through_masks needs the current params: "
+      raise ValueError("jaxprune.sparse_training.straight_through_masks needs the current params: "
                        "call tx.update(grads, state, params)")
-    packed = masks_after(params, state, update_every, schedule, scope)
+    packed = masks_after(params, state, update_every, schedule)
     inner_updates, inner_state = inner.update(updates, state.inner_state.inner_state, params,
                                               **extra_args)
     return inner_updates, PrunedState(ForwardMasks(inner_state), packed,

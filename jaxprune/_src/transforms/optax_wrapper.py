@@ -19,12 +19,13 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxprune._src.methods.masks import Scope, check_count, check_scope, magnitude_masks_held
+from jaxprune._src.methods.masks import check_count, magnitude_masks_held
 from jaxprune._src.methods.targets import (
-  Magnitude,
+  Prune,
   Target,
   as_target,
   needs_step_gradients,
+  ranks_plain_magnitude,
   with_gradients,
 )
 from jaxprune._src.training.run_settings import note_settings
@@ -89,8 +90,8 @@ def _check_gradual(where: Any, schedule: Any, update_every: Any, masks: Any) -> 
   if not callable(schedule):
     raise TypeError(
         f"schedule must be a function count -> sparsity (e.g. "
-        f"jaxprune.polynomial_schedule(...)), got {schedule!r}; for a fixed sparsity "
-        f"use jaxprune.constant_schedule({schedule!r})"
+        f"optax.polynomial_schedule(...)), got {schedule!r}; for a fixed sparsity "
+        f"use optax.constant_schedule({schedule!r})"
     )
   check_count("update_every", update_every)
   first = schedule(jnp.zeros((), jnp.int32))
@@ -105,13 +106,13 @@ def _check_gradual(where: Any, schedule: Any, update_every: Any, masks: Any) -> 
   if np.shape(first) != () or not 0.0 <= float(first) < 1.0:
     raise ValueError(
         f"schedule(0) must be a scalar sparsity in [0, 1) (or a target such as "
-        f"jaxprune.Magnitude), got {first!r}; a schedule maps the update count to a sparsity"
+        f"jaxprune.Prune), got {first!r}; a schedule maps the update count to a sparsity"
     )
   return gradual
 
 
-def _check_pruned(masks: Any, where: Any, schedule: Any, update_every: Any,
-                  scope: Any) -> tuple[bool, _Gradual]:
+def _check_pruned(masks: Any, where: Any, schedule: Any,
+                  update_every: Any) -> tuple[bool, _Gradual]:
   """`pruned`'s arguments checked (before any compute): (gradual mode?, what its
   schedule does)."""
   gradual = schedule is not None or where is not None or update_every is not None
@@ -122,32 +123,31 @@ def _check_pruned(masks: Any, where: Any, schedule: Any, update_every: Any,
     raise ValueError("pass `masks`, or `where` + `schedule` + `update_every` for gradual pruning")
   if masks is not None:
     _check_holds_a_mask(masks)
-  check_scope(scope)
   return gradual, mode
 
 
-def target_at(schedule: Callable[[jax.Array], Any], count: jax.Array, scope: Scope) -> Target:
-  """`schedule(count)` as a target: a sparsity becomes `Magnitude(sparsity, scope)`,
+def target_at(schedule: Callable[[jax.Array], Any], count: jax.Array) -> Target:
+  """`schedule(count)` as a target: a sparsity becomes `Prune(sparsity)`,
   a string `"n:m"` becomes `NM(n, m)` (as `as_target` reads it; another string is
   refused, naming it)."""
   target = schedule(count)
   if isinstance(target, str):
-    return as_target(target, scope, name="schedule(count)")
+    return as_target(target, name="schedule(count)")
   if not isinstance(target, Target) or isinstance(target, numbers.Real):
-    target = Magnitude(target, scope)
+    target = Prune(target)
   return target
 
 
-def _recompute(params: PyTree, packed: PyTree, count: jax.Array, grads: PyTree, schedule,
-               scope) -> PyTree:
+def _recompute(params: PyTree, packed: PyTree, count: jax.Array, grads: PyTree,
+               schedule) -> PyTree:
   """Gradual masks at `count`, packed like `packed` (the branches of a `cond` agree);
   a score waiting for the step's gradients gets `grads`."""
   # The selection is the one the masks were built with in `init`. `where` is not
   # re-resolved: an `nnx.Optimizer` calls `init` with `Param`-wrapped params but
   # `update` with pure arrays, so a `where` from `select(nnx.state(...))` would not
   # have the structure of `params` here.
-  target = with_gradients(target_at(schedule, count, scope), grads)
-  if type(target) is Magnitude:
+  target = with_gradients(target_at(schedule, count), grads)
+  if ranks_plain_magnitude(target):
     # Reads and writes the packed masks in place: unpacked, they would be written
     # out as operands of the selection (1 byte per weight in the step's scratch).
     return magnitude_masks_held(params, target.sparsity, packed, target.scope)
@@ -172,7 +172,6 @@ def pruned(
     where: Where | None = None,
     schedule: Callable[[jax.Array], jax.Array] | None = None,
     update_every: int | None = None,
-    scope: Scope = "layer",
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps `inner` so pruned weights stay at exactly zero.
 
@@ -192,12 +191,13 @@ def pruned(
 
   **Gradual pruning** (`where`, `schedule`, `update_every=K`): every K updates
   (when `count % K == 0`) the masks are recomputed from the current params with
-  `magnitude_masks(params, schedule(count), where, scope=scope, previous=masks)`
+  `ranked_masks(params, schedule(count), where, previous=masks)` (or the masks of
+  the target `schedule(count)` returns)
   inside the jitted update: no host round-trip, no recompilation, and a pruned
   weight is never revived. `masks`, if given too, is the starting point.
   `schedule(0)` is evaluated once when `pruned` is called, to catch a schedule
   that is not a function or not a sparsity; later values depend on the traced
-  count and are read as `magnitude_masks` reads a traced sparsity (NaN as no new
+  count and are read as `ranked_masks` reads a traced sparsity (NaN as no new
   pruning, clipped to [0, 1]); a constant Python float must be in [0, 1).
 
   **Drop and grow** (sparse training: `schedule=set_schedule(...)` or
@@ -220,14 +220,13 @@ def pruned(
     masks: a mask tree of the params (`True` = kept, `None` = not targeted).
     where: the targeted leaves (bool pytree from `select`, or a callable taking
       params), required for gradual pruning without starting `masks`.
-    schedule: `count -> sparsity` (e.g. `polynomial_schedule`), jittable; it may
-      return a target instead of a float, e.g. `lambda c: jaxprune.Magnitude(s(c),
-      "global")`, a `Prune` (any score, scope, distribution; with
-      `score=saliency_score()` it ranks `|w * g|` by this step's gradients `g`),
-      or an `NM` pattern to recompute N:M masks in-graph.
+    schedule: `count -> sparsity` (an `optax.schedules` function such as
+      `optax.polynomial_schedule`), jittable; a float is ranked per leaf by `|w|`
+      (`Prune(s)`). It may return a target instead, e.g. `lambda c:
+      jaxprune.Prune(s(c), scope="global")`, a `Prune` with any score, scope or
+      distribution (with `score=saliency_score()` it ranks `|w * g|` by this
+      step's gradients `g`), or an `NM` pattern to recompute N:M masks in-graph.
     update_every: recompute masks every this many updates (gradual mode).
-    scope: `"layer"` or `"global"` ranking for gradual mode, when `schedule`
-      returns a float.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is `PrunedState`;
@@ -235,7 +234,7 @@ def pruned(
 
   Example::
 
-    >>> masks = jaxprune.magnitude_masks(params, 0.8, jaxprune.select(params))
+    >>> masks = jaxprune.ranked_masks(params, 0.8, jaxprune.select(params))
     >>> tx = jaxprune.pruned(optax.chain(optax.clip_by_global_norm(1.0),
     ...                                  optax.adamw(1e-3)), masks)
     >>> state = tx.init(params)
@@ -246,11 +245,11 @@ def pruned(
     >>> all(jax.tree.leaves(held))                       # pruned weights are exactly 0
     True
   """
-  gradual, mode = _check_pruned(masks, where, schedule, update_every, scope)
+  gradual, mode = _check_pruned(masks, where, schedule, update_every)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params: PyTree) -> PrunedState:
-    note_settings("pruned", schedule=schedule, update_every=update_every, scope=scope)
+    note_settings("pruned", schedule=schedule, update_every=update_every)
     if masks is not None:
       start = check_masks(owned_copy(masks), params)
       if where is not None:
@@ -262,7 +261,7 @@ def pruned(
 
   def drop_and_grow(params, packed, count, grads, inner_state):
     """(masks to hold, masks of this step's update, inner state) after drop and grow."""
-    new = _recompute(params, packed, count, grads, schedule, scope)
+    new = _recompute(params, packed, count, grads, schedule)
     before, after = unpack_masks(packed), unpack_masks(new)
     # Grown weights are 0 (held so) and restart with zero moments; they take no
     # update on this step, which trains the weights kept before and after.
@@ -287,7 +286,7 @@ def pruned(
           params, held, state.count, grads, inner_state)
     elif gradual:
       held = step_masks = lax.cond(
-          due, lambda p, prev, count, g: _recompute(p, prev, count, g, schedule, scope),
+          due, lambda p, prev, count, g: _recompute(p, prev, count, g, schedule),
           lambda p, prev, count, g: prev, params, held, state.count, grads)
     else:
       step_masks = held

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from jaxprune._src.methods.masks import Scope, check_count, check_scope
+from jaxprune._src.methods.masks import check_count
 from jaxprune._src.methods.targets import as_target
 from jaxprune._src.training.run_settings import note_settings
 from jaxprune._src.transforms.drop_grow import DropAndGrow
@@ -61,18 +61,17 @@ class DenseWeights(NamedTuple):
   dense: Any
 
 
-def _fresh_masks(dense: PyTree, packed: PyTree, count: jax.Array, schedule, scope) -> PyTree:
-  target = target_at(schedule, count, scope)
+def _fresh_masks(dense: PyTree, packed: PyTree, count: jax.Array, schedule) -> PyTree:
+  target = target_at(schedule, count)
   chosen = map_masked(lambda m, _: m is not None, unpack_masks(packed), dense)
   return pack_like(target.masks(dense, chosen), packed)
 
 
-def masks_after(dense: PyTree, state: PrunedState, update_every: int, schedule,
-                scope) -> PyTree:
+def masks_after(dense: PyTree, state: PrunedState, update_every: int, schedule) -> PyTree:
   """The packed masks an update at `state.count` holds: recomputed afresh from the
   dense weights when `count % update_every == 0` (no `previous`), else the held ones."""
   return lax.cond(state.count % update_every == 0,
-                  lambda v, prev, c: _fresh_masks(v, prev, c, schedule, scope),
+                  lambda v, prev, c: _fresh_masks(v, prev, c, schedule),
                   lambda v, prev, c: prev, dense, state.packed_masks, state.count)
 
 
@@ -101,7 +100,8 @@ def dense_weights(opt_state: PyTree, params: PyTree) -> PyTree:
   """
   found = [s for s in pruned_states(opt_state) if isinstance(s.inner_state, DenseWeights)]
   if len(found) != 1:
-    raise ValueError(f"expected exactly one jaxprune.straight_through state inside the "
+    raise ValueError(f"expected exactly one jaxprune.sparse_training.straight_through state "
+                     f"inside the "
                      f"optimizer state, found {len(found)}")
   # Laid out in `params`' structure (an nnx.Optimizer holds its state in its own).
   masks = check_masks(unpack_masks(found[0].packed_masks), params)
@@ -123,7 +123,7 @@ def check_arguments(schedule: Any, update_every: Any, where: Any, masks: Any,
     raise ValueError(f"{name} needs `where` (or starting `masks`)")
   if not callable(schedule):
     raise TypeError(f"schedule must be a function count -> sparsity or target (e.g. "
-                    f"jaxprune.constant_schedule(0.9)), got {schedule!r}")
+                    f"optax.constant_schedule(0.9)), got {schedule!r}")
   check_count("update_every", update_every)
   first = schedule(jnp.zeros((), jnp.int32))
   if isinstance(first, DropAndGrow):
@@ -139,19 +139,17 @@ def straight_through(
     update_every: int,
     where: Where | None = None,
     masks: PyTree | None = None,
-    scope: Scope = "layer",
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps `inner` for straight-through sparse training (see the module docstring).
 
   Args:
     inner: the optimizer of the dense weights.
-    schedule: `count -> sparsity` or a target (`constant_schedule(0.9)`,
-      `polynomial_schedule(...)`, `lambda c: jaxprune.NM(2, 4)`), read at every
-      recompute.
+    schedule: `count -> sparsity` or a target (`optax.constant_schedule(0.9)`,
+      `optax.polynomial_schedule(...)`, `lambda c: jaxprune.NM(2, 4)`,
+      `lambda c: jaxprune.Prune(0.9, scope="global")`), read at every recompute.
     update_every: recompute the masks every this many updates (at `count % K == 0`).
     where: the targeted leaves (or give `masks`).
     masks: starting masks (default: all kept until the first recompute, at count 0).
-    scope: `"layer"` or `"global"` when `schedule` returns a float.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `PrunedState`
@@ -159,8 +157,8 @@ def straight_through(
 
   Example::
 
-    >>> tx = jaxprune.straight_through(optax.adam(1e-3), where=where,
-    ...                                schedule=jaxprune.constant_schedule(0.5), update_every=1)
+    >>> tx = jaxprune.sparse_training.straight_through(optax.adam(1e-3), where=where,
+    ...                                schedule=optax.constant_schedule(0.5), update_every=1)
     >>> state = tx.init(params)
     >>> updates, state = tx.update(grads, state, params)
     >>> params = optax.apply_updates(params, updates)
@@ -168,11 +166,10 @@ def straight_through(
     0.5
   """
   check_arguments(schedule, update_every, where, masks)
-  check_scope(scope)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params: PyTree) -> PrunedState:
-    note_settings("straight_through", schedule=schedule, update_every=update_every, scope=scope)
+    note_settings("straight_through", schedule=schedule, update_every=update_every)
     start = starting_masks(params, where, masks)
     dense = map_masked(lambda m, w: None if m is None else jnp.array(w, copy=True), start,
                        params)
@@ -181,11 +178,11 @@ def straight_through(
 
   def update_fn(updates, state: PrunedState, params=None, **extra_args):
     if params is None:
-      raise ValueError("jaxprune.straight_through needs the current params: "
+      raise ValueError("jaxprune.sparse_training.straight_through needs the current params: "
                        "call tx.update(grads, state, params)")
     held = unpack_masks(state.packed_masks)
     dense = _dense(held, params, state.inner_state.dense)
-    packed = masks_after(dense, state, update_every, schedule, scope)
+    packed = masks_after(dense, state, update_every, schedule)
     inner_updates, inner_state = inner.update(updates, state.inner_state.inner_state, dense,
                                               **extra_args)
     current = unpack_masks(packed)

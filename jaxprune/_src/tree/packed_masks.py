@@ -68,9 +68,9 @@ def pack_mask(mask: Any) -> jax.Array:
 
   Example::
 
-    >>> jaxprune.pack_mask(jnp.array([[True, False, True, True, False, False, False, True]]))
+    >>> jaxprune.tree.pack_mask(jnp.array([[True, False, True, True, False, False, False, True]]))
     Array([[177]], dtype=uint8)
-    >>> jaxprune.unpack_mask(_).astype(int)
+    >>> jaxprune.tree.unpack_mask(_).astype(int)
     Array([[1, 0, 1, 1, 0, 0, 0, 1]], dtype=int32)
   """
   mask = jnp.asarray(mask, jnp.bool_)
@@ -129,7 +129,7 @@ def kept_or_zero(held: jax.Array, x: jax.Array) -> jax.Array:
   Shapes: `held` packed or bool for the mask of `x.shape`; out as `x`. Example::
 
     >>> from jaxprune._src.tree.packed_masks import kept_or_zero
-    >>> held = jaxprune.pack_mask(jnp.array([[True, False] * 4]))
+    >>> held = jaxprune.tree.pack_mask(jnp.array([[True, False] * 4]))
     >>> kept_or_zero(held, jnp.arange(1.0, 9.0)[None])
     Array([[1., 0., 3., 0., 5., 0., 7., 0.]], dtype=float32)
   """
