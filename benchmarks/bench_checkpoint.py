@@ -40,7 +40,7 @@ import orbax.checkpoint as ocp
 
 import jaxprune
 from jaxprune._src.training import checkpointing, integrity
-from jaxprune._src.training.retraining import LoopState
+from jaxprune.training import LoopState
 
 
 def make_state(layers: int, width: int) -> tuple[LoopState, optax.GradientTransformation]:

@@ -39,7 +39,7 @@ function, the same one in every loop) and `make_eval_batches`; AdamW; the
    (`--eval-batches` batches, a checkpoint every `--steps // 2` steps and at the end
    of each iteration), timed end to end (compilation included) and split into
    retraining phases (timed as above, iteration 0 included), checkpoint saves (the
-   synchronous `jaxprune._src.training.checkpointing.save` calls, timed) and the rest (evaluation,
+   synchronous saves, timed by a `Checkpointer` subclass) and the rest (evaluation,
    pruning, compilation, setup). It is compared with the retraining steps alone: the
    hand `pruned(adamw)` loop's median step time (from part 1) times the run's total
    step count.
@@ -75,8 +75,6 @@ import lm_data  # noqa: E402
 import lm_model  # noqa: E402
 
 import jaxprune  # noqa: E402
-from jaxprune._src.training import checkpointing  # noqa: E402
-from jaxprune._src.transforms.optax_wrapper import replace_masks  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 FULL = {"d_model": 128, "num_layers": 2, "num_heads": 4, "d_ff": 512, "context": 64}
@@ -151,24 +149,17 @@ class Timeline:
     return self.eval_batches
 
 
-class TimedSaves:
-  """Times `jaxprune._src.training.checkpointing.save` (synchronous: the save is done on return)."""
+class TimedSaves(jaxprune.Checkpointer):
+  """A `Checkpointer` timing each of its saves (synchronous: done on return)."""
 
-  def __init__(self):
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
     self.seconds: list[float] = []
-    self._save = checkpointing.save
 
-  def __enter__(self):
-    def save(*args, **kwargs):
-      t = time.perf_counter()
-      self._save(*args, **kwargs)
-      self.seconds.append(time.perf_counter() - t)
-
-    checkpointing.save = save  # the loop calls `checkpointing.save(...)`
-    return self
-
-  def __exit__(self, *exc):
-    checkpointing.save = self._save
+  def save(self, state, meta):
+    t = time.perf_counter()
+    super().save(state, meta)
+    self.seconds.append(time.perf_counter() - t)
 
 
 def make_hand_step(loss_fn, tx: optax.GradientTransformation):
@@ -251,7 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timeline = Timeline(batch_fn, tiny_eval, first_steps, after_phase)
     jaxprune.prune_retrain(
         params, loss_fn, timeline.train, timeline.eval, optimizer=adamw(), targets=targets,
-        where=where, retrain_steps=n, progress=False,
+        where=where, retrain_steps=n, hooks=[],
     )
     assert len(timeline.windows) == k
     for i in range(1, k):
@@ -271,14 +262,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   with tempfile.TemporaryDirectory() as tmp:
     tmp = Path(tmp)
     timeline = Timeline(batch_fn, full_eval, first_steps)
-    with TimedSaves() as saves:
-      start = time.perf_counter()
-      result = jaxprune.prune_retrain(
-          params, loss_fn, timeline.train, timeline.eval, optimizer=adamw(),
-          targets=targets, where=where, retrain_steps=n, progress=False,
-          checkpoint_dir=str(tmp / "ckpt"), checkpoint_every=max(1, n // 2),
-      )
-      whole = time.perf_counter() - start
+    saves = TimedSaves(str(tmp / "ckpt"), every=max(1, n // 2))
+    start = time.perf_counter()
+    result = jaxprune.prune_retrain(
+        params, loss_fn, timeline.train, timeline.eval, optimizer=adamw(),
+        targets=targets, where=where, retrain_steps=n, checkpointer=saves, hooks=[],
+    )
+    whole = time.perf_counter() - start
     windows = timeline.windows
     hand_step_s = statistics.median(hand_step_seconds["hand pruned(adamw)"])
     steps_alone = hand_step_s * n * k
@@ -291,7 +281,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
   targeted = sum(int(np.prod(x.shape)) for x, s in
                  zip(jax.tree.leaves(params), jax.tree.leaves(where)) if s)
-  opt_state_bytes = tree_bytes(replace_masks(result.opt_state, None))  # as checkpointed
+  # The optimizer state without the packed masks it holds (counted on their own).
+  opt_state_bytes = (tree_bytes(result.opt_state)
+                     - tree_bytes(jaxprune.tree.pack_masks(result.masks)))
   return {
       "device": f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
                 f"{jax.device_count()} device(s), {os.cpu_count()} CPU(s)",

@@ -43,7 +43,6 @@ import lm_data  # noqa: E402
 import lm_model  # noqa: E402
 
 import jaxprune  # noqa: E402
-from jaxprune._src.training.loop import distilling  # noqa: E402
 
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
 DEFAULT_CACHE = "/tmp/jaxprune_quality_cache"
@@ -197,7 +196,7 @@ _BASES["tuned-cubic"] = dict(TUNED, schedule="cubic")
 # the recipe's `ramp_end` of the budget; one optimizer state and one warmup-cosine over
 # the budget.
 GRADUAL_EVERY = 10
-DISTILL_TEMPERATURE = 2.0  # as prune_retrain's default (gradual recipes with `distill`)
+DISTILL_TEMPERATURE = 2.0  # the softmax temperature of every distilled row
 _BASES["gradual"] = dict(schedule="gradual", lr=3e-3, lr_mode="global")
 _BASES["gradual-erk"] = dict(_BASES["gradual"], method="erk")
 _BASES["gradual-erk-distill"] = dict(_BASES["gradual-erk"], distill=0.5)
@@ -409,10 +408,13 @@ def gradual_retrain(recipe: Recipe, params, loss_fn, batch_at, eval_batches, whe
   schedule = ramp if recipe.method == "magnitude" else lambda c: recipe.target(ramp(c))
   if distribution is not None:  # one computed from the model (OWL)
     schedule = lambda c: jaxprune.Prune(ramp(c), distribution=distribution)
-  tx = jaxprune.pruned(optimizer, where=where, update_every=GRADUAL_EVERY, schedule=schedule)
-  train_loss, inputs_at = distilling(loss_fn, batch_at,
-                                     (apply_fn, params) if recipe.distill else None,
-                                     recipe.distill, DISTILL_TEMPERATURE)
+  tx = jaxprune.gradually_pruned(optimizer, where=where, update_every=GRADUAL_EVERY,
+                                 schedule=schedule)
+  train_loss, inputs_at = loss_fn, batch_at
+  if recipe.distill:  # from the dense params, their logits riding on each batch
+    train_loss = jaxprune.distillation_loss(loss_fn, apply_fn, weight=recipe.distill,
+                                            temperature=DISTILL_TEMPERATURE)
+    inputs_at = jaxprune.training.with_teacher_logits(batch_at, apply_fn, params)
   step = jaxprune.make_train_step(train_loss, tx)
   params = params if start_params is None else start_params
   opt_state = tx.init(params)
@@ -580,12 +582,14 @@ def run_recipe(recipe: Recipe, run: Run, seed: int) -> dict:
   if recipe.method == "sparsegpt":  # one-shot SparseGPT (weights updated), then retrain
     start_params, schedule = sparsegpt_start(recipe.final, run.params, p.graphdef, p.rest,
                                              p.batch_at, run.where)
+  if recipe.distill:  # from the dense model, its logits riding on each batch
+    loss_fn = jaxprune.distillation_loss(loss_fn, teacher_apply, weight=recipe.distill,
+                                         temperature=DISTILL_TEMPERATURE)
+    batches = jaxprune.training.with_teacher_logits(batches, teacher_apply, run.params)
   result = jaxprune.prune_retrain(
       start_params, loss_fn, batches, p.eval_batches, optimizer=optimizer, targets=schedule,
       where=run.where, retrain_steps=budgets, restart_optimizer=restart,
-      progress=False, checkpoint_dir=None, seed=loop_seed, metric=jaxprune.training.perplexity,
-      teacher=(teacher_apply, run.params) if recipe.distill else None,
-      distill_weight=recipe.distill,
+      metric=jaxprune.training.perplexity, hooks=[],
   )
   return {"perplexity": result.final.metric, "targeted_sparsity": result.achieved_sparsity,
           "whole_model_sparsity": result.overall_sparsity,

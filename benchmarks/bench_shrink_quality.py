@@ -186,11 +186,11 @@ def scratch(problem: bench_quality.Problem, setup: bench_quality.Setup, recovery
                    optax.adamw(bench_quality.warmup_cosine(setup.dense_lr, steps),
                                weight_decay=0.01))
   result = jaxprune.train(fresh, lm_model.next_token_loss(shrunk.apply), problem.batch_at,
-                          optimizer=tx, steps=steps, seed=0, log_every=steps, progress=False)
+                          optimizer=tx, steps=steps, hooks=[])
   return perplexity_of(shrunk.apply, result.params, problem.eval_batches)
 
 
-def unstructured(params, apply, n_kept: int, inputs_at, recovery: int, seed: int,
+def unstructured(params, apply, n_kept: int, inputs_at, recovery: int,
                  eval_batches) -> dict[str, Any]:
   """(c): global magnitude masks over the kernels (`select`'s default) leaving `n_kept`
   parameters in all, distilled for the recovery budget with the
@@ -209,7 +209,7 @@ def unstructured(params, apply, n_kept: int, inputs_at, recovery: int, seed: int
   tx = jaxprune.pruned(shrink_lm.recovery_optimizer(RECOVERY_LR, recovery), masks)
   recovered, history = shrink_lm.recover(
       masked, apply, inputs_at, steps=recovery, lr=RECOVERY_LR, weight=DISTILL_WEIGHT,
-      temperature=TEMPERATURE, seed=seed, eval_batches=eval_batches, optimizer=tx)
+      temperature=TEMPERATURE, eval_batches=eval_batches, optimizer=tx)
   revived = sum(int(np.sum(~np.asarray(m) & (np.asarray(p) != 0))) for p, m in zip(
       jax.tree.leaves(recovered), jax.tree.leaves(masks, is_leaf=lambda x: x is None))
       if m is not None)
@@ -266,7 +266,7 @@ def run_seed(args, setup: bench_quality.Setup, recovery: int, seed: int,
       before = perplexity_of(shrunk.apply, shrunk.params, eval_batches)
       recovered, history = shrink_lm.recover(
           shrunk.params, shrunk.apply, inputs_at, steps=recovery, lr=RECOVERY_LR,
-          weight=DISTILL_WEIGHT, temperature=TEMPERATURE, seed=seed, eval_batches=eval_batches)
+          weight=DISTILL_WEIGHT, temperature=TEMPERATURE, eval_batches=eval_batches)
       n = lm_model.param_count(recovered)
       seconds = time.perf_counter() - start
       measured[f"{row}|{method}"] = {
@@ -289,7 +289,7 @@ def run_seed(args, setup: bench_quality.Setup, recovery: int, seed: int,
     print(f"  {row} (b) from scratch, {setup.dense_steps + recovery} steps: perplexity "
           f"{ppl:.3f} ({time.perf_counter() - start:.0f}s)", flush=True)
     start = time.perf_counter()
-    masked = unstructured(params, dense_apply, n, inputs_at, recovery, seed, eval_batches)
+    masked = unstructured(params, dense_apply, n, inputs_at, recovery, eval_batches)
     measured[f"{row}|masks"] = {**masked, "seconds": time.perf_counter() - start}
     print(f"  {row} (c) unstructured masks, {masked['params']:,} weights kept: perplexity "
           f"{masked['before']:.3f} -> {masked['after']:.3f} "

@@ -14,8 +14,8 @@ stream), with the dense pretraining optimizer (clip 1.0, AdamW wd 0.01,
 warmup-cosine at 3e-3) wrapped:
 
 * `static`: `pruned(opt, erk masks)`, random ERK masks at the target sparsity, held;
-* `set`: `pruned(opt, same masks, schedule=set_schedule(0.3), update_every=100)`;
-* `rigl`: `pruned(opt, same masks, schedule=rigl_schedule(0.3, end=75% of the steps),
+* `set`: `drop_and_grow(opt, same masks, schedule=set_schedule(0.3), update_every=100)`;
+* `rigl`: `drop_and_grow(opt, same masks, schedule=rigl_schedule(0.3, end=75% of the steps),
   update_every=100)` (Evci et al. 2020's defaults);
 * `ste`: `straight_through(opt, schedule=constant_schedule(s), update_every=100)`.
 
@@ -65,7 +65,8 @@ def optimizer_for(method: str, params: Any, where: Any, sparsity: float, steps: 
   else:
     end = max(1, round(RIGL_END * steps))
     schedule = jaxprune.sparse_training.rigl_schedule(DROP_FRACTION, end=end)
-  return jaxprune.pruned(inner, start, schedule=schedule, update_every=every)
+  return jaxprune.sparse_training.drop_and_grow(inner, start, schedule=schedule,
+                                                update_every=every)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -104,8 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     result = jaxprune.train(params, problem.loss_fn, problem.batch_at, optimizer=tx,
                             steps=steps, eval_batches=problem.eval_batches,
-                            metric=jaxprune.training.perplexity, log_every=max(1, steps // 6),
-                            progress=False, seed=setup.seed)
+                            metric=jaxprune.training.perplexity, hooks=[])
     # The masks' count (a kept weight may sit at 0: grown ones start there).
     report = jaxprune.sparsity_report(result.params, where)
     row = {"method": method, "perplexity": result.evaluation.metric,

@@ -11,7 +11,7 @@ the same model and batch in the same process:
 
 * `adamw`: the baseline;
 * `pruned(adamw)`: fixed masks;
-* `gradual, no update`: `pruned(adamw, where=, schedule=, update_every=10**9)`, whose
+* `gradual, no update`: `gradually_pruned(adamw, where=, schedule=, update_every=10**9)`, whose
   masks are recomputed at count 0 only (during warm-up), so every timed step is one
   that does not recompute them: the cost of carrying a gradual schedule;
 * `gradual, update`: the same with `update_every=1`: every step recomputes the
@@ -32,6 +32,7 @@ page faults included, on every call (see the README). Masks: 80% sparsity, layer
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -179,8 +180,8 @@ def optimizers(params: Any, where: Any) -> dict[str, optax.GradientTransformatio
   return {
       BASE: adamw(),
       FIXED: jaxprune.pruned(adamw(), masks),
-      STILL: jaxprune.pruned(adamw(), where=where, schedule=schedule, update_every=10**9),
-      UPDATE: jaxprune.pruned(adamw(), where=where, schedule=schedule, update_every=1),
+      STILL: jaxprune.gradually_pruned(adamw(), where=where, schedule=schedule, update_every=10**9),
+      UPDATE: jaxprune.gradually_pruned(adamw(), where=where, schedule=schedule, update_every=1),
   }
 
 
@@ -191,12 +192,10 @@ def sparse_training_optimizers(params: Any, where: Any) -> dict[str, optax.Gradi
                                 distribution=jaxprune.distributions.erk())
   out = {}
   for every, label in ((10**9, "no update"), (1, "update")):
-    out[f"SET, {label}"] = jaxprune.pruned(adamw(), start,
-                                           schedule=jaxprune.sparse_training.set_schedule(0.3),
-                                           update_every=every)
-    out[f"RigL, {label}"] = jaxprune.pruned(adamw(), start,
-                                            schedule=jaxprune.sparse_training.rigl_schedule(0.3),
-                                            update_every=every)
+    moved = functools.partial(jaxprune.sparse_training.drop_and_grow, adamw(), start,
+                              update_every=every)
+    out[f"SET, {label}"] = moved(schedule=jaxprune.sparse_training.set_schedule(0.3))
+    out[f"RigL, {label}"] = moved(schedule=jaxprune.sparse_training.rigl_schedule(0.3))
     out[f"STE, {label}"] = jaxprune.sparse_training.straight_through(
         adamw(), where=where, schedule=optax.constant_schedule(SPARSITY), update_every=every)
     out[f"STE masks in forward, {label}"] = jaxprune.sparse_training.straight_through_masks(

@@ -4,12 +4,12 @@
 
 The model trains from scratch with a hand-written jitted loop. The optimizer is
 
-    jaxprune.pruned(
+    jaxprune.gradually_pruned(
         optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(warmup_cosine)),
-        where=select(params), schedule=polynomial_schedule(0, sf, begin, end), update_every=K,
+        where=select(params), schedule=optax.polynomial_schedule(...), update_every=K,
     )
 
-(`pruned` wraps the whole chain, so the clipping norm counts kept weights only)
+(it wraps the whole chain, so the clipping norm counts kept weights only)
 so every K steps the masks are recomputed in-graph (Zhu & Gupta's cubic ramp) and
 pruned weights are held at exactly zero. Sparsity and validation perplexity are
 printed as training goes.
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
   # Zhu & Gupta's cubic ramp from `begin` to `end`; the target carries the scope.
   sparsity = optax.polynomial_schedule(init_value=0.0, end_value=args.final_sparsity, power=3,
                                        transition_steps=end - begin, transition_begin=begin)
-  tx = jaxprune.pruned(
+  tx = jaxprune.gradually_pruned(
       optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.01)),
       where=where,
       schedule=lambda step: jaxprune.Prune(sparsity(step), scope=args.scope),

@@ -55,7 +55,6 @@ import lm_model
 import train_lm
 
 import jaxprune
-from jaxprune.training import teacher_logits_fn
 
 PyTree = Any
 IMPORTANCES = ("magnitude", "taylor", "activation")
@@ -209,19 +208,13 @@ def recovery_optimizer(lr: float, steps: int) -> optax.GradientTransformation:
 
 
 def with_teacher(batch_at: Callable[[int], jax.Array], teacher_apply: Callable,
-                 teacher_params: PyTree) -> Callable[[int], dict]:
-  """`step -> {"batch", "teacher_logits"}`: what `distillation_loss` reads."""
-  forward = teacher_logits_fn(teacher_apply)
-
-  def inputs_at(step: int) -> dict:
-    batch = batch_at(step)
-    return {"batch": batch, "teacher_logits": forward(teacher_params, batch)}
-
-  return inputs_at
+                 teacher_params: PyTree) -> Callable[[int], Any]:
+  """`step -> TeacherBatch(batch, teacher logits)`: what `distillation_loss` reads."""
+  return jaxprune.training.with_teacher_logits(batch_at, teacher_apply, teacher_params)
 
 
 def recover(small: PyTree, small_apply: Callable, inputs_at: Callable[[int], Any], *,
-            steps: int, lr: float, weight: float, temperature: float, seed: int,
+            steps: int, lr: float, weight: float, temperature: float,
             eval_batches: Sequence, eval_every: int | None = None,
             checkpoint_dir: str | None = None, resume: bool = True, progress: bool = False,
             optimizer: optax.GradientTransformation | None = None,
@@ -242,11 +235,14 @@ def recover(small: PyTree, small_apply: Callable, inputs_at: Callable[[int], Any
   student_loss = lm_model.next_token_loss(small_apply, with_logits=True)
   train_loss = jaxprune.distillation_loss(student_loss, small_apply, weight=weight,
                                           temperature=temperature)
+  hooks = [jaxprune.training.every(eval_every or steps, evaluate)]
+  if progress:
+    hooks.append(jaxprune.training.progress_bar())
+  checkpointer = None if checkpoint_dir is None else jaxprune.Checkpointer(
+      checkpoint_dir, every=eval_every or None, resume=resume)
   result = jaxprune.train(
       small, train_loss, inputs_at, optimizer=optimizer or recovery_optimizer(lr, steps),
-      steps=steps, checkpoint_dir=checkpoint_dir, checkpoint_every=eval_every or None,
-      resume=resume, seed=seed, log_every=eval_every or steps, hooks=[evaluate],
-      progress=progress)
+      steps=steps, hooks=hooks, checkpointer=checkpointer)
   if not history or max(history) < steps:
     history[steps] = jaxprune.training.evaluate(eval_step, result.params, eval_batches).metric
   return result.params, sorted(history.items())
@@ -419,7 +415,7 @@ def main(argv: list[str] | None = None) -> dict:
   recovered, history = recover(
       shrunk.params, shrunk.apply, with_teacher(recovery_batch, apply, dense_params),
       steps=args.recovery_steps, lr=args.recovery_lr, weight=args.distill,
-      temperature=args.temperature, seed=args.seed, eval_batches=eval_batches,
+      temperature=args.temperature, eval_batches=eval_batches,
       eval_every=args.eval_every, checkpoint_dir=os.path.join(args.out, "recover"),
       resume=args.resume, progress=True)
   recovery_seconds = time.perf_counter() - start

@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
 
   host_batch_at = jax.jit(lm_data.make_train_batches(train_tokens, args.batch_size,
                                                      args.context, args.seed))
-  batch_at = host_batch_at  # what pretraining uses; prune_retrain places batches itself
+  batch_at = host_batch_at
   mesh, layout = None, "replicated"
   if args.mesh:
     mesh = jaxprune.sharding.make_mesh(args.mesh)
@@ -256,22 +256,28 @@ def main(argv: list[str] | None = None) -> dict:
   print(f"schedule ({args.schedule}): {[round(float(s), 4) for s in schedule]}, "
         f"retrain steps {budgets}, scope {args.scope}")
 
-  # The retraining stream starts after the pretraining steps: fresh batches. Given
-  # unplaced: with `mesh=`, prune_retrain places each batch once.
+  # The retraining stream starts after the pretraining steps: fresh batches, placed
+  # on the mesh like the pretraining ones.
   def retrain_batch(step):
-    return host_batch_at(args.steps + step)
+    return batch_at(args.steps + step)
 
+  retrain_loss, retrain_batches, evals = loss_fn, retrain_batch, eval_batches
+  if mesh is not None:
+    evals = [jaxprune.sharding.place_batch(b, mesh) for b in eval_batches]
+  if args.distill:  # from the dense model, its logits riding on each retraining batch
+    teacher_apply = lm_model.make_batch_apply_fn(graphdef, rest)
+    retrain_loss = jaxprune.distillation_loss(loss_fn, teacher_apply, weight=args.distill,
+                                              temperature=args.temperature)
+    retrain_batches = jaxprune.training.with_teacher_logits(retrain_batch, teacher_apply,
+                                                            params)
   start = time.perf_counter()
   result = jaxprune.prune_retrain(
-      params, loss_fn, retrain_batch, eval_batches,
+      params, retrain_loss, retrain_batches, evals,
       optimizer=optax.adamw(warmup_cosine(args.retrain_lr, per_iteration), weight_decay=0.01),
       targets=[jaxprune.Prune(float(s), scope=args.scope) for s in schedule], where=where,
-      retrain_steps=budgets,
-      checkpoint_dir=os.path.join(args.out, "prune"), checkpoint_every=50,
-      resume=args.resume, seed=args.seed, mesh=mesh, param_layout=layout,
-      teacher=(lm_model.make_batch_apply_fn(graphdef, rest), params) if args.distill else None,
-      distill_weight=args.distill, temperature=args.temperature,
-      metric=jaxprune.training.perplexity,
+      retrain_steps=budgets, metric=jaxprune.training.perplexity,
+      checkpointer=jaxprune.Checkpointer(os.path.join(args.out, "prune"), every=50,
+                                         resume=args.resume),
   )
   prune_seconds = time.perf_counter() - start
 

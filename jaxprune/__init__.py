@@ -3,7 +3,8 @@
 At the top, what most users need: pure functions over parameter pytrees (`select`,
 `ranked_masks`, `apply_masks`, `sparsity_report`), pruning methods as values
 (`Prune`, `NM`, `GivenMasks`, with granularities `blocks` and `channels`), the optax
-wrapper that holds pruned weights at zero (`pruned`), and the training drivers
+wrapper that holds pruned weights at zero (`pruned`, and `gradually_pruned` whose
+masks follow a schedule), and the training drivers
 (`prune_step`, `prune_retrain`, `train`). Beside them, one namespace per concern:
 
 * `jaxprune.scores`, `jaxprune.distributions`, `jaxprune.schedules`: what a target
@@ -38,6 +39,7 @@ from jaxprune._src.methods.structured import is_nm_sparse, nm_masks, nm_violatio
 from jaxprune._src.methods.targets import NM, GivenMasks, Prune, Target
 from jaxprune._src.methods.units import blocks, channels
 from jaxprune._src.transforms.optax_wrapper import PrunedState, get_masks, pruned, set_masks
+from jaxprune._src.transforms.recomputed_masks import gradually_pruned
 from jaxprune._src.tree.leaf_selection import select
 from jaxprune.training import (
     Checkpointer,
@@ -66,6 +68,7 @@ __all__ = [
     "distributions",
     "export",
     "get_masks",
+    "gradually_pruned",
     "is_nm_sparse",
     "make_train_step",
     "nm_masks",

@@ -8,6 +8,7 @@ from jaxprune._src.transforms.forward_masks import (
     straight_through_masks,
     straight_through_view,
 )
+from jaxprune._src.transforms.recomputed_masks import drop_and_grow
 from jaxprune._src.transforms.straight_through import DenseWeights, dense_weights, straight_through
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "DropAndGrow",
     "ForwardMasks",
     "dense_weights",
+    "drop_and_grow",
     "rigl_schedule",
     "set_schedule",
     "straight_through",

@@ -50,8 +50,9 @@ def test_equinox_selection_tree_is_not_called_as_a_builder():
 
 def test_equinox_gradual_pruned_with_a_where_builder():
   params = eqx_params()
-  tx = jaxprune.pruned(optax.adam(1e-2), where=lambda p: jaxprune.select(p, include="weight"),
-                       schedule=optax.constant_schedule(0.5), update_every=1)
+  tx = jaxprune.gradually_pruned(optax.adam(1e-2), update_every=1,
+                                 where=lambda p: jaxprune.select(p, include="weight"),
+                                 schedule=optax.constant_schedule(0.5))
   state = tx.init(params)
   grads = jax.tree.map(jnp.ones_like, params)
   updates, state = jax.jit(tx.update)(grads, state, params)
@@ -78,8 +79,8 @@ def test_previous_on_a_tree_with_none_leaves():
 
 def test_gradual_pruned_on_a_tree_with_none_leaves():
   params = {"w": jnp.arange(1.0, 17.0).reshape(4, 4), "skip": None}
-  tx = jaxprune.pruned(optax.sgd(0.0), where=jaxprune.select(params),
-                       schedule=optax.constant_schedule(0.25), update_every=1)
+  tx = jaxprune.gradually_pruned(optax.sgd(0.0), where=jaxprune.select(params),
+                                 schedule=optax.constant_schedule(0.25), update_every=1)
   state = tx.init(params)
   updates, state = tx.update({"w": jnp.zeros((4, 4)), "skip": None}, state, params)
   new = optax.apply_updates(params, updates)
@@ -154,10 +155,11 @@ def test_distillation_hands_rng_to_a_loss_that_requires_it():
     logits = h @ p["out"]["kernel"]
     return optax.softmax_cross_entropy_with_integer_labels(logits, b[1]).mean()
 
+  distilled = jaxprune.distillation_loss(loss_fn, apply, weight=0.5, temperature=2.0)
+  taught = jaxprune.training.with_teacher_logits(lambda step: batch, apply, params)
   result = jaxprune.prune_retrain(
-      params, loss_fn, lambda step: batch, [batch], optimizer=optax.adam(1e-3),
-      targets=[0.5], where=jaxprune.select(params), retrain_steps=3, progress=False,
-      teacher=(apply, params))
+      params, distilled, taught, [batch], optimizer=optax.adam(1e-3),
+      targets=[0.5], where=jaxprune.select(params), retrain_steps=3, hooks=[])
   assert np.isfinite(result.final_loss)
   assert True in seen  # the training trace got a key
   assert False in seen  # evaluation ran without one
@@ -170,7 +172,7 @@ def test_resume_with_another_optimizer_names_the_optimizer_state(tmp_path):
     return optax.softmax_cross_entropy_with_integer_labels(apply(p, b), b[1]).mean()
 
   common = dict(targets=[0.5], where=jaxprune.select(params), retrain_steps=2,
-                progress=False, checkpoint_dir=str(tmp_path))
+                checkpointer=jaxprune.Checkpointer(str(tmp_path)), hooks=[])
   jaxprune.prune_retrain(params, loss_fn, lambda s: batch, [batch], optimizer=optax.adam(1e-3),
                          **common)
   with pytest.raises(ValueError, match=r"another configuration: the optimizer state is "
@@ -197,7 +199,7 @@ def test_loop_refuses_bad_inputs_before_any_compute(overrides, error, message):
     return jnp.mean(apply(p, b) ** 2)
 
   kwargs = dict(optimizer=optax.adam(1e-3), targets=[0.5], where=jaxprune.select(params),
-                retrain_steps=2, progress=False)
+                retrain_steps=2, hooks=[])
   kwargs.update(overrides)
   with pytest.raises(error, match=message):
     jaxprune.prune_retrain(params, loss_fn, lambda s: batch, [batch], **kwargs)
@@ -231,9 +233,9 @@ def test_all_false_where_is_refused():
   for fn in (lambda: jaxprune.ranked_masks(params, 0.5, nothing),
              lambda: jaxprune.threshold_masks(params, 0.5, nothing),
              lambda: jaxprune.nm_masks(params, 2, 4, nothing),
-             lambda: jaxprune.pruned(optax.adam(1e-3), where=nothing,
-                                     schedule=optax.constant_schedule(0.5),
-                                     update_every=1).init(params)):
+             lambda: jaxprune.gradually_pruned(
+                 optax.adam(1e-3), where=nothing, schedule=optax.constant_schedule(0.5),
+                 update_every=1).init(params)):
     with pytest.raises(ValueError, match="selects no leaf"):
       fn()
   with pytest.raises(ValueError, match="holds no mask"):
@@ -247,15 +249,15 @@ def test_all_false_where_is_refused():
 ])
 def test_pruned_checks_its_schedule_when_called(schedule, error, message):
   with pytest.raises(error, match=message):
-    jaxprune.pruned(optax.adam(1e-3), where=lambda p: jaxprune.select(p), schedule=schedule,
-                    update_every=1)
+    jaxprune.gradually_pruned(optax.adam(1e-3), where=lambda p: jaxprune.select(p),
+                              schedule=schedule, update_every=1)
 
 
 def test_update_every_must_be_a_positive_int():
   for bad in (0, 2.5, True):
     with pytest.raises(ValueError, match="update_every must be an integer"):
-      jaxprune.pruned(optax.adam(1e-3), where=lambda p: p, schedule=optax.constant_schedule(0.5),
-                      update_every=bad)
+      jaxprune.gradually_pruned(optax.adam(1e-3), where=lambda p: p,
+                                schedule=optax.constant_schedule(0.5), update_every=bad)
 
 
 def test_threshold_and_magnitude_agree_on_nan_weights():

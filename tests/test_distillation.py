@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import jaxprune
-from jaxprune._src.training.distillation import distillation_loss, kl_to_teacher, teacher_logits_fn
+from jaxprune._src.training.distillation import distillation_loss, kl_to_teacher
 
 
 def test_kl_is_zero_for_identical_outputs_and_positive_otherwise():
@@ -64,10 +64,12 @@ def _problem():
 
 def _run(teacher=None, weight=0.5):
   params, apply_fn, loss_fn, batch_at, evals = _problem()
+  if teacher is not None:  # the dense params teach (temperature 2, as before)
+    loss_fn = jaxprune.distillation_loss(loss_fn, apply_fn, weight=weight, temperature=2.0)
+    batch_at = jaxprune.training.with_teacher_logits(batch_at, apply_fn, params)
   return jaxprune.prune_retrain(
       params, loss_fn, batch_at, evals, optimizer=optax.adam(1e-2), targets=[0.5, 0.8],
-      where=jaxprune.select(params), retrain_steps=15, progress=False,
-      teacher=None if teacher is None else (apply_fn, params), distill_weight=weight)
+      where=jaxprune.select(params), retrain_steps=15, hooks=[])
 
 
 def test_distillation_with_zero_weight_is_plain_retraining():
@@ -94,6 +96,8 @@ def test_teacher_logits_of_an_equinox_module_with_non_array_leaves():
   mlp = eqx.nn.MLP(3, 2, width_size=4, depth=1, activation=jax.nn.gelu, key=jax.random.key(0))
   apply_fn = lambda model, x: jax.vmap(model)(x)
   x = jnp.ones((5, 3))
-  teacher = teacher_logits_fn(apply_fn)
-  np.testing.assert_allclose(teacher(mlp, x), apply_fn(mlp, x), rtol=1e-6)
-  np.testing.assert_allclose(teacher(mlp, x + 1.0), apply_fn(mlp, x + 1.0), rtol=1e-6)
+  batches = jaxprune.training.with_teacher_logits(lambda step: x + step, apply_fn, mlp)
+  for step in (0, 1):
+    taught = batches(step)
+    np.testing.assert_array_equal(taught.batch, x + step)
+    np.testing.assert_allclose(taught.teacher_logits, apply_fn(mlp, x + step), rtol=1e-6)

@@ -131,8 +131,8 @@ def test_prune_targets_run_in_pruned_and_in_prune_retrain():
   assert str(target) == "80.00% ERK"
   want = target.masks(params, where)
   # As the schedule of `pruned`'s gradual mode (traced sparsity inside the update).
-  tx = jaxprune.pruned(optax.sgd(0.0), where=where, update_every=1,
-                       schedule=lambda count: jaxprune.Prune(0.8,
+  tx = jaxprune.gradually_pruned(optax.sgd(0.0), where=where, update_every=1,
+                                 schedule=lambda count: jaxprune.Prune(0.8,
                                                              distribution=jaxprune.distributions.erk()))
   state = tx.init(params)
   grads = jax.tree.map(jnp.zeros_like, params)

@@ -1,4 +1,4 @@
-"""Tests of `prune_retrain` (jaxprune/loop.py) and its checkpoints.
+"""Tests of `prune_retrain` and its checkpoints.
 
 A small two-layer MLP classifier: `fc1/kernel` is 8x16 (128 weights) and
 `fc2/kernel` 16x4 (64 weights), so the schedule 0.5, 0.75, 0.875 prunes a whole
@@ -27,9 +27,6 @@ import orbax.checkpoint as ocp
 import pytest
 
 import jaxprune
-from jaxprune._src.training import checkpointing
-from jaxprune._src.training import loop as loop_module
-from jaxprune._src.transforms.optax_wrapper import PrunedState
 
 SCHEDULE = (0.5, 0.75, 0.875)
 TRAIN_SIZE, EVAL_SIZE = 8, 16
@@ -97,6 +94,26 @@ class Batches:
     return batch
 
 
+def _seams(overrides: dict) -> dict:
+  """The harness's shorthands as the driver's seams: `checkpoint_dir` (with
+  `checkpoint_every`, `keep_checkpoints`, `resume`) as a `Checkpointer`, `progress`
+  as a progress bar hook and `log_every` as its cadence (or a silent hook's)."""
+  directory = overrides.pop("checkpoint_dir", None)
+  every = overrides.pop("checkpoint_every", None)
+  keep = overrides.pop("keep_checkpoints", 3)
+  resume = overrides.pop("resume", True)
+  if directory is not None:
+    overrides["checkpointer"] = jaxprune.Checkpointer(directory, every=every, keep=keep,
+                                                      resume=resume)
+  progress, log_every = overrides.pop("progress", False), overrides.pop("log_every", None)
+  if progress:
+    overrides.setdefault("hooks", [jaxprune.training.progress_bar(every=log_every or 50)])
+  elif log_every is not None:
+    overrides.setdefault("hooks", [jaxprune.training.every(log_every, lambda report: None)])
+  overrides.setdefault("hooks", [])
+  return overrides
+
+
 def run(**overrides):
   """`prune_retrain` on the MLP; returns (result, loss counter, batch recorder)."""
   loss = overrides.pop("loss_fn", None) or CountedLoss()
@@ -104,9 +121,9 @@ def run(**overrides):
   params = overrides.pop("params", None) or make_params()
   kwargs = dict(
       optimizer=optax.adam(1e-2), targets=SCHEDULE, where=jaxprune.select(params),
-      retrain_steps=4, progress=False,
+      retrain_steps=4,
   )
-  kwargs.update(overrides)
+  kwargs.update(_seams(overrides))
   eval_batches = kwargs.pop("eval_batches", EVAL_BATCHES)
   result = jaxprune.prune_retrain(params, loss, batches, eval_batches, **kwargs)
   return result, loss, batches
@@ -149,15 +166,20 @@ def dir_snapshot(path) -> dict:
 
 
 def latest_checkpoint(directory):
-  """(index, meta, raw state tree) of the latest checkpoint, read with plain orbax."""
-  manager = checkpointing.open_manager(directory)
+  """(index, meta, raw state tree, indices) of the latest checkpoint: the meta as the
+  Checkpointer reads it, the arrays with plain orbax."""
+  with jaxprune.Checkpointer(directory) as ckpt:
+    indices = ckpt.indices()
+    meta = ckpt.read_meta(indices[-1])
+  return indices[-1], meta, raw_state(directory, indices[-1]), indices
+
+
+def raw_state(directory, index):
+  """Checkpoint `index`'s arrays, restored by orbax alone."""
+  manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta"))
   try:
-    index = manager.latest_step()
-    meta = checkpointing.read_meta(manager, index)
-    state = manager.restore(
-        index, args=ocp.args.Composite(state=ocp.args.StandardRestore())
-    )["state"]
-    return index, meta, state, list(manager.all_steps())
+    return manager.restore(index, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+                           )["state"]
   finally:
     manager.close()
 
@@ -283,8 +305,8 @@ def test_per_iteration_budgets():
 
 def _counts(opt_state):
   pruned_state = next(
-      s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, PrunedState))
-      if isinstance(s, PrunedState)
+      s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, jaxprune.PrunedState))
+      if isinstance(s, jaxprune.PrunedState)
   )
   hyper = pruned_state.inner_state
   adam = hyper.inner_state[0]
@@ -293,21 +315,10 @@ def _counts(opt_state):
 
 
 class CompileWatch:
-  """Captures the loop's jitted train/eval steps and counts XLA compiles of the train step."""
+  """Counts XLA compiles by the jitted function's name (jax.monitoring's events)."""
 
-  def __init__(self, monkeypatch):
-    self.steps: dict[str, list] = {"train": [], "eval": []}
+  def __init__(self):
     self.compiled: list[str] = []
-    monkeypatch.setattr(loop_module, "make_train_step",
-                        self._capture("train", loop_module.make_train_step))
-    monkeypatch.setattr(loop_module, "make_eval_step",
-                        self._capture("eval", loop_module.make_eval_step))
-
-  def _capture(self, name, make):
-    def wrapper(*args, **kwargs):
-      self.steps[name].append(make(*args, **kwargs))
-      return self.steps[name][-1]
-    return wrapper
 
   def _listen(self, event, duration, **kwargs):
     if event == "/jax/core/compile/backend_compile_duration":
@@ -325,32 +336,33 @@ class CompileWatch:
     # The loss is called only while tracing: one trace per step function.
     assert loss.train_traces == 1
     assert loss.eval_traces == 1
-    assert len(self.steps["train"]) == 1 and len(self.steps["eval"]) == 1
-    assert self.steps["train"][0]._cache_size() == 1
-    assert self.steps["eval"][0]._cache_size() == 1
     assert self.compiled.count("jit(step)") == 1
 
 
-def test_train_and_eval_steps_compile_once(monkeypatch):
-  with CompileWatch(monkeypatch) as watch:
+def test_train_and_eval_steps_compile_once():
+  with CompileWatch() as watch:
     loss = CountedLoss()
     result, _, batches = run(loss_fn=loss, retrain_steps=[3, 4, 2], log_every=2)
     assert len(result.history) == 3 and batches.steps == list(range(9))
     watch.assert_compiled_once(loss)
 
-    # The counters do see a recompilation: another batch shape traces and compiles again.
-    train_step = watch.steps["train"][0]
-    rng = jax.random.key_data(jax.random.key(0))
-    train_step(result.params, result.opt_state, make_batch(0, EVAL_SIZE), rng, 0)
-    assert len(loss.sizes) == 3
-    assert train_step._cache_size() == 2
-    assert watch.compiled.count("jit(step)") == 2
+  # The counters do see a recompilation: training batches of another shape in the middle
+  # of a run trace and compile the train step again.
+  class MixedBatches(Batches):
+    def __call__(self, step):
+      return make_batch(step, EVAL_SIZE if step == 5 else TRAIN_SIZE)
+
+  with CompileWatch() as watch:
+    loss = CountedLoss()
+    run(loss_fn=loss, train_batches=MixedBatches(), retrain_steps=[3, 4, 2])
+    # train, eval, and train again at the other shape
+    assert len(loss.sizes) == 3 and watch.compiled.count("jit(step)") == 2
 
 
 def _counts(opt_state):
   pruned_state = next(
-      s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, PrunedState))
-      if isinstance(s, PrunedState)
+      s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, jaxprune.PrunedState))
+      if isinstance(s, jaxprune.PrunedState)
   )
   hyper = pruned_state.inner_state
   adam = hyper.inner_state[0]
@@ -365,7 +377,7 @@ def restart_runs():
   budgets = [4, 3, 5]
   runs = {}
   for restart in (True, False):
-    with pytest.MonkeyPatch.context() as mp, CompileWatch(mp) as watch:
+    with CompileWatch() as watch:
       loss = CountedLoss()
       result, _, _ = run(loss_fn=loss, optimizer=optimizer, retrain_steps=budgets,
                          restart_optimizer=restart)
@@ -398,21 +410,24 @@ def test_restart_optimizer_true_vs_false(restart_runs):
 def test_rng_loss_gets_a_per_step_key(base):
   keys = []
 
-  def noisy(params, batch, rng=None):
-    keys.append(rng)
-    if rng is None:  # evaluation: no noise
-      return mlp_loss(params, batch)
-    noise = jax.random.normal(rng, batch["x"].shape) * 0.1
-    return mlp_loss(params, {"x": batch["x"] + noise, "y": batch["y"]})
+  def noisy_with(seed):
+    def noisy(params, batch, rng=None):
+      keys.append(rng)
+      if rng is None:  # evaluation: no noise
+        return mlp_loss(params, batch)
+      # Another stream: the loss folds its own seed into the loop's per-step key.
+      noise = jax.random.normal(jax.random.fold_in(rng, seed), batch["x"].shape) * 0.1
+      return mlp_loss(params, {"x": batch["x"] + noise, "y": batch["y"]})
+    return noisy
 
-  a, _, _ = run(loss_fn=noisy, seed=0)
+  a, _, _ = run(loss_fn=noisy_with(0))
   assert sum(k is None for k in keys) == 1  # the eval step traced without a key
   assert sum(k is not None for k in keys) == 1  # the train step traced with one
-  c, _, _ = run(loss_fn=noisy, seed=1)
+  c, _, _ = run(loss_fn=noisy_with(1))
   assert not np.array_equal(a.params["fc1"]["kernel"], c.params["fc1"]["kernel"])
-  # The noiseless loss (same seed, same data) trains to other params.
+  # The noiseless loss (same data) trains to other params.
   assert not np.array_equal(a.params["fc1"]["kernel"], base[0].params["fc1"]["kernel"])
-  # Evaluation is deterministic (no rng): the dense loss does not depend on the seed.
+  # Evaluation is deterministic (no rng): the dense loss does not depend on the stream.
   assert a.dense_loss == c.dense_loss == base[0].dense_loss
 
 
@@ -423,7 +438,7 @@ def test_rng_without_default_gets_none_in_evaluation():
     seen.append(rng is None)
     return mlp_loss(params, batch)
 
-  result, _, _ = run(loss_fn=loss, seed=0)
+  result, _, _ = run(loss_fn=loss)
   assert sorted(set(seen)) == [False, True]  # traced once for training, once for evaluation
   assert np.isfinite(result.final_loss)
 
@@ -433,6 +448,16 @@ def test_rng_without_default_gets_none_in_evaluation():
 
 def _nothing_selected(params):
   return jax.tree.map(lambda _: False, params)
+
+
+class HookEvery:
+  """A user's hook class asking for a cadence."""
+
+  def __init__(self, every):
+    self.every = every
+
+  def __call__(self, report):
+    pass
 
 
 ERROR_CASES = {
@@ -453,11 +478,31 @@ ERROR_CASES = {
                               "selects no leaf"),
     "callable where selects nothing": (dict(where=_nothing_selected), ValueError,
                                        "selects no leaf"),
-    "checkpoint_every 0": (dict(checkpoint_every=0), ValueError, "checkpoint_every"),
-    "log_every 0": (dict(log_every=0), ValueError, "log_every must be an integer >= 1, got 0"),
-    "log_every 2.5": (dict(log_every=2.5), ValueError, "log_every must be an integer"),
-    "bad scope": (dict(scope="row"), ValueError, "scope"),
+    "a hook every 0": (dict(hooks=[HookEvery(0)]), ValueError,
+                       r"hooks\[0\].every must be an integer >= 1, got 0"),
+    "a hook every 2.5": (dict(hooks=[HookEvery(2.5)]), ValueError,
+                         r"hooks\[0\].every must be an integer"),
+    "hooks not a list": (dict(hooks=print), TypeError, "hooks must be a list"),
+    "a scope keyword": (dict(scope="row"), TypeError, "scope"),
+    "a checkpointer that is a path": (dict(checkpointer="ckpt"), TypeError,
+                                      "checkpointer must be a jaxprune.Checkpointer"),
 }
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(every=0), "every must be an integer >= 1, got 0"),
+    (dict(keep=0), "keep must be an integer >= 1, got 0"),
+    (dict(resume="yes"), "resume must be True, False or 'with_changes'"),
+])
+def test_a_checkpointer_refuses_bad_settings_when_built(tmp_path, settings, message):
+  with pytest.raises(ValueError, match=message):
+    jaxprune.Checkpointer(tmp_path / "ckpt", **settings)
+  for cadence in (0, 2.5):
+    with pytest.raises(ValueError, match="every must be an integer"):
+      jaxprune.training.every(cadence, print)
+    with pytest.raises(ValueError, match="every must be an integer"):
+      jaxprune.training.progress_bar(every=cadence)
+  assert not (tmp_path / "ckpt").exists()
 
 
 @pytest.mark.parametrize("case", list(ERROR_CASES))
@@ -466,7 +511,8 @@ def test_errors_before_any_compute(case, tmp_path):
   loss, batches = CountedLoss(), Batches()
   params = make_params()
   kwargs = dict(optimizer=optax.adam(1e-2), targets=SCHEDULE, where=jaxprune.select(params),
-                retrain_steps=2, progress=False, checkpoint_dir=str(tmp_path / "ckpt"))
+                retrain_steps=2, checkpointer=jaxprune.Checkpointer(str(tmp_path / "ckpt")),
+                hooks=[])
   kwargs.update(overrides)
   eval_batches = kwargs.pop("eval_batches", EVAL_BATCHES)
   with pytest.raises(error, match=message):
@@ -510,19 +556,16 @@ class RecordingBar:
 
 def test_nan_guard_closes_the_checkpoint_manager_and_the_bar(tmp_path, monkeypatch):
   closed = []
-  real_open = checkpointing.open_manager
 
-  def open_manager(*args, **kwargs):
-    manager = real_open(*args, **kwargs)
-    real_close = manager.close
-    manager.close = lambda: (closed.append(True), real_close())
-    return manager
+  class Watched(jaxprune.Checkpointer):
+    def __exit__(self, *exc):
+      super().__exit__(*exc)
+      closed.append(True)
 
-  monkeypatch.setattr(checkpointing, "open_manager", open_manager)
   monkeypatch.setattr("tqdm.auto.tqdm", RecordingBar)
   RecordingBar.instances = []
   with pytest.raises(FloatingPointError):
-    run(train_batches=Batches(nan_at=1), retrain_steps=6, checkpoint_dir=str(tmp_path / "c"),
+    run(train_batches=Batches(nan_at=1), retrain_steps=6, checkpointer=Watched(tmp_path / "c"),
         progress=True, log_every=1)
   assert closed == [True]
   assert RecordingBar.instances and all(bar.closed for bar in RecordingBar.instances)
@@ -549,7 +592,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
     tmp_path, request, nan_at, iteration, step, last_good, then_resume
 ):
   ckpt = str(tmp_path / "ckpt")
-  common = dict(retrain_steps=6, checkpoint_dir=ckpt, checkpoint_every=2)
+  common = dict(retrain_steps=6, checkpointer=jaxprune.Checkpointer(ckpt, every=2))
   batches = Batches(nan_at=nan_at)
   message = rf"iteration {iteration}, step {step} \(global step {nan_at}\)"
   with pytest.raises(FloatingPointError, match=message):
@@ -563,10 +606,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
     assert np.all(np.isfinite(np.asarray(leaf, np.float64)))
   # Every kept checkpoint is finite, not only the latest.
   for other in steps:
-    manager = checkpointing.open_manager(ckpt)
-    tree = manager.restore(
-        other, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    manager.close()
+    tree = raw_state(ckpt, other)
     assert all(np.all(np.isfinite(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree))
 
   if not then_resume:
@@ -606,7 +646,7 @@ MISMATCHES = {
     "targets": (dict(targets=(0.5, 0.75, 0.9)), "targets"),
     "budgets": (dict(retrain_steps=[2, 3, 3]), "retrain_steps"),
     "restart_optimizer": (dict(restart_optimizer=False), "restart_optimizer"),
-    "seed": (dict(seed=1), "seed"),
+    "metric": (dict(metric=jaxprune.training.perplexity), "metric"),
     "param shapes": (dict(params=_wider_params()), "params_layout"),
     "param structure": (dict(params=_extra_leaf_params()), "num_leaves"),
     "resume=False": (dict(resume=False), "already holds checkpoints"),

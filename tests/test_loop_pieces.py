@@ -9,7 +9,6 @@ import optax
 import pytest
 
 import jaxprune
-from jaxprune._src.tree.mask_tree import float_part
 
 
 def make_params():
@@ -34,17 +33,18 @@ def test_pieces_by_hand_match_prune_retrain(tmp_path):
   schedule = [0.5, jaxprune.NM(1, 4)]
   result = jaxprune.prune_retrain(
       params, loss_fn, batch_at, [batch_at(10_000)], optimizer=optax.adam(1e-2),
-      targets=schedule, where=where, retrain_steps=6, progress=False, seed=3)
+      targets=schedule, where=where, retrain_steps=6, hooks=[])
 
   tx = jaxprune.pruned(optax.adam(1e-2), jaxprune.ranked_masks(params, 0.0, where))
   train_step = jaxprune.make_train_step(loss_fn, tx)
   state = jaxprune.training.LoopState(params, tx.init(params),
-                                      jax.random.key_data(jax.random.key(3)))
-  with jaxprune.Checkpointer(tmp_path / "ckpt", {"by": "hand"}) as ckpt:
+                                      jax.random.key_data(jax.random.key(0)))
+  with jaxprune.Checkpointer(tmp_path / "ckpt") as ckpt:
+    assert ckpt.resume(state, config={"by": "hand"}) is None
     for i, target in enumerate(schedule):
       p, pruned_state = jaxprune.prune_step(state.params, state.opt_state, target, where)
       # Learning-rate rewinding: a fresh optimizer state holding the new masks.
-      opt_state = jaxprune.set_masks(tx.init(float_part(p)), jaxprune.get_masks(pruned_state))
+      opt_state = jaxprune.set_masks(tx.init(p), jaxprune.get_masks(pruned_state))
       state = jaxprune.training.retrain(train_step, state._replace(params=p, opt_state=opt_state),
                                batch_at, range(6), first_step=6 * i, iteration=i)
       ckpt.save(state, {"iteration": i + 1})
@@ -100,8 +100,8 @@ def test_user_hooks_see_every_report_of_the_loop_after_the_nan_guard():
   reports = []
   result = jaxprune.prune_retrain(
       params, loss_fn, batch_at, [batch_at(10_000)], optimizer=optax.adam(1e-2),
-      targets=[0.5, 0.75], where=jaxprune.select(params), retrain_steps=5, log_every=2,
-      progress=False, hooks=[reports.append])
+      targets=[0.5, 0.75], where=jaxprune.select(params), retrain_steps=5,
+      hooks=[jaxprune.training.every(2, reports.append)])
   assert [(r.iteration, r.step, r.final) for r in reports] == [
       (0, 2, False), (0, 4, False), (0, 5, True), (1, 2, False), (1, 4, False), (1, 5, True)]
   assert [r.global_step for r in reports] == [1, 3, 4, 6, 8, 9]
@@ -114,8 +114,8 @@ def test_user_hooks_see_every_report_of_the_loop_after_the_nan_guard():
   with pytest.raises(FloatingPointError, match=r"global step 3"):
     jaxprune.prune_retrain(
         params, loss_fn, nan_after, [batch_at(10_000)], optimizer=optax.adam(1e-2),
-        targets=[0.5], where=jaxprune.select(params), retrain_steps=5, log_every=2,
-        progress=False, hooks=[seen.append])
+        targets=[0.5], where=jaxprune.select(params), retrain_steps=5,
+        hooks=[jaxprune.training.every(2, seen.append)])
   assert [r.step for r in seen] == [2]  # the bad report raised before the user hook
   with pytest.raises(TypeError, match=r"hooks\[0\] = 3 is not callable"):
     jaxprune.prune_retrain(
@@ -125,28 +125,34 @@ def test_user_hooks_see_every_report_of_the_loop_after_the_nan_guard():
 
 def test_checkpointer_never_writes_over_an_existing_checkpoint(tmp_path):
   state = jaxprune.training.LoopState({"w": jnp.ones(3)}, (), jnp.zeros(2, jnp.uint32))
-  with jaxprune.Checkpointer(tmp_path, {"k": 1}) as ckpt:
+  with jaxprune.Checkpointer(tmp_path) as ckpt:
+    assert ckpt.resume(state, {"k": 1}) is None
     ckpt.save(state, {"iteration": 0})
-  with jaxprune.Checkpointer(tmp_path, {"k": 1}) as ckpt:  # saves without resuming first
+  with jaxprune.Checkpointer(tmp_path) as ckpt:  # saves without resuming first: no settings
     ckpt.save(state, {"iteration": 1})
-  with jaxprune.Checkpointer(tmp_path, {"k": 1}) as ckpt:
-    assert ckpt.resume(state)[1]["iteration"] == 1
-  with jaxprune.Checkpointer(tmp_path, {"k": 2}) as ckpt, pytest.raises(
-      ValueError, match="another configuration: k is 1 there and 2 now"):
-    ckpt.resume(state)
-  with jaxprune.Checkpointer(tmp_path, {"k": 1}, every=3) as ckpt:
+    assert ckpt.indices() == [0, 1]  # checkpoint 0 is not written over
+  with jaxprune.Checkpointer(tmp_path) as ckpt:
+    assert ckpt.resume(state, {})[1]["iteration"] == 1
+  with jaxprune.Checkpointer(tmp_path, resume="with_changes") as ckpt:
+    assert ckpt.resume(state, {"k": 1})[1]["iteration"] == 1
+  with jaxprune.Checkpointer(tmp_path) as ckpt, pytest.raises(
+      ValueError, match="another configuration: k is null there and 2 now"):
+    ckpt.resume(state, {"k": 2})
+  with jaxprune.Checkpointer(tmp_path, every=3) as ckpt:
     assert [step for step in range(1, 10) if ckpt.due(step)] == [3, 6, 9]
-  with jaxprune.Checkpointer(None, {"k": 1}, every=3) as ckpt:
-    assert not ckpt.due(3)  # no directory: nothing is ever due
-  with jaxprune.Checkpointer(tmp_path, {"k": 1}, resume=False) as ckpt, pytest.raises(
+  with pytest.raises(ValueError, match="pass checkpointer=None for no checkpoints"):
+    jaxprune.Checkpointer(None)
+  with jaxprune.Checkpointer(tmp_path, resume=False) as ckpt, pytest.raises(
       ValueError, match="already holds checkpoints"):
-    ckpt.resume(state)
+    ckpt.resume(state, {"k": 1})
+  with pytest.raises(RuntimeError, match="inside `with checkpointer:`"):
+    jaxprune.Checkpointer(tmp_path).save(state, {"iteration": 2})
 
 
 def _run_loop(train_batches=batch_at, **kwargs):
   params = make_params()
   args = dict(optimizer=optax.adam(1e-2), targets=[0.5], where=jaxprune.select(params),
-              retrain_steps=6, progress=False)
+              retrain_steps=6, hooks=[])
   args.update(kwargs)
   return jaxprune.prune_retrain(params, loss_fn, train_batches, [batch_at(10_000)], **args)
 
@@ -170,10 +176,14 @@ def test_an_optimizer_that_is_already_pruned_is_refused_before_compute():
     jaxprune.get_masks(nested.init(params))
 
 
-def test_numpy_counts_are_settings_and_reports_follow_log_every_alone():
+def test_numpy_counts_are_settings_and_reports_follow_the_hooks_cadence_alone():
   reports = []
-  _run_loop(log_every=np.int64(4), checkpoint_every=np.int64(3), hooks=[reports.append])
-  assert [r.step for r in reports] == [4, 6]  # no checkpoint_dir: no checkpoint cadence
+  _run_loop(hooks=[jaxprune.training.every(np.int64(4), reports.append)])
+  assert [r.step for r in reports] == [4, 6]  # no checkpointer: no checkpoint cadence
+  plain = []
+  _run_loop(hooks=[jaxprune.training.every(np.int64(4), lambda r: None), plain.append],
+            checkpointer=None)
+  assert [r.step for r in plain] == [4, 6]  # a plain hook: at every report point
   state = jaxprune.training.LoopState(make_params(), optax.sgd(0.1).init(make_params()),
                              jax.random.key_data(jax.random.key(0)))
   step = jaxprune.make_train_step(loss_fn, optax.sgd(0.1))
@@ -181,7 +191,7 @@ def test_numpy_counts_are_settings_and_reports_follow_log_every_alone():
   jaxprune.training.retrain(step, state, batch_at, range(4), report_every=np.int64(2),
                             hooks=[seen.append])
   assert [r.step for r in seen] == [2, 4]
-  for bad in (2.0, True, (), (2, 0)):
+  for bad in (2.0, True, (2, 0)):
     with pytest.raises(ValueError, match="report_every must be an integer >= 1"):
       jaxprune.training.retrain(step, state, batch_at, range(4), report_every=bad)
   with pytest.raises(ValueError, match="steps must be a range of consecutive"):
@@ -220,8 +230,7 @@ def test_a_hook_that_stops_the_run_keeps_the_checkpoint_due_at_that_step(tmp_pat
       raise StopRunError
 
   with pytest.raises(StopRunError):
-    _run_loop(checkpoint_dir=str(tmp_path), checkpoint_every=4, hooks=[stop_at_4])
-  with jaxprune.Checkpointer(tmp_path, {}) as ckpt:
-    manager = ckpt._manager
-    meta = jaxprune._src.training.checkpointing.read_meta(manager, manager.latest_step())
+    _run_loop(checkpointer=jaxprune.Checkpointer(tmp_path, every=4), hooks=[stop_at_4])
+  with jaxprune.Checkpointer(tmp_path) as ckpt:
+    meta = ckpt.read_meta(ckpt.indices()[-1])
   assert (meta["phase"], meta["iteration"], meta["step"]) == ("retrain", 0, 4)

@@ -47,7 +47,7 @@ def run(metric, **kwargs):
   return jaxprune.prune_retrain(
       make_params(), classifier_loss, batch_at, EVAL, optimizer=optax.adam(1e-2),
       targets=[0.5, 0.9], where=jaxprune.select(make_params()), retrain_steps=15,
-      progress=False, metric=metric, **kwargs)
+      metric=metric, hooks=[], **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -91,16 +91,17 @@ def test_the_default_metric_is_the_loss_and_records_round_trip_json(accuracy_run
 
 
 def test_bad_metrics_are_named():
-  with pytest.raises(TypeError, match=r"metric must be a jaxprune\.Metric.*'perplexity'"):
+  with pytest.raises(TypeError,
+                     match=r"metric must be a jaxprune\.training\.Metric.*'perplexity'"):
     run("perplexity")
   with pytest.raises(ValueError, match=r"aux\['recall'\].*keys \['accuracy'\]"):
     run(jaxprune.training.aux_metric("recall"))
 
 
 def test_resume_with_another_metric_is_refused(tmp_path):
-  run(jaxprune.training.loss_metric, checkpoint_dir=str(tmp_path))
+  run(jaxprune.training.loss_metric, checkpointer=jaxprune.Checkpointer(str(tmp_path)))
   with pytest.raises(ValueError, match='metric is "loss" there and "perplexity" now'):
-    run(jaxprune.training.perplexity, checkpoint_dir=str(tmp_path))
+    run(jaxprune.training.perplexity, checkpointer=jaxprune.Checkpointer(str(tmp_path)))
 
 
 def _result(metric, dense, final):

@@ -570,9 +570,9 @@ def test_gradual_follows_schedule_monotone_compiled_once(scope):
                                        transition_steps=end - begin, transition_begin=begin)
   params = make_params()
   where = jaxprune.select(params)
-  tx = jaxprune.pruned(optax.adamw(1e-2, weight_decay=0.1), where=where,
-                       schedule=lambda c: jaxprune.Prune(schedule(c), scope=scope),
-                       update_every=every)
+  tx = jaxprune.gradually_pruned(optax.adamw(1e-2, weight_decay=0.1), where=where,
+                                 schedule=lambda c: jaxprune.Prune(schedule(c),
+                                                                   scope=scope), update_every=every)
   step = make_gradual_step(tx)
   state = tx.init(params)
   masks = jaxprune.get_masks(state)
@@ -620,8 +620,8 @@ def test_gradual_never_revives_weights_pruned_by_starting_masks():
   params = make_params()
   where = jaxprune.select(params)
   start = jax.tree.map(lambda w, sel: (jnp.abs(w) < 1.0) if sel else None, params, where)
-  tx = jaxprune.pruned(optax.adam(1e-2), start, where=where,
-                       schedule=optax.constant_schedule(0.3), update_every=2)
+  tx = jaxprune.gradually_pruned(optax.adam(1e-2), where=where,
+                                 schedule=optax.constant_schedule(0.3), update_every=2, masks=start)
   step = make_gradual_step(tx)
   state = tx.init(params)
   for _ in range(6):
@@ -639,8 +639,8 @@ def test_gradual_never_revives_weights_pruned_by_starting_masks():
 def test_gradual_inside_multisteps_counts_emitted_updates():
   schedule = optax.polynomial_schedule(init_value=0.0, end_value=0.5, power=1, transition_steps=2)
   params = make_params()
-  tx = optax.MultiSteps(jaxprune.pruned(optax.adam(1e-2), where=jaxprune.select(params),
-                                        schedule=schedule, update_every=1), 2)
+  tx = optax.MultiSteps(jaxprune.gradually_pruned(optax.adam(1e-2), where=jaxprune.select(params),
+                                                  schedule=schedule, update_every=1), 2)
   step = make_gradual_step(tx)
   state = tx.init(params)
   sparsities = []
@@ -657,8 +657,8 @@ def test_gradual_update_outside_jit_matches_jitted():
   """An eager `tx.update` (e.g. `nnx.Optimizer.update` without `nnx.jit`) recomputes
   masks too, and gives what the jitted update gives."""
   params = make_params()
-  tx = jaxprune.pruned(optax.adam(1e-2), where=jaxprune.select(params),
-                       schedule=optax.constant_schedule(0.5), update_every=2)
+  tx = jaxprune.gradually_pruned(optax.adam(1e-2), where=jaxprune.select(params),
+                                 schedule=optax.constant_schedule(0.5), update_every=2)
   grads = grad_fn(params)
   state = tx.init(params)
   eager_out, eager_state = tx.update(grads, state, params)
@@ -676,8 +676,9 @@ def test_gradual_with_nnx_optimizer_and_bool_where():
   model = NnxMLP(nnx.Rngs(0))
   where = jaxprune.select(nnx.state(model, nnx.Param))
   schedule = optax.polynomial_schedule(init_value=0.0, end_value=0.5, power=1, transition_steps=2)
-  opt = nnx.Optimizer(model, jaxprune.pruned(optax.adam(1e-2), where=where, schedule=schedule,
-                                             update_every=1), wrt=nnx.Param)
+  tx = jaxprune.gradually_pruned(optax.adam(1e-2), where=where, schedule=schedule,
+                                 update_every=1)
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
   @nnx.jit
   def step(model, opt):
     opt.update(model, nnx.grad(nnx_loss)(model))
@@ -729,8 +730,8 @@ def test_extra_args_pass_through_in_gradual_mode():
   params = make_params()
   tx = optax.chain(
       optax.clip_by_global_norm(1e6),
-      jaxprune.pruned(needs_factor(), where=jaxprune.select(params),
-                      schedule=optax.constant_schedule(0.5), update_every=1))
+      jaxprune.gradually_pruned(needs_factor(), where=jaxprune.select(params),
+                                schedule=optax.constant_schedule(0.5), update_every=1))
   state, grads = tx.init(params), grad_fn(params)
   shapes, _ = jax.eval_shape(functools.partial(tx.update, factor=jnp.float32(0.5)),
                              grads, state, params)
@@ -783,18 +784,20 @@ def test_constructor_errors():
   params = make_params()
   where = jaxprune.select(params)
   schedule = optax.constant_schedule(0.5)
-  with pytest.raises(ValueError, match="pass `masks`"):
+  with pytest.raises(TypeError, match="masks"):
     jaxprune.pruned(optax.adam(1e-3))
-  with pytest.raises(ValueError, match="gradual pruning needs"):
-    jaxprune.pruned(optax.adam(1e-3), schedule=schedule, update_every=2)
+  with pytest.raises(TypeError, match=r"holds fixed masks.*gradually_pruned"):
+    jaxprune.pruned(optax.adam(1e-3), lambda params: None)
+  with pytest.raises(ValueError, match="gradually_pruned needs `where`"):
+    jaxprune.gradually_pruned(optax.adam(1e-3), schedule=schedule, update_every=2)
   with pytest.raises(ValueError, match="update_every"):
-    jaxprune.pruned(optax.adam(1e-3), where=where, schedule=schedule, update_every=0)
+    jaxprune.gradually_pruned(optax.adam(1e-3), where=where, schedule=schedule, update_every=0)
   with pytest.raises(TypeError, match="scope"):   # the scope goes with the target now
     jaxprune.pruned(optax.adam(1e-3), masks_at(params, 0.5), scope="row")
   # Starting masks that disagree with `where` in gradual mode.
   only_fc1 = jaxprune.select(params, include="fc1")
-  tx = jaxprune.pruned(optax.adam(1e-3), masks_at(params, 0.5), where=only_fc1,
-                       schedule=schedule, update_every=2)
+  tx = jaxprune.gradually_pruned(optax.adam(1e-3), where=only_fc1, schedule=schedule,
+                                 update_every=2, masks=masks_at(params, 0.5))
   with pytest.raises(ValueError, match="fc2/kernel"):
     tx.init(params)
 

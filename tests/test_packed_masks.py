@@ -71,8 +71,9 @@ def test_pruned_state_holds_bits_and_get_and_set_masks_speak_bool():
 def test_gradual_masks_stay_packed_through_the_cond():
   params = _params()
   where = jaxprune.select(params, include="*kernel")
-  tx = jaxprune.pruned(optax.adam(1e-2), where=where, update_every=2,
-                       schedule=optax.polynomial_schedule(init_value=0.0, end_value=0.8, power=3,
+  tx = jaxprune.gradually_pruned(optax.adam(1e-2), where=where, update_every=2,
+                                 schedule=optax.polynomial_schedule(init_value=0.0, end_value=0.8,
+                                                                    power=3,
                                                           transition_steps=4))
   state = tx.init(params)
   step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(

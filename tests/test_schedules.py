@@ -220,5 +220,5 @@ def test_zhu_gupta_property(a, b, begin, length, power, step):
 @pytest.mark.parametrize("value", [1.0, -0.25, float("nan")])
 def test_pruned_refuses_a_step_schedule_starting_outside_0_1(value):
   with pytest.raises(ValueError, match=r"schedule\(0\) must be a scalar sparsity in \[0, 1\)"):
-    jaxprune.pruned(optax.sgd(0.1), where={"w": True}, update_every=1,
-                    schedule=optax.constant_schedule(value))
+    jaxprune.gradually_pruned(optax.sgd(0.1), where={"w": True}, update_every=1,
+                              schedule=optax.constant_schedule(value))

@@ -114,8 +114,8 @@ def _mlp():
 def test_saliency_without_grads_uses_the_gradual_steps_gradient():
   params, loss_fn, batch = _mlp()
   where = jaxprune.select(params)
-  tx = jaxprune.pruned(optax.sgd(0.0), where=where, update_every=1,
-                       schedule=lambda c: jaxprune.Prune(0.5,
+  tx = jaxprune.gradually_pruned(optax.sgd(0.0), where=where, update_every=1,
+                                 schedule=lambda c: jaxprune.Prune(0.5,
                                                          score=jaxprune.scores.saliency_score()))
   state = tx.init(params)
   grads = jax.grad(loss_fn)(params, batch)
@@ -143,7 +143,7 @@ def test_saliency_without_grads_in_prune_retrain_uses_the_first_retraining_batch
   target = jaxprune.Prune(0.6, score=jaxprune.scores.saliency_score())
   result = jaxprune.prune_retrain(
       params, loss_fn, batch_at, [batch], optimizer=optax.sgd(0.0), targets=[target],
-      where=where, retrain_steps=1, progress=False)
+      where=where, retrain_steps=1, hooks=[])
   want = jaxprune.Prune(0.6, score=jaxprune.scores.saliency_score(
       jax.grad(loss_fn)(params, batch))).masks(params, where)
   got = jaxprune.get_masks(result.opt_state)

@@ -68,8 +68,9 @@ def _modules(f, *args) -> dict[str, str]:
 PARAMS = {"fc1": {"kernel": jnp.ones((64, 32)), "bias": jnp.ones(32)},
           "fc2": {"kernel": jnp.ones((32, 16))}, "out": {"kernel": jnp.ones((16, 3, 8))}}
 WHERE = jaxprune.select(PARAMS)
-GRADUAL = jaxprune.pruned(optax.adam(1e-3), where=WHERE, update_every=2,
-                          schedule=optax.polynomial_schedule(init_value=0.0, end_value=0.8,
+GRADUAL = jaxprune.gradually_pruned(optax.adam(1e-3), where=WHERE, update_every=2,
+                                    schedule=optax.polynomial_schedule(init_value=0.0,
+                                                                       end_value=0.8,
                                                              power=3, transition_steps=10))
 CASES = {
     "magnitude layer": (lambda p: jaxprune.ranked_masks(p, 0.7, WHERE), (PARAMS,)),

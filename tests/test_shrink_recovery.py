@@ -14,7 +14,6 @@ import pytest
 from zoo import eqx_mlp, linen_resnet, nnx_gqa_lm
 
 import jaxprune
-from jaxprune._src.training.distillation import teacher_logits_fn
 
 MODELS = {"equinox": eqx_mlp, "linen": linen_resnet, "nnx_scan": nnx_gqa_lm}
 STEPS = 6
@@ -47,22 +46,20 @@ def recovery(request):
                            kinds=("mlp_hidden", "heads", "conv_channels"))
   assert keep, str(groups)
   student = jaxprune.structural.shrunk_program(groups, keep)
-  teacher = teacher_logits_fn(apply_fn)
-
-  def batch_at(step):
-    x = _inputs(example, step)
-    return {"batch": x, "teacher_logits": teacher(params, x)}
-
+  batch_at = jaxprune.training.with_teacher_logits(lambda step: _inputs(example, step),
+                                                   apply_fn, params)
   # No labels here: the loss is the KL to the teacher alone (weight 1).
   loss = jaxprune.distillation_loss(lambda p, x: (jnp.float32(0.0), {"logits": student(p, x)}),
                                     student, weight=1.0, temperature=2.0)
   return jaxprune.structural.shrink(params, groups, keep), loss, batch_at
 
 
-def _train(recovery, steps, **kwargs):
+def _train(recovery, steps, directory=None, hooks=()):
   small, loss, batch_at = recovery
+  checkpointer = None if directory is None else jaxprune.Checkpointer(directory, every=2)
   return jaxprune.train(small, loss, batch_at, optimizer=optax.adam(1e-2), steps=steps,
-                        progress=False, log_every=1, **kwargs)
+                        checkpointer=checkpointer,
+                        hooks=[jaxprune.training.every(1, hook) for hook in hooks])
 
 
 def test_distillation_recovers_the_shrunk_model(recovery):
@@ -84,10 +81,9 @@ def _stop_at(step: int):
 
 
 def test_recovery_resumes_bitwise(recovery, tmp_path):
-  straight = _train(recovery, STEPS, checkpoint_dir=str(tmp_path / "a"), checkpoint_every=2)
+  straight = _train(recovery, STEPS, str(tmp_path / "a"))
   with pytest.raises(_StopError):  # a killed run: stopped after step 4, its checkpoint written
-    _train(recovery, STEPS, checkpoint_dir=str(tmp_path / "b"), checkpoint_every=2,
-           hooks=[_stop_at(4)])
-  resumed = _train(recovery, STEPS, checkpoint_dir=str(tmp_path / "b"), checkpoint_every=2)
+    _train(recovery, STEPS, str(tmp_path / "b"), hooks=[_stop_at(4)])
+  resumed = _train(recovery, STEPS, str(tmp_path / "b"))
   for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

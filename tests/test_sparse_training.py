@@ -129,8 +129,8 @@ def test_drop_and_grow_training_keeps_counts_zeros_and_compiles_once(schedule):
   where = jaxprune.select(params)
   start = jaxprune.ranked_masks(params, 0.75, where, score=jaxprune.scores.random_score(0),
                                 distribution=jaxprune.distributions.erk())
-  tx = jaxprune.pruned(optax.adamw(1e-2, weight_decay=0.1), start, schedule=schedule,
-                       update_every=3)
+  tx = jaxprune.sparse_training.drop_and_grow(optax.adamw(1e-2, weight_decay=0.1), start,
+                                              schedule=schedule, update_every=3)
   step, state, p = None, tx.init(params), params
   step = make_step(tx)
   before = kernels(start)
@@ -160,8 +160,9 @@ def test_grown_weights_restart_their_moments(inner, names, shape):
   # one drop-and-grow update: the new connections' moments are 0, the others not.
   params = {"w": jax.random.normal(jax.random.key(0), shape)}
   start = jaxprune.ranked_masks(params, 0.5, {"w": True}, score=jaxprune.scores.random_score(3))
-  tx = jaxprune.pruned(inner, start, schedule=jaxprune.sparse_training.rigl_schedule(0.3),
-                       update_every=1)
+  tx = jaxprune.sparse_training.drop_and_grow(inner, start,
+                                              update_every=1,
+                                              schedule=jaxprune.sparse_training.rigl_schedule(0.3))
   state = tx.init(params)
   ones = jax.tree.map(jnp.ones_like, state.inner_state[0])
   state = state._replace(inner_state=(state.inner_state[0]._replace(
@@ -186,7 +187,8 @@ def test_counts_stay_constant_on_every_shape(schedule, sparsity):
   params = {f"w{i}": jax.random.normal(jax.random.key(i), s) for i, s in enumerate(shapes)}
   where = {k: True for k in params}
   start = jaxprune.ranked_masks(params, sparsity, where, score=jaxprune.scores.random_score(0))
-  tx = jaxprune.pruned(optax.sgd(0.1), start, schedule=schedule, update_every=1)
+  tx = jaxprune.sparse_training.drop_and_grow(optax.sgd(0.1), start, schedule=schedule,
+                                              update_every=1)
   grads = {k: jax.random.normal(jax.random.key(8), v.shape) for k, v in params.items()}
   _, state = tx.update(grads, tx.init(params), params)
   for k, m in jaxprune.get_masks(state).items():
@@ -206,8 +208,9 @@ def test_reset_grown_leaves_counts_and_unmasked_leaves_alone():
 def test_drop_and_grow_errors_name_the_problem():
   params = mlp_params()
   with pytest.raises(ValueError, match="starting `masks`"):
-    jaxprune.pruned(optax.sgd(0.1), where=jaxprune.select(params),
-                    schedule=jaxprune.sparse_training.rigl_schedule(), update_every=10)
+    jaxprune.sparse_training.drop_and_grow(optax.sgd(0.1), None,
+                                           update_every=10,
+                                           schedule=jaxprune.sparse_training.rigl_schedule())
   with pytest.raises(ValueError, match=r"drop_fraction = 1\.5"):
     jaxprune.sparse_training.rigl_schedule(1.5)
   with pytest.raises(ValueError, match=r"drop_fraction = -0\.1"):
@@ -217,8 +220,8 @@ def test_drop_and_grow_errors_name_the_problem():
   with pytest.raises(TypeError, match="grow must be a score"):
     jaxprune.sparse_training.DropAndGrow(0.3, grow=0.5)
   with pytest.raises(ValueError, match="previous"):
-    jaxprune.sparse_training.DropAndGrow(0.3, jaxprune.scores.random_score(0)).masks(params,
-                                                                                     jaxprune.select(params))
+    jaxprune.sparse_training.DropAndGrow(0.3, jaxprune.scores.random_score(0)).masks(
+        params, jaxprune.select(params))
   with pytest.raises(ValueError, match=r"belongs in jaxprune\.pruned"):
     jaxprune.sparse_training.straight_through(optax.sgd(0.1), where=jaxprune.select(params),
                               schedule=jaxprune.sparse_training.set_schedule(), update_every=1)
@@ -231,8 +234,9 @@ def test_rigl_regrows_where_the_dense_gradient_is_largest():
   # |g| among the rest comes back, though its weight is 0.
   params = {"w": jnp.array([[0.0, 0.0, 0.5, 0.0]])}
   start = {"w": jnp.array([[False, False, True, False]])}
-  tx = jaxprune.pruned(optax.sgd(0.0), start, schedule=jaxprune.sparse_training.rigl_schedule(1.0),
-                       update_every=1)
+  tx = jaxprune.sparse_training.drop_and_grow(optax.sgd(0.0), start,
+                                              update_every=1,
+                                              schedule=jaxprune.sparse_training.rigl_schedule(1.0))
   grads = {"w": jnp.array([[0.1, -3.0, 0.2, 1.0]])}
   _, state = tx.update(grads, tx.init(params), params)
   np.testing.assert_array_equal(np.asarray(jaxprune.get_masks(state)["w"]),
@@ -252,9 +256,9 @@ def test_set_draws_differ_per_update_and_repeat_per_seed():
 def test_accelerator_lowerings_of_a_rigl_step_hold_no_sort():
   params = mlp_params()
   start = jaxprune.ranked_masks(params, 0.75, jaxprune.select(params))
-  tx = jaxprune.pruned(optax.adam(1e-3), start,
-                       schedule=jaxprune.sparse_training.rigl_schedule(0.3),
-                       update_every=10)
+  tx = jaxprune.sparse_training.drop_and_grow(optax.adam(1e-3), start,
+                                              update_every=10,
+                                              schedule=jaxprune.sparse_training.rigl_schedule(0.3))
 
   def step(p, state, x):
     updates, state = tx.update(jax.grad(mlp_loss)(p, x), state, p)
@@ -433,9 +437,8 @@ def test_straight_through_masks_first_step_prunes_like_jaxpruner_instant_sparsif
                                        update_every=1)
   updates, state = tx.update({"w": jnp.ones_like(w)}, tx.init({"w": w}), {"w": w})
   np.testing.assert_array_equal(np.asarray(updates["w"]), 0.0)  # updates pass through
-  np.testing.assert_array_equal(np.asarray(jaxprune.sparse_training.straight_through_view({"w": w},
-                                                                                          state)["w"]),
-                                np.asarray(expected))
+  view = jaxprune.sparse_training.straight_through_view({"w": w}, state)
+  np.testing.assert_array_equal(np.asarray(view["w"]), np.asarray(expected))
 
 
 def _bytes(step, *args) -> float:
@@ -495,7 +498,8 @@ def test_straight_through_masks_lowering_holds_no_sort_and_refuses_bad_input():
   with pytest.raises(ValueError, match="needs the current params"):
     tx.update(params, tx.init(params))
   both = optax.chain(tx, tx).init(params)
-  with pytest.raises(ValueError, match=r"at most one jaxprune\.straight_through_masks state"):
+  with pytest.raises(ValueError,
+                     match=r"at most one jaxprune\.sparse_training\.straight_through_masks state"):
     jaxprune.sparse_training.straight_through_view(params, both)
 
 
@@ -515,16 +519,15 @@ def test_train_interrupted_and_resumed_is_bitwise_exact(tmp_path, method):
                                                              where=jaxprune.select(params),
                                              schedule=optax.constant_schedule(0.8),
                                              update_every=4)
-    return jaxprune.pruned(optax.adam(1e-2), start,
-                           schedule=jaxprune.sparse_training.rigl_schedule(0.3, 12),
-                           update_every=4)
+    return jaxprune.sparse_training.drop_and_grow(
+        optax.adam(1e-2), start, update_every=4,
+        schedule=jaxprune.sparse_training.rigl_schedule(0.3, 12))
 
   def loss(p, b):
     return mlp_loss(p, b)
 
-  kwargs = dict(steps=16, checkpoint_every=4, progress=False, log_every=2,
-                eval_batches=[batch(99)])
-  whole = jaxprune.train(params, loss, batch, optimizer=make_tx(), **kwargs)
+  kwargs = dict(steps=16, eval_batches=[batch(99)])
+  whole = jaxprune.train(params, loss, batch, optimizer=make_tx(), hooks=[], **kwargs)
 
   class CrashError(Exception):
     pass
@@ -534,11 +537,13 @@ def test_train_interrupted_and_resumed_is_bitwise_exact(tmp_path, method):
       raise CrashError
 
   with pytest.raises(CrashError):
-    jaxprune.train(params, loss, batch, optimizer=make_tx(), checkpoint_dir=str(tmp_path),
-                   hooks=[crash_at_10], **kwargs)
+    jaxprune.train(params, loss, batch, optimizer=make_tx(),
+                   checkpointer=jaxprune.Checkpointer(str(tmp_path), every=4),
+                   hooks=[jaxprune.training.every(2, crash_at_10)], **kwargs)
   seen = []
   resumed = jaxprune.train(params, loss, batch, optimizer=make_tx(),
-                           checkpoint_dir=str(tmp_path), hooks=[lambda r: seen.append(r.step)],
+                           checkpointer=jaxprune.Checkpointer(str(tmp_path), every=4),
+                           hooks=[jaxprune.training.every(2, lambda r: seen.append(r.step))],
                            **kwargs)
   assert seen[0] == 10  # resumed from the checkpoint at step 8
   for a, b in zip(jax.tree.leaves((whole.params, whole.opt_state)),
@@ -555,8 +560,8 @@ def test_train_refuses_bad_counts_and_nan_losses(tmp_path):
   tx = optax.sgd(0.1)
   with pytest.raises(ValueError, match="steps"):
     jaxprune.train(params, mlp_loss, batch, optimizer=tx, steps=0)
-  with pytest.raises(ValueError, match="checkpoint_every"):
-    jaxprune.train(params, mlp_loss, batch, optimizer=tx, steps=2, checkpoint_every=-1)
+  with pytest.raises(ValueError, match="every must be an integer >= 1"):
+    jaxprune.Checkpointer(str(tmp_path), every=-1)
   with pytest.raises(FloatingPointError):
     jaxprune.train(params, lambda p, b: jnp.nan * mlp_loss(p, b), batch, optimizer=tx,
-                   steps=4, log_every=2, progress=False)
+                   steps=4, hooks=[])

@@ -162,7 +162,7 @@ def test_sparsegpt_masks_go_into_prune_retrain_and_a_bad_hessian_is_named():
   assert target.sparsity == 0.75 and str(target) == "75.00% given masks"
   result = jaxprune.prune_retrain(new, loss_fn, lambda step: batch, [batch],
                                   optimizer=optax.sgd(1e-2), targets=[target],
-                                  where=where, retrain_steps=5, progress=False)
+                                  where=where, retrain_steps=5, hooks=[])
   np.testing.assert_array_equal(np.asarray(jaxprune.get_masks(result.opt_state)["fc"]["kernel"]),
                                 np.asarray(masks["fc"]["kernel"]))
   assert result.history[0].before_prune.loss == result.history[0].after_prune.loss  # held as is

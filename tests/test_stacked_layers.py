@@ -123,8 +123,8 @@ def test_stacked_in_gradual_pruned_and_under_jit_compiles_once():
   stacked, _ = _split_model()
   where = jaxprune.select(stacked)
   schedule = optax.polynomial_schedule(init_value=0.0, end_value=0.8, power=3, transition_steps=4)
-  tx = jaxprune.pruned(optax.sgd(0.0), where=where, update_every=2,
-                       schedule=lambda c: jaxprune.Prune(schedule(c),
+  tx = jaxprune.gradually_pruned(optax.sgd(0.0), where=where, update_every=2,
+                                 schedule=lambda c: jaxprune.Prune(schedule(c),
                                                          stacked={"blocks/kernel": 1}))
   state = tx.init(stacked)
   step = jax.jit(tx.update)

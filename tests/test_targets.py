@@ -44,7 +44,7 @@ def prune_retrain_counting_compiles(params, schedule):
   try:
     result = jaxprune.prune_retrain(
         params, mlp_loss, lambda step: x, [x], optimizer=optax.adam(1e-3), targets=schedule,
-        where=jaxprune.select(params), retrain_steps=1, progress=False)
+        where=jaxprune.select(params), retrain_steps=1, hooks=[])
   finally:
     jax.monitoring.unregister_event_duration_listener(listen)
   return result, compiled
@@ -141,7 +141,7 @@ def test_a_users_target_plugs_into_prune_step_and_the_loop():
   x = jax.random.normal(jax.random.key(5), (8, 8))
   result = jaxprune.prune_retrain(
       params, mlp_loss, lambda step: x, [x], optimizer=optax.adam(1e-3),
-      targets=[0.25, KeepFirstRows(4)], where=where, retrain_steps=2, progress=False)
+      targets=[0.25, KeepFirstRows(4)], where=where, retrain_steps=2, hooks=[])
   assert [r.target for r in result.history] == ["25.00%", str(KeepFirstRows(4))]
   kernel = np.asarray(result.params["fc1"]["kernel"])
   np.testing.assert_array_equal(kernel[4:], 0.0)
@@ -161,8 +161,8 @@ def test_gradual_pruned_takes_targets_from_its_schedule():
   params = make_params()
   where = jaxprune.select(params)
   poly = optax.polynomial_schedule(init_value=0.0, end_value=0.75, power=3, transition_steps=4)
-  tx = jaxprune.pruned(optax.sgd(0.0), where=where, update_every=2,
-                       schedule=lambda c: jaxprune.Prune(poly(c), scope="global"))
+  tx = jaxprune.gradually_pruned(optax.sgd(0.0), where=where, update_every=2,
+                                 schedule=lambda c: jaxprune.Prune(poly(c), scope="global"))
   state = tx.init(params)
   zeros = jax.tree.map(jnp.zeros_like, params)
   update = jax.jit(tx.update)
@@ -171,8 +171,8 @@ def test_gradual_pruned_takes_targets_from_its_schedule():
   masks = jaxprune.get_masks(state)
   assert_masks_equal(masks, jaxprune.ranked_masks(params, 0.75, where, scope="global"))
 
-  nm = jaxprune.pruned(optax.sgd(0.0), where=where, update_every=1,
-                       schedule=lambda c: jaxprune.NM(2, 4))
+  nm = jaxprune.gradually_pruned(optax.sgd(0.0), where=where, update_every=1,
+                                 schedule=lambda c: jaxprune.NM(2, 4))
   _, nm_state = jax.jit(nm.update)(zeros, nm.init(params), params)
   assert jaxprune.is_nm_sparse(jaxprune.get_masks(nm_state), 2, 4)
 

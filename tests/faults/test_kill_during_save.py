@@ -34,7 +34,6 @@ SCRIPT = textwrap.dedent(
     import numpy as np
     import optax
     import jaxprune
-    from jaxprune._src.training import checkpointing
 
     ckpt, out = sys.argv[1], sys.argv[2]
     rng = np.random.default_rng(0)
@@ -42,9 +41,9 @@ SCRIPT = textwrap.dedent(
                "fc2": {{"kernel": jnp.asarray(rng.normal(size=(32, 4)).astype(np.float32))}}}}
     where = jaxprune.select(params)
     start = jaxprune.ranked_masks(params, 0.8, where, score=jaxprune.scores.random_score(0))
-    tx = jaxprune.pruned(optax.adam(1e-2), start,
-                         schedule=jaxprune.sparse_training.rigl_schedule(0.3),
-                         update_every=4)
+    tx = jaxprune.sparse_training.drop_and_grow(
+        optax.adam(1e-2), start, schedule=jaxprune.sparse_training.rigl_schedule(0.3),
+        update_every=4)
 
     def loss_fn(params, batch):
         h = jnp.tanh(batch["x"] @ params["fc1"]["kernel"])
@@ -57,16 +56,13 @@ SCRIPT = textwrap.dedent(
         return {{"x": r.normal(size=(16, 8)).astype(np.float32),
                  "y": r.normal(size=(16, 4)).astype(np.float32)}}
 
-    save = checkpointing.save
+    class Announced(jaxprune.Checkpointer):  # the seam: every save goes through `save`
+        def save(self, state, meta):
+            print(f"saving {{meta['step']}}", flush=True)
+            super().save(state, meta)
 
-    def announced_save(manager, index, state, meta):
-        print(f"saving {{meta['step']}}", flush=True)
-        save(manager, index, state, meta)
-
-    checkpointing.save = announced_save  # the Checkpointer calls checkpointing.save
     result = jaxprune.train(params, loss_fn, train_batches, optimizer=tx, steps=24,
-                            checkpoint_dir=ckpt, checkpoint_every=3, keep_checkpoints=2,
-                            log_every=3, progress=False)
+                            checkpointer=Announced(ckpt, every=3, keep=2), hooks=[])
     leaves = jax.tree_util.tree_flatten_with_path(
         {{"params": result.params, "opt_state": result.opt_state}})[0]
     np.savez(out + ".npz", **{{jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}})

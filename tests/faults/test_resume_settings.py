@@ -28,19 +28,21 @@ def masks(sparsity: float, seed: int = 0):
 
 
 def gradual(final: float = 0.9, every: int = 2):
-  return jaxprune.pruned(optax.adam(1e-2), where=WHERE, update_every=every,
-                         schedule=optax.polynomial_schedule(init_value=0.5, end_value=final,
+  return jaxprune.gradually_pruned(optax.adam(1e-2), where=WHERE, update_every=every,
+                                   schedule=optax.polynomial_schedule(init_value=0.5,
+                                                                      end_value=final,
                                                             power=3, transition_steps=8))
 
 
 def rigl(fraction: float = 0.3, every: int = 2):
-  return jaxprune.pruned(optax.adam(1e-2), masks(0.5), update_every=every,
-                         schedule=jaxprune.sparse_training.rigl_schedule(fraction))
+  return jaxprune.sparse_training.drop_and_grow(optax.adam(1e-2), masks(0.5), update_every=every,
+                                                schedule=jaxprune.sparse_training.rigl_schedule(fraction))
 
 
 def set_(fraction: float = 0.3):
-  return jaxprune.pruned(optax.adam(1e-2), masks(0.5), update_every=2,
-                         schedule=jaxprune.sparse_training.set_schedule(fraction, seed=0))
+  return jaxprune.sparse_training.drop_and_grow(
+      optax.adam(1e-2), masks(0.5), update_every=2,
+      schedule=jaxprune.sparse_training.set_schedule(fraction, seed=0))
 
 
 # name: (the first run's optimizer, the second run's, the setting named)
@@ -54,10 +56,11 @@ TRAIN_CHANGES = {
     "the same sparsity, other masks": (jaxprune.pruned(optax.adam(1e-2), masks(0.5, seed=0)),
                                        jaxprune.pruned(optax.adam(1e-2), masks(0.5, seed=1)),
                                        "masks"),
-    "a global scope": (jaxprune.pruned(optax.adam(1e-2), where=WHERE, update_every=2,
-                                       schedule=optax.constant_schedule(0.5)),
-                       jaxprune.pruned(optax.adam(1e-2), where=WHERE, update_every=2,
-                                       schedule=lambda c: jaxprune.Prune(0.5, scope="global")),
+    "a global scope": (jaxprune.gradually_pruned(optax.adam(1e-2), where=WHERE, update_every=2,
+                                                 schedule=optax.constant_schedule(0.5)),
+                       jaxprune.gradually_pruned(optax.adam(1e-2), where=WHERE, update_every=2,
+                                                 schedule=lambda c: jaxprune.Prune(0.5,
+                                                                                   scope="global")),
                        "training"),
 }
 
@@ -107,9 +110,15 @@ def erk_target(**kwargs):
   return jaxprune.Prune(0.5, distribution=jaxprune.distributions.erk(**kwargs))
 
 
-def teacher_of(scale: float):
+def distilled_from(scale: float):
+  """The settings of a run distilled from a teacher `scale` times the params, given
+  the run's batches (the teacher's logits ride on them)."""
   apply_fn = lambda p, b: jnp.tanh(b["x"] @ p["fc1"]["kernel"]) @ p["fc2"]["kernel"]
-  return (apply_fn, {k: {"kernel": v["kernel"] * scale} for k, v in PARAMS.items()})
+  teacher = {k: {"kernel": v["kernel"] * scale} for k, v in PARAMS.items()}
+  loss = jaxprune.distillation_loss(tiny_runs.loss_fn, apply_fn, weight=0.5, temperature=2.0)
+  return lambda batches: dict(
+      targets=[0.5], loss_fn=loss,
+      train_batches=jaxprune.training.with_teacher_logits(batches, apply_fn, teacher))
 
 
 # name: (the first run's settings, the second's, the setting named)
@@ -120,9 +129,7 @@ LOOP_CHANGES = {
     "erk() -> erk(0.3, fixed=...)": (
         dict(targets=[erk_target()]),
         dict(targets=[erk_target(power=0.3, fixed={"fc2/kernel": 0.2})]), "targets"),
-    "the teacher's params": (
-        dict(targets=[0.5], teacher=teacher_of(1.0)),
-        dict(targets=[0.5], teacher=teacher_of(1.01)), "distillation"),
+    "the teacher's params": (distilled_from(1.0), distilled_from(1.01), "composed"),
     "a GivenMasks target": (
         dict(targets=[jaxprune.GivenMasks(masks(0.5, seed=0))]),
         dict(targets=[jaxprune.GivenMasks(masks(0.5, seed=1))]), "targets"),
@@ -133,11 +140,12 @@ LOOP_CHANGES = {
 def test_prune_retrain_compares_its_schedule_by_value(tmp_path, case):
   first, second, key = LOOP_CHANGES[case]
   ckpt = tmp_path / "ckpt"
-  tiny_runs.prune_retrain(checkpoint_dir=ckpt, retrain_steps=2, **first)
   batches = Batches()
+  first = first(Batches()) if callable(first) else first
+  second = second(batches) if callable(second) else dict(second, train_batches=batches)
+  tiny_runs.prune_retrain(checkpoint_dir=ckpt, retrain_steps=2, **first)
   with pytest.raises(ValueError, match=rf"another configuration: {key} is "):
-    tiny_runs.prune_retrain(checkpoint_dir=ckpt, retrain_steps=2, train_batches=batches,
-                            **second)
+    tiny_runs.prune_retrain(checkpoint_dir=ckpt, retrain_steps=2, **second)
   assert batches.steps == []
 
 

@@ -110,8 +110,8 @@ def test_sparsegpt_names_a_bad_block_or_damp_before_any_compute(kwargs, message,
 
 def test_a_gradual_schedule_may_return_an_n_m_string():
   # Before: "could not convert string to float: '2:4'".
-  tx = jaxprune.pruned(optax.sgd(0.1), where=WHERE, schedule=lambda count: "2:4",
-                       update_every=1)
+  tx = jaxprune.gradually_pruned(optax.sgd(0.1), where=WHERE, schedule=lambda count: "2:4",
+                                 update_every=1)
   state = tx.init(PARAMS)
   _, state = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, PARAMS), state, PARAMS)
   kept = np.asarray(jaxprune.get_masks(state)["fc1"]["kernel"]).reshape(2, 4, 16).sum(axis=1)
@@ -128,7 +128,8 @@ def test_a_gradual_schedule_may_return_an_n_m_string():
 def test_a_gradual_schedule_returning_a_bad_string_or_pattern_is_named(entry, message):
   # Before: "could not convert string to float", and NM(3, 2) reported as "got -0.5".
   with pytest.raises(ValueError, match=re.escape(message)):
-    jaxprune.pruned(optax.sgd(0.1), where=WHERE, schedule=lambda count: entry, update_every=1)
+    jaxprune.gradually_pruned(optax.sgd(0.1), where=WHERE, schedule=lambda count: entry,
+                              update_every=1)
 
 
 STRUCTURED = ("scope must be 'layer', 'global', 'row', jaxprune.blocks((b0, b1)) or "
@@ -138,8 +139,8 @@ STRUCTURED = ("scope must be 'layer', 'global', 'row', jaxprune.blocks((b0, b1))
 @pytest.mark.parametrize("call, message", [
     (lambda: jaxprune.Prune(0.5, scope="rows"), STRUCTURED + "'rows'"),
     (lambda: jaxprune.ranked_masks(PARAMS, 0.5, WHERE, scope="glob"), STRUCTURED + "'glob'"),
-    (lambda: jaxprune.pruned(optax.sgd(0.1), where=WHERE, update_every=1,
-                             schedule=lambda c: jaxprune.Prune(0.5, scope="rows")),
+    (lambda: jaxprune.gradually_pruned(optax.sgd(0.1), where=WHERE, update_every=1,
+                                       schedule=lambda c: jaxprune.Prune(0.5, scope="rows")),
      STRUCTURED + "'rows'"),
 ], ids=["Prune", "ranked_masks", "pruned"])
 def test_a_scope_typo_lists_the_scopes_of_its_entry_point(call, message):

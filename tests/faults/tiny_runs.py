@@ -55,14 +55,29 @@ class Batches:
 EVAL_BATCHES = [make_batch(10_000 + i, 16) for i in range(2)]
 
 
+def _seams(overrides: dict) -> dict:
+  """The harness's checkpoint settings (`checkpoint_dir`, `checkpoint_every` 2 by
+  default, `keep_checkpoints`, `resume`) as the driver's `checkpointer`, and
+  `log_every` (2 by default) as the cadence of a hook that only marks report points."""
+  directory = overrides.pop("checkpoint_dir", None)
+  every = overrides.pop("checkpoint_every", 2)
+  keep = overrides.pop("keep_checkpoints", 3)
+  resume = overrides.pop("resume", True)
+  log_every = overrides.pop("log_every", 2)
+  if directory is not None:
+    overrides.setdefault("checkpointer", jaxprune.Checkpointer(directory, every=every, keep=keep,
+                                                              resume=resume))
+  overrides.setdefault("hooks", [jaxprune.training.every(log_every, lambda report: None)])
+  return overrides
+
+
 def train(**overrides) -> jaxprune.training.TrainResult:
   """`jaxprune.train` of the MLP: 8 steps of Adam, saved every 2, unless overridden."""
   params = overrides.pop("params", None) or make_params()
   loss = overrides.pop("loss_fn", loss_fn)
   batches = overrides.pop("train_batches", None) or Batches()
-  kwargs = dict(optimizer=optax.adam(1e-2), steps=8, checkpoint_every=2, log_every=2,
-                progress=False)
-  kwargs.update(overrides)
+  kwargs = dict(optimizer=optax.adam(1e-2), steps=8)
+  kwargs.update(_seams(overrides))
   return jaxprune.train(params, loss, batches, **kwargs)
 
 
@@ -73,8 +88,8 @@ def prune_retrain(**overrides) -> jaxprune.training.PruneRetrainResult:
   batches = overrides.pop("train_batches", None) or Batches()
   eval_batches = overrides.pop("eval_batches", EVAL_BATCHES)
   kwargs = dict(optimizer=optax.adam(1e-2), targets=[0.5, 0.75], where=jaxprune.select(params),
-                retrain_steps=4, checkpoint_every=2, log_every=2, progress=False)
-  kwargs.update(overrides)
+                retrain_steps=4)
+  kwargs.update(_seams(overrides))
   return jaxprune.prune_retrain(params, loss, batches, eval_batches, **kwargs)
 
 
@@ -100,9 +115,9 @@ def flip_a_bit_in_saved_params(directory: pathlib.Path, index: int, leaf: str) -
 
   import orbax.checkpoint as ocp
 
-  from jaxprune._src.training import checkpointing
-
-  manager = checkpointing.open_manager(directory, keep=10)
+  options = ocp.CheckpointManagerOptions(max_to_keep=10, create=True,
+                                         enable_async_checkpointing=False)
+  manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
   restored = manager.restore(index, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
   manager.close()
@@ -111,7 +126,7 @@ def flip_a_bit_in_saved_params(directory: pathlib.Path, index: int, leaf: str) -
   kernel.view(np.uint32)[0, 0] ^= 1 << 3  # -0.23131377 -> -0.2313124, as the issue saw
   tree["params"][leaf]["kernel"] = kernel
   shutil.rmtree(directory / str(index))
-  manager = checkpointing.open_manager(directory, keep=10)
+  manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
   manager.save(index, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                               meta=ocp.args.JsonSave(meta)))
   manager.wait_until_finished()

@@ -128,10 +128,19 @@ def _toy_problem():
 
 def _run(mesh, layout, checkpoint_dir=None):
   params, loss_fn, batch_at, evals = _toy_problem()
+  where = jaxprune.select(params)
+  if mesh is not None:  # the caller places params and batches; the loop follows the params
+    params = jax.device_put(params, jaxprune.sharding.param_shardings(params, mesh, layout))
+    plain_batch_at = batch_at
+
+    def batch_at(step):
+      return jaxprune.sharding.place_batch(plain_batch_at(step), mesh)
+
+    evals = [jaxprune.sharding.place_batch(b, mesh) for b in evals]
+  checkpointer = None if checkpoint_dir is None else jaxprune.Checkpointer(checkpoint_dir)
   return jaxprune.prune_retrain(
       params, loss_fn, batch_at, evals, optimizer=optax.adam(1e-2), targets=[0.3, 0.6],
-      where=jaxprune.select(params), retrain_steps=12, progress=False, mesh=mesh,
-      param_layout=layout, checkpoint_dir=checkpoint_dir)
+      where=where, retrain_steps=12, checkpointer=checkpointer, hooks=[])
 
 
 @pytest.mark.parametrize("layout", ["replicated", "fsdp"])
@@ -293,7 +302,8 @@ def test_sparse_training_on_fsdp_leaves_equals_one_device(method, axis_type):
                                              schedule=optax.constant_schedule(0.75))
     schedule = (jaxprune.sparse_training.rigl_schedule(0.3) if method == "rigl"
                 else jaxprune.sparse_training.set_schedule(0.3))
-    return jaxprune.pruned(optax.adam(1e-2), masks, schedule=schedule, update_every=2)
+    return jaxprune.sparse_training.drop_and_grow(optax.adam(1e-2), masks, schedule=schedule,
+                                                  update_every=2)
 
   want_params, want_state = _sparse_steps(make_tx(start), params)
   sharded = jax.device_put(params, jaxprune.sharding.param_shardings(params, mesh, "fsdp"))

@@ -69,12 +69,16 @@ def main():
   for a, b in zip(jax.tree.leaves(gathered(got)), jax.tree.leaves(want), strict=True):
     assert np.array_equal(a, np.asarray(b))
 
-  common = dict(optimizer=optax.adam(1e-2), where=where, retrain_steps=6, progress=False,
+  common = dict(optimizer=optax.adam(1e-2), where=where, retrain_steps=6, hooks=[],
                 targets=[jaxprune.Prune(s, scope="global") for s in (0.5, 0.8)])
+
+  def placed_batch(step):  # this process's rows, assembled into one global batch on the mesh
+    return jaxprune.sharding.place_batch(local_batch(step), mesh)
+
   evals = [global_batch(10_000)]
   multi = jaxprune.prune_retrain(
-      params, loss_fn, local_batch, [local_batch(10_000)], mesh=mesh, param_layout="fsdp",
-      checkpoint_dir=checkpoint_dir, checkpoint_every=3, **common)
+      sharded, loss_fn, placed_batch, [placed_batch(10_000)],
+      checkpointer=jaxprune.Checkpointer(checkpoint_dir, every=3), **common)
   single = jaxprune.prune_retrain(params, loss_fn, global_batch, evals, **common)
   for a, b in zip(jax.tree.leaves(gathered(multi.masks)), jax.tree.leaves(single.masks),
                   strict=True):
@@ -85,8 +89,8 @@ def main():
   assert abs(multi.final_loss - single.final_loss) < 1e-5
   # Resume from the checkpoints the two processes wrote: nothing left to run, same result.
   again = jaxprune.prune_retrain(
-      params, loss_fn, local_batch, [local_batch(10_000)], mesh=mesh, param_layout="fsdp",
-      checkpoint_dir=checkpoint_dir, checkpoint_every=3, **common)
+      sharded, loss_fn, placed_batch, [placed_batch(10_000)],
+      checkpointer=jaxprune.Checkpointer(checkpoint_dir, every=3), **common)
   for a, b in zip(jax.tree.leaves(gathered(again.params)), jax.tree.leaves(gathered(multi.params))):
     assert np.array_equal(a, b)
   print(f"process {process_id}: multihost ok", flush=True)

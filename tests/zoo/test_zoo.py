@@ -382,8 +382,8 @@ def test_pruned_gradual_training(model):
   final_target = 0.75
   schedule = optax.polynomial_schedule(init_value=0.0, end_value=final_target, power=3,
                                        transition_steps=100)
-  tx = jaxprune.pruned(optax.adamw(1e-2, weight_decay=0.1), where=model.where,
-                       schedule=schedule, update_every=10)
+  tx = jaxprune.gradually_pruned(optax.adamw(1e-2, weight_decay=0.1), where=model.where,
+                                 schedule=schedule, update_every=10)
   zeros_seen = []
 
   def on_check(step, params):
@@ -404,14 +404,19 @@ def test_pruned_gradual_training(model):
 # ----------------------------------------------------------------------------- prune_retrain
 
 
-def _prune_retrain(model, params, tmp_path, **kwargs):
-  kwargs.setdefault("loss", model.loss)
-  loss = kwargs.pop("loss")
-  batches = kwargs.pop("train_batches", lambda step: batch_at(step))
+def _prune_retrain(model, params, tmp_path, *, loss=None, train_batches=None, every=None,
+                   resume=True, teacher=None):
+  loss = model.loss if loss is None else loss
+  batches = (lambda step: batch_at(step)) if train_batches is None else train_batches
+  if teacher is not None:  # distilled from `teacher = (apply_fn, teacher_params)`
+    apply_fn, teacher_params = teacher
+    loss = jaxprune.distillation_loss(loss, apply_fn, weight=0.5, temperature=2.0)
+    batches = jaxprune.training.with_teacher_logits(batches, apply_fn, teacher_params)
   return jaxprune.prune_retrain(
       params, loss, train_batches=batches, eval_batches=EVAL_BATCHES,
       optimizer=optax.adam(1e-3), targets=[0.5, 0.75], where=model.where, retrain_steps=5,
-      checkpoint_dir=str(tmp_path / "ckpt"), progress=False, **kwargs)
+      checkpointer=jaxprune.Checkpointer(str(tmp_path / "ckpt"), every=every, resume=resume),
+      hooks=[])
 
 
 def _assert_exact_sparsity(model, result, target):
@@ -457,9 +462,9 @@ def test_prune_retrain_interrupted_then_resumed_is_bitwise_exact(model, tmp_path
     return batch_at(step)
 
   with pytest.raises(SimulatedCrashError):
-    _prune_retrain(model, model.retrain_params, tmp_path / "cut", checkpoint_every=2,
+    _prune_retrain(model, model.retrain_params, tmp_path / "cut", every=2,
                    train_batches=batches_until_7)
-  resumed = _prune_retrain(model, model.retrain_params, tmp_path / "cut", checkpoint_every=2)
+  resumed = _prune_retrain(model, model.retrain_params, tmp_path / "cut", every=2)
   for (path, a), (_, b) in zip(slots(resumed.params), slots(whole.params)):
     assert (a is None) == (b is None), path
     if a is not None:
@@ -599,9 +604,9 @@ def test_rigl_sparse_training(model):
   start = jaxprune.ranked_masks(model.params, 0.75, model.where,
                                 score=jaxprune.scores.random_score(0),
                                 distribution=jaxprune.distributions.erk())
-  tx = jaxprune.pruned(optax.adam(1e-2), start,
-                       schedule=jaxprune.sparse_training.rigl_schedule(0.3, end=75),
-                       update_every=20)
+  tx = jaxprune.sparse_training.drop_and_grow(
+      optax.adam(1e-2), start, update_every=20,
+      schedule=jaxprune.sparse_training.rigl_schedule(0.3, end=75))
   kept_total = sum(int(m.sum()) for _, _, m in masked_pairs(model.params, start))
   nonzero_seen = []
 

@@ -8,8 +8,8 @@ a random key, a user's tree) are leaves, so a target holding one can be traced.
 * `magnitude_score()`: `|w|` (the default of every target).
 * `saliency_score(grads)`: `|w * g|` (first-order Taylor, JaxPruner's saliency), `grads`
   a pytree of `params`' structure (e.g. from `mean_gradients`). `saliency_score()`
-  (no grads) takes the gradients of the step that prunes: in `pruned`'s gradual
-  mode the step's gradient (one batch); in `prune_retrain`, the gradient of the
+  (no grads) takes the gradients of the step that prunes: in `gradually_pruned`
+  the step's gradient (one batch); in `prune_retrain`, the gradient of the
   iteration's first retraining batch, before each prune.
 * `gradient_score(grads)`: `|g|`, what RigL regrows by (`jaxprune.drop_grow`);
   `gradient_score()` takes the step's gradients in `pruned`, as `saliency_score()`.
@@ -95,7 +95,7 @@ class Saliency:
     if self.grads is None:
       raise ValueError(
           "saliency_score() without grads reads the gradients of the step that prunes: use it "
-          "in `pruned`'s gradual schedule or a `prune_retrain` schedule entry, or pass grads "
+          "in `gradually_pruned`'s schedule or `prune_retrain`'s targets, or pass grads "
           "(e.g. jaxprune.scores.mean_gradients(loss_fn, params, batches))")
     weights = [slots(params).leaves[i] for i in chosen]
     grads = _leaves_at(self.grads, params, chosen, "saliency grads")
@@ -122,7 +122,7 @@ class GradientMagnitude:
     if self.grads is None:
       raise ValueError(
           "gradient_score() without grads reads the gradients of the step that updates the "
-          "masks: use it in `pruned`'s schedule (jaxprune.sparse_training.rigl_schedule), "
+          "masks: use it in drop_and_grow's schedule (jaxprune.sparse_training.rigl_schedule), "
           "or pass grads")
     return [jnp.abs(g.astype(jnp.float32))
             for g in _leaves_at(self.grads, params, chosen, "gradient_score grads")]

@@ -2,8 +2,8 @@
 
 A *target* is any object with a nominal `sparsity` and a method
 `masks(params, where, previous) -> mask tree` (the `Target` protocol). Schedule
-entries of `prune_retrain`, `prune_step`, and the schedule of `pruned`'s gradual
-mode all take targets, so a new criterion is a new value, not a new keyword:
+entries of `prune_retrain`, `prune_step`, and the schedule of `gradually_pruned`
+all take targets, so a new criterion is a new value, not a new keyword:
 
 * `Prune(sparsity, score=..., scope="layer", distribution=...)`: exactly
   `round(sparsity * n)` lowest scores (`|w|` by default) per leaf (`"layer"`), over

@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 
 from jaxprune._src.methods.masks import check_count
 from jaxprune._src.training import integrity, run_settings
-from jaxprune._src.training.retraining import LoopState
+from jaxprune._src.training.phases import LoopState
 from jaxprune._src.types import PyTree
 
 logger = logging.getLogger("jaxprune")
@@ -46,7 +46,7 @@ class DamagedCheckpointError(Exception):
   """A checkpoint that does not read back as it was written (the reason is the text)."""
 
 
-def check_directory(directory: Any, name: str = "checkpoint_dir") -> str | None:
+def check_directory(directory: Any, name: str = "directory") -> str | None:
   """`directory` as an absolute path, checked writable by writing a file there (or,
   if it does not exist yet, in the nearest folder above it, so that nothing is
   created before the run starts); None stays None. A ValueError naming `name`
@@ -199,46 +199,58 @@ def check_resume(resume: Any) -> bool | str:
 
 
 class Checkpointer:
-  """The checkpoints of one run: resume check, checked saves, always closed.
+  """Where a run keeps its checkpoints, how often, and whether it resumes them.
 
-  A context manager over `directory` (None: every call does nothing), which it
-  checks before anything else (`check_directory`). On entry it opens the orbax
-  manager. `resume(like)` returns the newest intact checkpoint's state (in
-  `like`'s layout) and meta, or None when there is none; it raises when that
-  checkpoint was written with other settings (`config`, a `run_settings`
-  fingerprint), naming the first that differs, unless `resume="with_changes"`
-  (then only the array layout must agree, and the changes are logged). Newer
-  checkpoints that do not read back intact are skipped with a warning naming
-  each and why; when none is intact it raises, naming them all. `save(state,
-  meta)` writes the next one, refusing an unsound state; `due(step)` says whether
-  a phase should save after `step` steps (every `every`; never if None); exit
-  closes the manager, also when the run raises.
+  Give one to `jaxprune.train` or `jaxprune.prune_retrain` (`checkpointer=`): the
+  run enters it, resumes from the newest intact checkpoint in `directory` (in the
+  run's layout) unless none is there, saves every `every` steps of a phase and at
+  each phase's end, and closes it, also when the run raises.
+
+  A resume checks the checkpoint was written with the run's settings (`config`,
+  a `run_settings` fingerprint), naming the first that differs, unless
+  `resume="with_changes"` (then only the array layout must agree, and the changes
+  are logged); `resume=False` refuses a directory that holds checkpoints. Newer
+  checkpoints that do not read back intact are skipped with a warning naming each
+  and why; when none is intact it raises, naming them all. `save` refuses an
+  unsound state (nothing is written). Subclass it to watch or interrupt saves (a
+  test announcing each save, a run stopped after one): `save` is the one seam.
+
+  Args:
+    directory: created when the first checkpoint is written; checked writable
+      now (`check_directory`).
+    every: also save every this many steps of a phase (None: at phase ends only).
+    keep: how many checkpoints to keep (>= 1).
+    resume: True, False or `"with_changes"` (above).
 
   Example::
 
     >>> state = jaxprune.training.LoopState(params, opt_state, rng_data)
-    >>> with jaxprune.Checkpointer("ckpt", {"seed": 0}) as ckpt:
-    ...   print(ckpt.resume(state))
+    >>> with jaxprune.Checkpointer("ckpt") as ckpt:
+    ...   print(ckpt.resume(state, config={"seed": 0}))
     ...   ckpt.save(state, {"iteration": 0})
     None
-    >>> with jaxprune.Checkpointer("ckpt", {"seed": 0}) as ckpt:
-    ...   print(ckpt.resume(state)[1]["iteration"])
-    0
+    >>> with jaxprune.Checkpointer("ckpt") as ckpt:
+    ...   print(ckpt.resume(state, config={"seed": 0})[1]["iteration"], ckpt.indices())
+    0 [0]
   """
 
-  def __init__(self, directory: str | os.PathLike | None, config: dict, *, keep: int = 3,
-               resume: bool | str = True, every: int | None = None):
-    self.directory = check_directory(directory)
+  def __init__(self, directory: str | os.PathLike, *, every: int | None = None, keep: int = 3,
+               resume: bool | str = True):
+    self.directory = check_directory(directory, "directory")
+    if self.directory is None:
+      raise ValueError("Checkpointer needs a directory; pass checkpointer=None for no "
+                       "checkpoints")
+    self.every = None if every is None else check_count("every", every)
     self.keep = check_count("keep", keep)
-    self.config, self.allow_resume, self.every = config, check_resume(resume), every
+    self.allow_resume = check_resume(resume)
+    self.config: dict = {}
     self._manager: ocp.CheckpointManager | None = None
     self._next = 0
 
   def __enter__(self) -> Checkpointer:
-    if self.directory is not None:
-      self._manager = open_manager(self.directory, self.keep)
-      latest = self._manager.latest_step()
-      self._next = 0 if latest is None else latest + 1  # never write over a checkpoint
+    self._manager = open_manager(self.directory, self.keep)
+    latest = self._manager.latest_step()
+    self._next = 0 if latest is None else latest + 1  # never write over a checkpoint
     return self
 
   def __exit__(self, *exc: Any) -> None:
@@ -246,23 +258,39 @@ class Checkpointer:
       self._manager.close()
       self._manager = None
 
+  def _open(self) -> ocp.CheckpointManager:
+    if self._manager is None:
+      raise RuntimeError("use the Checkpointer inside `with checkpointer:` (the run does)")
+    return self._manager
+
   def _read(self, index: int, like: LoopState) -> tuple[LoopState, dict]:
     """Checkpoint `index` checked: DamagedCheckpointError if it does not read back intact,
     ValueError if it is another run's."""
-    meta = read_meta(self._manager, index)
+    meta = self.read_meta(index)
     changed = run_settings.check_fingerprint(
         meta.get("config", {}), self.config, f"checkpoint {index} in {self.directory}",
         allow_changes=self.allow_resume == "with_changes")
-    state = restore_state(self._manager, index, like, meta)
+    state = restore_state(self._open(), index, like, meta)
     if changed:
       logger.warning("resume='with_changes': %s continues under changed settings: %s",
                      self.directory, ", ".join(changed))
     return state, meta
 
-  def resume(self, like: LoopState) -> tuple[LoopState, dict] | None:
+  def indices(self) -> list[int]:
+    """The checkpoints in the directory, oldest first (numbered from 0)."""
+    return sorted(self._open().all_steps())
+
+  def read_meta(self, index: int) -> dict:
+    """Checkpoint `index`'s meta: position, history, settings, checksums (its digest
+    checked; `DamagedCheckpointError` when it does not read back as written)."""
+    return read_meta(self._open(), index)
+
+  def resume(self, like: LoopState, config: dict) -> tuple[LoopState, dict] | None:
     """The newest intact checkpoint restored into `like`'s layout, with its meta; or
-    None when the directory holds no checkpoint."""
-    indices = [] if self._manager is None else sorted(self._manager.all_steps(), reverse=True)
+    None when the directory holds no checkpoint. `config` is this run's settings:
+    checked against the checkpoint's, and recorded by every later `save`."""
+    self.config = config
+    indices = sorted(self._open().all_steps(), reverse=True)
     if not indices:
       return None
     if self.allow_resume is False:
@@ -286,22 +314,47 @@ class Checkpointer:
                      f"resumed (nothing was deleted): {'; '.join(skipped)}. Move the directory "
                      "aside to start the run afresh.")
 
-  @property
-  def active(self) -> bool:
-    """Whether checkpoints are written (a directory was given and the manager is open)."""
-    return self._manager is not None
-
   def due(self, step: int) -> bool:
     """Whether to save after `step` steps of a phase (a multiple of `every`)."""
-    return self.active and bool(self.every) and step % self.every == 0
+    return bool(self.every) and step % self.every == 0
 
   def save(self, state: LoopState, meta: dict) -> None:
-    """Writes the next checkpoint (complete on return); no-op without a directory.
+    """Writes the next checkpoint (complete on return), with the run's settings.
 
     Raises:
       FloatingPointError: the state is unsound; nothing is written.
     """
-    if self._manager is None:
-      return
-    save(self._manager, self._next, state, {**meta, "config": self.config})
+    save(self._open(), self._next, state, {**meta, "config": self.config})
     self._next += 1
+
+
+class NoCheckpoints:
+  """What a run without a `Checkpointer` uses: nothing resumed, nothing saved."""
+
+  directory = None
+  every = None
+
+  def __enter__(self) -> NoCheckpoints:
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    pass
+
+  def resume(self, like: LoopState, config: dict) -> None:
+    return None
+
+  def due(self, step: int) -> bool:
+    return False
+
+  def save(self, state: LoopState, meta: dict) -> None:
+    pass
+
+
+def check_checkpointer(checkpointer: Any) -> Checkpointer | NoCheckpoints:
+  """`checkpointer` if it is a `Checkpointer`, `NoCheckpoints()` for None, else a TypeError."""
+  if checkpointer is None:
+    return NoCheckpoints()
+  if not isinstance(checkpointer, Checkpointer):
+    raise TypeError(f"checkpointer must be a jaxprune.Checkpointer(directory, every=..., "
+                    f"keep=..., resume=...) or None, got {checkpointer!r}")
+  return checkpointer

@@ -1,10 +1,11 @@
-"""Knowledge distillation from the dense model while the pruned one retrains."""
+"""Knowledge distillation: a loss blended with the teacher's soft targets, and the
+batches that carry the teacher's logits to it."""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,17 +52,57 @@ def takes_rng(loss_fn: Callable[..., Any]) -> bool:
     return False
 
 
+class TeacherBatch(NamedTuple):
+  """A training batch with the teacher's logits on it (`with_teacher_logits`)."""
+
+  batch: Any
+  teacher_logits: jax.Array
+
+
+class DistillationLoss:
+  """`distillation_loss`'s loss: blended on a `TeacherBatch`, `loss_fn` alone on any
+  other batch (so the same loss evaluates on plain evaluation batches)."""
+
+  def __init__(self, loss_fn: Callable[..., Any], apply_fn: ApplyFn, weight: float,
+               temperature: float):
+    self.loss_fn, self.apply_fn = loss_fn, apply_fn
+    self.weight, self.temperature = weight, temperature
+    self._wants_rng = takes_rng(loss_fn)
+
+  def _student(self, params: PyTree, batch: Any, rng: jax.Array | None) -> Any:
+    return self.loss_fn(params, batch, rng=rng) if self._wants_rng else self.loss_fn(params, batch)
+
+  def __call__(self, params: PyTree, inputs: Any, rng: jax.Array | None = None) -> Any:
+    if not isinstance(inputs, TeacherBatch):
+      return self._student(params, inputs, rng)
+    out = self._student(params, inputs.batch, rng)
+    hard, aux = out if isinstance(out, tuple) else (out, None)
+    student = aux.get("logits") if isinstance(aux, dict) else None
+    if student is None:
+      student = self.apply_fn(params, inputs.batch)
+    soft = kl_to_teacher(student, inputs.teacher_logits, self.temperature)
+    blended = (1.0 - self.weight) * hard + self.weight * soft
+    return blended, {"hard_loss": hard, "distill_loss": soft}
+
+  def fingerprint(self) -> dict:
+    """What a resumed run must share: the blend's settings."""
+    return {"weight": self.weight, "temperature": self.temperature}
+
+
 def distillation_loss(
     loss_fn: Callable[..., Any], apply_fn: ApplyFn, *, weight: float, temperature: float
-) -> Callable[[PyTree, dict], tuple[jax.Array, dict]]:
-  """`(1 - weight) * loss_fn + weight * kl_to_teacher`, over `{"batch", "teacher_logits"}`.
+) -> DistillationLoss:
+  """`(1 - weight) * loss_fn + weight * kl_to_teacher` on batches carrying the teacher's logits.
 
-  The returned loss takes `(params, {"batch": batch, "teacher_logits": logits})`,
-  with `logits = apply_fn(teacher_params, batch)` computed *before* the gradient
-  (`teacher_logits_fn`), so the teacher is never traced inside `jax.grad` (where an
-  `nnx.scan` model, for one, refuses to run on params it does not differentiate)
-  and costs one forward pass. Student logits come from `loss_fn`'s aux
-  (`(loss, {"logits": ...})`) when it returns them, else from `apply_fn(params, batch)`.
+  The returned loss takes `(params, batch)`: on a `TeacherBatch(batch,
+  teacher_logits)` (what `with_teacher_logits` yields) it is the blend; on any
+  other batch it is `loss_fn(params, batch)` alone, so the run's evaluation
+  batches report the plain loss. The teacher's logits are computed *before* the
+  gradient (`with_teacher_logits`), so the teacher is never traced inside
+  `jax.grad` (where an `nnx.scan` model, for one, refuses to run on params it does
+  not differentiate) and costs one forward pass. Student logits come from
+  `loss_fn`'s aux (`(loss, {"logits": ...})`) when it returns them, else from
+  `apply_fn(params, batch)`.
 
   The returned loss takes an `rng` keyword and hands it to `loss_fn` when `loss_fn`
   has an `rng` parameter, so dropout stays on while distilling (the teacher and an
@@ -69,25 +110,58 @@ def distillation_loss(
 
   Raises:
     ValueError: `weight` outside [0, 1] or `temperature <= 0`.
+
+  Example::
+
+    >>> import jax.numpy as jnp, jaxprune
+    >>> apply_fn = lambda p, x: x @ p["w"]
+    >>> loss_fn = lambda p, x: jnp.mean(apply_fn(p, x) ** 2)
+    >>> params, x = {"w": jnp.ones((3, 4))}, jnp.ones((2, 3))
+    >>> distilled = jaxprune.distillation_loss(loss_fn, apply_fn, weight=0.5, temperature=2.0)
+    >>> batches = jaxprune.training.with_teacher_logits(lambda step: x, apply_fn, params)
+    >>> loss, parts = distilled(params, batches(0))    # the teacher is the student: no KL
+    >>> float(loss) == 0.5 * float(loss_fn(params, x)), float(parts["distill_loss"])
+    (True, 0.0)
+    >>> float(distilled(params, x)) == float(loss_fn(params, x))   # a plain batch: loss_fn
+    True
   """
   if not 0.0 <= weight <= 1.0:
     raise ValueError(f"weight must be in [0, 1], got {weight!r}")
   if temperature <= 0:
     raise ValueError(f"temperature must be > 0, got {temperature!r}")
+  return DistillationLoss(loss_fn, apply_fn, weight, temperature)
 
-  wants_rng = takes_rng(loss_fn)
 
-  def loss(params: PyTree, inputs: dict, rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
-    batch = inputs["batch"]
-    out = loss_fn(params, batch, rng=rng) if wants_rng else loss_fn(params, batch)
-    hard, aux = out if isinstance(out, tuple) else (out, None)
-    student = aux.get("logits") if isinstance(aux, dict) else None
-    if student is None:
-      student = apply_fn(params, batch)
-    soft = kl_to_teacher(student, inputs["teacher_logits"], temperature)
-    return (1.0 - weight) * hard + weight * soft, {"hard_loss": hard, "distill_loss": soft}
+class TeacherLogits:
+  """`with_teacher_logits`'s batches: `step -> TeacherBatch(batch, teacher's logits)`."""
 
-  return loss
+  def __init__(self, batches: Callable[[int], Any], apply_fn: ApplyFn, teacher_params: PyTree):
+    self.batches, self.teacher_params = batches, teacher_params
+    self._forward = teacher_logits_fn(apply_fn)
+
+  def __call__(self, step: int) -> TeacherBatch:
+    batch = self.batches(step)
+    return TeacherBatch(batch, self._forward(self.teacher_params, batch))
+
+  def fingerprint(self) -> dict:
+    """What a resumed run must share: the teacher, by value."""
+    return {"teacher_params": self.teacher_params}
+
+
+def with_teacher_logits(batches: Callable[[int], Any], apply_fn: ApplyFn,
+                        teacher_params: PyTree) -> TeacherLogits:
+  """`step -> TeacherBatch(batches(step), apply_fn(teacher_params, batch))`: the
+  training batches of a distilled run (`distillation_loss` reads them).
+
+  The teacher's forward is jitted once and runs outside the gradient; its logits
+  stay on the device. Place `teacher_params` as you place the student's (on a
+  mesh: `jax.device_put(teacher, jaxprune.sharding.param_shardings(teacher, mesh))`).
+  A run's checkpoints record the teacher by value: a resume with another teacher
+  is refused.
+  """
+  if not callable(batches):
+    raise TypeError(f"batches must be a function step -> batch, got {batches!r}")
+  return TeacherLogits(batches, apply_fn, teacher_params)
 
 
 def teacher_logits_fn(apply_fn: ApplyFn) -> Callable[[PyTree, Any], jax.Array]:

@@ -53,7 +53,7 @@ from jaxprune._src.types import PyTree
 # 2: masks stored inside the optimizer state (their one home), not beside it.
 # 3: masks packed along each leaf's last axis (`packed_masks`), as `pruned` holds them.
 # 4: every array checksummed and the meta digested (`integrity`); settings by value.
-FORMAT = 4
+FORMAT = 5
 
 # Settings a resume can never change: the restored arrays would not fit.
 LAYOUT_KEYS = ("format", "params_layout", "num_leaves", "optimizer_state")
@@ -270,6 +270,6 @@ def check_fingerprint(saved: dict[str, Any], expected: dict[str, Any], where: st
     raise ValueError(
         f"{where} was written by another configuration: {what} is {_shown(saved.get(key))} "
         f"there and {_shown(expected.get(key))} now. Resume with the same settings (and "
-        f"optimizer), use another checkpoint_dir, or {hint} (nothing was overwritten)."
+        f"optimizer), use another checkpoint directory, or {hint} (nothing was overwritten)."
     )
   return changed

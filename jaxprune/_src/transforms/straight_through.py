@@ -34,7 +34,8 @@ from jaxprune._src.methods.masks import check_count
 from jaxprune._src.methods.targets import as_target
 from jaxprune._src.training.run_settings import note_settings
 from jaxprune._src.transforms.drop_grow import DropAndGrow
-from jaxprune._src.transforms.optax_wrapper import PrunedState, pruned_states, target_at
+from jaxprune._src.transforms.optax_wrapper import PrunedState, pruned_states
+from jaxprune._src.transforms.recomputed_masks import target_at
 from jaxprune._src.tree.leaf_selection import Where
 from jaxprune._src.tree.mask_tree import (
   all_kept,

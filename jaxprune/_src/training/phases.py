@@ -1,17 +1,20 @@
-"""One retraining phase on the host, and the hooks that watch it.
+"""One training phase on the host, and the hooks that watch it.
 
 `retrain` only dispatches the jitted train step: losses stay on the device and
-are read once per *report point* (every `report_every` steps and at the end of
-the phase), where each hook gets a `StepReport`. The NaN guard, progress bars,
-logging and mid-phase checkpoints are hooks, so a loop adds a feature by adding
-a hook, not a keyword:
+are read once per *report point*, where each hook gets a `StepReport`. A hook
+with an `every` attribute (`every(n, hook)`, `progress_bar(every=n)`) is called
+every `n` steps of a phase and at its end; a plain callable at every report
+point. The report points are the union of those cadences, `report_every` and the
+phase's end. The NaN guard, progress bars, logging and mid-phase checkpoints are
+hooks, so a loop adds a feature by adding a hook, not a keyword:
 
 * `check_finite_losses`: the NaN guard, `FloatingPointError` naming the first
   bad step; then `check_sound_state`: the params finite and no NaN in the
   optimizer state (a NaN gradient behind a finite loss); `retrain` runs both
-  first unless `check_finite=False`;
+  first, at every report point, unless `check_finite=False`;
 * `log_losses`: the last loss to the `jaxprune` logger (debug level);
-* `ProgressBar(total, ...)`: a tqdm bar (a context manager that always closes).
+* `progress_bar(every=50)`: a tqdm bar per phase, closed at the phase's end (and
+  by `close_hooks` when a phase raises).
 
 Hooks run in order, after the guards: nothing non-finite reaches a hook that saves.
 """
@@ -48,12 +51,14 @@ class StepReport(NamedTuple):
   """What a hook sees at a report point of `retrain`.
 
   Attributes:
-    iteration: the schedule iteration the phase belongs to (for messages).
+    iteration: the iteration of `prune_retrain` the phase belongs to (0 in `train`).
     step: local steps done in the phase so far (`j + 1` after step `j`).
     global_step: the global step index of the last step done (`first_step + step - 1`).
     losses: float64 host array, the losses of the steps since the previous report.
     final: True at the end of the phase.
     state: the `LoopState` after `step` steps.
+    total: the number of steps of the whole phase (a resumed one included).
+    phase: what the phase is, for display (`"train"`, `"retrain 2/5 @ 50.00%"`).
   """
 
   iteration: int
@@ -62,6 +67,8 @@ class StepReport(NamedTuple):
   losses: np.ndarray
   final: bool
   state: LoopState
+  total: int = 0
+  phase: str = ""
 
 
 Hook = Callable[[StepReport], None]
@@ -123,66 +130,133 @@ def log_losses(report: StepReport) -> None:
                  report.losses[-1])
 
 
-class ProgressBar:
-  """A tqdm bar over one phase, as a hook: advanced and labelled at each report.
+class Every(NamedTuple):
+  """`hook` called every `every` steps of a phase and at its end (see `every`)."""
 
-  Shown on process 0 only, and only if `tqdm` is installed (an optional extra);
-  otherwise the hook does nothing. Use it as a context manager so the bar closes
-  when the phase raises.
-  """
-
-  def __init__(self, total: int, *, initial: int = 0, desc: str = "retrain",
-               enabled: bool = True):
-    self._bar = None
-    self._shown = initial
-    if enabled and jax.process_index() == 0:
-      try:
-        from tqdm.auto import tqdm
-      except ImportError:
-        return
-      self._bar = tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+  every: int
+  hook: Hook
 
   def __call__(self, report: StepReport) -> None:
-    if self._bar is None:
+    self.hook(report)
+
+
+def every(n: int, hook: Hook) -> Every:
+  """`hook` called every `n` steps of a phase and at the phase's end.
+
+  Example::
+
+    >>> tx = optax.adam(1e-3)
+    >>> state = jaxprune.training.LoopState(params, tx.init(params), rng_data)
+    >>> seen = []
+    >>> log = jaxprune.training.every(2, lambda r: seen.append(r.step))
+    >>> state = jaxprune.training.retrain(jaxprune.make_train_step(loss_fn, tx), state,
+    ...                                   batch_at_step, range(5), hooks=[log])
+    >>> seen
+    [2, 4, 5]
+  """
+  if not callable(hook):
+    raise TypeError(f"every({n!r}, hook): hook must be a callable f(StepReport), got {hook!r}")
+  return Every(_cadence(n, "every"), hook)
+
+
+class ProgressBar:
+  """A tqdm bar per phase, as a hook (`progress_bar`): opened at a phase's first
+  report, advanced and labelled at each, closed at its end or by `close`.
+
+  Shown on process 0 only, and only if `tqdm` is installed (an optional extra);
+  otherwise the hook does nothing.
+  """
+
+  def __init__(self, every: int = 50):
+    self.every = _cadence(every, "every")
+    self._bar = None
+    self._phase: tuple | None = None
+    self._shown = 0
+
+  def _open(self, report: StepReport) -> None:
+    self.close()
+    self._phase = (report.iteration, report.phase)
+    self._shown = report.step - len(report.losses)
+    if jax.process_index() != 0:
       return
-    self._bar.update(report.step - self._shown)
+    try:
+      from tqdm.auto import tqdm
+    except ImportError:
+      return
+    self._bar = tqdm(total=report.total or None, initial=self._shown, desc=report.phase or None,
+                     leave=False, dynamic_ncols=True)
+
+  def __call__(self, report: StepReport) -> None:
+    if self._phase != (report.iteration, report.phase) or self._shown > report.step:
+      self._open(report)
+    if self._bar is not None:
+      self._bar.update(report.step - self._shown)
+      if len(report.losses):
+        self._bar.set_postfix(loss=f"{report.losses[-1]:.4f}")
     self._shown = report.step
-    if len(report.losses):
-      self._bar.set_postfix(loss=f"{report.losses[-1]:.4f}")
+    if report.final:
+      self.close()
 
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()
-      self._bar = None
+    self._bar, self._phase = None, None
 
-  def __enter__(self) -> ProgressBar:
-    return self
 
-  def __exit__(self, *exc: Any) -> None:
-    self.close()
+def progress_bar(every: int = 50) -> ProgressBar:
+  """A tqdm progress bar over each phase, updated every `every` steps: the hook the
+  drivers run by default (`hooks=None`); `hooks=[]` shows none."""
+  return ProgressBar(every)
+
+
+def close_hooks(hooks: Sequence[Hook]) -> None:
+  """Calls `close()` on every hook that has one (a bar left open by a phase that raised)."""
+  for hook in hooks:
+    close = getattr(hook, "close", None)
+    if callable(close):
+      close()
+
+
+def _cadence(value: Any, name: str) -> int:
+  if not is_count(value) or value < 1:
+    raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+  return int(value)
 
 
 def _cadences(report_every: Any) -> tuple[int, ...]:
   cadences = tuple(report_every) if isinstance(report_every, (tuple, list)) else (report_every,)
-  if not cadences or not all(is_count(c) and c >= 1 for c in cadences):
+  if not all(is_count(c) and c >= 1 for c in cadences):
     raise ValueError(
         f"report_every must be an integer >= 1 or a tuple of them, got {report_every!r}")
   return tuple(int(c) for c in cadences)
 
 
 def check_hooks(hooks: Any) -> tuple[Hook, ...]:
-  """`hooks` as a tuple of callables; a TypeError naming the first that is not one."""
+  """`hooks` as a tuple of callables; a TypeError naming the first that is not one (or
+  a ValueError for a bad `every`)."""
   if callable(hooks) or not isinstance(hooks, (tuple, list)):
     raise TypeError(f"hooks must be a list of callables `f(StepReport)`, got {hooks!r}")
   for i, hook in enumerate(hooks):
     if not callable(hook):
       raise TypeError(f"hooks[{i}] = {hook!r} is not callable: a hook is `f(StepReport)`")
+    if getattr(hook, "every", None) is not None:
+      _cadence(hook.every, f"hooks[{i}].every")
   return tuple(hooks)
+
+
+def hook_cadences(hooks: Sequence[Hook]) -> tuple[int, ...]:
+  """The cadences hooks ask for (their `every`)."""
+  return tuple(int(h.every) for h in hooks if getattr(h, "every", None) is not None)
 
 
 def _read(losses: list[jax.Array]) -> np.ndarray:
   # A list, not a stacked array: no stacking program to compile per length.
   return np.asarray([float(v) for v in jax.device_get(losses)], dtype=np.float64)
+
+
+def _calls(hook: Hook, report: StepReport) -> bool:
+  cadence = getattr(hook, "every", None)
+  return cadence is None or report.final or report.step % cadence == 0
 
 
 def retrain(
@@ -193,20 +267,23 @@ def retrain(
     *,
     first_step: int = 0,
     iteration: int = 0,
-    report_every: int | Sequence[int] = 50,
+    report_every: int | Sequence[int] = (),
     hooks: Sequence[Hook] = (),
     check_finite: bool = True,
+    total: int | None = None,
+    phase: str = "",
 ) -> LoopState:
   """Runs `train_step` for the local steps `steps` of one phase; hooks watch it.
 
   Local step `j` is global step `g = first_step + j`: it gets `batch_at(g)` and
   the RNG folded with `g`, so a phase resumed at `steps.start` continues bitwise.
-  After every local step `j` with `(j + 1) % c == 0` for a cadence `c` of
-  `report_every` (an int or several), and after the last step, the losses since
-  the previous report are read from the device once and every hook is called with
-  a `StepReport`, in order, after the guards `check_finite_losses` and
-  `check_sound_state` (which `check_finite=False` leaves out: a NaN then does not
-  stop the phase).
+  After every local step `j` with `(j + 1) % c == 0` for a cadence `c` (of
+  `report_every`, an int or several, and of the hooks' `every`), and after the
+  last step, the losses since the previous report are read from the device once
+  and the hooks due are called with a `StepReport`, in order, after the guards
+  `check_finite_losses` and `check_sound_state` (which `check_finite=False` leaves
+  out: a NaN then does not stop the phase). `total` (default `steps.stop`) and
+  `phase` label the reports.
 
   Masks stay where they live, in the `pruned` state inside `state.opt_state`.
 
@@ -226,18 +303,21 @@ def retrain(
   """
   if not isinstance(steps, range) or steps.step != 1:
     raise ValueError(f"steps must be a range of consecutive local steps, got {steps!r}")
-  cadences = _cadences(report_every)
+  hooks = check_hooks(hooks)
+  cadences = _cadences(report_every) + hook_cadences(hooks)
   guards = (check_finite_losses, check_sound_state) if check_finite else ()
-  hooks = guards + check_hooks(hooks)
+  total = steps.stop if total is None else total
   params, opt_state, rng = state
   pending: list[jax.Array] = []
 
   def report(step: int, final: bool) -> None:
     losses = _read(pending)
     pending.clear()
-    now = LoopState(params, opt_state, rng)
-    for hook in hooks:
-      hook(StepReport(iteration, step, first_step + step - 1, losses, final, now))
+    now = StepReport(iteration, step, first_step + step - 1, losses, final,
+                     LoopState(params, opt_state, rng), total, phase)
+    for hook in guards + hooks:
+      if _calls(hook, now):
+        hook(now)
 
   for j in steps:
     g = first_step + j
@@ -248,4 +328,3 @@ def retrain(
   if len(steps):
     report(steps.stop, final=True)
   return LoopState(params, opt_state, rng)
-

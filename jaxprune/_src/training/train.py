@@ -2,9 +2,9 @@
 
 Sparse training from the start (`pruned` with drop and grow, `straight_through`,
 `straight_through_masks`, static masks) is one phase of training, not a
-prune-retrain schedule: `train` runs it from the same pieces as `prune_retrain`
-(`make_train_step`, `retrain` with its NaN guard and hooks, `Checkpointer`),
-compiled once. Step `g` gets `train_batches(g)` and the RNG folded with `g`; a
+prune-retrain schedule: `train` runs it on the same core as `prune_retrain`
+(`run`: `make_train_step`, `retrain` with its NaN guard and hooks, a
+`Checkpointer`), compiled once. Step `g` gets `train_batches(g)` and the RNG folded with `g`; a
 run killed at any point and started again with the same arguments resumes from
 its latest checkpoint and ends bitwise where an uninterrupted run ends.
 """
@@ -16,22 +16,21 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
-import jax
 import optax
 
-from jaxprune._src.methods.masks import check_count, check_seed
+from jaxprune._src.methods.masks import check_count
 from jaxprune._src.training import checkpointing, run_settings
-from jaxprune._src.training.loop import eval_source, train_source
 from jaxprune._src.training.metrics import Metric, check_metric, loss_metric
+from jaxprune._src.training.phases import Hook, LoopState, check_array_leaves
 from jaxprune._src.training.results import Evaluation, check_evaluation, evaluate
-from jaxprune._src.training.retraining import (
-  Hook,
-  LoopState,
-  ProgressBar,
-  check_array_leaves,
-  check_hooks,
-  log_losses,
-  retrain,
+from jaxprune._src.training.run import (
+  Phases,
+  composed_settings,
+  driver_hooks,
+  eval_source,
+  run_phase,
+  start_state,
+  train_source,
 )
 from jaxprune._src.training.steps import LossFn, make_eval_step, make_train_step
 from jaxprune._src.transforms.forward_masks import straight_through_view
@@ -58,16 +57,16 @@ class TrainResult(NamedTuple):
   wall_seconds: float
 
 
-def _resumed(ckpt: checkpointing.Checkpointer, state: LoopState, steps: int,
+def _resumed(ckpt: Any, state: LoopState, config: dict, steps: int,
              exact: bool) -> tuple[LoopState, int]:
   """(the state to start from, its step): the newest intact checkpoint's, or `state`'s."""
-  resumed = ckpt.resume(state)
+  resumed = ckpt.resume(state, config)
   if resumed is None:
     return state, 0
   state, meta = resumed
   if meta["step"] >= steps:
     logger.warning("%s holds this run finished (step %d of %d): returned as saved, nothing "
-                   "trained; use another checkpoint_dir to train again", ckpt.directory,
+                   "trained; use another directory to train again", ckpt.directory,
                    meta["step"], steps)
   elif not exact:
     logger.warning("train_batches is an iterable: resume restarts it (approximate)")
@@ -82,56 +81,46 @@ def train(
     optimizer: optax.GradientTransformation,
     steps: int,
     eval_batches: Iterable | Callable[[], Iterable] | None = None,
-    checkpoint_dir: str | None = None,
-    checkpoint_every: int | None = None,
-    resume: bool | str = True,
-    keep_checkpoints: int = 3,
-    seed: int = 0,
-    log_every: int = 50,
     metric: Metric = loss_metric,
-    hooks: Sequence[Hook] = (),
-    progress: bool = True,
+    checkpointer: checkpointing.Checkpointer | None = None,
+    hooks: Sequence[Hook] | None = None,
 ) -> TrainResult:
   """Trains `params` for `steps` steps of `optimizer`, checkpointed and resumable.
 
   Args:
-    params: the initial params (any pytree).
+    params: the initial params (any pytree; placed on a mesh if you want it there).
     loss_fn: `loss_fn(params, batch) -> scalar` (or `(loss, aux)`; an `rng`
-      keyword gets a per-step key).
+      keyword gets a per-step key, `fold_in(key(0), step)`); a
+      `distillation_loss` with `with_teacher_logits` batches distills.
     train_batches: `step -> batch` (exact resume) or an iterable (resume restarts it).
-    optimizer: any optax transformation: `pruned(adam, masks, schedule=rigl_schedule(...),
-      update_every=100)`, `straight_through(...)`, `straight_through_masks(...)` (the
-      forward then runs on `straight_through_view`), a plain optimizer.
+    optimizer: any optax transformation: `drop_and_grow(adam, masks,
+      schedule=rigl_schedule(...), update_every=100)`, `gradually_pruned(...)`,
+      `straight_through(...)`, `straight_through_masks(...)` (the forward then runs on
+      `straight_through_view`), `pruned(adam, masks)`, a plain optimizer.
     steps: number of training steps.
     eval_batches: evaluated once after the last step (optional), on what the forward
       runs on (`straight_through_view(params, opt_state)`); checked before the first
       step (traced on the first batch with the metric, every batch finite).
-    checkpoint_dir: orbax checkpoints go here (None: none), created and checked
-      writable before any compute; resumed when it holds one.
-    checkpoint_every: save every this many steps (and always after the last).
-    resume: continue from the newest intact checkpoint in `checkpoint_dir` (True),
-      refuse a directory holding checkpoints (False), or `"with_changes"`: continue
-      although the run's settings changed (the schedule, masks, `update_every`,
-      `steps`, the seed...), the changes logged. The settings are compared by
-      value; the wrapped optimizer's own hyperparameters (learning rate) are yours
-      to keep, only its state's layout is compared.
-    keep_checkpoints: how many checkpoints orbax keeps (>= 1).
-    seed: seeds the RNG handed to `loss_fn(..., rng=...)` (an integer >= 0).
-    log_every: steps between report points (NaN guard, logging, hooks, the bar).
     metric: the figure the evaluation reports beside the loss.
-    hooks: extra `retrain` hooks, called at every report point.
-    progress: a tqdm bar (process 0 only).
+    checkpointer: a `jaxprune.Checkpointer(directory, every=..., keep=...,
+      resume=...)`: resumed from its newest intact checkpoint (refusing one of
+      other settings: the schedule, masks, `update_every`, `steps`, compared by
+      value; the wrapped optimizer's own hyperparameters are yours to keep, only
+      its state's layout is compared), saved every `every` steps and after the
+      last. None: no checkpoints.
+    hooks: `hook(StepReport)` callables (see `prune_retrain`); None shows a progress
+      bar, `[]` runs none.
 
   Returns:
     A `TrainResult`.
 
   Raises:
-    ValueError: before any compute, for a bad count, seed or checkpoint directory,
-      an evaluation that fails or holds NaN, or a checkpoint of another
-      configuration; or when no checkpoint in the directory reads back intact
-      (naming each and why). FloatingPointError for a NaN/inf loss, or NaN/inf
-      params or a NaN optimizer state behind a finite loss (the last good
-      checkpoint is kept: nothing unsound is saved).
+    ValueError: before any compute, for a bad count, an evaluation that fails or
+      holds NaN, or a checkpoint of another configuration; or when no checkpoint
+      in the directory reads back intact (naming each and why).
+      FloatingPointError for a NaN/inf loss, or NaN/inf params or a NaN optimizer
+      state behind a finite loss (the last good checkpoint is kept: nothing
+      unsound is saved).
 
   Example::
 
@@ -140,44 +129,34 @@ def train(
     ...                      schedule=jaxprune.sparse_training.rigl_schedule(0.3),
     ...                      update_every=2)
     >>> result = jaxprune.train(params, loss_fn, batch_at_step, optimizer=tx, steps=4,
-    ...                         checkpoint_dir="ckpt_rigl", progress=False)
+    ...                         checkpointer=jaxprune.Checkpointer("ckpt_rigl"), hooks=[])
     >>> float((result.params["fc1"]["kernel"] == 0).mean())
     0.5
   """
   check_array_leaves(params)
   steps = check_count("steps", steps)
-  every = None if checkpoint_every is None else check_count("checkpoint_every", checkpoint_every)
-  log_every, hooks = check_count("log_every", log_every), check_hooks(hooks)
-  keep, seed = check_count("keep_checkpoints", keep_checkpoints), check_seed(seed)
-  resume = checkpointing.check_resume(resume)
-  checkpoint_dir = checkpointing.check_directory(checkpoint_dir)
-  metric = check_metric(metric)
+  hooks, metric = driver_hooks(hooks), check_metric(metric)
+  ckpt = checkpointing.check_checkpointer(checkpointer)
   eval_step = make_eval_step(loss_fn, metric)
   batch_at, exact = train_source(train_batches)
   evaluations = None if eval_batches is None else eval_source(eval_batches)
   started = time.perf_counter()
   with run_settings.recording() as notes:
     opt_state = optimizer.init(float_part(params))
-  state = LoopState(params, opt_state, jax.random.key_data(jax.random.key(seed)))
+  state = start_state(params, opt_state)
   config = run_settings.fingerprint(
-      params, run="train", steps=steps, seed=seed, metric=metric.name,
+      params, run="train", steps=steps, metric=metric.name,
       training=run_settings.describe_notes(notes, steps),
       masks=[s.packed_masks for s in pruned_states(opt_state)],
+      composed=composed_settings(loss_fn=loss_fn, train_batches=train_batches),
       optimizer_state=run_settings.describe_state(opt_state))
-  with checkpointing.Checkpointer(checkpoint_dir, config, keep=keep, resume=resume,
-                                  every=every) as ckpt:
-    state, first = _resumed(ckpt, state, steps, exact)
+  run = Phases(make_train_step(loss_fn, optimizer), batch_at, ckpt, hooks)
+  with ckpt:
+    state, first = _resumed(ckpt, state, config, steps, exact)
     if evaluations is not None:  # before the first step, not after the last
       check_evaluation(eval_step, params, evaluations())
-
-    def checkpoint(report) -> None:
-      if ckpt.due(report.step) and not report.final:
-        ckpt.save(report.state, {"step": report.step})
-
-    cadences = (log_every,) + ((every,) if ckpt.active and every else ())
-    with ProgressBar(steps, initial=first, desc="train", enabled=progress) as bar:
-      state = retrain(make_train_step(loss_fn, optimizer), state, batch_at, range(first, steps),
-                      report_every=cadences, hooks=[checkpoint, *hooks, log_losses, bar])
+    state = run_phase(run, state, range(first, steps), first_step=0, iteration=0, total=steps,
+                      phase="train", save=lambda s, step: ckpt.save(s, {"step": step}))
     if first < steps:
       ckpt.save(state, {"step": steps})
   evaluation = None

@@ -9,9 +9,9 @@ For each iteration `i`:
    masks (their one home is its state);
 4. evaluate, append an `IterationRecord`, checkpoint.
 
-`prune_retrain` is built from public pieces (`jaxprune.steps`,
-`jaxprune.retraining`, `Checkpointer`, `distillation_loss`), which a user can
-run by hand in a loop of their own. The train step and the eval step are each
+`prune_retrain` is built from public pieces (`prune_step`, `make_train_step`,
+`retrain` and its hooks, `Checkpointer`), which a user can run by hand in a loop of
+their own, and shares its core with `train` (`run`). The train step and the eval step are each
 compiled once for the whole run; the Python loop only dispatches them, and reads
 the device at report points, at checkpoints and at the end of each phase.
 """
@@ -28,16 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
 
-from jaxprune._src.io.sharding import (
-  ParamLayout,
-  onto_mesh,
-  param_shardings,
-  place_batch,
-  place_masks,
-)
-from jaxprune._src.methods.masks import check_count, check_seed, is_count
+from jaxprune._src.io.sharding import onto_mesh, place_masks
+from jaxprune._src.methods.masks import is_count
 from jaxprune._src.methods.targets import (
   GivenMasks,
   Target,
@@ -46,8 +39,8 @@ from jaxprune._src.methods.targets import (
   with_gradients,
 )
 from jaxprune._src.training import checkpointing, run_settings
-from jaxprune._src.training.distillation import distillation_loss, teacher_logits_fn
 from jaxprune._src.training.metrics import Metric, check_metric, loss_metric
+from jaxprune._src.training.phases import Hook, LoopState, check_array_leaves
 from jaxprune._src.training.reporting import sparsity_report
 from jaxprune._src.training.results import (
   Evaluation,
@@ -57,14 +50,15 @@ from jaxprune._src.training.results import (
   evaluate,
   pruned_fraction,
 )
-from jaxprune._src.training.retraining import (
-  Hook,
-  LoopState,
-  ProgressBar,
-  check_array_leaves,
-  check_hooks,
-  log_losses,
-  retrain,
+from jaxprune._src.training.run import (
+  Phases,
+  composed_settings,
+  driver_hooks,
+  eval_source,
+  mesh_of,
+  run_phase,
+  start_state,
+  train_source,
 )
 from jaxprune._src.training.steps import (
   LossFn,
@@ -97,8 +91,8 @@ def _check_entry(entry: Any, name: str) -> Target:
   if isinstance(entry, DropAndGrow):
     raise ValueError(
         f"{name} = {entry}: drop and grow moves kept weights and prunes none; it is sparse "
-        "training, run with jaxprune.train(optimizer=jaxprune.pruned(opt, masks, "
-        "schedule=jaxprune.sparse_training.rigl_schedule(...), update_every=...))")
+        "training, run with jaxprune.train(optimizer=jaxprune.sparse_training.drop_and_grow("
+        "opt, masks, schedule=jaxprune.sparse_training.rigl_schedule(...), update_every=...))")
   return as_target(entry, name)
 
 
@@ -166,81 +160,22 @@ def _check_budgets(retrain_steps: int | Sequence[int], n: int) -> list[int]:
   return [int(b) for b in budgets]
 
 
-def eval_source(eval_batches) -> Callable[[], Iterable]:
-  """`eval_batches` as a callable returning an iterable (checked re-iterable, non-empty)."""
-  source = eval_batches if callable(eval_batches) else (lambda: eval_batches)
-  first = source()
-  if not callable(eval_batches) and iter(first) is first:
-    raise TypeError(
-        "eval_batches must be re-iterable (a list) or a callable returning an iterable; "
-        "a one-shot iterator would be empty at the second evaluation"
-    )
-  if next(iter(first), None) is None:
-    raise ValueError("eval_batches is empty: evaluation needs at least one batch")
-  return source
-
-
-def train_source(train_batches) -> tuple[Callable[[int], Any], bool]:
-  """(step -> batch, whether a resumed run gets the same batches)."""
-  if callable(train_batches):
-    return train_batches, True
-  iterator = iter(train_batches)
-
-  def next_batch(step: int):
-    try:
-      return next(iterator)
-    except StopIteration:
-      raise ValueError(f"train_batches ran out at global step {step}") from None
-
-  return next_batch, False
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
 class _Run(NamedTuple):
   """What every iteration of `prune_retrain` needs, built once."""
 
+  phases: Phases
   tx: optax.GradientTransformation
-  train_step: Callable[..., Any]
   evaluate: Callable[[PyTree], Evaluation]
   prune: Callable[..., Any]
-  batch_at: Callable[[int], Any]
   targets: list[Target]
   budgets: list[int]
   restart_optimizer: bool
-  mesh: Mesh | None
-  log_every: int
-  progress: bool
-  hooks: tuple[Hook, ...]
   closed: dict  # target -> its compiled prune, for targets that are not pytrees
   gradients: Callable[..., PyTree]  # for targets scoring by the gradients at the prune
-
-
-class _Settings(NamedTuple):
-  targets: list[Target]
-  budgets: list[int]
-  checkpoint_every: int | None
-  log_every: int
-  hooks: tuple[Hook, ...]
-  keep: int
-  seed: int
-  resume: bool | str
-  checkpoint_dir: str | None
-
-
-def _check_loop_args(targets, retrain_steps, checkpoint_every, log_every,
-                     hooks, keep_checkpoints, seed, resume, checkpoint_dir) -> _Settings:
-  """Every scalar setting of the loop, checked (and made plain Python values); the
-  checkpoint directory created and checked writable."""
-  targets = _check_targets(targets)
-  budgets = _check_budgets(retrain_steps, len(targets))
-  if checkpoint_every is not None:
-    checkpoint_every = check_count("checkpoint_every", checkpoint_every)
-  return _Settings(targets, budgets, checkpoint_every, check_count("log_every", log_every),
-                   check_hooks(hooks), check_count("keep_checkpoints", keep_checkpoints),
-                   check_seed(seed), checkpointing.check_resume(resume),
-                   checkpointing.check_directory(checkpoint_dir))
+  metric: Metric
 
 
 def _check_optimizer(optimizer: Any, params: PyTree) -> None:
@@ -255,37 +190,6 @@ def _check_optimizer(optimizer: Any, params: PyTree) -> None:
     )
 
 
-def _placed_sources(params, train_batches, eval_batches, mesh, layout):
-  """(params, step -> batch, eval source, exact?) with params and batches on `mesh`."""
-  evaluations = eval_source(eval_batches)
-  batch_at, exact = train_source(train_batches)
-  if mesh is None:
-    return params, batch_at, evaluations, exact
-  params = jax.device_put(params, param_shardings(params, mesh, layout))
-  return (params, lambda step: place_batch(batch_at(step), mesh),
-          lambda: (place_batch(b, mesh) for b in evaluations()), exact)
-
-
-def distilling(loss_fn, batch_at, teacher, weight, temperature, mesh=None,
-               layout="replicated"):
-  """(train loss, step -> batch): with a teacher `(apply_fn, params)`, its logits join
-  every batch and the loss is `distillation_loss`; without, both unchanged."""
-  if teacher is None:
-    return loss_fn, batch_at
-  apply_fn, teacher_params = teacher
-  train_loss = distillation_loss(loss_fn, apply_fn, weight=weight, temperature=temperature)
-  if mesh is not None:
-    teacher_params = jax.device_put(teacher_params,
-                                    param_shardings(teacher_params, mesh, layout))
-  forward = teacher_logits_fn(apply_fn)
-
-  def with_logits(step: int) -> dict:
-    batch = batch_at(step)
-    return {"batch": batch, "teacher_logits": forward(teacher_params, batch)}
-
-  return train_loss, with_logits
-
-
 def _prune_phase(run: _Run, state, i: int, history: list[dict]) -> tuple[Any, dict]:
   """Prune to `targets[i]` and evaluate: (state, the iteration's record so far, as JSON)."""
   params, opt_state, rng = state
@@ -296,15 +200,17 @@ def _prune_phase(run: _Run, state, i: int, history: list[dict]) -> tuple[Any, di
     # The gradient of the batch of the iteration's first retraining step: a pure
     # function of the run's state, so a resumed run prunes alike.
     first = sum(run.budgets[:i])
-    target = with_gradients(target, run.gradients(params, run.batch_at(first), rng, first))
+    target = with_gradients(target, run.gradients(params, run.phases.batch_at(first), rng,
+                                                  first))
   params, opt_state = _run_prune(run.prune, run.closed, params, opt_state, target)
   masks = get_masks(opt_state)
-  if run.mesh is not None:  # Keep masks exactly on their params' shardings.
+  mesh = mesh_of(params)
+  if mesh is not None:  # Keep masks exactly on their params' shardings.
     masks = place_masks(masks, params)
   if run.restart_optimizer:
     opt_state = run.tx.init(float_part(params))
-    if run.mesh is not None:  # its scalars on the mesh too, as every array of the state
-      opt_state = onto_mesh(opt_state, run.mesh)
+    if mesh is not None:  # its scalars on the mesh too, as every array of the state
+      opt_state = onto_mesh(opt_state, mesh)
   opt_state = replace_masks(opt_state, masks)
   row = {"iteration": i, "target": str(target), "target_sparsity": float(target.sparsity),
          "achieved_sparsity": pruned_fraction(masks), "before_prune": before._asdict(),
@@ -312,18 +218,7 @@ def _prune_phase(run: _Run, state, i: int, history: list[dict]) -> tuple[Any, di
   return LoopState(params, opt_state, rng), row
 
 
-def _phase_hooks(run: _Run, ckpt, save: Callable[[Any, int], None], bar: Hook) -> list[Hook]:
-  """After `retrain`'s NaN guard (nothing bad is saved): a checkpoint when one is due
-  before the phase's end (which saves anyway), so a user hook that stops the run
-  loses nothing; then the user's hooks, logging and the bar."""
-  def checkpoint(report) -> None:
-    if ckpt.due(report.step) and not report.final:
-      save(report.state, report.step)
-
-  return [checkpoint, *run.hooks, log_losses, bar]
-
-
-def _iteration(run: _Run, state, meta: dict, i: int, ckpt: checkpointing.Checkpointer):
+def _iteration(run: _Run, state, meta: dict, i: int, ckpt) -> LoopState:
   """Iteration `i`: prune (unless resuming inside its retraining), retrain, evaluate,
   record and checkpoint. Returns the state after it; `meta` is updated in place."""
   resuming = meta["phase"] == "retrain" and meta["iteration"] == i
@@ -338,19 +233,16 @@ def _iteration(run: _Run, state, meta: dict, i: int, ckpt: checkpointing.Checkpo
     ckpt.save(mid_state, meta)
 
   first, j0 = sum(run.budgets[:i]), meta["step"] if resuming else 0
-  desc = f"retrain {i + 1}/{len(run.targets)} @ {run.targets[i]}"
-  cadences = (run.log_every,) + ((ckpt.every,) if ckpt.active and ckpt.every else ())
-  with ProgressBar(run.budgets[i], initial=j0, desc=desc, enabled=run.progress) as bar:
-    state = retrain(run.train_step, state, run.batch_at, range(j0, run.budgets[i]),
-                    first_step=first, iteration=i, report_every=cadences,
-                    hooks=_phase_hooks(run, ckpt, save_mid_phase, bar))
+  state = run_phase(run.phases, state, range(j0, run.budgets[i]), first_step=first, iteration=i,
+                    total=run.budgets[i], save=save_mid_phase,
+                    phase=f"retrain {i + 1}/{len(run.targets)} @ {run.targets[i]}")
   row.update(after_retrain=run.evaluate(state.params)._asdict(), retrain_steps=run.budgets[i],
              wall_seconds=time.perf_counter() - started)
   record = IterationRecord.from_json(row)
   meta["history"].append(record.to_json())
   logger.info("iteration %d: sparsity %.2f%% (target %s), %s %.4f -> %.4f (pruned) -> "
               "%.4f (retrained)", i, 100 * record.achieved_sparsity, record.target,
-              ckpt.config["metric"], record.before_prune.metric, record.after_prune.metric,
+              run.metric.name, record.before_prune.metric, record.after_prune.metric,
               record.after_retrain.metric)
   meta.update(phase="prune", iteration=i + 1, step=0, row={})
   ckpt.save(state, meta)
@@ -360,7 +252,8 @@ def _iteration(run: _Run, state, meta: dict, i: int, ckpt: checkpointing.Checkpo
 def _log_resumed(meta: dict, iterations: int, directory: str, exact_batches: bool) -> None:
   if meta["iteration"] >= iterations:
     logger.warning("%s holds this run finished (%d iterations): returned as saved, nothing "
-                   "retrained; use another checkpoint_dir to run again", directory, iterations)
+                   "retrained; use another checkpoint directory to run again", directory,
+                   iterations)
     return
   logger.info("resumed: iteration %d, phase %s, step %d",
               meta["iteration"], meta["phase"], meta["step"])
@@ -378,29 +271,27 @@ def prune_retrain(
     targets: Sequence[float | str | Target],
     where: Where,
     retrain_steps: int | Sequence[int],
-    checkpoint_dir: str | None = None,
-    checkpoint_every: int | None = None,
-    resume: bool | str = True,
-    progress: bool = True,
-    seed: int = 0,
     restart_optimizer: bool = True,
-    keep_checkpoints: int = 3,
-    log_every: int = 50,
-    mesh: Mesh | None = None,
-    param_layout: ParamLayout = "replicated",
-    teacher: tuple[Callable[[PyTree, Any], jax.Array], PyTree] | None = None,
-    distill_weight: float = 0.5,
-    temperature: float = 2.0,
     metric: Metric = loss_metric,
-    hooks: Sequence[Hook] = (),
+    checkpointer: checkpointing.Checkpointer | None = None,
+    hooks: Sequence[Hook] | None = None,
 ) -> PruneRetrainResult:
   """Prunes to each of `targets` in turn, retraining after each, and returns the
   pruned model with its figures.
 
+  What a run composes stays outside it: distill by passing
+  `loss_fn=jaxprune.distillation_loss(loss_fn, apply_fn, ...)` with
+  `train_batches=jaxprune.training.with_teacher_logits(batches, apply_fn, dense)`
+  (evaluation batches stay plain, so evaluations report `loss_fn` alone); run on
+  a mesh by placing the params (`jaxprune.sharding.param_shardings`) and the
+  batches (`jaxprune.sharding.place_batch`) yourself: the masks follow their
+  params' shardings and every array of the state is put on the params' mesh.
+
   Args:
     params: trained dense params (any pytree).
     loss_fn: `loss_fn(params, batch) -> scalar` mean loss (or `(loss, aux)`); an
-      `rng` keyword, if it has one, gets a per-step key.
+      `rng` keyword, if it has one, gets a per-step key (`fold_in(key(0), step)`:
+      fold your own seed into it for another stream).
     train_batches: `step -> batch`, a pure function of the global retraining step
       (0, 1, ... across the whole run), which makes resume exact. An iterable is
       accepted too; resume then continues from wherever a fresh iterator starts
@@ -412,47 +303,28 @@ def prune_retrain(
       `jaxprune.schedules.exponential_targets(...)`), an N:M pattern `"2:4"`
       (`NM(2, 4)`, along axis -2), or any `Target` (`NM(2, 4, axis=-1)`,
       `Prune(0.9, scope="global")`, `Prune(0.9, score=..., distribution=...)`,
-      your own): `[0.25, "2:4"]` ends in 2:4 sparsity, previous masks respected. A `Prune(s,
-      score=saliency_score())` ranks `|w * g|` by the gradient of the retraining
-      loss on the batch of the iteration's first retraining step.
+      your own): `[0.25, "2:4"]` ends in 2:4 sparsity, previous masks respected.
+      A `Prune(s, score=saliency_score())` ranks `|w * g|` by the gradient of the
+      retraining loss on the batch of the iteration's first retraining step.
     where: the targeted leaves (bool pytree from `select`, or a callable).
     retrain_steps: steps per iteration: an int, or one budget per iteration.
-    checkpoint_dir: orbax checkpoints go here (None: no checkpoints); checked
-      writable before any compute.
-    checkpoint_every: also checkpoint every this many retraining steps.
-    resume: continue from the newest intact checkpoint in `checkpoint_dir` (True;
-      damaged newer ones are skipped, named), refuse a directory holding checkpoints
-      (False), or `"with_changes"`: continue although the settings changed (the
-      targets, budgets, seed...: compared by value), the changes logged.
-    progress: a tqdm bar per retrain phase (process 0 only).
-    seed: seeds the RNG handed to `loss_fn(..., rng=...)` (an integer >= 0).
     restart_optimizer: re-initialise the optimizer state after every prune, so
       moments and the learning-rate schedule restart each iteration (learning-rate
       rewinding). False keeps one state, and one schedule, across the whole run.
-    keep_checkpoints: how many checkpoints orbax keeps (>= 1).
-    log_every: steps between report points: the NaN guard, progress (the bar
-      advances there), logging and `hooks` (each one reads the losses from the
-      device).
-    mesh: a device mesh (`jaxprune.sharding.make_mesh("data=2,fsdp=4")`): batches are split
-      along their leading axis over all mesh axes; params, optimizer state and masks
-      are replicated or FSDP-sharded per `param_layout`, masks always sharded like
-      their params. With several processes, `train_batches` and `eval_batches` give
-      each process its own slice of the global batch.
-    param_layout: `"replicated"` or `"fsdp"` (see `jaxprune.sharding.param_shardings`).
-    teacher: `(apply_fn, teacher_params)` to distill from while retraining, with
-      `apply_fn(params, batch) -> logits` aligned with `loss_fn`'s targets (usually
-      the dense model: `(apply_fn, params)`). The retraining loss becomes
-      `(1 - distill_weight) * loss_fn + distill_weight * T^2 KL(teacher || student)`
-      at temperature `T`; evaluation still reports `loss_fn` alone.
-    distill_weight: weight of the distillation term, in [0, 1].
-    temperature: softmax temperature of the distillation term.
-    metric: the figure evaluations report beside the loss (`jaxprune.training.perplexity`
-      for a language model, `jaxprune.training.aux_metric("accuracy")`, your own `Metric`);
-      the default is the loss itself.
-    hooks: extra `retrain` hooks, each `hook(StepReport)` at every report point
-      (every `log_every` steps, every `checkpoint_every` steps when checkpointing,
-      and at each phase's end), after the NaN guard and any checkpoint due: a
-      logger, an early stop (raise), a metrics sink.
+    metric: the figure evaluations report beside the loss
+      (`jaxprune.training.perplexity` for a language model,
+      `jaxprune.training.aux_metric("accuracy")`, your own `Metric`); the default
+      is the loss itself.
+    checkpointer: a `jaxprune.Checkpointer(directory, every=..., keep=...,
+      resume=...)`: the run resumes from its newest intact checkpoint (refusing one
+      written with other settings, compared by value), checkpoints after every
+      iteration and every `every` retraining steps. None: no checkpoints.
+    hooks: `hook(StepReport)` callables watching each retraining phase, after the
+      NaN guard and any checkpoint due: a hook with an `every` (`every(n, f)`,
+      `progress_bar(every=n)`) runs every `n` steps and at the phase's end, one
+      without at every report point. A logger, an early stop (raise), a metrics
+      sink. None (the default) shows a progress bar; `[]` runs none (then the NaN
+      guard reads the losses at each phase's end and checkpoint only).
 
   Returns:
     A `PruneRetrainResult`.
@@ -460,12 +332,12 @@ def prune_retrain(
   Raises:
     ValueError: before any compute for empty or out-of-range targets, a
       target the loop cannot run (drop and grow, given masks that do not fit
-      the params), negative budgets, a bad seed or checkpoint directory, empty
-      `eval_batches` or an evaluation that fails or holds NaN, a `where` selecting
-      nothing, a checkpoint of another configuration, or no checkpoint that reads
-      back intact (naming each); FloatingPointError when a retraining loss is
-      NaN/inf, or the params/optimizer state are behind a finite loss (naming
-      iteration, step and leaves; the last good checkpoint is kept).
+      the params), negative budgets, empty `eval_batches` or an evaluation that
+      fails or holds NaN, a `where` selecting nothing, a checkpoint of another
+      configuration, or no checkpoint that reads back intact (naming each);
+      FloatingPointError when a retraining loss is NaN/inf, or the
+      params/optimizer state are behind a finite loss (naming iteration, step and
+      leaves; the last good checkpoint is kept).
 
   Example::
 
@@ -473,7 +345,8 @@ def prune_retrain(
     ...     params, loss_fn, batch_at_step, eval_batches,
     ...     optimizer=optax.adamw(1e-3),
     ...     targets=jaxprune.schedules.exponential_targets(0.2, 0.8, 3),
-    ...     where=jaxprune.select(params), retrain_steps=2, checkpoint_dir="ckpt")
+    ...     where=jaxprune.select(params), retrain_steps=2,
+    ...     checkpointer=jaxprune.Checkpointer("ckpt"))
     >>> print(result.summary())
     iter        target  achieved     loss before  after prune  after retrain   steps   seconds
     ------------------------------------------------------------------------------------------
@@ -485,44 +358,36 @@ def prune_retrain(
     sparsity: targeted leaves 80.21%, whole model 74.04%
     compression (bitmask + nonzeros): targeted 4.36x, whole model 3.47x bytes; ...
   """
-  settings = _check_loop_args(targets, retrain_steps, checkpoint_every, log_every,
-                              hooks, keep_checkpoints, seed, resume, checkpoint_dir)
-  targets, budgets, checkpoint_every, log_every, hooks = settings[:5]
-  metric = check_metric(metric)
+  targets = _check_targets(targets)
+  budgets = _check_budgets(retrain_steps, len(targets))
+  hooks, metric = driver_hooks(hooks), check_metric(metric)
+  ckpt = checkpointing.check_checkpointer(checkpointer)
   check_array_leaves(params)
   _check_optimizer(optimizer, params)
   flags = resolve_where(where, params)
   where = where_tree(params, flags)
   _check_given(targets, params, flags)
-  params, batch_at, evaluations, exact_batches = _placed_sources(
-      params, train_batches, eval_batches, mesh, param_layout)
+  evaluations, (batch_at, exact_batches) = eval_source(eval_batches), train_source(train_batches)
   eval_step = make_eval_step(loss_fn, metric)
-  train_loss, batch_at = distilling(loss_fn, batch_at, teacher, distill_weight, temperature,
-                                    mesh, param_layout)
   start = all_kept(params, flags)
-  tx = pruned(optimizer, start if mesh is None else place_masks(start, params))
+  tx = pruned(optimizer, start if mesh_of(params) is None else place_masks(start, params))
   # Targets are pytrees: a Prune's sparsity is traced, so its iterations
   # share one compilation; each distinct static target (an NM pattern) gets its own.
-  run = _Run(tx, make_train_step(train_loss, tx),
+  run = _Run(Phases(make_train_step(loss_fn, tx), batch_at, ckpt, hooks), tx,
              lambda p: evaluate(eval_step, p, evaluations(), metric),
-             jax.jit(functools.partial(prune_step, where=where)), batch_at, targets, budgets,
-             restart_optimizer, mesh, log_every, progress, hooks, {},
-             make_gradient_step(train_loss))
-  state = LoopState(
-      params, tx.init(float_part(params)), jax.random.key_data(jax.random.key(settings.seed)))
-  if mesh is not None:  # every array of the state global, also with several processes
-    state = onto_mesh(state, mesh)
+             jax.jit(functools.partial(prune_step, where=where)), targets, budgets,
+             restart_optimizer, {}, make_gradient_step(loss_fn), metric)
+  state = start_state(params, tx.init(float_part(params)))
   config = run_settings.fingerprint(
       params, targets=targets, retrain_steps=budgets,
       selected=[p for p, flag in zip(slots(params).paths, flags) if flag],
-      restart_optimizer=restart_optimizer, seed=settings.seed, metric=metric.name,
-      distillation=None if teacher is None else [distill_weight, temperature, teacher[1]],
+      restart_optimizer=restart_optimizer, metric=metric.name,
+      composed=composed_settings(loss_fn=loss_fn, train_batches=train_batches),
       optimizer_state=run_settings.describe_state(state.opt_state))
   # Where the run stands: what a checkpoint's `meta` records.
   meta: dict[str, Any] = {"iteration": 0, "phase": "prune", "step": 0, "history": [], "row": {}}
-  with checkpointing.Checkpointer(settings.checkpoint_dir, config, keep=settings.keep,
-                                  resume=settings.resume, every=checkpoint_every) as ckpt:
-    resumed = ckpt.resume(state)
+  with ckpt:
+    resumed = ckpt.resume(state, config)
     if resumed is not None:
       state, meta = resumed
       _log_resumed(meta, len(targets), ckpt.directory, exact_batches)
