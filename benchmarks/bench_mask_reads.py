@@ -11,7 +11,7 @@ train step), for each way of zeroing:
 * `no mask`: `g' = g`, the baseline;
 * `where, bool mask`: `where(m, g, 0)` on a 1-byte-per-weight bool mask;
 * `where, packed`: the same on the mask unpacked (fused) from its 1-bit form;
-* `AND, packed` (`jaxprune._src.tree.packed_masks.kept_or_zero`, what `pruned` runs): `g`'s
+* `AND, packed` (how `pruned` zeroes the gradients it hands its inner optimizer): `g`'s
   bits ANDed with a word unpacked to all ones where the mask keeps the weight;
 * `multiply, packed`: `g * m` with `m` a 0/1 float (not bitwise `where`: a pruned
   NaN stays NaN and a negative gradient gives -0.0; shown for scale).
@@ -44,7 +44,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jaxprune
-from jaxprune._src.tree.packed_masks import kept_or_zero
+
+
+def kept_or_zero(held: jax.Array, g: jax.Array) -> jax.Array:
+  """`where(unpack_mask(held), g, 0)` bit for bit, as `pruned` computes it for float
+  gradients: `g`'s bits ANDed with a word of all ones where the mask keeps the weight
+  and of zeros where not (a pruned NaN or -0.0 comes out +0.0)."""
+  unsigned = jnp.dtype(f"uint{8 * g.dtype.itemsize}")
+  words = jnp.zeros((), unsigned) - jaxprune.tree.unpack_mask(held).astype(unsigned)
+  return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(g, unsigned) & words, g.dtype)
 
 
 def zeroings() -> dict[str, tuple[Any, bool]]:

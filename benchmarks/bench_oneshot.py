@@ -42,7 +42,6 @@ import lm_data
 import lm_model
 
 import jaxprune
-from jaxprune._src.oneshot.sparsegpt import sparsegpt_matrix
 
 SPARSITIES = ("0.5", "0.6", "0.7", "2:4")
 
@@ -126,6 +125,11 @@ def main(argv: list[str] | None = None) -> dict:
   return out
 
 
+def _canonical(path: str) -> str:
+  """A leaf's path without nnx's trailing `/value` (as a plain dict of the model names it)."""
+  return path.removesuffix("/value")
+
+
 def feature_norm_spread(stats) -> dict[str, float]:
   """Per kernel, max / median of its input features' norms `||x_j||`: how far Wanda's
   `|w_ij| * ||x_j||` can reorder magnitude's ranking (LLMs grow a few features of
@@ -133,7 +137,7 @@ def feature_norm_spread(stats) -> dict[str, float]:
   out = {}
   for path, st in sorted(stats.leaves.items()):
     norms = np.sqrt(np.asarray(st.sq_norms, np.float64)).reshape(-1)
-    out[jaxprune._src.tree.mask_tree.canonical_path(path)] = float(norms.max() / np.median(norms))
+    out[_canonical(path)] = float(norms.max() / np.median(norms))
   return out
 
 
@@ -156,17 +160,23 @@ def _compiled_cost(fn, *args) -> dict:
 def per_layer(params, stats, tokens: int) -> list[dict]:
   """For each targeted kernel shape: SparseGPT at 50% on it (from its Gram matrix)
   against that layer's dense forward over the calibration tokens, in the same run."""
-  by_path = {jaxprune._src.tree.mask_tree.canonical_path(p): st for p, st in stats.leaves.items()}
-  leaves = dict(zip(jaxprune._src.tree.mask_tree.slots(params).paths,
-                    jaxprune._src.tree.mask_tree.slots(params).leaves))
+  by_path = {_canonical(p): st for p, st in stats.leaves.items()}
+  leaves = {_canonical(p): v for p, v in zip(jaxprune.tree.leaf_paths(params),
+                                             jax.tree.leaves(params))}
   seen, out = set(), []
   for path, st in sorted(by_path.items()):
-    w = next(v for p, v in leaves.items() if jaxprune._src.tree.mask_tree.canonical_path(p) == path)
+    w = leaves[path]
     if w.shape in seen:
       continue
     seen.add(w.shape)
     x = jax.random.normal(jax.random.key(0), (tokens, w.shape[0]), w.dtype)
-    prune = _compiled_cost(lambda m, g: sparsegpt_matrix(m, g, 0.5), w.T, st.gram)
+
+    def sparsegpt(w, gram, sq_norms, st=st):
+      stat = st._replace(gram=gram, sq_norms=sq_norms)
+      stats = jaxprune.oneshot.InputStatistics({"k": stat}, {})
+      return jaxprune.oneshot.sparsegpt({"k": w}, stats, 0.5, {"k": True})
+
+    prune = _compiled_cost(sparsegpt, w, st.gram, st.sq_norms)
     forward = _compiled_cost(lambda a, b: a @ b, x, w)
     gram = _compiled_cost(lambda a: a.T @ a, x)
     row = {"path": path, "shape": list(w.shape), "sparsegpt": prune, "dense_forward": forward,

@@ -52,7 +52,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import lm_model
 
 import jaxprune
-from jaxprune._src.transforms.optax_wrapper import map_pruned_states
 
 SPARSITY = 0.8
 FULL = {"d_model": 256, "num_layers": 6, "num_heads": 8, "d_ff": 1024, "context": 128}
@@ -118,6 +117,18 @@ def make_step(loss_fn, tx: optax.GradientTransformation):
     return optax.apply_updates(params, updates), opt_state, loss
 
   return step
+
+
+def map_pruned_states(fn, opt_state: Any) -> Any:
+  """`opt_state` with every `jaxprune.PrunedState` in it (nested ones too) replaced by
+  `fn(state)`, outer ones first."""
+  def visit(s):
+    if not isinstance(s, jaxprune.PrunedState):
+      return s
+    new = fn(s)
+    return new._replace(inner_state=map_pruned_states(fn, new.inner_state))
+
+  return jax.tree.map(visit, opt_state, is_leaf=lambda s: isinstance(s, jaxprune.PrunedState))
 
 
 def at_count(step, count: int):

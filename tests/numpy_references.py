@@ -1,10 +1,35 @@
 """NumPy references of the one-shot methods, written from the papers, shared by the
 tests that check jaxprune's results against them."""
 
+from fractions import Fraction
+from typing import Any, NamedTuple
+
 import jax
 import numpy as np
 
-from jaxprune._src.tree.mask_tree import slots
+from jaxprune.tree import path_string
+
+
+class Slots(NamedTuple):
+  """A tree flattened with `None` counted as a leaf."""
+
+  paths: list[str]
+  leaves: list[Any]
+  treedef: Any
+
+
+def slots(tree) -> Slots:
+  """The path strings (`jaxprune.tree.path_string`), leaves (`None` included) and
+  treedef of `tree`."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)
+  return Slots([path_string(p) for p, _ in flat], [x for _, x in flat], treedef)
+
+
+def exact_count(fraction, n: int) -> int:
+  """`round(fraction * n)` as the library counts a traced sparsity: exactly, for the
+  float32 value of `fraction` clipped to [0, 1], exact halves rounded up."""
+  f = Fraction(float(np.clip(np.float32(fraction), np.float32(0), np.float32(1))))
+  return int(f * n + Fraction(1, 2))  # floor: the value is not negative
 
 
 def sparsegpt_reference(w, gram, sparsity, nm=None, damp=0.01):

@@ -13,10 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprune._src.structural.channel_groups import Group, Member, channel_groups
-from jaxprune._src.structural.group_importance import magnitude_importance
-from jaxprune._src.structural.shrinking import keep_top, shrink
-from jaxprune._src.structural.shrunk_program import shrunk_program
+from jaxprune.structural import (
+    Group,
+    Member,
+    channel_groups,
+    keep_top,
+    magnitude_importance,
+    shrink,
+    shrunk_program,
+)
 
 S = jax.ShapeDtypeStruct
 D, HIDDEN, OUT, T = 4, 6, 3, 5

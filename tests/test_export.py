@@ -17,9 +17,7 @@ import numpy as np
 import pytest
 
 import jaxprune
-from jaxprune._src.io.export import (
-    FORMAT_VERSION,
-    MAGIC,
+from jaxprune.export import (
     CompressedFormatError,
     export_compressed,
     export_info,
@@ -27,6 +25,11 @@ from jaxprune._src.io.export import (
 )
 
 RNG = np.random.default_rng(0)
+
+# The documented file layout (`jaxprune.export`): the magic bytes, and the newest
+# format version this jaxprune writes and reads.
+MAGIC = b"JXPRUNE1"
+FORMAT_VERSION = 2
 
 
 def normal(shape, dtype=np.float32):

@@ -14,10 +14,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxprune._src.structural.channel_groups import channel_groups
-from jaxprune._src.structural.layer_importance import block_influence, layer_importance
-from jaxprune._src.structural.shrinking import keep_top, shrink
-from jaxprune._src.structural.shrunk_program import shrunk_program
+from jaxprune.structural import (
+    block_influence,
+    channel_groups,
+    keep_top,
+    layer_importance,
+    shrink,
+    shrunk_program,
+)
 
 B, T, D, F, LAYERS, VOCAB = 2, 5, 8, 16, 4, 11
 IDENTITY = 2  # the layer whose output projection is zero

@@ -18,7 +18,7 @@ import pytest
 from numpy_references import reference_row_masks
 
 import jaxprune
-from jaxprune._src.oneshot.layouts import weight_layouts
+from jaxprune.tree import weight_layouts
 
 SHAPES = {"q": (8, 2, 4), "o": (2, 4, 8), "gating": (2, 16, 8), "linear": (16, 8),
           "eqx": (8, 8)}

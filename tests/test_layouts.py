@@ -21,7 +21,7 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxprune._src.oneshot.layouts import Layout, weight_layouts
+from jaxprune.tree import Layout, weight_layouts
 
 S = jax.ShapeDtypeStruct
 

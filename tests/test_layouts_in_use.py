@@ -27,8 +27,7 @@ D, HEADS, KV, HD, HIDDEN, VOCAB = 64, 4, 1, 16, 128, 50
 
 
 def _layouts(apply_fn, params, *args, **kwargs):
-  from jaxprune._src.oneshot.layouts import weight_layouts
-  return weight_layouts(apply_fn, params, *args, **kwargs)
+  return jaxprune.tree.weight_layouts(apply_fn, params, *args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- ERK

@@ -24,7 +24,6 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jaxprune
-from jaxprune._src.engine.magnitude_rank import round_fraction_of, smallest_k, smallest_magnitudes
 
 SETTINGS = settings(max_examples=20, deadline=None)
 LAYER_SHAPES = [(1, 1), (1, 2), (3, 4), (2, 3, 5)]
@@ -34,6 +33,13 @@ GLOBAL_SHAPES = {"fc1": (3, 4), "fc2": (1, 2), "output_proj": (2, 3, 5)}
 
 def is_none(x):
   return x is None
+
+
+def round_fraction_of(fraction, n: int):
+  """The count a float32 array sparsity `fraction` prunes of a leaf of `n` weights, as
+  the library computes it for a traced sparsity (`prune_counts` of the uniform
+  distribution, which `ranked_masks` uses): an int32 or int64 array."""
+  return jaxprune.distributions.uniform().prune_counts(["w"], [(n,)], fraction)[0]
 
 
 # ----------------------------------------------------------------------------- reference
@@ -374,15 +380,18 @@ def test_low_bits_only_differences():
 
 
 def test_smallest_k_ties_by_position():
-  got = smallest_k([jnp.array([[3, 1, 2, 1], [1, 5, 0, 9], [1, 1, 1, 1]], jnp.uint32)], 4)
-  np.testing.assert_array_equal(got[0], [[False, True, False, True], [True, False, True, False],
-                                         [False] * 4])
+  # 4 of 12 pruned (round(12 / 3)): the 0, then the first three 1s in row-major order.
+  w = jnp.array([[3, 1, 2, 1], [1, 5, 0, 9], [1, 1, 1, 1]], jnp.float32)
+  kept = jaxprune.ranked_masks({"w": w}, 1 / 3, {"w": True})["w"]
+  np.testing.assert_array_equal(~np.asarray(kept), [[False, True, False, True],
+                                                   [True, False, True, False], [False] * 4])
 
 
 def test_smallest_magnitudes_counts_pruned_first_then_small():
   w = jnp.array([[0.5, -0.1, 0.3], [0.2, -0.9, 0.0]], jnp.float32)
   kept = jnp.array([[False, True, True], [True, True, True]])
-  got = smallest_magnitudes([w], [kept], 3)[0]
+  # 3 of 6 pruned (the one pruned before counts among them).
+  got = ~np.asarray(jaxprune.ranked_masks({"w": w}, 0.5, {"w": True}, previous={"w": kept})["w"])
   # 0.5 is already pruned, then the two smallest |w|: 0.0 and -0.1.
   np.testing.assert_array_equal(got, [[True, True, False], [False, False, True]])
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import jaxprune
-from jaxprune._src.io.export import export_compressed, load_compressed
+from jaxprune.export import export_compressed, load_compressed
 
 
 def normal(key, shape, dtype=jnp.float32):

@@ -23,7 +23,6 @@ from flax import nnx
 from flax.training.train_state import TrainState
 
 import jaxprune
-from jaxprune._src.methods.masks import map_masked
 
 # Random values from NumPy: jax.random would compile a sampler per leaf shape.
 X = jnp.asarray(np.random.default_rng(1).standard_normal((16, 6)), jnp.float32)
@@ -64,6 +63,11 @@ grad_fn = jax.jit(jax.grad(loss_fn))
 
 def masks_at(params, sparsity, previous=None):
   return jaxprune.ranked_masks(params, sparsity, jaxprune.select(params), previous=previous)
+
+
+def map_masked(fn, masks, *trees):
+  """`fn(mask, leaf, ...)` on every slot of `masks` (None: a leaf not pruned)."""
+  return jax.tree.map(fn, masks, *trees, is_leaf=lambda x: x is None)
 
 
 def mask_grads(grads, masks):
@@ -314,7 +318,7 @@ def test_pruned_wrapping_the_chain_clips_by_the_kept_norm_only():
   masks = masks_at(params, 0.5)
   # Gradients of pruned weights are huge: a norm that counted them would shrink the rest.
   grads = jax.tree.map(lambda w: jnp.full(w.shape, 0.01, w.dtype), params)
-  grads = jaxprune._src.tree.mask_tree.map_masked(
+  grads = map_masked(
       lambda m, g: g if m is None else jnp.where(m, g, jnp.asarray(1e3, g.dtype)), masks, grads)
   kept = mask_grads(grads, masks)
   kept_norm = float(optax.global_norm(kept))

@@ -12,7 +12,6 @@ import pytest
 from hypothesis import given, settings
 
 import jaxprune
-from jaxprune._src.tree import packed_masks
 
 
 @st.composite
@@ -34,7 +33,7 @@ def test_packing_round_trips_exactly_in_numpy_packbits_order(mask):
     np.testing.assert_array_equal(held, np.packbits(mask, axis=-1))
   else:
     assert held.dtype == jnp.bool_ and held.shape == mask.shape
-  assert packed_masks.mask_shape(held) == mask.shape
+  assert jax.eval_shape(jaxprune.tree.unpack_mask, held).shape == mask.shape
   np.testing.assert_array_equal(jaxprune.tree.unpack_mask(held), mask)
   np.testing.assert_array_equal(jax.jit(jaxprune.tree.unpack_mask)(held), mask)
 
@@ -127,27 +126,40 @@ def test_a_fixed_mask_adamw_step_reads_under_one_percent_more_than_adamw():
   assert not re.search(r"= u8\[8\]\{0\} constant\(", hlo)
 
 
-@pytest.mark.parametrize("chunk", [2**18, 8], ids=["whole", "chunked"])
+# Leaves of up to 2 * 2**18 entries are counted whole; larger ones a chunk of rows at a
+# time (2**18 entries per chunk, the last one shorter here), packed and unpackable
+# (a last axis of 5) alike.
+SELECTION_SHAPES = {"whole": {"a": (12, 16), "b": (6, 5)},
+                    "chunked": {"a": (1024, 1024), "b": (131_072, 5)}}
+
+
+def _gradual(scope, sparsity, **kwargs):
+  """`pruned` recomputing its masks by `|w|` at every update."""
+  return jaxprune.pruned(optax.sgd(0.0), schedule=lambda count: jaxprune.Prune(sparsity,
+                                                                                scope=scope),
+                         update_every=1, **kwargs)
+
+
+@pytest.mark.parametrize("chunk", list(SELECTION_SHAPES))
 @pytest.mark.parametrize("scope", ["layer", "global"])
-def test_the_gradual_update_selects_on_the_held_masks_like_on_bool_ones(scope, chunk,
-                                                                       monkeypatch):
+def test_the_gradual_update_selects_on_the_held_masks_like_on_bool_ones(scope, chunk):
   # `pruned`'s gradual update ranks with the packed masks as they are held; it
   # must give the bool selection's masks exactly, packed and unpackable leaves
   # (a last axis of 5) alike, counted whole or in chunks.
-  from jaxprune._src.engine import chunked_reads
-  from jaxprune._src.methods.masks import magnitude_masks_held
-
-  monkeypatch.setattr(chunked_reads, "CHUNK_ENTRIES", chunk)
-  jax.clear_caches()
   rng = np.random.default_rng(3)
-  params = {"a": jnp.asarray(rng.integers(0, 4, (12, 16)) / 2, jnp.float32),
-            "b": jnp.asarray(rng.integers(0, 4, (6, 5)) / 2, jnp.float32),
-            "c": jnp.ones(3)}
+  shapes = SELECTION_SHAPES[chunk]
+  params = {name: jnp.asarray(rng.integers(0, 4, shape) / 2, jnp.float32)
+            for name, shape in shapes.items()}
+  params["c"] = jnp.ones(3)
   where = {"a": True, "b": True, "c": False}
   previous = jaxprune.ranked_masks(params, 0.3, where, scope=scope)
-  held = jaxprune.tree.pack_masks(previous)
+  tx = _gradual(scope, 0.7, masks=previous, where=where)
+  state = tx.init(params)
+  held = state.packed_masks
   assert held["a"].dtype == jnp.uint8 and held["b"].dtype == jnp.bool_
-  got = jax.jit(lambda p, h: magnitude_masks_held(p, 0.7, h, scope))(params, held)
+  np.testing.assert_array_equal(held["a"], jaxprune.tree.pack_mask(previous["a"]))
+  grads = jax.tree.map(jnp.zeros_like, params)
+  got = jax.jit(tx.update)(grads, state, params)[1].packed_masks  # recomputed at count 0
   want = jaxprune.ranked_masks(params, 0.7, where, scope=scope, previous=previous)
   assert got["c"] is None and got["a"].dtype == jnp.uint8
   for name in ("a", "b"):
@@ -159,19 +171,38 @@ def test_the_gradual_update_writes_out_no_bool_mask():
   # new masks as its results (1.86 B/weight of scratch for these shapes): on a
   # 7.3M MLP that put a gradual step that does not update its masks at 1.43x a
   # plain AdamW step, against 1.01x now.
-  from jaxprune._src.methods.masks import magnitude_masks_held
-
   shapes = {"fc1": (1024, 2048), "fc2": (2048, 2048), "fc3": (2048, 512)}
   params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
-  held = {k: jax.ShapeDtypeStruct((r, c // 8), jnp.uint8) for k, (r, c) in shapes.items()}
+  where = {k: True for k in shapes}
   n = sum(r * c for r, c in shapes.values())
   for scope in ("layer", "global"):
-    compiled = jax.jit(lambda p, h, scope=scope: magnitude_masks_held(p, 0.8, h, scope)).lower(
-        params, held).compile()
+    tx = _gradual(scope, 0.8, where=where)
+    state = jax.eval_shape(tx.init, params)
+    assert jax.tree.map(lambda h: h.dtype, state.packed_masks) == {k: jnp.uint8 for k in shapes}
+    compiled = jax.jit(tx.update).lower(params, state, params).compile()
     assert compiled.memory_analysis().temp_size_in_bytes / n < 1.0, scope
+    # No bool mask the size of a leaf is written (the selection reads and writes the
+    # held bits; chunks of rows aside).
+    written = re.findall(r"= pred\[(\d+),(\d+)\]\{[^}]*\} fusion\(", compiled.as_text())
+    assert not {(int(r), int(c)) for r, c in written} & set(shapes.values()), (scope, written)
 
 
 SPECIALS = np.array([np.nan, -np.nan, np.inf, -np.inf, -0.0, 0.0, 1e-30, -3.5], np.float32)
+
+# An inner optimizer whose state is the last gradients it was given.
+SEEN = optax.GradientTransformation(lambda params: jax.tree.map(jnp.zeros_like, params),
+                                    lambda updates, state, params=None: (updates, updates))
+
+
+def kept_or_zero(held, x):
+  """What `pruned` hands its inner optimizer for gradients `x` under the held mask
+  `held` (`where(unpack_mask(held), x, 0)`, read from the packed bits)."""
+  mask = jaxprune.tree.unpack_mask(held)
+  params = {"w": jnp.zeros(mask.shape, x.dtype)}
+  tx = jaxprune.pruned(SEEN, {"w": mask})
+  state = tx.init(params)
+  assert state.packed_masks["w"].dtype == held.dtype  # held as given
+  return tx.update({"w": x}, state, params)[1].inner_state["w"]
 
 
 @settings(max_examples=60, deadline=None)
@@ -188,7 +219,7 @@ def test_kept_or_zero_is_where_bit_for_bit(mask, dtype, seed):
   expected = jnp.where(mask, x, jnp.zeros((), x.dtype))
   unsigned = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
   bits = lambda a: np.asarray(jax.lax.bitcast_convert_type(a, unsigned))
-  for got in (packed_masks.kept_or_zero(held, x), jax.jit(packed_masks.kept_or_zero)(held, x)):
+  for got in (kept_or_zero(held, x), jax.jit(kept_or_zero)(held, x)):
     assert got.dtype == x.dtype and got.shape == x.shape
     np.testing.assert_array_equal(bits(got), bits(expected))
 
@@ -197,7 +228,7 @@ def test_kept_or_zero_differentiates_as_where():
   # A bitcast alone has no derivative: JAX would give 0 silently.
   mask = np.array([[True, False, True, True, False, False, True, False]] * 2)
   held, x = jaxprune.tree.pack_mask(mask), jnp.arange(16.0).reshape(2, 8)
-  f = lambda x: jnp.sum(packed_masks.kept_or_zero(held, x) ** 2)
+  f = lambda x: jnp.sum(kept_or_zero(held, x) ** 2)
   g = lambda x: jnp.sum(jnp.where(mask, x, 0.0) ** 2)
   np.testing.assert_array_equal(jax.grad(f)(x), jax.grad(g)(x))
   np.testing.assert_array_equal(jax.jvp(f, (x,), (jnp.ones_like(x),))[1],
@@ -206,8 +237,12 @@ def test_kept_or_zero_differentiates_as_where():
 
 
 def test_kept_or_zero_names_a_shape_mismatch():
+  # Gradients of another shape than the mask held for their leaf.
+  params = {"w": jnp.zeros((2, 8))}
+  tx = jaxprune.pruned(SEEN, {"w": np.ones((2, 8), bool)})
+  state = tx.init(params)
   with pytest.raises(ValueError, match=r"shape \(2, 8\) cannot select an array of shape \(2, 16\)"):
-    packed_masks.kept_or_zero(jaxprune.tree.pack_mask(np.ones((2, 8), bool)), jnp.ones((2, 16)))
+    tx.update({"w": jnp.ones((2, 16))}, state, params)
 
 
 def _primitives(jaxpr) -> list[str]:

@@ -21,7 +21,7 @@ from penzai import pz
 from penzai.models.transformer.variants import llamalike_common as llamalike
 
 import jaxprune
-from jaxprune._src.oneshot.layouts import weight_layouts
+from jaxprune.tree import weight_layouts
 
 
 def _llamalike(query_head_multiplier: int, seed: int):

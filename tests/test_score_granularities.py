@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numpy_references import exact_count
 
 import jaxprune
 
@@ -37,7 +38,7 @@ def _lowest(values: np.ndarray, k: int) -> np.ndarray:
 
 def _count(fraction: float, n: int) -> int:
   """`round(fraction * n)` as the library counts a traced float32 fraction (halves up)."""
-  return int(jaxprune._src.engine.magnitude_rank.round_fraction_of(jnp.float32(fraction), n))
+  return exact_count(fraction, n)
 
 
 def _reference(values: np.ndarray, granularity: str, fraction: float) -> np.ndarray:

@@ -15,8 +15,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxprune
-from jaxprune._src.tree.leaf_selection import path_components
-from jaxprune._src.tree.mask_tree import resolve_where
+
+
+def path_components(path: tuple) -> tuple[str, ...]:
+  """The components of a key path as `jaxprune.tree.path_string` names them, one by one."""
+  return tuple(jaxprune.tree.path_string((key,)) for key in path)
+
+
+def resolve_where(where, params, allow_empty=False) -> list[bool]:
+  """One flag per leaf of `params`: does `where` select it? Read from `ranked_masks` (a
+  mask at exactly the selected leaves), or, for a selection that may be empty, from
+  the `targeted` column of `sparsity_report`."""
+  if allow_empty:
+    return [row.targeted for row in jaxprune.sparsity_report(params, where=where).leaves]
+  masks = jaxprune.ranked_masks(params, 0.5, where)
+  return [m is not None for m in jax.tree.leaves(masks, is_leaf=lambda x: x is None)]
 
 
 def f32(*shape):

@@ -5,9 +5,16 @@
 counts (every other platform, and Explicit-axis meshes). Both must give the sort
 reference's threshold, count below and tie count for every k; the TPU and CUDA
 lowerings of every selection the library runs must contain no scatter and no sort.
+
+Through `ranked_masks`, the CPU runs the histogram (16-bit digits for rankings of
+2**20 weights or more, 11-11-10 below) and arrays on an Explicit-axis mesh run the
+comparison counts, so both run here, on one CPU device.
 """
 
 from __future__ import annotations
+
+import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +23,15 @@ import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numpy_references import exact_count
 
 import jaxprune
-from jaxprune._src.engine import chunked_reads, radix_histogram
+
+# The engines on raw uint32 keys: keys no input of the library produces (2**32 - 1) and
+# digit widths it never picks (8, 8, 8, 8). Only the two tests below read them; the
+# engines are tested through `ranked_masks` after them.
 from jaxprune._src.engine import magnitude_rank as mr
+from jaxprune._src.engine import radix_histogram
 
 SHAPES = [[(7,)], [(3, 5)], [(4, 4), (9,), (2, 3, 2)]]
 JITTED = {
@@ -58,6 +70,137 @@ def test_extreme_keys_and_every_k():
     for name, engine in JITTED.items():
       got = tuple(int(v) for v in engine([jnp.asarray(keys[0])], k))
       assert got == reference(keys, k), (name, k)
+
+
+def _explicit_mesh() -> jax.sharding.Mesh:
+  """One CPU device as an Explicit-axis mesh: arrays placed on it carry their sharding
+  in their type, and `ranked_masks` ranks them by comparison counts."""
+  return jax.make_mesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,),
+                       devices=jax.devices()[:1])
+
+
+def _ranked(engine: str, by: str):
+  """`(params, sparsity, previous=None) -> masks` and its `lower`, jitted: `ranked_masks`
+  of every leaf, all ranked together, by `|w|` or by the values themselves as given
+  scores; on the CPU's histogram or, for `engine="counts"`, on arrays placed on an
+  Explicit-axis mesh."""
+  def masks(params, sparsity, previous):
+    where = jax.tree.map(lambda _: True, params)
+    score = jaxprune.scores.given_score(params) if by == "value" else None
+    return jaxprune.ranked_masks(params, sparsity, where, scope="global", score=score,
+                                 previous=previous)
+
+  jitted = jax.jit(masks)
+  if engine == "histogram":
+    return (lambda params, sparsity, previous=None: jitted(params, sparsity, previous),
+            lambda params, sparsity, previous=None: jitted.lower(params, sparsity, previous))
+  mesh = _explicit_mesh()
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+
+  def on_mesh(fn):
+    def run(params, sparsity, previous=None):
+      with jax.set_mesh(mesh):
+        return fn(jax.device_put(params, sharding), sparsity,
+                  None if previous is None else jax.device_put(previous, sharding))
+    return run
+
+  return on_mesh(jitted), on_mesh(jitted.lower)
+
+
+ENGINES = ("histogram", "counts")
+
+
+def _values(shapes, high: int, seed: int) -> list[np.ndarray]:
+  """float32 arrays: `high` levels (ties) of both signs, or (`high=2**32`) floats of
+  random bit patterns, every exponent and sign (NaN, infinities and subnormals
+  replaced by zeros: ranked inputs are finite)."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for s in shapes:
+    if high < 2**32:
+      out.append((rng.integers(0, high, size=s) - high // 2).astype(np.float32) / 4)
+      continue
+    x = rng.integers(0, 2**32, size=s, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    normal = np.isfinite(x) & ((x == 0) | (np.abs(x) >= np.finfo(np.float32).tiny))
+    out.append(np.where(normal, x, np.float32(0)))
+  return out
+
+
+def _sort_reference(values: list[np.ndarray], k: int, by: str) -> list[np.ndarray]:
+  """Kept masks: the `k` lowest of all values (of |values| by magnitude) pruned, ties by
+  leaf order, then row-major (a stable sort)."""
+  flat = np.concatenate([v.ravel() for v in values]).astype(np.float64)
+  flat = np.abs(flat) if by == "magnitude" else flat
+  pruned = np.zeros(flat.size, bool)
+  pruned[np.argsort(flat, kind="stable")[:k]] = True
+  out, start = [], 0
+  for v in values:
+    out.append(~pruned[start:start + v.size].reshape(v.shape))
+    start += v.size
+  return out
+
+
+@pytest.mark.parametrize("by", ["magnitude", "value"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_each_engine_runs_where_it_is_meant_to(engine, by):
+  # The CPU histogram is a scatter-add; the comparison counts have none.
+  _, lower = _ranked(engine, by)
+  params = {f"l{i}": jnp.ones(s) for i, s in enumerate(SHAPES[-1])}
+  hlo = lower(params, jnp.float32(0.5)).compile().as_text()
+  assert (" scatter(" in hlo) == (engine == "histogram")
+
+
+RANKED = {(engine, by): _ranked(engine, by)[0] for engine in ENGINES
+          for by in ("magnitude", "value")}
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes=st.sampled_from(SHAPES), high=st.sampled_from([2, 50, 2**32]),
+       seed=st.integers(0, 2**31 - 1), fraction=st.floats(0, 1))
+def test_both_threshold_engines_give_the_sort_reference_masks(shapes, high, seed, fraction):
+  # The CPU histogram (11-11-10 bits at these sizes) and the comparison counts, ranking
+  # |w| or signed values (every key bit), all leaves together: exactly
+  # round(fraction * n) pruned, the sort reference's.
+  values = _values(shapes, high, seed)
+  params = {f"l{i}": jnp.asarray(v) for i, v in enumerate(values)}
+  k = exact_count(fraction, sum(v.size for v in values))
+  for (engine, by), ranked in RANKED.items():
+    got = ranked(params, jnp.float32(fraction))
+    want = _sort_reference(values, k, by)
+    for i, w in enumerate(want):
+      np.testing.assert_array_equal(np.asarray(got[f"l{i}"]), w, err_msg=f"{engine} {by}")
+
+
+@pytest.mark.parametrize("high", [2, 50, 2**32])
+@pytest.mark.parametrize("shapes", [[(1024, 1024)], [(1024, 600), (500, 900), (2, 3, 4)]],
+                         ids=["one leaf", "three leaves"])
+def test_the_wide_histogram_gives_the_sort_reference_masks(shapes, high):
+  # 2**20 weights or more ranked together: the histogram's 16-bit digits.
+  values = _values(shapes, high, seed=high)
+  params = {f"l{i}": jnp.asarray(v) for i, v in enumerate(values)}
+  ranked, _ = _ranked("histogram", "value")
+  n = sum(v.size for v in values)
+  assert n >= 2**20
+  for fraction in (0.0, 0.37, 1.0):
+    got = ranked(params, jnp.float32(fraction))
+    for i, w in enumerate(_sort_reference(values, exact_count(fraction, n), "value")):
+      np.testing.assert_array_equal(np.asarray(got[f"l{i}"]), w, err_msg=f"{fraction}")
+
+
+def test_the_engines_at_the_extreme_keys_and_every_k():
+  # The largest finite values of both signs, ties at both, zeros of both signs and
+  # weights pruned before (ranked below everything), for every count.
+  big = np.finfo(np.float32).max
+  w = np.array([1.0, big, big, 0.0, -0.0, -big, -big, 1.0], np.float32)
+  kept = np.array([False, True, True, True, True, True, True, False])
+  for (engine, by), ranked in RANKED.items():
+    # Pruned before first, then by the ranked value, ties by position.
+    order = np.lexsort((np.arange(w.size), np.abs(w) if by == "magnitude" else w, kept))
+    for k in range(w.size + 1):
+      got = ranked({"w": jnp.asarray(w)}, jnp.float32(k / w.size), {"w": jnp.asarray(kept)})
+      want = kept.copy()
+      want[order[:k]] = False
+      np.testing.assert_array_equal(np.asarray(got["w"]), want, err_msg=f"{engine} {by} k={k}")
 
 
 def _modules(f, *args) -> dict[str, str]:
@@ -124,48 +267,81 @@ def sort_reference_masks(params, sparsity, scope):
 SHAPE_CYCLE = [(6, 4), (5, 3), (6, 4), (2, 3, 4), (6, 4), (5, 3)]
 
 
-@pytest.mark.parametrize("stack_limit", [2**30, 0], ids=["stacked", "switch"])
+def _leaf_stacks(lowered_text: str) -> list[str]:
+  """The types of the concatenations of a lowered program that stack arrays of two or
+  more axes (a group's leaves), e.g. `16x4x4xf32`; scalars stacked into vectors (a
+  group's counts) aside."""
+  types = re.findall(r"stablehlo\.concatenate.*-> tensor<([^>]*)>", lowered_text)
+  return [t for t in types if t.count("x") >= 2]
+
+
+# Groups of 16 equal leaves or more (up to 2**30 bytes) are stacked, smaller ones
+# pick their members by `lax.switch`: 16 cycles give groups of 48, 32 and 16, 3 cycles
+# groups of 9, 6 and 3.
+CYCLES = {"stacked": 16, "switch": 3}
+
+
+@pytest.mark.parametrize("grouping", list(CYCLES))
 @pytest.mark.parametrize("scope", ["layer", "global"])
-def test_leaves_of_equal_shape_share_a_loop_and_stay_exact(scope, stack_limit, monkeypatch):
+def test_leaves_of_equal_shape_share_a_loop_and_stay_exact(scope, grouping):
   # Rounded weights: many ties, within and across grouped leaves, in an order that
   # interleaves the groups (ties are broken by leaf order, not group order). A group
   # over the stack limit picks its members by `lax.switch` instead of from a stack.
-  from jaxprune._src.engine import leaf_groups
-
-  monkeypatch.setattr(leaf_groups, "STACK_MIN_MEMBERS", 2)
-  monkeypatch.setattr(leaf_groups, "STACK_LIMIT_BYTES", stack_limit)
-  jax.clear_caches()  # the library's jitted selections would reuse the other trace
   params = {f"l{i:02d}": {"kernel": jnp.round(2 * jax.random.normal(jax.random.key(i), s))}
-            for i, s in enumerate(SHAPE_CYCLE * 3)}
+            for i, s in enumerate(SHAPE_CYCLE * CYCLES[grouping])}
   where = jaxprune.select(params)
-  got = jax.jit(lambda p: jaxprune.ranked_masks(p, 0.55, where, scope=scope))(params)
+  prune = jax.jit(lambda p: jaxprune.ranked_masks(p, 0.55, where, scope=scope))
+  stacks = _leaf_stacks(prune.lower(params).as_text())
+  if grouping == "stacked":
+    assert {"48x6x4xf32", "32x5x3xf32", "16x2x3x4xf32"} <= set(stacks), stacks
+  else:
+    assert not stacks, stacks
+  got = prune(params)
   want = sort_reference_masks(params, 0.55, scope)
   for name in params:
     np.testing.assert_array_equal(np.asarray(got[name]["kernel"]), want[name], err_msg=name)
 
 
-def test_a_group_is_stacked_within_its_limits_only(monkeypatch):
-  from jaxprune._src.engine import leaf_groups
+def _stacks_of(members: int, shape: tuple[int, ...]) -> list[str]:
+  """The leaf stacks of a global selection over `members` leaves of `shape` and a lone
+  leaf of 3 weights (abstract: lowered only)."""
+  params = {f"l{i:02d}": jax.ShapeDtypeStruct(shape, jnp.float32) for i in range(members)}
+  params["lone"] = jax.ShapeDtypeStruct((3,), jnp.float32)
+  where = jax.tree.map(lambda _: True, params)
+  return _leaf_stacks(jax.jit(lambda p: jaxprune.ranked_masks(p, 0.3, where, scope="global"))
+                      .lower(params).as_text())
 
-  monkeypatch.setattr(leaf_groups, "STACK_MIN_MEMBERS", 2)
-  sources = [(jnp.ones((4, 4)), None), (jnp.zeros((4, 4)), None), (jnp.ones(3), None)]
-  pair, lone = leaf_groups.group_by_shape(sources)
-  assert pair.positions == (0, 1) and pair.stacked[0].shape == (2, 4, 4)
-  assert pair.stacked[1] is None and lone.stacked is None
-  monkeypatch.setattr(leaf_groups, "STACK_LIMIT_BYTES", 2 * 16 * 4 - 1)
-  assert leaf_groups.group_by_shape(sources)[0].stacked is None
-  monkeypatch.setattr(leaf_groups, "STACK_LIMIT_BYTES", 2**30)
-  monkeypatch.setattr(leaf_groups, "STACK_MIN_MEMBERS", 3)  # a pair switches
-  assert leaf_groups.group_by_shape(sources)[0].stacked is None
+
+def test_a_group_is_stacked_within_its_limits_only():
+  # 16 members of 64 bytes: one stack of the weights (none of the absent previous
+  # masks, none of the lone leaf); exactly 2**30 bytes still stack, a row more does not;
+  # 15 members switch.
+  assert _stacks_of(16, (4, 4)) == ["16x4x4xf32"]
+  assert _stacks_of(16, (4096, 4096)) == ["16x4096x4096xf32"]
+  assert _stacks_of(16, (4097, 4096)) == []
+  assert _stacks_of(15, (4, 4)) == []
+  # The stacked group ranks exactly (ties across members and with the lone leaf).
+  params = {f"l{i:02d}": {"kernel": jnp.round(2 * jax.random.normal(jax.random.key(i), (4, 4)))}
+            for i in range(16)}
+  params["lone"] = {"kernel": jnp.round(2 * jax.random.normal(jax.random.key(99), (3,)))}
+  where = jax.tree.map(lambda _: True, params)
+  got = jax.jit(lambda p: jaxprune.ranked_masks(p, 0.3, where, scope="global"))(params)
+  want = sort_reference_masks(params, 0.3, "global")
+  for name in params:
+    np.testing.assert_array_equal(np.asarray(got[name]["kernel"]), want[name], err_msg=name)
 
 
 def test_the_counting_passes_stack_a_group_once_not_per_pass():
   # The passes read the group through an optimization barrier; a stack built
-  # behind it would be copied again in each of the 32 passes.
-  ws = [jax.ShapeDtypeStruct((64, 64), jnp.float32) for _ in range(32)]
-  hlo = jax.jit(lambda ws: mr._threshold_by_counts(
-      mr.group_by_shape([(w, None) for w in ws]), mr.magnitude_keys, jnp.int32(1000))).lower(
-          ws).compile().as_text()
+  # behind it would be copied again in each of the 32 passes. (Arrays on an
+  # Explicit-axis mesh take the comparison counts on CPU.)
+  mesh = _explicit_mesh()
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+  ws = [jax.ShapeDtypeStruct((64, 64), jnp.float32, sharding=sharding) for _ in range(32)]
+  with jax.set_mesh(mesh):
+    hlo = jax.jit(lambda ws: jaxprune.ranked_masks(ws, 1000 / (32 * 64 * 64), [True] * 32,
+                                                   scope="global")).lower(ws).compile().as_text()
+  assert " scatter(" not in hlo  # the comparison counts, not the histogram
   assert hlo.count(" concatenate(") == 1
 
 
@@ -206,25 +382,23 @@ def test_no_leaf_is_cut_out_of_a_stacked_result(scope, counts):
   assert _slice_count(few, scope) == _slice_count(many, scope)
 
 
-def test_map_scalars_gives_each_member_its_own_result_in_order(monkeypatch):
-  from jaxprune._src.engine import leaf_groups
-
-  monkeypatch.setattr(leaf_groups, "STACK_MIN_MEMBERS", 3)
-  # Interleaved groups: four stacked members, a switched pair and a lone member.
-  arrays = [jnp.full((2, 3), i, jnp.float32) if i % 3 == 0 else
-            jnp.full((4,), i, jnp.float32) for i in range(7)]
-  arrays[5] = jnp.float32(5.0)
-  arrays[4] = jnp.full((2, 3), 4.0)
-  groups = leaf_groups.group_by_shape([(a,) for a in arrays])
-  assert sorted(len(g.sources) for g in groups) == [1, 2, 4]
-
-  def fn(source, position):
-    return {"sum": jnp.sum(source[0]), "position": jnp.asarray(position, jnp.int32)}
-
-  got = jax.jit(lambda arrays: leaf_groups.map_scalars(
-      leaf_groups.group_by_shape([(a,) for a in arrays]), fn))(arrays)
-  assert [int(r["position"]) for r in got] == list(range(7))
-  np.testing.assert_allclose([float(r["sum"]) for r in got], [float(jnp.sum(a)) for a in arrays])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_map_scalars_gives_each_member_its_own_result_in_order(scope):
+  # Each leaf's threshold and tie cut is a scalar of its own, carried out of its
+  # group's loop. Interleaved groups: 16 stacked members, a switched pair and a lone
+  # 0-d member; leaf i's values lie in [i, i + 1) with ties, so a leaf given another's
+  # threshold or cut would lose all or none of its weights.
+  shapes = [(4,) if i in (1, 9) else () if i == 5 else (2, 3) for i in range(19)]
+  rng = np.random.default_rng(0)
+  params = {f"l{i:02d}": {"kernel": jnp.asarray(i + rng.integers(0, 3, s) / 4, jnp.float32)}
+            for i, s in enumerate(shapes)}
+  where = jax.tree.map(lambda _: True, params)
+  prune = jax.jit(lambda p: jaxprune.ranked_masks(p, 0.55, where, scope=scope))
+  assert _leaf_stacks(prune.lower(params).as_text()) == ["16x2x3xf32"]
+  got = prune(params)
+  want = sort_reference_masks(params, 0.55, scope)
+  for name in params:
+    np.testing.assert_array_equal(np.asarray(got[name]["kernel"]), want[name], err_msg=name)
 
 
 def test_zero_dimensional_leaves_and_shard_map():
@@ -252,34 +426,49 @@ def test_zero_dimensional_leaves_and_shard_map():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+# Large enough to be read in chunks (more than 2 * 2**18 entries): rows, columns of an
+# array of too few rows, single rows of a 3-d array, columns of a one-row array, a
+# vector; each with its first row as a second leaf.
+CHUNKED = {"rows": (1200, 500), "few rows": (2, 300_000), "3-d": (3, 500, 400),
+           "one row": (1, 600_000), "vector": (600_001,)}
+
+
+@functools.cache
+def _chunked_ranking():
+  return jax.jit(lambda p, m, s: jaxprune.ranked_masks(
+      p, s, {"a": True, "b": True}, scope="global", previous=m))
+
+
 @settings(max_examples=25, deadline=None)
-@given(shape=st.sampled_from([(9, 7), (2, 40), (3, 5, 4), (1, 50), (31,)]),
+@given(shape=st.sampled_from(list(CHUNKED.values())),
        levels=st.sampled_from([2, 5, 1000]), fraction=st.floats(0, 1),
        seed=st.integers(0, 2**31 - 1))
 def test_chunked_counting_matches_the_sort_reference(shape, levels, fraction, seed):
   # On one device the CPU histogram and the tie-break read large arrays in chunks
-  # (rows, or columns of a one-row array); 16-entry chunks make these arrays large.
+  # (rows, or columns of an array of few rows).
   rng = np.random.default_rng(seed)
   w = (rng.integers(0, levels, size=shape) / 4).astype(np.float32)  # many ties
   kept = rng.random(shape) > 0.3
-  ws, kepts = [w, w[:1]], [kept, None]
   n = w.size + w[:1].size
-  k = int(round(fraction * n))
+  k = exact_count(fraction, n)
   keys = np.concatenate([np.where(kept, np.abs(w).view(np.uint32).astype(np.int64) + 1, 0).ravel(),
                          np.abs(w[:1]).view(np.uint32).astype(np.int64).ravel() + 1])
   want = np.zeros(n, bool)
   want[np.argsort(keys, kind="stable")[:k]] = True
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(chunked_reads, "CHUNK_ENTRIES", 8)
-    assert chunked_reads.chunking((w, kept)) is not None or w.size <= 16
-    got = jax.jit(lambda ws, ks: mr._select_smallest(list(zip(ws, ks)), mr.magnitude_keys, k))(
-        ws, kepts)
-  np.testing.assert_array_equal(np.concatenate([np.asarray(g).ravel() for g in got]), want)
+  want |= keys == 0  # pruned before: stays pruned
+  # Leaf order: `w` ("a"), then its first row ("b", all kept before).
+  params = {"a": jnp.asarray(w), "b": jnp.asarray(w[:1])}
+  previous = {"a": jnp.asarray(kept), "b": jnp.ones(w[:1].shape, bool)}
+  got = _chunked_ranking()(params, previous, jnp.float32(fraction))
+  np.testing.assert_array_equal(
+      ~np.concatenate([np.asarray(got["a"]).ravel(), np.asarray(got["b"]).ravel()]), want)
 
 
 def test_a_large_leaf_is_ranked_in_bounded_scratch():
   # XLA's CPU backend materializes the scatter's operands and every reduction's
   # operand: counted whole, a 2048 x 2048 leaf held 6 bytes per weight (24 MB).
   w = jax.ShapeDtypeStruct((2048, 2048), jnp.float32)
-  compiled = jax.jit(lambda w: mr.smallest_magnitudes([w], [None], 3_000_000)).lower(w).compile()
-  assert compiled.memory_analysis().temp_size_in_bytes / w.size < 1.0
+  for scope in ("layer", "global"):
+    compiled = jax.jit(lambda w, scope=scope: jaxprune.ranked_masks(
+        {"w": w}, 3_000_000 / w.size, {"w": True}, scope=scope)).lower(w).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes / w.size < 1.0, scope

@@ -20,12 +20,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxprune._src.structural.channel_groups import WIDTH_KINDS, channel_groups
-from jaxprune._src.structural.group_importance import magnitude_importance
-from jaxprune._src.structural.shrinking import keep_top, shrink
-from jaxprune._src.structural.shrunk_modules import equinox_module, nnx_module
-from jaxprune._src.structural.shrunk_program import shrunk_program
-from jaxprune._src.tree.mask_tree import slots
+from jaxprune.structural import (
+    WIDTH_KINDS,
+    channel_groups,
+    equinox_module,
+    keep_top,
+    magnitude_importance,
+    nnx_module,
+    shrink,
+    shrunk_program,
+)
+from jaxprune.tree import path_string
 
 B = 3
 
@@ -36,9 +41,9 @@ ANY = (*WIDTH_KINDS, "other")
 
 def _zeroed(params, groups, keep):
   """`params` with the units of each kept group not kept zeroed (same shapes)."""
-  theirs = slots(params)
-  at = {p: i for i, p in enumerate(theirs.paths)}
-  leaves = list(theirs.leaves)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)
+  at = {path_string(p): i for i, (p, _) in enumerate(flat)}
+  leaves = [leaf for _, leaf in flat]
   for index, kept in keep.items():
     group = groups[index]
     alive = np.isin(np.arange(group.size), kept)
@@ -49,7 +54,7 @@ def _zeroed(params, groups, keep):
       shape = [1] * leaf.ndim
       shape[m.axis] = -1
       leaves[at[m.path]] = leaf * mask.reshape(shape)
-  return jax.tree.unflatten(theirs.treedef, leaves)
+  return jax.tree.unflatten(treedef, leaves)
 
 
 def _shrunk(apply_fn, params, x, exact_only=False):

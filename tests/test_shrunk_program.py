@@ -16,10 +16,14 @@ import pytest
 from jax.experimental import pallas as pl
 from numpy_references import zeroed_units as zeroed
 
-from jaxprune._src.structural.channel_groups import Member, channel_groups
-from jaxprune._src.structural.group_importance import magnitude_importance
-from jaxprune._src.structural.shrinking import keep_top, shrink
-from jaxprune._src.structural.shrunk_program import shrunk_program
+from jaxprune.structural import (
+    Member,
+    channel_groups,
+    keep_top,
+    magnitude_importance,
+    shrink,
+    shrunk_program,
+)
 
 D, KV, G, HD, LAYERS, F, T, VOCAB = 8, 2, 2, 4, 3, 16, 5, 11
 H = KV * G

@@ -17,8 +17,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxprune
-from jaxprune._src.transforms.drop_grow import reset_grown
-from jaxprune._src.transforms.optax_wrapper import map_pruned_states
 
 # ----------------------------------------------------------------------------- the rule
 
@@ -196,13 +194,25 @@ def test_counts_stay_constant_on_every_shape(schedule, sparsity):
 
 
 def test_reset_grown_leaves_counts_and_unmasked_leaves_alone():
+  # Adam's moments and count set to ones, then one drop-and-grow update with zero
+  # gradients: Adam decays every moment (mu by 0.9, nu by 0.999) and counts on from 1;
+  # only the grown weights' moments restart at 0, not the unmasked leaf's, not the count.
   params = {"w": jnp.ones((2, 4)), "b": jnp.ones(4)}
-  inner = optax.adam(1e-3)
-  state = jax.tree.map(jnp.ones_like, inner.init(params))
-  grown = {"w": jnp.array([[True, False, False, False], [False] * 4]), "b": None}
-  out = reset_grown(inner, state, grown, params)
-  assert float(out[0].mu["w"].sum()) == 7.0 and float(out[0].nu["w"].sum()) == 7.0
-  assert float(out[0].mu["b"].sum()) == 4.0 and int(out[0].count) == 1
+  start = {"w": jnp.array([[True, False] * 2, [False, True] * 2]), "b": None}
+  tx = jaxprune.pruned(optax.adam(1e-3), start,
+                       schedule=jaxprune.sparse_training.set_schedule(0.5), update_every=1)
+  state = tx.init(params)
+  state = state._replace(inner_state=jax.tree.map(jnp.ones_like, state.inner_state))
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  _, state = jax.jit(tx.update)(zeros, state, params)
+  grown = np.asarray(jaxprune.get_masks(state)["w"] & ~start["w"])
+  assert grown.any()
+  adam = state.inner_state[0]
+  for name, decay in (("mu", 0.9), ("nu", 0.999)):
+    np.testing.assert_allclose(np.asarray(getattr(adam, name)["w"]),
+                               np.where(grown, 0.0, decay), rtol=1e-7, err_msg=name)
+    np.testing.assert_allclose(np.asarray(getattr(adam, name)["b"]), decay, rtol=1e-7)
+  assert int(adam.count) == 2
 
 
 def test_drop_and_grow_errors_name_the_problem():
@@ -441,6 +451,16 @@ def test_straight_through_masks_first_step_prunes_like_jaxpruner_instant_sparsif
   np.testing.assert_array_equal(np.asarray(view["w"]), np.asarray(expected))
 
 
+def with_count(state, count):
+  """`state` with the update count of every `pruned` state in it (nested ones too) set."""
+  def visit(s):
+    if not isinstance(s, jaxprune.PrunedState):
+      return s
+    return s._replace(inner_state=with_count(s.inner_state, count), count=count)
+
+  return jax.tree.map(visit, state, is_leaf=lambda s: isinstance(s, jaxprune.PrunedState))
+
+
 def _bytes(step, *args) -> float:
   analysis = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile().cost_analysis()
   return float((analysis[0] if isinstance(analysis, (list, tuple)) else analysis)
@@ -461,7 +481,7 @@ def test_straight_through_masks_step_costs_what_a_plain_step_costs():
 
   def step_bytes(tx):
     def step(p, state, x):
-      state = map_pruned_states(lambda s: s._replace(count=jnp.ones((), jnp.int32)), state)
+      state = with_count(state, jnp.ones((), jnp.int32))
       grads = jax.grad(lambda q: loss(jaxprune.sparse_training.straight_through_view(q, state),
                                       x))(p)
       updates, state = tx.update(grads, state, p)

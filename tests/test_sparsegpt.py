@@ -8,7 +8,22 @@ import optax
 import pytest
 
 import jaxprune
-from jaxprune._src.oneshot.sparsegpt import sparsegpt_matrix
+
+
+def statistics(gram, rows=None):
+  """`InputStatistics` of one leaf `"k"` laid out `(rows, inputs)` (inputs: axis 1) with
+  the Gram matrix `gram` of its inputs."""
+  stat = jaxprune.oneshot.LeafStatistics(stack_axes=(), feature_axes=(1,),
+                                         sq_norms=jnp.diagonal(gram), gram=gram, rows=rows)
+  return jaxprune.oneshot.InputStatistics(leaves={"k": stat}, unattributed={})
+
+
+def sparsegpt_matrix(w, gram, sparsity, **kwargs):
+  """`jaxprune.oneshot.sparsegpt` of one `(rows, inputs)` matrix `w` from the Gram matrix
+  of its inputs: `(pruned and updated w, kept mask)`."""
+  new, masks = jaxprune.oneshot.sparsegpt({"k": w}, statistics(gram), sparsity, {"k": True},
+                                          **kwargs)
+  return new["k"], masks["k"]
 
 
 def reference(w, gram, sparsity, block, damp=0.01, nm=None):
@@ -180,7 +195,9 @@ def test_accelerator_lowerings_of_one_shot_pruning():
   norms = jnp.ones(64)  # per input feature of the (in, out) kernel
 
   def wanda(p, sq, pattern):
-    score = jaxprune._src.methods.scores.Wanda({"k": sq}, (("k", (0,)),))
+    stat = jaxprune.oneshot.LeafStatistics(stack_axes=(), feature_axes=(0,), sq_norms=sq,
+                                           gram=None, rows=None)
+    score = jaxprune.scores.wanda_score(jaxprune.oneshot.InputStatistics({"k": stat}, {}))
     target = (jaxprune.NM(2, 4, score=score) if pattern else
               jaxprune.Prune(0.5, score=score, scope="row"))
     return target.masks(p, {"k": True})

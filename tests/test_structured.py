@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jaxprune
-from jaxprune._src.methods.structured import is_nm_sparse, nm_masks, nm_violations
+from jaxprune import is_nm_sparse, nm_masks, nm_violations
 
 SETTINGS = settings(max_examples=25, deadline=None)
 RNG = np.random.default_rng(0)  # NumPy data: no jax.random compilations.

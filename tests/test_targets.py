@@ -11,7 +11,6 @@ import optax
 import pytest
 
 import jaxprune
-from jaxprune._src.methods.targets import as_target
 
 
 def make_params():
@@ -73,7 +72,13 @@ def test_targets_compute_what_the_pure_functions_compute():
     (jaxprune.Prune(0.9, scope="global"), jaxprune.Prune(0.9, scope="global")),
 ])
 def test_as_target(entry, expected):
-  assert as_target(entry) == expected
+  # A target entry of `prune_retrain` is read as the expected target: its name and
+  # nominal sparsity in the history, and its masks.
+  params = make_params()
+  result, _ = prune_retrain_counting_compiles(params, [entry])
+  record = result.history[0]
+  assert (record.target, record.target_sparsity) == (str(expected), expected.sparsity)
+  assert_masks_equal(result.masks, expected.masks(params, jaxprune.select(params)))
 
 
 @pytest.mark.parametrize("entry, message", [
@@ -84,8 +89,13 @@ def test_as_target(entry, expected):
     (jaxprune.NM(4, 4), "0 < n < m"),
 ])
 def test_as_target_refuses_bad_entries_naming_them(entry, message):
-  with pytest.raises(ValueError, match=message):
-    as_target(entry, name="schedule[3]")
+  params = make_params()
+  x = jnp.ones((8, 8))
+  with pytest.raises(ValueError, match=message) as raised:
+    jaxprune.prune_retrain(params, mlp_loss, lambda step: x, [x], optimizer=optax.sgd(0.1),
+                           targets=[0.1, 0.2, 0.3, entry], where=jaxprune.select(params),
+                           retrain_steps=1, progress=False)
+  assert "targets[3]" in str(raised.value)
 
 
 def test_targets_are_pytrees_with_the_sparsity_traced():
@@ -116,12 +126,10 @@ class KeepFirstRows:
     return 0.5
 
   def masks(self, params, where, previous=None):
-    flags = jaxprune._src.tree.mask_tree.resolve_where(where, params)
-    leaves = jaxprune._src.tree.mask_tree.slots(params).leaves
-    out = [jnp.arange(w.shape[0])[:, None] < self.rows if f else None
-           for w, f in zip(leaves, flags)]
-    out = [None if m is None else jnp.broadcast_to(m, w.shape) for m, w in zip(out, leaves)]
-    masks = jaxprune._src.tree.mask_tree.unflatten(params, out)
+    where = where(params) if callable(where) else where  # a bool tree, or a builder of one
+    masks = jax.tree.map(
+        lambda w, f: jnp.broadcast_to(jnp.arange(w.shape[0])[:, None] < self.rows, w.shape)
+        if f else None, params, where)
     if previous is not None:
       masks = jax.tree.map(lambda a, b: a & b, masks, previous)
     return masks
@@ -187,9 +195,20 @@ def test_prune_step_under_jit_takes_a_traced_float_sparsity():
     _, pruned_state = step(params, jnp.float32(s), state)
     assert_masks_equal(jaxprune.get_masks(pruned_state),
                        jaxprune.ranked_masks(params, s, where))
-  assert as_target(jnp.float32(0.5)) == jaxprune.Prune(0.5)
-  # Concrete sparsities are stored as Python floats (JSON-able history, exact fingerprints).
-  assert type(as_target(jaxprune.Prune(np.float32(0.5))).sparsity) is float
+  # A concrete array sparsity is read as `Prune` of it (a traced one would be named so).
+  record = prune_retrain_counting_compiles(params, [jnp.float32(0.5)])[0].history[0]
+  assert (record.target, record.target_sparsity) == ("50.00%", 0.5)
+  # Concrete sparsities are stored as Python floats (JSON-able history, exact fingerprints):
+  # a `Prune` (here one that records what its masks are computed with) gets a float.
+  seen = []
+
+  class RecordingPrune(jaxprune.Prune):
+    def masks(self, params, where, previous=None):
+      seen.append(self.sparsity)
+      return super().masks(params, where, previous)
+
+  jaxprune.prune_step(params, state, RecordingPrune(np.float32(0.5)), where)
+  assert [type(s) for s in seen] == [float]
 
 
 def test_nm_targets_compile_once_across_iterations():

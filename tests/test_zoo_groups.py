@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from numpy_references import slots
 from zoo import (
   dict_moe,
   eqx_convnet,
@@ -39,7 +40,6 @@ from zoo import (
   nnx_gqa_lm,
 )
 
-from jaxprune._src.tree.mask_tree import slots
 from jaxprune.structural import (
   channel_groups,
   keep_top,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxprune
-from jaxprune._src.oneshot.input_statistics import InputStatistics
+from jaxprune.oneshot import InputStatistics
 
 RNG = np.random.default_rng(0)
 PARAMS = {"fc": {"kernel": jnp.asarray(RNG.standard_normal((8, 4)), jnp.float32)}}

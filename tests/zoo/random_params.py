@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune._src.tree.leaf_selection import path_components
+from jaxprune.tree import path_string
 
 
 def fill(abstract, seed: int, weight_std: float = 0.4):
@@ -20,7 +20,7 @@ def fill(abstract, seed: int, weight_std: float = 0.4):
   def one(path, leaf):
     if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
       return leaf
-    name = path_components(path)[-1] if path else ""
+    name = path_string(path[-1:])  # the last key, whole ("" at the root)
     if name == "scale":
       value = 1 + 0.3 * rng.normal(size=leaf.shape)
     elif name in ("bias", "mean"):
