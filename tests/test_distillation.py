@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import jaxprune
-from jaxprune._src.training.distillation import distillation_loss, kl_to_teacher
+from jaxprune.training import distillation_loss, kl_to_teacher
 
 
 def test_kl_is_zero_for_identical_outputs_and_positive_otherwise():

@@ -134,10 +134,10 @@ SELECTION_SHAPES = {"whole": {"a": (12, 16), "b": (6, 5)},
 
 
 def _gradual(scope, sparsity, **kwargs):
-  """`pruned` recomputing its masks by `|w|` at every update."""
-  return jaxprune.pruned(optax.sgd(0.0), schedule=lambda count: jaxprune.Prune(sparsity,
-                                                                                scope=scope),
-                         update_every=1, **kwargs)
+  """`gradually_pruned` recomputing its masks by `|w|` at every update."""
+  return jaxprune.gradually_pruned(
+      optax.sgd(0.0), schedule=lambda count: jaxprune.Prune(sparsity, scope=scope),
+      update_every=1, **kwargs)
 
 
 @pytest.mark.parametrize("chunk", list(SELECTION_SHAPES))

@@ -199,8 +199,9 @@ def test_reset_grown_leaves_counts_and_unmasked_leaves_alone():
   # only the grown weights' moments restart at 0, not the unmasked leaf's, not the count.
   params = {"w": jnp.ones((2, 4)), "b": jnp.ones(4)}
   start = {"w": jnp.array([[True, False] * 2, [False, True] * 2]), "b": None}
-  tx = jaxprune.pruned(optax.adam(1e-3), start,
-                       schedule=jaxprune.sparse_training.set_schedule(0.5), update_every=1)
+  tx = jaxprune.sparse_training.drop_and_grow(
+      optax.adam(1e-3), start, schedule=jaxprune.sparse_training.set_schedule(0.5),
+      update_every=1)
   state = tx.init(params)
   state = state._replace(inner_state=jax.tree.map(jnp.ones_like, state.inner_state))
   zeros = jax.tree.map(jnp.zeros_like, params)

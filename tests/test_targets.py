@@ -94,7 +94,7 @@ def test_as_target_refuses_bad_entries_naming_them(entry, message):
   with pytest.raises(ValueError, match=message) as raised:
     jaxprune.prune_retrain(params, mlp_loss, lambda step: x, [x], optimizer=optax.sgd(0.1),
                            targets=[0.1, 0.2, 0.3, entry], where=jaxprune.select(params),
-                           retrain_steps=1, progress=False)
+                           retrain_steps=1, hooks=[])
   assert "targets[3]" in str(raised.value)
 
 

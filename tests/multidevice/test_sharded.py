@@ -160,19 +160,18 @@ def test_sharded_prune_retrain_matches_single_device(layout):
 
 
 def test_checkpoint_restores_onto_smaller_meshes(tmp_path):
-  from jaxprune._src.training import checkpointing
-
   result = _run(jaxprune.sharding.make_mesh("fsdp=8"), "fsdp", checkpoint_dir=str(tmp_path))
-  manager = checkpointing.open_manager(str(tmp_path))
-  index = manager.latest_step()
+  with jaxprune.Checkpointer(str(tmp_path)) as ckpt:
+    config = ckpt.read_meta(ckpt.indices()[-1])["config"]
   for devices in (jax.devices()[:4], jax.devices()[:1]):
     mesh = jaxprune.sharding.make_mesh({"fsdp": len(devices)}, devices)
     params = jax.device_put(result.params,
                             jaxprune.sharding.param_shardings(result.params, mesh, "fsdp"))
     masks = jaxprune.sharding.place_masks(jax.device_get(result.masks), params)
     tx = jaxprune.pruned(optax.adam(1e-2), masks)
-    like = checkpointing.LoopState(params, tx.init(params), jnp.zeros(2, jnp.uint32))
-    restored = checkpointing.restore_state(manager, index, like)
+    like = jaxprune.training.LoopState(params, tx.init(params), jnp.zeros(2, jnp.uint32))
+    with jaxprune.Checkpointer(str(tmp_path)) as ckpt:
+      restored, _ = ckpt.resume(like, config)
     for a, b in zip(jax.tree.leaves(_host(result.params)), jax.tree.leaves(restored.params)):
       np.testing.assert_array_equal(a, np.asarray(b))
     restored_masks = jaxprune.get_masks(restored.opt_state)
