@@ -214,3 +214,21 @@ def test_accelerator_lowerings_of_one_shot_pruning():
       module = jax.export.export(jax.jit(fn), platforms=[platform])(*args).mlir_module()
       assert "stablehlo.scatter" not in module, (name, platform)
       assert ("stablehlo.sort" in module) == sorts, (name, platform)
+
+
+def test_sparsegpt_runs_under_jit_with_concrete_statistics_closed_over():
+  # The all-zero-inputs check reads concrete statistics; under an outer jit it used to
+  # stage its jnp ops on them and fail reading the result (TracerArrayConversionError).
+  w, x = _layer(3, rows=8, cols=16, n=64)
+  gram = jnp.asarray(x.T @ x)
+  stats = statistics(gram)
+  eager = jaxprune.oneshot.sparsegpt({"k": jnp.asarray(w)}, stats, 0.5, {"k": True}, block=8)
+  jitted = jax.jit(lambda p: jaxprune.oneshot.sparsegpt(p, stats, 0.5, {"k": True}, block=8))(
+      {"k": jnp.asarray(w)})
+  np.testing.assert_array_equal(np.asarray(eager[1]["k"]), np.asarray(jitted[1]["k"]))
+  np.testing.assert_allclose(np.asarray(eager[0]["k"]), np.asarray(jitted[0]["k"]), rtol=1e-5,
+                             atol=1e-6)
+  dead = statistics(jnp.zeros_like(gram))
+  with pytest.raises(ValueError, match="are all zero on the calibration data"):
+    jax.jit(lambda p: jaxprune.oneshot.sparsegpt(p, dead, 0.5, {"k": True}, block=8))(
+        {"k": jnp.asarray(w)})

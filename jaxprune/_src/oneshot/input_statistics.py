@@ -178,8 +178,10 @@ def _check_not_all_zero(path: str, sq_norms: Any, stack: tuple[int, ...]) -> Non
   all zero, where `sq_norms` is concrete."""
   if isinstance(sq_norms, jax.core.Tracer):
     return  # under jit: values cannot be read (the shapes were checked)
-  zero = jnp.all(jnp.reshape(sq_norms, (math.prod(stack), -1)) == 0, axis=1)
-  dead = np.flatnonzero(np.asarray(zero))
+  # NumPy, not jnp: under an outer jit a jnp op on a closed-over (concrete) array is
+  # staged, and its result cannot be read.
+  zero = np.all(np.reshape(np.asarray(sq_norms), (math.prod(stack), -1)) == 0, axis=1)
+  dead = np.flatnonzero(zero)
   if dead.size:
     names = [f"{path}[{i}]" for i in dead[:5]] if stack else [path]
     more = f" and {dead.size - 5} more" if dead.size > 5 else ""
