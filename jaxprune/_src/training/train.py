@@ -125,9 +125,9 @@ def train(
   Example::
 
     >>> start = jaxprune.ranked_masks(params, 0.5, where, score=jaxprune.scores.random_score(0))
-    >>> tx = jaxprune.pruned(optax.adam(1e-2), start,
-    ...                      schedule=jaxprune.sparse_training.rigl_schedule(0.3),
-    ...                      update_every=2)
+    >>> tx = jaxprune.sparse_training.drop_and_grow(
+    ...     optax.adam(1e-2), start, schedule=jaxprune.sparse_training.rigl_schedule(0.3),
+    ...     update_every=2)
     >>> result = jaxprune.train(params, loss_fn, batch_at_step, optimizer=tx, steps=4,
     ...                         checkpointer=jaxprune.Checkpointer("ckpt_rigl"), hooks=[])
     >>> float((result.params["fc1"]["kernel"] == 0).mean())

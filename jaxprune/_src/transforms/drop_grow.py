@@ -11,12 +11,12 @@ selected leaf with `k` kept weights (its mask `previous`) and drop fraction `d`:
 Ties by position, as every selection here. A weight just dropped may be grown
 again (its grow score competes like any other). The grow score is random
 (`random_score`: SET, Mocanu et al. 2018) or the magnitude of the dense gradient
-(`gradient_score()`: RigL, Evci et al. 2020), which `pruned` binds to the step's
+(`gradient_score()`: RigL, Evci et al. 2020), which `drop_and_grow` binds to the step's
 gradients; the count per leaf never changes, so the distribution of the starting
 masks (uniform, ERK) is kept.
 
-`set_schedule` and `rigl_schedule` are schedules for `pruned`: `count ->
-DropAndGrow`. `pruned` runs them every `update_every` updates; on such a step it
+`set_schedule` and `rigl_schedule` are schedules for `drop_and_grow`: `count ->
+DropAndGrow`. `drop_and_grow` runs them every `update_every` updates; on such a step it
 zeroes the optimizer moments of the grown weights (`reset_grown`: they start as
 fresh weights, at exactly 0) and trains only the weights kept before and after.
 
@@ -175,7 +175,7 @@ def _at(value: float | Callable[[Any], Any], count: Any) -> Any:
 
 def set_schedule(drop_fraction: float | Callable[[Any], Any] = 0.3,
                  seed: int | jax.Array = 0) -> Callable[[Any], DropAndGrow]:
-  """SET's mask update for `pruned`: drop the smallest `|w|`, regrow at random.
+  """SET's mask update for `drop_and_grow`: drop the smallest `|w|`, regrow at random.
 
   `drop_fraction` is a fraction or a schedule `count -> fraction` (SET: a constant
   0.3); the random draw of update `count` is `fold_in(key(seed), count)`, so a
@@ -183,9 +183,9 @@ def set_schedule(drop_fraction: float | Callable[[Any], Any] = 0.3,
 
   Example::
 
-    >>> tx = jaxprune.pruned(optax.sgd(0.1), masks,
-    ...                      schedule=jaxprune.sparse_training.set_schedule(0.3),
-    ...                      update_every=100)
+    >>> tx = jaxprune.sparse_training.drop_and_grow(
+    ...     optax.sgd(0.1), masks, schedule=jaxprune.sparse_training.set_schedule(0.3),
+    ...     update_every=100)
   """
   key = random_score(seed).key
   _check_drop_fraction(_at(drop_fraction, 0))
@@ -194,7 +194,7 @@ def set_schedule(drop_fraction: float | Callable[[Any], Any] = 0.3,
 
 
 def rigl_schedule(drop_fraction: float = 0.3, end: int | None = None) -> Callable[[Any], Any]:
-  """RigL's mask update for `pruned`: drop the smallest `|w|`, regrow where the
+  """RigL's mask update for `drop_and_grow`: drop the smallest `|w|`, regrow where the
   step's dense gradient `|g|` is largest.
 
   The drop fraction decays as `d(t) = drop_fraction / 2 * (1 + cos(pi * t / end))`
@@ -203,9 +203,9 @@ def rigl_schedule(drop_fraction: float = 0.3, end: int | None = None) -> Callabl
 
   Example::
 
-    >>> tx = jaxprune.pruned(optax.adam(1e-3), masks,
-    ...                      schedule=jaxprune.sparse_training.rigl_schedule(0.3, end=7500),
-    ...                      update_every=100)
+    >>> tx = jaxprune.sparse_training.drop_and_grow(
+    ...     optax.adam(1e-3), masks, update_every=100,
+    ...     schedule=jaxprune.sparse_training.rigl_schedule(0.3, end=7500))
   """
   _check_drop_fraction(drop_fraction)
   if end is not None and (isinstance(end, bool) or not isinstance(end, int) or end < 1):

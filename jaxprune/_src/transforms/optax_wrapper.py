@@ -177,7 +177,9 @@ def pruned(
     >>> all(jax.tree.leaves(held))                       # pruned weights are exactly 0
     True
   """
-  if masks is None or callable(masks):
+  # A bare function (a `where` callable, a schedule) is not masks; an Equinox mask tree
+  # is callable too, but holds its masks as leaves.
+  if masks is None or (callable(masks) and jax.tree.leaves(masks) == [masks]):
     raise TypeError("pruned(inner, masks) holds fixed masks; for masks that move use "
                     "jaxprune.gradually_pruned(inner, schedule=..., update_every=..., "
                     "where=...) or jaxprune.sparse_training.drop_and_grow")
