@@ -19,7 +19,7 @@ then traced int32/int64 scalars, computed exactly in integers.
   the other way (largest remainder): every leaf is within one weight of its share.
 
   The fans come from the program with `erk(layouts=weight_layouts(apply_fn,
-  params, x))` (`jaxprune.layouts`): a product weight has `r = (fan_in + fan_out)
+  params, x))` (`jaxprune.tree.weight_layouts`): a product weight has `r = (fan_in + fan_out)
   / (fan_in * fan_out)`, `fan_in` the product of its input (contracted) axes'
   sizes and `fan_out` of its output axes', so the heads and head_dim of a
   `(d, heads, head_dim)` or `(heads, head_dim, d)` kernel count as one fan; a conv

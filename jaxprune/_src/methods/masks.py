@@ -2,7 +2,7 @@
 
 A *mask tree* has the structure of `params`. A selected leaf holds a bool array of
 the leaf's shape (`True` = kept); an unselected leaf, and a `None` leaf of params,
-holds `None`, so no memory is spent on it (see `jaxprune.mask_tree`).
+holds `None`, so no memory is spent on it (see `jaxprune.tree`).
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ def ranked_masks(
       default, `|w|`), `saliency_score(grads)`, `random_score(seed)`,
       `given_score(tree)`.
     scope: `"layer"`, `"global"`, `"row"`, or a structured granularity:
-      `jaxprune.blocks((b0, b1))`, `jaxprune.channels(axis)` (`jaxprune.units`).
+      `jaxprune.blocks((b0, b1))`, `jaxprune.channels(axis)` (whole units).
     distribution: per-leaf counts in layer and row scope (`uniform()` by default,
       `erk()`); global scope ranks all leaves together and takes none.
     previous: an earlier mask tree of the same `where`, or None.
@@ -246,7 +246,7 @@ def ranked_masks(
       the score knows, as `wanda_score(stats)` does from its statistics, else -2).
     stacked: `{path pattern: k}`: the first `k` axes of matching leaves index
       stacked layers (`nnx.scan`'d blocks, MoE experts), each slice ranked as a
-      layer of its own (`jaxprune.stacked_layers`).
+      layer of its own (see `ranked_masks`'s `stacked`).
 
   Returns:
     A mask tree: bool arrays (`True` = kept) for selected leaves, `None` elsewhere.

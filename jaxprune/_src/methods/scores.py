@@ -11,7 +11,7 @@ a random key, a user's tree) are leaves, so a target holding one can be traced.
   (no grads) takes the gradients of the step that prunes: in `gradually_pruned`
   the step's gradient (one batch); in `prune_retrain`, the gradient of the
   iteration's first retraining batch, before each prune.
-* `gradient_score(grads)`: `|g|`, what RigL regrows by (`jaxprune.drop_grow`);
+* `gradient_score(grads)`: `|g|`, what RigL regrows by (`jaxprune.sparse_training.DropAndGrow`);
   `gradient_score()` takes the step's gradients in `pruned`, as `saliency_score()`.
 * `random_score(seed)`: uniform in [0, 1), independent per leaf and reproducible
   from the seed (leaf `i` draws from `fold_in(key(seed), i)`).

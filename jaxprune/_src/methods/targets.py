@@ -76,7 +76,7 @@ class Prune:
   leaves, so one compiled prune step serves a whole schedule; `scope` ("layer",
   "global", "row", `blocks(...)`, `channels(...)`), `distribution`, `axis` (row
   scope's) and `stacked` (`{pattern: k}`: leading axes of stacked layers, see
-  `jaxprune.stacked_layers`) are static.
+  `ranked_masks`) are static.
   A scope other than those is refused when the target is made (ValueError listing
   them).
 

@@ -197,7 +197,7 @@ def sparsity_report(params: PyTree, where: Where | None = None, *,
       means `select(params)` with its defaults, or no leaf targeted when nothing
       matches them (the table then says so).
     stacked: `{path pattern: k}`: targeted leaves whose first `k` axes index
-      stacked layers get one row per layer, `path[i]` (`jaxprune.stacked_layers`).
+      stacked layers get one row per layer, `path[i]` (see `ranked_masks`'s `stacked`).
 
   Returns:
     A `SparsityReport`: per-leaf size, zeros and sparsity; sparsity of the targeted

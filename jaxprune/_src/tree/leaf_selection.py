@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from jaxprune._src.types import PyTree
 
-if TYPE_CHECKING:  # jaxprune.layouts imports this module
+if TYPE_CHECKING:  # the layouts module imports this one
   from jaxprune._src.oneshot.layouts import Layouts
 
 IncludeSpec = Union[str, Sequence[str], Callable[[str, Any], bool]]
