@@ -5,14 +5,22 @@ from pathlib import Path
 import jax
 import pytest
 
+# The tests mirror the implementation (`tests/<area>/` for `jaxprune/_src/<area>/`);
+# whole runs (zoo, faults, kill and resume, several devices and hosts, examples,
+# benchmarks, README, doctests) are in `tests/integration/`.
+#
 # The examples are scripts, not a package: make `import lm_model` work in tests; and
-# the tests' own helpers importable from their subfolders (`from test_resume_kill ...`).
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the tests' shared helpers importable from every folder (`numpy_references`, the
+# `zoo` models, `test_resume_kill`'s subprocess tools).
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS.parent / "examples"))
+sys.path.insert(0, str(TESTS / "integration"))
+sys.path.insert(0, str(TESTS))
 
-# tests/multidevice needs 8 host devices, a flag that must be set before jax starts:
-# tests/test_multidevice.py runs it in a subprocess of its own.
-collect_ignore = [] if os.environ.get("JAXPRUNE_MULTIDEVICE") == "1" else ["multidevice"]
+# integration/multidevice needs 8 host devices, a flag that must be set before jax
+# starts: integration/test_multidevice.py runs it in a subprocess of its own.
+collect_ignore = ([] if os.environ.get("JAXPRUNE_MULTIDEVICE") == "1"
+                  else ["integration/multidevice"])
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BUDGETS = [12, 12, 12]
 CHECKPOINT_EVERY = 4
 

@@ -16,7 +16,7 @@ import shrink_lm
 import train_lm
 from nbclient import NotebookClient
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--d-model", "32", "--layers", "1", "--context", "32", "--batch-size", "4",
         "--max-bytes", "200000", "--eval-batches", "2"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

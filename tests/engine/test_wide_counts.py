@@ -15,7 +15,7 @@ import pytest
 
 import jaxprune
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIG = {f"l{i}": {"kernel": jax.ShapeDtypeStruct((32768, 16384), jnp.float32)} for i in range(5)}
 
 
