@@ -359,17 +359,6 @@ def test_train_and_eval_steps_compile_once():
     assert len(loss.sizes) == 3 and watch.compiled.count("jit(step)") == 2
 
 
-def _counts(opt_state):
-  pruned_state = next(
-      s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, jaxprune.PrunedState))
-      if isinstance(s, jaxprune.PrunedState)
-  )
-  hyper = pruned_state.inner_state
-  adam = hyper.inner_state[0]
-  return int(pruned_state.count), int(hyper.count), int(adam.count), float(
-      hyper.hyperparams["learning_rate"])
-
-
 @pytest.fixture(scope="module")
 def restart_runs():
   lr = optax.linear_schedule(1e-2, 0.0, transition_steps=20)

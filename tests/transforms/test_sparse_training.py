@@ -233,7 +233,7 @@ def test_drop_and_grow_errors_name_the_problem():
   with pytest.raises(ValueError, match="previous"):
     jaxprune.sparse_training.DropAndGrow(0.3, jaxprune.scores.random_score(0)).masks(
         params, jaxprune.select(params))
-  with pytest.raises(ValueError, match=r"belongs in jaxprune\.pruned"):
+  with pytest.raises(ValueError, match=r"belongs in jaxprune\.sparse_training\.drop_and_grow"):
     jaxprune.sparse_training.straight_through(optax.sgd(0.1), where=jaxprune.select(params),
                               schedule=jaxprune.sparse_training.set_schedule(), update_every=1)
   with pytest.raises(ValueError, match="gradient_score"):

@@ -30,7 +30,8 @@ import optax
 
 from jaxprune._src.training.run_settings import note_settings
 from jaxprune._src.transforms.optax_wrapper import PrunedState, pruned_states
-from jaxprune._src.transforms.straight_through import check_arguments, masks_after, starting_masks
+from jaxprune._src.transforms.recomputed_masks import starting_masks
+from jaxprune._src.transforms.straight_through import check_arguments, masks_after
 from jaxprune._src.tree.leaf_selection import Where
 from jaxprune._src.tree.mask_tree import check_masks, map_masked, slots, unflatten
 from jaxprune._src.tree.packed_masks import kept_or_zero, pack_masks, unpack_masks

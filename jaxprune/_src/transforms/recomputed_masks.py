@@ -51,7 +51,7 @@ from jaxprune._src.types import PyTree
 Schedule = Callable[[jax.Array], Any]
 
 
-def _first_value(schedule: Any, update_every: Any, name: str) -> Any:
+def first_value(schedule: Any, update_every: Any, name: str) -> Any:
   """`schedule(0)`, after checking `schedule` is a function and `update_every` a count."""
   if not callable(schedule):
     raise TypeError(
@@ -112,12 +112,17 @@ def _pruned_further(schedule: Schedule) -> Callable[..., PyTree]:
   return masks
 
 
+def starting_masks(params: PyTree, where: Any, masks: PyTree | None) -> PyTree:
+  """The masks before the first recompute: `masks` (checked, copied), or all kept."""
+  if masks is not None:
+    return check_masks(owned_copy(masks), params)
+  return all_kept(params, resolve_where(where, params))
+
+
 def _starting_masks(where: Where | None, masks: PyTree | None) -> Callable[[PyTree], PyTree]:
   def start(params: PyTree) -> PyTree:
-    if masks is None:
-      return all_kept(params, resolve_where(where, params))
-    held = check_masks(owned_copy(masks), params)
-    if where is not None:  # starting masks exactly where `where` selects
+    held = starting_masks(params, where, masks)
+    if masks is not None and where is not None:  # exactly where `where` selects
       check_selection(held, resolve_where(where, params), params, "`masks`")
     return held
 
@@ -182,7 +187,7 @@ def gradually_pruned(
     raise ValueError("gradually_pruned needs `where` (or starting `masks`)")
   if masks is not None:
     check_holds_a_mask(masks)
-  first = _first_value(schedule, update_every, "gradually_pruned")
+  first = first_value(schedule, update_every, "gradually_pruned")
   _check_first_target(first)
   recompute = Recompute(int(update_every), _pruned_further(schedule),
                         reads_gradients=needs_step_gradients(first))
@@ -253,7 +258,7 @@ def drop_and_grow(
     raise ValueError("drop_and_grow moves kept weights: pass the starting `masks` (e.g. "
                      "random or ERK masks)")
   check_holds_a_mask(masks)
-  first = _first_value(schedule, update_every, "drop_and_grow")
+  first = first_value(schedule, update_every, "drop_and_grow")
   if not isinstance(first, DropAndGrow):
     raise ValueError(f"drop_and_grow's schedule(0) must be a DropAndGrow (set_schedule, "
                      f"rigl_schedule), got {first!r}; to prune further use "

@@ -30,19 +30,15 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from jaxprune._src.methods.masks import check_count
 from jaxprune._src.methods.targets import as_target
 from jaxprune._src.training.run_settings import note_settings
 from jaxprune._src.transforms.drop_grow import DropAndGrow
 from jaxprune._src.transforms.optax_wrapper import PrunedState, pruned_states
-from jaxprune._src.transforms.recomputed_masks import target_at
+from jaxprune._src.transforms.recomputed_masks import first_value, starting_masks, target_at
 from jaxprune._src.tree.leaf_selection import Where
 from jaxprune._src.tree.mask_tree import (
-  all_kept,
   check_masks,
   map_masked,
-  owned_copy,
-  resolve_where,
   slots,
   unflatten,
 )
@@ -102,19 +98,11 @@ def dense_weights(opt_state: PyTree, params: PyTree) -> PyTree:
   found = [s for s in pruned_states(opt_state) if isinstance(s.inner_state, DenseWeights)]
   if len(found) != 1:
     raise ValueError(f"expected exactly one jaxprune.sparse_training.straight_through state "
-                     f"inside the "
-                     f"optimizer state, found {len(found)}")
+                     f"inside the optimizer state, found {len(found)}")
   # Laid out in `params`' structure (an nnx.Optimizer holds its state in its own).
   masks = check_masks(unpack_masks(found[0].packed_masks), params)
   copy = unflatten(params, slots(found[0].inner_state.dense).leaves)
   return _dense(masks, params, copy)
-
-
-def starting_masks(params: PyTree, where: Any, masks: PyTree | None) -> PyTree:
-  """The masks before the first recompute: `masks` (checked, copied), or all kept."""
-  if masks is not None:
-    return check_masks(owned_copy(masks), params)
-  return all_kept(params, resolve_where(where, params))
 
 
 def check_arguments(schedule: Any, update_every: Any, where: Any, masks: Any,
@@ -122,14 +110,11 @@ def check_arguments(schedule: Any, update_every: Any, where: Any, masks: Any,
   """Refuses, before compute, what neither form of straight-through training takes."""
   if where is None and masks is None:
     raise ValueError(f"{name} needs `where` (or starting `masks`)")
-  if not callable(schedule):
-    raise TypeError(f"schedule must be a function count -> sparsity or target (e.g. "
-                    f"optax.constant_schedule(0.9)), got {schedule!r}")
-  check_count("update_every", update_every)
-  first = schedule(jnp.zeros((), jnp.int32))
+  first = first_value(schedule, update_every, name)
   if isinstance(first, DropAndGrow):
-    raise ValueError(f"{name} recomputes masks from the dense weights; drop and "
-                     "grow (set_schedule, rigl_schedule) belongs in jaxprune.pruned")
+    raise ValueError(f"{name} recomputes masks from the dense weights; drop and grow "
+                     "(set_schedule, rigl_schedule) belongs in "
+                     "jaxprune.sparse_training.drop_and_grow")
   as_target(first, name="schedule(0)")
 
 
