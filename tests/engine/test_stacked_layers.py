@@ -176,7 +176,7 @@ def _linen_scanned():
 
 
 def _nnx_scanned():
-  from tests.zoo.models import X_FIXED, build_nnx_scan
+  from zoo.models import X_FIXED, build_nnx_scan
   model = build_nnx_scan()
   return model.params, lambda p: model.apply(p, X_FIXED)
 

@@ -3,7 +3,7 @@
 Each test reproduces one reported failure: Equinox modules as `where` trees, `None`
 leaves, jit with closed-over params, traced out-of-range sparsities, distillation
 without `rng`, resuming with another optimizer, inputs that were silently accepted,
-and the friction of the defaults. The model zoo (tests/zoo) runs every public
+and the friction of the defaults. The model zoo (tests/integration/zoo) runs every public
 function on every framework; these pin the individual cases.
 """
 

@@ -1,5 +1,5 @@
 """Channel groups on a zoo of models written the way their frameworks' users write
-them (tests/zoo/): hand-written expectations and the exactness of the smaller model.
+them (tests/integration/zoo/): hand-written expectations and the exactness of the smaller model.
 
 Every expectation below is written from the models' code and the grouping
 contract (kinds, `Member(path, axis, block, offset, outer)`: unit `i` covers the

@@ -1,4 +1,4 @@
-"""Every public function of jaxprune on every model of the zoo (tests/zoo/models.py).
+"""Every public function of jaxprune on every model of the zoo (tests/integration/zoo/models.py).
 
 Results are checked against NumPy references computed here: stable argsorts for
 magnitude ranking (ties broken by flat index), per-group argsorts for N:M, plain
