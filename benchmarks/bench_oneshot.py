@@ -1,6 +1,6 @@
 """One-shot pruning without retraining: magnitude, Wanda and SparseGPT (issue 16).
 
-    python benchmarks/bench_oneshot.py            # the README table
+    python benchmarks/bench_oneshot.py            # the table in docs/benchmarks.md
     python benchmarks/bench_oneshot.py --quick    # smoke run (tiny sizes)
 
 The dense LM of `bench_quality.py` (same configuration, same cache: pretrained

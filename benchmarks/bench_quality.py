@@ -1,6 +1,6 @@
 """Quality benchmark: perplexity of a byte-level LM after prune-retrain (issue 7).
 
-    python benchmarks/bench_quality.py                      # the README table
+    python benchmarks/bench_quality.py                      # the table in docs/benchmarks.md
     python benchmarks/bench_quality.py --recipes sweep      # the exploratory sweep
     python benchmarks/bench_quality.py --quick              # smoke run (tiny sizes)
     python benchmarks/bench_quality.py --list               # the recipes it knows

@@ -1,6 +1,6 @@
 """Quality of a shrunk LM after distillation (issue 30): estimators, scratch and masks.
 
-    python benchmarks/bench_shrink_quality.py                  # the README table (2 seeds)
+    python benchmarks/bench_shrink_quality.py                  # docs/benchmarks.md (2 seeds)
     python benchmarks/bench_shrink_quality.py --quick          # smoke run (tiny sizes)
     python benchmarks/bench_shrink_quality.py --seeds 0,1,2 --rows mlp50+heads25 --json out.json
 

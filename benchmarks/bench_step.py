@@ -25,7 +25,7 @@ programs' "bytes accessed" (goal for fixed masks <= 1.01: JaxPruner's step is 1.
 and FLOPs from XLA's cost analysis are printed too, with the mask memory (bytes per
 targeted weight), optimizer-state bytes and the compiled scratch ("temp") size: on
 CPU a scratch buffer over glibc's largest mmap threshold (32 MB) is mapped afresh,
-page faults included, on every call (see the README). Masks: 80% sparsity, layer scope, on
+page faults included, on every call (see docs/benchmarks.md). Masks: 80% sparsity, layer scope, on
 `output_proj` + `fc*` kernels (LM) or every kernel (MLP).
 """
 
@@ -72,9 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="batch size (default 8 sequences for the LM, 64 rows for the MLP)")
   p.add_argument("--json", default=None, metavar="PATH", help="write the numbers to PATH")
   p.add_argument("--sparse-training", action="store_true",
-                 help="also SET, RigL (pruned + drop and grow), straight_through and "
-                      "straight_through_masks steps, "
-                      "each on a step that updates its masks and on one that does not")
+                 help="also SET, RigL (drop and grow) and straight_through steps, each "
+                      "on a step that updates its masks and on one that does not")
   p.add_argument("--sync-dispatch", action="store_true",
                  help="turn off JAX's asynchronous dispatch on CPU "
                       "(jax_cpu_enable_async_dispatch=False): each call returns when done")
@@ -109,10 +108,7 @@ def cost(compiled: Any) -> dict[str, float]:
 
 def make_step(loss_fn, tx: optax.GradientTransformation):
   def step(params, opt_state, batch):
-    # The forward's weights: params, or for straight_through_masks their masked view.
-    loss, grads = jax.value_and_grad(
-        lambda p: loss_fn(jaxprune.sparse_training.straight_through_view(p, opt_state),
-                          batch))(params)
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -209,8 +205,6 @@ def sparse_training_optimizers(params: Any, where: Any) -> dict[str, optax.Gradi
     out[f"RigL, {label}"] = moved(schedule=jaxprune.sparse_training.rigl_schedule(0.3))
     out[f"STE, {label}"] = jaxprune.sparse_training.straight_through(
         adamw(), where=where, schedule=optax.constant_schedule(SPARSITY), update_every=every)
-    out[f"STE masks in forward, {label}"] = jaxprune.sparse_training.straight_through_masks(
-        adamw(), where=where, schedule=optax.constant_schedule(SPARSITY), update_every=every)
   return out
 
 
@@ -233,7 +227,6 @@ def timed_rounds(steps: dict[str, Any], states: dict[str, Any], batch: Any,
 
 def held_at_zero(params: Any, opt_state: Any) -> bool:
   """Pruned weights exactly 0 in what the forward runs on."""
-  params = jaxprune.sparse_training.straight_through_view(params, opt_state)
   masks = jaxprune.get_masks(opt_state)
   return all(bool(jnp.all(jnp.where(m, True, w == 0)))
              for m, w in zip(jax.tree.leaves(masks, is_leaf=lambda x: x is None),

@@ -368,8 +368,7 @@ def smallest_k(keys: Sequence[jax.Array], k: jax.Array | int) -> list[jax.Array]
   Returns:
     One bool array per key array, its shape, `True` for the `k` smallest.
 
-  Example::
-
+  Examples:
     >>> from jaxprune._src.engine.magnitude_rank import smallest_k
     >>> smallest_k([jnp.array([3, 1, 2, 1], jnp.uint32)], 2)
     [Array([False,  True, False,  True], dtype=bool)]
@@ -417,8 +416,7 @@ def smallest_magnitudes(
     One array per weight: bool of its shape, `True` for the `k` marked (or the
     kept masks, with `as_kept`).
 
-  Example::
-
+  Examples:
     >>> from jaxprune._src.engine.magnitude_rank import smallest_magnitudes
     >>> smallest_magnitudes([jnp.array([0.3, -0.1, 0.2])], [None], 1)
     [Array([False,  True, False], dtype=bool)]
@@ -438,8 +436,7 @@ def smallest_magnitudes_each(
   holds one selection per distinct shape, not per leaf: compile time follows the
   number of shapes, and one leaf's scratch is live at a time.
 
-  Example::
-
+  Examples:
     >>> from jaxprune._src.engine.magnitude_rank import smallest_magnitudes_each
     >>> smallest_magnitudes_each([jnp.array([0.3, -0.1]), jnp.array([1., 2.])], [None, None],
     ...                          [1, 1])

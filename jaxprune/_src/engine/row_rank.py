@@ -72,8 +72,7 @@ def smallest_in_rows_each(
   Returns:
     One bool array per weight, `True` for the marked (pruned) entries.
 
-  Example::
-
+  Examples:
     >>> from jaxprune._src.engine.row_rank import smallest_in_rows_each
     >>> w = jnp.array([[0.3, -2.0], [0.1, 0.5], [-0.2, 1.0]])   # rows: the columns
     >>> smallest_in_rows_each([w], [None], [1], axis=0)[0].astype(int)
@@ -112,8 +111,7 @@ def smallest_in_rows_along(
   over the flattened `axes[i]` (row-major: ties by that position). `kept` are
   bool masks (or None), not packed ones.
 
-  Example::
-
+  Examples:
     >>> from jaxprune._src.engine.row_rank import smallest_in_rows_along
     >>> w = jnp.arange(8.0).reshape(2, 2, 2)             # rows: the last axis's 2 entries
     >>> smallest_in_rows_along([w], [None], [2], [(0, 1)])[0][..., 0].astype(int)

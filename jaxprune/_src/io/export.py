@@ -410,8 +410,7 @@ def export_compressed(
       weight (named with the program's reason).
     TypeError: a non-numeric leaf, or a dict key that is neither str nor int.
 
-  Example::
-
+  Examples:
     >>> info = jaxprune.export.export_compressed("model.jxp", params, masks)  # own dtypes: f32
     >>> report = jaxprune.sparsity_report(jaxprune.apply_masks(params, masks))
     >>> info.file_bytes - info.header_bytes == report.to_dict()["total_compressed_bytes"]
@@ -424,8 +423,8 @@ def export_compressed(
     >>> float(jnp.mean(params2["fc1"]["kernel"] == 0))           # 2 of every 4 zeroed
     0.5
 
-  Scales per output neuron of an Equinox-style `(out, in)` weight, from its layout
-  (the small neuron keeps its own scale, not the large one's)::
+    Scales per output neuron of an Equinox-style `(out, in)` weight, from its layout
+    (the small neuron keeps its own scale, not the large one's):
 
     >>> from jaxprune.tree import weight_layouts
     >>> w = {"w": jnp.array([[1.0, -2.0], [0.03, 0.01]])}      # rows: output neurons
@@ -629,8 +628,7 @@ def _info(path: str, header: dict, file_bytes: int, payload_bytes: int) -> Expor
 def export_info(path: str | os.PathLike) -> ExportInfo:
   """Sizes of an existing export file (checked as by `load_compressed`), nothing decoded.
 
-  Example::
-
+  Examples:
     >>> _ = jaxprune.export.export_compressed("model.jxp", params, masks, values="int8")
     >>> info = jaxprune.export.export_info("model.jxp")
     >>> print(f"{info.compression:.2f}x on disk, "          # a tiny model: the header dominates

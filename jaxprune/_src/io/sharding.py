@@ -31,8 +31,7 @@ def make_mesh(spec: str | dict[str, int], devices: Sequence[Any] | None = None) 
   On 8 devices, `make_mesh("data=2,fsdp=4")` is a 2 x 4 mesh (data parallel over 2,
   FSDP over 4). One `data` axis over every device works on any device count.
 
-  Example::
-
+  Examples:
     >>> mesh = jaxprune.sharding.make_mesh(f"data={jax.device_count()}")
     >>> mesh.axis_names, mesh.devices.size == jax.device_count()
     (('data',), True)
@@ -129,8 +128,7 @@ def onto_mesh(tree: PyTree, mesh: Mesh) -> PyTree:
   its process, which a global computation or an orbax checkpoint refuses. Arrays
   already on the mesh (sharded params, their moments) keep their sharding.
 
-  Example::
-
+  Examples:
     >>> mesh = jaxprune.sharding.make_mesh(f"data={jax.device_count()}")
     >>> placed = jaxprune.sharding.onto_mesh({"count": jnp.zeros((), jnp.int32)}, mesh)
     >>> placed["count"].sharding.spec

@@ -48,8 +48,7 @@ selected leaf is refused (a typo would leave its leaves at the target).
   A share past 1 is held at 1 and the others move up alike to keep the total; the
   counts sum to exactly `round(s * N)` (largest remainder, as ERK's).
 
-Example::
-
+Examples:
   >>> d = jaxprune.distributions.erk()
   >>> [int(c) for c in d.prune_counts(["a", "b", "c"], [(2, 4), (3, 6), (2, 4, 6)], 0.5)]
   [0, 6, 31]
@@ -205,8 +204,7 @@ def by_path(fn: Callable[[str, Shape, Any], Any]) -> ByPath:
   value if it is not a real number in [0, 1] (NaN included). A traced one is read
   as a traced sparsity is (NaN as 0, clipped to [0, 1]).
 
-  Example::
-
+  Examples:
     >>> d = jaxprune.distributions.by_path(lambda path, shape, s: 0.0 if "head" in path else s)
     >>> [int(c) for c in d.prune_counts(["body/kernel", "head/kernel"], [(4, 4), (4, 2)], 0.5)]
     [8, 0]
@@ -288,8 +286,7 @@ def owl(ratios: Mapping[str, float], spread: float = 0.1) -> OWL:
       path or a ratio outside [0, 1] (named); when the counts are computed, a
       selected leaf with no ratio (named).
 
-  Example::
-
+  Examples:
     >>> d = jaxprune.distributions.owl({"a": 0.0, "b": 0.02}, spread=0.1)
     >>> [int(c) for c in d.prune_counts(["a", "b"], [(10, 10), (10, 10)], 0.5)]
     [55, 45]

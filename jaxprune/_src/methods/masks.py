@@ -63,8 +63,7 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
   Returns:
     `params` with pruned entries set to exactly 0, dtypes and shapes unchanged.
 
-  Example::
-
+  Examples:
     >>> masks = jaxprune.ranked_masks(params, 0.5, jaxprune.select(params))
     >>> pruned = jaxprune.apply_masks(params, masks)
   """
@@ -144,8 +143,7 @@ def threshold_masks(params: PyTree, threshold: float | jax.Array, where: Where) 
     TypeError / ValueError: a non-number or NaN threshold; `where` not matching
       params or selecting nothing; NaN/inf in a selected leaf (outside jit).
 
-  Example::
-
+  Examples:
     >>> masks = jaxprune.threshold_masks(params, 1e-2, jaxprune.select(params))
   """
   threshold = _check_number("threshold", threshold)
@@ -261,8 +259,7 @@ def ranked_masks(
       selected leaf, or leaving a leaf no layer axes; (outside jit) NaN/inf in a
       selected leaf's score, naming its path.
 
-  Example::
-
+  Examples:
     >>> m1 = jaxprune.ranked_masks(params, 0.5, where)                 # |w|, per leaf
     >>> m2 = jaxprune.ranked_masks(params, 0.8, where, previous=m1)   # never revives
     >>> masks = jaxprune.ranked_masks(params, 0.5, where, scope="global")

@@ -132,8 +132,7 @@ def exponential_targets(initial: float, final: float, num_iterations: int) -> Ex
   Returns:
     A sequence: `len(s) == N`, `list(s)` the targets, `s(i)` one target.
 
-  Example::
-
+  Examples:
     >>> from jaxprune.schedules import exponential_targets
     >>> list(exponential_targets(0.2, 0.8, 3))
     [0.2, 0.4, 0.8]
@@ -151,8 +150,7 @@ def geometric_keep_targets(
   rate of iterative magnitude pruning (each step removes the same share of what is
   left), so early steps prune more weights than late ones.
 
-  Example::
-
+  Examples:
     >>> from jaxprune.schedules import geometric_keep_targets
     >>> [round(s, 3) for s in geometric_keep_targets(0.2, 0.8, 3)]
     [0.2, 0.6, 0.8]
@@ -168,8 +166,7 @@ def polynomial_targets(initial: float, final: float, num_iterations: int,
   `power=3` is Zhu & Gupta's cubic ramp, fast early and slow late, per iteration
   of `prune_retrain` (per training step it is `optax.polynomial_schedule`).
 
-  Example::
-
+  Examples:
     >>> from jaxprune.schedules import polynomial_targets
     >>> [round(s, 3) for s in polynomial_targets(0.0, 0.8, 3)]
     [0.0, 0.7, 0.8]

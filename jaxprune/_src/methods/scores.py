@@ -248,8 +248,7 @@ def mean_gradients(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
   compile once). Only floating-point leaves are differentiated; the others are
   None in the result.
 
-  Example::
-
+  Examples:
     >>> grads = jaxprune.scores.mean_gradients(loss_fn, params, [batch, batch])
     >>> target = jaxprune.Prune(0.5, score=jaxprune.scores.saliency_score(grads))
   """
@@ -345,8 +344,7 @@ def wanda_score(stats: Any) -> Wanda:
   stack length, are of size 1, saw 0 rows, or are all zero (norms traced under
   `jit`: their shapes and rows only).
 
-  Example::
-
+  Examples:
     >>> def apply_fn(p, b):
     ...   return jnp.tanh(b["x"] @ p["fc1"]["kernel"]) @ p["fc2"]["kernel"]
     >>> stats = jaxprune.oneshot.input_statistics(apply_fn, params, [batch], where)
@@ -384,8 +382,7 @@ def outlier_ratios(params: PyTree, where: Any, score: Score,
     ValueError: `m` not a positive number; `where` not matching params; the score's
       own errors (a leaf without statistics, named).
 
-  Example::
-
+  Examples:
     >>> import jax.numpy as jnp
     >>> import jaxprune
     >>> params = {"a": jnp.array([[1.0, 1.0], [1.0, 20.0]]), "b": jnp.ones((2, 2))}

@@ -164,8 +164,7 @@ def nm_masks(
       it is not a multiple of `m` (naming the leaf's path and shape); `previous`
       not matching params; (outside jit) NaN/inf in a selected leaf.
 
-  Example::
-
+  Examples:
     >>> params = {"fc1": {"kernel": jnp.array([[4., -1.], [1., 2.], [-3., 3.], [2., 0.]])}}
     >>> jaxprune.nm_masks(params, 2, 4)["fc1"]["kernel"]
     Array([[ True, False],
@@ -223,7 +222,8 @@ def nm_violations(
 
   Args:
     tree: params (e.g. `apply_masks(params, masks)`) or a mask tree.
-    n, m: the pattern, `0 < n < m`.
+    n: at most this many kept per group of `m`, `0 < n < m`.
+    m: the group size.
     where: the leaves to check (bool pytree or callable, structure of `tree` with
       a mask tree's `None`s counted as leaves). None means every mask of a mask
       tree (all non-None leaves bool), else `select(tree)`.
@@ -236,8 +236,7 @@ def nm_violations(
     ValueError: bad `n`/`m`, or a checked leaf whose length along `axis` is not a
       multiple of `m` (naming its path and shape).
 
-  Example::
-
+  Examples:
     >>> masks = jaxprune.nm_masks(params, 2, 4)
     >>> jaxprune.nm_violations(masks, 2, 4)
     {'fc1/kernel': 0, 'fc2/kernel': 0}

@@ -16,8 +16,7 @@ A float is shorthand for `Prune(float)` and a string `"n:m"` for `NM(n, m)`
 compiled prune step serves every sparsity of a schedule; everything else is
 static.
 
-Example::
-
+Examples:
   >>> where = jaxprune.select(params)
   >>> masks = jaxprune.Prune(0.5, scope="global").masks(params, where)
   >>> masks = jaxprune.NM(2, 4).masks(params, where, previous=masks)
@@ -80,8 +79,7 @@ class Prune:
   A scope other than those is refused when the target is made (ValueError listing
   them).
 
-  Example::
-
+  Examples:
     >>> target = jaxprune.Prune(0.8, distribution=jaxprune.distributions.erk())
     >>> masks = target.masks(params, where)
   """
@@ -157,8 +155,7 @@ class GivenMasks:
   them (and with `previous`, their intersection). `sparsity` is their pruned
   fraction of the selected weights. Not a pytree: the loop closes over it.
 
-  Example::
-
+  Examples:
     >>> target = jaxprune.GivenMasks(jaxprune.ranked_masks(params, 0.5, where))
     >>> round(target.sparsity, 2)
     0.5

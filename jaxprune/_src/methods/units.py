@@ -16,8 +16,7 @@ units of a leaf are ranked with the same exact selection as weights
 A unit counts as already pruned when every weight of it is (`previous`); the
 new mask keeps a weight when `previous` kept it and its unit is kept.
 
-Example::
-
+Examples:
   >>> masks = jaxprune.ranked_masks(params, 0.5, where, scope=jaxprune.channels())
   >>> [int(c) for c in masks["fc2"]["kernel"].all(axis=0)]    # 2 of 4 output channels kept
   [1, 0, 0, 1]

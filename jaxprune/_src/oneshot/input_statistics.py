@@ -47,8 +47,7 @@ SparseGPT check each leaf's statistics against the leaf before they compute
 anything (`check_leaf_statistics`: shape, stack length, rows, inputs not all
 zero).
 
-Example::
-
+Examples:
   >>> def apply_fn(params, batch):
   ...   return jnp.tanh(batch["x"] @ params["fc1"]["kernel"]) @ params["fc2"]["kernel"]
   >>> stats = jaxprune.oneshot.input_statistics(apply_fn, params, [batch], where)

@@ -26,8 +26,7 @@ agree and `"mixed"` where they do not; a leaf reaching an operation this analysi
 does not understand gets `"unknown"`, with the primitive and the user's source
 line in `reason`. Nothing is guessed.
 
-Example::
-
+Examples:
   >>> import jax, jax.numpy as jnp
   >>> from jaxprune.tree import weight_layouts
   >>> params = {"q": jnp.ones((8, 2, 4)), "o": jnp.ones((2, 4, 8)), "scale": jnp.ones(8)}
@@ -475,8 +474,7 @@ def _join(uses: list[Layout], note: str | None) -> Layout:
 class Layouts(Mapping):
   """Per targeted path, its `Layout`; `str()` is a table of them.
 
-  Example::
-
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from jaxprune.tree import weight_layouts
     >>> layouts = weight_layouts(lambda p, x: x @ p["w"].T, {"w": jnp.ones((4, 3))},

@@ -31,8 +31,7 @@ Counts are exact: block b prunes `round(s · rows · c_b) - round(s · rows · c
 (`c_b` the columns up to its end), so the kernel loses exactly `round(s · n)`.
 Ties in the block scores go by position, as everywhere in jaxprune.
 
-Example::
-
+Examples:
   >>> stats = jaxprune.oneshot.input_statistics(
   ...     lambda p, b: jnp.tanh(b["x"] @ p["fc1"]["kernel"]) @ p["fc2"]["kernel"],
   ...     params, [batch], where, gram=True)

@@ -16,8 +16,7 @@ weights), `conv_channels`, `residual` (activations added across layers),
 `mlp_hidden` (written by one weight and read by another), `layers` (a scan's stack
 axis), else `other`.
 
-Example::
-
+Examples:
   >>> import jax, jax.numpy as jnp
   >>> from jaxprune.structural import channel_groups
   >>> params = {"w1": jnp.ones((4, 8)), "w2": jnp.ones((8, 3))}

@@ -20,8 +20,7 @@ covers (`Member.indices`: a neuron's column, a head's block of columns):
   indices and the members. (Minitron takes `mean |x|` over positions, then the L2
   norm over the batch; the sum of squares over both is what the statistics hold.)
 
-Example::
-
+Examples:
   >>> import jax, jax.numpy as jnp
   >>> from jaxprune.structural import channel_groups, keep_top, magnitude_importance
   >>> params = {"w1": jnp.arange(24.).reshape(3, 8), "w2": jnp.ones((8, 2))}
@@ -118,8 +117,7 @@ def taylor_importance(groups: Sequence[Group], params: PyTree, grads: PyTree, *,
   every member (module docstring); `grads` has the params' paths (e.g.
   `jaxprune.scores.mean_gradients(loss_fn, params, batches)`).
 
-  Example::
-
+  Examples:
     >>> import numpy as np
     >>> from jaxprune.structural import Group, Member, taylor_importance
     >>> g = Group("mlp_hidden", 2, (Member("w", 1),), True)

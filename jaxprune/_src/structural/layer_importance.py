@@ -25,8 +25,7 @@ but the feature axis):
   `stage(params, x) -> x'` pieces (as `sparsegpt_sequential` takes), per stage
   whose output has its input's shape.
 
-Example::
-
+Examples:
   >>> import jax, jax.numpy as jnp
   >>> from jaxprune.structural import channel_groups, keep_top
   >>> from jaxprune.structural import layer_importance

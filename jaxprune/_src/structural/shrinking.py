@@ -8,8 +8,7 @@ kept units. A group of a scanned stack
 (`group.layers`) takes one row of indices per layer, shape `(layers, k)`, or one
 row shared by every layer.
 
-Example::
-
+Examples:
   >>> import jax, jax.numpy as jnp
   >>> from jaxprune.structural import channel_groups, keep_top, magnitude_importance, shrink
   >>> params = {"w1": jnp.arange(32.).reshape(4, 8), "w2": jnp.ones((8, 3))}
@@ -149,8 +148,7 @@ def shrink(params: PyTree, groups: Sequence[Group], keep: Keep) -> PyTree:
     ValueError: an unprunable group (with its reasons), bad indices, or params
       whose shapes do not match the groups'.
 
-  Example::
-
+  Examples:
     >>> import jax.numpy as jnp
     >>> from jaxprune.structural import Group, Member, shrink
     >>> g = Group("heads", 2, (Member("wq", 1, 3),), True)
@@ -256,8 +254,7 @@ def keep_top(groups: Sequence[Group], importance: Mapping[int, Any],
     ValueError: a fraction outside (0, 1], an importance missing or of the wrong
       shape for a group asked for, `"global"` over a stacked group.
 
-  Example::
-
+  Examples:
     >>> import numpy as np
     >>> from jaxprune.structural import Group, Member, keep_top
     >>> g = Group("mlp_hidden", 5, (Member("w", 0),), True)

@@ -53,7 +53,7 @@ self.wq.kernel.shape[1] // head_dim`), or run the shrunk model as a program:
 sizes are constructor arguments that `apply` checks against the params
 (`ScopeParamShapeError`). Rebuild the module with the new sizes (`features=...`,
 read from the shrunk params) and apply the shrunk variables dict, or run
-`shrunk_program(groups, keep)` on them. Example::
+`shrunk_program(groups, keep)` on them. Example:
 
   >>> import jax, jax.numpy as jnp
   >>> import flax.linen as nn
@@ -336,8 +336,7 @@ def nnx_module(graphdef_or_model: Any, small_state: PyTree, *rest: PyTree) -> An
       extra path named), one layer's arrays that disagree on a size, or a
       `GroupNorm` whose channel count changed (the layer named).
 
-  Example::
-
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
     >>> from jaxprune.structural import channel_groups, keep_top, magnitude_importance
@@ -573,8 +572,7 @@ def equinox_module(module: Any, small_params: PyTree, *, groups: ChannelGroups |
       heads, or do not split into the heads `groups` and `keep` leave (the layer
       named).
 
-  Example::
-
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> import equinox as eqx
     >>> from jaxprune.structural import channel_groups, equinox_module, keep_top

@@ -11,8 +11,7 @@ divided by the kept count (a norm over residual channels normalizes over the kep
 channels, as NVIDIA's Minitron does). The result is a plain JAX function:
 jittable, differentiable, exportable with `jax.export`.
 
-Example::
-
+Examples:
   >>> import jax, jax.numpy as jnp
   >>> from jaxprune.structural import channel_groups, shrink, shrunk_program
   >>> HEADS = 4  # a constant, as a model's config holds it

@@ -222,8 +222,7 @@ class Checkpointer:
     keep: how many checkpoints to keep (>= 1).
     resume: True, False or `"with_changes"` (above).
 
-  Example::
-
+  Examples:
     >>> state = jaxprune.training.LoopState(params, opt_state, rng_data)
     >>> with jaxprune.Checkpointer("ckpt") as ckpt:
     ...   print(ckpt.resume(state, config={"seed": 0}))

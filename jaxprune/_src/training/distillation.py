@@ -31,8 +31,7 @@ def kl_to_teacher(
   Returns:
     A scalar, in nats.
 
-  Example::
-
+  Examples:
     >>> jaxprune.training.kl_to_teacher(jnp.zeros((2, 5)), jnp.zeros((2, 5)))   # same outputs -> 0
     Array(0., dtype=float32)
   """
@@ -111,8 +110,7 @@ def distillation_loss(
   Raises:
     ValueError: `weight` outside [0, 1] or `temperature <= 0`.
 
-  Example::
-
+  Examples:
     >>> import jax.numpy as jnp, jaxprune
     >>> apply_fn = lambda p, x: x @ p["w"]
     >>> loss_fn = lambda p, x: jnp.mean(apply_fn(p, x) ** 2)

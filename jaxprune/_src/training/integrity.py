@@ -16,8 +16,7 @@ sums are exact in any order, so the figures are the same on every device count
 and sharding, and a sharded array is never gathered: only two `uint32` scalars
 per array leave the device. A damage detector, not a cryptographic hash.
 
-Example::
-
+Examples:
   >>> import jax.numpy as jnp
   >>> from jaxprune._src.training.integrity import checksums
   >>> tree = {"w": jnp.ones((2, 3)), "b": jnp.array([jnp.nan])}

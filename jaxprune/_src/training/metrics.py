@@ -10,8 +10,7 @@ the mean over batches, then `of_mean` maps that mean to the figure:
 language-model view, `exp(mean loss)`; `aux_metric("accuracy")` reads a value
 the loss function computes, e.g. a classifier's accuracy.
 
-Example::
-
+Examples:
   >>> jaxprune.training.perplexity.of_mean(0.0), jaxprune.training.perplexity.name
   (1.0, 'perplexity')
   >>> acc = jaxprune.training.aux_metric("accuracy")

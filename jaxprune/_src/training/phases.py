@@ -143,8 +143,7 @@ class Every(NamedTuple):
 def every(n: int, hook: Hook) -> Every:
   """`hook` called every `n` steps of a phase and at the phase's end.
 
-  Example::
-
+  Examples:
     >>> tx = optax.adam(1e-3)
     >>> state = jaxprune.training.LoopState(params, tx.init(params), rng_data)
     >>> seen = []
@@ -290,8 +289,7 @@ def retrain(
   Returns:
     The `LoopState` after the phase.
 
-  Example::
-
+  Examples:
     >>> tx = jaxprune.pruned(optax.adam(1e-3), masks)
     >>> state = jaxprune.training.LoopState(params, tx.init(params), rng_data)
     >>> seen = []

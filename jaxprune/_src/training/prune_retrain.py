@@ -339,8 +339,7 @@ def prune_retrain(
       params/optimizer state are behind a finite loss (naming iteration, step and
       leaves; the last good checkpoint is kept).
 
-  Example::
-
+  Examples:
     >>> result = jaxprune.prune_retrain(
     ...     params, loss_fn, batch_at_step, eval_batches,
     ...     optimizer=optax.adamw(1e-3),

@@ -205,8 +205,7 @@ def sparsity_report(params: PyTree, where: Where | None = None, *,
     and parameter-count ratio for both. `str(report)` is a table, `report.to_dict()`
     plain data.
 
-  Example::
-
+  Examples:
     >>> masks = jaxprune.ranked_masks(params, 0.5, jaxprune.select(params))
     >>> print(jaxprune.sparsity_report(jaxprune.apply_masks(params, masks)))
     leaf                 shape        size       zeros  sparsity

@@ -44,8 +44,7 @@ def evaluate(eval_step: Callable[[PyTree, Any], tuple[jax.Array, jax.Array]], pa
     FloatingPointError: the mean loss is NaN or inf, naming the first batch whose
       loss is.
 
-  Example::
-
+  Examples:
     >>> eval_step = jaxprune.training.make_eval_step(loss_fn, jaxprune.training.perplexity)
     >>> e = jaxprune.training.evaluate(eval_step, params, [batch, batch])
     >>> bool(abs(e.metric - np.exp(e.loss)) < 1e-4 * e.metric)

@@ -7,16 +7,15 @@ run never continues under other settings without a word. Settings are recorded
 distribution's `fixed` paths), an array by shape, dtype and digest, a function by
 its code and the values it closes over, never by `str()` or identity.
 
-The training transformations (`pruned`, `straight_through`,
-`straight_through_masks`) say what they hold when their `init` runs inside
+The training transformations (`pruned`, `gradually_pruned`,
+`drop_and_grow`, `straight_through`) say what they hold when their `init` runs inside
 `recording()` (`note_settings`); a driver reads those notes whatever wraps the
 transformation (`optax.chain`, `MultiSteps`, `inject_hyperparams`). A schedule is
 recorded by what it gives at every count where masks are recomputed
 (`schedule_values`). The wrapped optimizer's own hyperparameters (learning rate,
 weight decay) stay the user's: only the layout of its state is recorded.
 
-Example::
-
+Examples:
   >>> import jaxprune
   >>> from jaxprune._src.training.run_settings import describe
   >>> describe(jaxprune.scores.random_score(0)) == describe(jaxprune.scores.random_score(0))

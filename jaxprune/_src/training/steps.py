@@ -22,7 +22,6 @@ from jaxprune._src.methods.masks import apply_masks
 from jaxprune._src.methods.targets import Target, as_target
 from jaxprune._src.training.distillation import takes_rng
 from jaxprune._src.training.metrics import Metric, loss_metric
-from jaxprune._src.transforms.forward_masks import straight_through_view
 from jaxprune._src.transforms.optax_wrapper import get_masks, replace_masks
 from jaxprune._src.tree.leaf_selection import Where
 from jaxprune._src.tree.mask_tree import float_part, merge_float_part
@@ -45,12 +44,12 @@ def make_train_step(
   a parameter named `rng`, it is called with `rng=fold_in(wrap_key_data(rng_data),
   step)`, so dropout noise is a pure function of the step (exact resume).
 
-  The loss runs on `straight_through_view(params, opt_state)`: the params
-  themselves, unless the optimizer is `straight_through_masks` (then its masks
-  apply in the forward pass). Only floating-point leaves are differentiated and
-  updated; other leaves (int step counters, tables) pass through unchanged. The
-  optimizer state must then be `optimizer.init(jaxprune._src.tree.mask_tree.float_part(params))`
-  (the same as `optimizer.init(params)` when every leaf is a float array).
+  The loss runs on the params as they are (a straight-through optimizer keeps them
+  sparse itself, so no view of them is needed). Only floating-point leaves are
+  differentiated and updated; other leaves (int step counters, tables) pass through
+  unchanged. The optimizer state must then be
+  `optimizer.init(jaxprune._src.tree.mask_tree.float_part(params))` (the same as
+  `optimizer.init(params)` when every leaf is a float array).
 
   Args:
     loss_fn: the loss.
@@ -58,8 +57,7 @@ def make_train_step(
     donate: donate params and optimizer state buffers (saves memory on
       accelerators; do not reuse the inputs afterwards).
 
-  Example::
-
+  Examples:
     >>> step = jaxprune.make_train_step(loss_fn, jaxprune.pruned(optax.adam(1e-3), masks))
     >>> params, opt_state, loss = step(params, opt_state, batch, rng_data, 0)
   """
@@ -71,8 +69,7 @@ def make_train_step(
       rng = jax.random.fold_in(jax.random.wrap_key_data(rng_data), step_index)
     trainable = float_part(params)
     grad_fn = jax.value_and_grad(
-        lambda t: _loss_and_aux(loss_fn, merge_float_part(
-            params, straight_through_view(t, opt_state)), batch, rng), has_aux=True
+        lambda t: _loss_and_aux(loss_fn, merge_float_part(params, t), batch, rng), has_aux=True
     )
     (loss, _), grads = grad_fn(trainable)
     updates, opt_state = optimizer.update(grads, opt_state, trainable)
@@ -86,8 +83,7 @@ def make_gradient_step(loss_fn: LossFn) -> Callable[..., PyTree]:
   float leaves (None elsewhere), with the train step's per-step `rng`: what a
   `saliency_score()` target ranks by when `prune_retrain` prunes.
 
-  Example::
-
+  Examples:
     >>> grads = jaxprune.training.make_gradient_step(loss_fn)(params, batch, rng_data, 0)
     >>> target = jaxprune.Prune(0.5, score=jaxprune.scores.saliency_score(grads))
   """
@@ -115,8 +111,7 @@ def make_eval_step(
   Raises (when first traced):
     ValueError: the metric's value of a batch is not a scalar.
 
-  Example::
-
+  Examples:
     >>> eval_step = jaxprune.training.make_eval_step(loss_fn)
     >>> loss, value = eval_step(params, batch)   # the default metric is the loss
     >>> bool(loss == value)
@@ -156,8 +151,7 @@ def prune_step(
   Returns:
     `(params, opt_state)`.
 
-  Example::
-
+  Examples:
     >>> tx = jaxprune.pruned(optax.adam(1e-3), jaxprune.ranked_masks(params, 0.0, where))
     >>> params, opt_state = jaxprune.prune_step(params, tx.init(params), 0.75, where)
     >>> float(jaxprune.get_masks(opt_state)["fc1"]["kernel"].mean())   # 48 of 64 pruned

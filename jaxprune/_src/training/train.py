@@ -1,11 +1,10 @@
 """`train`: one checkpointed, resumable training run with any optimizer.
 
-Sparse training from the start (`pruned` with drop and grow, `straight_through`,
-`straight_through_masks`, static masks) is one phase of training, not a
-prune-retrain schedule: `train` runs it on the same core as `prune_retrain`
-(`run`: `make_train_step`, `retrain` with its NaN guard and hooks, a
-`Checkpointer`), compiled once. Step `g` gets `train_batches(g)` and the RNG folded with `g`; a
-run killed at any point and started again with the same arguments resumes from
+Sparse training from the start (`drop_and_grow`, `straight_through`, static masks) is
+one phase of training, not a prune-retrain schedule: `train` runs it on the same core as
+`prune_retrain` (`run`: `make_train_step`, `retrain` with its NaN guard and hooks, a
+`Checkpointer`), compiled once. Step `g` gets `train_batches(g)` and the RNG folded with
+`g`; a run killed at any point and started again with the same arguments resumes from
 its latest checkpoint and ends bitwise where an uninterrupted run ends.
 """
 
@@ -33,7 +32,6 @@ from jaxprune._src.training.run import (
   train_source,
 )
 from jaxprune._src.training.steps import LossFn, make_eval_step, make_train_step
-from jaxprune._src.transforms.forward_masks import straight_through_view
 from jaxprune._src.transforms.optax_wrapper import pruned_states
 from jaxprune._src.tree.mask_tree import float_part
 from jaxprune._src.types import PyTree
@@ -95,11 +93,9 @@ def train(
     train_batches: `step -> batch` (exact resume) or an iterable (resume restarts it).
     optimizer: any optax transformation: `drop_and_grow(adam, masks,
       schedule=rigl_schedule(...), update_every=100)`, `gradually_pruned(...)`,
-      `straight_through(...)`, `straight_through_masks(...)` (the forward then runs on
-      `straight_through_view`), `pruned(adam, masks)`, a plain optimizer.
+      `straight_through(...)`, `pruned(adam, masks)`, a plain optimizer.
     steps: number of training steps.
-    eval_batches: evaluated once after the last step (optional), on what the forward
-      runs on (`straight_through_view(params, opt_state)`); checked before the first
+    eval_batches: evaluated once after the last step (optional); checked before the first
       step (traced on the first batch with the metric, every batch finite).
     metric: the figure the evaluation reports beside the loss.
     checkpointer: a `jaxprune.Checkpointer(directory, every=..., keep=...,
@@ -122,8 +118,7 @@ def train(
       state behind a finite loss (the last good checkpoint is kept: nothing
       unsound is saved).
 
-  Example::
-
+  Examples:
     >>> start = jaxprune.ranked_masks(params, 0.5, where, score=jaxprune.scores.random_score(0))
     >>> tx = jaxprune.sparse_training.drop_and_grow(
     ...     optax.adam(1e-2), start, schedule=jaxprune.sparse_training.rigl_schedule(0.3),
@@ -161,7 +156,5 @@ def train(
       ckpt.save(state, {"step": steps})
   evaluation = None
   if evaluations is not None:
-    # A `straight_through_masks` run is judged as the sparse model it runs forward.
-    evaluation = evaluate(eval_step, straight_through_view(state.params, state.opt_state),
-                          evaluations())
+    evaluation = evaluate(eval_step, state.params, evaluations())
   return TrainResult(state.params, state.opt_state, evaluation, time.perf_counter() - started)

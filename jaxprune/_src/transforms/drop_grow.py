@@ -20,8 +20,7 @@ DropAndGrow`. `drop_and_grow` runs them every `update_every` updates; on such a 
 zeroes the optimizer moments of the grown weights (`reset_grown`: they start as
 fresh weights, at exactly 0) and trains only the weights kept before and after.
 
-Example::
-
+Examples:
   >>> start = jaxprune.ranked_masks(params, 0.75, where, score=jaxprune.scores.random_score(0))
   >>> target = jaxprune.sparse_training.DropAndGrow(0.5, jaxprune.scores.random_score(1))
   >>> moved = target.masks(params, where, previous=start)
@@ -181,8 +180,7 @@ def set_schedule(drop_fraction: float | Callable[[Any], Any] = 0.3,
   0.3); the random draw of update `count` is `fold_in(key(seed), count)`, so a
   resumed run draws the same.
 
-  Example::
-
+  Examples:
     >>> tx = jaxprune.sparse_training.drop_and_grow(
     ...     optax.sgd(0.1), masks, schedule=jaxprune.sparse_training.set_schedule(0.3),
     ...     update_every=100)
@@ -201,8 +199,7 @@ def rigl_schedule(drop_fraction: float = 0.3, end: int | None = None) -> Callabl
   for `t < end` and is 0 after (Evci et al. 2020: 0.3, `end` at 75% of training);
   `end=None` keeps it constant.
 
-  Example::
-
+  Examples:
     >>> tx = jaxprune.sparse_training.drop_and_grow(
     ...     optax.adam(1e-3), masks, update_every=100,
     ...     schedule=jaxprune.sparse_training.rigl_schedule(0.3, end=7500))

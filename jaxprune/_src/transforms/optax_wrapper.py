@@ -164,8 +164,7 @@ def pruned(
   Raises:
     ValueError: `masks` holds no mask; (at `init`) masks that do not fit the params.
 
-  Example::
-
+  Examples:
     >>> masks = jaxprune.ranked_masks(params, 0.8, jaxprune.select(params))
     >>> tx = jaxprune.pruned(optax.chain(optax.clip_by_global_norm(1.0),
     ...                                  optax.adamw(1e-3)), masks)

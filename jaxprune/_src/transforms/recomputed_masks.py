@@ -170,8 +170,7 @@ def gradually_pruned(
       drop-and-grow schedule, `update_every` not a count, neither `where` nor
       `masks`, or starting masks holding none.
 
-  Example::
-
+  Examples:
     >>> sparsity = optax.polynomial_schedule(init_value=0.0, end_value=0.75, power=3,
     ...                                      transition_steps=4)
     >>> tx = jaxprune.gradually_pruned(optax.sgd(0.1), schedule=sparsity, update_every=2,
@@ -241,8 +240,7 @@ def drop_and_grow(
     ValueError / TypeError: before any compute, for a schedule whose first value is
       not a `DropAndGrow`, `update_every` not a count, or masks holding none.
 
-  Example::
-
+  Examples:
     >>> start = jaxprune.ranked_masks(params, 0.5, where,
     ...                               score=jaxprune.scores.random_score(0))
     >>> tx = jaxprune.sparse_training.drop_and_grow(

@@ -64,7 +64,7 @@ def _fresh_masks(dense: PyTree, packed: PyTree, count: jax.Array, schedule) -> P
   return pack_like(target.masks(dense, chosen), packed)
 
 
-def masks_after(dense: PyTree, state: PrunedState, update_every: int, schedule) -> PyTree:
+def _masks_after(dense: PyTree, state: PrunedState, update_every: int, schedule) -> PyTree:
   """The packed masks an update at `state.count` holds: recomputed afresh from the
   dense weights when `count % update_every == 0` (no `previous`), else the held ones."""
   return lax.cond(state.count % update_every == 0,
@@ -105,9 +105,9 @@ def dense_weights(opt_state: PyTree, params: PyTree) -> PyTree:
   return _dense(masks, params, copy)
 
 
-def check_arguments(schedule: Any, update_every: Any, where: Any, masks: Any,
-                    name: str = "straight_through") -> None:
-  """Refuses, before compute, what neither form of straight-through training takes."""
+def _check_arguments(schedule: Any, update_every: Any, where: Any, masks: Any) -> None:
+  """Refuses, before compute, what straight-through training does not take."""
+  name = "straight_through"
   if where is None and masks is None:
     raise ValueError(f"{name} needs `where` (or starting `masks`)")
   first = first_value(schedule, update_every, name)
@@ -141,8 +141,7 @@ def straight_through(
     An `optax.GradientTransformationExtraArgs` whose state is a `PrunedState`
     (`get_masks` reads it) holding `DenseWeights`.
 
-  Example::
-
+  Examples:
     >>> tx = jaxprune.sparse_training.straight_through(optax.adam(1e-3), where=where,
     ...                                schedule=optax.constant_schedule(0.5), update_every=1)
     >>> state = tx.init(params)
@@ -151,7 +150,7 @@ def straight_through(
     >>> float((params["fc1"]["kernel"] == 0).mean())
     0.5
   """
-  check_arguments(schedule, update_every, where, masks)
+  _check_arguments(schedule, update_every, where, masks)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params: PyTree) -> PrunedState:
@@ -168,7 +167,7 @@ def straight_through(
                        "call tx.update(grads, state, params)")
     held = unpack_masks(state.packed_masks)
     dense = _dense(held, params, state.inner_state.dense)
-    packed = masks_after(dense, state, update_every, schedule)
+    packed = _masks_after(dense, state, update_every, schedule)
     inner_updates, inner_state = inner.update(updates, state.inner_state.inner_state, dense,
                                               **extra_args)
     current = unpack_masks(packed)

@@ -93,8 +93,7 @@ def pattern_parts(parts: tuple[str, ...]) -> tuple[str, ...]:
   `("block_0", "attention", "query", "bias")`, which the default `bias`
   exclusion and `include="kernel"`-style patterns see.
 
-  Example:
-
+  Examples:
     >>> from jaxprune._src.tree.leaf_selection import pattern_parts
     >>> pattern_parts(("params", "block_0/attention/query/bias"))
     ('params', 'block_0', 'attention', 'query', 'bias')
@@ -112,8 +111,7 @@ def matches_pattern(parts: tuple[str, ...], pattern: str) -> bool:
   from `path_components` or from splitting a path string: every caller
   (`select`, `fixed=` of distributions, `stacked=`) matches alike.
 
-  Example:
-
+  Examples:
     >>> from jaxprune._src.tree.leaf_selection import matches_pattern
     >>> matches_pattern(("block_0/attention/query/bias",), "bias")
     True
@@ -193,8 +191,7 @@ def select(
       leaf of `tree`.
     TypeError: a pattern that is not a string.
 
-  Example:
-
+  Examples:
     >>> params = {"fc1": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)},
     ...           "embed": {"embedding": jnp.ones((8, 4))}}
     >>> jaxprune.select(params)
@@ -205,8 +202,8 @@ def select(
     >>> jaxprune.select(flat)           # the stacked (2, 4) bias is excluded by name
     {'block_0/query/bias': False, 'block_0/query/kernel': True}
 
-  By role, where names say nothing (a list of arrays: token and position tables,
-  a stacked norm scale, a stacked weight)::
+    By role, where names say nothing (a list of arrays: token and position tables,
+    a stacked norm scale, a stacked weight):
 
     >>> from jaxprune.tree import weight_layouts
     >>> plain = [jnp.ones((10, 4)), jnp.ones((6, 4)), jnp.ones((2, 4)), jnp.ones((2, 4, 4))]

@@ -6,17 +6,16 @@ update), so on an optimizer-bound step bool masks add about 3 bytes to Adam's ~4
 per weight. Packed, the same three reads cost 3/8 of a byte, and the state is 8×
 smaller: 0.9 GB instead of 7 GB of masks for a 7B-parameter model.
 
-A mask of shape `(..., C)` with `C` a multiple of 8 packs along its last axis,
-eight weights to a byte, most significant bit first (the order of
-`np.packbits(mask, axis=-1)`), to uint8 `(..., C // 8)`; unpacking needs nothing
-but the array (a uint8 leaf of a mask tree is packed, a bool one is not). It is a
-broadcast, a shift and a bitcast reshape, which XLA fuses into the ops that read
-the mask, so no bool mask is written to memory. Where a mask zeroes a float array
-(`kept_or_zero`: the gradients `pruned` hands its inner optimizer, the masked
-forward of `straight_through_masks`), the unpacked bit becomes a word of all ones
-or zeros ANDed with the array's bits rather than a `select` predicate, which XLA's
-CPU fusions ran far slower. The leading axes keep their sharding, and so does the
-last one when every shard holds a multiple of 8 weights along it.
+A mask of shape `(..., C)` with `C` a multiple of 8 packs along its last axis, eight
+weights to a byte, most significant bit first (the order of `np.packbits(mask,
+axis=-1)`), to uint8 `(..., C // 8)`; unpacking needs nothing but the array (a uint8
+leaf of a mask tree is packed, a bool one is not). It is a broadcast, a shift and a
+bitcast reshape, which XLA fuses into the ops that read the mask, so no bool mask is
+written to memory. Where a mask zeroes a float array (`kept_or_zero`: the gradients
+`pruned` hands its inner optimizer), the unpacked bit becomes a word of all ones or
+zeros ANDed with the array's bits rather than a `select` predicate, which XLA's CPU
+fusions ran far slower. The leading axes keep their sharding, and so does the last one
+when every shard holds a multiple of 8 weights along it.
 
 Any other mask stays a bool array: a 0-d one, one whose last axis is not a
 multiple of 8 (an output head over 65 characters), and one whose last axis is
@@ -66,8 +65,7 @@ def packable(mask: Any) -> bool:
 def pack_mask(mask: Any) -> jax.Array:
   """`mask` packed to uint8 `(..., C // 8)` if `packable`, else as a bool array.
 
-  Example::
-
+  Examples:
     >>> jaxprune.tree.pack_mask(jnp.array([[True, False, True, True, False, False, False, True]]))
     Array([[177]], dtype=uint8)
     >>> jaxprune.tree.unpack_mask(_).astype(int)
@@ -126,7 +124,7 @@ def kept_or_zero(held: jax.Array, x: jax.Array) -> jax.Array:
   moment, `benchmarks/bench_mask_reads.py`). Other dtypes take the `where`.
   Differentiable in `x` (as the `where`).
 
-  Shapes: `held` packed or bool for the mask of `x.shape`; out as `x`. Example::
+  Shapes: `held` packed or bool for the mask of `x.shape`; out as `x`. Example:
 
     >>> from jaxprune._src.tree.packed_masks import kept_or_zero
     >>> held = jaxprune.tree.pack_mask(jnp.array([[True, False] * 4]))

@@ -2,7 +2,7 @@
 row beside its equal-budget dense twin, the curve over budgets.
 
 They keep the scripts from rotting and check the invariants their reports rest on; the
-figures in the README come from full runs. They write their own text, never ../shared.
+figures in docs/benchmarks.md come from full runs. They write their own text, never ../shared.
 """
 
 import math

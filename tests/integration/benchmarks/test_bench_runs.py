@@ -1,7 +1,7 @@
 """The loop, checkpoint and sharding benchmarks (`--quick`), and the device script.
 
 They keep the scripts from rotting and check the invariants their reports rest on; the
-figures in the README come from full runs. They write their own text, never ../shared.
+figures in docs/benchmarks.md come from full runs. They write their own text, never ../shared.
 """
 
 import math

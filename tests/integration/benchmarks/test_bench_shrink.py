@@ -1,7 +1,7 @@
 """The structural benchmarks (`bench_shrink.py`, `bench_shrink_quality.py`, `--quick`).
 
 They keep the scripts from rotting and check the invariants their reports rest on; the
-figures in the README come from full runs. They write their own text, never ../shared.
+figures in docs/benchmarks.md come from full runs. They write their own text, never ../shared.
 """
 
 import itertools

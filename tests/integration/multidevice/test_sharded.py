@@ -269,7 +269,7 @@ def _sparse_steps(tx, params, steps=6, gather=False):
 
   @jax.jit
   def step(p, state, x):
-    grads = jax.grad(lambda q: loss(jaxprune.sparse_training.straight_through_view(q, state), x))(p)
+    grads = jax.grad(loss)(p, x)
     updates, state = tx.update(grads, state, p)
     return optax.apply_updates(p, updates), state
 
@@ -282,7 +282,7 @@ def _sparse_steps(tx, params, steps=6, gather=False):
 
 # SET is RigL's code path with random growth; STE's state on Auto axes is RigL's case.
 @pytest.mark.parametrize("method, axis_type", [("rigl", "Explicit"), ("rigl", "Auto"),
-                                               ("ste", "Explicit"), ("ste-view", "Explicit")])
+                                               ("ste", "Explicit")])
 def test_sparse_training_on_fsdp_leaves_equals_one_device(method, axis_type):
   kind = getattr(jax.sharding.AxisType, axis_type)
   mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(kind,))
@@ -295,10 +295,6 @@ def test_sparse_training_on_fsdp_leaves_equals_one_device(method, axis_type):
       return jaxprune.sparse_training.straight_through(optax.adam(1e-2), where=where,
                                                        update_every=2,
                                        schedule=optax.constant_schedule(0.75))
-    if method == "ste-view":
-      return jaxprune.sparse_training.straight_through_masks(optax.adam(1e-2), where=where,
-                                                             update_every=2,
-                                             schedule=optax.constant_schedule(0.75))
     schedule = (jaxprune.sparse_training.rigl_schedule(0.3) if method == "rigl"
                 else jaxprune.sparse_training.set_schedule(0.3))
     return jaxprune.sparse_training.drop_and_grow(optax.adam(1e-2), masks, schedule=schedule,

@@ -162,11 +162,8 @@ def build_linen() -> ZooModel:
 
     @jax.jit
     def step(state, batch, rng):
-      # The forward runs on straight_through_view: the params unless the optimizer
-      # is straight_through_masks (as in every loop below).
-      view = jaxprune.sparse_training.straight_through_view
       grads = jax.grad(lambda p: cross_entropy(
-          forward(view(p, state.opt_state), batch[0], rng), batch[1]))(state.params)
+          forward(p, batch[0], rng), batch[1]))(state.params)
       return state.apply_gradients(grads=grads)
 
     checks = _checkpoints(num_steps, check_every)
@@ -249,8 +246,7 @@ def _nnx_zoo(name: str, model: nnx.Module, select=None, **fields) -> ZooModel:
       graphdef, params, rest = nnx.split(running, nnx.Param, ...)
 
       def loss(p):
-        viewed = jaxprune.sparse_training.straight_through_view(p, optimizer.opt_state)
-        return cross_entropy(nnx.merge(graphdef, viewed, rest)(batch[0], rng), batch[1])
+        return cross_entropy(nnx.merge(graphdef, p, rest)(batch[0], rng), batch[1])
 
       optimizer.update(running, jax.grad(loss)(params))
 
@@ -322,9 +318,7 @@ def build_equinox() -> ZooModel:
 
     @eqx.filter_jit
     def step(model, opt_state, batch, rng):
-      _, grads = eqx.filter_value_and_grad(lambda m, b, r: model_loss(eqx.combine(
-          jaxprune.sparse_training.straight_through_view(eqx.filter(m, eqx.is_array), opt_state),
-          eqx.filter(m, eqx.is_array, inverse=True)), b, r))(model, batch, rng)
+      _, grads = eqx.filter_value_and_grad(model_loss)(model, batch, rng)
       updates, opt_state = tx.update(grads, opt_state, eqx.filter(model, eqx.is_array))
       return eqx.apply_updates(model, updates), opt_state
 
@@ -417,9 +411,8 @@ def build_plain() -> ZooModel:
 
     @jax.jit
     def step(master, others, opt_state, batch, rng):
-      view = jaxprune.sparse_training.straight_through_view
       grads = jax.grad(lambda f: cross_entropy(
-          forward(_combine(view(f, opt_state), others), batch[0], rng), batch[1]))(master)
+          forward(_combine(f, others), batch[0], rng), batch[1]))(master)
       updates, opt_state = tx.update(grads, opt_state, master)
       extras = others["extras"]
       others = {**others, "extras": (extras[0] + 1, *extras[1:])}

@@ -646,36 +646,6 @@ def test_straight_through_training(model):
   assert eval_loss(model, final) < eval_loss(model, masked_start)
 
 
-def test_straight_through_masks_in_each_native_loop(model):
-  # Dense params, masks applied by straight_through_view inside each framework's loop.
-  tx = jaxprune.sparse_training.straight_through_masks(optax.adam(1e-2), where=model.where,
-                                       schedule=optax.constant_schedule(0.75),
-                                       update_every=20)
-  final, opt_state = model.train(tx, model.params, STEPS // 2, lambda step, params: None)
-  masks = jaxprune.get_masks(opt_state)
-  assert_check_masks_hold(model, masks)
-  view = jaxprune.sparse_training.straight_through_view(final, opt_state)
-  view_by_path = {p: np.asarray(v) for p, v, m in pairs(view, masks) if m is not None}
-  for path, w, m in masked_pairs(final, masks):
-    assert int((~m).sum()) == round(0.75 * w.size), path
-    assert_bitwise_zero(view_by_path[path][~m], path)
-    assert (f32(view_by_path[path][m]) == f32(w[m])).all(), path
-    assert np.count_nonzero(w[~m]) > 0, path  # the params stay dense: pruned ones learn
-  # The same training as straight_through's (dense weights in its state): same masks,
-  # same dense weights, so the loop did run its forward on the view.
-  other = jaxprune.sparse_training.straight_through(optax.adam(1e-2), where=model.where,
-                                    schedule=optax.constant_schedule(0.75), update_every=20)
-  other_final, other_state = model.train(other, model.params, STEPS // 2,
-                                         lambda step, params: None)
-  dense = jaxprune.sparse_training.dense_weights(other_state, other_final)
-  for (path, a, _), (_, b, _) in zip(masked_pairs(final, masks), masked_pairs(dense, masks)):
-    # (compared at the stored dtype: the plain model keeps float16/bfloat16 leaves)
-    np.testing.assert_allclose(f32(a), f32(np.asarray(b).astype(np.asarray(a).dtype)),
-                               rtol=1e-4, atol=1e-5, err_msg=path)
-  np.testing.assert_equal(*[[np.asarray(m) for m in jax.tree.leaves(jaxprune.get_masks(s))]
-                            for s in (opt_state, other_state)])
-
-
 # ----------------------------------------------------------------------------- one-shot
 
 
