@@ -3,12 +3,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint demo shrink bench clean
+.PHONY: install test lint docs demo shrink bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,examples]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,examples,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -16,11 +16,16 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# The documentation site, offline, into site/; --strict: a broken reference or link, a page
+# missing from the nav or a docstring the reference cannot read fails the build.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 # Two workers, a test file per worker at a time (files share module-level model
 # builds): the suite is mostly XLA compilation, one core each.
 TEST_WORKERS ?= 2
 
-test: lint
+test: lint docs
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 demo: $(STAMP)
@@ -39,4 +44,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_shrink.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs site .pytest_cache .ruff_cache

@@ -27,49 +27,7 @@ from numpy_references import exact_count
 
 import jaxprune
 
-# The engines on raw uint32 keys: keys no input of the library produces (2**32 - 1) and
-# digit widths it never picks (8, 8, 8, 8). Only the two tests below read them; the
-# engines are tested through `ranked_masks` after them.
-from jaxprune._src.engine import magnitude_rank as mr
-from jaxprune._src.engine import radix_histogram
-
 SHAPES = [[(7,)], [(3, 5)], [(4, 4), (9,), (2, 3, 2)]]
-JITTED = {
-    "counts": jax.jit(lambda keys, k: mr._threshold_by_counts(
-        mr.group_by_shape([(x,) for x in keys]), lambda x: x, k)),
-    **{f"histogram {digits}": jax.jit(
-        lambda keys, k, digits=digits: radix_histogram.threshold_by_histogram(
-            mr.group_by_shape([(x,) for x in keys]), lambda x: x, k, digits))
-       for digits in (radix_histogram.WIDE_DIGITS, radix_histogram.NARROW_DIGITS, (8, 8, 8, 8))},
-}
-
-
-def reference(keys: list[np.ndarray], k: int) -> tuple[int, int, int]:
-  flat = np.sort(np.concatenate([x.ravel() for x in keys]).astype(np.int64))
-  t = int(flat[k - 1]) if k else 0
-  return t, int((flat < t).sum()), int((flat == t).sum())
-
-
-@settings(max_examples=60, deadline=None)
-@given(shapes=st.sampled_from(SHAPES), high=st.sampled_from([2, 50, 2**32]),
-       seed=st.integers(0, 2**31 - 1), fraction=st.floats(0, 1))
-def test_both_threshold_engines_match_the_sort_reference(shapes, high, seed, fraction):
-  rng = np.random.default_rng(seed)
-  keys = [rng.integers(0, high, size=s, dtype=np.uint64).astype(np.uint32) for s in shapes]
-  n = sum(x.size for x in keys)
-  k = int(round(fraction * n))
-  want = reference(keys, k)
-  for name, engine in JITTED.items():
-    got = tuple(int(v) for v in engine([jnp.asarray(x) for x in keys], k))
-    assert got == want, (name, k)
-
-
-def test_extreme_keys_and_every_k():
-  keys = [np.array([0, 2**32 - 1, 2**32 - 1, 1, 2**31, 0], np.uint32)]
-  for k in range(len(keys[0]) + 1):
-    for name, engine in JITTED.items():
-      got = tuple(int(v) for v in engine([jnp.asarray(keys[0])], k))
-      assert got == reference(keys, k), (name, k)
 
 
 def _explicit_mesh() -> jax.sharding.Mesh:

@@ -1,7 +1,7 @@
 """Every `>>>` example in jaxprune's docstrings runs as a doctest, in a temp dir.
 
-The examples share a namespace of small concrete objects (`params`, `masks`, `loss_fn`,
-...), built fresh for each module; each docstring gets its own copy of it.
+Each docstring's example is self-contained, as optax's are: it runs with empty globals,
+so it makes its own imports and data (nothing is injected by this test).
 """
 
 import doctest
@@ -10,10 +10,6 @@ import pkgutil
 import re
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 import pytest
 
 import jaxprune
@@ -24,45 +20,6 @@ MODULES = sorted(
     m.name for m in pkgutil.walk_packages(jaxprune.__path__, "jaxprune.") if not m.ispkg
 )
 OPTIONS = doctest.ELLIPSIS
-
-
-def make_globs() -> dict:
-  """The names the examples use, built fresh (a tiny 8 -> 8 -> 4 MLP and its data)."""
-  k1, k2, kx, ky = jax.random.split(jax.random.key(0), 4)
-  params = {
-      "fc1": {"kernel": 0.5 * jax.random.normal(k1, (8, 8)), "bias": jnp.full(8, 0.1)},
-      "fc2": {"kernel": 0.5 * jax.random.normal(k2, (8, 4))},
-  }
-  batch = {"x": jax.random.normal(kx, (16, 8)), "y": jax.random.randint(ky, (16,), 0, 4)}
-
-  def loss_fn(params, batch):
-    h = jax.nn.relu(batch["x"] @ params["fc1"]["kernel"] + params["fc1"]["bias"])
-    logits = h @ params["fc2"]["kernel"]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
-
-  def batch_at_step(step):
-    return batch
-
-  where = jaxprune.select(params)
-  masks = jaxprune.ranked_masks(params, 0.5, where)
-  opt_state = jaxprune.pruned(optax.adam(1e-3), masks).init(params)
-  return {
-      "jax": jax,
-      "jnp": jnp,
-      "np": np,
-      "optax": optax,
-      "jaxprune": jaxprune,
-      "params": params,
-      "grads": jax.grad(loss_fn)(params, batch),
-      "where": where,
-      "masks": masks,
-      "loss_fn": loss_fn,
-      "batch": batch,
-      "batch_at_step": batch_at_step,
-      "eval_batches": [batch],
-      "rng_data": jax.random.key_data(jax.random.key(0)),
-      "opt_state": opt_state,
-  }
 
 
 def find(name: str, globs: dict) -> list[doctest.DocTest]:
@@ -87,7 +44,8 @@ def test_doctests(name, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   runner = doctest.DocTestRunner(optionflags=OPTIONS)
   report = []
-  for test in find(name, make_globs()):
+  for test in find(name, {}):
+    # `find` copies the globals per docstring, so each example starts from nothing.
     runner.run(test, out=report.append)
   result = runner.summarize(verbose=False)
   assert result.failed == 0, "".join(report)

@@ -369,6 +369,7 @@ def smallest_k(keys: Sequence[jax.Array], k: jax.Array | int) -> list[jax.Array]
     One bool array per key array, its shape, `True` for the `k` smallest.
 
   Examples:
+    >>> import jax.numpy as jnp
     >>> from jaxprune._src.engine.magnitude_rank import smallest_k
     >>> smallest_k([jnp.array([3, 1, 2, 1], jnp.uint32)], 2)
     [Array([False,  True, False,  True], dtype=bool)]
@@ -417,6 +418,7 @@ def smallest_magnitudes(
     kept masks, with `as_kept`).
 
   Examples:
+    >>> import jax.numpy as jnp
     >>> from jaxprune._src.engine.magnitude_rank import smallest_magnitudes
     >>> smallest_magnitudes([jnp.array([0.3, -0.1, 0.2])], [None], 1)
     [Array([False,  True, False], dtype=bool)]
@@ -437,6 +439,7 @@ def smallest_magnitudes_each(
   number of shapes, and one leaf's scratch is live at a time.
 
   Examples:
+    >>> import jax.numpy as jnp
     >>> from jaxprune._src.engine.magnitude_rank import smallest_magnitudes_each
     >>> smallest_magnitudes_each([jnp.array([0.3, -0.1]), jnp.array([1., 2.])], [None, None],
     ...                          [1, 1])

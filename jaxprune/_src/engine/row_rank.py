@@ -73,6 +73,7 @@ def smallest_in_rows_each(
     One bool array per weight, `True` for the marked (pruned) entries.
 
   Examples:
+    >>> import jax.numpy as jnp
     >>> from jaxprune._src.engine.row_rank import smallest_in_rows_each
     >>> w = jnp.array([[0.3, -2.0], [0.1, 0.5], [-0.2, 1.0]])   # rows: the columns
     >>> smallest_in_rows_each([w], [None], [1], axis=0)[0].astype(int)
@@ -112,6 +113,7 @@ def smallest_in_rows_along(
   bool masks (or None), not packed ones.
 
   Examples:
+    >>> import jax.numpy as jnp
     >>> from jaxprune._src.engine.row_rank import smallest_in_rows_along
     >>> w = jnp.arange(8.0).reshape(2, 2, 2)             # rows: the last axis's 2 entries
     >>> smallest_in_rows_along([w], [None], [2], [(0, 1)])[0][..., 0].astype(int)

@@ -14,6 +14,8 @@ Axes of a granularity (`axis=`, `channels(axis)`) count within the slice: on a
 stacked `(L, in, out)` kernel, `-2` is `in` and `0` is `in` too.
 
 Examples:
+  >>> import jax.numpy as jnp
+  >>> import jaxprune
   >>> scanned = {"layers": {"kernel": jnp.arange(16.0).reshape(2, 4, 2)}}
   >>> where = jaxprune.select(scanned)
   >>> whole = jaxprune.ranked_masks(scanned, 0.5, where)

@@ -411,6 +411,14 @@ def export_compressed(
     TypeError: a non-numeric leaf, or a dict key that is neither str nor int.
 
   Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import jaxprune
+    >>> k1, k2 = jax.random.split(jax.random.key(0))
+    >>> params = {"fc1": {"kernel": 0.3 * jax.random.normal(k1, (8, 8)), "bias": jnp.ones(8)},
+    ...           "fc2": {"kernel": 0.3 * jax.random.normal(k2, (8, 4))}}
+    >>> masks = jaxprune.ranked_masks(params, 0.5, jaxprune.select(params))
     >>> info = jaxprune.export.export_compressed("model.jxp", params, masks)  # own dtypes: f32
     >>> report = jaxprune.sparsity_report(jaxprune.apply_masks(params, masks))
     >>> info.file_bytes - info.header_bytes == report.to_dict()["total_compressed_bytes"]
@@ -629,6 +637,13 @@ def export_info(path: str | os.PathLike) -> ExportInfo:
   """Sizes of an existing export file (checked as by `load_compressed`), nothing decoded.
 
   Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import jaxprune
+    >>> k1, k2 = jax.random.split(jax.random.key(0))
+    >>> params = {"fc1": {"kernel": 0.3 * jax.random.normal(k1, (8, 8)), "bias": jnp.ones(8)},
+    ...           "fc2": {"kernel": 0.3 * jax.random.normal(k2, (8, 4))}}
+    >>> masks = jaxprune.ranked_masks(params, 0.5, jaxprune.select(params))
     >>> _ = jaxprune.export.export_compressed("model.jxp", params, masks, values="int8")
     >>> info = jaxprune.export.export_info("model.jxp")
     >>> print(f"{info.compression:.2f}x on disk, "          # a tiny model: the header dominates

@@ -32,6 +32,8 @@ def make_mesh(spec: str | dict[str, int], devices: Sequence[Any] | None = None) 
   FSDP over 4). One `data` axis over every device works on any device count.
 
   Examples:
+    >>> import jax
+    >>> import jaxprune
     >>> mesh = jaxprune.sharding.make_mesh(f"data={jax.device_count()}")
     >>> mesh.axis_names, mesh.devices.size == jax.device_count()
     (('data',), True)
@@ -129,6 +131,9 @@ def onto_mesh(tree: PyTree, mesh: Mesh) -> PyTree:
   already on the mesh (sharded params, their moments) keep their sharding.
 
   Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import jaxprune
     >>> mesh = jaxprune.sharding.make_mesh(f"data={jax.device_count()}")
     >>> placed = jaxprune.sharding.onto_mesh({"count": jnp.zeros((), jnp.int32)}, mesh)
     >>> placed["count"].sharding.spec

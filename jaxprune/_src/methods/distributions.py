@@ -49,12 +49,14 @@ selected leaf is refused (a typo would leave its leaves at the target).
   counts sum to exactly `round(s * N)` (largest remainder, as ERK's).
 
 Examples:
+  >>> import jax.numpy as jnp
+  >>> import jaxprune
   >>> d = jaxprune.distributions.erk()
   >>> [int(c) for c in d.prune_counts(["a", "b", "c"], [(2, 4), (3, 6), (2, 4, 6)], 0.5)]
   [0, 6, 31]
 
-With layouts, the q kernel `(d, heads, head_dim)` is the `(16, 16)` layer it is, and
-keeps more than with every axis a fan (`sum(shape) / prod(shape)`)::
+  With layouts, the q kernel `(d, heads, head_dim)` is the `(16, 16)` layer it is,
+  and keeps more than with every axis a fan (`sum(shape) / prod(shape)`):
 
   >>> from jaxprune.tree import weight_layouts
   >>> params = {"q": jnp.ones((16, 2, 8)), "o": jnp.ones((2, 8, 16)), "up": jnp.ones((16, 64))}
@@ -205,6 +207,7 @@ def by_path(fn: Callable[[str, Shape, Any], Any]) -> ByPath:
   as a traced sparsity is (NaN as 0, clipped to [0, 1]).
 
   Examples:
+    >>> import jaxprune
     >>> d = jaxprune.distributions.by_path(lambda path, shape, s: 0.0 if "head" in path else s)
     >>> [int(c) for c in d.prune_counts(["body/kernel", "head/kernel"], [(4, 4), (4, 2)], 0.5)]
     [8, 0]
@@ -287,6 +290,7 @@ def owl(ratios: Mapping[str, float], spread: float = 0.1) -> OWL:
       selected leaf with no ratio (named).
 
   Examples:
+    >>> import jaxprune
     >>> d = jaxprune.distributions.owl({"a": 0.0, "b": 0.02}, spread=0.1)
     >>> [int(c) for c in d.prune_counts(["a", "b"], [(10, 10), (10, 10)], 0.5)]
     [55, 45]

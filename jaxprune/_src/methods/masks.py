@@ -64,6 +64,9 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     `params` with pruned entries set to exactly 0, dtypes and shapes unchanged.
 
   Examples:
+    >>> import jax.numpy as jnp
+    >>> import jaxprune
+    >>> params = {"fc1": {"kernel": jnp.arange(-8.0, 8.0).reshape(4, 4), "bias": jnp.ones(4)}}
     >>> masks = jaxprune.ranked_masks(params, 0.5, jaxprune.select(params))
     >>> pruned = jaxprune.apply_masks(params, masks)
   """
@@ -144,6 +147,9 @@ def threshold_masks(params: PyTree, threshold: float | jax.Array, where: Where) 
       params or selecting nothing; NaN/inf in a selected leaf (outside jit).
 
   Examples:
+    >>> import jax.numpy as jnp
+    >>> import jaxprune
+    >>> params = {"fc1": {"kernel": jnp.arange(-8.0, 8.0).reshape(4, 4), "bias": jnp.ones(4)}}
     >>> masks = jaxprune.threshold_masks(params, 1e-2, jaxprune.select(params))
   """
   threshold = _check_number("threshold", threshold)
@@ -260,6 +266,13 @@ def ranked_masks(
       selected leaf's score, naming its path.
 
   Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import jaxprune
+    >>> k1, k2 = jax.random.split(jax.random.key(0))
+    >>> params = {"fc1": {"kernel": 0.3 * jax.random.normal(k1, (8, 8)), "bias": jnp.ones(8)},
+    ...           "fc2": {"kernel": 0.3 * jax.random.normal(k2, (8, 4))}}
+    >>> where = jaxprune.select(params)
     >>> m1 = jaxprune.ranked_masks(params, 0.5, where)                 # |w|, per leaf
     >>> m2 = jaxprune.ranked_masks(params, 0.8, where, previous=m1)   # never revives
     >>> masks = jaxprune.ranked_masks(params, 0.5, where, scope="global")

@@ -249,6 +249,16 @@ def mean_gradients(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
   None in the result.
 
   Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import jaxprune
+    >>> k1, k2, kx = jax.random.split(jax.random.key(0), 3)
+    >>> params = {"fc1": {"kernel": 0.3 * jax.random.normal(k1, (8, 8)), "bias": jnp.ones(8)},
+    ...           "fc2": {"kernel": 0.3 * jax.random.normal(k2, (8, 4))}}
+    >>> batch = {"x": jax.random.normal(kx, (16, 8)), "y": jnp.ones((16, 4))}
+    >>> def loss_fn(params, batch):
+    ...   h = jax.nn.relu(batch["x"] @ params["fc1"]["kernel"] + params["fc1"]["bias"])
+    ...   return jnp.mean((h @ params["fc2"]["kernel"] - batch["y"]) ** 2)
     >>> grads = jaxprune.scores.mean_gradients(loss_fn, params, [batch, batch])
     >>> target = jaxprune.Prune(0.5, score=jaxprune.scores.saliency_score(grads))
   """
@@ -345,6 +355,14 @@ def wanda_score(stats: Any) -> Wanda:
   `jit`: their shapes and rows only).
 
   Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import jaxprune
+    >>> k1, k2, kx = jax.random.split(jax.random.key(0), 3)
+    >>> params = {"fc1": {"kernel": 0.3 * jax.random.normal(k1, (8, 8)), "bias": jnp.ones(8)},
+    ...           "fc2": {"kernel": 0.3 * jax.random.normal(k2, (8, 4))}}
+    >>> batch = {"x": jax.random.normal(kx, (16, 8))}
+    >>> where = jaxprune.select(params)
     >>> def apply_fn(p, b):
     ...   return jnp.tanh(b["x"] @ p["fc1"]["kernel"]) @ p["fc2"]["kernel"]
     >>> stats = jaxprune.oneshot.input_statistics(apply_fn, params, [batch], where)

@@ -165,6 +165,8 @@ def nm_masks(
       not matching params; (outside jit) NaN/inf in a selected leaf.
 
   Examples:
+    >>> import jax.numpy as jnp
+    >>> import jaxprune
     >>> params = {"fc1": {"kernel": jnp.array([[4., -1.], [1., 2.], [-3., 3.], [2., 0.]])}}
     >>> jaxprune.nm_masks(params, 2, 4)["fc1"]["kernel"]
     Array([[ True, False],
@@ -237,6 +239,12 @@ def nm_violations(
       multiple of `m` (naming its path and shape).
 
   Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import jaxprune
+    >>> k1, k2 = jax.random.split(jax.random.key(0))
+    >>> params = {"fc1": {"kernel": 0.3 * jax.random.normal(k1, (8, 8)), "bias": jnp.ones(8)},
+    ...           "fc2": {"kernel": 0.3 * jax.random.normal(k2, (8, 4))}}
     >>> masks = jaxprune.nm_masks(params, 2, 4)
     >>> jaxprune.nm_violations(masks, 2, 4)
     {'fc1/kernel': 0, 'fc2/kernel': 0}

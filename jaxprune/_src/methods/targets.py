@@ -17,6 +17,12 @@ compiled prune step serves every sparsity of a schedule; everything else is
 static.
 
 Examples:
+  >>> import jax
+  >>> import jax.numpy as jnp
+  >>> import jaxprune
+  >>> k1, k2 = jax.random.split(jax.random.key(0))
+  >>> params = {"fc1": {"kernel": 0.3 * jax.random.normal(k1, (8, 8)), "bias": jnp.ones(8)},
+  ...           "fc2": {"kernel": 0.3 * jax.random.normal(k2, (8, 4))}}
   >>> where = jaxprune.select(params)
   >>> masks = jaxprune.Prune(0.5, scope="global").masks(params, where)
   >>> masks = jaxprune.NM(2, 4).masks(params, where, previous=masks)
@@ -80,6 +86,13 @@ class Prune:
   them).
 
   Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import jaxprune
+    >>> k1, k2 = jax.random.split(jax.random.key(0))
+    >>> params = {"fc1": {"kernel": 0.3 * jax.random.normal(k1, (8, 8)), "bias": jnp.ones(8)},
+    ...           "fc2": {"kernel": 0.3 * jax.random.normal(k2, (8, 4))}}
+    >>> where = jaxprune.select(params)
     >>> target = jaxprune.Prune(0.8, distribution=jaxprune.distributions.erk())
     >>> masks = target.masks(params, where)
   """
@@ -156,6 +169,13 @@ class GivenMasks:
   fraction of the selected weights. Not a pytree: the loop closes over it.
 
   Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import jaxprune
+    >>> k1, k2 = jax.random.split(jax.random.key(0))
+    >>> params = {"fc1": {"kernel": 0.3 * jax.random.normal(k1, (8, 8)), "bias": jnp.ones(8)},
+    ...           "fc2": {"kernel": 0.3 * jax.random.normal(k2, (8, 4))}}
+    >>> where = jaxprune.select(params)
     >>> target = jaxprune.GivenMasks(jaxprune.ranked_masks(params, 0.5, where))
     >>> round(target.sparsity, 2)
     0.5

@@ -17,6 +17,10 @@ A unit counts as already pruned when every weight of it is (`previous`); the
 new mask keeps a weight when `previous` kept it and its unit is kept.
 
 Examples:
+  >>> import jax.numpy as jnp
+  >>> import jaxprune
+  >>> params = {"fc2": {"kernel": jnp.array([[2.0, 0.1, -0.3, 1.0]] * 8)}}  # column norms
+  >>> where = jaxprune.select(params)
   >>> masks = jaxprune.ranked_masks(params, 0.5, where, scope=jaxprune.channels())
   >>> [int(c) for c in masks["fc2"]["kernel"].all(axis=0)]    # 2 of 4 output channels kept
   [1, 0, 0, 1]

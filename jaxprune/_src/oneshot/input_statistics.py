@@ -48,6 +48,14 @@ anything (`check_leaf_statistics`: shape, stack length, rows, inputs not all
 zero).
 
 Examples:
+  >>> import jax
+  >>> import jax.numpy as jnp
+  >>> import jaxprune
+  >>> k1, k2, kx = jax.random.split(jax.random.key(0), 3)
+  >>> params = {"fc1": {"kernel": 0.3 * jax.random.normal(k1, (8, 8)), "bias": jnp.ones(8)},
+  ...           "fc2": {"kernel": 0.3 * jax.random.normal(k2, (8, 4))}}
+  >>> batch = {"x": jax.random.normal(kx, (16, 8))}
+  >>> where = jaxprune.select(params)
   >>> def apply_fn(params, batch):
   ...   return jnp.tanh(batch["x"] @ params["fc1"]["kernel"]) @ params["fc2"]["kernel"]
   >>> stats = jaxprune.oneshot.input_statistics(apply_fn, params, [batch], where)

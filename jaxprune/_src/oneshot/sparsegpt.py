@@ -32,6 +32,14 @@ Counts are exact: block b prunes `round(s · rows · c_b) - round(s · rows · c
 Ties in the block scores go by position, as everywhere in jaxprune.
 
 Examples:
+  >>> import jax
+  >>> import jax.numpy as jnp
+  >>> import jaxprune
+  >>> k1, k2, kx = jax.random.split(jax.random.key(0), 3)
+  >>> params = {"fc1": {"kernel": 0.3 * jax.random.normal(k1, (8, 8)), "bias": jnp.ones(8)},
+  ...           "fc2": {"kernel": 0.3 * jax.random.normal(k2, (8, 4))}}
+  >>> batch = {"x": jax.random.normal(kx, (16, 8))}
+  >>> where = jaxprune.select(params)
   >>> stats = jaxprune.oneshot.input_statistics(
   ...     lambda p, b: jnp.tanh(b["x"] @ p["fc1"]["kernel"]) @ p["fc2"]["kernel"],
   ...     params, [batch], where, gram=True)

@@ -375,8 +375,9 @@ def _joined(maps: list | None, size: int) -> np.ndarray:
 def channel_groups(apply_fn: Callable[..., Any], params: PyTree, *example_args: Any,
                    where: Where | None = None) -> ChannelGroups:
   """The coupled channel groups of `apply_fn(params, *example_args)`: which leaf axes
-  must lose the same units together, read from the program (the rules per
-  primitive: `help(jaxprune.channel_rules)`; members and kinds: `help(jaxprune.structural.Group)`).
+  must lose the same units together, read from the program (how each primitive
+  joins axes: the guide "Shrinking a model"; members and kinds:
+  `help(jaxprune.structural.Group)`).
 
   Args:
     apply_fn: the forward pass, `apply_fn(params, *args)`.

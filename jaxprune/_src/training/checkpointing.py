@@ -216,13 +216,20 @@ class Checkpointer:
   test announcing each save, a run stopped after one): `save` is the one seam.
 
   Args:
-    directory: created when the first checkpoint is written; checked writable
-      now (`check_directory`).
+    directory: created when the checkpointer is entered (the run's start);
+      checked writable now (`check_directory`).
     every: also save every this many steps of a phase (None: at phase ends only).
     keep: how many checkpoints to keep (>= 1).
     resume: True, False or `"with_changes"` (above).
 
   Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import jaxprune
+    >>> params = {"w": jnp.ones((4, 4))}
+    >>> opt_state = optax.adam(1e-3).init(params)
+    >>> rng_data = jax.random.key_data(jax.random.key(0))   # raw key data
     >>> state = jaxprune.training.LoopState(params, opt_state, rng_data)
     >>> with jaxprune.Checkpointer("ckpt") as ckpt:
     ...   print(ckpt.resume(state, config={"seed": 0}))

@@ -32,6 +32,8 @@ def kl_to_teacher(
     A scalar, in nats.
 
   Examples:
+    >>> import jax.numpy as jnp
+    >>> import jaxprune
     >>> jaxprune.training.kl_to_teacher(jnp.zeros((2, 5)), jnp.zeros((2, 5)))   # same outputs -> 0
     Array(0., dtype=float32)
   """

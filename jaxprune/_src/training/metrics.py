@@ -11,6 +11,8 @@ language-model view, `exp(mean loss)`; `aux_metric("accuracy")` reads a value
 the loss function computes, e.g. a classifier's accuracy.
 
 Examples:
+  >>> import jax.numpy as jnp
+  >>> import jaxprune
   >>> jaxprune.training.perplexity.of_mean(0.0), jaxprune.training.perplexity.name
   (1.0, 'perplexity')
   >>> acc = jaxprune.training.aux_metric("accuracy")

@@ -144,6 +144,19 @@ def every(n: int, hook: Hook) -> Every:
   """`hook` called every `n` steps of a phase and at the phase's end.
 
   Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import jaxprune
+    >>> k1, k2, kx = jax.random.split(jax.random.key(0), 3)
+    >>> params = {"fc1": {"kernel": 0.3 * jax.random.normal(k1, (8, 8)), "bias": jnp.ones(8)},
+    ...           "fc2": {"kernel": 0.3 * jax.random.normal(k2, (8, 4))}}
+    >>> batch = {"x": jax.random.normal(kx, (16, 8)), "y": jnp.ones((16, 4))}
+    >>> def loss_fn(params, batch):
+    ...   h = jax.nn.relu(batch["x"] @ params["fc1"]["kernel"] + params["fc1"]["bias"])
+    ...   return jnp.mean((h @ params["fc2"]["kernel"] - batch["y"]) ** 2)
+    >>> batch_at_step = lambda step: batch   # the same batch at every step
+    >>> rng_data = jax.random.key_data(jax.random.key(0))   # raw key data
     >>> tx = optax.adam(1e-3)
     >>> state = jaxprune.training.LoopState(params, tx.init(params), rng_data)
     >>> seen = []
@@ -290,6 +303,20 @@ def retrain(
     The `LoopState` after the phase.
 
   Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import jaxprune
+    >>> k1, k2, kx = jax.random.split(jax.random.key(0), 3)
+    >>> params = {"fc1": {"kernel": 0.3 * jax.random.normal(k1, (8, 8)), "bias": jnp.ones(8)},
+    ...           "fc2": {"kernel": 0.3 * jax.random.normal(k2, (8, 4))}}
+    >>> batch = {"x": jax.random.normal(kx, (16, 8)), "y": jnp.ones((16, 4))}
+    >>> def loss_fn(params, batch):
+    ...   h = jax.nn.relu(batch["x"] @ params["fc1"]["kernel"] + params["fc1"]["bias"])
+    ...   return jnp.mean((h @ params["fc2"]["kernel"] - batch["y"]) ** 2)
+    >>> batch_at_step = lambda step: batch   # the same batch at every step
+    >>> rng_data = jax.random.key_data(jax.random.key(0))   # raw key data
+    >>> masks = jaxprune.ranked_masks(params, 0.5, jaxprune.select(params))
     >>> tx = jaxprune.pruned(optax.adam(1e-3), masks)
     >>> state = jaxprune.training.LoopState(params, tx.init(params), rng_data)
     >>> seen = []

@@ -340,6 +340,19 @@ def prune_retrain(
       leaves; the last good checkpoint is kept).
 
   Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import jaxprune
+    >>> k1, k2, kx = jax.random.split(jax.random.key(0), 3)
+    >>> params = {"fc1": {"kernel": 0.3 * jax.random.normal(k1, (8, 8)), "bias": jnp.ones(8)},
+    ...           "fc2": {"kernel": 0.3 * jax.random.normal(k2, (8, 4))}}
+    >>> batch = {"x": jax.random.normal(kx, (16, 8)), "y": jnp.ones((16, 4))}
+    >>> def loss_fn(params, batch):
+    ...   h = jax.nn.relu(batch["x"] @ params["fc1"]["kernel"] + params["fc1"]["bias"])
+    ...   return jnp.mean((h @ params["fc2"]["kernel"] - batch["y"]) ** 2)
+    >>> batch_at_step = lambda step: batch   # the same batch at every step
+    >>> eval_batches = [batch]
     >>> result = jaxprune.prune_retrain(
     ...     params, loss_fn, batch_at_step, eval_batches,
     ...     optimizer=optax.adamw(1e-3),

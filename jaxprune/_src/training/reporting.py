@@ -206,6 +206,12 @@ def sparsity_report(params: PyTree, where: Where | None = None, *,
     plain data.
 
   Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import jaxprune
+    >>> k1, k2 = jax.random.split(jax.random.key(0))
+    >>> params = {"fc1": {"kernel": 0.3 * jax.random.normal(k1, (8, 8)), "bias": jnp.ones(8)},
+    ...           "fc2": {"kernel": 0.3 * jax.random.normal(k2, (8, 4))}}
     >>> masks = jaxprune.ranked_masks(params, 0.5, jaxprune.select(params))
     >>> print(jaxprune.sparsity_report(jaxprune.apply_masks(params, masks)))
     leaf                 shape        size       zeros  sparsity

@@ -45,6 +45,17 @@ def evaluate(eval_step: Callable[[PyTree, Any], tuple[jax.Array, jax.Array]], pa
       loss is.
 
   Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import jaxprune
+    >>> k1, k2, kx = jax.random.split(jax.random.key(0), 3)
+    >>> params = {"fc1": {"kernel": 0.3 * jax.random.normal(k1, (8, 8)), "bias": jnp.ones(8)},
+    ...           "fc2": {"kernel": 0.3 * jax.random.normal(k2, (8, 4))}}
+    >>> batch = {"x": jax.random.normal(kx, (16, 8)), "y": jnp.ones((16, 4))}
+    >>> def loss_fn(params, batch):
+    ...   h = jax.nn.relu(batch["x"] @ params["fc1"]["kernel"] + params["fc1"]["bias"])
+    ...   return jnp.mean((h @ params["fc2"]["kernel"] - batch["y"]) ** 2)
     >>> eval_step = jaxprune.training.make_eval_step(loss_fn, jaxprune.training.perplexity)
     >>> e = jaxprune.training.evaluate(eval_step, params, [batch, batch])
     >>> bool(abs(e.metric - np.exp(e.loss)) < 1e-4 * e.metric)

@@ -48,7 +48,7 @@ def make_train_step(
   sparse itself, so no view of them is needed). Only floating-point leaves are
   differentiated and updated; other leaves (int step counters, tables) pass through
   unchanged. The optimizer state must then be
-  `optimizer.init(jaxprune._src.tree.mask_tree.float_part(params))` (the same as
+  `optimizer.init(jaxprune.tree.float_part(params))` (the same as
   `optimizer.init(params)` when every leaf is a float array).
 
   Args:
@@ -58,8 +58,22 @@ def make_train_step(
       accelerators; do not reuse the inputs afterwards).
 
   Examples:
-    >>> step = jaxprune.make_train_step(loss_fn, jaxprune.pruned(optax.adam(1e-3), masks))
-    >>> params, opt_state, loss = step(params, opt_state, batch, rng_data, 0)
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import jaxprune
+    >>> k1, k2, kx = jax.random.split(jax.random.key(0), 3)
+    >>> params = {"fc1": {"kernel": 0.3 * jax.random.normal(k1, (8, 8)), "bias": jnp.ones(8)},
+    ...           "fc2": {"kernel": 0.3 * jax.random.normal(k2, (8, 4))}}
+    >>> batch = {"x": jax.random.normal(kx, (16, 8)), "y": jnp.ones((16, 4))}
+    >>> def loss_fn(params, batch):
+    ...   h = jax.nn.relu(batch["x"] @ params["fc1"]["kernel"] + params["fc1"]["bias"])
+    ...   return jnp.mean((h @ params["fc2"]["kernel"] - batch["y"]) ** 2)
+    >>> rng_data = jax.random.key_data(jax.random.key(0))   # raw key data
+    >>> masks = jaxprune.ranked_masks(params, 0.5, jaxprune.select(params))
+    >>> tx = jaxprune.pruned(optax.adam(1e-3), masks)
+    >>> step = jaxprune.make_train_step(loss_fn, tx)
+    >>> params, opt_state, loss = step(params, tx.init(params), batch, rng_data, 0)
   """
   wants_rng = takes_rng(loss_fn)
 
@@ -84,6 +98,17 @@ def make_gradient_step(loss_fn: LossFn) -> Callable[..., PyTree]:
   `saliency_score()` target ranks by when `prune_retrain` prunes.
 
   Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import jaxprune
+    >>> k1, k2, kx = jax.random.split(jax.random.key(0), 3)
+    >>> params = {"fc1": {"kernel": 0.3 * jax.random.normal(k1, (8, 8)), "bias": jnp.ones(8)},
+    ...           "fc2": {"kernel": 0.3 * jax.random.normal(k2, (8, 4))}}
+    >>> batch = {"x": jax.random.normal(kx, (16, 8)), "y": jnp.ones((16, 4))}
+    >>> def loss_fn(params, batch):
+    ...   h = jax.nn.relu(batch["x"] @ params["fc1"]["kernel"] + params["fc1"]["bias"])
+    ...   return jnp.mean((h @ params["fc2"]["kernel"] - batch["y"]) ** 2)
+    >>> rng_data = jax.random.key_data(jax.random.key(0))   # raw key data
     >>> grads = jaxprune.training.make_gradient_step(loss_fn)(params, batch, rng_data, 0)
     >>> target = jaxprune.Prune(0.5, score=jaxprune.scores.saliency_score(grads))
   """
@@ -112,6 +137,16 @@ def make_eval_step(
     ValueError: the metric's value of a batch is not a scalar.
 
   Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import jaxprune
+    >>> k1, k2, kx = jax.random.split(jax.random.key(0), 3)
+    >>> params = {"fc1": {"kernel": 0.3 * jax.random.normal(k1, (8, 8)), "bias": jnp.ones(8)},
+    ...           "fc2": {"kernel": 0.3 * jax.random.normal(k2, (8, 4))}}
+    >>> batch = {"x": jax.random.normal(kx, (16, 8)), "y": jnp.ones((16, 4))}
+    >>> def loss_fn(params, batch):
+    ...   h = jax.nn.relu(batch["x"] @ params["fc1"]["kernel"] + params["fc1"]["bias"])
+    ...   return jnp.mean((h @ params["fc2"]["kernel"] - batch["y"]) ** 2)
     >>> eval_step = jaxprune.training.make_eval_step(loss_fn)
     >>> loss, value = eval_step(params, batch)   # the default metric is the loss
     >>> bool(loss == value)
@@ -152,6 +187,14 @@ def prune_step(
     `(params, opt_state)`.
 
   Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import jaxprune
+    >>> k1, k2 = jax.random.split(jax.random.key(0))
+    >>> params = {"fc1": {"kernel": 0.3 * jax.random.normal(k1, (8, 8)), "bias": jnp.ones(8)},
+    ...           "fc2": {"kernel": 0.3 * jax.random.normal(k2, (8, 4))}}
+    >>> where = jaxprune.select(params)
     >>> tx = jaxprune.pruned(optax.adam(1e-3), jaxprune.ranked_masks(params, 0.0, where))
     >>> params, opt_state = jaxprune.prune_step(params, tx.init(params), 0.75, where)
     >>> float(jaxprune.get_masks(opt_state)["fc1"]["kernel"].mean())   # 48 of 64 pruned

@@ -21,6 +21,13 @@ zeroes the optimizer moments of the grown weights (`reset_grown`: they start as
 fresh weights, at exactly 0) and trains only the weights kept before and after.
 
 Examples:
+  >>> import jax
+  >>> import jax.numpy as jnp
+  >>> import jaxprune
+  >>> k1, k2 = jax.random.split(jax.random.key(0))
+  >>> params = {"fc1": {"kernel": 0.3 * jax.random.normal(k1, (8, 8)), "bias": jnp.ones(8)},
+  ...           "fc2": {"kernel": 0.3 * jax.random.normal(k2, (8, 4))}}
+  >>> where = jaxprune.select(params)
   >>> start = jaxprune.ranked_masks(params, 0.75, where, score=jaxprune.scores.random_score(0))
   >>> target = jaxprune.sparse_training.DropAndGrow(0.5, jaxprune.scores.random_score(1))
   >>> moved = target.masks(params, where, previous=start)
@@ -181,6 +188,11 @@ def set_schedule(drop_fraction: float | Callable[[Any], Any] = 0.3,
   resumed run draws the same.
 
   Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import jaxprune
+    >>> params = {"fc1": {"kernel": jnp.arange(-8.0, 8.0).reshape(4, 4), "bias": jnp.ones(4)}}
+    >>> masks = jaxprune.ranked_masks(params, 0.5, jaxprune.select(params))
     >>> tx = jaxprune.sparse_training.drop_and_grow(
     ...     optax.sgd(0.1), masks, schedule=jaxprune.sparse_training.set_schedule(0.3),
     ...     update_every=100)
@@ -200,6 +212,11 @@ def rigl_schedule(drop_fraction: float = 0.3, end: int | None = None) -> Callabl
   `end=None` keeps it constant.
 
   Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import jaxprune
+    >>> params = {"fc1": {"kernel": jnp.arange(-8.0, 8.0).reshape(4, 4), "bias": jnp.ones(4)}}
+    >>> masks = jaxprune.ranked_masks(params, 0.5, jaxprune.select(params))
     >>> tx = jaxprune.sparse_training.drop_and_grow(
     ...     optax.adam(1e-3), masks, update_every=100,
     ...     schedule=jaxprune.sparse_training.rigl_schedule(0.3, end=7500))

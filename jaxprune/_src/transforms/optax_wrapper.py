@@ -165,6 +165,14 @@ def pruned(
     ValueError: `masks` holds no mask; (at `init`) masks that do not fit the params.
 
   Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import jaxprune
+    >>> k1, k2 = jax.random.split(jax.random.key(0))
+    >>> params = {"fc1": {"kernel": 0.3 * jax.random.normal(k1, (8, 8)), "bias": jnp.ones(8)},
+    ...           "fc2": {"kernel": 0.3 * jax.random.normal(k2, (8, 4))}}
+    >>> grads = jax.tree.map(jnp.ones_like, params)   # a gradient of ones
     >>> masks = jaxprune.ranked_masks(params, 0.8, jaxprune.select(params))
     >>> tx = jaxprune.pruned(optax.chain(optax.clip_by_global_norm(1.0),
     ...                                  optax.adamw(1e-3)), masks)

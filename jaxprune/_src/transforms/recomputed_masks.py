@@ -171,6 +171,14 @@ def gradually_pruned(
       `masks`, or starting masks holding none.
 
   Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import jaxprune
+    >>> k1, k2 = jax.random.split(jax.random.key(0))
+    >>> params = {"fc1": {"kernel": 0.3 * jax.random.normal(k1, (8, 8)), "bias": jnp.ones(8)},
+    ...           "fc2": {"kernel": 0.3 * jax.random.normal(k2, (8, 4))}}
+    >>> grads = jax.tree.map(jnp.ones_like, params)   # a gradient of ones
     >>> sparsity = optax.polynomial_schedule(init_value=0.0, end_value=0.75, power=3,
     ...                                      transition_steps=4)
     >>> tx = jaxprune.gradually_pruned(optax.sgd(0.1), schedule=sparsity, update_every=2,
@@ -241,6 +249,15 @@ def drop_and_grow(
       not a `DropAndGrow`, `update_every` not a count, or masks holding none.
 
   Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import jaxprune
+    >>> k1, k2 = jax.random.split(jax.random.key(0))
+    >>> params = {"fc1": {"kernel": 0.3 * jax.random.normal(k1, (8, 8)), "bias": jnp.ones(8)},
+    ...           "fc2": {"kernel": 0.3 * jax.random.normal(k2, (8, 4))}}
+    >>> where = jaxprune.select(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)   # a gradient of ones
     >>> start = jaxprune.ranked_masks(params, 0.5, where,
     ...                               score=jaxprune.scores.random_score(0))
     >>> tx = jaxprune.sparse_training.drop_and_grow(

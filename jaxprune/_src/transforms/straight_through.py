@@ -142,6 +142,15 @@ def straight_through(
     (`get_masks` reads it) holding `DenseWeights`.
 
   Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import jaxprune
+    >>> k1, k2 = jax.random.split(jax.random.key(0))
+    >>> params = {"fc1": {"kernel": 0.3 * jax.random.normal(k1, (8, 8)), "bias": jnp.ones(8)},
+    ...           "fc2": {"kernel": 0.3 * jax.random.normal(k2, (8, 4))}}
+    >>> where = jaxprune.select(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)   # a gradient of ones
     >>> tx = jaxprune.sparse_training.straight_through(optax.adam(1e-3), where=where,
     ...                                schedule=optax.constant_schedule(0.5), update_every=1)
     >>> state = tx.init(params)

@@ -192,6 +192,8 @@ def select(
     TypeError: a pattern that is not a string.
 
   Examples:
+    >>> import jax.numpy as jnp
+    >>> import jaxprune
     >>> params = {"fc1": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)},
     ...           "embed": {"embedding": jnp.ones((8, 4))}}
     >>> jaxprune.select(params)

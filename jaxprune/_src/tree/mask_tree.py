@@ -286,6 +286,15 @@ def float_part(params: PyTree) -> PyTree:
   lookup tables and other non-float leaves become absent slots (as in
   `eqx.partition`), so `jax.grad` and optax never see them. `merge_float_part`
   puts them back. A tree of float leaves is returned unchanged.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import jaxprune
+    >>> params = {"w": jnp.ones((2, 2)), "step": jnp.zeros((), jnp.int32)}
+    >>> jaxprune.tree.float_part(params)["step"] is None
+    True
+    >>> opt_state = optax.adam(1e-3).init(jaxprune.tree.float_part(params))  # for make_train_step
   """
   return unflatten(params, [x if _differentiable(x) else None for x in slots(params).leaves])
 

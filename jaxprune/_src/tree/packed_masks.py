@@ -66,6 +66,8 @@ def pack_mask(mask: Any) -> jax.Array:
   """`mask` packed to uint8 `(..., C // 8)` if `packable`, else as a bool array.
 
   Examples:
+    >>> import jax.numpy as jnp
+    >>> import jaxprune
     >>> jaxprune.tree.pack_mask(jnp.array([[True, False, True, True, False, False, False, True]]))
     Array([[177]], dtype=uint8)
     >>> jaxprune.tree.unpack_mask(_).astype(int)
@@ -126,6 +128,8 @@ def kept_or_zero(held: jax.Array, x: jax.Array) -> jax.Array:
 
   Shapes: `held` packed or bool for the mask of `x.shape`; out as `x`. Example:
 
+    >>> import jax.numpy as jnp
+    >>> import jaxprune
     >>> from jaxprune._src.tree.packed_masks import kept_or_zero
     >>> held = jaxprune.tree.pack_mask(jnp.array([[True, False] * 4]))
     >>> kept_or_zero(held, jnp.arange(1.0, 9.0)[None])

@@ -76,7 +76,9 @@ def test_bench_compile_reports_both_scopes_and_the_unrolled_baseline(tmp_path):
       (n, s) for n in (4, 16) for s in ("layer", "global")}
   for row in rows:
     assert row["params"] == row["leaves"] * 64 * 64
-    assert row["grouped"]["compile_s"] > 0 and "unrolled" in row
-  # Grouping bounds the scratch: the unrolled layer scope holds one histogram per leaf.
-  layer16 = next(r for r in rows if r["leaves"] == 16 and r["scope"] == "layer")
-  assert layer16["grouped"]["extra_bytes_per_param"] < layer16["unrolled"]["extra_bytes_per_param"]
+    assert row["grouped"]["compile_s"] > 0 and ("unrolled" in row) == (row["leaves"] == 4)
+  # Grouping bounds the scratch: leaves of distinct shapes (no loop shared) hold a
+  # histogram each.
+  layer4 = next(r for r in rows if r["leaves"] == 4 and r["scope"] == "layer")
+  grouped, unrolled = (layer4[k]["extra_bytes_per_param"] for k in ("grouped", "unrolled"))
+  assert 2 * grouped < unrolled, (grouped, unrolled)

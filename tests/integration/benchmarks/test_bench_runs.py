@@ -37,7 +37,8 @@ def test_bench_checkpoint_times_checks_against_what_they_guard(tmp_path):
   assert out["rounds"] == 3 and len(out["runs"]) == 3
   assert set(out["ratios"]) == {"checksums / orbax write", "verify / orbax read",
                                 "guard / (50 updates)"}
-  assert all(0 < v < math.inf for v in out["ratios"].values())
+  # Differences of two timings: near zero on a tiny state, never the size of the write.
+  assert all(-1 < v < 5 for v in out["ratios"].values()), out["ratios"]
   # params, AdamW's mu and nu, the masks packed to a bit each, and two update counts
   weights = 2 * (4 * 64 * 64 + 2 * 4 * 64 * 64)
   assert out["values"] == 3 * weights + weights // 8 + 2

@@ -78,8 +78,6 @@ def test_prune_retrain_stops_at_a_nan_update_and_resumes_exactly(tmp_path,
 
 
 def test_a_save_refuses_an_unsound_state_and_names_the_leaf(tmp_path):
-  from jaxprune._src.training import integrity
-
   params = tiny_runs.make_params()
   params["fc2"]["kernel"] = params["fc2"]["kernel"].at[0, 0].set(jnp.inf)
   state = LoopState(params, {"mu": jnp.zeros(3)}, jnp.zeros(2, jnp.uint32))
@@ -90,8 +88,11 @@ def test_a_save_refuses_an_unsound_state_and_names_the_leaf(tmp_path):
   assert checkpoint_indices(tmp_path / "c") == []
   # An inf in the optimizer state is a sentinel (optax's reduce_on_plateau), a NaN is not.
   sound = LoopState(tiny_runs.make_params(), {"best": jnp.inf}, jnp.zeros(2, jnp.uint32))
-  assert integrity.is_sound(sound.params, sound.opt_state)
-  assert not integrity.is_sound(sound.params, {"best": jnp.nan})
+  with jaxprune.Checkpointer(tmp_path / "d") as ckpt:
+    ckpt.save(sound, {"step": 3})
+    with pytest.raises(FloatingPointError, match=r"not saved \(step 4\): NaN .*opt_state/best"):
+      ckpt.save(sound._replace(opt_state={"best": jnp.nan}), {"step": 4})
+  assert checkpoint_indices(tmp_path / "d") == [0]  # the sound save only
 
 
 def test_resume_skips_a_checkpoint_whose_state_is_not_sound(tmp_path, clean_train):
