@@ -19,7 +19,7 @@ lint: $(STAMP)
 # The documentation site, offline, into site/; --strict: a broken reference or link, a page
 # missing from the nav or a docstring the reference cannot read fails the build.
 docs: $(STAMP)
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # Two workers, a test file per worker at a time (files share module-level model
 # builds): the suite is mostly XLA compilation, one core each.

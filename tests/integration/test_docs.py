@@ -2,6 +2,7 @@
 order, in one fresh namespace per page, in a temp dir (a guide builds on its earlier blocks,
 as a reader does)."""
 
+import os
 import re
 from pathlib import Path
 
@@ -39,3 +40,28 @@ def test_page_runs(page, tmp_path, monkeypatch):
     line = text[:match.start()].count("\n") + 2
     code = "\n" * (line - 1) + match.group(1)  # tracebacks name the page's own line
     exec(compile(code, str(page), "exec"), namespace)
+
+
+def test_a_broken_link_fails_the_strict_build(tmp_path):
+  # What `make docs` (and so `make test`) runs, on a copy of the site with one bad link:
+  # it must fail and name the link (a quiet build would have counted no warning).
+  import shutil
+  import subprocess
+  import sys
+
+  root = DOCS.parent
+  shutil.copytree(DOCS, tmp_path / "docs")
+  with open(tmp_path / "docs" / "limits.md", "a") as f:
+    f.write("\nSee [the missing page](missing-page.md).\n")
+  config = (root / "mkdocs.yml").read_text().replace("paths: [.]", f"paths: [{root}]")
+  config = config.replace('base_path: ["."]', f'base_path: ["{root}"]')
+  (tmp_path / "mkdocs.yml").write_text(config)
+  makefile = (root / "Makefile").read_text()
+  command = re.search(r"^docs:.*\n\t(.*)$", makefile, flags=re.M).group(1)
+  assert "--strict" in command and "--quiet" not in command and "-q " not in command
+  proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f",
+                         str(tmp_path / "mkdocs.yml"), "-d", str(tmp_path / "site")],
+                        capture_output=True, text=True, env={**os.environ,
+                                                             "NO_MKDOCS_2_WARNING": "1"})
+  assert proc.returncode != 0
+  assert "missing-page.md" in proc.stderr
