@@ -136,7 +136,7 @@ def test_checkpointer_never_writes_over_an_existing_checkpoint(tmp_path):
   with jaxprune.Checkpointer(tmp_path, resume="with_changes") as ckpt:
     assert ckpt.resume(state, {"k": 1})[1]["iteration"] == 1
   with jaxprune.Checkpointer(tmp_path) as ckpt, pytest.raises(
-      ValueError, match="another configuration: k is null there and 2 now"):
+      ValueError, match="another configuration: k is not recorded there and 2 now"):
     ckpt.resume(state, {"k": 2})
   with jaxprune.Checkpointer(tmp_path, every=3) as ckpt:
     assert [step for step in range(1, 10) if ckpt.due(step)] == [3, 6, 9]

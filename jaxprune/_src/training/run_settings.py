@@ -250,8 +250,10 @@ def changed_settings(saved: dict[str, Any], expected: dict[str, Any]) -> list[st
   return sorted(keys, key=lambda k: (k == "optimizer_state", k))
 
 
-def _shown(value: Any, limit: int = 300) -> str:
-  text = json.dumps(value, sort_keys=True)
+def _shown(settings: dict[str, Any], key: str, limit: int = 300) -> str:
+  if key not in settings:  # e.g. a checkpoint written by a hand-written loop
+    return "not recorded"
+  text = json.dumps(settings[key], sort_keys=True)
   return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -267,8 +269,8 @@ def check_fingerprint(saved: dict[str, Any], expected: dict[str, Any], where: st
     hint = ("the arrays would not restore into this run" if key in LAYOUT_KEYS else
             "pass resume='with_changes' to continue it under the new settings")
     raise ValueError(
-        f"{where} was written by another configuration: {what} is {_shown(saved.get(key))} "
-        f"there and {_shown(expected.get(key))} now. Resume with the same settings (and "
+        f"{where} was written by another configuration: {what} is {_shown(saved, key)} "
+        f"there and {_shown(expected, key)} now. Resume with the same settings (and "
         f"optimizer), use another checkpoint directory, or {hint} (nothing was overwritten)."
     )
   return changed
