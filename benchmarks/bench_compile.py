@@ -128,6 +128,9 @@ def _total(d: dict | None) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
+  # What is timed is compilation: a persistent cache (JAX_COMPILATION_CACHE_DIR) would
+  # time its loads instead.
+  jax.config.update("jax_enable_compilation_cache", False)
   rows = []
   print(f"device: {jax.devices()[0].platform}; sparsity 0.8; times in seconds "
         "(lower + compile); ratio = jaxprune / argsort, same run")
