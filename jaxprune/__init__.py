@@ -12,7 +12,8 @@ masks follow a schedule), and the training drivers
   iterations (a sparsity that moves with the step is an `optax.schedules` function).
 * `jaxprune.sparse_training`: masks that move while training (SET, RigL) and
   straight-through estimators.
-* `jaxprune.oneshot`: calibration statistics, Wanda and SparseGPT.
+* `jaxprune.oneshot`: calibration statistics and SparseGPT (Wanda's score is
+  `jaxprune.scores.wanda_score`).
 * `jaxprune.structural`: coupled channel groups and a physically smaller model.
 * `jaxprune.training`: steps, loops, hooks, results, reports, metrics,
   checkpoints, distillation.

@@ -31,6 +31,12 @@ def test_no_other_code_fence_hides_python():
       assert lang in ("python", "bash", "text", ""), (page, lang)
 
 
+def test_no_empty_link():
+  # mkdocs' strict build does not warn about `[text]()`, which renders as a dead link.
+  for page in [*pages(), DOCS.parent / "README.md"]:
+    assert "]()" not in page.read_text(), page
+
+
 @pytest.mark.parametrize("page", pages(), ids=lambda p: str(p.relative_to(DOCS)))
 def test_page_runs(page, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
