@@ -4,6 +4,9 @@ as a reader does)."""
 
 import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,10 +54,6 @@ def test_page_runs(page, tmp_path, monkeypatch):
 def test_a_broken_link_fails_the_strict_build(tmp_path):
   # What `make docs` (and so `make test`) runs, on a copy of the site with one bad link:
   # it must fail and name the link (a quiet build would have counted no warning).
-  import shutil
-  import subprocess
-  import sys
-
   root = DOCS.parent
   shutil.copytree(DOCS, tmp_path / "docs")
   with open(tmp_path / "docs" / "limits.md", "a") as f:

@@ -340,16 +340,18 @@ class ERK:
     fixed = _fixed_at(paths, self.fixed)
     return fixed, [i for i, f in enumerate(fixed) if f is None]
 
-  def _free_densities(self, paths, shapes, free, sparsity) -> jax.Array:
+  def _free_leaves(self, paths, shapes, free) -> tuple[tuple[Shape, ...], tuple[float, ...]]:
+    """The free leaves' shapes and raw densities, hashable: the static arguments of
+    the compiled programs below."""
     free_shapes = tuple(tuple(int(d) for d in shapes[i]) for i in free)
     raw = self.raw_densities(free_shapes, [paths[i] for i in free])
-    return _erk_densities_compiled(free_shapes, tuple(float(r) for r in raw), sparsity)
+    return free_shapes, tuple(float(r) for r in raw)
 
   def sparsities(self, paths, shapes, sparsity):
     fixed, free = self._split(paths, shapes)
     out: list[Any] = list(fixed)
     if free:
-      density = self._free_densities(paths, shapes, free, sparsity)
+      density = _erk_densities_compiled(*self._free_leaves(paths, shapes, free), sparsity)
       for j, i in enumerate(free):
         out[i] = 1.0 - density[j]
     return out
@@ -359,34 +361,34 @@ class ERK:
     sizes = [int(np.prod(s)) for s in shapes]
     counts: list[Any] = [None if f is None else prune_count(f, n) for f, n in zip(fixed, sizes)]
     if free:
-      free_shapes = tuple(tuple(int(d) for d in shapes[i]) for i in free)
-      raw = self.raw_densities(free_shapes, [paths[i] for i in free])
-      shares = _erk_counts(free_shapes, tuple(float(r) for r in raw), sparsity)
+      shares = _erk_counts(*self._free_leaves(paths, shapes, free), sparsity)
       for i, c in zip(free, shares):
         counts[i] = c
     return counts
 
 
 def _erk_counts(shapes: tuple[Shape, ...], raw: tuple[float, ...], sparsity: Any) -> list:
-  """ERK's prune counts as one compiled program per tree of shapes (and per Python
+  """ERK's prune counts as one compiled program per tree of shapes (and per concrete
   sparsity, whose rounding `prune_count` does in Python): op by op, a first call on
   new shapes compiled each of its small ops, seconds where one program takes a
   fraction. Inside an outer `jit` it is inlined."""
-  if isinstance(sparsity, (int, float)):
-    return list(_erk_counts_at_static(shapes, raw, sparsity))
-  return list(_erk_counts_at_traced(shapes, raw, sparsity))
+  if isinstance(sparsity, (jax.core.Tracer, jax.Array)):  # as `prune_count` tells them
+    return list(_erk_counts_at_traced(shapes, raw, sparsity))
+  return list(_erk_counts_at_static(shapes, raw, float(sparsity)))
+
+
+def _erk_densities_program(shapes, raw, sparsity) -> jax.Array:
+  return _erk_densities(shapes, np.array(raw, np.float64), sparsity)
 
 
 def _erk_counts_program(shapes, raw, sparsity) -> tuple:
-  density = _erk_densities(shapes, np.array(raw, np.float64), sparsity)
+  density = _erk_densities_program(shapes, raw, sparsity)
   return tuple(_apportion(density, [math.prod(s) for s in shapes], sparsity))
 
 
+_erk_densities_compiled = jax.jit(_erk_densities_program, static_argnums=(0, 1))
 _erk_counts_at_static = jax.jit(_erk_counts_program, static_argnums=(0, 1, 2))
 _erk_counts_at_traced = jax.jit(_erk_counts_program, static_argnums=(0, 1))
-_erk_densities_compiled = jax.jit(
-    lambda shapes, raw, sparsity: _erk_densities(shapes, np.array(raw, np.float64), sparsity),
-    static_argnums=(0, 1))
 
 
 def erk(power: float = 1.0, *, kernel: bool = True,
