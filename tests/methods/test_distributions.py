@@ -84,6 +84,11 @@ def test_erk_at_sparsity_zero_keeps_every_leaf_dense():
 def test_erk_total_rounds_like_prune_count():
   # One weight at sparsity 0.5: Python's round (half to even) says 0, as `uniform`.
   assert [int(c) for c in jaxprune.distributions.erk(0.5).prune_counts(["a"], [(1,)], 0.5)] == [0]
+  # A NumPy scalar is concrete too (Python's rounding); a jax array is read as traced.
+  erk = jaxprune.distributions.erk(0.5)
+  assert [int(c) for c in erk.prune_counts(["a"], [(1,)], np.float32(0.5))] == [0]
+  assert [int(c) for c in erk.prune_counts(["a"], [(1,)], jnp.float32(0.5))] == [
+      int(jaxprune.distributions.uniform().prune_counts(["a"], [(1,)], jnp.float32(0.5))[0])]
 
 
 def test_bad_distributions_are_refused_by_name():
