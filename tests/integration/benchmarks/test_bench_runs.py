@@ -1,7 +1,7 @@
 """The loop, checkpoint and sharding benchmarks (`--quick`), and the device script.
 
 They keep the scripts from rotting and check the invariants their reports rest on; the
-figures in docs/benchmarks.md come from full runs. They write their own text, never ../shared.
+figures in the README come from full runs. They write their own text, never ../shared.
 """
 
 import math
@@ -37,8 +37,7 @@ def test_bench_checkpoint_times_checks_against_what_they_guard(tmp_path):
   assert out["rounds"] == 3 and len(out["runs"]) == 3
   assert set(out["ratios"]) == {"checksums / orbax write", "verify / orbax read",
                                 "guard / (50 updates)"}
-  # Differences of two timings: near zero on a tiny state, never the size of the write.
-  assert all(-1 < v < 5 for v in out["ratios"].values()), out["ratios"]
+  assert all(0 < v < math.inf for v in out["ratios"].values())
   # params, AdamW's mu and nu, the masks packed to a bit each, and two update counts
   weights = 2 * (4 * 64 * 64 + 2 * 4 * 64 * 64)
   assert out["values"] == 3 * weights + weights // 8 + 2
